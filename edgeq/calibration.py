@@ -1,0 +1,321 @@
+"""Representative dataset generators: real samples, checked against the model's input signature.
+
+A source yields samples as {input name: array with a leading batch dim of 1}. Sources stream:
+images are decoded one at a time and .npy files are memory-mapped, so memory does not grow with
+the data set. Every sample is checked (shape, dtype kind, NaN/inf) and errors name the sample.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import CalibrationError
+
+DEFAULT_CALIB_SAMPLES = 200  # the TFLite docs recommend ~100-500 representative samples
+DEFAULT_EVAL_SAMPLES = 50
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class Preprocess(str, enum.Enum):
+    UNIT = "unit"  # [0, 1]
+    SYMMETRIC = "symmetric"  # [-1, 1]
+    IMAGENET = "imagenet"  # (x/255 - mean) / std per channel
+    RAW = "raw"  # 0..255 as float
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input, as its signature declares it (batch dim first, -1 = any)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str  # a path, or "random"
+    samples: int = DEFAULT_CALIB_SAMPLES
+    eval_samples: int = DEFAULT_EVAL_SAMPLES
+    seed: int = 0
+    preprocess: Preprocess = Preprocess.UNIT
+    mean: tuple[float, ...] | None = None  # explicit mean/std on 0..255 pixels override `preprocess`
+    std: tuple[float, ...] | None = None
+    tokenizer: str | None = None
+    seq_len: int = 128
+
+
+@dataclass
+class CalibrationData:
+    """Samples split into a calibration part and a held-out evaluation part (disjoint)."""
+
+    kind: str  # images | npy | npz | text | random
+    source: str
+    calibrated: bool
+    total: int
+    calib_indices: list[int]
+    eval_indices: list[int]
+    _load: Callable[[int], dict[str, np.ndarray]] = field(repr=False)
+    seed: int = 0
+
+    def calibration(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in self.calib_indices:
+            yield self._load(i)
+
+    def evaluation(self) -> list[dict[str, np.ndarray]]:
+        return [self._load(i) for i in self.eval_indices]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "count": len(self.calib_indices),
+                "eval_count": len(self.eval_indices), "seed": self.seed, "calibrated": self.calibrated}
+
+
+def _split(total: int, n_calib: int, n_eval: int, seed: int, what: str) -> tuple[list[int], list[int]]:
+    if total == 0:
+        raise CalibrationError(f"{what}: no samples found; point --calib at real data")
+    order = np.random.default_rng(seed).permutation(total).tolist()
+    if total >= n_calib + n_eval:
+        return order[:n_calib], order[n_calib:n_calib + n_eval]
+    # Too few for both: keep a held-out fifth (at least one sample when there are two or more).
+    n_ev = min(n_eval, max(1, total // 5)) if total > 1 else 0
+    return order[:total - n_ev], order[total - n_ev:]
+
+
+def _check(sample: dict[str, np.ndarray], specs: Sequence[InputSpec], label: str) -> dict[str, np.ndarray]:
+    """Shape / dtype / finiteness check; returns arrays cast to the input dtype with batch 1."""
+    out = {}
+    for spec in specs:
+        if spec.name not in sample:
+            raise CalibrationError(f"{label}: no data for model input {spec.name!r}; "
+                                   f"inputs are {', '.join(s.name for s in specs)}")
+        x = np.asarray(sample[spec.name])
+        want = tuple(spec.shape)
+        if x.ndim == len(want) - 1:
+            x = x[None]
+        if x.ndim != len(want) or x.shape[0] != 1 or any(
+                w not in (-1, None) and w != g for w, g in zip(want[1:], x.shape[1:])):
+            raise CalibrationError(f"{label}: shape {tuple(x.shape)} does not match input {spec.name!r} "
+                                   f"{want} (batch 1); reshape the data or fix --calib")
+        target = np.dtype(spec.dtype)
+        if target.kind == "f":
+            if x.dtype.kind not in "fiub":
+                raise CalibrationError(f"{label}: dtype {x.dtype} cannot feed float input {spec.name!r}")
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                bad = "NaN" if np.isnan(x).any() else "inf"
+                raise CalibrationError(f"{label}: contains {bad}; clean the data before calibrating")
+        elif target.kind in "iu":
+            if x.dtype.kind not in "iu":
+                raise CalibrationError(f"{label}: dtype {x.dtype} cannot feed integer input {spec.name!r} "
+                                       f"({spec.dtype}); integer data (e.g. token ids) expected")
+        elif target.kind == "b" and x.dtype.kind != "b":
+            raise CalibrationError(f"{label}: dtype {x.dtype} cannot feed bool input {spec.name!r}")
+        out[spec.name] = x.astype(target, copy=False)
+    return out
+
+
+def load_calibration(cfg: CalibrationConfig, specs: Sequence[InputSpec],
+                     make_text_samples: Callable[[list[str]], list[dict]] | None = None) -> CalibrationData:
+    """Open the calibration source named by `cfg.source` for a model with inputs `specs`."""
+    if cfg.samples < 1 or cfg.eval_samples < 0:
+        raise CalibrationError("--calib-samples must be >= 1 and --eval-samples >= 0")
+    if cfg.source == "random":
+        return _random(cfg, specs)
+    path = Path(cfg.source)
+    if not path.exists():
+        raise CalibrationError(f"{path}: calibration data not found; pass a directory of images, "
+                               ".npy/.npz, a .txt file (with --tokenizer), or 'random'")
+    if path.is_dir():
+        return _images(path, cfg, specs)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _npy(path, cfg, specs)
+    if suffix == ".npz":
+        return _npz(path, cfg, specs)
+    if suffix in (".txt", ".text"):
+        return _text(path, cfg, specs, make_text_samples)
+    if suffix in IMAGE_SUFFIXES:
+        raise CalibrationError(f"{path}: a single image; pass the directory that holds the images")
+    raise CalibrationError(f"{path}: unknown calibration format {suffix!r}; "
+                           "expected an image directory, .npy, .npz or .txt")
+
+
+def _random(cfg: CalibrationConfig, specs) -> CalibrationData:
+    def load(i: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([cfg.seed, i])
+        out = {}
+        for s in specs:
+            shape = [1] + [d if d > 0 else 1 for d in s.shape[1:]]
+            dt = np.dtype(s.dtype)
+            out[s.name] = (rng.integers(0, 2, shape) if dt.kind in "iub" else rng.random(shape)).astype(dt)
+        return out
+
+    n = cfg.samples + cfg.eval_samples
+    calib, ev = list(range(cfg.samples)), list(range(cfg.samples, n))
+    return CalibrationData("random", "random", False, n, calib, ev, load, cfg.seed)
+
+
+def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise CalibrationError(f"{path}: no images (jpg/png/bmp/gif/webp) in this directory")
+    if len(specs) != 1 or len(specs[0].shape) != 4:
+        raise CalibrationError(f"{path}: image calibration needs a model with one NHWC image input; "
+                               f"this model has {[(s.name, s.shape) for s in specs]}")
+    spec = specs[0]
+    _, h, w, c = spec.shape
+    if c not in (1, 3):
+        raise CalibrationError(f"{path}: the model input has {c} channels; images need 1 or 3")
+    if h <= 0 or w <= 0:
+        raise CalibrationError(f"{path}: the model input has a dynamic size {spec.shape}; "
+                               "export it with a fixed height and width")
+    mean, std = _norm(cfg, c)
+    calib, ev = _split(len(files), cfg.samples, cfg.eval_samples, cfg.seed, str(path))
+
+    def load(i: int) -> dict[str, np.ndarray]:
+        from PIL import Image, UnidentifiedImageError
+
+        f = files[i]
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                x = np.asarray(im, dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as e:
+            raise CalibrationError(f"{f}: cannot decode image ({e}); remove or replace it") from None
+        x = x.reshape(h, w, c)
+        if np.dtype(spec.dtype).kind == "f":
+            x = (x - mean) / std
+        return _check({spec.name: x}, specs, str(f))
+
+    return CalibrationData("images", str(path), True, len(files), calib, ev, load, cfg.seed)
+
+
+def _norm(cfg: CalibrationConfig, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """mean/std applied to 0..255 pixels."""
+    if cfg.mean is not None or cfg.std is not None:
+        mean = np.asarray(cfg.mean if cfg.mean is not None else (0.0,), np.float32)
+        std = np.asarray(cfg.std if cfg.std is not None else (1.0,), np.float32)
+        if np.any(std == 0):
+            raise CalibrationError("--std must not contain 0")
+        return mean, std
+    p = Preprocess(cfg.preprocess)
+    if p is Preprocess.UNIT:
+        return np.float32(0.0), np.float32(255.0)
+    if p is Preprocess.SYMMETRIC:
+        return np.float32(127.5), np.float32(127.5)
+    if p is Preprocess.RAW:
+        return np.float32(0.0), np.float32(1.0)
+    mean = np.asarray(_IMAGENET_MEAN, np.float32) * 255
+    std = np.asarray(_IMAGENET_STD, np.float32) * 255
+    if channels == 1:
+        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    return mean, std
+
+
+def _open_npy(path: Path):
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CalibrationError(f"{path}: cannot read .npy ({e}); save it with numpy.save") from None
+
+
+def _npy(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
+    if len(specs) != 1:
+        raise CalibrationError(f"{path}: the model has {len(specs)} inputs; use an .npz keyed by input name "
+                               f"({', '.join(s.name for s in specs)})")
+    arr = _open_npy(path)
+    return _arrays(path, "npy", {specs[0].name: arr}, cfg, specs)
+
+
+def _npz(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CalibrationError(f"{path}: cannot read .npz ({e}); save it with numpy.savez") from None
+    keys = list(z.files)
+    if len(specs) == 1 and len(keys) == 1:
+        arrays = {specs[0].name: z[keys[0]]}
+    else:
+        missing = [s.name for s in specs if s.name not in keys]
+        if missing:
+            raise CalibrationError(f"{path}: no array for input(s) {', '.join(missing)}; "
+                                   f"the .npz has {', '.join(keys) or 'nothing'} — key arrays by input name")
+        arrays = {s.name: z[s.name] for s in specs}
+    return _arrays(path, "npz", arrays, cfg, specs)
+
+
+def _arrays(path: Path, kind: str, arrays: dict[str, np.ndarray], cfg, specs) -> CalibrationData:
+    lengths = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise CalibrationError(f"{path}: arrays have different sample counts {lengths}; "
+                               "the first axis must be the sample axis for every input")
+    total = next(iter(lengths.values()))
+    calib, ev = _split(total, cfg.samples, cfg.eval_samples, cfg.seed, str(path))
+
+    def load(i: int) -> dict[str, np.ndarray]:
+        return _check({k: np.array(a[i]) for k, a in arrays.items()}, specs, f"{path}[{i}]")
+
+    return CalibrationData(kind, str(path), True, total, calib, ev, load, cfg.seed)
+
+
+def _text(path: Path, cfg: CalibrationConfig, specs, make_text_samples) -> CalibrationData:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if make_text_samples is None:
+        if not cfg.tokenizer:
+            raise CalibrationError(f"{path}: text calibration needs a tokenizer; pass --tokenizer DIR "
+                                   "(a Hugging Face tokenizer directory)")
+        tok = load_tokenizer(cfg.tokenizer)
+
+        def make_text_samples(texts: list[str]) -> list[dict]:
+            return [_map_tokens(t, specs) for t in tokenize(tok, texts, cfg.seq_len)]
+    calib, ev = _split(len(lines), cfg.samples, cfg.eval_samples, cfg.seed, str(path))
+
+    def load(i: int) -> dict[str, np.ndarray]:
+        return _check(make_text_samples([lines[i]])[0], specs, f"{path}:{i + 1}")
+
+    return CalibrationData("text", str(path), True, len(lines), calib, ev, load, cfg.seed)
+
+
+def load_tokenizer(directory: str):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CalibrationError("text calibration needs transformers; pip install 'edgeq[hf]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{directory}: not a tokenizer directory ({str(e).splitlines()[0]})") from None
+
+
+def tokenize(tokenizer, texts: list[str], seq_len: int) -> list[dict[str, np.ndarray]]:
+    """One dict per text: input_ids, attention_mask, token_type_ids, padded/truncated to seq_len."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    n = len(texts)
+    return [{k: np.asarray(v[i:i + 1]) for k, v in enc.items()} for i in range(n)]
+
+
+_TOKEN_ROLES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _map_tokens(tokens: dict[str, np.ndarray], specs) -> dict[str, np.ndarray]:
+    """Match tokenizer outputs to model inputs by name, else by the conventional order."""
+    names = [s.name for s in specs]
+    if all(n in tokens for n in names):
+        return {n: tokens[n] for n in names}
+    if len(specs) > len(_TOKEN_ROLES):
+        raise CalibrationError(f"model has {len(specs)} inputs; a tokenizer gives at most {len(_TOKEN_ROLES)}")
+    out = {}
+    for spec, role in zip(specs, _TOKEN_ROLES):  # e.g. litert-torch names them args_0..2
+        if role not in tokens:
+            raise CalibrationError(f"the tokenizer gives no {role!r} for model input {spec.name!r}")
+        out[spec.name] = tokens[role]
+    return out

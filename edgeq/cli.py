@@ -1,0 +1,313 @@
+"""Command line: each command parses, calls one library function, prints (a table or --json).
+
+Exit codes: 0 ok, 1 user error, 2 usage, 3 device/runtime failure. Heavy modules are imported
+inside commands so `edgeq --help` and `edgeq devices list` stay instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgeqError
+
+
+class DeviceFailure(click.ClickException):
+    exit_code = 3
+
+
+def library_call(fn):
+    """Turn library errors into one-line click errors with the documented exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeqError as e:
+            cls = DeviceFailure if e.exit_code == 3 else click.ClickException
+            raise cls(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted") from None
+
+    return wrapper
+
+
+def _progress(quiet: bool, as_json: bool):
+    from .progress import Progress
+    return Progress(False if (quiet or as_json) else None)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    Console(soft_wrap=True).print(t)
+
+
+def _f(x, digits=4):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+devices_dir_option = click.option("--devices-dir", type=click.Path(file_okay=False), envvar="EDGEQ_DEVICES_DIR",
+                                  help="Extra device profile directory (env: EDGEQ_DEVICES_DIR).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeq")
+def main():
+    """edgeq: quantize models for phones and small boards, and prove how they run there."""
+
+
+# --------------------------------------------------------------------------- convert
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .tflite path.")
+@click.option("--calib", help="Calibration data: image dir, .npy, .npz, .txt (with --tokenizer), or 'random'.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--eval-samples", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Held-out samples for fidelity.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preprocess", type=click.Choice(["unit", "symmetric", "imagenet", "raw"]), default="unit",
+              show_default=True, help="Image scaling preset.")
+@click.option("--mean", help="Explicit per-channel mean on 0..255 pixels, e.g. 127.5 or 123.7,116.3,103.5.")
+@click.option("--std", help="Explicit per-channel std on 0..255 pixels.")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer dir for .txt data.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
+              help="Hugging Face encoders: output pooling.")
+@click.option("--scheme", type=click.Choice(["int8", "int16x8", "dynamic", "fp16"]),
+              help="Quantization scheme [default: the device's, else int8].")
+@click.option("--io", "io_type", type=click.Choice(["float32", "int8", "uint8", "int16"]),
+              help="Model input/output dtype [default: the device's, else float32].")
+@click.option("--calibration", "range_method", type=click.Choice(["minmax", "percentile", "mse"]),
+              default="minmax", show_default=True, help="Activation range selection.")
+@click.option("--device", help="Device profile id: plan precision per op and check the runtime.")
+@devices_dir_option
+@click.option("--allow-incompatible", is_flag=True, help="Write even if the device runtime cannot run it.")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy budget: max drop of --metric.")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "rel_l2"]), default="cosine", show_default=True)
+@click.option("--strict", is_flag=True, help="Fail if any op stayed float under --scheme int8.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@json_option
+@quiet_option
+@library_call
+def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, tokenizer, seq_len,
+            pooling, scheme, io_type, range_method, device, devices_dir, allow_incompatible, max_drop, metric,
+            strict, force, as_json, quiet):
+    """Quantize MODEL (Keras, SavedModel, HF dir or float .tflite) into OUTPUT .tflite + manifest."""
+    from .calibration import CalibrationConfig, Preprocess
+    from .convert import BudgetOptions, ConvertOptions, convert as run
+    from .quantize import IoType, Scheme
+
+    def floats(s):
+        try:
+            return tuple(float(v) for v in s.split(",")) if s else None
+        except ValueError:
+            raise click.BadParameter(f"{s!r} is not a comma-separated list of numbers") from None
+
+    cal = None
+    if calib:
+        cal = CalibrationConfig(calib, calib_samples, eval_samples, seed, Preprocess(preprocess), floats(mean),
+                                floats(std), tokenizer, seq_len)
+    opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
+                          device, devices_dir, strict, force, allow_incompatible,
+                          BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
+                          seq_len, pooling)
+    result = run(model, opts, _progress(quiet, as_json))
+    m = result.manifest
+    if as_json:
+        _emit_json(m)
+        return
+    _print_convert(result)
+
+
+def _print_convert(result) -> None:
+    m = result.manifest
+    if m.get("plan"):
+        rows = [[e["index"], e["op"], e["precision"], e.get("reason", "")] for e in m["plan"]["entries"]
+                if e["precision"] != "int8"]
+        _table(f"Precision plan for {m['device']} (ops not int8)", ["#", "op", "precision", "reason"], rows)
+    if m.get("budget"):
+        b = m["budget"]
+        _table(f"Accuracy budget: {b['metric']} drop <= {b['max_drop']}", ["step", "moved", b["metric"], "bytes"],
+               [[s["step"], ", ".join(s["moved"]) or "-", _f(s["value"]), s["bytes"]] for s in b["steps"]])
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(m["op_summary"].items()))
+    click.echo(f"ops by precision: {counts}")
+    if m.get("fidelity"):
+        _table(f"Fidelity vs float ({m['fidelity']['samples']} held-out samples)",
+               ["output", "cosine", "rel L2", "max abs", "top-1 agree"],
+               [[o["name"], _f(o["cosine"]), _f(o["rel_l2"]), _f(o["max_abs"]), _f(o["top1_agreement"], 3)]
+                for o in m["fidelity"]["outputs"]])
+    s = m["sizes"]
+    for w in result.warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
+    click.echo(f"wrote {result.output} ({s['quantized_bytes']:,} bytes, {s['ratio']:.2f}x smaller than float) "
+               f"and {result.manifest_path}")
+
+
+# --------------------------------------------------------------------------- bench
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--delegate", default="xnnpack", show_default=True, help="xnnpack, none, or a delegate .so path.")
+@click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npz with one array per input (default: random per input dtype).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
+@json_option
+@library_call
+def bench(model, threads, warmup, runs, delegate, inputs, output, as_json):
+    """Benchmark MODEL on this host (the same runner script the devices use)."""
+    from .runners import BenchOptions
+    from .runners.local import bench_local
+
+    r = bench_local(model, BenchOptions(threads, warmup, runs, delegate, inputs=inputs))
+    _save_result(output, r)
+    if as_json:
+        _emit_json(r)
+    else:
+        _print_bench(r)
+
+
+def _save_result(output, result) -> None:
+    if output:
+        from .files import atomic_write_json
+        atomic_write_json(Path(output), result)
+
+
+def _print_bench(r: dict) -> None:
+    s = r["runs"]
+    rt = r["runtime"]
+    _table(f"{r['model']} on {r.get('host') or r['device']['machine']} — {rt['name']} {rt['version']}, "
+           f"{r['threads']} thread(s), delegate {r['delegate']}" + (" (EMULATED)" if r.get("emulated") else ""),
+           ["init ms", "first ms", "warmup avg ms", "runs", "min", "median", "mean", "p95", "max", "std",
+            "peak RSS MB"],
+           [[_f(r["init_ms"], 2), _f(r["first_inference_ms"], 3), _f(r["warmup"]["avg_ms"], 3), s["count"],
+             _f(s["min_ms"], 3), _f(s["median_ms"], 3), _f(s["mean_ms"], 3), _f(s["p95_ms"], 3),
+             _f(s["max_ms"], 3), _f(s["std_ms"], 3), _f(r["memory_mb"]["peak_rss"], 1)]])
+
+
+# --------------------------------------------------------------------------- devices
+@main.group()
+def devices():
+    """Device profiles (devices/*.toml)."""
+
+
+@devices.command("list")
+@devices_dir_option
+@json_option
+@library_call
+def devices_list(devices_dir, as_json):
+    """List the known device profiles."""
+    from .profiles import list_profiles
+
+    profiles = list_profiles(devices_dir=devices_dir)
+    if as_json:
+        _emit_json([p.to_json() for p in profiles])
+        return
+    _table("Device profiles", ["id", "name", "kind", "abi", "runtime", "delegate", "scheme", "reach"],
+           [[p.id, p.name, _val(p.kind), _val(p.abi), f"{p.runtime.name} {p.runtime.version}", _val(p.delegate),
+             _val(p.scheme), _val(p.reach)] for p in profiles])
+
+
+def _val(x):
+    return getattr(x, "value", x)
+
+
+@devices.command("show")
+@click.argument("device_id")
+@devices_dir_option
+@json_option
+@library_call
+def devices_show(device_id, devices_dir, as_json):
+    """Show one device profile."""
+    from .profiles import load_profile
+
+    p = load_profile(device_id, devices_dir=devices_dir)
+    _emit_json(p.to_json()) if as_json else click.echo(p.describe())
+
+
+@devices.command("check")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--device", required=True, help="Device profile id.")
+@devices_dir_option
+@json_option
+@library_call
+def devices_check(model, device, devices_dir, as_json):
+    """Which ops of MODEL run int8 on DEVICE, which fall back, which cannot run."""
+    from .compat import check_model
+    from .profiles import load_profile
+
+    report = check_model(model, load_profile(device, devices_dir=devices_dir))
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        click.echo(report.describe())
+    if not report.ok:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- report
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="report.html path.")
+@click.option("--title", help="Report title.")
+@click.option("--force", is_flag=True, help="Overwrite an existing report.")
+@json_option
+@library_call
+def report(inputs, output, title, force, as_json):
+    """HTML report (+ Markdown summary) from manifests and run results."""
+    from .report import build_report
+
+    r = build_report(list(inputs), output, title=title, force=force)
+    if as_json:
+        _emit_json(r.to_json())
+    else:
+        click.echo(f"wrote {r.html} and {r.markdown}")
+
+
+# --------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
+              show_default=True, help="Where the demo writes its model, data and results.")
+@click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True)
+@json_option
+@quiet_option
+@library_call
+def demo(out_dir, runs, as_json, quiet):
+    """The main job on the embedded default: digits CNN -> int8, fidelity, float vs int8 latency."""
+    from .demo import run_demo
+
+    r = run_demo(out_dir, runs=runs, progress=_progress(quiet, as_json))
+    if as_json:
+        _emit_json({k: v for k, v in r.items() if k != "convert_result"})
+        return
+    _print_convert(r["convert_result"])
+    rows = []
+    for name, b in r["bench"].items():
+        rows.append([name, b["threads"], _f(b["runs"]["median_ms"], 4), _f(b["runs"]["p95_ms"], 4),
+                     f"{b['model_bytes']:,}", _f(b["memory_mb"]["peak_rss"], 1)])
+    _table(f"Latency on this host ({r['host']}, {runs} runs)", ["model", "threads", "median ms", "p95 ms", "bytes",
+                                                               "peak RSS MB"], rows)
+    click.echo(r["summary"])
+
+
+if __name__ == "__main__":
+    main()

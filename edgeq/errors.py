@@ -1,0 +1,41 @@
+"""Errors the library raises. Each message says what went wrong and what to do about it.
+
+Exit codes (the CLI maps these): 0 ok, 1 user error (EdgeqError), 2 usage (click),
+3 device/runtime failure (DeviceError).
+"""
+
+
+class EdgeqError(Exception):
+    """A user-facing error: bad input, bad option, missing file. Exit code 1."""
+
+    exit_code = 1
+
+
+class ModelFormatError(EdgeqError):
+    """The model file is missing, corrupt, or not a format edgeq reads."""
+
+
+class CalibrationError(EdgeqError):
+    """The calibration data does not fit the model (shape, dtype, NaN, empty)."""
+
+
+class ProfileError(EdgeqError):
+    """A device profile is invalid or unknown."""
+
+
+class OutputExistsError(EdgeqError):
+    """Refusing to overwrite an existing file (or the input)."""
+
+
+class QuantizationError(EdgeqError):
+    """The produced model does not meet what was asked (--strict, budget, plan mismatch)."""
+
+
+class IncompatibleModelError(EdgeqError):
+    """The model uses ops or op versions the target runtime cannot run."""
+
+
+class DeviceError(EdgeqError):
+    """The device or its runtime failed (connection, crash, timeout). Exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,507 @@
+"""Device profiles: one strictly validated TOML file per target (see devices/README.md).
+
+A profile says what a target can run: its runtime and the op versions that runtime registers,
+its delegate/accelerator and which ops and precisions that takes, the default quantization
+scheme and per-op precision policy (each with a reason and a source), and how edgeq reaches it.
+
+Imports nothing heavy (stdlib only): `edgeq devices list` must stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ProfileError
+from .tflite_ops import BUILTIN_OP_SET, suggest
+
+SCHEMA_VERSION = 1
+ENV_VAR = "EDGEQ_DEVICES_DIR"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "devices"
+RUNTIMES_SUBDIR = "runtimes"
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class Kind(StrEnum):
+    RASPBERRY_PI = "raspberry-pi"
+    ANDROID = "android"
+    EDGETPU = "edgetpu"
+    HOST = "host"
+    SBC = "sbc"  # any other single-board computer
+
+
+class Abi(StrEnum):
+    AARCH64 = "aarch64"
+    ARMV7L = "armv7l"
+    X86_64 = "x86_64"
+
+
+class RuntimeName(StrEnum):
+    AI_EDGE_LITERT = "ai-edge-litert"
+    TFLITE_RUNTIME = "tflite-runtime"
+
+
+class Delegate(StrEnum):
+    XNNPACK = "xnnpack"
+    GPU = "gpu"
+    NNAPI = "nnapi"
+    QNN = "qnn"
+    EDGETPU = "edgetpu"
+    NONE = "none"
+
+
+# Delegates that hand ops to separate hardware; these profiles need an [accelerator] table.
+ACCELERATOR_DELEGATES = frozenset({Delegate.GPU, Delegate.NNAPI, Delegate.QNN, Delegate.EDGETPU})
+
+
+class Precision(StrEnum):
+    INT8 = "int8"  # int8 weights and activations
+    INT16X8 = "int16x8"  # int16 activations, int8 weights
+    HYBRID = "hybrid"  # dynamic range: int8 weights, float activations
+    FLOAT = "float"  # float32
+    FP16 = "fp16"  # float16 weights (GPU-style); computes in float
+    OTHER = "other"  # plans only: an op with no float tensors, nothing to quantize
+
+
+POLICY_PRECISIONS = (Precision.INT8, Precision.INT16X8, Precision.HYBRID, Precision.FLOAT, Precision.FP16)
+
+
+class Reach(StrEnum):
+    SSH = "ssh"
+    ADB = "adb"
+    LOCAL = "local"
+
+
+class IoType(StrEnum):
+    INT8 = "int8"
+    UINT8 = "uint8"
+    FLOAT32 = "float32"
+
+
+class Fallback(StrEnum):
+    CPU = "cpu"  # ops the accelerator does not take run on the CPU (the graph splits)
+    NONE = "none"  # no CPU fallback: such a model cannot run
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: RuntimeName
+    version: str
+    source: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class IoTypes:
+    input: IoType
+    output: IoType
+
+
+@dataclass(frozen=True)
+class BenchDefaults:
+    warmup: int
+    runs: int
+
+
+@dataclass(frozen=True)
+class OpPolicy:
+    op: str
+    precision: Precision
+    reason: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    precisions: tuple[Precision, ...]  # what it computes natively
+    fallback: Fallback
+    fallback_precision: Precision  # precision planned for ops it does not take
+    supported_ops: frozenset[str]
+    op_versions: Mapping[str, int]  # max op version it takes (ops not listed: any version)
+    source: str
+    min_coverage: float | None = None  # the adb runner fails below this delegated-node fraction
+    memory_mb: float | None = None  # on-chip parameter memory (Edge TPU SRAM)
+
+    def refuses(self, op: str, version: int) -> str | None:
+        """Why the accelerator will not take this op (None when it does)."""
+        if op not in self.supported_ops:
+            return f"{self.name} does not support {op}"
+        limit = self.op_versions.get(op)
+        if limit is not None and version > limit:
+            return f"{op} v{version} > {self.name} max v{limit}"
+        return None
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    id: str
+    name: str
+    kind: Kind
+    abi: Abi
+    ram_mb: int
+    runtime: Runtime
+    delegate: Delegate
+    threads: int
+    io: IoTypes
+    scheme: Precision
+    reach: Reach
+    bench: BenchDefaults
+    path: Path
+    soc: str = ""
+    os: str = ""
+    sources: tuple[str, ...] = ()
+    notes: str = ""
+    android_sdk: int | None = None
+    ops: Mapping[str, OpPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    # Max builtin op versions the runtime registers (runtime table + profile overrides). When
+    # op_versions_complete, an op missing here is not registered at all.
+    op_versions: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    op_versions_complete: bool = False
+    op_versions_source: str = ""
+    custom_ops: tuple[str, ...] = ()  # custom ops the runtime/delegate provides
+    accelerator: Accelerator | None = None
+
+    def can_run(self, precision: Precision) -> bool:
+        """True when the target computes `precision` where it runs the scheme (no graph split)."""
+        if self.accelerator is None:
+            return True  # the CPU runtimes run every precision edgeq plans
+        return precision in self.accelerator.precisions
+
+    def summary_row(self) -> dict[str, str]:
+        """One row for `edgeq devices list`."""
+        return {"id": self.id, "name": self.name, "kind": str(self.kind), "abi": str(self.abi),
+                "runtime": self.runtime.label, "delegate": str(self.delegate),
+                "scheme": str(self.scheme), "ram": f"{self.ram_mb} MB", "reach": str(self.reach)}
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id, "name": self.name, "kind": str(self.kind), "abi": str(self.abi),
+            "soc": self.soc, "os": self.os, "ram_mb": self.ram_mb,
+            "runtime": {"name": str(self.runtime.name), "version": self.runtime.version,
+                        "source": self.runtime.source},
+            "delegate": str(self.delegate), "threads": self.threads,
+            "io": {"input": str(self.io.input), "output": str(self.io.output)},
+            "scheme": str(self.scheme), "reach": str(self.reach),
+            "bench": {"warmup": self.bench.warmup, "runs": self.bench.runs},
+            "ops": {k: {"precision": str(p.precision), "reason": p.reason, "source": p.source}
+                    for k, p in sorted(self.ops.items())},
+            "op_versions": dict(sorted(self.op_versions.items())),
+            "op_versions_complete": self.op_versions_complete,
+            "op_versions_source": self.op_versions_source,
+            "custom_ops": list(self.custom_ops), "sources": list(self.sources),
+            "path": str(self.path),
+        }
+        if self.android_sdk is not None:
+            d["android_sdk"] = self.android_sdk
+        if self.notes:
+            d["notes"] = self.notes
+        if self.accelerator is not None:
+            a = self.accelerator
+            d["accelerator"] = {
+                "name": a.name, "precisions": [str(p) for p in a.precisions],
+                "fallback": str(a.fallback), "fallback_precision": str(a.fallback_precision),
+                "supported_ops": sorted(a.supported_ops), "op_versions": dict(sorted(a.op_versions.items())),
+                "min_coverage": a.min_coverage, "memory_mb": a.memory_mb, "source": a.source}
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Search path
+
+
+def profile_dirs(devices_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Directories searched, first wins: --devices-dir, then $EDGEQ_DEVICES_DIR (os.pathsep-
+    separated), then the built-in devices/ of this checkout. A user profile with a built-in id
+    shadows the built-in one."""
+    dirs: list[Path] = []
+    if devices_dir is not None:
+        d = Path(devices_dir)
+        if not d.is_dir():
+            raise ProfileError(f"{d}: --devices-dir is not a directory; pass a folder of <id>.toml profiles")
+        dirs.append(d)
+    for part in os.environ.get(ENV_VAR, "").split(os.pathsep):
+        if part.strip():
+            d = Path(part.strip())
+            if not d.is_dir():
+                raise ProfileError(f"{d}: {ENV_VAR} names a missing directory; fix or unset {ENV_VAR}")
+            dirs.append(d)
+    if BUILTIN_DIR.is_dir():
+        dirs.append(BUILTIN_DIR)
+    return dirs
+
+
+def _profile_files(dirs: list[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for p in sorted(d.glob("*.toml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def list_profiles(devices_dir: str | os.PathLike | None = None) -> list[DeviceProfile]:
+    """Every profile on the search path, validated, sorted by id. One bad file fails the listing
+    (strict on purpose: a typo must not silently drop a device)."""
+    dirs = profile_dirs(devices_dir)
+    return [_load_file(p, dirs) for _, p in sorted(_profile_files(dirs).items())]
+
+
+def load_profile(id_or_path: str | os.PathLike, devices_dir: str | os.PathLike | None = None) -> DeviceProfile:
+    """Load a profile by id (searched on the path) or by a path to a .toml file."""
+    dirs = profile_dirs(devices_dir)
+    text = str(id_or_path)
+    as_path = Path(text)
+    if text.endswith(".toml") or os.sep in text:
+        if not as_path.is_file():
+            raise ProfileError(f"{as_path}: no such profile file; check the path")
+        # Runtime tables next to the file come first (a user's own devices/ folder).
+        return _load_file(as_path, [as_path.parent, *dirs])
+    files = _profile_files(dirs)
+    if text not in files:
+        close = difflib.get_close_matches(text, list(files), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ProfileError(f"unknown device '{text}'; {hint}run 'edgeq devices list' for ids, "
+                           f"or add {text}.toml to --devices-dir/{ENV_VAR} (see devices/README.md)")
+    return _load_file(files[text], dirs)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict validation
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class _Checker:
+    """Reads typed values out of parsed TOML, failing with '<file>: <key>: <problem>; <fix>'."""
+
+    def __init__(self, path: Path):
+        self.where = _display(path)
+
+    def fail(self, key: str, problem: str) -> ProfileError:
+        return ProfileError(f"{self.where}: {key}: {problem}")
+
+    def keys(self, table: dict, key: str, required: set[str], optional: set[str]) -> None:
+        prefix = f"{key}." if key else ""
+        for k in table:
+            if k not in required and k not in optional:
+                allowed = sorted(required | optional)
+                close = difflib.get_close_matches(k, allowed, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"allowed: {', '.join(allowed)}"
+                raise self.fail(f"{prefix}{k}", f"unknown key; {hint}")
+        for k in sorted(required):
+            if k not in table:
+                raise self.fail(f"{prefix}{k}", "missing required key; see devices/README.md")
+
+    def str_(self, table: dict, k: str, key: str, default: str | None = None) -> str:
+        v = table.get(k, default)
+        if not isinstance(v, str) or not v.strip():
+            raise self.fail(key, f"expected a non-empty string, got {v!r}")
+        return v
+
+    def int_(self, table: dict, k: str, key: str, minimum: int) -> int:
+        v = table.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.fail(key, f"expected an integer >= {minimum}, got {v!r}")
+        return v
+
+    def num(self, table: dict, k: str, key: str, lo: float, hi: float) -> float:
+        v = table.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
+            raise self.fail(key, f"expected a number in ({lo}, {hi}], got {v!r}")
+        return float(v)
+
+    def enum(self, table: dict, k: str, key: str, enum_cls, allowed=None):
+        v = table.get(k)
+        allowed = tuple(allowed or enum_cls)
+        if v not in [str(a) for a in allowed]:
+            raise self.fail(key, f"bad value {v!r}; expected one of {', '.join(str(a) for a in allowed)}")
+        return enum_cls(v)
+
+    def table(self, table: dict, k: str, key: str) -> dict:
+        v = table.get(k)
+        if not isinstance(v, dict):
+            raise self.fail(key, f"expected a table, got {type(v).__name__}")
+        return v
+
+    def str_list(self, table: dict, k: str, key: str) -> list[str]:
+        v = table.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+            raise self.fail(key, "expected a list of non-empty strings")
+        return v
+
+    def op_name(self, name: str, key: str) -> str:
+        if name not in BUILTIN_OP_SET:
+            close = suggest(name)
+            hint = f"did you mean {close}?" if close else "use a TFLite builtin op name (BuiltinOperator), e.g. FULLY_CONNECTED"
+            raise self.fail(key, f"unknown TFLite op; {hint}")
+        return name
+
+    def op_versions(self, table: dict, key: str) -> dict[str, int]:
+        out = {}
+        for name, v in table.items():
+            self.op_name(name, f"{key}.{name}")
+            out[name] = self.int_(table, name, f"{key}.{name}", 1)
+        return out
+
+
+_TOP_REQUIRED = {"schema_version", "id", "name", "kind", "abi", "ram_mb", "runtime", "delegate",
+                 "threads", "io", "scheme", "reach", "bench"}
+_TOP_OPTIONAL = {"soc", "os", "sources", "notes", "android_sdk", "ops", "op_versions", "custom_ops",
+                 "accelerator"}
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{_display(path)}: invalid TOML ({e}); fix the syntax") from None
+    except OSError as e:
+        raise ProfileError(f"{_display(path)}: cannot read ({e.strerror}); check permissions") from None
+
+
+def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
+    data = _read_toml(path)
+    c = _Checker(path)
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise c.fail("schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}; "
+                     f"this edgeq reads schema_version = {SCHEMA_VERSION} profiles")
+    c.keys(data, "", _TOP_REQUIRED, _TOP_OPTIONAL)
+
+    pid = c.str_(data, "id", "id")
+    if pid != path.stem:
+        raise c.fail("id", f"'{pid}' does not match the file name; rename the file to {pid}.toml or set id = \"{path.stem}\"")
+    if not _ID_RE.match(pid):
+        raise c.fail("id", f"'{pid}' must be lowercase letters, digits, '.', '-' or '_'")
+
+    rt = c.table(data, "runtime", "runtime")
+    c.keys(rt, "runtime", {"name", "version", "source"}, set())
+    runtime = Runtime(c.enum(rt, "name", "runtime.name", RuntimeName),
+                      c.str_(rt, "version", "runtime.version"), c.str_(rt, "source", "runtime.source"))
+
+    io = c.table(data, "io", "io")
+    c.keys(io, "io", {"input", "output"}, set())
+    bench = c.table(data, "bench", "bench")
+    c.keys(bench, "bench", {"warmup", "runs"}, set())
+
+    scheme = c.enum(data, "scheme", "scheme", Precision, POLICY_PRECISIONS)
+    delegate = c.enum(data, "delegate", "delegate", Delegate)
+
+    accel = None
+    if "accelerator" in data:
+        accel = _accelerator(c, c.table(data, "accelerator", "accelerator"))
+    if (delegate in ACCELERATOR_DELEGATES) != (accel is not None):
+        need = "needs an [accelerator] table" if accel is None else "must not have an [accelerator] table"
+        raise c.fail("accelerator", f"delegate = \"{delegate}\" {need}; see devices/README.md")
+    if accel is not None and scheme not in accel.precisions:
+        raise c.fail("scheme", f"{scheme} is not among [accelerator].precisions ({', '.join(accel.precisions)}); "
+                     "the default scheme must run on the accelerator")
+
+    ops: dict[str, OpPolicy] = {}
+    for name, entry in c.table(data, "ops", "[ops]").items() if "ops" in data else ():
+        key = f"[ops].{name}"
+        c.op_name(name, key)
+        if not isinstance(entry, dict):
+            raise c.fail(key, "expected { precision = ..., reason = ..., source = ... }")
+        c.keys(entry, key, {"precision", "reason", "source"}, set())
+        prec = c.enum(entry, "precision", f"{key}.precision", Precision, POLICY_PRECISIONS)
+        if accel is not None and accel.fallback is Fallback.NONE and prec not in accel.precisions:
+            raise c.fail(f"{key}.precision", f"{accel.name} cannot run {prec} and has no CPU fallback; "
+                         f"use one of {', '.join(accel.precisions)}")
+        ops[name] = OpPolicy(name, prec, c.str_(entry, "reason", f"{key}.reason"),
+                             c.str_(entry, "source", f"{key}.source"))
+
+    overrides = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]") \
+        if "op_versions" in data else {}
+    table, table_source = _runtime_table(runtime, dirs)
+    versions = {**table, **overrides}
+    if table_source and overrides:
+        table_source += "; overridden in the profile: " + ", ".join(sorted(overrides))
+    elif overrides:
+        table_source = f"profile [op_versions] (partial; no table for {runtime.label})"
+
+    sdk = None
+    if "android_sdk" in data:
+        sdk = c.int_(data, "android_sdk", "android_sdk", 21)
+
+    return DeviceProfile(
+        id=pid, name=c.str_(data, "name", "name"),
+        kind=c.enum(data, "kind", "kind", Kind), abi=c.enum(data, "abi", "abi", Abi),
+        ram_mb=c.int_(data, "ram_mb", "ram_mb", 1), runtime=runtime, delegate=delegate,
+        threads=c.int_(data, "threads", "threads", 1),
+        io=IoTypes(c.enum(io, "input", "io.input", IoType), c.enum(io, "output", "io.output", IoType)),
+        scheme=scheme, reach=c.enum(data, "reach", "reach", Reach),
+        bench=BenchDefaults(c.int_(bench, "warmup", "bench.warmup", 0), c.int_(bench, "runs", "bench.runs", 1)),
+        path=path.resolve(),
+        soc=c.str_(data, "soc", "soc") if "soc" in data else "",
+        os=c.str_(data, "os", "os") if "os" in data else "",
+        sources=tuple(c.str_list(data, "sources", "sources")),
+        notes=c.str_(data, "notes", "notes") if "notes" in data else "",
+        android_sdk=sdk, ops=MappingProxyType(ops), op_versions=MappingProxyType(versions),
+        op_versions_complete=bool(table), op_versions_source=table_source,
+        custom_ops=tuple(c.str_list(data, "custom_ops", "custom_ops")), accelerator=accel)
+
+
+def _accelerator(c: _Checker, a: dict) -> Accelerator:
+    c.keys(a, "accelerator", {"name", "precisions", "fallback", "fallback_precision", "supported_ops", "source"},
+           {"op_versions", "min_coverage", "memory_mb"})
+    precs = []
+    for i, p in enumerate(a.get("precisions") if isinstance(a.get("precisions"), list) else [None]):
+        precs.append(c.enum({"p": p}, "p", f"accelerator.precisions[{i}]", Precision, POLICY_PRECISIONS))
+    ops = c.str_list(a, "supported_ops", "accelerator.supported_ops")
+    if not ops:
+        raise c.fail("accelerator.supported_ops", "empty; list the TFLite ops the accelerator takes")
+    for name in ops:
+        c.op_name(name, f"accelerator.supported_ops.{name}")
+    versions = c.op_versions(c.table(a, "op_versions", "accelerator.op_versions"), "accelerator.op_versions") \
+        if "op_versions" in a else {}
+    for name in versions:
+        if name not in ops:
+            raise c.fail(f"accelerator.op_versions.{name}", "op is not in supported_ops; add it there or drop this line")
+    return Accelerator(
+        name=c.str_(a, "name", "accelerator.name"), precisions=tuple(precs),
+        fallback=c.enum(a, "fallback", "accelerator.fallback", Fallback),
+        fallback_precision=c.enum(a, "fallback_precision", "accelerator.fallback_precision", Precision,
+                                  POLICY_PRECISIONS),
+        supported_ops=frozenset(ops), op_versions=MappingProxyType(versions),
+        source=c.str_(a, "source", "accelerator.source"),
+        min_coverage=c.num(a, "min_coverage", "accelerator.min_coverage", 0.0, 1.0) if "min_coverage" in a else None,
+        memory_mb=c.num(a, "memory_mb", "accelerator.memory_mb", 0.0, 1e9) if "memory_mb" in a else None)
+
+
+def _runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple[dict[str, int], str]:
+    """Op-version table for this runtime from <dir>/runtimes/<name>-<version>.toml, or ({}, "")."""
+    fname = f"{runtime.name}-{runtime.version}.toml"
+    for d in dirs:
+        p = d / RUNTIMES_SUBDIR / fname
+        if p.is_file():
+            return _load_runtime_table(p, runtime)
+    return {}, ""
+
+
+def _load_runtime_table(path: Path, runtime: Runtime) -> tuple[dict[str, int], str]:
+    data = _read_toml(path)
+    c = _Checker(path)
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise c.fail("schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+    c.keys(data, "", {"schema_version", "runtime", "version", "source", "op_versions"}, set())
+    if data["runtime"] != str(runtime.name) or data["version"] != runtime.version:
+        raise c.fail("runtime", f"table is for {data['runtime']} {data['version']}, file name says "
+                     f"{runtime.label}; rename the file or fix runtime/version")
+    versions = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]")
+    return versions, f"{_display(path)}: {c.str_(data, 'source', 'source')}"

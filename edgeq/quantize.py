@@ -1,0 +1,113 @@
+"""Apply a scheme (or a per-op plan) to a source model and return the quantized .tflite bytes.
+
+Uniform schemes on Keras/SavedModel go through the TFLite converter (it also sets integer I/O);
+per-op plans and float .tflite inputs go through the LiteRT quantizer (`litert_quant.py`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import QuantizationError
+from .litert_quant import OpPrecision, quantize_per_op
+from .sources import SourceModel
+
+
+class Scheme(str, enum.Enum):
+    INT8 = "int8"  # full integer, per-channel weights
+    INT16X8 = "int16x8"  # int16 activations, int8 weights
+    DYNAMIC = "dynamic"  # dynamic-range ("hybrid"): int8 weights, float activations
+    FP16 = "fp16"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self in (Scheme.INT8, Scheme.INT16X8)
+
+    @property
+    def op_precision(self) -> str:
+        return {"int8": "int8", "int16x8": "int16x8", "dynamic": "hybrid", "fp16": "float"}[self.value]
+
+
+class IoType(str, enum.Enum):
+    FLOAT32 = "float32"
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT16 = "int16"
+
+
+def check_io(scheme: Scheme, io: IoType) -> None:
+    allowed = {Scheme.INT8: (IoType.FLOAT32, IoType.INT8, IoType.UINT8),
+               Scheme.INT16X8: (IoType.FLOAT32, IoType.INT16),
+               Scheme.DYNAMIC: (IoType.FLOAT32,), Scheme.FP16: (IoType.FLOAT32,)}[scheme]
+    if io not in allowed:
+        raise QuantizationError(f"--io {io.value} does not go with --scheme {scheme.value}; "
+                                f"use one of {', '.join(a.value for a in allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    scheme: Scheme
+    io: IoType = IoType.FLOAT32
+    per_op: tuple[OpPrecision, ...] = ()  # empty: uniform scheme
+    adjust_ranges: Callable[[dict], dict] | None = None
+
+
+def quantize(source: SourceModel, req: QuantizeRequest,
+             calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None) -> bytes:
+    """`calibration` returns a fresh iterator of samples (the TF converter streams it)."""
+    check_io(req.scheme, req.io)
+    mixed = any(p.precision != req.scheme.op_precision for p in req.per_op)
+    if source.converter is not None and not mixed and req.adjust_ranges is None:
+        return _with_converter(source, req, calibration)
+    if req.scheme is Scheme.FP16:
+        raise QuantizationError("fp16 is only available for Keras/SavedModel sources (TFLite converter)")
+    if req.io not in (IoType.FLOAT32, IoType.INT8):
+        raise QuantizationError(f"--io {req.io.value} needs a Keras/SavedModel source and a uniform scheme")
+    samples = list(calibration()) if (calibration and req.scheme.needs_calibration) else None
+    return quantize_per_op(source.float_tflite, req.scheme.op_precision, req.per_op, samples,
+                           keep_float_io=req.io is IoType.FLOAT32, adjust_ranges=req.adjust_ranges)
+
+
+def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> bytes:
+    from .tfimport import import_tf, quiet_native
+    tf = import_tf()
+
+    conv = source.converter()
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    names = [s.name for s in source.inputs]
+    if req.scheme.needs_calibration:
+        if calibration is None:
+            raise QuantizationError(f"--scheme {req.scheme.value} needs calibration data; pass --calib")
+
+        def representative_dataset():
+            for sample in calibration():
+                # A dict keyed by signature input names works for any number of inputs.
+                yield {n: sample[n] for n in names}
+
+        conv.representative_dataset = representative_dataset
+    if req.scheme is Scheme.INT8:
+        # INT8 first, float builtins allowed: ops that cannot be int8 stay float and are reported.
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    elif req.scheme is Scheme.INT16X8:
+        conv.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS]
+    elif req.scheme is Scheme.FP16:
+        conv.target_spec.supported_types = [tf.float16]
+    if req.io is not IoType.FLOAT32:
+        dt = {IoType.INT8: tf.int8, IoType.UINT8: tf.uint8, IoType.INT16: tf.int16}[req.io]
+        conv.inference_input_type = dt
+        conv.inference_output_type = dt
+    try:
+        with quiet_native():
+            return bytes(conv.convert())
+    except Exception as e:  # ConverterError carries the MLIR log; keep the first useful line
+        from .errors import CalibrationError
+        if isinstance(e, CalibrationError):
+            raise
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise QuantizationError(f"TFLite converter failed: {lines[0] if lines else type(e).__name__}") from None

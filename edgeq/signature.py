@@ -1,0 +1,73 @@
+"""Model signatures: read input/output specs, and add a SignatureDef to files that lack one.
+
+Older converters wrote .tflite files with no SignatureDef; the LiteRT quantizer (and signature
+runners) need one, so edgeq adds a `serving_default` signature mapping subgraph 0's inputs and
+outputs by tensor name. The graph itself is not touched.
+"""
+
+from __future__ import annotations
+
+from .calibration import InputSpec
+from .errors import ModelFormatError
+from .tflite_model import read_model
+
+SIGNATURE_KEY = "serving_default"
+
+
+def ensure_signature(model: bytes) -> tuple[bytes, bool]:
+    """(model with a signature, whether one was added)."""
+    if read_model(model).has_signature:
+        return model, False
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    m = s.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    sg = m.subgraphs[0]
+    sig = s.SignatureDefT()
+    sig.signatureKey = SIGNATURE_KEY
+    sig.subgraphIndex = 0
+
+    def tmap(idx):
+        t = s.TensorMapT()
+        t.name = sg.tensors[idx].name
+        t.tensorIndex = int(idx)
+        return t
+
+    sig.inputs = [tmap(i) for i in sg.inputs]
+    sig.outputs = [tmap(i) for i in sg.outputs]
+    m.signatureDefs = [sig]
+    b = flatbuffers.Builder(len(model) + 1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output()), True
+
+
+def signature_specs(model: bytes, key: str = SIGNATURE_KEY) -> tuple[tuple[InputSpec, ...], tuple[InputSpec, ...]]:
+    """Input and output specs of a signature, in signature order, read by the LiteRT interpreter."""
+    runner = signature_runner(model, key)
+    ins = runner.get_input_details()
+    outs = runner.get_output_details()
+
+    def spec(name, d):
+        sig = d.get("shape_signature")
+        shape = tuple(int(x) for x in (sig if sig is not None and len(sig) else d["shape"]))
+        return InputSpec(name, shape, _dtype_name(d["dtype"]))
+
+    return tuple(spec(n, d) for n, d in ins.items()), tuple(spec(n, d) for n, d in outs.items())
+
+
+def signature_runner(model: bytes, key: str = SIGNATURE_KEY, threads: int = 2):
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_content=model, num_threads=threads)
+        keys = list(interp.get_signature_list())
+        return interp.get_signature_runner(key if key in keys else keys[0])
+    except (ValueError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"the LiteRT interpreter cannot load this model: {first}. "
+                               "Custom ops must be registered with the runtime; see the op table") from None
+
+
+def _dtype_name(dt) -> str:
+    import numpy as np
+    return np.dtype(dt).name

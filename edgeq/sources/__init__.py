@@ -1,0 +1,99 @@
+"""Model sources: one module per format, each turning a path into a `SourceModel`.
+
+Registry, not string imports: `SOURCES` maps a format name to its loader; `detect_format` picks one
+from what the path is, and a wrong or corrupt file gets a one-line error naming what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..calibration import InputSpec
+from ..errors import ModelFormatError
+from ..tflite_model import is_tflite
+
+EXPECTED = ("a Keras .keras/.h5 file, a SavedModel directory, a Hugging Face model directory "
+            "(config.json + weights + tokenizer) or a float .tflite")
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A float model ready to quantize: its float .tflite (with a signature) and how to reconvert it."""
+
+    format: str
+    path: Path
+    sha256: str
+    float_tflite: bytes
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[InputSpec, ...]
+    # A fresh tf.lite.TFLiteConverter on the original model (Keras / SavedModel); None for .tflite/HF.
+    converter: Callable[[], object] | None = None
+    # Builds samples from texts with the model's own tokenizer (HF sources).
+    make_text_samples: Callable[[list[str]], list[dict]] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise ModelFormatError(f"{path}: no such file or directory; expected {EXPECTED}")
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            return "saved_model"
+        if (path / "config.json").exists():
+            return "hf"
+        raise ModelFormatError(f"{path}: directory is neither a SavedModel (saved_model.pb) nor a "
+                               "Hugging Face model (config.json)")
+    suffix = path.suffix.lower()
+    if suffix in (".keras", ".h5", ".hdf5"):
+        return "keras"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if suffix == ".tflite" or is_tflite(head):
+        return "tflite"
+    raise ModelFormatError(f"{path}: unrecognised model file; expected {EXPECTED}")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_source(path: Path | str, **options) -> SourceModel:
+    path = Path(path)
+    fmt = detect_format(path)
+    return SOURCES[fmt](path, **options)
+
+
+def _keras(path: Path, **_) -> SourceModel:
+    from .keras import load_keras
+    return load_keras(path)
+
+
+def _saved_model(path: Path, **_) -> SourceModel:
+    from .keras import load_saved_model
+    return load_saved_model(path)
+
+
+def _tflite(path: Path, **_) -> SourceModel:
+    from .tflite import load_tflite
+    return load_tflite(path)
+
+
+def _hf(path: Path, **options) -> SourceModel:
+    from .hf_adapter import load_hf_source
+    return load_hf_source(path, **options)
+
+
+SOURCES: dict[str, Callable[..., SourceModel]] = {
+    "keras": _keras, "saved_model": _saved_model, "tflite": _tflite, "hf": _hf,
+}

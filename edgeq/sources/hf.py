@@ -1,0 +1,289 @@
+"""Hugging Face encoders (BERT, MiniLM, DistilBERT, ...) as a model source: PyTorch -> LiteRT.
+
+transformers 5 has no TensorFlow classes, so the path is: load the local directory with
+transformers (PyTorch), wrap it so the graph ends in the pooled embedding, convert with
+litert-torch (which gives a .tflite WITH a SignatureDef, as litert-quantizer needs), and
+build calibration samples with the directory's own tokenizer.
+
+Needs the [hf] extra (torch, transformers, litert-torch); imported lazily so the CLI stays fast.
+No hub access ever: everything is loaded from the directory (HF_HUB_OFFLINE is forced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgeq.errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Encoder-only families whose AutoModel takes (input_ids, attention_mask[, token_type_ids]) and
+# returns last_hidden_state. Decoders/seq2seq are out of scope for this source.
+ENCODER_TYPES = frozenset({
+    "bert", "distilbert", "roberta", "xlm-roberta", "electra", "mpnet", "albert", "camembert",
+})
+# SmoothQuant folds into LayerNorm -> Linear pairs; only BERT's module layout is handled.
+SMOOTHQUANT_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+SIGNATURE_KEY = "serving_default"
+
+
+class Pooling(str, Enum):
+    """What the converted model outputs."""
+
+    MEAN = "mean"  # "embedding": mask-weighted mean of the last hidden state (sentence-transformers)
+    CLS = "cls"  # "embedding": the first token's hidden state
+    NONE = "none"  # "last_hidden_state": (1, seq_len, hidden)
+
+
+@dataclass(frozen=True)
+class HfOptions:
+    seq_len: int = 128
+    pooling: Pooling = Pooling.MEAN
+    # SmoothQuant migration strength (0..1); None = off. Needs calibration texts in load_hf.
+    smoothquant_alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class FloatModel:
+    tflite: bytes  # float .tflite with SignatureDef "serving_default"
+    input_names: tuple[str, ...]  # signature input names, in signature order
+    output_names: tuple[str, ...]
+    make_samples: Callable[[list[str]], list[dict[str, np.ndarray]]] | None
+    description: str
+
+
+def is_hf_dir(path) -> bool:
+    """True for a local directory holding a transformers config, weights and a tokenizer."""
+    p = Path(path)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        return False
+    has_weights = any((p / w).is_file() for w in WEIGHT_FILES)
+    has_tokenizer = (p / "tokenizer.json").is_file() or (p / "vocab.txt").is_file()
+    return has_weights and has_tokenizer
+
+
+def _require_hf():
+    """Import the [hf] extra or explain how to get it."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub; the directory must be complete
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import litert_torch  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise EdgeqError(
+            f"Hugging Face models need the hf extra ({e.name} is missing): "
+            "pip install 'edgeq[hf]' (CPU torch: add --extra-index-url https://download.pytorch.org/whl/cpu)"
+        ) from None
+
+
+def _load_tokenizer(tokenizer_dir):
+    _require_hf()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(
+            f"cannot load a tokenizer from {tokenizer_dir} ({str(e).splitlines()[0]}); "
+            "point at a directory with tokenizer.json or vocab.txt"
+        ) from None
+
+
+def _encode(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
+    if isinstance(texts, str) or not texts:
+        raise CalibrationError("no calibration text: give at least one line of text")
+    if seq_len < 2:
+        raise CalibrationError(f"--seq-len must be at least 2 (got {seq_len})")
+    # Fixed length: the converted graph has static shapes (1, seq_len).
+    enc = tok(list(texts), padding="max_length", truncation=True, max_length=seq_len,
+              return_tensors="np")
+    out = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()
+           if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if "token_type_ids" in tok.model_input_names and "token_type_ids" not in out:
+        out["token_type_ids"] = np.zeros_like(out["input_ids"])
+    return out
+
+
+def tokenize(tokenizer_dir, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
+    """Tokenize texts to fixed length: {input_ids, attention_mask[, token_type_ids]}, each (N, seq_len) int64."""
+    return _encode(_load_tokenizer(tokenizer_dir), texts, seq_len)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path}/config.json is unreadable ({e}); re-export the model") from None
+
+
+def _wrap(model, pooling: Pooling, input_names: tuple[str, ...]):
+    """A torch module with explicitly named tensor inputs, so the SignatureDef gets real names."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def _run(self, input_ids, attention_mask, token_type_ids=None):
+            kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kw["token_type_ids"] = token_type_ids
+            h = self.model(**kw).last_hidden_state
+            if pooling is Pooling.NONE:
+                return {"last_hidden_state": h}
+            if pooling is Pooling.CLS:
+                return {"embedding": h[:, 0]}
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return {"embedding": (h * m).sum(1) / m.sum(1).clamp(min=1e-9)}
+
+    if "token_type_ids" in input_names:
+        class WithTypes(Encoder):
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self._run(input_ids, attention_mask, token_type_ids)
+        return WithTypes().eval()
+
+    class NoTypes(Encoder):
+        def forward(self, input_ids, attention_mask):
+            return self._run(input_ids, attention_mask)
+    return NoTypes().eval()
+
+
+def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
+    """SmoothQuant (Xiao et al. 2023) on a BERT-layout model, in place; returns pairs smoothed.
+
+    Transformer activations have a few huge channels, so one per-tensor int8 scale wastes most
+    levels on them. For each LayerNorm -> Linear pair, divide channel j of the LayerNorm output
+    by s_j and multiply the Linear's input column j by s_j (exactly equivalent in float), with
+    s_j = max|x_j|^alpha / max|W_j|^(1-alpha): activation range moves into the weights, which are
+    quantized per output channel and absorb it far better.
+    """
+    import torch
+
+    enc = model.encoder if hasattr(model, "encoder") else None
+    if enc is None or not hasattr(enc, "layer"):
+        raise IncompatibleModelError("SmoothQuant supports BERT-layout encoders only; drop --smoothquant")
+    # Each group: (LayerNorm feeding the Linears, [Linears]).
+    groups = []
+    prev_ln = model.embeddings.LayerNorm
+    for layer in enc.layer:
+        att = layer.attention
+        groups.append((prev_ln, [att.self.query, att.self.key, att.self.value]))
+        groups.append((att.output.LayerNorm, [layer.intermediate.dense]))
+        prev_ln = layer.output.LayerNorm
+
+    amax = {id(ln): None for ln, _ in groups}
+
+    def hook(ln):
+        def f(_mod, _inp, out):
+            m = out.detach().abs().flatten(0, -2).amax(0)
+            k = id(ln)
+            amax[k] = m if amax[k] is None else torch.maximum(amax[k], m)
+        return f
+
+    handles = [ln.register_forward_hook(hook(ln)) for ln, _ in groups]
+    try:
+        with torch.no_grad():
+            # Only real (unpadded) tokens matter, but padded positions still pass through
+            # LayerNorm, and the quantized graph sees them too, so keep them in the statistics.
+            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
+    finally:
+        for h in handles:
+            h.remove()
+
+    with torch.no_grad():
+        for ln, linears in groups:
+            x = amax[id(ln)].clamp(min=1e-5)
+            w = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0).clamp(min=1e-5)
+            s = (x.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+            ln.weight.div_(s)
+            ln.bias.div_(s)
+            for lin in linears:
+                lin.weight.mul_(s)  # weight is (out, in): scale input columns
+    return len(groups)
+
+
+def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] | None = None) -> FloatModel:
+    """Convert a local Hugging Face encoder directory to a float .tflite with a SignatureDef.
+
+    calib_texts are needed only for SmoothQuant statistics (options.smoothquant_alpha).
+    """
+    path = Path(path)
+    if not is_hf_dir(path):
+        raise ModelFormatError(
+            f"{path} is not a Hugging Face model directory; it needs config.json, "
+            f"{' or '.join(WEIGHT_FILES)} and a tokenizer (tokenizer.json or vocab.txt)"
+        )
+    cfg = _read_config(path)
+    mtype = cfg.get("model_type", "?")
+    if mtype not in ENCODER_TYPES:
+        raise IncompatibleModelError(
+            f"model_type {mtype!r} is not a supported encoder; supported: {', '.join(sorted(ENCODER_TYPES))}"
+        )
+    if not isinstance(options.pooling, Pooling):
+        options = HfOptions(options.seq_len, Pooling(options.pooling), options.smoothquant_alpha)
+    max_pos = cfg.get("max_position_embeddings")
+    if max_pos and options.seq_len > max_pos:
+        raise CalibrationError(f"--seq-len {options.seq_len} exceeds the model's maximum of {max_pos}")
+
+    _require_hf()
+    import litert_torch
+    import torch
+    from transformers import AutoModel
+
+    tok = _load_tokenizer(path)
+    try:
+        model = AutoModel.from_pretrained(str(path)).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFormatError(f"cannot load weights from {path} ({str(e).splitlines()[0]})") from None
+
+    example = _encode(tok, ["edgeq example"], options.seq_len)
+    names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in example)
+
+    desc = f"{cfg.get('_name_or_path') or path.name} ({mtype}, seq_len {options.seq_len}, pooling {options.pooling.value}"
+    if options.smoothquant_alpha is not None:
+        if mtype not in SMOOTHQUANT_TYPES:
+            raise IncompatibleModelError(f"SmoothQuant is not implemented for {mtype}; drop --smoothquant")
+        if not calib_texts:
+            raise CalibrationError("SmoothQuant needs calibration text (--calib sentences.txt)")
+        if not 0.0 <= options.smoothquant_alpha <= 1.0:
+            raise CalibrationError(f"SmoothQuant alpha must be in [0, 1] (got {options.smoothquant_alpha})")
+        n = smooth_bert(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
+                        options.smoothquant_alpha)
+        desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} LayerNorm->Linear pairs"
+    desc += ")"
+
+    wrapper = _wrap(model, options.pooling, names)
+    # The graph is built for batch 1 and int32 ids (LiteRT has no int64 I/O by default).
+    kwargs = {n: torch.from_numpy(example[n][:1].astype(np.int32)) for n in names}
+    try:
+        edge = litert_torch.convert(wrapper, sample_kwargs=kwargs)
+    except Exception as e:  # the converter raises many types; the user fix is the same
+        raise IncompatibleModelError(
+            f"litert-torch could not convert {path.name}: {str(e).splitlines()[0][:200]}; "
+            "try another --pooling/--seq-len or report the model"
+        ) from None
+    tflite = bytes(edge.model_content())
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=tflite).get_signature_runner(SIGNATURE_KEY)
+    in_details = runner.get_input_details()
+    sig = Interpreter(model_content=tflite).get_signature_list()[SIGNATURE_KEY]
+    input_names = tuple(sig["inputs"])
+    output_names = tuple(sig["outputs"])
+    dtypes = {n: in_details[n]["dtype"] for n in input_names}
+    seq_len = options.seq_len
+
+    def make_samples(texts: list[str]) -> list[dict[str, np.ndarray]]:
+        enc = _encode(tok, texts, seq_len)
+        return [{n: enc[n][i:i + 1].astype(dtypes[n]) for n in input_names} for i in range(len(texts))]
+
+    return FloatModel(tflite, input_names, output_names, make_samples, desc)

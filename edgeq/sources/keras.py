@@ -1,0 +1,58 @@
+"""Keras (.keras/.h5) and SavedModel sources, converted with the TFLite converter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ModelFormatError
+from ..signature import signature_specs
+from ..tfimport import quiet_native
+from . import SourceModel, file_sha256
+
+
+def _tf():
+    from ..tfimport import import_tf
+    return import_tf()
+
+
+def _float_tflite(make_converter, path: Path) -> bytes:
+    try:
+        with quiet_native():
+            return bytes(make_converter().convert())
+    except Exception as e:  # the converter raises ConverterError, ValueError, ... with long logs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path}: the TFLite converter could not convert this model: {first}") from None
+
+
+def load_keras(path: Path) -> SourceModel:
+    tf = _tf()
+    try:
+        with quiet_native():
+            model = tf.keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises ValueError/OSError/zipfile errors for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path}: not a loadable Keras model ({first[:160]}); "
+                               "expected a .keras or .h5 file saved by model.save()") from None
+
+    def make_converter():
+        return tf.lite.TFLiteConverter.from_keras_model(model)
+
+    float_model = _float_tflite(make_converter, path)
+    ins, outs = signature_specs(float_model)
+    return SourceModel("keras", path, file_sha256(path), float_model, ins, outs, make_converter)
+
+
+def load_saved_model(path: Path) -> SourceModel:
+    tf = _tf()
+
+    def make_converter():
+        return tf.lite.TFLiteConverter.from_saved_model(str(path))
+
+    try:
+        make_converter()
+    except Exception as e:  # corrupt saved_model.pb, missing variables, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path}: not a loadable SavedModel ({first[:160]})") from None
+    float_model = _float_tflite(make_converter, path)
+    ins, outs = signature_specs(float_model)
+    return SourceModel("saved_model", path, file_sha256(path), float_model, ins, outs, make_converter)

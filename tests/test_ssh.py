@@ -1,0 +1,251 @@
+"""edgeq.runners.ssh against a real OpenSSH server on loopback (tests/sshd_fixture.py).
+
+The "device" is this machine reached through sshd as a separate user, running the real
+device_bench.py with the real LiteRT interpreter.
+"""
+
+import _thread
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq.errors import DeviceError, EdgeqError
+from edgeq.runners.ssh import SshProfileOptions, SshTarget, parse_target, profile_over_ssh
+from tests.sshd_fixture import StubProfile, host_outputs, sshd, tiny_int8_model  # noqa: F401
+
+PROFILE = StubProfile()
+
+
+def opts(server, **kw):
+    return SshProfileOptions(remote_python=server.device_python, **kw)
+
+
+def runs_dir(server) -> Path:
+    return server.home / ".cache" / "edgeq" / "runs"
+
+
+def leftover_runs(server) -> list:
+    d = runs_dir(server)
+    return sorted(d.iterdir()) if d.exists() else []
+
+
+def ssh_keygen_fingerprint(pub: str) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", "-"], input=pub, capture_output=True, text=True, check=True)
+    return out.stdout.split()[1]
+
+
+def wait_for_pid_file(server, timeout=30.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in leftover_runs(server):
+            if (d / "pid").exists() and (d / "pid").read_text().strip():
+                return d / "pid"
+        time.sleep(0.05)
+    raise AssertionError("the remote run never started")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("spec,host,user,port", [
+    ("pi@pi.local", "pi.local", "pi", 22),
+    ("pi@10.0.0.7:2222", "10.0.0.7", "pi", 2222),
+    ("raspberrypi", "raspberrypi", None, 22),
+    ("me@[fe80::1]:2200", "fe80::1", "me", 2200),
+])
+def test_parse_target(spec, host, user, port):
+    t = parse_target(spec, connect_timeout=3.0)
+    assert (t.host, t.user, t.port, t.connect_timeout) == (host, user, port, 3.0)
+
+
+@pytest.mark.parametrize("bad", ["pi@", "pi@host:99999", "a b@host", "pi@host:port"])
+def test_parse_target_rejects(bad):
+    with pytest.raises(EdgeqError):
+        parse_target(bad)
+
+
+def test_profile_end_to_end(sshd, tiny_int8_model, tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, size=(1, 8, 8, 3)).astype(np.int8)
+    np.savez(tmp_path / "in.npz", arr_0=x)
+    out_file = tmp_path / "out.npz"
+    messages = []
+    target = sshd.target(sshd.known_hosts(tmp_path / "kh"))
+    res = profile_over_ssh(tiny_int8_model, PROFILE, target,
+                           opts(sshd, runs=4, warmup=2, inputs=str(tmp_path / "in.npz"),
+                                save_outputs=str(out_file)), progress=messages.append)
+    assert res["schema"] == "edgeq.bench/1"
+    assert res["runner"] == "ssh" and res["host"] == f"edgeqtest@127.0.0.1:{sshd.port}"
+    assert res["runtime"]["name"] == "ai-edge-litert" and res["runtime"]["version"] == "2.3.0"
+    assert res["model_sha256"] == hashlib.sha256(tiny_int8_model.read_bytes()).hexdigest()
+    assert res["runs"]["count"] == 4 and len(res["timings_ms"]) == 4 and res["warmup"]["count"] == 2
+    assert res["input_source"] == "file" and res["threads"] == 1
+    assert res["remote_python"] == sshd.device_python
+    assert res["device"]["cpu_model"]  # read from the device's /proc/cpuinfo
+    # governor/temperature come from the device's /sys when readable, else None
+    for key, path in [("governor", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+                      ("temperature_c", "/sys/class/thermal/thermal_zone0/temp")]:
+        assert (res[key] is not None) == os.access(path, os.R_OK)
+    assert "emulated" not in res
+    # outputs came back and equal the host interpreter's on the same inputs
+    got = np.load(out_file)["arr_0"]
+    np.testing.assert_array_equal(got, host_outputs(tiny_int8_model, [x])[0])
+    assert any(m.startswith("uploading tiny_int8.tflite") for m in messages)
+    assert leftover_runs(sshd) == []
+
+
+def test_unknown_host_refused_then_trusted(sshd, tiny_int8_model, tmp_path):
+    kh = tmp_path / "known_hosts"
+    target = sshd.target(kh)
+    with pytest.raises(DeviceError) as e:
+        profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
+    msg = str(e.value)
+    assert "--trust-new-host" in msg and ssh_keygen_fingerprint(sshd.host_pubkey) in msg
+    assert not kh.exists()  # nothing recorded without consent
+
+    res = profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(kh, trust_new_host=True), opts(sshd))
+    assert res["runs"]["count"] == PROFILE.bench.runs
+    assert kh.read_text().split() == [f"[127.0.0.1]:{sshd.port}", *sshd.host_pubkey.split()]
+    # now known: works without trusting again
+    assert profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))["schema"] == "edgeq.bench/1"
+
+
+def test_changed_host_key_refused_even_with_trust(sshd, tiny_int8_model, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    other_pub = " ".join((tmp_path / "other.pub").read_text().split()[:2])
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {other_pub}\n")
+    for trust in (False, True):
+        with pytest.raises(DeviceError) as e:
+            profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(kh, trust_new_host=trust), opts(sshd))
+        msg = str(e.value)
+        assert "HOST KEY CHANGED" in msg
+        assert ssh_keygen_fingerprint(other_pub) in msg and ssh_keygen_fingerprint(sshd.host_pubkey) in msg
+        assert e.value.exit_code == 3
+    assert kh.read_text() == f"[127.0.0.1]:{sshd.port} {other_pub}\n"  # never rewritten
+
+
+def test_wrong_key_refused(sshd, tiny_int8_model, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    target = SshTarget(host="127.0.0.1", port=sshd.port, user=sshd.user, identity=str(tmp_path / "k"),
+                       known_hosts=str(sshd.known_hosts(tmp_path / "kh")))
+    with pytest.raises(DeviceError, match="key authentication to edgeqtest@127.0.0.1.* failed; pass --identity"):
+        profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
+
+
+def test_connect_refused_and_timeout(tiny_int8_model, tmp_path):
+    from tests.sshd_fixture import free_port
+
+    target = SshTarget(host="127.0.0.1", port=free_port(), user="x", known_hosts=str(tmp_path / "kh"),
+                       connect_timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="cannot connect to x@127.0.0.1:.*runs sshd on port"):
+        profile_over_ssh(tiny_int8_model, PROFILE, target)
+    assert time.monotonic() - t0 < 5
+
+
+def test_hostile_names(sshd, tiny_int8_model, tmp_path):
+    """Spaces, quotes, `;` and `$(...)` in file names reach the device as data, never as shell."""
+    weird_dir = tmp_path / "dir with 'quotes' ; and $(touch PWNED)"
+    weird_dir.mkdir()
+    name = "m o\"d'el;touch PWNED;$(touch PWNED)`touch PWNED`.tflite"
+    model = weird_dir / name
+    model.write_bytes(tiny_int8_model.read_bytes())
+    x = np.zeros((1, 8, 8, 3), np.int8)
+    np.savez(weird_dir / "in; rm -rf ~.npz", arr_0=x)
+    res = profile_over_ssh(model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
+                           opts(sshd, inputs=str(weird_dir / "in; rm -rf ~.npz"),
+                                save_outputs=str(weird_dir / "out $(x).npz")))
+    assert res["model"] == name and res["input_source"] == "file"
+    np.testing.assert_array_equal(np.load(weird_dir / "out $(x).npz")["arr_0"],
+                                  host_outputs(tiny_int8_model, [x])[0])
+    assert not list(sshd.home.rglob("PWNED")) and not Path("PWNED").exists()
+    assert sshd.home.exists() and leftover_runs(sshd) == []
+
+
+def test_no_runtime_says_how_flash_fixes_it(sshd, tiny_int8_model, tmp_path):
+    # Debian's system python has neither numpy nor a TFLite runtime here
+    with pytest.raises(DeviceError) as e:
+        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
+                         SshProfileOptions(remote_python="/usr/bin/python3"))
+    assert "--with-runtime" in str(e.value) and "edgeq flash" in str(e.value)
+    assert leftover_runs(sshd) == []
+
+
+def test_missing_remote_python(sshd, tiny_int8_model, tmp_path):
+    with pytest.raises(DeviceError, match="'/no/such/python' was not found on edgeqtest@127.0.0.1"):
+        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
+                         SshProfileOptions(remote_python="/no/such/python"))
+    assert leftover_runs(sshd) == []
+
+
+def test_run_timeout_kills_and_cleans_up(sshd, tiny_int8_model, tmp_path):
+    seen = {}
+
+    def watch():
+        seen["pid"] = int(wait_for_pid_file(sshd).read_text())
+
+    t = threading.Thread(target=watch)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="did not finish within 3s; raise --run-timeout"):
+        profile_over_ssh(tiny_int8_model, PROFILE,
+                         sshd.target(sshd.known_hosts(tmp_path / "kh"), run_timeout=3),
+                         opts(sshd, runs=10**8))
+    t.join()
+    assert time.monotonic() - t0 < 15
+    assert not alive(seen["pid"])  # the benchmark was stopped on the device
+    assert leftover_runs(sshd) == []
+
+
+def test_ctrl_c_mid_run_cleans_up(sshd, tiny_int8_model, tmp_path):
+    seen = {}
+
+    def interrupt():
+        seen["pid"] = int(wait_for_pid_file(sshd).read_text())
+        time.sleep(0.3)
+        _thread.interrupt_main()  # what Ctrl-C does to the CLI
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    with pytest.raises(KeyboardInterrupt):
+        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
+                         opts(sshd, runs=10**8))
+    t.join()
+    assert not alive(seen["pid"])
+    assert leftover_runs(sshd) == []
+
+
+def test_disconnect_mid_run(sshd, tiny_int8_model, tmp_path):
+    """Killing the sshd session mid-run (a Pi losing power/network) is a DeviceError, not a hang."""
+    seen = {}
+
+    def cut():
+        seen["pid"] = int(wait_for_pid_file(sshd).read_text())
+        for pid in sshd.session_pids():
+            os.kill(pid, 9)
+
+    t = threading.Thread(target=cut)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="connection to edgeqtest@127.0.0.1:.* was lost") as e:
+        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
+                         opts(sshd, runs=10**8))
+    t.join()
+    assert e.value.exit_code == 3
+    assert time.monotonic() - t0 < 30
+    # the device could not be reached for cleanup; tidy up what the killed session left
+    for d in leftover_runs(sshd):
+        subprocess.run(["rm", "-rf", str(d)], check=True)

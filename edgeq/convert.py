@@ -16,7 +16,7 @@ from .litert_quant import OpPrecision
 from .manifest import SCHEMA, manifest_path, now, sha256, versions
 from .progress import SILENT, Progress
 from .quantize import IoType, QuantizeRequest, Scheme, check_io, quantize
-from .sources import SourceModel, load_source
+from .sources import SourceModel, detect_format, load_source
 from .tflite_model import ModelInfo, read_model
 from .validate import Fidelity, fidelity, run_model
 
@@ -59,6 +59,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     mpath = manifest_path(out)
     check_output(out, [model], opts.force)
     check_output(mpath, [model], opts.force)
+    detect_format(model)  # a wrong file fails before any slow work
 
     profile = _load_profile(opts) if opts.device else None
     scheme = opts.scheme or (Scheme(profile.scheme.value if hasattr(profile.scheme, "value") else profile.scheme)

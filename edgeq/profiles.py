@@ -132,6 +132,9 @@ class Accelerator:
     source: str
     min_coverage: float | None = None  # the adb runner fails below this delegated-node fraction
     memory_mb: float | None = None  # on-chip parameter memory (Edge TPU SRAM)
+    # The Edge TPU compiler maps the graph only up to the first op it cannot take; that op and
+    # everything after it run on the CPU.
+    single_segment: bool = False
 
     def refuses(self, op: str, version: int) -> str | None:
         """Why the accelerator will not take this op (None when it does)."""
@@ -212,7 +215,8 @@ class DeviceProfile:
                 "name": a.name, "precisions": [str(p) for p in a.precisions],
                 "fallback": str(a.fallback), "fallback_precision": str(a.fallback_precision),
                 "supported_ops": sorted(a.supported_ops), "op_versions": dict(sorted(a.op_versions.items())),
-                "min_coverage": a.min_coverage, "memory_mb": a.memory_mb, "source": a.source}
+                "min_coverage": a.min_coverage, "memory_mb": a.memory_mb, "single_segment": a.single_segment,
+                "source": a.source}
         return d
 
 
@@ -331,6 +335,12 @@ class _Checker:
         if v not in [str(a) for a in allowed]:
             raise self.fail(key, f"bad value {v!r}; expected one of {', '.join(str(a) for a in allowed)}")
         return enum_cls(v)
+
+    def bool_(self, table: dict, k: str, key: str, default: bool) -> bool:
+        v = table.get(k, default)
+        if not isinstance(v, bool):
+            raise self.fail(key, f"expected true or false, got {v!r}")
+        return v
 
     def table(self, table: dict, k: str, key: str) -> dict:
         v = table.get(k)
@@ -459,7 +469,7 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
 
 def _accelerator(c: _Checker, a: dict) -> Accelerator:
     c.keys(a, "accelerator", {"name", "precisions", "fallback", "fallback_precision", "supported_ops", "source"},
-           {"op_versions", "min_coverage", "memory_mb"})
+           {"op_versions", "min_coverage", "memory_mb", "single_segment"})
     precs = []
     for i, p in enumerate(a.get("precisions") if isinstance(a.get("precisions"), list) else [None]):
         precs.append(c.enum({"p": p}, "p", f"accelerator.precisions[{i}]", Precision, POLICY_PRECISIONS))
@@ -481,7 +491,8 @@ def _accelerator(c: _Checker, a: dict) -> Accelerator:
         supported_ops=frozenset(ops), op_versions=MappingProxyType(versions),
         source=c.str_(a, "source", "accelerator.source"),
         min_coverage=c.num(a, "min_coverage", "accelerator.min_coverage", 0.0, 1.0) if "min_coverage" in a else None,
-        memory_mb=c.num(a, "memory_mb", "accelerator.memory_mb", 0.0, 1e9) if "memory_mb" in a else None)
+        memory_mb=c.num(a, "memory_mb", "accelerator.memory_mb", 0.0, 1e9) if "memory_mb" in a else None,
+        single_segment=c.bool_(a, "single_segment", "accelerator.single_segment", False))
 
 
 def _runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple[dict[str, int], str]:

@@ -69,11 +69,11 @@ class Manifest:
 
     @property
     def output_sha(self) -> str | None:
-        return _get(self.data, "output", "sha256")
+        return _str(_get(self.data, "output", "sha256"))
 
     @property
     def source_sha(self) -> str | None:
-        return _get(self.data, "source", "sha256")
+        return _str(_get(self.data, "source", "sha256"))
 
     @property
     def sizes(self) -> tuple[float | None, float | None]:
@@ -149,6 +149,10 @@ def _get(d: Any, *keys: str) -> Any:
             return None
         d = d.get(k)
     return d
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
 
 
 def _list(v: Any) -> list:
@@ -255,7 +259,7 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Manifest], list[Run], list[
     runs: list[Run] = []
     labels: dict[tuple[str, str], int] = {}
     for path, b, fleet_name in benches:
-        sha = b.get("model_sha256")
+        sha = _str(b.get("model_sha256"))
         if sha in by_output:
             m, role, prec = by_output[sha], RunRole.CONVERTED, by_output[sha].scheme
         elif sha in by_source:
@@ -693,16 +697,20 @@ def _html_block(b) -> str:
     return f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _md_text(v: Any) -> str:
+    # Markdown renderers pass raw HTML through, and names/reasons come from input files
+    return str(v).replace("<", "&lt;")
+
+
 def _md_cell(v: Any) -> str:
-    # "<" too: Markdown renderers pass raw HTML through, and names/reasons come from files
-    return str(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+    return _md_text(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _md_block(b) -> str:
     if b[0] == "p":
-        return b[1]
+        return _md_text(b[1])
     if b[0] == "img":
-        return f"*Chart in the HTML report: {b[2]}.*"
+        return f"*Chart in the HTML report: {_md_text(b[2])}.*"
     lines = ["| " + " | ".join(_md_cell(h) for h in b[1]) + " |", "|" + "---|" * len(b[1])]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b[2]]
     return "\n".join(lines)
@@ -767,8 +775,8 @@ def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None
              f"<style>{CSS}</style></head><body><main><h1>{e(title)}</h1><p class=\"sub\">{e(sub)}</p>",
              '<div class="cards">' + "".join(f"<div class=\"card\"><b>{e(v)}</b><span>{e(k)}</span></div>"
                                             for v, k in _cards(manifests, runs, sps)) + "</div>"]
-    md = [f"# {title}", "", sub, ""]
-    md += [f"- **{v}** {k}" for v, k in _cards(manifests, runs, sps)] + [""]
+    md = [f"# {_md_text(title)}", "", sub, ""]
+    md += [f"- **{v}** {_md_text(k)}" for v, k in _cards(manifests, runs, sps)] + [""]
     in_model = False
     for s in sections:
         if s.level == 2 and in_model:
@@ -779,7 +787,7 @@ def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None
             in_model = True
         parts.append(f"<h{s.level}>{e(s.title)}</h{s.level}>")
         parts += [_html_block(b) for b in s.blocks]
-        md += ["#" * s.level + " " + s.title, ""]
+        md += ["#" * s.level + " " + _md_text(s.title), ""]
         md += [x for b in s.blocks for x in (_md_block(b), "")]
     if in_model:
         parts.append("</div>")

@@ -11,6 +11,7 @@ No hub access ever: everything is loaded from the directory (HF_HUB_OFFLINE is f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class HfOptions:
     pooling: Pooling = Pooling.MEAN
     # SmoothQuant migration strength (0..1); None = off. Needs calibration texts in load_hf.
     smoothquant_alpha: float | None = None
+    # Additive attention-mask value for padding. transformers uses float32 min (-3.4e38), which
+    # makes any int8/int16 range over the mask add useless; -30 hides padding just as well
+    # (exp(-30) ~ 1e-13) and keeps the scores' range quantizable. None = transformers' own mask.
+    mask_value: float | None = -30.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def _read_config(path: Path) -> dict:
         raise ModelFormatError(f"{path}/config.json is unreadable ({e}); re-export the model") from None
 
 
-def _wrap(model, pooling: Pooling, input_names: tuple[str, ...]):
+def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: float | None):
     """A torch module with explicitly named tensor inputs, so the SignatureDef gets real names."""
     import torch
 
@@ -133,7 +138,11 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...]):
             self.model = model
 
         def _run(self, input_ids, attention_mask, token_type_ids=None):
-            kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+            mask = attention_mask
+            if mask_value is not None:
+                # A 4-D float mask is added to the attention scores as is (no -inf fill).
+                mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * mask_value
+            kw = {"input_ids": input_ids, "attention_mask": mask}
             if token_type_ids is not None:
                 kw["token_type_ids"] = token_type_ids
             h = self.model(**kw).last_hidden_state
@@ -228,7 +237,7 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
             f"model_type {mtype!r} is not a supported encoder; supported: {', '.join(sorted(ENCODER_TYPES))}"
         )
     if not isinstance(options.pooling, Pooling):
-        options = HfOptions(options.seq_len, Pooling(options.pooling), options.smoothquant_alpha)
+        options = dataclasses.replace(options, pooling=Pooling(options.pooling))
     max_pos = cfg.get("max_position_embeddings")
     if max_pos and options.seq_len > max_pos:
         raise CalibrationError(f"--seq-len {options.seq_len} exceeds the model's maximum of {max_pos}")
@@ -260,7 +269,7 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} LayerNorm->Linear pairs"
     desc += ")"
 
-    wrapper = _wrap(model, options.pooling, names)
+    wrapper = _wrap(model, options.pooling, names, options.mask_value)
     # The graph is built for batch 1 and int32 ids (LiteRT has no int64 I/O by default).
     kwargs = {n: torch.from_numpy(example[n][:1].astype(np.int32)) for n in names}
     try:

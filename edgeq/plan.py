@@ -1,0 +1,201 @@
+"""Per-op precision plan for one target, decided from its device profile (pure; no TensorFlow).
+
+Input: the ops of the FLOAT model (edgeq.tflite_model.read_ops). For each op, in order:
+  1. no float tensors (shape/index math)            -> "other": nothing to quantize
+  2. an override (the accuracy-budget loop)         -> its precision, refused if the target cannot
+                                                       run it where it runs the rest of the model
+  3. the profile's [ops] policy                     -> int8 / int16x8 / float / fp16; "hybrid" only
+                                                       if the op has a constant weight, else float
+  4. the accelerator does not take the op           -> falls back to the CPU at the accelerator's
+                                                       fallback_precision (the graph splits there)
+  5. otherwise                                      -> the profile's scheme
+Each entry also records where the op runs ("accelerator" or "cpu") so the cost of a split is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ProfileError
+from .profiles import DeviceProfile, Fallback, Precision
+from .tflite_ops import MIN_WEIGHT_ELEMENTS, has_float_tensors, weight_tensor
+
+_BOUNDARY = frozenset({"QUANTIZE", "DEQUANTIZE"})
+
+
+@dataclass(frozen=True)
+class Override:
+    """A precision forced for one op (by the accuracy-budget loop or the user) and why."""
+    precision: Precision
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    index: int  # op index within its subgraph
+    subgraph: int
+    op: str
+    output: str  # name of the op's first output tensor (stable across conversions)
+    precision: Precision
+    reason: str
+    source: str
+    placement: str  # "accelerator" | "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "subgraph": self.subgraph, "op": self.op, "output": self.output,
+                "precision": str(self.precision), "placement": self.placement,
+                "reason": self.reason, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    scheme: Precision
+    accelerator: str | None
+    entries: tuple[PlanEntry, ...]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entries:
+            out[str(e.precision)] = out.get(str(e.precision), 0) + 1
+        return out
+
+    @property
+    def is_uniform(self) -> bool:
+        """All ops int8 (ops with nothing to quantize ignored): a plain full-integer conversion."""
+        return all(e.precision in (Precision.INT8, Precision.OTHER) for e in self.entries)
+
+    def ops_at(self, *precisions: Precision) -> list[PlanEntry]:
+        return [e for e in self.entries if e.precision in precisions]
+
+    @property
+    def cpu_ops(self) -> list[PlanEntry]:
+        """Ops planned off the accelerator (empty for CPU targets)."""
+        return [e for e in self.entries if e.placement == "cpu"] if self.accelerator else []
+
+    def summary(self) -> str:
+        """One line, e.g. '5 ops: 3 int8, 1 float, 1 other; 1 on the CPU (graph splits)'."""
+        order = [str(p) for p in Precision]
+        counts = self.counts()
+        parts = ", ".join(f"{counts[p]} {p}" for p in order if p in counts)
+        line = f"{len(self.entries)} ops: {parts}" if parts else "0 ops"
+        if self.accelerator and self.cpu_ops:
+            line += f"; {len(self.cpu_ops)} on the CPU instead of the {self.accelerator} (graph splits)"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "scheme": str(self.scheme), "accelerator": self.accelerator,
+                "uniform": self.is_uniform, "counts": self.counts(), "summary": self.summary(),
+                "ops": [e.to_json() for e in self.entries]}
+
+
+def plan_precision(ops, profile: DeviceProfile,
+                   overrides: Mapping[int | tuple[int, int], Override | tuple[str, str]] | None = None,
+                   *, allow_cpu_fallback: bool = False) -> Plan:
+    """Plan each op's precision for `profile`.
+
+    `ops`: OpInfo list read from the float model. `overrides`: op index (subgraph 0) or
+    (subgraph, index) -> Override(precision, reason). An override the target cannot run where it
+    runs the scheme (e.g. float on the Edge TPU) raises ProfileError naming the cost, unless
+    `allow_cpu_fallback` accepts that the op moves to the CPU.
+    """
+    norm = _normalize_overrides(overrides or {}, ops)
+    accel = profile.accelerator
+    entries = []
+    cut = False  # single-segment accelerators (Edge TPU): everything after the first CPU op stays on the CPU
+    for op in ops:
+        key = (op.subgraph, op.index)
+        output = op.outputs[0].name if op.outputs else ""
+        refused = accel.refuses(op.name, op.version) if accel else None
+        fallback_path = False
+
+        if not has_float_tensors(op) or op.name in _BOUNDARY:
+            prec, reason, source = Precision.OTHER, "no float tensors: nothing to quantize", "edgeq"
+        elif key in norm:
+            ov = norm[key]
+            _check_override(profile, op, ov.precision, refused, allow_cpu_fallback)
+            prec, reason = _weights_or_float(op, ov.precision, ov.reason)
+            source = "override"
+        elif op.name in profile.ops:
+            pol = profile.ops[op.name]
+            prec, reason = _weights_or_float(op, pol.precision, pol.reason)
+            source = pol.source
+        elif refused:
+            prec, fallback_path = accel.fallback_precision, True
+            reason = f"{refused}: runs {prec} on the CPU (the graph splits here)"
+            source = accel.source
+        else:
+            prec, reason, source = profile.scheme, f"default scheme of {profile.id}", str(profile.path)
+
+        placement = "cpu"
+        if accel is not None:
+            if prec is Precision.OTHER:
+                placement = "cpu" if (refused or cut) else "accelerator"
+            elif refused:
+                if not fallback_path:
+                    reason += f"; {refused}, so it runs on the CPU (the graph splits here)"
+            elif prec not in accel.precisions:
+                reason += f"; {accel.name} does not run {prec}, so it runs on the CPU (the graph splits here)"
+            elif cut:
+                reason += (f"; on the CPU: the {accel.name} compiler maps only the ops before the first one it "
+                           "cannot take")
+            else:
+                placement = "accelerator"
+            if accel.single_segment and op.subgraph == 0 and placement == "cpu" and prec is not Precision.OTHER:
+                cut = True
+        entries.append(PlanEntry(op.index, op.subgraph, op.name, output, prec, reason, source, placement))
+    return Plan(profile.id, profile.scheme, accel.name if accel else None, tuple(entries))
+
+
+def _weights_or_float(op, precision: Precision, reason: str) -> tuple[Precision, str]:
+    """'hybrid' needs a constant weight big enough for the converter to quantize; else float."""
+    if precision is not Precision.HYBRID:
+        return precision, reason
+    w = weight_tensor(op)
+    if w is None:
+        return Precision.FLOAT, f"{reason}; no constant weight to store as int8, so float instead of hybrid"
+    n = 1
+    for d in w.shape:
+        n *= max(d, 1)
+    if n < MIN_WEIGHT_ELEMENTS:
+        return Precision.FLOAT, (f"{reason}; weight has {n} elements (< {MIN_WEIGHT_ELEMENTS}, the converter "
+                                 "keeps it float), so float instead of hybrid")
+    return Precision.HYBRID, reason
+
+
+def _check_override(profile: DeviceProfile, op, precision: Precision, refused: str | None,
+                    allow_cpu_fallback: bool) -> None:
+    accel = profile.accelerator
+    if accel is None or refused or precision in accel.precisions:
+        return  # the CPU runs every precision; a refused op is on the CPU anyway
+    what = f"{profile.id}: op {op.index} ({op.name}) cannot run {precision} on the {accel.name} " \
+           f"(it runs {', '.join(accel.precisions)})"
+    if accel.fallback is Fallback.NONE:
+        raise ProfileError(f"{what} and there is no CPU fallback; keep it {profile.scheme}")
+    if not allow_cpu_fallback:
+        raise ProfileError(f"{what}; {precision} would move it to the CPU and split the graph "
+                           f"(a CPU<->{accel.name} transfer each inference); keep it {profile.scheme} "
+                           "or allow CPU fallback")
+
+
+def _normalize_overrides(overrides, ops) -> dict[tuple[int, int], Override]:
+    known = {(op.subgraph, op.index) for op in ops}
+    out = {}
+    for key, value in overrides.items():
+        k = (0, key) if isinstance(key, int) else tuple(key)
+        if k not in known:
+            raise ProfileError(f"override for op {key}: no such op in the model (subgraph {k[0]}, index {k[1]}); "
+                               "use the op index from the plan")
+        if not isinstance(value, Override):
+            precision, reason = value
+            try:
+                value = Override(Precision(precision), reason)
+            except ValueError:
+                raise ProfileError(f"override for op {key}: unknown precision {precision!r}; use int8, "
+                                   "int16x8, hybrid, float or fp16") from None
+        if value.precision is Precision.OTHER:
+            raise ProfileError(f"override for op {key}: 'other' is not a precision; use int8, int16x8, hybrid, "
+                               "float or fp16")
+        out[k] = value
+    return out

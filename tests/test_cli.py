@@ -1,0 +1,78 @@
+"""The CLI through click's CliRunner: exit codes 0 ok / 1 user error / 2 usage / 3 device failure,
+one-line errors without tracebacks, --json printing one document, and fast start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from click.testing import CliRunner
+
+from edgeq import __version__
+from edgeq.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_version_and_help():
+    r = run("--version")
+    assert r.exit_code == 0 and __version__ in r.output
+    assert run("--help").exit_code == 0
+
+
+def test_help_and_devices_list_do_not_import_tensorflow():
+    code = ("import sys; from edgeq.cli import main\n"
+            "try:\n main(['--help'])\nexcept SystemExit: pass\n"
+            "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_convert_json_and_exit_codes(tiny_dense, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((80, 8)).astype(np.float32))
+    out = tmp_path / "o.tflite"
+    r = run("convert", tiny_dense, "-o", out, "--calib", tmp_path / "x.npy", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)  # exactly one JSON document on stdout
+    assert doc["schema"] == "edgeq.manifest/1" and doc["fidelity"]["outputs"][0]["cosine"] > 0.99
+    # Existing output: user error, exit 1, one line, no traceback.
+    r = run("convert", tiny_dense, "-o", out, "--calib", tmp_path / "x.npy")
+    assert r.exit_code == 1 and "--force" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    # Usage error (unknown choice): exit 2.
+    assert run("convert", tiny_dense, "-o", out, "--scheme", "int4").exit_code == 2
+    # Missing calibration for int8: exit 1 naming the fix.
+    r = run("convert", tiny_dense, "-o", tmp_path / "p.tflite")
+    assert r.exit_code == 1 and "--calib" in r.output and not (tmp_path / "p.tflite").exists()
+    # NaN sample: exit 1, names the sample, no partial output.
+    bad = np.ones((20, 8), np.float32)
+    bad[7, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    r = run("convert", tiny_dense, "-o", tmp_path / "n.tflite", "--calib", tmp_path / "nan.npy")
+    assert r.exit_code == 1 and "nan.npy[7]: contains NaN" in r.output
+    assert not (tmp_path / "n.tflite").exists() and not (tmp_path / "n.edgeq.json").exists()
+
+
+def test_corrupt_model_exit_1(tmp_path):
+    (tmp_path / "m.tflite").write_bytes(b"\x00" * 64)
+    r = run("bench", tmp_path / "m.tflite")
+    assert r.exit_code == 1 and "not a TFLite flatbuffer" in r.output and "Traceback" not in r.output
+
+
+def test_bench_json(tiny_dense, tmp_path):
+    from edgeq.sources import load_source
+    (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
+    r = run("bench", tmp_path / "f.tflite", "--runs", 7, "--warmup", 1, "--json", "-o", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["runs"]["count"] == 7 and json.loads((tmp_path / "r.json").read_text()) == doc
+
+
+def test_device_failure_exit_3(tiny_dense, tmp_path):
+    from edgeq.sources import load_source
+    (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
+    r = run("bench", tmp_path / "f.tflite", "--runs", 1, "--delegate", tmp_path / "missing.so")
+    assert r.exit_code == 3 and "cannot load delegate" in r.output

@@ -1,0 +1,172 @@
+"""edgeq convert with the real TFLite converter, LiteRT quantizer and LiteRT interpreter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny, save_keras
+from edgeq.calibration import CalibrationConfig
+from edgeq.convert import ConvertOptions, convert
+from edgeq.errors import CalibrationError, ModelFormatError, OutputExistsError, QuantizationError
+from edgeq.quantize import IoType, Scheme
+from edgeq.tflite_model import read_model
+
+
+def _npy(tmp_path, shape, n=120, seed=0, name="x.npy"):
+    arr = np.random.default_rng(seed).random((n, *shape)).astype(np.float32)
+    np.save(tmp_path / name, arr)
+    return str(tmp_path / name)
+
+
+def test_digits_full_int8_real_data(digits_keras, digits_npy, tmp_path):
+    out = tmp_path / "digits_int8.tflite"
+    r = convert(digits_keras, ConvertOptions(out, calib=CalibrationConfig(str(digits_npy), samples=150,
+                                                                          eval_samples=60)))
+    m = r.manifest
+    info = read_model(out)
+    # Every compute op is int8 (read back from the file, not assumed).
+    assert {op.precision for op in info.ops} <= {"int8", "other"}
+    assert sum(op.precision == "int8" for op in info.ops) >= 5
+    assert not info.float_ops() and not r.warnings
+    fo = m["fidelity"]["outputs"][0]
+    assert m["fidelity"]["samples"] == 60
+    assert fo["cosine"] > 0.99 and fo["top1_agreement"] >= 0.95 and fo["rel_l2"] < 0.1
+    # Manifest: hashes, sizes, calibration, versions.
+    assert m["schema"] == "edgeq.manifest/1"
+    assert m["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert m["output"]["bytes"] == out.stat().st_size
+    assert m["source"]["sha256"] == hashlib.sha256(digits_keras.read_bytes()).hexdigest()
+    assert m["sizes"]["ratio"] > 3
+    assert m["calibration"] == {"kind": "npy", "source": str(digits_npy), "count": 150, "eval_count": 60,
+                                "seed": 0, "calibrated": True, "range_method": "minmax"}
+    assert m["versions"]["ai-edge-litert"] == "2.3.0" and m["versions"]["edgeq"]
+    assert m["io"]["inputs"][0]["dtype"] == "float32"
+    assert [o["op"] for o in m["ops"]] == [op.name for op in info.ops]
+    assert json.loads((tmp_path / "digits_int8.edgeq.json").read_text()) == m
+
+
+def test_int8_io(tiny_conv, tmp_path):
+    out = tmp_path / "q.tflite"
+    r = convert(tiny_conv, ConvertOptions(out, io=IoType.INT8, calib=CalibrationConfig(_npy(tmp_path, (8, 8, 3)))))
+    inp = r.manifest["io"]["inputs"][0]
+    assert inp["dtype"] == "int8" and inp["scale"] > 0 and -128 <= inp["zero_point"] <= 127
+    assert r.manifest["io"]["outputs"][0]["dtype"] == "int8"
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.98
+
+
+@pytest.mark.parametrize("scheme,expect", [(Scheme.DYNAMIC, "hybrid"), (Scheme.INT16X8, "int16x8"),
+                                           (Scheme.FP16, "float")])
+def test_other_schemes_read_back(tf, tmp_path, scheme, expect):
+    tf.keras.utils.set_random_seed(1)
+    L = tf.keras.layers  # weights > 1024 elements so dynamic-range quantizes them
+    model = tf.keras.Sequential([tf.keras.Input((64,)), L.Dense(64, activation="relu"), L.Dense(32)])
+    src = save_keras(tf, model, tmp_path / "m.keras")
+    calib = CalibrationConfig(_npy(tmp_path, (64,))) if scheme is not Scheme.FP16 else None
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", scheme, calib=calib))
+    fcs = [op for op in read_model(tmp_path / "o.tflite").ops if op.name == "FULLY_CONNECTED"]
+    assert fcs and all(op.precision == expect for op in fcs)
+    if scheme is Scheme.FP16:
+        assert 1.7 < r.manifest["sizes"]["ratio"] < 2.3
+        assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.9999  # random eval inputs, fp16 weights
+    else:
+        assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_multi_input_npz(tf, tmp_path):
+    src = save_keras(tf, build_tiny(tf, "multi"), tmp_path / "multi.keras")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", a=rng.random((60, 4)).astype(np.float32), b=rng.random((60, 3)).astype(np.float32))
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(str(tmp_path / "d.npz"), 40, 20)))
+    assert len(r.manifest["io"]["inputs"]) == 2
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_stayed_float_is_reported_and_strict_fails(tf, tmp_path):
+    """SIN has no int8 kernel: TFLITE_BUILTINS_INT8 alone would not make this graph all-int8."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    x = tf.keras.Input((8,))
+    model = tf.keras.Model(x, L.Dense(4)(tf.keras.ops.sin(L.Dense(8)(x))))
+    src = save_keras(tf, model, tmp_path / "sin.keras")
+    calib = CalibrationConfig(_npy(tmp_path, (8,)))
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=calib))
+    assert any("stayed float" in w and "SIN" in w for w in r.warnings)
+    assert [op.name for op in read_model(tmp_path / "o.tflite").float_ops()] == ["SIN"]
+    with pytest.raises(QuantizationError, match="SIN.*--strict"):
+        convert(src, ConvertOptions(tmp_path / "s.tflite", calib=calib, strict=True))
+    assert not (tmp_path / "s.tflite").exists() and not (tmp_path / "s.edgeq.json").exists()
+
+
+def _strip_signature(data: bytes) -> bytes:
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+    m = s.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    m.signatureDefs = []
+    b = flatbuffers.Builder(0)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+@pytest.mark.parametrize("signature", [True, False])
+def test_float_tflite_requantized(tf, tmp_path, signature):
+    from edgeq.sources import load_source
+    src = load_source(save_keras(tf, build_tiny(tf, "conv"), tmp_path / "c.keras"))
+    data = src.float_tflite if signature else _strip_signature(src.float_tflite)
+    assert read_model(data).has_signature is signature
+    (tmp_path / "float.tflite").write_bytes(data)
+    r = convert(tmp_path / "float.tflite", ConvertOptions(tmp_path / "q.tflite",
+                                                         calib=CalibrationConfig(_npy(tmp_path, (8, 8, 3)))))
+    assert r.manifest["source"]["format"] == "tflite"
+    assert any("no SignatureDef" in w for w in r.warnings) is (not signature)
+    assert r.manifest["op_summary"].get("int8", 0) >= 3
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.98
+    assert (tmp_path / "float.tflite").read_bytes() == data  # input untouched
+
+
+def test_random_calibration_marked_uncalibrated(tiny_dense, tmp_path):
+    r = convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig("random")))
+    assert r.manifest["calibrated"] is False and r.manifest["calibration"]["calibrated"] is False
+    assert any(w.startswith("UNCALIBRATED") for w in r.warnings)
+
+
+def test_int8_requires_calib(tiny_dense, tmp_path):
+    with pytest.raises(CalibrationError, match="--calib"):
+        convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite"))
+
+
+def test_corrupt_model_no_output(tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelFormatError, match="bad.keras: not a loadable Keras model"):
+        convert(bad, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig("random")))
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"garbage" * 10)
+    with pytest.raises(ModelFormatError, match="not a TFLite flatbuffer"):
+        convert(junk, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig("random")))
+    with pytest.raises(ModelFormatError, match="unrecognised model file"):
+        convert(_touch(tmp_path / "m.bin"),
+                ConvertOptions(tmp_path / "o.tflite"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.keras", "junk.tflite", "m.bin"]
+
+
+def _touch(p):
+    p.write_bytes(b"abc")
+    return p
+
+
+def test_refuses_to_overwrite(tiny_dense, tmp_path):
+    before = tiny_dense.read_bytes()
+    with pytest.raises(OutputExistsError, match="refusing to overwrite the input"):
+        convert(tiny_dense, ConvertOptions(tiny_dense, calib=CalibrationConfig("random"), force=True))
+    assert tiny_dense.read_bytes() == before
+    out = tmp_path / "o.tflite"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError, match="--force"):
+        convert(tiny_dense, ConvertOptions(out, calib=CalibrationConfig("random")))
+    assert out.read_bytes() == b"keep me"
+    convert(tiny_dense, ConvertOptions(out, calib=CalibrationConfig("random"), force=True))
+    assert read_model(out).ops

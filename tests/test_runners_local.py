@@ -1,0 +1,64 @@
+"""The device-side bench script, run locally in a subprocess with the real LiteRT interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny
+from edgeq.errors import DeviceError, ModelFormatError
+from edgeq.runners import BenchOptions
+from edgeq.runners.local import bench_local
+
+
+@pytest.fixture(scope="module")
+def int8_model(tf, tmp_path_factory):
+    from edgeq.sources import load_source
+    from edgeq.quantize import QuantizeRequest, Scheme, quantize, IoType
+    from conftest import save_keras
+    d = tmp_path_factory.mktemp("bench")
+    src = load_source(save_keras(tf, build_tiny(tf, "conv"), d / "c.keras"))
+    rng = np.random.default_rng(0)
+    samples = [{src.inputs[0].name: rng.random((1, 8, 8, 3)).astype(np.float32)} for _ in range(30)]
+    q = quantize(src, QuantizeRequest(Scheme.INT8, IoType.INT8), lambda: iter(samples))
+    (d / "q.tflite").write_bytes(q)
+    (d / "f.tflite").write_bytes(src.float_tflite)
+    return d
+
+
+def test_bench_statistics(int8_model):
+    r = bench_local(int8_model / "q.tflite", BenchOptions(threads=2, warmup=3, runs=25))
+    assert r["schema"] == "edgeq.bench/1" and r["runner"] == "local"
+    assert r["runtime"] == {"name": "ai-edge-litert", "version": "2.3.0"}
+    assert r["threads"] == 2 and r["delegate"] == "xnnpack"
+    s = r["runs"]
+    assert s["count"] == 25 == len(r["timings_ms"])
+    assert 0 < s["min_ms"] <= s["p5_ms"] <= s["median_ms"] <= s["p95_ms"] <= s["max_ms"]
+    assert s["min_ms"] <= s["mean_ms"] <= s["max_ms"]
+    assert s["median_ms"] == pytest.approx(float(np.median(r["timings_ms"])))
+    assert s["std_ms"] == pytest.approx(float(np.std(r["timings_ms"])))
+    assert r["warmup"]["count"] == 3 and r["init_ms"] > 0 and r["first_inference_ms"] > 0
+    assert r["memory_mb"]["peak_rss"] > 10
+    assert r["inputs"] == [{"name": r["inputs"][0]["name"], "shape": [1, 8, 8, 3], "dtype": "int8"}]
+    assert r["model_bytes"] == (int8_model / "q.tflite").stat().st_size
+
+
+def test_bench_inputs_file_makes_outputs_deterministic(int8_model, tmp_path):
+    x = np.random.default_rng(5).integers(-128, 128, (1, 8, 8, 3)).astype(np.int8)
+    np.savez(tmp_path / "in.npz", arr_0=x)
+    a = bench_local(int8_model / "q.tflite", BenchOptions(runs=2, warmup=0, inputs=tmp_path / "in.npz"))
+    b = bench_local(int8_model / "q.tflite", BenchOptions(runs=2, warmup=0, delegate="none",
+                                                          inputs=tmp_path / "in.npz"))
+    c = bench_local(int8_model / "q.tflite", BenchOptions(runs=2, warmup=0, seed=1))
+    assert a["input_source"] == "file" and c["input_source"] == "random"
+    assert a["outputs_sha256"] == b["outputs_sha256"] != c["outputs_sha256"]
+    assert b["delegate"] == "none"
+
+
+def test_bench_errors(int8_model, tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ModelFormatError, match="not a TFLite flatbuffer"):
+        bench_local(bad)
+    with pytest.raises(DeviceError, match="cannot load delegate"):
+        bench_local(int8_model / "q.tflite", BenchOptions(runs=1, delegate=str(tmp_path / "nodelegate.so")))

@@ -140,9 +140,10 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
 def _print_convert(result) -> None:
     m = result.manifest
     if m.get("plan"):
-        rows = [[e["index"], e["op"], e["precision"], e.get("reason", "")] for e in m["plan"]["entries"]
-                if e["precision"] != "int8"]
-        _table(f"Precision plan for {m['device']} (ops not int8)", ["#", "op", "precision", "reason"], rows)
+        rows = [[e["index"], e["op"], e["precision"], e["placement"], e.get("reason", "")]
+                for e in m["plan"]["ops"] if e["precision"] not in ("int8", "other")]
+        _table(f"Precision plan for {m['device']} (ops not int8)", ["#", "op", "precision", "runs on", "reason"], rows)
+        click.echo(f"plan: {m['plan']['summary']}")
     if m.get("budget"):
         b = m["budget"]
         _table(f"Accuracy budget: {b['metric']} drop <= {b['max_drop']}", ["step", "moved", b["metric"], "bytes"],

@@ -62,8 +62,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     detect_format(model)  # a wrong file fails before any slow work
 
     profile = _load_profile(opts) if opts.device else None
-    scheme = opts.scheme or (Scheme(profile.scheme.value if hasattr(profile.scheme, "value") else profile.scheme)
-                             if profile else Scheme.INT8)
+    scheme = opts.scheme or (_profile_scheme(profile) if profile else Scheme.INT8)
     io = opts.io or (_profile_io(profile, scheme) if profile else IoType.FLOAT32)
     check_io(scheme, io)
     if scheme.needs_calibration and opts.calib is None:
@@ -142,12 +141,20 @@ def _load_profile(opts: ConvertOptions):
     return load_profile(opts.device, devices_dir=opts.devices_dir)
 
 
+def _profile_scheme(profile) -> Scheme:
+    by_precision = {"int8": Scheme.INT8, "int16x8": Scheme.INT16X8, "hybrid": Scheme.DYNAMIC, "fp16": Scheme.FP16}
+    if str(profile.scheme) not in by_precision:
+        raise QuantizationError(f"{profile.id}: scheme {profile.scheme} is not a quantization scheme; pass --scheme")
+    return by_precision[str(profile.scheme)]
+
+
 def _profile_io(profile, scheme: Scheme) -> IoType:
-    io = getattr(profile, "io", None)
-    want = getattr(io, "input", None) if io is not None else None
-    want = getattr(want, "value", want)
+    """The profile's I/O dtype where the scheme allows it (full-integer only), else float32."""
+    want = str(profile.io.input)
     if scheme is Scheme.INT8 and want in ("int8", "uint8"):
         return IoType(want)
+    if scheme is Scheme.INT16X8 and want == "int16":
+        return IoType.INT16
     return IoType.FLOAT32
 
 
@@ -156,10 +163,15 @@ def _plan(float_info: ModelInfo, profile, overrides):
     return plan_precision(list(float_info.ops), profile, overrides)
 
 
+_RECIPE_PRECISION = {"int8": "int8", "int16x8": "int16x8", "hybrid": "hybrid", "float": "float", "fp16": "float"}
+
+
 def _per_op(plan) -> tuple[OpPrecision, ...]:
+    """Plan entries as recipe lines (ops with nothing to quantize are left to the quantizer)."""
     if plan is None:
         return ()
-    return tuple(OpPrecision(e.op, e.output, _val(e.precision)) for e in plan.entries if e.output)
+    return tuple(OpPrecision(e.op, e.output, _RECIPE_PRECISION[str(e.precision)])
+                 for e in plan.entries if e.output and str(e.precision) in _RECIPE_PRECISION)
 
 
 def _val(x) -> str:
@@ -180,6 +192,7 @@ def _plan_mismatches(plan, info: ModelInfo) -> list[str]:
     for e in plan.entries:
         want = _val(e.precision)
         op = by_output.get(e.output)
+        want = _RECIPE_PRECISION.get(want, want)
         if op is None or op.precision == "other" or want not in ("int8", "hybrid", "float", "int16x8"):
             continue
         if op.precision != want:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import QuantizationError
+from .tflite_ops import WEIGHT_OPERAND
 
 _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"}
 
@@ -50,9 +51,12 @@ def build_recipe(default: str, per_op: Sequence[OpPrecision]) -> list[dict]:
     algo, cfg = _config(default)
     recipe = [{"regex": ".*", "operation": "*", "algorithm_key": algo, "op_config": cfg}]
     for p in per_op:
-        if p.precision == default:
+        precision = p.precision
+        if precision == "hybrid" and p.op not in WEIGHT_OPERAND:
+            precision = "float"  # no weight to store as int8: the quantizer has no hybrid kernel for it
+        if precision == default:
             continue
-        algo, cfg = _config(p.precision)
+        algo, cfg = _config(precision)
         # The quantizer's op scope is "out1;out2;...;" (see get_op_scope): anchor on the first output.
         recipe.append({"regex": "^" + re.escape(p.output) + ";", "operation": p.op,
                        "algorithm_key": algo, "op_config": cfg})
@@ -77,10 +81,13 @@ def quantize_per_op(float_model: bytes, default: str, per_op: Sequence[OpPrecisi
     if keep_float_io:  # model inputs/outputs stay float32 (a QUANTIZE/DEQUANTIZE at the edges)
         recipe += [{"regex": ".*", "operation": io, "algorithm_key": "no_quantize", "op_config": {}}
                    for io in ("INPUT", "OUTPUT")]
-    qt.load_quantization_recipe(recipe)
+    try:
+        qt.load_quantization_recipe(recipe)
+    except ValueError as e:
+        raise QuantizationError(f"the LiteRT quantizer refused the plan: {_first_line(e)}") from None
     calibration = None
-    # The quantizer prints its own progress report; keep our stdout clean for --json.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # The quantizer prints its own reports and tqdm bars; edgeq shows its own progress instead.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         if qt.need_calibration:
             if not samples:
                 raise QuantizationError("this plan has static int8 ops and needs calibration samples; "

@@ -67,9 +67,9 @@ class OpInfo:
 
     @property
     def has_weights(self) -> bool:
-        """A constant float/int8/fp16 operand of rank >= 2 (a weight matrix or kernel, not a bias)."""
-        return any(t.is_constant and len(t.shape) >= 2 and t.dtype in ("float32", "float16", "int8")
-                   for t in self.inputs)
+        """Has a constant weight that dynamic-range ("hybrid") quantization would store as int8."""
+        from .tflite_ops import weight_tensor
+        return weight_tensor(self) is not None
 
     @property
     def precision(self) -> str:

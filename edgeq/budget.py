@@ -1,0 +1,151 @@
+"""Accuracy budget (`--max-drop`): move the most damaging ops out of int8 until fidelity holds.
+
+Each step measures per-layer error (layers.py), moves the ops that add the most error to hybrid
+(when they have weights and the target runs hybrid) or float, re-quantizes, re-measures, and
+records what moved, the metric and the size. The device profile is respected: an op the target
+cannot run at the new precision is not moved, and the reason is reported.
+"""
+
+from __future__ import annotations
+
+from .errors import ProfileError, QuantizationError
+from .layers import layer_errors
+from .litert_quant import OpPrecision, quantize_per_op
+from .validate import fidelity
+
+_ANALYSIS_SAMPLES = 16  # per-layer error needs few samples; the fidelity check uses them all
+
+
+def _drop(fid, metric: str) -> float:
+    if metric == "cosine":
+        return 1.0 - fid.worst("cosine")
+    if metric == "top1":
+        v = fid.worst("top1_agreement")
+        if v != v:  # NaN: no class-score output
+            raise QuantizationError("--metric top1 needs an output that looks like class scores; use cosine")
+        return 1.0 - v
+    return fid.worst("rel_l2")
+
+
+def _value(fid, metric: str) -> float:
+    return fid.worst({"cosine": "cosine", "top1": "top1_agreement", "rel_l2": "rel_l2"}[metric])
+
+
+def run_budget(source, float_info, profile, scheme, io, data, eval_samples, reference, qbytes, plan, fid,
+               budget, adjust, progress):
+    """Returns (model bytes, plan, fidelity, report dict). Raises QuantizationError if unmet."""
+    from .convert import _per_op, _plan
+
+    if not eval_samples:
+        raise QuantizationError("--max-drop needs held-out samples; use --eval-samples > 0 with --calib")
+    metric = budget.metric
+    calib = list(data.calibration()) if scheme.needs_calibration else None
+    default = scheme.op_precision
+    keep_float_io = io.value == "float32"
+
+    def requantize(per_op):
+        return quantize_per_op(source.float_tflite, default, per_op, calib, keep_float_io=keep_float_io,
+                               adjust_ranges=adjust)
+
+    overrides: dict[int, tuple[str, str]] = {}
+    per_op = _per_op(plan) if plan is not None else tuple(
+        OpPrecision(op.name, op.outputs[0].name, default) for op in float_info.ops if op.outputs)
+    # Per-layer analysis pairs tensors by name, so the starting point goes through the LiteRT quantizer too.
+    with progress.task("Accuracy budget: baseline"):
+        qbytes = requantize(per_op)
+        fid = fidelity(source.float_tflite, qbytes, eval_samples, reference)
+    steps = [{"step": 0, "moved": [], "value": _value(fid, metric), "drop": _drop(fid, metric),
+              "bytes": len(qbytes)}]
+    refused: list[str] = []
+    blocked: set[int] = set()
+    by_index = {op.index: op for op in float_info.ops if op.subgraph == 0}
+    step = 0
+    with progress.task("Accuracy budget", total=budget.max_steps) as advance:
+        while _drop(fid, metric) > budget.max_drop and step < budget.max_steps:
+            step += 1
+            errors = layer_errors(source.float_tflite, qbytes, float_info, eval_samples[:_ANALYSIS_SAMPLES])
+            k = 1 if step <= 2 else 2 ** (step - 2)  # widen the search as the easy wins run out
+            moved = []
+            for e in errors:
+                if len(moved) >= k:
+                    break
+                if e.index in overrides or e.index in blocked or e.damage <= 0:
+                    continue
+                op = by_index[e.index]
+                target = "hybrid" if op.has_weights and default == "int8" else "float"
+                if not _allowed(profile, float_info, overrides, e.index, target, _plan):
+                    if target == "hybrid" and _allowed(profile, float_info, overrides, e.index, "float", _plan):
+                        target = "float"
+                    else:
+                        blocked.add(e.index)
+                        refused.append(f"#{e.index} {op.name}: {_refusal(profile, float_info, overrides, e.index, target, _plan)}")
+                        continue
+                overrides[e.index] = (target, f"accuracy budget step {step}: adds {e.damage:.3f} relative error "
+                                              f"in {scheme.value}")
+                moved.append(f"#{e.index} {op.name} -> {target}")
+            if not moved:
+                break
+            if profile is not None:
+                plan = _plan(float_info, profile, overrides)
+                per_op = _per_op(plan)
+            else:
+                per_op = tuple(OpPrecision(op.name, op.outputs[0].name, overrides.get(op.index, (default,))[0])
+                               for op in float_info.ops if op.outputs)
+            qbytes = requantize(per_op)
+            fid = fidelity(source.float_tflite, qbytes, eval_samples, reference)
+            steps.append({"step": step, "moved": moved, "value": _value(fid, metric), "drop": _drop(fid, metric),
+                          "bytes": len(qbytes)})
+            advance(1)
+    met = _drop(fid, metric) <= budget.max_drop
+    report = {"max_drop": budget.max_drop, "metric": metric, "met": met, "steps": steps, "refused": refused,
+              "final_drop": _drop(fid, metric)}
+    if not met:
+        best = min(s["drop"] for s in steps)
+        why = "; ".join(refused[:3]) if refused else "no op left that adds error"
+        raise QuantizationError(f"accuracy budget not met: {metric} drop {best:.4f} > {budget.max_drop} after "
+                                f"{len(steps) - 1} step(s) ({why}); raise --max-drop, use --scheme dynamic, "
+                                "or improve calibration data")
+    if plan is None:
+        plan = _PlanView(float_info, overrides, default)
+    return qbytes, plan, fid, report
+
+
+def _allowed(profile, float_info, overrides, index, target, make_plan) -> bool:
+    return _refusal(profile, float_info, overrides, index, target, make_plan) is None
+
+
+def _refusal(profile, float_info, overrides, index, target, make_plan) -> str | None:
+    if profile is None:
+        return None
+    try:
+        make_plan(float_info, profile, {**overrides, index: (target, "accuracy budget")})
+    except ProfileError as e:
+        return str(e)
+    return None
+
+
+class _PlanView:
+    """A device-less plan produced by the budget loop, shaped like plan.Plan for the manifest."""
+
+    def __init__(self, float_info, overrides, default):
+        self.entries = tuple(_Entry(op.index, op.name, op.outputs[0].name, *overrides.get(op.index, (
+            default, "scheme default"))) for op in float_info.ops if op.outputs and op.subgraph == 0)
+
+    def to_json(self) -> dict:
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            counts[e.precision] = counts.get(e.precision, 0) + 1
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        return {"device": None, "scheme": None, "accelerator": None, "uniform": False, "counts": counts,
+                "summary": f"{len(self.entries)} ops: {summary}", "ops": [e.to_json() for e in self.entries]}
+
+
+class _Entry:
+    def __init__(self, index, op, output, precision, reason):
+        self.index, self.op, self.output, self.precision, self.reason = index, op, output, precision, reason
+        self.placement = "cpu"
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "subgraph": 0, "op": self.op, "output": self.output,
+                "precision": self.precision, "placement": self.placement, "reason": self.reason,
+                "source": "accuracy budget" if self.reason != "scheme default" else "edgeq"}

@@ -1,0 +1,76 @@
+"""Per-layer quantization error: float and quantized model run side by side, every op output compared.
+
+Both models come from the same float .tflite through the LiteRT quantizer, which keeps op output
+tensor names, so tensors pair up by name. An op's *damage* is the relative error of its output
+minus the worst relative error of its inputs: the error it adds, not the error it inherits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .tflite_model import ModelInfo
+from .validate import _dequantize, _quantize
+
+
+@dataclass(frozen=True)
+class LayerError:
+    index: int
+    op: str
+    output: str
+    rel_error: float  # ||f - q|| / ||f|| over the samples
+    damage: float  # rel_error minus the worst input's rel_error
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "op": self.op, "tensor": self.output, "rel_error": self.rel_error,
+                "damage": self.damage}
+
+
+def _capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: set[str]) -> dict[str, list[np.ndarray]]:
+    from ai_edge_litert.interpreter import Interpreter
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # preserve_all_tensors warns that it is a debugging aid: it is here
+        interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True, num_threads=2)
+    runner = interp.get_signature_runner()
+    details = {d["name"]: d for d in interp.get_tensor_details()}
+    wanted = {n: details[n] for n in names if n in details}
+    ins = runner.get_input_details()
+    out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+    for s in samples:
+        runner(**{n: _quantize(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f" else s[n]
+                  for n, d in ins.items()})
+        for n, d in wanted.items():
+            try:
+                t = interp.get_tensor(d["index"])
+            except ValueError:
+                continue  # tensors without data (e.g. scratch) cannot be read
+            out[n].append(_dequantize(np.asarray(t), d).astype(np.float64).ravel())
+    return out
+
+
+def layer_errors(float_model: bytes, quant_model: bytes, float_info: ModelInfo,
+                 samples: Sequence[dict[str, np.ndarray]]) -> list[LayerError]:
+    """Errors for every float-model op whose output exists in both models, most damaging first."""
+    ops = [op for op in float_info.ops if op.subgraph == 0 and op.outputs]
+    names = {op.outputs[0].name for op in ops} | {t.name for op in ops for t in op.inputs if not t.is_constant}
+    f = _capture(float_model, samples, names)
+    q = _capture(quant_model, samples, names)
+    rel: dict[str, float] = {}
+    for n in names:
+        if f.get(n) and q.get(n) and len(f[n]) == len(q[n]):
+            a, b = np.concatenate(f[n]), np.concatenate(q[n])
+            if a.shape == b.shape:
+                rel[n] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
+    result = []
+    for op in ops:
+        out = op.outputs[0].name
+        if out not in rel:
+            continue
+        inherited = max((rel.get(t.name, 0.0) for t in op.inputs if not t.is_constant), default=0.0)
+        result.append(LayerError(op.index, op.name, out, rel[out], rel[out] - inherited))
+    return sorted(result, key=lambda e: e.damage, reverse=True)

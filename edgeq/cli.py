@@ -55,7 +55,7 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
         t.add_column(c)
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
-    Console(soft_wrap=True).print(t)
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160).print(t)
 
 
 def _f(x, digits=4):
@@ -263,6 +263,173 @@ def devices_check(model, device, devices_dir, as_json):
         click.echo(report.describe())
     if not report.ok:
         sys.exit(1)
+
+
+# --------------------------------------------------------------------------- profile / flash
+ssh_options = [
+    click.option("--host", help="user@host[:port] of the device (ssh devices)."),
+    click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Inventory TOML (name -> host, user, port, profile): run on every device."),
+    click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+                 help="Fleet: devices at once."),
+    click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key (default: agent, ~/.ssh)."),
+    click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file (default ~/.ssh/known_hosts)."),
+    click.option("--trust-new-host", is_flag=True, help="Accept and record an unknown host key."),
+    click.option("--connect-timeout", type=float, default=10.0, show_default=True),
+    click.option("--timeout", "run_timeout", type=float, default=600.0, show_default=True, help="Run timeout (s)."),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for o in reversed(options):
+            fn = o(fn)
+        return fn
+    return deco
+
+
+def _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout) -> dict:
+    return {"identity": identity, "known_hosts": known_hosts, "trust_new_host": trust_new_host,
+            "connect_timeout": connect_timeout, "run_timeout": run_timeout}
+
+
+def _run_fleet(fleet_file, parallel, kwargs, fn, progress, as_json):
+    from .fleet import load_inventory, run_fleet
+
+    inv = load_inventory(fleet_file, **kwargs)
+    result = run_fleet(inv, fn, max_parallel=parallel, progress=progress.note)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        from rich.console import Console
+        Console(soft_wrap=True).print(result.table())
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--device", help="Device profile id (its `reach` picks ssh, adb or this host).")
+@devices_dir_option
+@_with(ssh_options)
+@click.option("--remote-python", help="Python on the device (default: the flashed venv, else python3).")
+@click.option("--serial", envvar="ANDROID_SERIAL", help="Android device serial (env: ANDROID_SERIAL).")
+@click.option("--adb", "adb_path", default="adb", show_default=True, help="adb executable.")
+@click.option("--mode", type=click.Choice(["benchmark_model", "app", "both"]), default="benchmark_model",
+              show_default=True, help="Android: benchmark_model binary, the android_demo app, or both.")
+@click.option("--benchmark-binary", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TFLite benchmark_model for the phone's ABI.")
+@click.option("--app", "app_apk", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="android_demo APK.")
+@click.option("--op-profiling", is_flag=True, help="Android: per-op profile (shows ops left on the CPU).")
+@click.option("--threads", type=click.IntRange(min=1), help="Default: the profile's.")
+@click.option("--warmup", type=click.IntRange(min=0), help="Default: the profile's.")
+@click.option("--runs", type=click.IntRange(min=1), help="Default: the profile's.")
+@click.option("--inputs", type=click.Path(exists=True, dir_okay=False), help=".npz inputs fed to the model.")
+@click.option("--save-outputs", type=click.Path(dir_okay=False), help="Copy the device's outputs to this .npz.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
+@json_option
+@quiet_option
+@library_call
+def profile(model, device, devices_dir, host, fleet_file, parallel, identity, known_hosts, trust_new_host,
+            connect_timeout, run_timeout, remote_python, serial, adb_path, mode, benchmark_binary, app_apk,
+            op_profiling, threads, warmup, runs, inputs, save_outputs, output, as_json, quiet):
+    """Measure MODEL on a device: a Pi over SSH, a phone over adb, or this host."""
+    from .errors import EdgeqError
+    from .profiles import load_profile
+
+    progress = _progress(quiet, as_json)
+    kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
+    if fleet_file:
+        from .runners.ssh import SshProfileOptions, profile_over_ssh
+
+        opts = SshProfileOptions(threads, warmup, runs, inputs=inputs, remote_python=remote_python)
+        _run_fleet(fleet_file, parallel, kw, lambda d: profile_over_ssh(
+            model, load_profile(d.profile, devices_dir=devices_dir), d.target, opts, progress.note),
+            progress, as_json)
+        return
+    if not device:
+        raise EdgeqError("pass --device ID (see `edgeq devices list`) or --fleet FILE")
+    prof = load_profile(device, devices_dir=devices_dir)
+    reach = _val(prof.reach)
+    if reach == "ssh":
+        from .runners.ssh import SshProfileOptions, parse_target, profile_over_ssh
+        if not host:
+            raise EdgeqError(f"{device} is reached over ssh: pass --host user@host[:port] (or --fleet FILE)")
+        opts = SshProfileOptions(threads, warmup, runs, inputs=inputs, save_outputs=save_outputs,
+                                 remote_python=remote_python)
+        r = profile_over_ssh(model, prof, parse_target(host, **kw), opts, progress.note)
+    elif reach == "adb":
+        from .runners.adb import AdbOptions, Mode, profile_over_adb
+        r = profile_over_adb(model, prof, AdbOptions(adb=adb_path, serial=serial, mode=Mode(mode),
+                                                      benchmark_binary=benchmark_binary, app_apk=app_apk,
+                                                      op_profiling=op_profiling, timeout_s=run_timeout),
+                             progress=progress.note)
+    else:
+        from .runners import BenchOptions
+        from .runners.local import bench_local
+        r = bench_local(model, BenchOptions(threads or prof.threads, prof.bench.warmup if warmup is None else warmup,
+                                            runs or prof.bench.runs, inputs=Path(inputs) if inputs else None))
+    _save_result(output, r)
+    if as_json:
+        _emit_json(r)
+        return
+    _print_bench(r)
+    cov = r.get("delegate_coverage")
+    if cov:
+        click.echo(f"delegate coverage: {cov.get('delegated')}/{cov.get('total')} nodes on {cov.get('delegate')}")
+    if r.get("app_vs_benchmark"):
+        _table("app vs benchmark_model", ["metric", "benchmark_model", "app", "diff ms", "diff %"],
+               [[k, _f(v.get("benchmark_model"), 3), _f(v.get("app"), 3), _f(v.get("diff_ms"), 3),
+                 _f(v.get("diff_pct"), 1)] for k, v in r["app_vs_benchmark"].items()])
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--device", help="Device profile id.")
+@devices_dir_option
+@_with(ssh_options)
+@click.option("--rollback", is_flag=True, help="Make the previous version current again.")
+@click.option("--slot", default="model", show_default=True, help="Deployment name on the device.")
+@click.option("--with-runtime", is_flag=True, help="Bundle runtime wheels and install them into a venv there.")
+@click.option("--wheels-dir", type=click.Path(file_okay=False), help="Use these wheels (offline hosts).")
+@click.option("--systemd-exec", help="Install a systemd --user unit that runs this command with the model.")
+@json_option
+@quiet_option
+@library_call
+def flash(model, device, devices_dir, host, fleet_file, parallel, identity, known_hosts, trust_new_host,
+          connect_timeout, run_timeout, rollback, slot, with_runtime, wheels_dir, systemd_exec, as_json, quiet):
+    """Deploy MODEL to a Raspberry Pi (atomic switch of a `current` link; --rollback restores)."""
+    from .errors import EdgeqError
+    from .flash import FlashOptions, flash as do_flash, rollback as do_rollback
+    from .profiles import load_profile
+    from .runners.ssh import parse_target
+
+    progress = _progress(quiet, as_json)
+    kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
+    opts = FlashOptions(slot=slot, with_runtime=with_runtime, wheels_dir=wheels_dir, systemd_exec=systemd_exec)
+    if not rollback and model is None:
+        raise EdgeqError("pass the MODEL to flash, or --rollback")
+
+    def one(prof, target):
+        if rollback:
+            return do_rollback(prof, target, opts, progress.note).to_dict()
+        return do_flash(model, prof, target, opts, progress.note).to_dict()
+
+    if fleet_file:
+        _run_fleet(fleet_file, parallel, kw, lambda d: one(load_profile(d.profile, devices_dir=devices_dir),
+                                                           d.target), progress, as_json)
+        return
+    if not device or not host:
+        raise EdgeqError("pass --device ID and --host user@host[:port] (or --fleet FILE)")
+    r = one(load_profile(device, devices_dir=devices_dir), parse_target(host, **kw))
+    if as_json:
+        _emit_json(r)
+    else:
+        click.echo(f"{r['action']}: {r['host']} slot {r['slot']} now at {r['version']} "
+                   f"(previous: {r['previous'] or 'none'}) in {r['path']}")
+        for n in r.get("notes", []):
+            click.echo(f"note: {n}")
 
 
 # --------------------------------------------------------------------------- report

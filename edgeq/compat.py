@@ -92,6 +92,19 @@ class CompatReport:
                      + ("" if self.fits_memory else f" (over the {_mb(self.memory_budget_bytes)} budget)"))
         return f"{head} - " + "; ".join(parts)
 
+    def describe(self) -> str:
+        """Human-readable text for `edgeq devices check`: the summary, one line per op, the notes."""
+        rows = [("#", "op", "ver", "precision", "status", "runs on", "reason")]
+        rows += [(f"{o.subgraph}:{o.index}" if o.subgraph else str(o.index), o.op, f"v{o.version}", o.precision,
+                  str(o.status), o.placement, o.reason) for o in self.ops]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        lines = [self.summary, ""]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6] for r in rows]
+        if self.notes:
+            lines.append("")
+            lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
     def raise_if_incompatible(self, allow_incompatible: bool = False) -> None:
         """IncompatibleModelError with one actionable line, unless allowed or ok."""
         if self.ok or allow_incompatible:
@@ -170,8 +183,8 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
         if counted:
             coverage = sum(c.placement == "accelerator" for c in counted) / len(counted)
             if accel.min_coverage is not None and coverage < accel.min_coverage:
-                notes.append(f"only {coverage:.0%} of ops on the {accel.name} (profile asks >= {accel.min_coverage:.0%});"
-                             " the benchmark runner will refuse this model")
+                notes.append(f"only {coverage:.0%} of ops on the {accel.name} (profile asks "
+                             f">= {accel.min_coverage:.0%}); the benchmark runner will refuse this model")
         if profile.custom_ops and not any(op.is_custom for op in info.ops):
             notes.append(f"no {', '.join(profile.custom_ops)} in the model: not compiled for the {accel.name} yet; "
                          "placements show what its compiler would map, until then everything runs on the CPU")
@@ -179,7 +192,8 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
             notes.append(f"model {_mb(info.size_bytes)} > {accel.memory_mb:g} MB {accel.name} parameter memory: "
                          "weights that do not fit are streamed from host memory every inference")
 
-    for io_name, tensors, want in (("input", info.inputs, profile.io.input), ("output", info.outputs, profile.io.output)):
+    for io_name, tensors, want in (("input", info.inputs, profile.io.input),
+                                   ("output", info.outputs, profile.io.output)):
         got = sorted({t.dtype for t in tensors})
         if got and got != [str(want)]:
             notes.append(f"target wants {want} {io_name}s; model has {', '.join(got)}")

@@ -160,7 +160,8 @@ def _profile_io(profile, scheme: Scheme) -> IoType:
 
 def _plan(float_info: ModelInfo, profile, overrides):
     from .plan import plan_precision
-    return plan_precision(list(float_info.ops), profile, overrides)
+    # min_weight_elements=0: the LiteRT quantizer (litert_quant.py) makes any weight hybrid, not only >= 1024
+    return plan_precision(list(float_info.ops), profile, overrides, min_weight_elements=0)
 
 
 _RECIPE_PRECISION = {"int8": "int8", "int16x8": "int16x8", "hybrid": "hybrid", "float": "float", "fp16": "float"}

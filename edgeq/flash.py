@@ -16,6 +16,7 @@ so an interrupted flash leaves the old version running. Releases beyond `keep` a
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -195,7 +196,9 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
         bundle_dir = Path(tmp) / "bundle"
         say("building bundle")
         info = build_bundle(model_path, profile, options, bundle_dir)
-        version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + info["model_sha256"][:12]
+        # UTC time to the microsecond first, so releases sort in flash order by name
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        version = f"{stamp}-{info['model_sha256'][:12]}"
 
         say(f"connecting to {target.label}")
         remote = Remote(target)

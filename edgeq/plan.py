@@ -92,13 +92,14 @@ class Plan:
 
 def plan_precision(ops, profile: DeviceProfile,
                    overrides: Mapping[int | tuple[int, int], Override | tuple[str, str]] | None = None,
-                   *, allow_cpu_fallback: bool = False) -> Plan:
+                   *, allow_cpu_fallback: bool = False, min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> Plan:
     """Plan each op's precision for `profile`.
 
     `ops`: OpInfo list read from the float model. `overrides`: op index (subgraph 0) or
     (subgraph, index) -> Override(precision, reason). An override the target cannot run where it
     runs the scheme (e.g. float on the Edge TPU) raises ProfileError naming the cost, unless
-    `allow_cpu_fallback` accepts that the op moves to the CPU.
+    `allow_cpu_fallback` accepts that the op moves to the CPU. `min_weight_elements`: smallest
+    weight the quantizer stores as int8 (TFLiteConverter: 1024; pass the quantizer's own value).
     """
     norm = _normalize_overrides(overrides or {}, ops)
     accel = profile.accelerator
@@ -115,11 +116,11 @@ def plan_precision(ops, profile: DeviceProfile,
         elif key in norm:
             ov = norm[key]
             _check_override(profile, op, ov.precision, refused, allow_cpu_fallback)
-            prec, reason = _weights_or_float(op, ov.precision, ov.reason)
+            prec, reason = _weights_or_float(op, ov.precision, ov.reason, min_weight_elements)
             source = "override"
         elif op.name in profile.ops:
             pol = profile.ops[op.name]
-            prec, reason = _weights_or_float(op, pol.precision, pol.reason)
+            prec, reason = _weights_or_float(op, pol.precision, pol.reason, min_weight_elements)
             source = pol.source
         elif refused:
             prec, fallback_path = accel.fallback_precision, True
@@ -148,7 +149,7 @@ def plan_precision(ops, profile: DeviceProfile,
     return Plan(profile.id, profile.scheme, accel.name if accel else None, tuple(entries))
 
 
-def _weights_or_float(op, precision: Precision, reason: str) -> tuple[Precision, str]:
+def _weights_or_float(op, precision: Precision, reason: str, min_elements: int) -> tuple[Precision, str]:
     """'hybrid' needs a constant weight big enough for the converter to quantize; else float."""
     if precision is not Precision.HYBRID:
         return precision, reason
@@ -158,8 +159,8 @@ def _weights_or_float(op, precision: Precision, reason: str) -> tuple[Precision,
     n = 1
     for d in w.shape:
         n *= max(d, 1)
-    if n < MIN_WEIGHT_ELEMENTS:
-        return Precision.FLOAT, (f"{reason}; weight has {n} elements (< {MIN_WEIGHT_ELEMENTS}, the converter "
+    if n < min_elements:
+        return Precision.FLOAT, (f"{reason}; weight has {n} elements (< {min_elements}, the quantizer "
                                  "keeps it float), so float instead of hybrid")
     return Precision.HYBRID, reason
 

@@ -181,6 +181,49 @@ class DeviceProfile:
             return True  # the CPU runtimes run every precision edgeq plans
         return precision in self.accelerator.precisions
 
+    def describe(self) -> str:
+        """Human-readable text for `edgeq devices show`."""
+        lines = [f"{self.id}: {self.name}",
+                 f"  kind {self.kind}, abi {self.abi}, {self.ram_mb} MB RAM"
+                 + (f", Android API {self.android_sdk}" if self.android_sdk else "")]
+        if self.soc:
+            lines.append(f"  soc: {self.soc}")
+        if self.os:
+            lines.append(f"  os: {self.os}")
+        lines += [f"  runtime: {self.runtime.label} ({self.runtime.source})",
+                  f"  delegate {self.delegate}, {self.threads} threads, scheme {self.scheme}, "
+                  f"io {self.io.input} -> {self.io.output}, reached over {self.reach}, "
+                  f"bench {self.bench.warmup} warmup + {self.bench.runs} runs"]
+        a = self.accelerator
+        if a is not None:
+            extra = [f"falls back to the CPU at {a.fallback_precision}" if a.fallback is Fallback.CPU
+                     else "no CPU fallback"]
+            if a.single_segment:
+                extra.append("one segment: ops after the first CPU op stay on the CPU")
+            if a.memory_mb is not None:
+                extra.append(f"{a.memory_mb:g} MB parameter memory")
+            if a.min_coverage is not None:
+                extra.append(f"needs >= {a.min_coverage:.0%} of ops delegated")
+            lines += [f"  accelerator: {a.name}, runs {', '.join(a.precisions)}; {len(a.supported_ops)} ops; "
+                      + "; ".join(extra), f"    source: {a.source}"]
+        if self.op_versions_source:
+            lines.append(f"  op versions: {len(self.op_versions)} ops "
+                         f"({'complete' if self.op_versions_complete else 'partial'}) from {self.op_versions_source}")
+        else:
+            lines.append(f"  op versions: not known for {self.runtime.label} (not checked)")
+        if self.ops:
+            lines.append("  per-op policy:")
+            lines += [f"    {p.op} -> {p.precision}: {p.reason} [{p.source}]" for p in self.ops.values()]
+        if self.custom_ops:
+            lines.append(f"  custom ops provided: {', '.join(self.custom_ops)}")
+        if self.sources:
+            lines.append("  sources:")
+            lines += [f"    - {s}" for s in self.sources]
+        if self.notes:
+            lines.append(f"  notes: {self.notes}")
+        lines.append(f"  file: {self.path}")
+        return "\n".join(lines)
+
     def summary_row(self) -> dict[str, str]:
         """One row for `edgeq devices list`."""
         return {"id": self.id, "name": self.name, "kind": str(self.kind), "abi": str(self.abi),
@@ -357,7 +400,8 @@ class _Checker:
     def op_name(self, name: str, key: str) -> str:
         if name not in BUILTIN_OP_SET:
             close = suggest(name)
-            hint = f"did you mean {close}?" if close else "use a TFLite builtin op name (BuiltinOperator), e.g. FULLY_CONNECTED"
+            hint = (f"did you mean {close}?" if close
+                    else "use a TFLite builtin op name (BuiltinOperator), e.g. FULLY_CONNECTED")
             raise self.fail(key, f"unknown TFLite op; {hint}")
         return name
 
@@ -395,7 +439,8 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
 
     pid = c.str_(data, "id", "id")
     if pid != path.stem:
-        raise c.fail("id", f"'{pid}' does not match the file name; rename the file to {pid}.toml or set id = \"{path.stem}\"")
+        raise c.fail("id", f"'{pid}' does not match the file name; rename the file to {pid}.toml "
+                     f"or set id = \"{path.stem}\"")
     if not _ID_RE.match(pid):
         raise c.fail("id", f"'{pid}' must be lowercase letters, digits, '.', '-' or '_'")
 
@@ -482,7 +527,8 @@ def _accelerator(c: _Checker, a: dict) -> Accelerator:
         if "op_versions" in a else {}
     for name in versions:
         if name not in ops:
-            raise c.fail(f"accelerator.op_versions.{name}", "op is not in supported_ops; add it there or drop this line")
+            raise c.fail(f"accelerator.op_versions.{name}",
+                         "op is not in supported_ops; add it there or drop this line")
     return Accelerator(
         name=c.str_(a, "name", "accelerator.name"), precisions=tuple(precs),
         fallback=c.enum(a, "fallback", "accelerator.fallback", Fallback),

@@ -513,7 +513,7 @@ def _manifest_sections(m: Manifest) -> list[Section]:
     budget = d.get("budget")
     if isinstance(budget, dict):
         steps = [s for s in _list(budget.get("steps")) if isinstance(s, dict)]
-        met = {True: "met", False: "NOT met"}.get(budget.get("met"), NA)
+        met = {"True": "met", "False": "NOT met"}.get(str(budget.get("met")), NA)
         blocks = [("p", f"Budget: max {_s(budget.get('metric'))} drop {_s(budget.get('max_drop'))} — {met}.")]
         if steps:
             blocks.append(("table", ("step", "moved to float", _s(budget.get("metric")), "size"),

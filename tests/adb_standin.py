@@ -34,7 +34,6 @@ A_VERSION = 0x01000001  # >= this version, the data checksum may be skipped
 MAX_PAYLOAD = 256 * 1024
 SYNC_DATA_MAX = 64 * 1024
 DATA = Path(__file__).parent / "data"
-APP_PACKAGE = "com.edgeq.demo"
 
 
 def _packet(cmd, arg0, arg1, data=b""):

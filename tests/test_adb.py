@@ -33,10 +33,8 @@ def profile(delegate="nnapi", threshold=0.9, threads=3, warmup=2, runs=7):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A real .tflite (one dense layer, seeded weights) converted by TensorFlow."""
-    import tensorflow as tf
-
+def tiny_model(tmp_path_factory, tf):
+    """A real .tflite (one dense layer, seeded weights) converted by TensorFlow (conftest's `tf`)."""
     rng = np.random.default_rng(0)
     w = tf.constant(rng.standard_normal((8, 4)).astype(np.float32))
 
@@ -244,6 +242,22 @@ def test_user_errors_before_touching_a_device(tmp_path, tiny_model, bench_bin):
     with pytest.raises(ProfileError, match="cannot select"):
         adbrun.benchmark_flags(profile(delegate="qnn"), "/m.tflite")
     assert adbrun.benchmark_flags(profile(delegate="gpu"), "/m.tflite")[-1] == "--use_gpu=true"
+
+
+def test_real_device_profiles_drive_flags_and_threshold(phone, tiny_model, bench_bin):
+    from edgeq.profiles import load_profile
+
+    gpu = load_profile("android-gpu")
+    flags = adbrun.benchmark_flags(gpu, "/m.tflite", op_profiling=True)
+    assert flags == ["--graph=/m.tflite", "--num_threads=4", "--warmup_runs=10", "--num_runs=50",
+                     "--warmup_min_secs=0", "--min_secs=0", "--use_gpu=true", "--enable_op_profiling=true"]
+    assert adbrun.min_coverage(gpu) == 0.9 and adbrun.min_coverage(load_profile("android-cpu")) is None
+    set_mode(phone, "low-coverage")
+    with pytest.raises(DeviceError, match="profile android-nnapi"):
+        adbrun.profile_over_adb(tiny_model, load_profile("android-nnapi"), opts(bench_bin))
+    with pytest.raises(ProfileError, match="external delegate"):
+        adbrun.profile_over_adb(tiny_model, load_profile("android-qnn-htp"), opts(bench_bin))
+    assert device_tree(phone) == ["bin"]
 
 
 def test_elf_binary_for_the_wrong_abi_is_refused(tmp_path):

@@ -46,6 +46,7 @@ APP_REQUIRED = ("schema", "model", "delegate", "threads", "init_ms", "first_infe
                 "warmup.avg_ms", "warmup.count", "runs.count", "runs.min_ms", "runs.max_ms",
                 "runs.mean_ms", "runs.std_ms", "runs.p5_ms", "runs.median_ms", "runs.p95_ms",
                 "device.model", "device.android_release", "device.sdk_int")
+APP_NULLABLE = ("warmup.avg_ms",)  # null when the app ran with --ei warmup 0
 COMPARED = ("init_ms", "first_inference_ms", "warmup.avg_ms", "runs.mean_ms", "runs.median_ms",
             "runs.p95_ms")
 
@@ -68,10 +69,13 @@ class AdbOptions:
     keep_run_dir: bool = False  # debugging only: leave /data/local/tmp/edgeq/<run> on the phone
 
 
-def _get(d, dotted):
+_MISSING = object()
+
+
+def _get(d, dotted, default=None):
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
-            return None
+            return default
         d = d[part]
     return d
 
@@ -150,6 +154,9 @@ def select_device(exe, serial=None):
     if state == "unauthorized":
         raise DeviceError("device %s is unauthorized; accept the USB debugging prompt on the phone "
                           "(tick 'Always allow'), then retry" % serial)
+    if state.startswith("no permissions"):
+        raise DeviceError("no USB permission for device %s; install udev rules (Debian: apt-get install "
+                          "android-sdk-platform-tools-common), replug the phone and retry" % serial)
     if state != "device":
         raise DeviceError("device %s is %s; reconnect it (or run `adb reconnect`) and retry" % (serial, state))
     return serial
@@ -240,8 +247,9 @@ def benchmark_flags(profile, graph, op_profiling=False):
     """benchmark_model command-line flags for a profile (exact run counts: min_secs=0)."""
     delegate = _delegate(profile)
     if delegate not in DELEGATE_FLAGS:
-        raise ProfileError("profile %s uses delegate %r, which benchmark_model cannot select; use "
-                           "gpu, nnapi, xnnpack or none" % (getattr(profile, "id", "?"), delegate))
+        raise ProfileError("profile %s uses delegate %r, which edgeq cannot select in benchmark_model yet "
+                           "(it needs a vendor external delegate); use a gpu, nnapi, xnnpack or none "
+                           "profile" % (getattr(profile, "id", "?"), delegate))
     flags = ["--graph=%s" % graph, "--num_threads=%d" % profile.threads,
              "--warmup_runs=%d" % profile.bench.warmup, "--num_runs=%d" % profile.bench.runs,
              # without these, benchmark_model keeps running for 0.5 s / 1 s whatever the counts say
@@ -250,6 +258,15 @@ def benchmark_flags(profile, graph, op_profiling=False):
     if op_profiling:
         flags.append("--enable_op_profiling=true")
     return flags
+
+
+def min_coverage(profile):
+    """The delegated-node fraction a profile requires: DeviceProfile.accelerator.min_coverage,
+    or a plain `min_delegate_coverage` attribute (small stand-in profiles)."""
+    if hasattr(profile, "min_delegate_coverage"):
+        return profile.min_delegate_coverage
+    accel = getattr(profile, "accelerator", None)
+    return getattr(accel, "min_coverage", None)
 
 
 def delegate_coverage(parsed, profile, op_profiling):
@@ -263,7 +280,7 @@ def delegate_coverage(parsed, profile, op_profiling):
     ops = parsed.get("op_profile") or []
     if cov is None and ops and not any(benchmark_log.is_delegate_node(r["node_type"]) for r in ops):
         cov = {"delegated": 0, "total": None, "delegate": delegate, "ratio": 0.0}  # profiled: nothing delegated
-    threshold = getattr(profile, "min_delegate_coverage", None)
+    threshold = min_coverage(profile)
     if cov is not None:
         cov = dict(cov, threshold=threshold)
     if threshold is None or cov is None or cov["ratio"] is None or cov["ratio"] >= threshold:
@@ -290,7 +307,8 @@ def parse_app_result(json_text):
         raise DeviceError("android_demo result is not a JSON object; rebuild the app from android_demo/")
     if data.get("error"):
         raise DeviceError("android_demo failed on the phone: %s" % data["error"])
-    missing = [k for k in APP_REQUIRED if _get(data, k) is None]
+    missing = [k for k in APP_REQUIRED if _get(data, k, _MISSING) is _MISSING
+               or (_get(data, k) is None and k not in APP_NULLABLE)]
     if missing:
         raise DeviceError("android_demo result lacks %s; rebuild the app from this edgeq's android_demo/"
                           % ", ".join(missing))
@@ -407,11 +425,13 @@ def profile_over_adb(model_path, profile, options=AdbOptions(), progress=None):
     """Profile `model_path` on one Android phone; returns an edgeq.bench/1 dict.
 
     Raises DeviceError for device problems (none, several, unauthorized, crash) and when the
-    delegate coverage is below profile.min_delegate_coverage. The run directory on the phone
+    delegate coverage is below the profile's threshold (min_coverage()). The run directory on the phone
     (/data/local/tmp/edgeq/<run>) is removed afterwards, also on failure.
     """
     mode = Mode(options.mode)
     model = _read_model(model_path)
+    if mode != Mode.APP:
+        benchmark_flags(profile, "", options.op_profiling)  # a bad profile fails before the phone is touched
     exe = find_adb(options.adb)
     adb = Adb(exe, select_device(exe, options.serial))
     info = device_info(adb)

@@ -166,57 +166,70 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
 
 
 def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
-    """SmoothQuant (Xiao et al. 2023) on a BERT-layout model, in place; returns pairs smoothed.
+    """SmoothQuant (Xiao et al. 2023) on a BERT-layout model, in place; returns Linears smoothed.
 
     Transformer activations have a few huge channels, so one per-tensor int8 scale wastes most
-    levels on them. For each LayerNorm -> Linear pair, divide channel j of the LayerNorm output
-    by s_j and multiply the Linear's input column j by s_j (exactly equivalent in float), with
+    levels on them. For each LayerNorm -> Linear pair, channel j of the Linear's input is divided
+    by s_j and the Linear's input column j multiplied by s_j (exactly equivalent in float), with
     s_j = max|x_j|^alpha / max|W_j|^(1-alpha): activation range moves into the weights, which are
     quantized per output channel and absorb it far better.
+
+    BERT is post-LN: each LayerNorm output is also the residual, so the 1/s cannot be folded into
+    the LayerNorm weights as in pre-LN decoders. It becomes an explicit per-channel MUL in front
+    of the Linears (cheap, elementwise); the quantized Linear then sees the flattened input.
     """
     import torch
 
     enc = model.encoder if hasattr(model, "encoder") else None
     if enc is None or not hasattr(enc, "layer"):
         raise IncompatibleModelError("SmoothQuant supports BERT-layout encoders only; drop --smoothquant")
-    # Each group: (LayerNorm feeding the Linears, [Linears]).
+
+    class Smoothed(torch.nn.Module):
+        def __init__(self, inv_scale, linear):
+            super().__init__()
+            self.register_buffer("inv_scale", inv_scale)
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(x * self.inv_scale)
+
+    # Groups of Linears that read the same LayerNorm output: (owner, attribute names).
     groups = []
-    prev_ln = model.embeddings.LayerNorm
     for layer in enc.layer:
-        att = layer.attention
-        groups.append((prev_ln, [att.self.query, att.self.key, att.self.value]))
-        groups.append((att.output.LayerNorm, [layer.intermediate.dense]))
-        prev_ln = layer.output.LayerNorm
+        groups.append((layer.attention.self, ("query", "key", "value")))
+        groups.append((layer.intermediate, ("dense",)))
 
-    amax = {id(ln): None for ln, _ in groups}
+    amax = {}
 
-    def hook(ln):
-        def f(_mod, _inp, out):
-            m = out.detach().abs().flatten(0, -2).amax(0)
-            k = id(ln)
-            amax[k] = m if amax[k] is None else torch.maximum(amax[k], m)
+    def hook(key):
+        def f(_mod, args):
+            m = args[0].detach().abs().flatten(0, -2).amax(0)
+            amax[key] = m if key not in amax else torch.maximum(amax[key], m)
         return f
 
-    handles = [ln.register_forward_hook(hook(ln)) for ln, _ in groups]
+    handles = [getattr(owner, names[0]).register_forward_pre_hook(hook(i))
+               for i, (owner, names) in enumerate(groups)]
     try:
         with torch.no_grad():
-            # Only real (unpadded) tokens matter, but padded positions still pass through
-            # LayerNorm, and the quantized graph sees them too, so keep them in the statistics.
+            # Padded positions pass through the Linears too (the quantized graph sees them), so
+            # they stay in the statistics.
             model(**{k: torch.from_numpy(v) for k, v in batches.items()})
     finally:
         for h in handles:
             h.remove()
 
+    n = 0
     with torch.no_grad():
-        for ln, linears in groups:
-            x = amax[id(ln)].clamp(min=1e-5)
+        for i, (owner, names) in enumerate(groups):
+            linears = [getattr(owner, a) for a in names]
+            x = amax[i].clamp(min=1e-5)
             w = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0).clamp(min=1e-5)
             s = (x.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
-            ln.weight.div_(s)
-            ln.bias.div_(s)
-            for lin in linears:
+            for a, lin in zip(names, linears):
                 lin.weight.mul_(s)  # weight is (out, in): scale input columns
-    return len(groups)
+                setattr(owner, a, Smoothed(1.0 / s, lin))
+                n += 1
+    return n
 
 
 def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] | None = None) -> FloatModel:
@@ -266,7 +279,7 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
             raise CalibrationError(f"SmoothQuant alpha must be in [0, 1] (got {options.smoothquant_alpha})")
         n = smooth_bert(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
                         options.smoothquant_alpha)
-        desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} LayerNorm->Linear pairs"
+        desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} Linears"
     desc += ")"
 
     wrapper = _wrap(model, options.pooling, names, options.mask_value)

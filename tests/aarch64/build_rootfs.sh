@@ -24,7 +24,7 @@ rm -f "$tmp"
 mmdebstrap --arch=arm64 --variant=apt --format=tar \
   --include=python3,python3-numpy,python3-venv,python3-pip,openssh-server,ca-certificates \
   --customize-hook="mkdir -p \"\$1/tmp/wheels\" && cp $wheels/*aarch64.whl \"\$1/tmp/wheels/\"" \
-  --customize-hook='chroot "$1" python3 -m pip install --break-system-packages --no-index --no-deps --no-compile /tmp/wheels/*.whl' \
+  --customize-hook='chroot "$1" sh -c "python3 -m pip install --break-system-packages --no-index --no-deps --no-compile /tmp/wheels/*.whl"' \
   --customize-hook='rm -rf "$1/tmp/wheels" "$1/var/cache/apt/archives/"*.deb "$1/var/lib/apt/lists/"*' \
   --customize-hook='chroot "$1" python3 -c "import ai_edge_litert.interpreter, tflite_runtime.interpreter; print(\"runtimes ok\")"' \
   bookworm "$tmp"

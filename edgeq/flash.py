@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import posixpath
 import shlex
 import shutil
@@ -265,8 +264,10 @@ def _install_runtime(remote: Remote, release: str, info: dict, options: FlashOpt
     py = posixpath.join(venv, "bin", "python")
     wheels = [posixpath.join(release, "wheels", w) for w in info["wheels"]]
     say(f"installing {', '.join(info['wheels'])}")
-    _run_checked(remote, [py, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
-                          "--no-compile", *wheels], options.verify_timeout * 5, "installing the runtime wheels", say)
+    # --ignore-installed: the bundled versions win over whatever the system site-packages has
+    _run_checked(remote, [py, "-m", "pip", "install", "--no-index", "--no-deps", "--ignore-installed",
+                          "--disable-pip-version-check", "--no-compile", *wheels],
+                 options.verify_timeout * 5, "installing the runtime wheels", say)
     module = RUNTIME_MODULES.get(info["runtime"])
     if module:
         _run_checked(remote, [py, "-c", f"import {module}"], options.verify_timeout,

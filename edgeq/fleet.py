@@ -50,8 +50,10 @@ class Inventory:
     devices: tuple[FleetDevice, ...]
 
 
-def load_inventory(path, **target_overrides) -> Inventory:
-    """Read an inventory file; target_overrides (e.g. trust_new_host=True) apply to every device."""
+def load_inventory(path, **cli) -> Inventory:
+    """Read an inventory file. `cli` holds command-line SshTarget settings (identity, known_hosts,
+    connect_timeout, run_timeout, trust_new_host); None values are ignored. They are the lowest
+    layer: [defaults] overrides them and each [devices.NAME] overrides both."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text())
@@ -75,17 +77,25 @@ def load_inventory(path, **target_overrides) -> Inventory:
         if bad:
             raise EdgeqError(f"inventory {p}: [{name}] has unknown key(s) {sorted(bad)}; "
                              f"allowed: {', '.join(sorted(_KEYS))}")
+    base = {k: v for k, v in cli.items() if v is not None}
+    bad_cli = set(base) - (_TARGET_KEYS | {"trust_new_host"})
+    if bad_cli:
+        raise TypeError(f"load_inventory() got unexpected settings {sorted(bad_cli)}")
+    for key in ("identity", "known_hosts"):  # command-line paths are relative to the cwd
+        if key in base:
+            base[key] = str(Path(base[key]).expanduser().resolve())
     for name, entry in devices.items():
-        merged = {**defaults, **entry}
+        file_kw = {**defaults, **entry}
+        for key in ("identity", "known_hosts"):  # file paths are relative to the inventory
+            if key in file_kw:
+                file_kw[key] = str((p.parent / Path(file_kw[key]).expanduser()).resolve())
+        merged = {**base, **file_kw}
         if "host" not in entry:
             raise EdgeqError(f"inventory {p}: device {name!r} has no host; add host = \"...\"")
         if "profile" not in merged:
             raise EdgeqError(f"inventory {p}: device {name!r} has no profile; add profile = \"rpi4\" "
                              f"(or set it under [defaults])")
-        kw = {k: v for k, v in merged.items() if k in _TARGET_KEYS}
-        for key in ("identity", "known_hosts"):
-            if key in kw:
-                kw[key] = str((p.parent / Path(kw[key]).expanduser()).resolve())
+        kw = {k: v for k, v in merged.items() if k in _TARGET_KEYS or k == "trust_new_host"}
         port = kw.get("port", 22)
         if not isinstance(port, int) or not 0 < port < 65536:
             raise EdgeqError(f"inventory {p}: device {name!r} has port {port!r}; use 1-65535")
@@ -93,7 +103,7 @@ def load_inventory(path, **target_overrides) -> Inventory:
             target = SshTarget(**kw)
         except TypeError as e:
             raise EdgeqError(f"inventory {p}: device {name!r}: {e}") from None
-        out.append(FleetDevice(name, dataclasses.replace(target, **target_overrides), merged["profile"]))
+        out.append(FleetDevice(name, target, merged["profile"]))
     return Inventory(str(p), tuple(out))
 
 

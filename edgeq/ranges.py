@@ -1,10 +1,10 @@
 """Activation range selection beyond min-max (--calibration minmax|percentile|mse).
 
-litert-quantizer's calibrate() records each activation tensor's running min and max. One
-outlier (a rare huge activation, common in transformers) then stretches the int8 grid so the
-bulk of values share a handful of levels. Here the float model is run again over the same
-samples with every intermediate tensor preserved, a histogram over [min, max] is built per
-tensor, and a tighter range is chosen:
+litert-quantizer's calibrate() records, per activation tensor, a moving average (factor 0.95)
+of each sample's min and max: neither the true range nor a chosen clip. True min-max lets one
+outlier (common in transformers) stretch the int8 grid so the bulk shares a handful of levels.
+Here the float model is run again over the same samples with every intermediate tensor
+preserved, a histogram over the true [min, max] is built per tensor, and a range is chosen:
 
 - percentile: clip both tails at the given percentile of the observed values;
 - mse: the [lo, hi] (on a grid) minimising the expected squared error of uniform quantization
@@ -43,35 +43,54 @@ def _constant_tensor_names(model: bytes) -> set[str]:
     return names
 
 
-def collect_histograms(float_model: bytes, samples, base: dict, *, bins: int = 2048,
-                       signature_key: str | None = None) -> tuple[dict, dict]:
-    """({name: histogram over base[name] min..max}, {name: (min, max)}) for each calibrated activation."""
+def _activations(float_model: bytes, samples, base: dict, signature_key: str | None):
+    """Yield {tensor name: values} per sample for every float activation that base calibrated."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=float_model, experimental_preserve_all_tensors=True)
-    sigs = interp.get_signature_list()
-    key = signature_key or next(iter(sigs))
+    key = signature_key or next(iter(interp.get_signature_list()))
     runner = interp.get_signature_runner(key)
     sg = runner._subgraph_index  # the signature's subgraph; tensor indices are per subgraph
     consts = _constant_tensor_names(float_model)
-    targets = {}
-    for d in interp.get_tensor_details(sg):
-        q = base.get(d["name"])
-        if (d["name"] in consts or not q or "min" not in q or np.size(q["min"]) != 1
-                or not np.issubdtype(d["dtype"], np.floating)):
-            continue
-        lo, hi = float(np.min(q["min"])), float(np.max(q["max"]))
-        if hi > lo:
-            targets[d["name"]] = (d["index"], lo, hi)
-    hists = {name: np.zeros(bins, np.int64) for name in targets}
+    targets = {
+        d["name"]: d["index"] for d in interp.get_tensor_details(sg)
+        if d["name"] in base and d["name"] not in consts and base[d["name"]]
+        and "min" in base[d["name"]] and np.size(base[d["name"]]["min"]) == 1
+        and np.issubdtype(d["dtype"], np.floating)
+    }
     for s in samples:
         runner(**s)
-        for name, (idx, lo, hi) in targets.items():
-            x = interp.get_tensor(idx, sg).ravel()
+        yield {name: interp.get_tensor(idx, sg).ravel() for name, idx in targets.items()}
+
+
+def observed_ranges(float_model: bytes, samples, base: dict, signature_key: str | None = None) -> dict:
+    """True {name: (min, max)} over all samples.
+
+    Needed because litert-quantizer's calibrate() keeps an exponential moving average (0.95) of
+    each sample's min/max, not the overall extremes, so base can be narrower than the data.
+    """
+    spans = {}
+    for acts in _activations(float_model, samples, base, signature_key):
+        for name, x in acts.items():
+            lo, hi = float(x.min()), float(x.max())
+            if name in spans:
+                lo, hi = min(lo, spans[name][0]), max(hi, spans[name][1])
+            spans[name] = (lo, hi)
+    return {n: r for n, r in spans.items() if r[1] > r[0]}
+
+
+def collect_histograms(float_model: bytes, samples, spans: dict, *, bins: int = 2048,
+                       signature_key: str | None = None) -> dict[str, np.ndarray]:
+    """{name: histogram with bins over spans[name]} for each tensor in spans."""
+    hists = {name: np.zeros(bins, np.int64) for name in spans}
+    base = {name: {"min": np.float32(0)} for name in spans}  # only marks which tensors to read
+    for acts in _activations(float_model, samples, base, signature_key):
+        for name, x in acts.items():
+            lo, hi = spans[name]
             # bincount on precomputed bin indices: much faster than np.histogram per tensor.
             i = np.clip(((x - lo) * (bins / (hi - lo))).astype(np.int64), 0, bins - 1)
             hists[name] += np.bincount(i, minlength=bins)
-    return {name: hists[name] for name in targets}, {n: (lo, hi) for n, (_, lo, hi) in targets.items()}
+    return hists
 
 
 def percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float) -> tuple[float, float]:
@@ -84,7 +103,7 @@ def percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float) 
     return min(a, 0.0) if lo < 0 else lo, max(b, 0.0) if hi > 0 else hi
 
 
-def mse_range(hist: np.ndarray, lo: float, hi: float, num_bits: int = 8, grid: int = 48) -> tuple[float, float]:
+def mse_range(hist: np.ndarray, lo: float, hi: float, num_bits: int = 8, grid: int = 64) -> tuple[float, float]:
     """[a, b] minimising expected squared quantization error over the histogram."""
     n = len(hist)
     centers = lo + (np.arange(n) + 0.5) * (hi - lo) / n
@@ -92,8 +111,9 @@ def mse_range(hist: np.ndarray, lo: float, hi: float, num_bits: int = 8, grid: i
     nz = w > 0
     x, w = centers[nz], w[nz]
     levels = 2 ** num_bits - 1
-    # Candidate ends: shrink each side towards 0 (or towards the other end if 0 is outside).
-    fr = np.linspace(1.0 / grid, 1.0, grid)
+    # Candidate ends: shrink each side towards 0 on a geometric grid (an outlier can sit orders
+    # of magnitude beyond the bulk, so linear steps would be too coarse near the bulk).
+    fr = np.geomspace(1e-3, 1.0, grid)
     a_cand = lo * fr if lo < 0 else np.array([lo])
     b_cand = hi * fr if hi > 0 else np.array([hi])
     A, B = np.meshgrid(a_cand, b_cand, indexing="ij")
@@ -108,9 +128,9 @@ def mse_range(hist: np.ndarray, lo: float, hi: float, num_bits: int = 8, grid: i
 
 def select_ranges(float_model: bytes, samples, method, base: dict, *, percentile: float = 99.99,
                   bins: int = 2048, num_bits: int = 8, signature_key: str | None = None) -> dict:
-    """Return a copy of base (litert-quantizer calibration result) with ranges chosen by method.
-
-    Only activations are changed; ranges never grow beyond base's min-max.
+    """Return a copy of base (litert-quantizer calibration result) with activation ranges chosen
+    by method from histograms of the float model's activations over samples (two passes: true
+    extremes, then histograms). MINMAX returns base itself.
     """
     method = RangeMethod(method)
     if method is RangeMethod.MINMAX:
@@ -119,7 +139,9 @@ def select_ranges(float_model: bytes, samples, method, base: dict, *, percentile
         raise CalibrationError("range selection needs calibration samples; pass --calib data")
     if not 50.0 < percentile < 100.0:
         raise CalibrationError(f"percentile must be in (50, 100), got {percentile}")
-    hists, spans = collect_histograms(float_model, samples, base, bins=bins, signature_key=signature_key)
+    samples = list(samples)
+    spans = observed_ranges(float_model, samples, base, signature_key)
+    hists = collect_histograms(float_model, samples, spans, bins=bins, signature_key=signature_key)
     out = dict(base)
     for name, hist in hists.items():
         lo, hi = spans[name]
@@ -128,7 +150,16 @@ def select_ranges(float_model: bytes, samples, method, base: dict, *, percentile
         else:
             a, b = mse_range(hist, lo, hi, num_bits)
         q = dict(base[name])
-        q["min"] = np.full_like(np.asarray(base[name]["min"], dtype=np.float32), max(a, lo))
-        q["max"] = np.full_like(np.asarray(base[name]["max"], dtype=np.float32), min(b, hi))
+        q["min"] = np.full_like(np.asarray(base[name]["min"], dtype=np.float32), a)
+        q["max"] = np.full_like(np.asarray(base[name]["max"], dtype=np.float32), b)
         out[name] = q
+    return out
+
+
+def true_minmax(float_model: bytes, samples, base: dict, signature_key: str | None = None) -> dict:
+    """base with each activation's range replaced by its true extremes (for comparisons)."""
+    out = dict(base)
+    for name, (a, b) in observed_ranges(float_model, list(samples), base, signature_key).items():
+        out[name] = dict(base[name], min=np.full_like(np.asarray(base[name]["min"], np.float32), a),
+                         max=np.full_like(np.asarray(base[name]["max"], np.float32), b))
     return out

@@ -76,6 +76,12 @@ class Manifest:
         return _str(_get(self.data, "source", "sha256"))
 
     @property
+    def float_shas(self) -> set[str]:
+        """Hashes of the float model: the source itself if it was a .tflite, and the float .tflite
+        edgeq made from it (source.float_sha256), which `edgeq bench` can time as the baseline."""
+        return {h for h in (self.source_sha, _str(_get(self.data, "source", "float_sha256"))) if h}
+
+    @property
     def sizes(self) -> tuple[float | None, float | None]:
         """(float bytes, quantized bytes), from "sizes" with output/source as fallback."""
         f = _num(_get(self.data, "sizes", "float_bytes")) or _num(_get(self.data, "source", "float_bytes"))
@@ -125,8 +131,8 @@ class SpeedUp:
 
 @dataclass(frozen=True)
 class ReportResult:
-    html_path: Path
-    md_path: Path
+    html: Path
+    markdown: Path
     manifests: int
     runs: int
     failed_runs: int
@@ -134,8 +140,8 @@ class ReportResult:
     images: int
     speedups: tuple[SpeedUp, ...]
 
-    def to_dict(self) -> dict:
-        return {"schema": "edgeq.report/1", "html": str(self.html_path), "markdown": str(self.md_path),
+    def to_json(self) -> dict:
+        return {"schema": "edgeq.report/1", "html": str(self.html), "markdown": str(self.markdown),
                 "manifests": self.manifests, "runs": self.runs, "failed_runs": self.failed_runs,
                 "fleets": self.fleets, "images": self.images,
                 "speedups": [s.__dict__ for s in self.speedups]}
@@ -225,6 +231,9 @@ def _device_label(b: dict, fleet_name: str | None = None) -> str:
         label = fleet_name
     elif b.get("host"):
         label = str(b["host"])
+    elif b.get("serial"):  # adb: the phone's model name reads better than its serial alone
+        model = _get(b, "device", "model")
+        label = f"{model} ({b['serial']})" if model else str(b["serial"])
     else:
         runner = str(b.get("runner") or "local")
         machine = _get(b, "device", "machine")
@@ -254,7 +263,7 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Manifest], list[Run], list[
                     benches.append((Path(p), dev["result"], str(dev.get("name") or dev.get("host") or NA)))
 
     by_output = {m.output_sha: m for m in manifests if m.output_sha}
-    by_source = {m.source_sha: m for m in manifests if m.source_sha}
+    by_source = {h: m for m in manifests for h in m.float_shas}
     many_models = len({m.model for m in manifests}) > 1
     runs: list[Run] = []
     labels: dict[tuple[str, str], int] = {}
@@ -287,7 +296,7 @@ def speedups(manifests: list[Manifest], runs: list[Run]) -> list[SpeedUp]:
             if r.manifest is not m or r.role is not RunRole.CONVERTED or r.failed or r.median is None:
                 continue
             base = next((f for f in runs if f.role is RunRole.FLOAT and not f.failed and f.median
-                         and f.device == r.device and f.data.get("model_sha256") == m.source_sha), None)
+                         and f.device == r.device and f.data.get("model_sha256") in m.float_shas), None)
             if base is not None and r.median > 0:
                 if any(s.device == r.device and s.model == m.name for s in out):
                     continue
@@ -316,7 +325,11 @@ def _png(fig) -> str:
 
 
 def _color_for(precision: str, order: list[str]) -> str:
-    return "#8c8c8c" if precision.split(" #")[0].endswith("float") else PALETTE[order.index(precision) % len(PALETTE)]
+    """Float grey; converted precisions orange, green, ... in sorted order, the same in every report."""
+    if precision.split(" #")[0].endswith("float"):
+        return "#8c8c8c"
+    converted = [p for p in order if not p.split(" #")[0].endswith("float")]
+    return PALETTE[(converted.index(precision) + 1) % len(PALETTE)]
 
 
 def latency_figure(runs: list[Run]):
@@ -374,7 +387,7 @@ def latency_figure(runs: list[Run]):
         ax.set_xscale("log")
         ax.set_xlim(lo / 1.5, hi * 4)
     else:
-        ax.set_xlim(0, hi * 1.3)
+        ax.set_xlim(0, (hi * 1.3) or 1.0)
     ax.set_xlabel("inference latency (ms), timed runs")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Latency per device and precision", loc="left", fontsize=12)
@@ -499,13 +512,22 @@ def _manifest_sections(m: Manifest) -> list[Section]:
     summ = d.get("op_summary")
     if isinstance(summ, dict):
         info.append(("ops by precision", ", ".join(f"{k}: {_s(v)}" for k, v in summ.items())))
-    out = [Section(f"Model: {m.name} ({m.scheme})", (_kv(info),))]
+    warns = [str(w) for w in _list(d.get("warnings"))]
+    out = [Section(f"Model: {m.name} ({m.scheme})",
+                   (_kv(info),) + tuple(("p", f"Warning: {w}") for w in warns))]
 
-    plan = [r for r in _list(d.get("plan")) if isinstance(r, dict)]
+    plan_d = d.get("plan") if isinstance(d.get("plan"), dict) else {}  # edgeq convert: {"ops": [...], ...}
+    plan = [r for r in _list(plan_d.get("ops") if plan_d else d.get("plan")) if isinstance(r, dict)]
     if plan:
+        heads = ("#", "op", "output tensor", "precision", "reason", "decided by")
+        placed = bool(plan_d.get("accelerator"))  # CPU vs accelerator only matters when there is one
         rows = [(_s(r.get("index")), _s(r.get("op")), _s(r.get("output")), _s(r.get("precision")),
-                 _s(r.get("reason")), _s(r.get("source"))) for r in plan]
-        blocks = [("table", ("#", "op", "output tensor", "precision", "reason", "decided by"), rows)]
+                 _s(r.get("reason")), _s(r.get("source"))) + ((_s(r.get("placement")),) if placed else ())
+                for r in plan]
+        blocks = [("table", heads + (("placement",) if placed else ()), rows)]
+        if plan_d.get("summary"):
+            blocks.insert(0, ("p", f"{plan_d['summary']}" + (f" (target: {_s(plan_d.get('device'))}, "
+                                                             f"accelerator {plan_d['accelerator']})" if placed else "")))
     else:
         blocks = [("p", "No precision plan recorded (the converter applied one scheme to every op).")]
     out.append(Section("Precision plan", tuple(blocks), 3))
@@ -514,11 +536,18 @@ def _manifest_sections(m: Manifest) -> list[Section]:
     if isinstance(budget, dict):
         steps = [s for s in _list(budget.get("steps")) if isinstance(s, dict)]
         met = {"True": "met", "False": "NOT met"}.get(str(budget.get("met")), NA)
-        blocks = [("p", f"Budget: max {_s(budget.get('metric'))} drop {_s(budget.get('max_drop'))} — {met}.")]
+        final = budget.get("final_drop")
+        blocks = [("p", f"Budget: max {_s(budget.get('metric'))} drop {_s(budget.get('max_drop'))} — {met}"
+                        + (f" (final drop {_fmt(final, '.4f')})." if _num(final) is not None else "."))]
+        metric = _s(budget.get("metric"))
         if steps:
-            blocks.append(("table", ("step", "moved to float", _s(budget.get("metric")), "size"),
-                           [(_s(s.get("step")), _s(s.get("moved")), _fmt(s.get("cosine"), ".4f"),
-                             _bytes(s.get("bytes"))) for s in steps]))
+            blocks.append(("table", ("step", "moved", metric, "drop", "size"),
+                           [(_s(s.get("step")), _s(s.get("moved")),
+                             _fmt(next((s[k] for k in ("value", metric, "cosine") if k in s), None), ".4f"),
+                             _fmt(s.get("drop"), ".4f"), _bytes(s.get("bytes"))) for s in steps]))
+        refused = [str(x) for x in _list(budget.get("refused"))]
+        if refused:
+            blocks.append(("p", "Could not move (device constraints): " + "; ".join(refused)))
         out.append(Section("Accuracy budget", tuple(blocks), 3))
 
     fid = d.get("fidelity") if isinstance(d.get("fidelity"), dict) else {}
@@ -619,10 +648,12 @@ def _fleet_sections(fleets, runs: list[Run]) -> list[Section]:
                          f"{_s(_get(res, 'runtime', 'name'))} {_s(_get(res, 'runtime', 'version'))}"
                          if res.get("runtime") else NA, _s(err) if err else "—"))
         ok = sum(1 for r in rows if r[3] == "ok")
-        blocks = (("p", f"{path.name}: model {_s(f.get('model'))}, {ok} of {len(rows)} devices ok."),
+        model = f.get("model") or next((r.data.get("model") for r in runs if r.path == path
+                                        and r.data.get("model")), None) or path.name
+        blocks = (("p", f"{path.name}: model {_s(model)}, {ok} of {len(rows)} devices ok."),
                   ("table", ("device", "host", "profile", "status", "precision", "median ms", "p95 ms",
                              "CPU", "runtime", "error"), rows))
-        out.append(Section(f"Fleet: {_s(f.get('model'))}", blocks))
+        out.append(Section(f"Fleet: {_s(model)}", blocks))
     return out
 
 
@@ -658,7 +689,8 @@ def _versions_section(manifests, runs: list[Run]) -> Section:
             add(f"{k} (device)", _get(r.data, "device", k), r.device)
         dev = r.data.get("device") if isinstance(r.data.get("device"), dict) else {}
         if dev.get("system"):
-            add("os (device)", f"{dev.get('system')} {_s(dev.get('release'))} {_s(dev.get('machine'))}", r.device)
+            rel = dev.get("release") or dev.get("android_release")
+            add("os (device)", f"{dev.get('system')} {_s(rel)} {_s(dev.get('machine'))}", r.device)
     rows = [(c, v, ", ".join(w)) for (c, v), w in sorted(seen.items())]
     return Section("Tool and runtime versions", (("table", ("component", "version", "where"), rows),))
 
@@ -740,8 +772,11 @@ def _atomic_write(path: Path, text: str) -> Path:
     return Path(tmp)
 
 
-def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None) -> ReportResult:
-    """Write OUT.html (self-contained) and OUT.md (same stem) from manifests and run results."""
+def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None,
+                 force: bool = False) -> ReportResult:
+    """Write OUT.html (self-contained) and OUT.md (same stem) from manifests and run results.
+
+    An existing report is replaced only with `force`; an input file never is."""
     out_html = Path(out_html)
     out_md = out_html.with_suffix(".md")
     if not inputs:
@@ -754,6 +789,8 @@ def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None
     for o in (out_html, out_md):
         if o.resolve() in ins:
             raise OutputExistsError(f"{o}: is one of the inputs; choose another -o")
+        if o.exists() and not force:
+            raise OutputExistsError(f"{o} exists; pass --force to overwrite it or choose another -o")
 
     manifests, runs, fleets = collect_inputs([Path(p) for p in inputs])
     sps = speedups(manifests, runs)

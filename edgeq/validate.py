@@ -85,11 +85,18 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
         cos = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(np.linalg.norm(ref - cand, axis=1) == 0, 1.0, 0.0))
         rel = np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)
-        top1 = None
-        if 2 <= ref.shape[1] <= 10000 and ref.ndim == 2:
-            top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean())
+        top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if _class_scores(name, ref) else None
         outs.append(OutputFidelity(name, float(cos.mean()), float(rel), float(np.abs(ref - cand).max()), top1))
     return Fidelity(n, tuple(outs))
+
+
+def _class_scores(name: str, ref: np.ndarray) -> bool:
+    """Probabilities (non-negative rows summing to 1), or a short logit vector that is not an embedding."""
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        return False
+    if (ref >= 0).all() and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
+        return True
+    return ref.shape[1] <= 100 and not any(w in name.lower() for w in ("embed", "hidden", "pool", "feature"))
 
 
 def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str, np.ndarray]],

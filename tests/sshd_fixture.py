@@ -1,7 +1,8 @@
 """A real OpenSSH server on 127.0.0.1 for the ssh/flash/fleet tests, plus a tiny int8 model.
 
 The server is Debian's /usr/sbin/sshd with a generated ed25519 host key, a generated user key and
-key-only auth for a dedicated local user (`edgeqtest`, password field '*' so it is not "locked").
+key-only auth for a dedicated local user (`edgeqtest<pid>`, removed afterwards; password field
+'*' so it is not "locked").
 The "device" python is a venv on the system python 3.11 whose site-packages points (.pth) at this
 test process's site-packages, so the remote runner has numpy + ai_edge_litert without the test user
 needing access to the (root-only) pyenv install.
@@ -11,6 +12,7 @@ Import the fixtures in a test module: `from tests.sshd_fixture import sshd, tiny
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -118,13 +120,11 @@ def start_sshd(root: Path) -> tuple[SshServer, subprocess.Popen]:
     root.chmod(0o755)
     home = root / "home"
     home.mkdir()
-    try:
-        pwd.getpwnam(USER)
-        subprocess.run(["usermod", "-d", str(home), USER], check=True)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-d", str(home), "-s", "/bin/sh", USER], check=True)
-    subprocess.run(["usermod", "-p", "*", USER], check=True)  # key-only, but not "locked"
-    pw = pwd.getpwnam(USER)
+    # one user per test session, so concurrent sessions (two pytest runs) never share a home
+    user = f"{USER}{os.getpid()}"
+    subprocess.run(["useradd", "-M", "-d", str(home), "-s", "/bin/sh", user], check=True)
+    subprocess.run(["usermod", "-p", "*", user], check=True)  # key-only, but not "locked"
+    pw = pwd.getpwnam(user)
     os.chown(home, pw.pw_uid, pw.pw_gid)
 
     keys = root / "keys"
@@ -150,7 +150,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 PermitRootLogin no
-AllowUsers {USER}
+AllowUsers {user}
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
 """)
@@ -158,30 +158,45 @@ LogLevel VERBOSE
     log = open(root / "sshd.log", "w")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     wait_port(port)
-    server = SshServer(root=root, port=port, pid=proc.pid, user=USER, home=home,
+    server = SshServer(root=root, port=port, pid=proc.pid, user=user, home=home,
                        client_key=keys / "client",
                        host_pubkey=" ".join((keys / "host.pub").read_text().split()[:2]),
                        device_python=_device_python(root))
     return server, proc
 
 
+_SHARED: dict = {}  # one server and one model per test process, however many modules import them
+
+
+def _stop(root: Path, server: SshServer | None, proc: subprocess.Popen | None) -> None:
+    if proc is not None:
+        for pid in server.session_pids():
+            _kill(pid)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if server is not None:
+        subprocess.run(["userdel", server.user], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def sshd():
-    root = Path(tempfile.mkdtemp(prefix="edgeq-sshd-"))
-    server = proc = None
-    try:
-        server, proc = start_sshd(root)
-        yield server
-    finally:
-        if proc is not None:
-            for pid in server.session_pids():
-                _kill(pid)
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(root, ignore_errors=True)
+    """The shared loopback server. A fixture imported into several modules is instantiated once
+    per module, so the server itself is a process-wide singleton stopped at interpreter exit."""
+    if "sshd" not in _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="edgeq-sshd-"))
+        server = proc = None
+        try:
+            server, proc = start_sshd(root)
+        except BaseException:
+            _stop(root, server, proc)
+            raise
+        atexit.register(_stop, root, server, proc)
+        _SHARED["sshd"] = server
+    return _SHARED["sshd"]
 
 
 def _kill(pid: int) -> None:
@@ -221,7 +236,9 @@ def build_int8_model(path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_int8_model(tmp_path_factory) -> Path:
-    return build_int8_model(tmp_path_factory.mktemp("model") / "tiny_int8.tflite")
+    if "model" not in _SHARED:  # converting costs seconds: once per process (see sshd)
+        _SHARED["model"] = build_int8_model(tmp_path_factory.mktemp("model") / "tiny_int8.tflite")
+    return _SHARED["model"]
 
 
 def host_outputs(model: Path, inputs: list):

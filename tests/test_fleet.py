@@ -7,6 +7,7 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,13 +45,16 @@ port = 2222
 user = "admin"
 profile = "rpi5"
 """)
-    got = load_inventory(inv, trust_new_host=True)
+    # as the CLI passes them: unset options are None, set ones are the lowest layer
+    got = load_inventory(inv, trust_new_host=True, identity=None, known_hosts="cli_kh",
+                         connect_timeout=10.0, run_timeout=99.0)
     assert [d.name for d in got.devices] == ["kitchen", "garage pi"]
     k, g = got.devices
     assert (k.target.host, k.target.user, k.target.port, k.profile) == ("192.168.1.20", "pi", 22, "rpi4")
     assert (g.target.host, g.target.user, g.target.port, g.profile) == ("garage.local", "admin", 2222, "rpi5")
     assert k.target.identity == str(tmp_path / "keys" / "id_ed25519")
     assert k.target.connect_timeout == 5 and k.target.trust_new_host and g.target.trust_new_host
+    assert k.target.run_timeout == 99.0 and k.target.known_hosts == str(Path("cli_kh").resolve())
 
 
 @pytest.mark.parametrize("text,msg", [

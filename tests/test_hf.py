@@ -166,7 +166,7 @@ def test_smoothquant_keeps_float_function_and_flattens_outliers():
         return got["x"].numpy(), out.numpy()
 
     before, out_before = run_and_capture(model.encoder.layer[0].intermediate.dense)
-    assert smooth_bert(model, enc, alpha=0.5) == 24  # 6 layers x (Q, K, V, FFN-up)
+    assert smooth_bert(model, enc, alpha=0.5) == 36  # 6 layers x (Q, K, V, attn-out, FFN-up, FFN-down)
     after, out_after = run_and_capture(model.encoder.layer[0].intermediate.dense.linear)
     np.testing.assert_allclose(out_after, out_before, atol=1e-3)
     spread = lambda a: a.max() / np.median(a)  # noqa: E731

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgeq.errors import CalibrationError
-from edgeq.ranges import RangeMethod, mse_range, percentile_range, select_ranges
+from edgeq.ranges import RangeMethod, mse_range, percentile_range, select_ranges, true_minmax
 
 SEED = 7
 
@@ -38,21 +38,27 @@ def test_percentile_keeps_zero_in_range_for_positive_data():
     assert a == 0.0 and 9.5 < b <= 10.0
 
 
-def test_mse_clips_outlier_but_not_a_clean_uniform():
-    h = _gauss_hist()
-    a, b = mse_range(h, -1000.0, 1000.0, num_bits=8)
-    assert -25.0 < a < -2.0 and 2.0 < b < 25.0, (a, b)  # far inside the outlier's 1000
+def test_mse_trades_clipping_against_rounding():
+    rng = np.random.default_rng(SEED)
+    x = rng.normal(0, 1, 1_000_000)
+    m = float(np.abs(x).max())  # ~4.9 sigma
+    h, _ = np.histogram(x, bins=2048, range=(-m, m))
+    a, b = mse_range(h, -m, m, num_bits=8)
+    # The known 8-bit MSE optimum for a Gaussian is a clip near 3.9 sigma: inside min-max.
+    assert 3.3 < b < 4.3 and -4.3 < a < -3.3, (a, b)
+    # With 16 bits rounding is negligible, so clipping anything only adds error: full range.
+    a16, b16 = mse_range(h, -m, m, num_bits=16)
+    assert a16 == pytest.approx(-m) and b16 == pytest.approx(m)
+
+
+def test_mse_clips_an_outlier_when_the_bulk_outweighs_it():
+    h = _gauss_hist(n=1_000_000, lo=-100.0, hi=100.0, outlier=100.0)
+    a, b = mse_range(h, -100.0, 100.0, num_bits=8)
+    assert 3.0 < b < 60.0, (a, b)  # clipped well inside the outlier at 100
     # Uniform data with no outlier: clipping only hurts, so MSE keeps (nearly) the full range.
     u, _ = np.histogram(np.random.default_rng(SEED).uniform(-4, 4, 100_000), bins=2048, range=(-4.0, 4.0))
     a, b = mse_range(u, -4.0, 4.0, num_bits=8)
     assert a <= -3.8 and b >= 3.8, (a, b)
-
-
-def test_mse_with_more_bits_clips_less():
-    h = _gauss_hist()
-    _, b8 = mse_range(h, -1000.0, 1000.0, num_bits=8)
-    _, b16 = mse_range(h, -1000.0, 1000.0, num_bits=16)
-    assert b16 > b8  # finer steps make the clipping trade-off favour a wider range
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +83,26 @@ def tiny_model(tf):
 def _calib(n=200):
     rng = np.random.default_rng(SEED)
     xs = [rng.normal(0, 1, (1, 16)).astype(np.float32) for _ in range(n)]
-    xs[17] = xs[17] * 0 + 400.0  # one corrupt sample: a huge outlier in every activation
+    if n > 17:
+        xs[17][0, 3] = 400.0  # one corrupt value in 3200: a huge outlier
     return [{"x": x} for x in xs]
 
 
 def _quantize(model, samples, method):
+    """(calibration result, quantized model); method "true" = the data's real extremes."""
     from litert_quantizer import Quantizer
 
     qt = Quantizer(model)
-    qt.add_static_config(".*", "*", 8, 8)
+    qt.add_static_config(".*", "FULLY_CONNECTED", 8, 8)  # float I/O, int8 FCs
     base = qt.calibrate({"serving_default": samples})
-    res = select_ranges(model, samples, method, base)
-    out = bytes(qt.quantize(res, enable_progress_report=False).quantized_model)
-    return base, res, out
+    if method == "true":
+        res = true_minmax(model, samples, base)
+    else:
+        # 99.9: the tail 0.1% (3 of 3200 values) may go, so the single outlier can be clipped.
+        res = select_ranges(model, samples, method, base, percentile=99.9)
+        if method == RangeMethod.MINMAX:
+            assert res is base  # minmax hands the quantizer's own result back untouched
+    return res, bytes(qt.quantize(res, enable_progress_report=False).quantized_model)
 
 
 def _error(float_model, quant_model):
@@ -106,24 +119,31 @@ def _error(float_model, quant_model):
 
 
 def test_select_ranges_clips_outlier_and_lowers_error(tiny_model):
+    from ai_edge_litert.interpreter import Interpreter
+
     samples = _calib()
-    results = {m: _quantize(tiny_model, samples, m) for m in RangeMethod}
-    base, same, _ = results[RangeMethod.MINMAX]
-    assert same is base  # minmax returns the quantizer's own result untouched
-    # The input tensor saw the 400 outlier; min-max keeps it, the others clip it.
-    inp = next(k for k in base if k.endswith("x:0") or k == "serving_default_x:0")
-    assert float(np.max(base[inp]["max"])) == pytest.approx(400.0)
+    methods = ["true", *RangeMethod]
+    results = {m: _quantize(tiny_model, samples, m) for m in methods}
+    inp = Interpreter(model_content=tiny_model).get_signature_runner().get_input_details()["x"]["name"]
+    rng = {m: (float(np.min(r[inp]["min"])), float(np.max(r[inp]["max"]))) for m, (r, _) in results.items()}
+    assert rng["true"][1] == pytest.approx(400.0)  # the real extremes include the corrupt sample
+    # The quantizer's own "minmax" is a moving average of per-sample extremes: the single outlier
+    # sample barely moves it, and it sits inside the true range.
+    assert rng[RangeMethod.MINMAX][1] < 50.0
+    lo, hi = rng[RangeMethod.PERCENTILE]
+    assert 2.0 < hi < 10.0 and -10.0 < lo < -2.0  # outlier clipped, normal bulk (+-3.5) kept
     for m in (RangeMethod.PERCENTILE, RangeMethod.MSE):
-        r = results[m][1]
-        assert float(np.max(r[inp]["max"])) < 10.0, m
-        assert float(np.min(r[inp]["min"])) < -1.0, m  # the normal bulk (down to ~-3) is kept
-        for name in base:  # never widened, format preserved
-            assert float(np.max(r[name]["max"])) <= float(np.max(base[name]["max"])) + 1e-6
-            assert np.shape(r[name]["min"]) == np.shape(base[name]["min"])
-    err = {m: _error(tiny_model, results[m][2]) for m in RangeMethod}
-    # On outlier-free held-out data the clipped ranges must be much more accurate.
-    assert err[RangeMethod.PERCENTILE] < 0.2 * err[RangeMethod.MINMAX], err
-    assert err[RangeMethod.MSE] < 0.2 * err[RangeMethod.MINMAX], err
+        for name, q in results[m][0].items():  # within the true range, format preserved
+            t = results["true"][0][name]
+            assert float(np.max(q["max"])) <= float(np.max(t["max"])) + 1e-6
+            assert float(np.min(q["min"])) >= float(np.min(t["min"])) - 1e-6
+            assert np.shape(q["min"]) == np.shape(t["min"])
+    err = {m: _error(tiny_model, results[m][1]) for m in methods}
+    # On outlier-free held-out data, clipping the outlier must be much more accurate than the
+    # true min-max. MSE also weighs the outlier's own clipping error, so it may clip less, but
+    # must never be worse than true min-max.
+    assert err[RangeMethod.PERCENTILE] < 0.2 * err["true"], err
+    assert err[RangeMethod.MSE] <= 1.05 * err["true"], err
 
 
 def test_select_ranges_rejects_bad_arguments(tiny_model):

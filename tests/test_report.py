@@ -43,6 +43,7 @@ def _convert(tmp: Path):
     calib = np.random.default_rng(0).random((50, 64), dtype=np.float32)
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     (tmp / "digits_float.tflite").write_bytes(conv.convert())
+    model.save(tmp / "digits.keras")
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
@@ -94,21 +95,26 @@ def inputs(tmp_path_factory):
     fl, q = _convert(tmp)
     local_f, local_q = _bench(fl), _bench(q)
     ops = _ops(q)
-    plan = [{**o, "precision": "int8", "reason": "profile default scheme", "source": "devices/rpi4.toml"}
-            for o in ops]
+    plan = [{**o, "subgraph": 0, "precision": "int8", "placement": "cpu", "reason": "profile default scheme",
+             "source": "devices/rpi4.toml"} for o in ops]
     plan[-1] = {**plan[-1], "precision": "float", "reason": "budget: cosine drop < 0.01 needs it",
                 "source": "--max-drop"}
+    keras = tmp / "digits.keras"
     manifest = {
         "schema": "edgeq.manifest/1", "created": "2026-11-23T15:00:00Z", "edgeq_version": "0.1.0",
         "output": {"path": q.name, "sha256": _sha(q), "bytes": q.stat().st_size},
-        "source": {"path": fl.name, "format": "tflite", "sha256": _sha(fl), "float_bytes": fl.stat().st_size},
+        # as edgeq convert writes it: a Keras source, and the hash of the float .tflite made from it
+        "source": {"path": str(keras), "format": "keras", "sha256": _sha(keras), "float_bytes": fl.stat().st_size,
+                   "float_sha256": _sha(fl)},
         "scheme": "int8", "device": "rpi4",
         "io": {"inputs": [{"name": "x", "dtype": "int8", "shape": [1, 64], "scale": 0.0039, "zero_point": -128}],
                "outputs": [{"name": "Identity", "dtype": "int8", "shape": [1, 10], "scale": 0.0039,
                             "zero_point": -128}]},
         "calibration": {"kind": "npy", "source": "digits.npy", "count": 50, "seed": 0, "calibrated": True,
                         "range_method": "minmax"},
-        "plan": plan,
+        "plan": {"device": "rpi4", "scheme": "int8", "accelerator": None, "uniform": False,
+                 "counts": {"int8": len(ops) - 1, "float": 1}, "summary": f"{len(ops)} ops: {len(ops) - 1} int8, 1 float",
+                 "ops": plan},
         "op_summary": {"int8": len(ops) - 1, "float": 1, "hybrid": 0},
         "fidelity": {"samples": 100,
                      "outputs": [{"name": "Identity", "cosine": 0.9991, "rel_l2": 0.031, "max_abs": 0.02,
@@ -117,9 +123,9 @@ def inputs(tmp_path_factory):
                                     "rmse": 0.004 * (i + 1), "scale": 0.02, "rmse_over_scale": 0.2 * (i + 1)}
                                    for i in range(4)]},
         "budget": {"max_drop": 0.01, "metric": "cosine", "met": True,
-                   "steps": [{"step": 0, "moved": [], "cosine": 0.97, "bytes": q.stat().st_size},
-                             {"step": 1, "moved": ["#3 SOFTMAX → float"], "cosine": 0.9991,
-                              "bytes": q.stat().st_size + 200}]},
+                   "steps": [{"step": 0, "moved": [], "value": 0.97, "drop": 0.03, "bytes": q.stat().st_size},
+                             {"step": 1, "moved": ["#2 SOFTMAX -> float"], "value": 0.9991, "drop": 0.0009,
+                              "bytes": q.stat().st_size + 200}], "refused": [], "final_drop": 0.0009},
         "sizes": {"float_bytes": fl.stat().st_size, "quantized_bytes": q.stat().st_size,
                   "ratio": round(fl.stat().st_size / q.stat().st_size, 2)},
         "versions": {"edgeq": "0.1.0", "tensorflow": "2.21.0", "ai-edge-litert": "2.3.0",
@@ -193,7 +199,7 @@ class _Tables(HTMLParser):
 def test_plan_table_lists_every_planned_op_and_escapes(inputs, report):
     _, page, md = report
     rows = _Tables(page).table("#")
-    plan = inputs["data"]["manifest"]["plan"]
+    plan = inputs["data"]["manifest"]["plan"]["ops"]
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
         (str(p["index"]), p["op"], p["output"], p["precision"], p["reason"]) for p in plan]
     assert "cosine drop &lt; 0.01 needs it" in page  # html-escaped in the page
@@ -288,6 +294,17 @@ def test_minimal_inputs_show_na_and_failed_runs(tmp_path):
     assert "&lt;b>x&lt;/b>.tflite" in md and "<b>" not in md
 
 
+def test_plan_as_plain_list_and_budget_table(tmp_path, inputs):
+    m = dict(inputs["data"]["manifest"], plan=inputs["data"]["manifest"]["plan"]["ops"][:2])
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    build_report([tmp_path / "m.json"], tmp_path / "r.html")
+    t = _Tables((tmp_path / "r.html").read_text())
+    assert [r[1] for r in t.table("#", "op")] == [p["op"] for p in m["plan"]]
+    assert t.table("step", "moved", "cosine", "drop") == [["0", "—", "0.9700", "0.0300", "4.4 KiB"],
+                                                         ["1", "#2 SOFTMAX -> float", "0.9991", "0.0009",
+                                                          "4.6 KiB"]]
+
+
 @pytest.mark.parametrize("content, fragment", [
     ('{"schema": "edgeq.manifest/9"}', "unknown schema 'edgeq.manifest/9'"),
     ('{"model": "a.tflite"}', 'no "schema" field'),
@@ -315,13 +332,18 @@ def test_refuses_to_overwrite_an_input_and_keeps_old_report_on_failure(tmp_path,
         build_report([src], tmp_path / "report.json")
     with pytest.raises(EdgeqError, match="no such file"):
         build_report([tmp_path / "missing.json"], tmp_path / "r.html")
+    with pytest.raises(OutputExistsError, match="is one of the inputs"):
+        build_report([src], src, force=True)  # not even with --force
     out = tmp_path / "r.html"
     out.write_text("old report")
-    with pytest.raises(EdgeqError):
-        build_report([src, tmp_path / "missing.json"], out)
+    with pytest.raises(OutputExistsError, match="pass --force"):
+        build_report([src], out)
+    with pytest.raises(EdgeqError, match="no such file"):
+        build_report([src, tmp_path / "missing.json"], out, force=True)
     assert out.read_text() == "old report"
-    build_report([src], out)  # an earlier report (not an input) is replaced
+    build_report([src], out, force=True)  # an earlier report (not an input) is replaced
     assert out.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(os.listdir(tmp_path)) == ["r.html", "r.md", "run.html"]  # no temp files left
 
 
 # ---------------------------------------------------------------- headless Chromium
@@ -337,7 +359,7 @@ def test_renders_in_headless_chromium(report, tmp_path):
     p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                         "--disable-background-networking", "--no-first-run", "--disable-component-update",
                         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-                        "--hide-scrollbars", "--window-size=1200,2000", res.html_path.as_uri()],
+                        "--hide-scrollbars", "--window-size=1200,2000", res.html.as_uri()],
                        capture_output=True, text=True, timeout=180)
     assert shot.exists(), f"chromium wrote no screenshot (exit {p.returncode}): {p.stderr[-2000:]}"
     im = Image.open(shot).convert("RGB")
@@ -347,3 +369,12 @@ def test_renders_in_headless_chromium(report, tmp_path):
     assert (px.min(axis=2) < 200).mean() > 0.03  # a real share of the page is ink, not background
     if os.environ.get("EDGEQ_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["EDGEQ_KEEP_SCREENSHOT"])
+
+
+def test_import_is_light():
+    """`edgeq --help` imports the CLI, which imports this module: no matplotlib/numpy until a report is built."""
+    code = "import sys, edgeq.report; print(sorted(m for m in ('matplotlib', 'numpy', 'PIL') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

@@ -87,7 +87,7 @@ def test_profile_end_to_end(sshd, tiny_int8_model, tmp_path):
                            opts(sshd, runs=4, warmup=2, inputs=str(tmp_path / "in.npz"),
                                 save_outputs=str(out_file)), progress=messages.append)
     assert res["schema"] == "edgeq.bench/1"
-    assert res["runner"] == "ssh" and res["host"] == f"edgeqtest@127.0.0.1:{sshd.port}"
+    assert res["runner"] == "ssh" and res["host"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
     assert res["runtime"]["name"] == "ai-edge-litert" and res["runtime"]["version"] == "2.3.0"
     assert res["model_sha256"] == hashlib.sha256(tiny_int8_model.read_bytes()).hexdigest()
     assert res["runs"]["count"] == 4 and len(res["timings_ms"]) == 4 and res["warmup"]["count"] == 2
@@ -141,7 +141,7 @@ def test_wrong_key_refused(sshd, tiny_int8_model, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
     target = SshTarget(host="127.0.0.1", port=sshd.port, user=sshd.user, identity=str(tmp_path / "k"),
                        known_hosts=str(sshd.known_hosts(tmp_path / "kh")))
-    with pytest.raises(DeviceError, match="key authentication to edgeqtest@127.0.0.1.* failed; pass --identity"):
+    with pytest.raises(DeviceError, match=f"key authentication to {sshd.user}@127.0.0.1.* failed; pass --identity"):
         profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
 
 
@@ -185,7 +185,7 @@ def test_no_runtime_says_how_flash_fixes_it(sshd, tiny_int8_model, tmp_path):
 
 
 def test_missing_remote_python(sshd, tiny_int8_model, tmp_path):
-    with pytest.raises(DeviceError, match="'/no/such/python' was not found on edgeqtest@127.0.0.1"):
+    with pytest.raises(DeviceError, match=f"'/no/such/python' was not found on {sshd.user}@127.0.0.1"):
         profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
                          SshProfileOptions(remote_python="/no/such/python"))
     assert leftover_runs(sshd) == []
@@ -200,7 +200,7 @@ def test_run_timeout_kills_and_cleans_up(sshd, tiny_int8_model, tmp_path):
     t = threading.Thread(target=watch)
     t.start()
     t0 = time.monotonic()
-    with pytest.raises(DeviceError, match="did not finish within 3s; raise --run-timeout"):
+    with pytest.raises(DeviceError, match="did not finish within 3s; raise --timeout"):
         profile_over_ssh(tiny_int8_model, PROFILE,
                          sshd.target(sshd.known_hosts(tmp_path / "kh"), run_timeout=3),
                          opts(sshd, runs=10**8))
@@ -240,7 +240,7 @@ def test_disconnect_mid_run(sshd, tiny_int8_model, tmp_path):
     t = threading.Thread(target=cut)
     t.start()
     t0 = time.monotonic()
-    with pytest.raises(DeviceError, match="connection to edgeqtest@127.0.0.1:.* was lost") as e:
+    with pytest.raises(DeviceError, match=f"connection to {sshd.user}@127.0.0.1:.* was lost") as e:
         profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
                          opts(sshd, runs=10**8))
     t.join()
@@ -249,3 +249,14 @@ def test_disconnect_mid_run(sshd, tiny_int8_model, tmp_path):
     # the device could not be reached for cleanup; tidy up what the killed session left
     for d in leftover_runs(sshd):
         subprocess.run(["rm", "-rf", str(d)], check=True)
+
+
+def test_defaults_come_from_the_real_device_profile(sshd, tiny_int8_model, tmp_path):
+    from edgeq.profiles import load_profile
+
+    rpi5 = load_profile("rpi5")  # ai-edge-litert 2.3.0, 4 threads, 10 warmup + 50 runs
+    res = profile_over_ssh(tiny_int8_model, rpi5, sshd.target(sshd.known_hosts(tmp_path / "kh")), opts(sshd))
+    assert res["runtime"] == {"name": "ai-edge-litert", "version": rpi5.runtime.version}
+    assert res["threads"] == rpi5.threads == 4 and res["delegate"] == "xnnpack"
+    assert res["warmup"]["count"] == rpi5.bench.warmup and res["runs"]["count"] == rpi5.bench.runs
+    assert len(res["timings_ms"]) == rpi5.bench.runs

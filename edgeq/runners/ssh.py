@@ -35,6 +35,8 @@ RUNS_DIR = ".cache/edgeq/runs"  # relative to the remote home; one uuid subdirec
 # Where `edgeq flash` installs releases; a runtime venv lives inside the current release.
 FLASH_ROOT = ".local/share/edgeq"
 DEFAULT_SLOT = "model"
+# profile delegate -> device_bench --delegate (Coral's delegate is a shared library on Linux)
+_DELEGATE_ARG = {"xnnpack": "xnnpack", "none": "none", "edgetpu": "libedgetpu.so.1"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class SshProfileOptions:
     threads: int | None = None
     warmup: int | None = None
     runs: int | None = None
-    delegate: str = "xnnpack"
+    delegate: str | None = None  # xnnpack | none | /path/lib.so
     runtime: str | None = None  # ai-edge-litert | tflite-runtime | auto
     inputs: str | None = None  # local .npz uploaded and fed to the model
     save_outputs: str | None = None  # local .npz the device's outputs are copied back to
@@ -176,6 +178,8 @@ class Remote:
         self.target = target
         self.client = connect(target)
         self.sftp = self.client.open_sftp()
+        # a stalled (not dropped) link must not hang a transfer forever
+        self.sftp.get_channel().settimeout(max(target.connect_timeout, 60.0))
         self.home = self.sftp.normalize(".")
 
     def close(self) -> None:
@@ -252,7 +256,7 @@ class Remote:
                                       f"check the device (power, network, sshd) and rerun")
                 if time.monotonic() > deadline:
                     raise DeviceError(f"the command on {self.target.label} did not finish within "
-                                      f"{timeout:g}s; raise --run-timeout or lower --runs")
+                                      f"{timeout:g}s; raise --timeout or lower --runs")
                 if not got:
                     chan.status_event.wait(0.05)
             code = chan.recv_exit_status()
@@ -288,6 +292,7 @@ def profile_over_ssh(model_path, profile, target: SshTarget, options: SshProfile
     threads = options.threads or profile.threads
     warmup = profile.bench.warmup if options.warmup is None else options.warmup
     runs = options.runs or profile.bench.runs
+    delegate = options.delegate or _DELEGATE_ARG.get(str(getattr(profile, "delegate", "xnnpack")), "xnnpack")
 
     say(f"connecting to {target.label}")
     remote = Remote(target)
@@ -302,7 +307,7 @@ def profile_over_ssh(model_path, profile, target: SshTarget, options: SshProfile
         remote.sftp.put(str(model), rmodel)
         remote.sftp.put(str(BENCH_SCRIPT), rbench)
         argv = [python, rbench, rmodel, "--runtime", runtime, "--threads", str(threads),
-                "--warmup", str(warmup), "--runs", str(runs), "--delegate", options.delegate,
+                "--warmup", str(warmup), "--runs", str(runs), "--delegate", delegate,
                 "--seed", str(options.seed)]
         if options.inputs:
             remote.sftp.put(options.inputs, posixpath.join(run_dir, "inputs.npz"))

@@ -33,7 +33,8 @@ class SourceModel:
     converter: Callable[[], object] | None = None
     # Builds samples from texts with the model's own tokenizer (HF sources).
     make_text_samples: Callable[[list[str]], list[dict]] | None = None
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())  # things the user should know (shown as warnings)
+    description: str = ""  # what the source is, e.g. the HF architecture and export settings
 
 
 def detect_format(path: Path) -> str:

@@ -175,8 +175,10 @@ def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
     quantized per output channel and absorb it far better.
 
     BERT is post-LN: each LayerNorm output is also the residual, so the 1/s cannot be folded into
-    the LayerNorm weights as in pre-LN decoders. It becomes an explicit per-channel MUL in front
-    of the Linears (cheap, elementwise); the quantized Linear then sees the flattened input.
+    the LayerNorm weights as in pre-LN decoders (nor into GELU). It becomes an explicit
+    per-channel MUL in front of the Linears (cheap, elementwise); the quantized Linear then sees
+    the flattened input. This helps plans where that MUL runs in float (int8 Linears, float
+    elsewhere); in an integer-only graph the MUL's own int8 input keeps the outliers.
     """
     import torch
 
@@ -193,11 +195,14 @@ def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
         def forward(self, x):
             return self.linear(x * self.inv_scale)
 
-    # Groups of Linears that read the same LayerNorm output: (owner, attribute names).
+    # Groups of Linears that read the same input: (owner, attribute names). The FFN-down input
+    # (GELU output, long positive tail) is the one that hurts int8 most on MiniLM.
     groups = []
     for layer in enc.layer:
         groups.append((layer.attention.self, ("query", "key", "value")))
+        groups.append((layer.attention.output, ("dense",)))
         groups.append((layer.intermediate, ("dense",)))
+        groups.append((layer.output, ("dense",)))
 
     amax = {}
 

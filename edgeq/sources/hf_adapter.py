@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ModelFormatError
 from ..signature import signature_specs
+from ..tfimport import quiet_native
 from . import SourceModel, file_sha256
 
 
@@ -15,7 +16,9 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", **_
     except ImportError as e:
         raise ModelFormatError(f"{path}: Hugging Face models need the [hf] extra "
                                f"(pip install 'edgeq[hf]'): {e}") from None
-    float_model = hf.load_hf(path, hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling)))
+    # litert-torch reports its passes on stdout; --json promises stdout to edgeq.
+    with quiet_native():
+        float_model = hf.load_hf(path, hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling)))
     ins, outs = signature_specs(float_model.tflite)
     return SourceModel("hf", path, file_sha256(path), float_model.tflite, ins, outs, None,
-                       float_model.make_samples, (float_model.description,))
+                       float_model.make_samples, description=float_model.description)

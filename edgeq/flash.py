@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import posixpath
+import re
 import shlex
 import shutil
 import subprocess
@@ -85,8 +86,9 @@ def _sha256(path: Path) -> str:
 
 
 def _check_slot(slot: str) -> None:
-    if not slot or slot.startswith(".") or any(c in slot for c in "/\\\n\0 "):
-        raise EdgeqError(f"invalid slot name {slot!r}; use letters, digits, '-', '_' or '.'")
+    # the slot names a directory and a systemd unit: keep it to a safe, boring alphabet
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", slot or ""):
+        raise EdgeqError(f"invalid slot name {slot!r}; use up to 64 letters, digits, '-', '_' or '.'")
 
 
 def download_wheels(profile, dest: Path, python_version: str = "311") -> list[Path]:
@@ -191,6 +193,8 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
     options = options or FlashOptions()
     say = progress or (lambda msg: None)
     _check_slot(options.slot)
+    if options.systemd_exec is not None and ("\n" in options.systemd_exec or not options.systemd_exec.strip()):
+        raise EdgeqError("--systemd-exec must be a single non-empty command line")
     with tempfile.TemporaryDirectory(prefix="edgeq-bundle-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
         say("building bundle")
@@ -293,8 +297,9 @@ def _install_unit(remote: Remote, slot: _Slot, options: FlashOptions, has_venv: 
         f.write(text)
     remote.sftp.posix_rename(tmp, path)
     say(f"installed {path}")
-    code, _, err = remote.run(f"systemctl --user daemon-reload && systemctl --user enable {name} && "
-                              f"systemctl --user restart {name}", 60)
+    q = shlex.quote(name)
+    code, _, err = remote.run(f"systemctl --user daemon-reload && systemctl --user enable {q} && "
+                              f"systemctl --user restart {q}", 60)
     notes = []
     if code != 0:
         notes.append(f"unit written to {path} but systemctl --user failed ({err.strip()[:120] or code}); "
@@ -335,7 +340,7 @@ def rollback(profile, target: SshTarget, options: FlashOptions | None = None,
         notes = []
         unit = f"edgeq-{options.slot}.service"
         if remote.exists(remote.path(f".config/systemd/user/{unit}")):
-            code, _, _ = remote.run(f"systemctl --user restart {unit}", 60)
+            code, _, _ = remote.run(f"systemctl --user restart {shlex.quote(unit)}", 60)
             if code != 0:
                 notes.append(f"could not restart {unit}; run: systemctl --user restart {unit}")
         info = remote.read_text(posixpath.join(release, "bundle.json"))

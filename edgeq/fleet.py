@@ -140,24 +140,28 @@ class FleetResult:
                 "devices": [dataclasses.asdict(o) for o in self.outcomes]}
 
     def table(self):
-        """A rich Table, one row per device, side by side (profile or flash columns as fitting)."""
+        """One row per device, side by side (profile or flash columns as fitting), then each failed
+        device's full error below the table, where it has the width to be read."""
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         results = [o.result or {} for o in self.outcomes]
         is_profile = any("runs" in r for r in results)
         is_flash = any("version" in r for r in results)
         t = Table(title="edgeq fleet")
-        for col in ("device", "host", "profile", "status"):
-            t.add_column(col)
+        t.add_column("device", no_wrap=True)
+        t.add_column("profile", no_wrap=True)
+        t.add_column("status", no_wrap=True)
         if is_profile:
             for col in ("runtime", "median ms", "p95 ms", "init ms", "peak MB", "cpu"):
                 t.add_column(col, justify="right" if "ms" in col or "MB" in col else "left")
         if is_flash:
             t.add_column("version")
             t.add_column("previous")
-        t.add_column("error")
         for o, r in zip(self.outcomes, results):
-            row = [o.name, o.host, o.profile, "ok" if o.status == "ok" else f"[red]{o.status}[/red]"]
+            row = [f"{o.name}\n[dim]{o.host}[/dim]", o.profile,
+                   "ok" if o.status == "ok" else f"[red]{o.status}[/red]"]
             if is_profile:
                 runs, rt = r.get("runs", {}), r.get("runtime", {})
                 row += [f"{rt.get('name', '')} {rt.get('version', '')}".strip(), _ms(runs.get("median_ms")),
@@ -166,9 +170,9 @@ class FleetResult:
                         (r.get("device", {}).get("cpu_model") or "") + (" (emulated)" if r.get("emulated") else "")]
             if is_flash:
                 row += [r.get("version") or "", r.get("previous") or ""]
-            row.append(o.error or "")
             t.add_row(*row)
-        return t
+        errors = [Text(f"{o.name}: {o.error}", style="red") for o in self.outcomes if o.error]
+        return Group(t, *errors)
 
 
 def _ms(v) -> str:

@@ -110,7 +110,7 @@ SetEnv QEMU_CPU={QEMU_CPU}
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(20)
+                proc.wait(3)  # sshd under qemu-user may not act on SIGTERM promptly
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)

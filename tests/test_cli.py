@@ -76,3 +76,29 @@ def test_device_failure_exit_3(tiny_dense, tmp_path):
     (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
     r = run("bench", tmp_path / "f.tflite", "--runs", 1, "--delegate", tmp_path / "missing.so")
     assert r.exit_code == 3 and "cannot load delegate" in r.output
+
+
+def test_devices_commands_json(tiny_dense, tmp_path):
+    r = run("devices", "list", "--json")
+    assert r.exit_code == 0
+    ids = {p["id"] for p in json.loads(r.stdout)}
+    assert {"rpi4", "rpi5", "rpi-zero2w", "android-cpu", "android-gpu", "android-nnapi", "android-qnn-htp",
+            "coral-edgetpu", "host-x86_64"} <= ids
+    r = run("devices", "show", "rpi4", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["runtime"]["name"] == "tflite-runtime"
+    r = run("devices", "show", "rpi3000")
+    assert r.exit_code == 1 and "rpi3000" in r.output and "Traceback" not in r.output
+    from edgeq.sources import load_source
+    (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
+    r = run("devices", "check", tmp_path / "f.tflite", "--device", "host-x86_64", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ok"] is True
+
+
+def test_profile_needs_host_for_ssh_devices(tmp_path, tiny_dense):
+    from edgeq.sources import load_source
+    (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
+    r = run("profile", tmp_path / "f.tflite", "--device", "rpi4")
+    assert r.exit_code == 1 and "--host" in r.output
+    r = run("profile", tmp_path / "f.tflite", "--device", "host-x86_64", "--runs", 3, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["runs"]["count"] == 3

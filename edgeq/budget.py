@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .errors import ProfileError, QuantizationError
 from .layers import layer_errors
-from .litert_quant import OpPrecision, quantize_per_op
+from .litert_quant import OpPrecision, Reiterable, per_op_from_plan, quantize_per_op
+from .plan import plan_precision
 from .validate import fidelity
 
 _ANALYSIS_SAMPLES = 16  # per-layer error needs few samples; the fidelity check uses them all
@@ -34,28 +35,32 @@ def _value(fid, metric: str) -> float:
 def run_budget(source, float_info, profile, scheme, io, data, eval_samples, reference, qbytes, plan, fid,
                budget, adjust, progress):
     """Returns (model bytes, plan, fidelity, report dict). Raises QuantizationError if unmet."""
-    from .convert import _per_op, _plan
-
     if not eval_samples:
         raise QuantizationError("--max-drop needs held-out samples; use --eval-samples > 0 with --calib")
     metric = budget.metric
-    calib = list(data.calibration()) if scheme.needs_calibration else None
     default = scheme.op_precision
     keep_float_io = io.value == "float32"
 
     def requantize(per_op):
+        calib = Reiterable(data.calibration) if scheme.needs_calibration else None  # streamed each step
         return quantize_per_op(source.float_tflite, default, per_op, calib, keep_float_io=keep_float_io,
                                adjust_ranges=adjust)
 
+    def make_plan(overrides):
+        return plan_precision(list(float_info.ops), profile, overrides, min_weight_elements=0)
+
     overrides: dict[int, tuple[str, str]] = {}
-    per_op = _per_op(plan) if plan is not None else tuple(
+    per_op = per_op_from_plan(plan) if plan is not None else tuple(
         OpPrecision(op.name, op.outputs[0].name, default) for op in float_info.ops if op.outputs)
-    # Per-layer analysis pairs tensors by name, so the starting point goes through the LiteRT quantizer too.
-    with progress.task("Accuracy budget: baseline"):
-        qbytes = requantize(per_op)
-        fid = fidelity(source.float_tflite, qbytes, eval_samples, reference)
     steps = [{"step": 0, "moved": [], "value": _value(fid, metric), "drop": _drop(fid, metric),
-              "bytes": len(qbytes)}]
+              "bytes": len(qbytes), "note": "as converted"}]
+    if steps[0]["drop"] > budget.max_drop:
+        # Per-layer analysis pairs tensors by name, so the loop's models all come from the LiteRT quantizer.
+        with progress.task("Accuracy budget: baseline"):
+            qbytes = requantize(per_op)
+            fid = fidelity(source.float_tflite, qbytes, eval_samples, reference)
+        steps.append({"step": 0, "moved": [], "value": _value(fid, metric), "drop": _drop(fid, metric),
+                      "bytes": len(qbytes), "note": "baseline re-quantized with the LiteRT quantizer"})
     refused: list[str] = []
     blocked: set[int] = set()
     by_index = {op.index: op for op in float_info.ops if op.subgraph == 0}
@@ -73,21 +78,21 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
                     continue
                 op = by_index[e.index]
                 target = "hybrid" if op.has_weights and default == "int8" else "float"
-                if not _allowed(profile, float_info, overrides, e.index, target, _plan):
-                    if target == "hybrid" and _allowed(profile, float_info, overrides, e.index, "float", _plan):
-                        target = "float"
-                    else:
-                        blocked.add(e.index)
-                        refused.append(f"#{e.index} {op.name}: {_refusal(profile, float_info, overrides, e.index, target, _plan)}")
-                        continue
+                refusal = _refusal(profile, make_plan, overrides, e.index, target)
+                if refusal and target == "hybrid" and not _refusal(profile, make_plan, overrides, e.index, "float"):
+                    target, refusal = "float", None
+                if refusal:
+                    blocked.add(e.index)
+                    refused.append(f"#{e.index} {op.name}: {refusal}")
+                    continue
                 overrides[e.index] = (target, f"accuracy budget step {step}: adds {e.damage:.3f} relative error "
                                               f"in {scheme.value}")
                 moved.append(f"#{e.index} {op.name} -> {target}")
             if not moved:
                 break
             if profile is not None:
-                plan = _plan(float_info, profile, overrides)
-                per_op = _per_op(plan)
+                plan = make_plan(overrides)
+                per_op = per_op_from_plan(plan)
             else:
                 per_op = tuple(OpPrecision(op.name, op.outputs[0].name, overrides.get(op.index, (default,))[0])
                                for op in float_info.ops if op.outputs)
@@ -105,20 +110,17 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
         raise QuantizationError(f"accuracy budget not met: {metric} drop {best:.4f} > {budget.max_drop} after "
                                 f"{len(steps) - 1} step(s) ({why}); raise --max-drop, use --scheme dynamic, "
                                 "or improve calibration data")
-    if plan is None:
+    if plan is None and overrides:
         plan = _PlanView(float_info, overrides, default)
     return qbytes, plan, fid, report
 
 
-def _allowed(profile, float_info, overrides, index, target, make_plan) -> bool:
-    return _refusal(profile, float_info, overrides, index, target, make_plan) is None
-
-
-def _refusal(profile, float_info, overrides, index, target, make_plan) -> str | None:
+def _refusal(profile, make_plan, overrides, index, target) -> str | None:
+    """Why the profile cannot run op `index` at `target` (None: it can)."""
     if profile is None:
         return None
     try:
-        make_plan(float_info, profile, {**overrides, index: (target, "accuracy budget")})
+        make_plan({**overrides, index: (target, "accuracy budget")})
     except ProfileError as e:
         return str(e)
     return None

@@ -14,10 +14,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CalibrationError
+from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_EVAL_SAMPLES
+from .errors import CalibrationError, first_line
 
-DEFAULT_CALIB_SAMPLES = 200  # the TFLite docs recommend ~100-500 representative samples
-DEFAULT_EVAL_SAMPLES = 50
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
@@ -47,7 +46,7 @@ class CalibrationConfig:
     samples: int = DEFAULT_CALIB_SAMPLES
     eval_samples: int = DEFAULT_EVAL_SAMPLES
     seed: int = 0
-    preprocess: Preprocess = Preprocess.UNIT
+    preprocess: Preprocess | None = None  # images only; None = unit [0, 1]
     mean: tuple[float, ...] | None = None  # explicit mean/std on 0..255 pixels override `preprocess`
     std: tuple[float, ...] | None = None
     tokenizer: str | None = None
@@ -71,8 +70,9 @@ class CalibrationData:
         for i in self.calib_indices:
             yield self._load(i)
 
-    def evaluation(self) -> list[dict[str, np.ndarray]]:
-        return [self._load(i) for i in self.eval_indices]
+    def evaluation(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in self.eval_indices:
+            yield self._load(i)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "count": len(self.calib_indices),
@@ -116,6 +116,10 @@ def _check(sample: dict[str, np.ndarray], specs: Sequence[InputSpec], label: str
             if x.dtype.kind not in "iu":
                 raise CalibrationError(f"{label}: dtype {x.dtype} cannot feed integer input {spec.name!r} "
                                        f"({spec.dtype}); integer data (e.g. token ids) expected")
+            info = np.iinfo(target)
+            if x.size and (x.min() < info.min or x.max() > info.max):
+                raise CalibrationError(f"{label}: values {x.min()}..{x.max()} overflow input {spec.name!r} "
+                                       f"({spec.dtype}, {info.min}..{info.max})")
         elif target.kind == "b" and x.dtype.kind != "b":
             raise CalibrationError(f"{label}: dtype {x.dtype} cannot feed bool input {spec.name!r}")
         out[spec.name] = x.astype(target, copy=False)
@@ -130,6 +134,9 @@ def load_calibration(cfg: CalibrationConfig, specs: Sequence[InputSpec],
     if cfg.source == "random":
         return _random(cfg, specs)
     path = Path(cfg.source)
+    if not path.is_dir() and (cfg.mean is not None or cfg.std is not None or cfg.preprocess is not None):
+        raise CalibrationError("--preprocess/--mean/--std apply to image directories only; scale .npy/.npz "
+                               "data before saving it")
     if not path.exists():
         raise CalibrationError(f"{path}: calibration data not found; pass a directory of images, "
                                ".npy/.npz, a .txt file (with --tokenizer), or 'random'")
@@ -178,6 +185,10 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
         raise CalibrationError(f"{path}: the model input has a dynamic size {spec.shape}; "
                                "export it with a fixed height and width")
     mean, std = _norm(cfg, c)
+    for what, v in (("--mean", cfg.mean), ("--std", cfg.std)):
+        if v is not None and len(v) not in (1, c):
+            raise CalibrationError(f"{what} has {len(v)} values; the model's images have {c} channel(s): "
+                                   f"give 1 or {c}")
     calib, ev = _split(len(files), cfg.samples, cfg.eval_samples, cfg.seed, str(path))
 
     def load(i: int) -> dict[str, np.ndarray]:
@@ -206,7 +217,7 @@ def _norm(cfg: CalibrationConfig, channels: int) -> tuple[np.ndarray, np.ndarray
         if np.any(std == 0):
             raise CalibrationError("--std must not contain 0")
         return mean, std
-    p = Preprocess(cfg.preprocess)
+    p = Preprocess(cfg.preprocess or Preprocess.UNIT)
     if p is Preprocess.UNIT:
         return np.float32(0.0), np.float32(255.0)
     if p is Preprocess.SYMMETRIC:
@@ -293,7 +304,7 @@ def load_tokenizer(directory: str):
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CalibrationError(f"{directory}: not a tokenizer directory ({str(e).splitlines()[0]})") from None
+        raise CalibrationError(f"{directory}: not a tokenizer directory ({first_line(e)})") from None
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int) -> list[dict[str, np.ndarray]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_EVAL_SAMPLES
 from .errors import EdgeqError
 
 
@@ -79,12 +80,12 @@ def main():
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .tflite path.")
 @click.option("--calib", help="Calibration data: image dir, .npy, .npz, .txt (with --tokenizer), or 'random'.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--eval-samples", type=click.IntRange(min=0), default=50, show_default=True,
+@click.option("--calib-samples", type=click.IntRange(min=1), default=DEFAULT_CALIB_SAMPLES, show_default=True)
+@click.option("--eval-samples", type=click.IntRange(min=0), default=DEFAULT_EVAL_SAMPLES, show_default=True,
               help="Held-out samples for fidelity.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--preprocess", type=click.Choice(["unit", "symmetric", "imagenet", "raw"]), default="unit",
-              show_default=True, help="Image scaling preset.")
+@click.option("--preprocess", type=click.Choice(["unit", "symmetric", "imagenet", "raw"]),
+              help="Image scaling: unit [0,1] (default), symmetric [-1,1], imagenet mean/std, raw 0..255.")
 @click.option("--mean", help="Explicit per-channel mean on 0..255 pixels, e.g. 127.5 or 123.7,116.3,103.5.")
 @click.option("--std", help="Explicit per-channel std on 0..255 pixels.")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer dir for .txt data.")
@@ -123,8 +124,9 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
 
     cal = None
     if calib:
-        cal = CalibrationConfig(calib, calib_samples, eval_samples, seed, Preprocess(preprocess), floats(mean),
-                                floats(std), tokenizer, seq_len)
+        cal = CalibrationConfig(calib, calib_samples, eval_samples, seed,
+                                Preprocess(preprocess) if preprocess else None, floats(mean), floats(std), tokenizer,
+                                seq_len)
     opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
                           device, devices_dir, strict, force, allow_incompatible,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
@@ -151,7 +153,7 @@ def _print_convert(result) -> None:
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(m["op_summary"].items()))
     click.echo(f"ops by precision: {counts}")
     if m.get("fidelity"):
-        _table(f"Fidelity vs float ({m['fidelity']['samples']} held-out samples)",
+        _table(f"Fidelity vs float ({m['fidelity']['samples']} {m['fidelity'].get('inputs', 'held-out')} samples)",
                ["output", "cosine", "rel L2", "max abs", "top-1 agree"],
                [[o["name"], _f(o["cosine"]), _f(o["rel_l2"]), _f(o["max_abs"]), _f(o["top1_agreement"], 3)]
                 for o in m["fidelity"]["outputs"]])
@@ -172,19 +174,28 @@ def _print_convert(result) -> None:
 @click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npz with one array per input (default: random per input dtype).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
+@click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
 @json_option
 @library_call
-def bench(model, threads, warmup, runs, delegate, inputs, output, as_json):
+def bench(model, threads, warmup, runs, delegate, inputs, output, force, as_json):
     """Benchmark MODEL on this host (the same runner script the devices use)."""
     from .runners import BenchOptions
     from .runners.local import bench_local
 
+    _check_result_path(output, [model, inputs], force)
     r = bench_local(model, BenchOptions(threads, warmup, runs, delegate, inputs=inputs))
     _save_result(output, r)
     if as_json:
         _emit_json(r)
     else:
         _print_bench(r)
+
+
+def _check_result_path(output, inputs, force) -> None:
+    """Before any slow work: -o never replaces an input, an existing file only with --force."""
+    if output:
+        from .files import check_output
+        check_output(Path(output), inputs, force)
 
 
 def _save_result(output, result) -> None:
@@ -322,28 +333,35 @@ def _run_fleet(fleet_file, parallel, kwargs, fn, progress, as_json):
 @click.option("--app", "app_apk", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="android_demo APK.")
 @click.option("--op-profiling", is_flag=True, help="Android: per-op profile (shows ops left on the CPU).")
+@click.option("--delegate", help="Pi/host: xnnpack, none, or a delegate .so path on the device "
+              "[default: the profile's].")
+@click.option("--slot", default="model", show_default=True, help="Pi: use this flashed slot's runtime venv.")
 @click.option("--threads", type=click.IntRange(min=1), help="Default: the profile's.")
 @click.option("--warmup", type=click.IntRange(min=0), help="Default: the profile's.")
 @click.option("--runs", type=click.IntRange(min=1), help="Default: the profile's.")
 @click.option("--inputs", type=click.Path(exists=True, dir_okay=False), help=".npz inputs fed to the model.")
 @click.option("--save-outputs", type=click.Path(dir_okay=False), help="Copy the device's outputs to this .npz.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
+@click.option("--force", is_flag=True, help="Overwrite an existing -o / --save-outputs file.")
 @json_option
 @quiet_option
 @library_call
 def profile(model, device, devices_dir, host, fleet_file, parallel, identity, known_hosts, trust_new_host,
             connect_timeout, run_timeout, remote_python, serial, adb_path, mode, benchmark_binary, app_apk,
-            op_profiling, threads, warmup, runs, inputs, save_outputs, output, as_json, quiet):
+            op_profiling, delegate, slot, threads, warmup, runs, inputs, save_outputs, output, force, as_json, quiet):
     """Measure MODEL on a device: a Pi over SSH, a phone over adb, or this host."""
     from .errors import EdgeqError
     from .profiles import load_profile
 
+    _check_result_path(output, [model, inputs, fleet_file], force)
+    _check_result_path(save_outputs, [model, inputs, fleet_file, output], force)
     progress = _progress(quiet, as_json)
     kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
     if fleet_file:
         from .runners.ssh import SshProfileOptions, profile_over_ssh
 
-        opts = SshProfileOptions(threads, warmup, runs, inputs=inputs, remote_python=remote_python)
+        opts = SshProfileOptions(threads, warmup, runs, delegate, inputs=inputs, remote_python=remote_python,
+                                 flash_slot=slot)
         _run_fleet(fleet_file, parallel, kw, lambda d: profile_over_ssh(
             model, load_profile(d.profile, devices_dir=devices_dir), d.target, opts, progress.note),
             progress, as_json)
@@ -356,8 +374,8 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
         from .runners.ssh import SshProfileOptions, parse_target, profile_over_ssh
         if not host:
             raise EdgeqError(f"{device} is reached over ssh: pass --host user@host[:port] (or --fleet FILE)")
-        opts = SshProfileOptions(threads, warmup, runs, inputs=inputs, save_outputs=save_outputs,
-                                 remote_python=remote_python)
+        opts = SshProfileOptions(threads, warmup, runs, delegate, inputs=inputs, save_outputs=save_outputs,
+                                 remote_python=remote_python, flash_slot=slot)
         r = profile_over_ssh(model, prof, parse_target(host, **kw), opts, progress.note)
     elif reach == "adb":
         from .runners.adb import AdbOptions, Mode, profile_over_adb
@@ -369,7 +387,8 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
         from .runners import BenchOptions
         from .runners.local import bench_local
         r = bench_local(model, BenchOptions(threads or prof.threads, prof.bench.warmup if warmup is None else warmup,
-                                            runs or prof.bench.runs, inputs=Path(inputs) if inputs else None))
+                                            runs or prof.bench.runs, delegate or _local_delegate(prof),
+                                            inputs=Path(inputs) if inputs else None))
     _save_result(output, r)
     if as_json:
         _emit_json(r)
@@ -384,6 +403,10 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
                  _f(v.get("diff_pct"), 1)] for k, v in r["app_vs_benchmark"].items()])
 
 
+def _local_delegate(prof) -> str:
+    return "none" if _val(prof.delegate) == "none" else "xnnpack"
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--device", help="Device profile id.")
@@ -394,11 +417,13 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
 @click.option("--with-runtime", is_flag=True, help="Bundle runtime wheels and install them into a venv there.")
 @click.option("--wheels-dir", type=click.Path(file_okay=False), help="Use these wheels (offline hosts).")
 @click.option("--systemd-exec", help="Install a systemd --user unit that runs this command with the model.")
+@click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Old releases kept besides current and previous.")
 @json_option
 @quiet_option
 @library_call
 def flash(model, device, devices_dir, host, fleet_file, parallel, identity, known_hosts, trust_new_host,
-          connect_timeout, run_timeout, rollback, slot, with_runtime, wheels_dir, systemd_exec, as_json, quiet):
+          connect_timeout, run_timeout, rollback, slot, with_runtime, wheels_dir, systemd_exec, keep, as_json, quiet):
     """Deploy MODEL to a Raspberry Pi (atomic switch of a `current` link; --rollback restores)."""
     from .errors import EdgeqError
     from .flash import FlashOptions, flash as do_flash, rollback as do_rollback
@@ -407,7 +432,8 @@ def flash(model, device, devices_dir, host, fleet_file, parallel, identity, know
 
     progress = _progress(quiet, as_json)
     kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
-    opts = FlashOptions(slot=slot, with_runtime=with_runtime, wheels_dir=wheels_dir, systemd_exec=systemd_exec)
+    opts = FlashOptions(slot=slot, with_runtime=with_runtime, wheels_dir=wheels_dir, systemd_exec=systemd_exec,
+                        keep=keep)
     if not rollback and model is None:
         raise EdgeqError("pass the MODEL to flash, or --rollback")
 

@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .calibration import CalibrationConfig, CalibrationData, load_calibration
+from .defaults import MIN_RECOMMENDED_CALIB
 from .errors import CalibrationError, IncompatibleModelError, QuantizationError
 from .files import atomic_write, atomic_write_json, check_output
-from .litert_quant import OpPrecision
+from .litert_quant import RECIPE_PRECISION, per_op_from_plan
+from .plan import plan_precision
 from .manifest import SCHEMA, manifest_path, now, sha256, versions
 from .progress import SILENT, Progress
-from .quantize import IoType, QuantizeRequest, Scheme, check_io, quantize
+from .quantize import IoType, QuantizeRequest, Scheme, check_io, check_litert, quantize, uses_converter
 from .sources import SourceModel, detect_format, load_source
 from .tflite_model import ModelInfo, read_model
-from .validate import Fidelity, fidelity, run_model
+from .validate import Fidelity, _class_scores, fidelity, run_model
 
 
 @dataclass(frozen=True)
@@ -51,35 +53,40 @@ class ConvertResult:
     manifest_path: Path
     manifest: dict
     warnings: list[str] = field(default_factory=list)
+    source: SourceModel | None = None
 
 
 def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT) -> ConvertResult:
     model = Path(model)
     out = Path(opts.output)
     mpath = manifest_path(out)
-    check_output(out, [model], opts.force)
-    check_output(mpath, [model], opts.force)
+    inputs = [model, opts.calib.source if opts.calib and opts.calib.source != "random" else None,
+              opts.calib.tokenizer if opts.calib else None]
+    check_output(out, inputs, opts.force)
+    check_output(mpath, inputs, opts.force)
     detect_format(model)  # a wrong file fails before any slow work
 
     profile = _load_profile(opts) if opts.device else None
     scheme = opts.scheme or (_profile_scheme(profile) if profile else Scheme.INT8)
     io = opts.io or (_profile_io(profile, scheme) if profile else IoType.FLOAT32)
-    check_io(scheme, io)
-    if scheme.needs_calibration and opts.calib is None:
-        raise CalibrationError(f"--scheme {scheme.value} needs calibration data: pass --calib DIR|FILE.npy|"
-                               "FILE.npz|FILE.txt (or --calib random for an uncalibrated model)")
+    _check_options(opts, scheme, io)
 
     with progress.task(f"Loading {model.name} and converting it to float TFLite"):
         source = load_source(model, seq_len=opts.seq_len, pooling=opts.pooling)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
-    eval_samples = list(progress.iter(iter(data.evaluation()), "Loading held-out samples", len(data.eval_indices)))
+    eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
+    if opts.budget and opts.budget.metric == "top1" and not any(
+            _class_scores(n, r.reshape(r.shape[0], -1)) for n, r in reference.items()):
+        raise QuantizationError("--metric top1 needs an output that looks like class scores; use --metric cosine")
     float_info = read_model(source.float_tflite)
 
-    plan = _plan(float_info, profile, None) if profile else None
-    adjust = _range_hook(source, data, opts.range_method, progress)
-    req = QuantizeRequest(scheme, io, _per_op(plan), adjust)
+    plan = plan_precision(list(float_info.ops), profile, min_weight_elements=0) if profile else None
+    adjust = _range_hook(source, data, opts.range_method, progress) if scheme.needs_calibration else None
+    req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
+    if not uses_converter(source, req):
+        check_litert(source, req, "--calibration " + opts.range_method if adjust else "")
 
     def calibration():
         total = len(data.calib_indices)
@@ -97,7 +104,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             opts.budget, adjust, progress)
 
     info = read_model(qbytes)
-    warnings = list(source.notes)
+    warnings = list(source.notes) + _data_warnings(data, scheme, opts)
     mismatches = _plan_mismatches(plan, info) if plan else []
     stayed_float = [op for op in info.float_ops() if not _planned_off_int8(plan, op)]
     if scheme is Scheme.INT8 and stayed_float:
@@ -111,9 +118,6 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         if opts.strict:
             raise QuantizationError(msg + " (--strict)")
         warnings.append(msg)
-    if not data.calibrated and scheme.needs_calibration:
-        warnings.append("UNCALIBRATED: calibrated on random data (--calib random); ranges and fidelity "
-                        "are not meaningful for real inputs")
 
     compat = None
     if profile is not None:
@@ -133,7 +137,41 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     except BaseException:
         out.unlink(missing_ok=True)  # no model without its manifest
         raise
-    return ConvertResult(out, mpath, manifest, warnings)
+    return ConvertResult(out, mpath, manifest, warnings, source)
+
+
+def _check_options(opts: ConvertOptions, scheme: Scheme, io: IoType) -> None:
+    """Option combinations that cannot work fail before any slow step."""
+    check_io(scheme, io)
+    if scheme.needs_calibration and opts.calib is None:
+        raise CalibrationError(f"--scheme {scheme.value} needs calibration data: pass --calib DIR|FILE.npy|"
+                               "FILE.npz|FILE.txt (or --calib random for an uncalibrated model)")
+    if opts.range_method != "minmax" and not scheme.needs_calibration:
+        raise CalibrationError(f"--calibration {opts.range_method} selects activation ranges; --scheme "
+                               f"{scheme.value} has none (use int8 or int16x8)")
+    if opts.budget is not None:
+        if scheme is Scheme.FP16 or io not in (IoType.FLOAT32, IoType.INT8):
+            raise QuantizationError(f"--max-drop works with --scheme int8/int16x8/dynamic and --io float32/int8 "
+                                    f"(got --scheme {scheme.value} --io {io.value})")
+        if opts.calib is not None and opts.calib.eval_samples == 0:
+            raise CalibrationError("--max-drop needs held-out samples: use --eval-samples > 0")
+
+
+def _data_warnings(data: CalibrationData, scheme: Scheme, opts: ConvertOptions) -> list[str]:
+    out = []
+    if opts.calib is None:
+        out.append(f"fidelity measured on {len(data.eval_indices)} random inputs (no --calib); pass --calib "
+                   "DATA for numbers that mean something")
+        return out
+    if not data.calibrated and scheme.needs_calibration:
+        out.append("UNCALIBRATED: calibrated on random data (--calib random); ranges and fidelity "
+                   "are not meaningful for real inputs")
+    n = len(data.calib_indices)
+    if scheme.needs_calibration and data.calibrated and n < MIN_RECOMMENDED_CALIB:
+        out.append(f"calibrated on only {n} sample(s); the TFLite docs recommend 100-500 representative samples")
+    if not data.eval_indices:
+        out.append("no held-out samples: fidelity was not measured (give more data or --eval-samples > 0)")
+    return out
 
 
 def _load_profile(opts: ConvertOptions):
@@ -158,32 +196,12 @@ def _profile_io(profile, scheme: Scheme) -> IoType:
     return IoType.FLOAT32
 
 
-def _plan(float_info: ModelInfo, profile, overrides):
-    from .plan import plan_precision
-    # min_weight_elements=0: the LiteRT quantizer (litert_quant.py) makes any weight hybrid, not only >= 1024
-    return plan_precision(list(float_info.ops), profile, overrides, min_weight_elements=0)
-
-
-_RECIPE_PRECISION = {"int8": "int8", "int16x8": "int16x8", "hybrid": "hybrid", "float": "float", "fp16": "float"}
-
-
-def _per_op(plan) -> tuple[OpPrecision, ...]:
-    """Plan entries as recipe lines (ops with nothing to quantize are left to the quantizer)."""
-    if plan is None:
-        return ()
-    return tuple(OpPrecision(e.op, e.output, _RECIPE_PRECISION[str(e.precision)])
-                 for e in plan.entries if e.output and str(e.precision) in _RECIPE_PRECISION)
-
-
-def _val(x) -> str:
-    return getattr(x, "value", x)
-
-
 def _planned_off_int8(plan, op) -> bool:
     if plan is None:
         return False
     out = op.outputs[0].name if op.outputs else ""
-    return any(e.output == out and _val(e.precision) in ("float", "hybrid") for e in plan.entries)
+    return any(e.output == out and RECIPE_PRECISION.get(str(e.precision)) in ("float", "hybrid")
+               for e in plan.entries)
 
 
 def _plan_mismatches(plan, info: ModelInfo) -> list[str]:
@@ -191,9 +209,8 @@ def _plan_mismatches(plan, info: ModelInfo) -> list[str]:
     by_output = {op.outputs[0].name: op for op in info.ops if op.outputs}
     bad = []
     for e in plan.entries:
-        want = _val(e.precision)
+        want = RECIPE_PRECISION.get(str(e.precision), str(e.precision))
         op = by_output.get(e.output)
-        want = _RECIPE_PRECISION.get(want, want)
         if op is None or op.precision == "other" or want not in ("int8", "hybrid", "float", "int16x8"):
             continue
         if op.precision != want:
@@ -210,7 +227,7 @@ def _range_hook(source: SourceModel, data: CalibrationData, method: str, progres
     samples_cache: list = []
 
     def hook(base: dict) -> dict:
-        if not samples_cache:
+        if not samples_cache:  # histograms need every sample in memory once (range methods only)
             samples_cache.extend(data.calibration())
         with progress.task(f"Selecting activation ranges ({m.value})"):
             return select_ranges(source.float_tflite, samples_cache, m, base)
@@ -224,12 +241,14 @@ def _manifest(model: Path, out: Path, source: SourceModel, scheme: Scheme, io: I
     calib = data.describe() if opts.calib is not None else {"kind": "none", "calibrated": False,
                                                             "eval_kind": "random"}
     calib["range_method"] = opts.range_method
+    if calib.get("source") and calib["source"] != "random":
+        calib["source"] = str(Path(calib["source"]).resolve())
     return {
         "schema": SCHEMA,
         "created": now(),
         "edgeq_version": versions()["edgeq"],
         "output": {"path": out.name, "sha256": sha256(qbytes), "bytes": len(qbytes)},
-        "source": {"path": str(model), "format": source.format, "sha256": source.sha256,
+        "source": {"path": str(model.resolve()), "format": source.format, "sha256": source.sha256,
                    "float_bytes": len(source.float_tflite), "float_sha256": sha256(source.float_tflite),
                    "description": source.description},
         "scheme": scheme.value,
@@ -240,7 +259,8 @@ def _manifest(model: Path, out: Path, source: SourceModel, scheme: Scheme, io: I
         "plan": plan.to_json() if plan is not None else None,
         "ops": [op.to_json() for op in info.ops],
         "op_summary": info.op_summary(),
-        "fidelity": fid.to_json() if fid else None,
+        "fidelity": ({**fid.to_json(), "inputs": "held-out" if opts.calib is not None else "random"}
+                     if fid else None),
         "budget": budget,
         "compatibility": compat.to_json() if compat is not None else None,
         "sizes": {"float_bytes": len(source.float_tflite), "quantized_bytes": len(qbytes),

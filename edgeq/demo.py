@@ -77,8 +77,7 @@ def run_demo(out_dir: Path, runs: int = 200, progress: Progress = SILENT) -> dic
     out = out_dir / "digits_int8.tflite"
     res = convert(keras_path, ConvertOptions(out, Scheme.INT8, calib=CalibrationConfig(str(calib), seed=SEED),
                                              force=True), progress)
-    from .sources import load_source
-    source = load_source(keras_path)
+    source = res.source
     float_path = out_dir / "digits_float.tflite"
     atomic_write(float_path, source.float_tflite)
     name = source.inputs[0].name

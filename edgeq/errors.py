@@ -39,3 +39,11 @@ class DeviceError(EdgeqError):
     """The device or its runtime failed (connection, crash, timeout). Exit code 3."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (libraries embed long logs), or its type."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(e).__name__

@@ -10,18 +10,32 @@ from pathlib import Path
 from .errors import OutputExistsError
 
 
-def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse to write over an input (ever) or an existing file (without --force)."""
+def check_output(out: Path, inputs: list[Path | str | None], force: bool) -> None:
+    """Refuse to write over (or inside) an input, ever; over an existing file only with force."""
+    out = Path(out)
     out_r = out.resolve()
     for p in inputs:
-        if p.exists() and out_r == p.resolve():
-            raise OutputExistsError(f"{out}: refusing to overwrite the input; choose another -o path")
+        if p is None:
+            continue
+        p = Path(p)
+        if not p.exists():
+            continue
+        p_r = p.resolve()
+        if out_r == p_r or (p.is_dir() and p_r in out_r.parents):
+            raise OutputExistsError(f"{out}: refusing to overwrite the input {p}; choose another output path")
+    if out.is_dir():
+        raise OutputExistsError(f"{out}: is a directory; pass a file path")
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise OutputExistsError(f"{out.parent}: output directory {what}; create it or choose another path")
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: already exists; pass --force to overwrite it")
-    if out.exists() and out.is_dir():
-        raise OutputExistsError(f"{out}: is a directory; pass a file path to -o")
-    if not out.parent.exists():
-        raise OutputExistsError(f"{out.parent}: output directory does not exist; create it first")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -29,6 +43,8 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes 0600 files; outputs get the usual mode so device services can read them.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

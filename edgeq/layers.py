@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .tfimport import quiet_native
 from .tflite_model import ModelInfo
 from .validate import _dequantize, _quantize
 
@@ -31,25 +32,24 @@ class LayerError:
 
 def _capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: set[str]) -> dict[str, list[np.ndarray]]:
     from ai_edge_litert.interpreter import Interpreter
-    import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # preserve_all_tensors warns that it is a debugging aid: it is here
+    with quiet_native():  # preserve_all_tensors warns that it is a debugging aid: it is, here
         interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True, num_threads=2)
     runner = interp.get_signature_runner()
     details = {d["name"]: d for d in interp.get_tensor_details()}
     wanted = {n: details[n] for n in names if n in details}
     ins = runner.get_input_details()
     out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
-    for s in samples:
-        runner(**{n: _quantize(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f" else s[n]
-                  for n, d in ins.items()})
-        for n, d in wanted.items():
-            try:
-                t = interp.get_tensor(d["index"])
-            except ValueError:
-                continue  # tensors without data (e.g. scratch) cannot be read
-            out[n].append(_dequantize(np.asarray(t), d).astype(np.float64).ravel())
+    with quiet_native():
+        for s in samples:
+            runner(**{n: _quantize(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f" else s[n]
+                      for n, d in ins.items()})
+            for n, d in wanted.items():
+                try:
+                    t = interp.get_tensor(d["index"])
+                except ValueError:
+                    continue  # tensors without data (e.g. scratch) cannot be read
+                out[n].append(_dequantize(np.asarray(t), d).astype(np.float64).ravel())
     return out
 
 

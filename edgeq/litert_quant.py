@@ -7,16 +7,15 @@ also does per-op dynamic-range ("hybrid"), so every mixed plan goes through here
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import QuantizationError
+from .errors import QuantizationError, first_line
 from .tflite_ops import WEIGHT_OPERAND
+from .tfimport import quiet_native
 
 _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"}
 
@@ -63,11 +62,34 @@ def build_recipe(default: str, per_op: Sequence[OpPrecision]) -> list[dict]:
     return recipe
 
 
+# Plan precisions as recipe precisions (fp16 compute is float here; "other" ops are left to the quantizer).
+RECIPE_PRECISION = {"int8": "int8", "int16x8": "int16x8", "hybrid": "hybrid", "float": "float", "fp16": "float"}
+
+
+def per_op_from_plan(plan) -> tuple[OpPrecision, ...]:
+    """A plan.Plan (or None) as recipe lines."""
+    if plan is None:
+        return ()
+    return tuple(OpPrecision(e.op, e.output, RECIPE_PRECISION[str(e.precision)])
+                 for e in plan.entries if e.output and str(e.precision) in RECIPE_PRECISION)
+
+
 RangeHook = Callable[[dict], dict]
 
 
+class Reiterable:
+    """Samples from a factory of fresh iterators. The quantizer walks its data twice (it counts
+    with list() first), so a plain generator would arrive empty; this streams both passes."""
+
+    def __init__(self, factory: Callable[[], Iterable[dict[str, np.ndarray]]]):
+        self._factory = factory
+
+    def __iter__(self):
+        return iter(self._factory())
+
+
 def quantize_per_op(float_model: bytes, default: str, per_op: Sequence[OpPrecision],
-                    samples: Sequence[dict[str, np.ndarray]] | None, *, signature_key: str = "serving_default",
+                    samples: Iterable[dict[str, np.ndarray]] | None, *, signature_key: str = "serving_default",
                     keep_float_io: bool = True, adjust_ranges: RangeHook | None = None) -> bytes:
     """Quantize `float_model` (bytes with a signature) per the plan; returns the .tflite bytes.
 
@@ -84,27 +106,23 @@ def quantize_per_op(float_model: bytes, default: str, per_op: Sequence[OpPrecisi
     try:
         qt.load_quantization_recipe(recipe)
     except ValueError as e:
-        raise QuantizationError(f"the LiteRT quantizer refused the plan: {_first_line(e)}") from None
+        raise QuantizationError(f"the LiteRT quantizer refused the plan: {first_line(e)}") from None
     calibration = None
     # The quantizer prints its own reports and tqdm bars; edgeq shows its own progress instead.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with quiet_native():
         if qt.need_calibration:
-            if not samples:
+            if samples is None:
                 raise QuantizationError("this plan has static int8 ops and needs calibration samples; "
                                         "pass --calib DATA (or --calib random for an uncalibrated model)")
             try:
-                calibration = qt.calibrate({signature_key: list(samples)}, num_threads=2)
+                calibration = qt.calibrate({signature_key: samples}, num_threads=2)
             except (ValueError, KeyError) as e:
-                raise QuantizationError(f"calibration failed in the LiteRT quantizer: {_first_line(e)}") from None
+                raise QuantizationError(f"calibration failed in the LiteRT quantizer: {first_line(e)}") from None
             if adjust_ranges is not None:
                 calibration = adjust_ranges(calibration)
         try:
             result = qt.quantize(calibration, enable_progress_report=False)
         except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
-            raise QuantizationError(f"LiteRT quantizer failed: {_first_line(e)}") from None
+            raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
     return bytes(result.quantized_model)
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

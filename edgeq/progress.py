@@ -7,6 +7,7 @@ logs stay clean in CI. Library functions take a `Progress` (default: silent).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -31,7 +32,8 @@ class Progress:
         if total:
             cols += [BarColumn(), MofNCompleteColumn()]
         cols.append(TimeElapsedColumn())
-        with RichProgress(*cols, console=Console(stderr=True), transient=True) as p:
+        # A private copy of stderr: converter work silences fd 2 (tfimport.quiet_native), not the bar.
+        with os.fdopen(os.dup(2), "w") as err, RichProgress(*cols, console=Console(file=err), transient=True) as p:
             tid = p.add_task(description, total=total)
             yield lambda n=1: p.advance(tid, n)
 

@@ -12,8 +12,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import QuantizationError
-from .litert_quant import OpPrecision, quantize_per_op
+from .errors import EdgeqError, QuantizationError, first_line
+from .litert_quant import OpPrecision, Reiterable, quantize_per_op
 from .sources import SourceModel
 
 
@@ -60,16 +60,28 @@ def quantize(source: SourceModel, req: QuantizeRequest,
              calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None) -> bytes:
     """`calibration` returns a fresh iterator of samples (the TF converter streams it)."""
     check_io(req.scheme, req.io)
-    mixed = any(p.precision != req.scheme.op_precision for p in req.per_op)
-    if source.converter is not None and not mixed and req.adjust_ranges is None:
+    if uses_converter(source, req):
         return _with_converter(source, req, calibration)
-    if req.scheme is Scheme.FP16:
-        raise QuantizationError("fp16 is only available for Keras/SavedModel sources (TFLite converter)")
-    if req.io not in (IoType.FLOAT32, IoType.INT8):
-        raise QuantizationError(f"--io {req.io.value} needs a Keras/SavedModel source and a uniform scheme")
-    samples = list(calibration()) if (calibration and req.scheme.needs_calibration) else None
+    check_litert(source, req)
+    samples = Reiterable(calibration) if (calibration and req.scheme.needs_calibration) else None
     return quantize_per_op(source.float_tflite, req.scheme.op_precision, req.per_op, samples,
                            keep_float_io=req.io is IoType.FLOAT32, adjust_ranges=req.adjust_ranges)
+
+
+def uses_converter(source: SourceModel, req: QuantizeRequest) -> bool:
+    """Uniform schemes on Keras/SavedModel take the TFLite converter; the rest the LiteRT quantizer."""
+    mixed = any(p.precision != req.scheme.op_precision for p in req.per_op)
+    return source.converter is not None and not mixed and req.adjust_ranges is None
+
+
+def check_litert(source: SourceModel, req: QuantizeRequest, why: str = "") -> None:
+    """What the LiteRT quantizer path cannot do; `why` says what sent the model there."""
+    why = why or ("a float .tflite/HF source" if source.converter is None else "a per-op plan")
+    if req.scheme is Scheme.FP16:
+        raise QuantizationError(f"--scheme fp16 is not available with {why}; it needs a Keras/SavedModel "
+                                "source with a uniform scheme")
+    if req.io not in (IoType.FLOAT32, IoType.INT8):
+        raise QuantizationError(f"--io {req.io.value} is not available with {why}; use --io float32 or int8")
 
 
 def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> bytes:
@@ -105,9 +117,7 @@ def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> b
     try:
         with quiet_native():
             return bytes(conv.convert())
+    except EdgeqError:
+        raise  # e.g. a calibration sample failed its checks inside the representative dataset
     except Exception as e:  # ConverterError carries the MLIR log; keep the first useful line
-        from .errors import CalibrationError
-        if isinstance(e, CalibrationError):
-            raise
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise QuantizationError(f"TFLite converter failed: {lines[0] if lines else type(e).__name__}") from None
+        raise QuantizationError(f"TFLite converter failed: {first_line(e)}") from None

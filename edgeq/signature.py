@@ -8,8 +8,9 @@ outputs by tensor name. The graph itself is not touched.
 from __future__ import annotations
 
 from .calibration import InputSpec
-from .errors import ModelFormatError
+from .errors import ModelFormatError, first_line
 from .tflite_model import read_model
+from .tfimport import quiet_native
 
 SIGNATURE_KEY = "serving_default"
 
@@ -59,12 +60,12 @@ def signature_runner(model: bytes, key: str = SIGNATURE_KEY, threads: int = 2):
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interp = Interpreter(model_content=model, num_threads=threads)
-        keys = list(interp.get_signature_list())
-        return interp.get_signature_runner(key if key in keys else keys[0])
+        with quiet_native():  # the interpreter announces its XNNPACK delegate on stderr
+            interp = Interpreter(model_content=model, num_threads=threads)
+            keys = list(interp.get_signature_list())
+            return interp.get_signature_runner(key if key in keys else keys[0])
     except (ValueError, RuntimeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"the LiteRT interpreter cannot load this model: {first}. "
+        raise ModelFormatError(f"the LiteRT interpreter cannot load this model: {first_line(e)}. "
                                "Custom ops must be registered with the runtime; see the op table") from None
 
 

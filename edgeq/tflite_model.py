@@ -186,7 +186,8 @@ def read_model(model, *, name: str = "model") -> ModelInfo:
     except ModelFormatError:
         raise
     except Exception as e:  # flatbuffers raises assorted errors on truncated/corrupt data
-        raise ModelFormatError(f"{name}: corrupt TFLite file ({type(e).__name__}); re-export the model") from None
+        raise ModelFormatError(f"{name}: corrupt or truncated TFLite file ({type(e).__name__}: {e}); "
+                               "re-export or re-copy the model") from None
     return ModelInfo(tuple(ops), io_in, io_out, tuple(sigs), len(data))
 
 

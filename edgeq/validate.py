@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .signature import signature_runner
+from .tfimport import quiet_native
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,15 @@ def run_model(model: bytes, samples: Sequence[dict[str, np.ndarray]]) -> dict[st
     in_details = runner.get_input_details()
     out_details = runner.get_output_details()
     collected: dict[str, list[np.ndarray]] = {name: [] for name in out_details}
-    for s in samples:
-        feed = {}
-        for name, d in in_details.items():
-            x = np.asarray(s[name])
-            feed[name] = _quantize(x, d) if x.dtype.kind == "f" else x.astype(d["dtype"])
-        outs = runner(**feed)
-        for name, d in out_details.items():
-            collected[name].append(_dequantize(np.asarray(outs[name]), d))
+    with quiet_native():  # the first invoke announces the XNNPACK delegate on stderr
+        for s in samples:
+            feed = {}
+            for name, d in in_details.items():
+                x = np.asarray(s[name])
+                feed[name] = _quantize(x, d) if x.dtype.kind == "f" else x.astype(d["dtype"])
+            outs = runner(**feed)
+            for name, d in out_details.items():
+                collected[name].append(_dequantize(np.asarray(outs[name]), d))
     return {k: np.concatenate(v, axis=0) if v else np.zeros(0) for k, v in collected.items()}
 
 

@@ -41,10 +41,13 @@ def test_budget_reaches_what_naive_int8_misses(ln_model, tmp_path):
     moved = {int(m.split()[0][1:]): m.split("-> ")[1] for s in b["steps"] for m in s["moved"]}
     by_output = {op.outputs[0].name: op for op in read_model(tmp_path / "b.tflite").ops if op.outputs}
     plan = {e["index"]: e for e in r.manifest["plan"]["ops"]}
+    checked = 0
     for index, precision in moved.items():
         op = by_output.get(plan[index]["output"])
         if op is not None and op.precision != "other":
             assert op.precision == precision, (index, precision, op)
+            checked += 1
+    assert checked >= 1
     # Most compute stays int8.
     assert r.manifest["op_summary"].get("int8", 0) >= 4
 

@@ -24,7 +24,7 @@ def test_version_and_help():
     assert run("--help").exit_code == 0
 
 
-def test_help_and_devices_list_do_not_import_tensorflow():
+def test_help_does_not_import_tensorflow():
     code = ("import sys; from edgeq.cli import main\n"
             "try:\n main(['--help'])\nexcept SystemExit: pass\n"
             "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
@@ -102,3 +102,35 @@ def test_profile_needs_host_for_ssh_devices(tmp_path, tiny_dense):
     assert r.exit_code == 1 and "--host" in r.output
     r = run("profile", tmp_path / "f.tflite", "--device", "host-x86_64", "--runs", 3, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["runs"]["count"] == 3
+
+
+def test_real_process_errors_are_one_line_and_json_is_one_document(tiny_dense, tmp_path):
+    """As a user runs it (a subprocess, real file descriptors): converter chatter never leaks."""
+    exe = [sys.executable, "-m", "edgeq.cli"]
+    bad = np.ones((30, 8), np.float32)
+    bad[4, 2] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    p = subprocess.run(exe + ["convert", str(tiny_dense), "-o", str(tmp_path / "o.tflite"), "--calib",
+                              str(tmp_path / "nan.npy")], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "nan.npy[4]: contains NaN" in p.stderr
+    np.save(tmp_path / "ok.npy", np.random.default_rng(0).random((40, 8)).astype(np.float32))
+    p = subprocess.run(exe + ["convert", str(tiny_dense), "-o", str(tmp_path / "o.tflite"), "--calib",
+                              str(tmp_path / "ok.npy"), "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["schema"] == "edgeq.manifest/1"
+    assert "XNNPACK" not in p.stderr and "Saved artifact" not in p.stderr
+
+
+def test_result_files_never_replace_inputs(tiny_dense, tmp_path):
+    from edgeq.sources import load_source
+    model = tmp_path / "f.tflite"
+    model.write_bytes(load_source(tiny_dense).float_tflite)
+    before = model.read_bytes()
+    r = run("bench", model, "--runs", 1, "-o", model, "--force")
+    assert r.exit_code == 1 and "refusing to overwrite the input" in r.output and model.read_bytes() == before
+    (tmp_path / "r.json").write_text("keep")
+    r = run("bench", model, "--runs", 1, "-o", tmp_path / "r.json")
+    assert r.exit_code == 1 and "--force" in r.output and (tmp_path / "r.json").read_text() == "keep"
+    r = run("bench", model, "--runs", 1, "-o", tmp_path / "missing" / "r.json")
+    assert r.exit_code == 1 and "does not exist" in r.output

@@ -170,3 +170,54 @@ def test_refuses_to_overwrite(tiny_dense, tmp_path):
     assert out.read_bytes() == b"keep me"
     convert(tiny_dense, ConvertOptions(out, calib=CalibrationConfig("random"), force=True))
     assert read_model(out).ops
+
+
+def test_uint8_io_and_image_directory(tiny_conv, tmp_path):
+    from PIL import Image
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    r = convert(tiny_conv, ConvertOptions(tmp_path / "u8.tflite", io=IoType.UINT8,
+                                          calib=CalibrationConfig(str(d), samples=30, eval_samples=10)))
+    m = r.manifest
+    assert m["io"]["inputs"][0]["dtype"] == "uint8" and m["io"]["outputs"][0]["dtype"] == "uint8"
+    assert m["calibration"]["kind"] == "images" and m["calibration"]["count"] == 30
+    assert m["fidelity"]["samples"] == 10 and m["fidelity"]["outputs"][0]["cosine"] > 0.98
+    assert any("only 30 sample(s)" in w for w in r.warnings)
+
+
+def test_bad_calibration_sources(tiny_conv, tmp_path):
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one.png")
+    with pytest.raises(CalibrationError, match="a single image; pass the directory"):
+        convert(tiny_conv, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(str(tmp_path / "one.png"))))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8, 8, 3), np.float32))
+    with pytest.raises(CalibrationError, match="no samples found"):
+        convert(tiny_conv, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(str(tmp_path / "empty.npy"))))
+    assert not (tmp_path / "o.tflite").exists()
+
+
+def test_output_path_checks(tiny_dense, tmp_path):
+    np.save(tmp_path / "cal.npy", np.zeros((20, 8), np.float32))
+    before = (tmp_path / "cal.npy").read_bytes()
+    with pytest.raises(OutputExistsError, match="refusing to overwrite the input"):
+        convert(tiny_dense, ConvertOptions(tmp_path / "cal.npy", calib=CalibrationConfig(str(tmp_path / "cal.npy")),
+                                           force=True))
+    assert (tmp_path / "cal.npy").read_bytes() == before
+    with pytest.raises(OutputExistsError, match="is a directory"):
+        convert(tiny_dense, ConvertOptions(tmp_path, calib=CalibrationConfig("random")))
+    with pytest.raises(OutputExistsError, match="is not a directory"):
+        convert(tiny_dense, ConvertOptions(tmp_path / "cal.npy" / "o.tflite", calib=CalibrationConfig("random")))
+
+
+def test_option_combinations_fail_before_work(tiny_dense, tmp_path):
+    from edgeq.convert import BudgetOptions
+    with pytest.raises(QuantizationError, match="--max-drop works with"):
+        convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite", Scheme.FP16, budget=BudgetOptions(0.1)))
+    with pytest.raises(CalibrationError, match="--scheme dynamic has none"):
+        convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite", Scheme.DYNAMIC, range_method="percentile"))
+    with pytest.raises(QuantizationError, match="--io uint8 is not available with --calibration percentile"):
+        convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite", io=IoType.UINT8, range_method="percentile",
+                                           calib=CalibrationConfig("random")))

@@ -62,3 +62,22 @@ def test_bench_errors(int8_model, tmp_path):
         bench_local(bad)
     with pytest.raises(DeviceError, match="cannot load delegate"):
         bench_local(int8_model / "q.tflite", BenchOptions(runs=1, delegate=str(tmp_path / "nodelegate.so")))
+
+
+def test_float_inputs_are_quantized_for_an_int8_input(int8_model, tmp_path):
+    """Float data fed to an int8-input model must go through its scale/zero point, not a cast."""
+    from ai_edge_litert.interpreter import Interpreter
+    x = np.random.default_rng(7).random((1, 8, 8, 3)).astype(np.float32)
+    np.savez(tmp_path / "f.npz", arr_0=x)
+    d = Interpreter(model_path=str(int8_model / "q.tflite")).get_input_details()[0]
+    scale, zp = d["quantization"]
+    q = np.clip(np.round(x / scale + zp), -128, 127).astype(np.int8)
+    np.savez(tmp_path / "q.npz", arr_0=q)
+    a = bench_local(int8_model / "q.tflite", BenchOptions(runs=1, warmup=0, inputs=tmp_path / "f.npz"))
+    b = bench_local(int8_model / "q.tflite", BenchOptions(runs=1, warmup=0, inputs=tmp_path / "q.npz"))
+    assert a["outputs_sha256"] == b["outputs_sha256"]
+    np.savez(tmp_path / "batch.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    from edgeq.errors import EdgeqError
+    with pytest.raises(EdgeqError, match=r"needs shape \[1, 8, 8, 3\]") as e:
+        bench_local(int8_model / "q.tflite", BenchOptions(runs=1, inputs=tmp_path / "batch.npz"))
+    assert e.value.exit_code == 1

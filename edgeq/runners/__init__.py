@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DeviceError
+from ..errors import DeviceError, EdgeqError
 
 DEVICE_BENCH = Path(__file__).with_name("device_bench.py")
 
@@ -27,8 +27,9 @@ class BenchOptions:
         return a
 
 
-def parse_bench_output(stdout: str, where: str) -> dict:
-    """The last JSON line device_bench printed; its error (if any) becomes a DeviceError."""
+def parse_bench_output(stdout: str, where: str, stderr: str = "") -> dict:
+    """The last JSON line device_bench printed. Its error becomes an EdgeqError (bad arguments or
+    inputs: exit 1) or a DeviceError (runtime, model load, invoke: exit 3)."""
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
@@ -37,6 +38,8 @@ def parse_bench_output(stdout: str, where: str) -> dict:
             except json.JSONDecodeError:
                 continue
             if "error" in result:
-                raise DeviceError(f"{where}: {result['error']}")
+                cls = EdgeqError if result.get("kind") == "usage" else DeviceError
+                raise cls(f"{where}: {result['error']}")
             return result
-    raise DeviceError(f"{where}: the device runner printed no result; output was: {stdout.strip()[-300:]!r}")
+    tail = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["(no output)"])[-1]
+    raise DeviceError(f"{where}: the device runner printed no result; last output: {tail[-300:]}")

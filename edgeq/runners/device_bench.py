@@ -28,6 +28,11 @@ SCHEMA = "edgeq.bench/1"
 RUNTIMES = ("ai-edge-litert", "tflite-runtime", "tensorflow")
 
 
+def _first(e):
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _fail(kind, message, code):
     print(json.dumps({"schema": SCHEMA, "error": message, "kind": kind}))
     sys.stdout.flush()
@@ -110,6 +115,33 @@ def make_inputs(details, rng, np):
     return out
 
 
+def load_inputs(path, details, np):
+    """One array per input from an .npz (by input name, else arr_<i>); float data for an integer
+    input is quantized with that input's scale/zero point, as the model expects."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/OSError/BadZipFile for bad files
+        _fail("usage", "cannot read inputs %s: %s" % (path, e), 2)
+    out = []
+    for i, d in enumerate(details):
+        key = d["name"] if d["name"] in data else "arr_%d" % i
+        if key not in data:
+            _fail("usage", "inputs file has no array for input %r (or arr_%d)" % (d["name"], i), 2)
+        x = np.asarray(data[key])
+        dt = np.dtype(d["dtype"])
+        if x.size != int(np.prod(d["shape"])):
+            _fail("usage", "input %r needs shape %s (one sample), the file has %s"
+                  % (d["name"], [int(v) for v in d["shape"]], list(x.shape)), 2)
+        scale, zp = d.get("quantization", (0.0, 0))
+        if x.dtype.kind == "f" and dt.kind in "iu":
+            if not scale:
+                _fail("usage", "float data for integer input %r, which has no quantization" % d["name"], 2)
+            info = np.iinfo(dt)
+            x = np.clip(np.round(x / scale + zp), info.min, info.max)
+        out.append(x.astype(dt).reshape(d["shape"]))
+    return out
+
+
 def percentile(sorted_vals, q):
     if not sorted_vals:
         return None
@@ -177,7 +209,7 @@ def main(argv=None):
         interp = Interpreter(**kwargs)
         interp.allocate_tensors()
     except Exception as e:  # the interpreter raises ValueError/RuntimeError for bad models
-        _fail("model", "interpreter could not load the model: %s" % str(e).strip().splitlines()[0], 5)
+        _fail("model", "interpreter could not load the model: %s" % _first(e), 5)
     init_ms = (time.perf_counter() - t0) * 1000.0
     rss_init, _ = rss_mb()
 
@@ -185,13 +217,7 @@ def main(argv=None):
     out_details = interp.get_output_details()
     rng = np.random.default_rng(a.seed)
     if a.inputs:
-        data = np.load(a.inputs)
-        inputs = []
-        for i, d in enumerate(in_details):
-            key = d["name"] if d["name"] in data else "arr_%d" % i
-            if key not in data:
-                _fail("usage", "inputs file has no array for input %r (or arr_%d)" % (d["name"], i), 2)
-            inputs.append(np.asarray(data[key]).astype(d["dtype"]).reshape(d["shape"]))
+        inputs = load_inputs(a.inputs, in_details, np)
         input_source = "file"
     else:
         inputs = make_inputs(in_details, rng, np)
@@ -209,7 +235,7 @@ def main(argv=None):
         warm = [run_once() for _ in range(a.warmup)]
         timed = [run_once() for _ in range(a.runs)]
     except Exception as e:  # invoke failures are runtime errors on the device
-        _fail("invoke", "inference failed: %s" % str(e).strip().splitlines()[0], 5)
+        _fail("invoke", "inference failed: %s" % _first(e), 5)
 
     outputs = [interp.get_tensor(d["index"]) for d in out_details]
     h = hashlib.sha256()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import DeviceError, ModelFormatError
+from ..errors import DeviceError
 from ..tflite_model import read_model
 from . import DEVICE_BENCH, BenchOptions, parse_bench_output
 
@@ -15,8 +15,6 @@ def bench_local(model: Path | str, opts: BenchOptions = BenchOptions(), *, pytho
                 timeout_s: float = 600) -> dict:
     model = Path(model)
     read_model(model)  # a one-line error for a missing/corrupt file before spawning anything
-    if opts.threads < 1 or opts.runs < 1 or opts.warmup < 0:
-        raise ModelFormatError("--threads and --runs must be >= 1, --warmup >= 0")
     cmd = [python or sys.executable, str(DEVICE_BENCH), str(model), *opts.args()]
     if opts.inputs:
         cmd += ["--inputs", str(opts.inputs)]
@@ -24,6 +22,6 @@ def bench_local(model: Path | str, opts: BenchOptions = BenchOptions(), *, pytho
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise DeviceError(f"local benchmark timed out after {timeout_s:.0f} s; lower --runs") from None
-    result = parse_bench_output(proc.stdout, "local runner")
+    result = parse_bench_output(proc.stdout, "local runner", proc.stderr)
     result["runner"] = "local"
     return result

@@ -11,7 +11,9 @@ No hub access ever: everything is loaded from the directory (HF_HUB_OFFLINE is f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -272,8 +274,10 @@ def split_outlier_channels(model, batches: dict[str, np.ndarray], ratio: float =
         def forward(self, x):
             return self.main(x) + self.outlier(x) @ self.place
 
+    # Every biased Linear of the encoder stack (BERT "encoder.", DistilBERT "transformer."); the
+    # pooler is not in the converted graph.
     linears = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and mod.bias is not None and name.startswith("encoder.")]
+               if isinstance(mod, torch.nn.Linear) and mod.bias is not None and not name.startswith("pooler")]
     amax, handles = {}, []
     for name, lin in linears:
         def hook(_m, _i, out, name=name):
@@ -329,7 +333,8 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
 
     tok = _load_tokenizer(path)
     try:
-        model = AutoModel.from_pretrained(str(path)).eval()
+        with contextlib.redirect_stderr(io.StringIO()):  # a "Loading weights" progress bar
+            model = AutoModel.from_pretrained(str(path)).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFormatError(f"cannot load weights from {path} ({str(e).splitlines()[0]})") from None
 
@@ -359,7 +364,9 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
     # The graph is built for batch 1 and int32 ids (LiteRT has no int64 I/O by default).
     kwargs = {n: torch.from_numpy(example[n][:1].astype(np.int32)) for n in names}
     try:
-        edge = litert_torch.convert(wrapper, sample_kwargs=kwargs)
+        # litert-torch prints a progress tree on stdout and export warnings on stderr.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            edge = litert_torch.convert(wrapper, sample_kwargs=kwargs)
     except Exception as e:  # the converter raises many types; the user fix is the same
         raise IncompatibleModelError(
             f"litert-torch could not convert {path.name}: {str(e).splitlines()[0][:200]}; "
@@ -369,9 +376,9 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
 
     from ai_edge_litert.interpreter import Interpreter
 
-    runner = Interpreter(model_content=tflite).get_signature_runner(SIGNATURE_KEY)
-    in_details = runner.get_input_details()
-    sig = Interpreter(model_content=tflite).get_signature_list()[SIGNATURE_KEY]
+    interp = Interpreter(model_content=tflite)
+    in_details = interp.get_signature_runner(SIGNATURE_KEY).get_input_details()
+    sig = interp.get_signature_list()[SIGNATURE_KEY]
     input_names = tuple(sig["inputs"])
     output_names = tuple(sig["outputs"])
     dtypes = {n: in_details[n]["dtype"] for n in input_names}

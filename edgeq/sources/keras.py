@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, first_line
 from ..signature import signature_specs
 from ..tfimport import quiet_native
 from . import SourceModel, file_sha256
@@ -20,8 +20,8 @@ def _float_tflite(make_converter, path: Path) -> bytes:
         with quiet_native():
             return bytes(make_converter().convert())
     except Exception as e:  # the converter raises ConverterError, ValueError, ... with long logs
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"{path}: the TFLite converter could not convert this model: {first}") from None
+        raise ModelFormatError(f"{path}: the TFLite converter could not convert this model: "
+                               f"{first_line(e)}") from None
 
 
 def load_keras(path: Path) -> SourceModel:
@@ -30,8 +30,7 @@ def load_keras(path: Path) -> SourceModel:
         with quiet_native():
             model = tf.keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises ValueError/OSError/zipfile errors for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"{path}: not a loadable Keras model ({first[:160]}); "
+        raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
 
     def make_converter():
@@ -51,8 +50,7 @@ def load_saved_model(path: Path) -> SourceModel:
     try:
         make_converter()
     except Exception as e:  # corrupt saved_model.pb, missing variables, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"{path}: not a loadable SavedModel ({first[:160]})") from None
+        raise ModelFormatError(f"{path}: not a loadable SavedModel ({first_line(e, 160)})") from None
     float_model = _float_tflite(make_converter, path)
     ins, outs = signature_specs(float_model)
     return SourceModel("saved_model", path, file_sha256(path), float_model, ins, outs, make_converter)

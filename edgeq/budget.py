@@ -49,9 +49,14 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
     def make_plan(overrides):
         return plan_precision(list(float_info.ops), profile, overrides, min_weight_elements=0)
 
+    def _per_op_for(overrides):
+        if profile is not None:
+            return per_op_from_plan(make_plan(overrides))
+        return tuple(OpPrecision(op.name, op.outputs[0].name, overrides.get(op.index, (default,))[0])
+                     for op in float_info.ops if op.outputs)
+
     overrides: dict[int, tuple[str, str]] = {}
-    per_op = per_op_from_plan(plan) if plan is not None else tuple(
-        OpPrecision(op.name, op.outputs[0].name, default) for op in float_info.ops if op.outputs)
+    per_op = _per_op_for(overrides)
     steps = [{"step": 0, "moved": [], "value": _value(fid, metric), "drop": _drop(fid, metric),
               "bytes": len(qbytes), "note": "as converted"}]
     if steps[0]["drop"] > budget.max_drop:
@@ -64,19 +69,30 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
     refused: list[str] = []
     blocked: set[int] = set()
     by_index = {op.index: op for op in float_info.ops if op.subgraph == 0}
-    step = 0
+    step = group_step = 0
+    current_group = None
     with progress.task("Accuracy budget", total=budget.max_steps) as advance:
         while _drop(fid, metric) > budget.max_drop and step < budget.max_steps:
             step += 1
             errors = layer_errors(source.float_tflite, qbytes, float_info, eval_samples[:_ANALYSIS_SAMPLES])
-            k = 1 if step <= 2 else 2 ** (step - 2)  # widen the search as the easy wins run out
+            # Weight-less ops (norms, softmax, elementwise) go first: keeping them float costs little,
+            # while matmuls/convs carry int8's speed and size. Within each group, most damaging first.
+            errors.sort(key=lambda e: (by_index[e.index].has_weights, -e.damage))
+            # Moves accumulate: one op rarely fixes a transformer block (its neighbours re-quantize the
+            # error), so the number moved per step doubles once the first single-op steps are spent.
+            pending = [e for e in errors if e.index not in overrides and e.index not in blocked]
+            group = by_index[pending[0].index].has_weights if pending else None
+            if group != current_group:  # a new group (weight-less ops, then matmuls) starts small again
+                current_group, group_step = group, 0
+            group_step += 1
+            k = 1 if group_step <= 2 else 2 ** (group_step - 2)
             moved = []
-            for e in errors:
+            for e in pending:
                 if len(moved) >= k:
                     break
-                if e.index in overrides or e.index in blocked or e.damage <= 0:
-                    continue
                 op = by_index[e.index]
+                if op.has_weights != group:
+                    break  # measure the weight-less moves before touching any matmul
                 target = "hybrid" if op.has_weights and default == "int8" else "float"
                 refusal = _refusal(profile, make_plan, overrides, e.index, target)
                 if refusal and target == "hybrid" and not _refusal(profile, make_plan, overrides, e.index, "float"):
@@ -85,18 +101,12 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
                     blocked.add(e.index)
                     refused.append(f"#{e.index} {op.name}: {refusal}")
                     continue
-                overrides[e.index] = (target, f"accuracy budget step {step}: adds {e.damage:.3f} relative error "
-                                              f"in {scheme.value}")
+                overrides[e.index] = (target, f"accuracy budget step {step}: adds {e.damage:.3f} per-channel "
+                                              f"error in {scheme.value}")
                 moved.append(f"#{e.index} {op.name} -> {target}")
             if not moved:
                 break
-            if profile is not None:
-                plan = make_plan(overrides)
-                per_op = per_op_from_plan(plan)
-            else:
-                per_op = tuple(OpPrecision(op.name, op.outputs[0].name, overrides.get(op.index, (default,))[0])
-                               for op in float_info.ops if op.outputs)
-            qbytes = requantize(per_op)
+            qbytes = requantize(_per_op_for(overrides))
             fid = fidelity(source.float_tflite, qbytes, eval_samples, reference)
             steps.append({"step": step, "moved": moved, "value": _value(fid, metric), "drop": _drop(fid, metric),
                           "bytes": len(qbytes)})
@@ -106,11 +116,13 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
               "final_drop": _drop(fid, metric)}
     if not met:
         best = min(s["drop"] for s in steps)
-        why = "; ".join(refused[:3]) if refused else "no op left that adds error"
+        why = "; ".join(refused[:3]) if refused else f"{len(overrides)} op(s) moved out of {scheme.value}"
         raise QuantizationError(f"accuracy budget not met: {metric} drop {best:.4f} > {budget.max_drop} after "
                                 f"{len(steps) - 1} step(s) ({why}); raise --max-drop, use --scheme dynamic, "
                                 "or improve calibration data")
-    if plan is None and overrides:
+    if profile is not None:
+        plan = make_plan(overrides)
+    elif overrides:
         plan = _PlanView(float_info, overrides, default)
     return qbytes, plan, fid, report
 

@@ -277,9 +277,25 @@ def _arrays(path: Path, kind: str, arrays: dict[str, np.ndarray], cfg, specs) ->
     return CalibrationData(kind, str(path), True, total, calib, ev, load, cfg.seed)
 
 
+def text_lines(path: Path | str) -> list[str]:
+    """Non-empty lines of a text calibration file, one sample each."""
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()]
+    return [ln for ln in lines if ln]
+
+
+def calibration_texts(cfg: CalibrationConfig) -> list[str] | None:
+    """The calibration lines (held-out lines excluded) of a .txt source, else None. Same split as
+    load_calibration, so source rewrites that need statistics never see the evaluation samples."""
+    path = Path(cfg.source)
+    if cfg.source == "random" or path.suffix.lower() not in (".txt", ".text") or not path.is_file():
+        return None
+    lines = text_lines(path)
+    calib, _ = _split(len(lines), cfg.samples, cfg.eval_samples, cfg.seed, str(path))
+    return [lines[i] for i in calib]
+
+
 def _text(path: Path, cfg: CalibrationConfig, specs, make_text_samples) -> CalibrationData:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    lines = [ln for ln in lines if ln]
+    lines = text_lines(path)
     if make_text_samples is None:
         if not cfg.tokenizer:
             raise CalibrationError(f"{path}: text calibration needs a tokenizer; pass --tokenizer DIR "

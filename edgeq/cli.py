@@ -93,11 +93,17 @@ def main():
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
               help="Hugging Face encoders: output pooling.")
 @click.option("--scheme", type=click.Choice(["int8", "int16x8", "dynamic", "fp16"]),
-              help="Quantization scheme [default: the device's, else int8].")
+              help="Quantization scheme [default: the device's, else int8; dynamic for HF encoders].")
 @click.option("--io", "io_type", type=click.Choice(["float32", "int8", "uint8", "int16"]),
               help="Model input/output dtype [default: the device's, else float32].")
 @click.option("--calibration", "range_method", type=click.Choice(["minmax", "percentile", "mse"]),
               default="minmax", show_default=True, help="Activation range selection.")
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True, max_open=True), default=99.99,
+              show_default=True, help="Tail kept by --calibration percentile.")
+@click.option("--split-outliers", type=click.FloatRange(min=0),
+              help="HF encoders: give Linear output channels above RATIO x the median their own Linear "
+                   "[default: 8 for int8/int16x8, 0 = off].")
+@click.option("--smoothquant", type=click.FloatRange(0, 1), help="HF encoders: SmoothQuant alpha (default off).")
 @click.option("--device", help="Device profile id: plan precision per op and check the runtime.")
 @devices_dir_option
 @click.option("--allow-incompatible", is_flag=True, help="Write even if the device runtime cannot run it.")
@@ -109,8 +115,8 @@ def main():
 @quiet_option
 @library_call
 def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, tokenizer, seq_len,
-            pooling, scheme, io_type, range_method, device, devices_dir, allow_incompatible, max_drop, metric,
-            strict, force, as_json, quiet):
+            pooling, scheme, io_type, range_method, percentile, split_outliers, smoothquant, device, devices_dir,
+            allow_incompatible, max_drop, metric, strict, force, as_json, quiet):
     """Quantize MODEL (Keras, SavedModel, HF dir or float .tflite) into OUTPUT .tflite + manifest."""
     from .calibration import CalibrationConfig, Preprocess
     from .convert import BudgetOptions, ConvertOptions, convert as run
@@ -130,7 +136,7 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
                           device, devices_dir, strict, force, allow_incompatible,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
-                          seq_len, pooling)
+                          percentile, seq_len, pooling, split_outliers, smoothquant)
     result = run(model, opts, _progress(quiet, as_json))
     m = result.manifest
     if as_json:
@@ -150,6 +156,8 @@ def _print_convert(result) -> None:
         b = m["budget"]
         _table(f"Accuracy budget: {b['metric']} drop <= {b['max_drop']}", ["step", "moved", b["metric"], "bytes"],
                [[s["step"], ", ".join(s["moved"]) or "-", _f(s["value"]), s["bytes"]] for s in b["steps"]])
+    if m["source"].get("description"):
+        click.echo(f"source: {m['source']['description']}")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(m["op_summary"].items()))
     click.echo(f"ops by precision: {counts}")
     if m.get("fidelity"):

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import QuantizationError, first_line
 from .tflite_ops import WEIGHT_OPERAND
 from .tfimport import quiet_native
+from .tflite_model import read_model
 
 _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"}
 
@@ -45,8 +46,17 @@ class OpPrecision:
     precision: str
 
 
-def build_recipe(default: str, per_op: Sequence[OpPrecision]) -> list[dict]:
-    """Default for every op first; later entries win, so per-op lines override it."""
+def op_scopes(float_model: bytes) -> dict[str, str]:
+    """First output name -> the quantizer's op scope ("out1;out2;...;", see get_op_scope)."""
+    return {op.outputs[0].name: "".join(t.name + ";" for t in op.outputs if t.name)
+            for op in read_model(float_model).ops if op.outputs}
+
+
+def build_recipe(default: str, per_op: Sequence[OpPrecision], scopes: dict[str, str] | None = None) -> list[dict]:
+    """Default for every op first; later entries win, so per-op lines override it.
+
+    Each line matches its op's whole scope: tensor names may themselves contain ';' (litert-torch
+    writes "...SelfAttention_self;1"), so a prefix match would also catch other ops."""
     algo, cfg = _config(default)
     recipe = [{"regex": ".*", "operation": "*", "algorithm_key": algo, "op_config": cfg}]
     for p in per_op:
@@ -56,8 +66,8 @@ def build_recipe(default: str, per_op: Sequence[OpPrecision]) -> list[dict]:
         if precision == default:
             continue
         algo, cfg = _config(precision)
-        # The quantizer's op scope is "out1;out2;...;" (see get_op_scope): anchor on the first output.
-        recipe.append({"regex": "^" + re.escape(p.output) + ";", "operation": p.op,
+        scope = (scopes or {}).get(p.output, p.output + ";")
+        recipe.append({"regex": "^" + re.escape(scope) + "$", "operation": p.op,
                        "algorithm_key": algo, "op_config": cfg})
     return recipe
 
@@ -99,7 +109,7 @@ def quantize_per_op(float_model: bytes, default: str, per_op: Sequence[OpPrecisi
     from litert_quantizer import quantizer
 
     qt = quantizer.Quantizer(bytearray(float_model))
-    recipe = build_recipe(default, per_op)
+    recipe = build_recipe(default, per_op, op_scopes(float_model))
     if keep_float_io:  # model inputs/outputs stay float32 (a QUANTIZE/DEQUANTIZE at the edges)
         recipe += [{"regex": ".*", "operation": io, "algorithm_key": "no_quantize", "op_config": {}}
                    for io in ("INPUT", "OUTPUT")]

@@ -205,6 +205,51 @@ def test_split_outlier_channels_is_exact_and_isolates_cls_outlier():
     assert float(main.max()) < 10 * float(main.quantile(0.999)), (float(main.max()), float(main.quantile(0.999)))
 
 
+def _random_sentences(n, seed=0):
+    """Calibration text: seeded random sequences of whole words from the model's own vocabulary."""
+    words = [w for w in (MINILM / "vocab.txt").read_text().split("\n")[1999:] if w.isalpha()]
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, rng.integers(4, 24))) for _ in range(n)]
+
+
+def _static_fc_int8(fm, calib):
+    """Static int8 activations on every FULLY_CONNECTED, the rest float."""
+    from litert_quantizer import Quantizer
+
+    qt = Quantizer(fm.tflite)
+    qt.add_static_config(".*", "FULLY_CONNECTED", 8, 8)
+    base = qt.calibrate({"serving_default": fm.make_samples(calib)})
+    return bytes(qt.quantize(base, enable_progress_report=False).quantized_model)
+
+
+def test_float_graph_has_only_int16_capable_ops(mean32):
+    """LayerNorm is written without SQUARED_DIFFERENCE (no int16 kernel in the LiteRT quantizer)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    ops = {o["op_name"] for o in Interpreter(model_content=mean32.tflite)._get_ops_details()}
+    assert "SQUARED_DIFFERENCE" not in ops
+    assert {"FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX", "RSQRT"} <= ops
+
+
+def test_outlier_split_makes_static_int8_fc_faithful(mean32):
+    """Fidelity threshold: static int8 FCs with the outlier split keep mean cosine >= 0.98 to the
+    float embeddings (0.99 at seq_len 128 with real calibration text in benchmarks/minilm.py);
+    without the split the [CLS] outlier costs several points."""
+    calib = _random_sentences(48)
+    split = load_hf(MINILM, HfOptions(seq_len=32, split_outliers=8.0), calib_texts=calib)
+    assert "outlier channels split out" in split.description
+    ref = _run(mean32, TEXTS + HELD_OUT)
+    np.testing.assert_allclose(_run(split, TEXTS + HELD_OUT), ref, atol=1e-3)  # exact in float
+
+    def cos_of(fm):
+        q = FloatModel(_static_fc_int8(fm, calib), fm.input_names, fm.output_names, fm.make_samples, "")
+        return float(np.mean([_cos(a, b) for a, b in zip(_run(q, TEXTS + HELD_OUT), ref)]))
+
+    plain, with_split = cos_of(mean32), cos_of(split)
+    assert with_split >= 0.98, with_split
+    assert with_split > plain + 0.01, (plain, with_split)
+
+
 def test_load_hf_errors(tmp_path):
     with pytest.raises(ModelFormatError, match="not a Hugging Face model directory"):
         load_hf(tmp_path, HfOptions())

@@ -242,6 +242,33 @@ def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
     return n
 
 
+def explicit_layernorms(model) -> int:
+    """Replace each torch LayerNorm with the same math in elementwise ops; returns how many.
+
+    The converter lowers nn.LayerNorm's variance to SQUARED_DIFFERENCE, which the LiteRT
+    quantizer cannot run in int16: an int16 plan then keeps 13 float ops wrapped in
+    DEQUANTIZE/QUANTIZE. Written as (x - mean)^2 via MUL, every op has an int16 kernel and the
+    graph is integer-only. Float results are identical up to rounding.
+    """
+    import torch
+
+    class ExplicitLayerNorm(torch.nn.Module):
+        def __init__(self, ln):
+            super().__init__()
+            self.weight, self.bias, self.eps = ln.weight, ln.bias, ln.eps
+
+        def forward(self, x):
+            d = x - x.mean(-1, keepdim=True)
+            return d * torch.rsqrt((d * d).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine and len(mod.normalized_shape) == 1]
+    for name, ln in found:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, ExplicitLayerNorm(ln))
+    return len(found)
+
+
 def split_outlier_channels(model, batches: dict[str, np.ndarray], ratio: float = 8.0) -> int:
     """Give outlier output channels of the encoder's Linears their own tensor; returns channels moved.
 
@@ -360,6 +387,7 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         desc += f", {n} outlier channels split out"
     desc += ")"
 
+    explicit_layernorms(model)  # after the rewrites above: their hooks saw the original modules
     wrapper = _wrap(model, options.pooling, names, options.mask_value)
     # The graph is built for batch 1 and int32 ids (LiteRT has no int64 I/O by default).
     kwargs = {n: torch.from_numpy(example[n][:1].astype(np.int32)) for n in names}
@@ -367,12 +395,12 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         # litert-torch prints a progress tree on stdout and export warnings on stderr.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             edge = litert_torch.convert(wrapper, sample_kwargs=kwargs)
+            tflite = bytes(edge.model_content())
     except Exception as e:  # the converter raises many types; the user fix is the same
         raise IncompatibleModelError(
             f"litert-torch could not convert {path.name}: {str(e).splitlines()[0][:200]}; "
             "try another --pooling/--seq-len or report the model"
         ) from None
-    tflite = bytes(edge.model_content())
 
     from ai_edge_litert.interpreter import Interpreter
 

@@ -10,7 +10,10 @@ from ..tfimport import quiet_native
 from . import SourceModel, file_sha256
 
 
-def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", **_) -> SourceModel:
+def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", split_outliers: float | None = None,
+                   smoothquant: float | None = None, calib_texts: list[str] | None = None, **_) -> SourceModel:
+    """`calib_texts` (the calibration lines, never the held-out ones) feed the outlier-split and
+    SmoothQuant statistics; both rewrites are exact in float and only change what int8 sees."""
     try:
         from . import hf
     except ImportError as e:
@@ -18,7 +21,10 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", **_
                                f"(pip install 'edgeq[hf]'): {e}") from None
     # litert-torch reports its passes on stdout; --json promises stdout to edgeq.
     with quiet_native():
-        float_model = hf.load_hf(path, hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling)))
+        opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling), smoothquant_alpha=smoothquant,
+                            split_outliers=split_outliers or None)
+        needs_texts = opts.smoothquant_alpha is not None or opts.split_outliers is not None
+        float_model = hf.load_hf(path, opts, calib_texts=calib_texts if needs_texts else None)
     ins, outs = signature_specs(float_model.tflite)
     return SourceModel("hf", path, file_sha256(path), float_model.tflite, ins, outs, None,
                        float_model.make_samples, description=float_model.description)

@@ -184,14 +184,16 @@ def _print_convert(result) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
 @json_option
+@quiet_option
 @library_call
-def bench(model, threads, warmup, runs, delegate, inputs, output, force, as_json):
+def bench(model, threads, warmup, runs, delegate, inputs, output, force, as_json, quiet):
     """Benchmark MODEL on this host (the same runner script the devices use)."""
     from .runners import BenchOptions
     from .runners.local import bench_local
 
     _check_result_path(output, [model, inputs], force)
-    r = bench_local(model, BenchOptions(threads, warmup, runs, delegate, inputs=inputs))
+    with _progress(quiet, as_json).task(f"Benchmarking {Path(model).name}: {warmup} warmup + {runs} runs"):
+        r = bench_local(model, BenchOptions(threads, warmup, runs, delegate, inputs=inputs))
     _save_result(output, r)
     if as_json:
         _emit_json(r)
@@ -384,19 +386,23 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
             raise EdgeqError(f"{device} is reached over ssh: pass --host user@host[:port] (or --fleet FILE)")
         opts = SshProfileOptions(threads, warmup, runs, delegate, inputs=inputs, save_outputs=save_outputs,
                                  remote_python=remote_python, flash_slot=slot)
-        r = profile_over_ssh(model, prof, parse_target(host, **kw), opts, progress.note)
+        with progress.task(f"Profiling {Path(model).name} on {host}"):
+            r = profile_over_ssh(model, prof, parse_target(host, **kw), opts, progress.note)
     elif reach == "adb":
         from .runners.adb import AdbOptions, Mode, profile_over_adb
-        r = profile_over_adb(model, prof, AdbOptions(adb=adb_path, serial=serial, mode=Mode(mode),
-                                                      benchmark_binary=benchmark_binary, app_apk=app_apk,
-                                                      op_profiling=op_profiling, timeout_s=run_timeout),
-                             progress=progress.note)
+        with progress.task(f"Profiling {Path(model).name} over adb"):
+            r = profile_over_adb(model, prof, AdbOptions(adb=adb_path, serial=serial, mode=Mode(mode),
+                                                          benchmark_binary=benchmark_binary, app_apk=app_apk,
+                                                          op_profiling=op_profiling, timeout_s=run_timeout),
+                                 progress=progress.note)
     else:
         from .runners import BenchOptions
         from .runners.local import bench_local
-        r = bench_local(model, BenchOptions(threads or prof.threads, prof.bench.warmup if warmup is None else warmup,
-                                            runs or prof.bench.runs, delegate or _local_delegate(prof),
-                                            inputs=Path(inputs) if inputs else None))
+        with progress.task(f"Benchmarking {Path(model).name} on this host"):
+            r = bench_local(model, BenchOptions(threads or prof.threads,
+                                                prof.bench.warmup if warmup is None else warmup,
+                                                runs or prof.bench.runs, delegate or _local_delegate(prof),
+                                                inputs=Path(inputs) if inputs else None))
     _save_result(output, r)
     if as_json:
         _emit_json(r)
@@ -456,7 +462,8 @@ def flash(model, device, devices_dir, host, fleet_file, parallel, identity, know
         return
     if not device or not host:
         raise EdgeqError("pass --device ID and --host user@host[:port] (or --fleet FILE)")
-    r = one(load_profile(device, devices_dir=devices_dir), parse_target(host, **kw))
+    with progress.task(f"{'Rolling back' if rollback else 'Flashing'} {host}"):
+        r = one(load_profile(device, devices_dir=devices_dir), parse_target(host, **kw))
     if as_json:
         _emit_json(r)
     else:

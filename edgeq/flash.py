@@ -16,6 +16,7 @@ so an interrupted flash leaves the old version running. Releases beyond `keep` a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -172,6 +173,30 @@ class _Slot:
         except (FileNotFoundError, OSError):
             return None
 
+    @contextlib.contextmanager
+    def locked(self, remote: Remote, timeout: float = 60.0):
+        """One flash/rollback per slot at a time: mkdir is atomic, so a lock directory serialises
+        concurrent runs (two fleet entries naming one board, two operators)."""
+        lock = posixpath.join(self.base, ".lock")
+        remote.makedirs(self.base)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                remote.sftp.mkdir(lock, mode=0o700)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DeviceError(f"another flash holds {lock} on the device; wait for it, or remove the "
+                                      "directory if no flash is running") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            try:
+                remote.sftp.rmdir(lock)
+            except OSError:
+                pass
+
     def set_link(self, remote: Remote, link: str, version: str) -> None:
         """Point link at releases/<version> atomically (symlink beside it, then rename over it)."""
         tmp = posixpath.join(self.base, f".link-{uuid.uuid4().hex}")
@@ -233,16 +258,17 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
             runtime_python = None
             if options.with_runtime:
                 runtime_python = _install_runtime(remote, release, info, options, say)
-            old = slot.link_target(remote, slot.current)
-            say(f"switching {options.slot} to {version}")
-            if old and old != version:
-                slot.set_link(remote, slot.previous, old)
-            slot.set_link(remote, slot.current, version)
-            switched = True
-            unit, notes = None, []
-            if options.systemd_exec:
-                unit, notes = _install_unit(remote, slot, options, runtime_python is not None, say)
-            releases = _prune(remote, slot, options.keep, say)
+            with slot.locked(remote):
+                old = slot.link_target(remote, slot.current)
+                say(f"switching {options.slot} to {version}")
+                if old and old != version:
+                    slot.set_link(remote, slot.previous, old)
+                slot.set_link(remote, slot.current, version)
+                switched = True
+                unit, notes = None, []
+                if options.systemd_exec:
+                    unit, notes = _install_unit(remote, slot, options, runtime_python is not None, say)
+                releases = _prune(remote, slot, options.keep, say)
             return FlashResult("flash", target.label, options.slot, version, old, release,
                                info["model_sha256"], runtime_python, releases, unit, tuple(notes))
         finally:
@@ -327,15 +353,19 @@ def rollback(profile, target: SshTarget, options: FlashOptions | None = None,
     _check_slot(options.slot)
     with Remote(target) as remote:
         slot = _Slot(remote, options.slot)
-        cur = slot.link_target(remote, slot.current)
-        prev = slot.link_target(remote, slot.previous)
-        if not prev or not remote.exists(posixpath.join(slot.releases, prev)):
-            raise EdgeqError(f"no previous version of {options.slot!r} on {target.label} to roll back to; "
+        missing = EdgeqError(f"no previous version of {options.slot!r} on {target.label} to roll back to; "
                              f"flash a model first (rollback needs two flashes)")
-        say(f"rolling {options.slot} back from {cur} to {prev}")
-        slot.set_link(remote, slot.current, prev)
-        if cur:
-            slot.set_link(remote, slot.previous, cur)
+        if not remote.exists(slot.base):
+            raise missing
+        with slot.locked(remote):
+            cur = slot.link_target(remote, slot.current)
+            prev = slot.link_target(remote, slot.previous)
+            if not prev or not remote.exists(posixpath.join(slot.releases, prev)):
+                raise missing
+            say(f"rolling {options.slot} back from {cur} to {prev}")
+            slot.set_link(remote, slot.current, prev)
+            if cur:
+                slot.set_link(remote, slot.previous, cur)
         release = posixpath.join(slot.releases, prev)
         notes = []
         unit = f"edgeq-{options.slot}.service"

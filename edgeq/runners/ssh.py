@@ -204,7 +204,10 @@ class Remote:
             try:
                 self.sftp.stat(cur)
             except FileNotFoundError:
-                self.sftp.mkdir(cur, mode=0o700)
+                try:
+                    self.sftp.mkdir(cur, mode=0o700)
+                except OSError:
+                    self.sftp.stat(cur)  # made meanwhile by a concurrent run: fine; else re-raise
 
     def exists(self, path: str) -> bool:
         try:

@@ -312,22 +312,38 @@ def _text(path: Path, cfg: CalibrationConfig, specs, make_text_samples) -> Calib
     return CalibrationData("text", str(path), True, len(lines), calib, ev, load, cfg.seed)
 
 
-def load_tokenizer(directory: str):
+def load_tokenizer(directory) -> object:
+    """A Hugging Face tokenizer from a local directory (transformers only; never the hub)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise CalibrationError("text calibration needs transformers; pip install 'edgeq[hf]'") from None
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CalibrationError(f"{directory}: not a tokenizer directory ({first_line(e)})") from None
+        raise CalibrationError(f"{directory}: cannot load a tokenizer ({first_line(e)}); point at a directory "
+                               "with tokenizer.json or vocab.txt") from None
+
+
+def encode_texts(tokenizer, texts, seq_len: int) -> dict[str, np.ndarray]:
+    """{input_ids, attention_mask[, token_type_ids]}, each (N, seq_len) int64, padded/truncated."""
+    if isinstance(texts, str) or not texts:
+        raise CalibrationError("no calibration text: give at least one line of text")
+    if seq_len < 2:
+        raise CalibrationError(f"--seq-len must be at least 2 (got {seq_len})")
+    # Fixed length: the converted graph has static shapes (1, seq_len).
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    out = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()
+           if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if "token_type_ids" in tokenizer.model_input_names and "token_type_ids" not in out:
+        out["token_type_ids"] = np.zeros_like(out["input_ids"])
+    return out
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int) -> list[dict[str, np.ndarray]]:
-    """One dict per text: input_ids, attention_mask, token_type_ids, padded/truncated to seq_len."""
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    n = len(texts)
-    return [{k: np.asarray(v[i:i + 1]) for k, v in enc.items()} for i in range(n)]
+    """One dict per text (batch dim 1), as encode_texts makes them."""
+    enc = encode_texts(tokenizer, texts, seq_len)
+    return [{k: v[i:i + 1] for k, v in enc.items()} for i in range(len(texts))]
 
 
 _TOKEN_ROLES = ("input_ids", "attention_mask", "token_type_ids")

@@ -20,7 +20,7 @@ from .progress import SILENT, Progress
 from .quantize import IoType, QuantizeRequest, Scheme, check_io, check_litert, quantize, uses_converter
 from .sources import SourceModel, detect_format, load_source
 from .tflite_model import ModelInfo, read_model
-from .validate import Fidelity, _class_scores, fidelity, run_model
+from .validate import Fidelity, looks_like_class_scores, fidelity, run_model
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
     if opts.budget and opts.budget.metric == "top1" and not any(
-            _class_scores(n, r.reshape(r.shape[0], -1)) for n, r in reference.items()):
+            looks_like_class_scores(n, r.reshape(r.shape[0], -1)) for n, r in reference.items()):
         raise QuantizationError("--metric top1 needs an output that looks like class scores; use --metric cosine")
     float_info = read_model(source.float_tflite)
 

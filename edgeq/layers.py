@@ -14,7 +14,7 @@ import numpy as np
 
 from .tfimport import quiet_native
 from .tflite_model import ModelInfo
-from .validate import _dequantize, _quantize
+from .validate import dequantize_output, quantize_input
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,14 @@ def _capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: set[
     out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
     with quiet_native():
         for s in samples:
-            runner(**{n: _quantize(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f" else s[n]
+            runner(**{n: quantize_input(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f" else s[n]
                       for n, d in ins.items()})
             for n, d in wanted.items():
                 try:
                     t = interp.get_tensor(d["index"])
                 except ValueError:
                     continue  # tensors without data (e.g. scratch) cannot be read
-                t = _dequantize(np.asarray(t), d).astype(np.float64)
+                t = dequantize_output(np.asarray(t), d).astype(np.float64)
                 out[n].append(t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1))
     return out
 

@@ -51,14 +51,14 @@ def run_model(model: bytes, samples: Sequence[dict[str, np.ndarray]]) -> dict[st
             feed = {}
             for name, d in in_details.items():
                 x = np.asarray(s[name])
-                feed[name] = _quantize(x, d) if x.dtype.kind == "f" else x.astype(d["dtype"])
+                feed[name] = quantize_input(x, d) if x.dtype.kind == "f" else x.astype(d["dtype"])
             outs = runner(**feed)
             for name, d in out_details.items():
-                collected[name].append(_dequantize(np.asarray(outs[name]), d))
+                collected[name].append(dequantize_output(np.asarray(outs[name]), d))
     return {k: np.concatenate(v, axis=0) if v else np.zeros(0) for k, v in collected.items()}
 
 
-def _quantize(x: np.ndarray, d: dict) -> np.ndarray:
+def quantize_input(x: np.ndarray, d: dict) -> np.ndarray:
     dt = np.dtype(d["dtype"])
     scale, zp = d.get("quantization", (0.0, 0))
     if dt.kind in "iu" and scale:
@@ -67,7 +67,7 @@ def _quantize(x: np.ndarray, d: dict) -> np.ndarray:
     return x.astype(dt)
 
 
-def _dequantize(y: np.ndarray, d: dict) -> np.ndarray:
+def dequantize_output(y: np.ndarray, d: dict) -> np.ndarray:
     scale, zp = d.get("quantization", (0.0, 0))
     if y.dtype.kind in "iu" and scale:
         return (y.astype(np.float32) - zp) * scale
@@ -87,12 +87,12 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
         den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
         cos = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(np.linalg.norm(ref - cand, axis=1) == 0, 1.0, 0.0))
         rel = np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)
-        top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if _class_scores(name, ref) else None
+        top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if looks_like_class_scores(name, ref) else None
         outs.append(OutputFidelity(name, float(cos.mean()), float(rel), float(np.abs(ref - cand).max()), top1))
     return Fidelity(n, tuple(outs))
 
 
-def _class_scores(name: str, ref: np.ndarray) -> bool:
+def looks_like_class_scores(name: str, ref: np.ndarray) -> bool:
     """Probabilities (non-negative rows summing to 1), or a short logit vector that is not an embedding."""
     if ref.ndim != 2 or ref.shape[1] < 2:
         return False

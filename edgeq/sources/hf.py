@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edgeq.calibration import encode_texts, load_tokenizer
 from edgeq.errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -95,30 +96,13 @@ def _require_hf():
 
 def _load_tokenizer(tokenizer_dir):
     _require_hf()
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(
-            f"cannot load a tokenizer from {tokenizer_dir} ({str(e).splitlines()[0]}); "
-            "point at a directory with tokenizer.json or vocab.txt"
-        ) from None
+        return load_tokenizer(tokenizer_dir)
+    except CalibrationError as e:
+        raise ModelFormatError(str(e)) from None
 
 
-def _encode(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
-    if isinstance(texts, str) or not texts:
-        raise CalibrationError("no calibration text: give at least one line of text")
-    if seq_len < 2:
-        raise CalibrationError(f"--seq-len must be at least 2 (got {seq_len})")
-    # Fixed length: the converted graph has static shapes (1, seq_len).
-    enc = tok(list(texts), padding="max_length", truncation=True, max_length=seq_len,
-              return_tensors="np")
-    out = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()
-           if k in ("input_ids", "attention_mask", "token_type_ids")}
-    if "token_type_ids" in tok.model_input_names and "token_type_ids" not in out:
-        out["token_type_ids"] = np.zeros_like(out["input_ids"])
-    return out
+_encode = encode_texts
 
 
 def tokenize(tokenizer_dir, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:

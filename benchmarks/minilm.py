@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 
 # Op-name regexes in the litert-torch graph of a transformers BERT (tensor names carry the
 # torch module path).
-FFN_DOWN = ".*BertOutput_output/.*"  # with FULLY_CONNECTED: the FFN-down Linear(s), split or not
+FFN_DOWN = ".*BertOutput_output/.*"
+DOWNSTREAM = ("float", "dynamic", "fc_bmm_int8_split", "dynamic_bmm_int8", "int8_grouped", "int_only_mix")  # with FULLY_CONNECTED: the FFN-down Linear(s), split or not
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Plan:
     calibration: str = "minmax"  # minmax | percentile | mse
     smoothquant: float | None = None  # SmoothQuant alpha (float-model rewrite)
     split: float | None = None  # outlier-channel split ratio (float-model rewrite)
+    group: float | None = None  # [CLS]/channel-tier groups through add + LayerNorm (float-model rewrite)
     slow: bool = False  # int16 reference kernels: fewer sentences and timed runs
 
 
@@ -61,12 +63,15 @@ def _plans() -> list[Plan]:
         Plan("float", "float32"),
         Plan("dynamic", "dynamic-range (weights int8, act. float)", ((".*", "*", "dynamic"),)),
         Plan("naive_int8", "full int8, every op", ((".*", "*", "int8"),)),
+        Plan("int8_grouped", "full int8, every op", ((".*", "*", "int8"),), split=8.0, group=2.0),
         Plan("fc_bmm_int8", "int8 FC+BMM, rest float", (fc, bmm)),
         Plan("fc_bmm_int8_pct", "int8 FC+BMM, rest float", (fc, bmm), calibration="percentile"),
         Plan("fc_bmm_int8_sq", "int8 FC+BMM, rest float", (fc, bmm), smoothquant=0.5),
         Plan("fc_bmm_int8_split", "int8 FC+BMM, rest float", (fc, bmm), split=8.0),
         Plan("fc_bmm_int8_split_mse", "int8 FC+BMM, rest float", (fc, bmm), calibration="mse", split=8.0),
         Plan("fc_int8_split", "int8 FC, BMM+rest float", (fc,), split=8.0),
+        # Hybrid: weights int8 with activations quantized on the fly, attention matmuls static int8.
+        Plan("dynamic_bmm_int8", "dynamic-range FC, int8 BMM, rest float", ((".*", "*", "dynamic"), bmm)),
         Plan("fc_int8_split_emb8", "int8 FC, BMM+rest float, int8 embeddings", (fc, emb), split=8.0),
         # Integer-only needs int16 where the massive activations live (residual stream, LayerNorm,
         # FFN-down output); matmuls other than FFN-down stay int8.
@@ -115,18 +120,21 @@ def split_sentences(texts, n_calib, n_held, seed=0):
 def quantize(fm, plan: Plan, calib_samples) -> bytes:
     from litert_quantizer import Quantizer
 
+    from edgeq.litert_quant import op_config
     from edgeq.ranges import select_ranges
 
     if not plan.rules:
         return fm.tflite
+    precision = {"dynamic": "hybrid", "float": "float", "int8": "int8", "int16": "int16x8"}
+    recipe = []
+    for regex, op, prec in plan.rules:  # edgeq's configs (int8 BATCH_MATMUL symmetric, see op_config)
+        algo, cfg = op_config(precision[prec], op)
+        recipe.append({"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg})
+        if op == "*" and prec == "int8":  # as edgeq's build_recipe does for an int8 default
+            algo, cfg = op_config("int8", "BATCH_MATMUL")
+            recipe.append({"regex": regex, "operation": "BATCH_MATMUL", "algorithm_key": algo, "op_config": cfg})
     qt = Quantizer(fm.tflite)
-    for regex, op, prec in plan.rules:
-        if prec == "dynamic":
-            qt.add_dynamic_config(regex, op, 8)
-        elif prec == "float":
-            qt.update_quantization_recipe(regex, op, algorithm_key="no_quantize")
-        else:
-            qt.add_static_config(regex, op, {"int8": 8, "int16": 16}[prec], 8)
+    qt.load_quantization_recipe(recipe)
     result = None
     with contextlib.redirect_stderr(io.StringIO()):  # the quantizer's progress bars
         if qt.need_calibration:
@@ -246,17 +254,18 @@ def main(argv=None) -> int:
           f"converted in {time.time() - t0:.0f}s", flush=True)
     held_samples = float_fm.make_samples(held)
     ref = embed(float_fm.tflite, held_samples)
-    rewritten = {}  # (smoothquant, split) -> FloatModel
+    rewritten = {}  # (smoothquant, split, group) -> FloatModel
 
     rows, models = [], {}
     for plan in plans:
         t0 = time.time()
         fm = float_fm
-        key = (plan.smoothquant, plan.split)
-        if key != (None, None):
+        key = (plan.smoothquant, plan.split, plan.group)
+        if key != (None, None, None):
             if key not in rewritten:
                 rewritten[key] = load_hf(model_dir, HfOptions(seq_len=args.seq_len, smoothquant_alpha=plan.smoothquant,
-                                                              split_outliers=plan.split), calib)
+                                                              split_outliers=plan.split, group_outliers=plan.group),
+                                         calib)
             fm = rewritten[key]
         model = quantize(fm, plan, fm.make_samples(calib))
         models[plan.name] = (model, fm)
@@ -266,7 +275,7 @@ def main(argv=None) -> int:
             "plan": plan.name, "scheme": plan.scheme,
             "calibration": plan.calibration if any(p in ("int8", "int16") for *_, p in plan.rules) else "-",
             "rewrite": "+".join(x for x in (plan.smoothquant and f"SQ{plan.smoothquant}",
-                                            plan.split and f"split{plan.split:g}") if x) or "-",
+                                            plan.split and f"split{plan.split:g}", plan.group and f"group{plan.group:g}") if x) or "-",
             "integer_only": is_integer_only(model), "held_out": n,
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "size_mb": len(model) / 1e6,
         })
@@ -293,16 +302,9 @@ def main(argv=None) -> int:
 
     result = {"model": float_fm.description, "seq_len": args.seq_len, "rows": rows}
     if args.downstream:
-        # Float, dynamic-range, the best plan with int8 (not int16) activations, and the fastest
-        # integer-only plan at cosine >= 0.99 (int16 kernels are slow on x86).
-        precisions = {p.name: {prec for *_, prec in p.rules} for p in plans}
-        ranked = sorted(rows, key=lambda r: -r["cosine_mean"])
-        pick = ["float", "dynamic"]
-        pick += [r["plan"] for r in ranked if "int8" in precisions[r["plan"]]
-                 and "int16" not in precisions[r["plan"]] and not r["integer_only"]][:1]
-        pick += [r["plan"] for r in sorted(rows, key=lambda r: r["ms_1t"])
-                 if r["integer_only"] and r["cosine_mean"] >= 0.99][:1]
-        pick = [p for p in dict.fromkeys(pick) if p in models]
+        # Float and the plan behind each of the targets: static int8 FC+BMM, the best
+        # hybrid, the all-int8 graph, and integer-only with int16 where needed.
+        pick = [p for p in DOWNSTREAM if p in models or p == "float"]
         chosen = {p: (models[p][0] if p in models else float_fm.tflite) for p in pick}
         acc, n_test = downstream(chosen, float_fm.make_samples, texts, labels, args.docs)
         print(f"\nBBC News topic classification ({len(classes)} classes, logistic regression on "

@@ -76,7 +76,10 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     _check_options(opts, scheme, io)
 
     with progress.task(f"Loading {model.name} and converting it to float TFLite"):
-        source = load_source(model, **_source_options(opts, scheme, fmt))
+        # With an accuracy budget ops may move to float, and the grouped graph's many small ops
+        # would make the budget loop long: group only for a plain all-int8 target.
+        integer_only = _integer_only(profile, scheme) and opts.budget is None
+        source = load_source(model, **_source_options(opts, scheme, fmt, integer_only))
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
@@ -148,6 +151,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 # Outlier channels (MiniLM's [CLS] drives FFN-down outputs to ~190 while 99.9% stay < 1.5) get their own
 # Linear when activations are static int8; measured on MiniLM: cosine 0.944 -> 0.990 (docs/transformers.md).
 DEFAULT_SPLIT_OUTLIERS = 8.0
+# Magnitude-tier factor for outlier grouping (MiniLM all-int8, seq 128: factor 8 0.976, 2 0.985, 1.5 0.986).
+DEFAULT_GROUP_OUTLIERS = 2.0
 
 
 def _default_scheme(profile, fmt: str) -> Scheme:
@@ -157,7 +162,18 @@ def _default_scheme(profile, fmt: str) -> Scheme:
     return Scheme.DYNAMIC if fmt == "hf" else Scheme.INT8
 
 
-def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str) -> dict:
+def _integer_only(profile, scheme: Scheme) -> bool:
+    """Will every op be int8? Full int8 without a profile, or a profile whose accelerator and
+    fallback take int8 only (Edge TPU). CPU/GPU profiles keep some ops float or hybrid."""
+    if scheme is not Scheme.INT8:
+        return False
+    if profile is None:
+        return True
+    accel = profile.accelerator
+    return accel is not None and {str(p) for p in accel.precisions} == {"int8"} and str(accel.fallback_precision) == "int8"
+
+
+def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
     if fmt != "hf":
         return {}
     split = opts.split_outliers
@@ -168,8 +184,11 @@ def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str) -> dict:
         if opts.split_outliers or opts.smoothquant is not None:
             raise CalibrationError("--split-outliers/--smoothquant need text calibration data: --calib FILE.txt")
         split = 0
+    # In an all-int8 graph the residual adds and LayerNorms see the outliers too (sources/hf_grouping.py);
+    # --split-outliers 0 turns both rewrites off.
+    group = DEFAULT_GROUP_OUTLIERS if split and integer_only and opts.smoothquant is None else None
     return {"seq_len": opts.seq_len, "pooling": opts.pooling, "split_outliers": split or None,
-            "smoothquant": opts.smoothquant, "calib_texts": texts}
+            "group_outliers": group, "smoothquant": opts.smoothquant, "calib_texts": texts}
 
 
 def _check_options(opts: ConvertOptions, scheme: Scheme, io: IoType) -> None:

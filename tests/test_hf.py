@@ -259,3 +259,61 @@ def test_load_hf_errors(tmp_path):
         load_hf(MINILM, HfOptions(seq_len=16, smoothquant_alpha=0.5))
     with pytest.raises(CalibrationError, match="needs calibration text"):
         load_hf(MINILM, HfOptions(seq_len=16, split_outliers=8.0))
+
+
+def test_int8_batch_matmul_is_symmetric_and_stays_in_one_xnnpack_partition(mean32):
+    """XNNPACK runs int8 BATCH_MATMUL with two non-constant inputs only at zero point 0. edgeq's
+    recipe makes those activations symmetric, so an int8-FC+BMM plan is one delegated graph; the
+    quantizer's default (asymmetric) leaves every BMM on the builtin kernel, one partition each
+    (measured in benchmarks/minilm.py: 22.8 ms vs 10.3 ms at seq 128)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeq.litert_quant import OpPrecision, quantize_per_op
+    from edgeq.tflite_model import read_model
+
+    calib = _random_sentences(24)
+    per_op = [OpPrecision(op.name, op.outputs[0].name, "int8") for op in read_model(mean32.tflite).ops
+              if op.name in ("FULLY_CONNECTED", "BATCH_MATMUL")]
+    model = quantize_per_op(mean32.tflite, "float", per_op, mean32.make_samples(calib))
+    it = Interpreter(model_content=model)
+    it.allocate_tensors()  # XNNPACK replaces the ops it takes with DELEGATE nodes here
+    td = {t["index"]: t for t in it.get_tensor_details()}
+    bmms = [o for o in it._get_ops_details() if o["op_name"] == "BATCH_MATMUL"]
+    assert len(bmms) == 12  # 6 layers x (QK^T, PV)
+    for o in bmms:
+        for i in o["inputs"]:
+            assert td[i]["dtype"] == np.int8 and td[i]["quantization"][1] == 0, td[i]["name"]
+    fcs = [o for o in it._get_ops_details() if o["op_name"] == "FULLY_CONNECTED"]
+    assert any(td[o["outputs"][0]]["quantization"][1] != 0 for o in fcs)  # the rest stays asymmetric
+    delegated = [o for o in it._get_ops_details() if o["op_name"] == "DELEGATE"]
+    assert len(delegated) == 1
+    fidelity = np.mean([_cos(a, b) for a, b in zip(
+        _run(FloatModel(model, mean32.input_names, mean32.output_names, mean32.make_samples, ""), HELD_OUT),
+        _run(mean32, HELD_OUT))])
+    assert fidelity >= 0.95, fidelity  # uncalibrated-domain random text; real text: see minilm.py
+
+
+def test_grouped_outliers_is_exact_and_lifts_all_int8(mean32):
+    """All-int8 MiniLM collapses because the residual adds and LayerNorms hold [CLS]'s massive
+    values in one int8 tensor with everything else. Outlier grouping keeps [CLS] and each channel
+    magnitude tier in their own tensors through those blocks: exact in float, and the all-int8
+    model must gain at least 0.05 mean cosine (seq 128 on BBC text: 0.79 -> 0.985, minilm.py)."""
+    from edgeq.litert_quant import quantize_per_op
+
+    calib = _random_sentences(48)
+    grouped = load_hf(MINILM, HfOptions(seq_len=32, split_outliers=8.0, group_outliers=2.0), calib_texts=calib)
+    assert "outlier channels grouped for int8" in grouped.description
+    ref = _run(mean32, TEXTS + HELD_OUT)
+    np.testing.assert_allclose(_run(grouped, TEXTS + HELD_OUT), ref, atol=1e-3)
+
+    def all_int8_cos(fm):
+        q = quantize_per_op(fm.tflite, "int8", (), fm.make_samples(calib))
+        qm = FloatModel(q, fm.input_names, fm.output_names, fm.make_samples, "")
+        return float(np.mean([_cos(a, b) for a, b in zip(_run(qm, TEXTS + HELD_OUT), ref)])), q
+
+    (plain, _), (with_groups, q) = all_int8_cos(mean32), all_int8_cos(grouped)
+    assert with_groups > plain + 0.05, (plain, with_groups)
+    from edgeq.tflite_model import read_model
+    float_compute = {op.name for op in read_model(q).ops if op.precision == "float"}
+    # Only the token-id embedding gathers stay float: the LiteRT quantizer has no int8 EMBEDDING_LOOKUP.
+    assert float_compute <= {"EMBEDDING_LOOKUP"}, float_compute

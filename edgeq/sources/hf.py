@@ -32,8 +32,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ENCODER_TYPES = frozenset({
     "bert", "distilbert", "roberta", "xlm-roberta", "electra", "mpnet", "albert", "camembert",
 })
-# SmoothQuant folds into LayerNorm -> Linear pairs; only BERT's module layout is handled.
-SMOOTHQUANT_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+# SmoothQuant and the outlier grouping rewrite BERT's module layout (LayerNorm -> Linear pairs, BertOutput).
+BERT_LAYOUT_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
 SIGNATURE_KEY = "serving_default"
 
 
@@ -58,6 +58,10 @@ class HfOptions:
     # Move Linear output channels whose calibration max |y| exceeds this many times the median
     # channel's into a separate small Linear (see split_outlier_channels); None = off.
     split_outliers: float | None = None
+    # For all-int8 graphs: keep the [CLS] token and each magnitude tier of channels (tiers grow by
+    # this factor) in their own tensors through every residual add + LayerNorm (see hf_grouping);
+    # None = off. Adds GATHER/CONCATENATION ops, so only worth it when every op is int8.
+    group_outliers: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,12 +129,20 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
         def __init__(self):
             super().__init__()
             self.model = model
+            # The 0/1 mask becomes float by table lookup (GATHER) rather than CAST: a GATHER has an
+            # int8 kernel, so an all-int8 graph keeps no float op here.
+            self.register_buffer("mask_add", torch.tensor([mask_value or 0.0, 0.0]))
+            self.register_buffer("mask_mul", torch.tensor([0.0, 1.0]))
+
+        @staticmethod
+        def _lookup(table, index):
+            return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
 
         def _run(self, input_ids, attention_mask, token_type_ids=None):
             mask = attention_mask
             if mask_value is not None:
                 # A 4-D float mask is added to the attention scores as is (no -inf fill).
-                mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * mask_value
+                mask = self._lookup(self.mask_add, attention_mask)[:, None, None, :]
             kw = {"input_ids": input_ids, "attention_mask": mask}
             if token_type_ids is not None:
                 kw["token_type_ids"] = token_type_ids
@@ -139,7 +151,7 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
                 return {"last_hidden_state": h}
             if pooling is Pooling.CLS:
                 return {"embedding": h[:, 0]}
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            m = self._lookup(self.mask_mul, attention_mask).unsqueeze(-1)
             return {"embedding": (h * m).sum(1) / m.sum(1).clamp(min=1e-9)}
 
     if "token_type_ids" in input_names:
@@ -287,8 +299,10 @@ def split_outlier_channels(model, batches: dict[str, np.ndarray], ratio: float =
 
     # Every biased Linear of the encoder stack (BERT "encoder.", DistilBERT "transformer."); the
     # pooler is not in the converted graph.
+    grouped = tuple(name + "." for name, mod in model.named_modules() if type(mod).__name__ == "GroupedAddNorm")
     linears = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and mod.bias is not None and not name.startswith("pooler")]
+               if isinstance(mod, torch.nn.Linear) and mod.bias is not None and not name.startswith("pooler")
+               and not name.startswith(grouped)]  # grouped blocks already separate their outliers
     amax, handles = {}, []
     for name, lin in linears:
         def hook(_m, _i, out, name=name):
@@ -333,6 +347,8 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         )
     if not isinstance(options.pooling, Pooling):
         options = dataclasses.replace(options, pooling=Pooling(options.pooling))
+    if options.group_outliers is not None and options.smoothquant_alpha is not None:
+        raise IncompatibleModelError("outlier grouping and SmoothQuant rewrite the same Linears; use one of them")
     max_pos = cfg.get("max_position_embeddings")
     if max_pos and options.seq_len > max_pos:
         raise CalibrationError(f"--seq-len {options.seq_len} exceeds the model's maximum of {max_pos}")
@@ -354,7 +370,7 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
 
     desc = f"{cfg.get('_name_or_path') or path.name} ({mtype}, seq_len {options.seq_len}, pooling {options.pooling.value}"
     if options.smoothquant_alpha is not None:
-        if mtype not in SMOOTHQUANT_TYPES:
+        if mtype not in BERT_LAYOUT_TYPES:
             raise IncompatibleModelError(f"SmoothQuant is not implemented for {mtype}; drop --smoothquant")
         if not calib_texts:
             raise CalibrationError("SmoothQuant needs calibration text (--calib sentences.txt)")
@@ -363,6 +379,21 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         n = smooth_bert(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
                         options.smoothquant_alpha)
         desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} Linears"
+    if options.group_outliers is not None:
+        if not options.group_outliers > 1.0:
+            raise CalibrationError(f"the outlier grouping factor must be above 1 (got {options.group_outliers})")
+        if mtype not in BERT_LAYOUT_TYPES:
+            raise IncompatibleModelError(f"outlier grouping is not implemented for {mtype}; use --scheme dynamic "
+                                         "or a profile with float fallback")
+        if not calib_texts:
+            raise CalibrationError("outlier grouping needs calibration text (--calib sentences.txt)")
+        from .hf_grouping import group_outliers
+
+        batch = _encode(tok, list(calib_texts)[:256], options.seq_len)
+        first = np.unique(batch["input_ids"][:, 0])
+        cls_id = int(first[0]) if len(first) == 1 and first[0] == tok.cls_token_id else None
+        n = group_outliers(model, batch, options.group_outliers, cls_id)
+        desc += f", [CLS] and {n} outlier channels grouped for int8"
     if options.split_outliers is not None:
         if not calib_texts:
             raise CalibrationError("outlier splitting needs calibration text (--calib sentences.txt)")

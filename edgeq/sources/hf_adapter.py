@@ -11,7 +11,8 @@ from . import SourceModel, file_sha256
 
 
 def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", split_outliers: float | None = None,
-                   smoothquant: float | None = None, calib_texts: list[str] | None = None, **_) -> SourceModel:
+                   smoothquant: float | None = None, group_outliers: float | None = None,
+                   calib_texts: list[str] | None = None, **_) -> SourceModel:
     """`calib_texts` (the calibration lines, never the held-out ones) feed the outlier-split and
     SmoothQuant statistics; both rewrites are exact in float and only change what int8 sees."""
     try:
@@ -22,8 +23,8 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", spl
     # litert-torch reports its passes on stdout; --json promises stdout to edgeq.
     with quiet_native():
         opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling), smoothquant_alpha=smoothquant,
-                            split_outliers=split_outliers or None)
-        needs_texts = opts.smoothquant_alpha is not None or opts.split_outliers is not None
+                            split_outliers=split_outliers or None, group_outliers=group_outliers)
+        needs_texts = opts.smoothquant_alpha is not None or opts.split_outliers is not None or group_outliers is not None
         float_model = hf.load_hf(path, opts, calib_texts=calib_texts if needs_texts else None)
     ins, outs = signature_specs(float_model.tflite)
     return SourceModel("hf", path, file_sha256(path), float_model.tflite, ins, outs, None,

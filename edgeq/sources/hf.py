@@ -166,6 +166,33 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
     return NoTypes().eval()
 
 
+def channel_absmax(model, batches: dict[str, np.ndarray], modules: Sequence, *, of: str = "input",
+                   skip_first_token: bool = False) -> list:
+    """Per-channel max |x| of each module's first input (of="input") or its output (of="output")
+    over one forward pass of the tokenized `batches`; skip_first_token leaves [CLS] out.
+
+    Padded positions stay in: the quantized graph runs them through the same ops."""
+    import torch
+
+    amax: dict[int, torch.Tensor] = {}
+
+    def record(i, x):
+        x = x.detach()[:, 1:] if skip_first_token else x.detach()
+        a = x.abs().flatten(0, -2).amax(0)
+        amax[i] = a if i not in amax else torch.maximum(amax[i], a)
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: record(i, args[0])) if of == "input"
+               else m.register_forward_hook(lambda _m, _a, out, i=i: record(i, out))
+               for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return [amax[i] for i in range(len(modules))]
+
+
 def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
     """SmoothQuant (Xiao et al. 2023) on a BERT-layout model, in place; returns Linears smoothed.
 
@@ -205,24 +232,7 @@ def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
         groups.append((layer.intermediate, ("dense",)))
         groups.append((layer.output, ("dense",)))
 
-    amax = {}
-
-    def hook(key):
-        def f(_mod, args):
-            m = args[0].detach().abs().flatten(0, -2).amax(0)
-            amax[key] = m if key not in amax else torch.maximum(amax[key], m)
-        return f
-
-    handles = [getattr(owner, names[0]).register_forward_pre_hook(hook(i))
-               for i, (owner, names) in enumerate(groups)]
-    try:
-        with torch.no_grad():
-            # Padded positions pass through the Linears too (the quantized graph sees them), so
-            # they stay in the statistics.
-            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
-    finally:
-        for h in handles:
-            h.remove()
+    amax = channel_absmax(model, batches, [getattr(owner, names[0]) for owner, names in groups])
 
     n = 0
     with torch.no_grad():
@@ -303,18 +313,8 @@ def split_outlier_channels(model, batches: dict[str, np.ndarray], ratio: float =
     linears = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and mod.bias is not None and not name.startswith("pooler")
                and not name.startswith(grouped)]  # grouped blocks already separate their outliers
-    amax, handles = {}, []
-    for name, lin in linears:
-        def hook(_m, _i, out, name=name):
-            a = out.detach().abs().flatten(0, -2).amax(0)
-            amax[name] = a if name not in amax else torch.maximum(amax[name], a)
-        handles.append(lin.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
-    finally:
-        for h in handles:
-            h.remove()
+    outputs = channel_absmax(model, batches, [lin for _, lin in linears], of="output")
+    amax = {name: a for (name, _), a in zip(linears, outputs)}
 
     moved = 0
     for name, lin in linears:

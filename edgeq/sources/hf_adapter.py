@@ -24,7 +24,7 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", spl
     with quiet_native():
         opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling), smoothquant_alpha=smoothquant,
                             split_outliers=split_outliers or None, group_outliers=group_outliers)
-        needs_texts = opts.smoothquant_alpha is not None or opts.split_outliers is not None or group_outliers is not None
+        needs_texts = any(x is not None for x in (opts.smoothquant_alpha, opts.split_outliers, group_outliers))
         float_model = hf.load_hf(path, opts, calib_texts=calib_texts if needs_texts else None)
     ins, outs = signature_specs(float_model.tflite)
     return SourceModel("hf", path, file_sha256(path), float_model.tflite, ins, outs, None,

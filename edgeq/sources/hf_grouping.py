@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from edgeq.errors import IncompatibleModelError
+from edgeq.sources.hf import channel_absmax
 
 
 def _tiers(amax: torch.Tensor, ratio: float) -> list[torch.Tensor]:
@@ -56,7 +57,8 @@ class GroupedLayerNorm(torch.nn.Module):
         mean = sum(y.sum(-1, keepdim=True) for y in ys) * self.inv_n
         ds = [y - mean for y in ys]
         r = torch.rsqrt(sum((d * d).sum(-1, keepdim=True) for d in ds) * self.inv_n + self.eps)
-        out = torch.cat([d * r * getattr(self, f"gamma_{g}") + getattr(self, f"beta_{g}") for g, d in enumerate(ds)], -1)
+        out = torch.cat([d * r * getattr(self, f"gamma_{g}") + getattr(self, f"beta_{g}")
+                         for g, d in enumerate(ds)], -1)
         return out.index_select(-1, self.order)
 
 
@@ -147,18 +149,7 @@ def group_outliers(model, batches: dict[str, np.ndarray], ratio: float = 2.0, cl
                  and getattr(model.config, "position_embedding_type", "absolute") == "absolute")
     # The LayerNorm input of each block, without [CLS] (it has its own group).
     owners = [lay.attention.output for lay in layers] + [lay.output for lay in layers] + ([emb] if group_emb else [])
-    amax, handles = {}, []
-    for i, owner in enumerate(owners):
-        def hook(_mod, args, i=i):
-            a = args[0].detach()[:, 1:].abs().flatten(0, -2).amax(0)
-            amax[i] = a if i not in amax else torch.maximum(amax[i], a)
-        handles.append(owner.LayerNorm.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
-    finally:
-        for h in handles:
-            h.remove()
+    amax = channel_absmax(model, batches, [owner.LayerNorm for owner in owners], skip_first_token=True)
 
     grouped = 0
     with torch.no_grad():

@@ -150,7 +150,9 @@ def _print_convert(result) -> None:
     if m.get("plan"):
         rows = [[e["index"], e["op"], e["precision"], e["placement"], e.get("reason", "")]
                 for e in m["plan"]["ops"] if e["precision"] not in ("int8", "other")]
-        _table(f"Precision plan for {m['device']} (ops not int8)", ["#", "op", "precision", "runs on", "reason"], rows)
+        if rows:  # an all-int8 plan is said by the summary line alone
+            _table(f"Precision plan for {m['device']} (ops not int8)", ["#", "op", "precision", "runs on", "reason"],
+                   rows)
         click.echo(f"plan: {m['plan']['summary']}")
     if m.get("budget"):
         b = m["budget"]

@@ -56,6 +56,16 @@ def test_convert_json_and_exit_codes(tiny_dense, tmp_path):
     assert not (tmp_path / "n.tflite").exists() and not (tmp_path / "n.edgeq.json").exists()
 
 
+def test_all_int8_plan_prints_summary_without_empty_table(tiny_dense, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 8)).astype(np.float32))
+    r = run("convert", tiny_dense, "-o", tmp_path / "o.tflite", "--calib", tmp_path / "x.npy",
+            "--device", "coral-edgetpu")
+    assert r.exit_code == 0, r.output
+    assert "ops not int8" not in r.output
+    summary = [line for line in r.output.splitlines() if line.startswith("plan: ")]
+    assert len(summary) == 1 and "int8" in summary[0], r.output
+
+
 def test_corrupt_model_exit_1(tmp_path):
     (tmp_path / "m.tflite").write_bytes(b"\x00" * 64)
     r = run("bench", tmp_path / "m.tflite")

@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 
 # Op-name regexes in the litert-torch graph of a transformers BERT (tensor names carry the
 # torch module path).
-FFN_DOWN = ".*BertOutput_output/.*"
-DOWNSTREAM = ("float", "dynamic", "fc_bmm_int8_split", "dynamic_bmm_int8", "int8_grouped", "int_only_mix")  # with FULLY_CONNECTED: the FFN-down Linear(s), split or not
+FFN_DOWN = ".*BertOutput_output/.*"  # with FULLY_CONNECTED: the FFN-down Linear(s), split or not
+# Plans the downstream task runs: float and the plan behind each of the targets.
+DOWNSTREAM = ("float", "dynamic", "fc_bmm_int8_split", "dynamic_bmm_int8", "int8_grouped", "int_only_mix")
 
 
 @dataclass(frozen=True)
@@ -120,19 +121,14 @@ def split_sentences(texts, n_calib, n_held, seed=0):
 def quantize(fm, plan: Plan, calib_samples) -> bytes:
     from litert_quantizer import Quantizer
 
-    from edgeq.litert_quant import op_config
+    from edgeq.litert_quant import recipe_lines
     from edgeq.ranges import select_ranges
 
     if not plan.rules:
         return fm.tflite
     precision = {"dynamic": "hybrid", "float": "float", "int8": "int8", "int16": "int16x8"}
-    recipe = []
-    for regex, op, prec in plan.rules:  # edgeq's configs (int8 BATCH_MATMUL symmetric, see op_config)
-        algo, cfg = op_config(precision[prec], op)
-        recipe.append({"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg})
-        if op == "*" and prec == "int8":  # as edgeq's build_recipe does for an int8 default
-            algo, cfg = op_config("int8", "BATCH_MATMUL")
-            recipe.append({"regex": regex, "operation": "BATCH_MATMUL", "algorithm_key": algo, "op_config": cfg})
+    # edgeq's own recipe lines (int8 BATCH_MATMUL symmetric, see litert_quant.SYMMETRIC_INT8_OPS)
+    recipe = [line for regex, op, prec in plan.rules for line in recipe_lines(regex, op, precision[prec])]
     qt = Quantizer(fm.tflite)
     qt.load_quantization_recipe(recipe)
     result = None
@@ -275,7 +271,8 @@ def main(argv=None) -> int:
             "plan": plan.name, "scheme": plan.scheme,
             "calibration": plan.calibration if any(p in ("int8", "int16") for *_, p in plan.rules) else "-",
             "rewrite": "+".join(x for x in (plan.smoothquant and f"SQ{plan.smoothquant}",
-                                            plan.split and f"split{plan.split:g}", plan.group and f"group{plan.group:g}") if x) or "-",
+                                            plan.split and f"split{plan.split:g}",
+                                            plan.group and f"group{plan.group:g}") if x) or "-",
             "integer_only": is_integer_only(model), "held_out": n,
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "size_mb": len(model) / 1e6,
         })
@@ -302,8 +299,6 @@ def main(argv=None) -> int:
 
     result = {"model": float_fm.description, "seq_len": args.seq_len, "rows": rows}
     if args.downstream:
-        # Float and the plan behind each of the targets: static int8 FC+BMM, the best
-        # hybrid, the all-int8 graph, and integer-only with int16 where needed.
         pick = [p for p in DOWNSTREAM if p in models or p == "float"]
         chosen = {p: (models[p][0] if p in models else float_fm.tflite) for p in pick}
         acc, n_test = downstream(chosen, float_fm.make_samples, texts, labels, args.docs)

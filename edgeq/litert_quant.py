@@ -45,6 +45,17 @@ def op_config(precision: str, op: str = "*") -> tuple[str, dict]:
                                         "compute_precision": "INTEGER", **base}
 
 
+def recipe_lines(regex: str, op: str, precision: str) -> list[dict]:
+    """Recipe line(s) putting ops matching `regex` and `op` ("*" = any) at `precision`. An int8
+    line for any op adds the SYMMETRIC_INT8_OPS lines after it (later lines win)."""
+    algo, cfg = op_config(precision, op)
+    lines = [{"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg}]
+    if op == "*" and precision == "int8":
+        lines += [{"regex": regex, "operation": sym, "algorithm_key": algo, "op_config": op_config(precision, sym)[1]}
+                  for sym in sorted(SYMMETRIC_INT8_OPS)]
+    return lines
+
+
 @dataclass(frozen=True)
 class OpPrecision:
     """One recipe line: the op whose first output is `output` runs at `precision`."""
@@ -65,10 +76,7 @@ def build_recipe(default: str, per_op: Sequence[OpPrecision], scopes: dict[str, 
 
     Each line matches its op's whole scope: tensor names may themselves contain ';' (litert-torch
     writes "...SelfAttention_self;1"), so a prefix match would also catch other ops."""
-    algo, cfg = op_config(default)
-    recipe = [{"regex": ".*", "operation": "*", "algorithm_key": algo, "op_config": cfg}]
-    recipe += [{"regex": ".*", "operation": op, "algorithm_key": algo, "op_config": op_config(default, op)[1]}
-               for op in sorted(SYMMETRIC_INT8_OPS) if default == "int8"]
+    recipe = recipe_lines(".*", "*", default)
     for p in per_op:
         precision = p.precision
         if precision == "hybrid" and p.op not in WEIGHT_OPERAND:

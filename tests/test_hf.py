@@ -315,7 +315,7 @@ def test_grouped_outliers_is_exact_and_lifts_all_int8(mean32):
     assert with_groups > plain + 0.05, (plain, with_groups)
     from edgeq.tflite_model import read_model
     float_compute = {op.name for op in read_model(q).ops if op.precision == "float"}
-    # Only the token-id embedding gathers stay float: the LiteRT quantizer has no int8 EMBEDDING_LOOKUP.
+    # The embedding tables are read by GATHER (int8 kernel); an EMBEDDING_LOOKUP would stay float.
     assert float_compute <= {"EMBEDDING_LOOKUP"}, float_compute
 
 

@@ -121,6 +121,14 @@ def _read_config(path: Path) -> dict:
         raise ModelFormatError(f"{path}/config.json is unreadable ({e}); re-export the model") from None
 
 
+def table_lookup(table, index):
+    """table[index] written as index_select: litert-torch lowers it to GATHER, which has an int8
+    kernel (nn.Embedding becomes EMBEDDING_LOOKUP, which the LiteRT quantizer keeps float)."""
+    import torch
+
+    return torch.index_select(table, 0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
+
+
 def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: float | None):
     """A torch module with explicitly named tensor inputs, so the SignatureDef gets real names."""
     import torch
@@ -134,15 +142,11 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
             self.register_buffer("mask_add", torch.tensor([mask_value or 0.0, 0.0]))
             self.register_buffer("mask_mul", torch.tensor([0.0, 1.0]))
 
-        @staticmethod
-        def _lookup(table, index):
-            return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
-
         def _run(self, input_ids, attention_mask, token_type_ids=None):
             mask = attention_mask
             if mask_value is not None:
                 # A 4-D float mask is added to the attention scores as is (no -inf fill).
-                mask = self._lookup(self.mask_add, attention_mask)[:, None, None, :]
+                mask = table_lookup(self.mask_add, attention_mask)[:, None, None, :]
             kw = {"input_ids": input_ids, "attention_mask": mask}
             if token_type_ids is not None:
                 kw["token_type_ids"] = token_type_ids
@@ -151,7 +155,7 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
                 return {"last_hidden_state": h}
             if pooling is Pooling.CLS:
                 return {"embedding": h[:, 0]}
-            m = self._lookup(self.mask_mul, attention_mask).unsqueeze(-1)
+            m = table_lookup(self.mask_mul, attention_mask).unsqueeze(-1)
             return {"embedding": (h * m).sum(1) / m.sum(1).clamp(min=1e-9)}
 
     if "token_type_ids" in input_names:
@@ -309,7 +313,9 @@ def split_outlier_channels(model, batches: dict[str, np.ndarray], ratio: float =
 
     # Every biased Linear of the encoder stack (BERT "encoder.", DistilBERT "transformer."); the
     # pooler is not in the converted graph.
-    grouped = tuple(name + "." for name, mod in model.named_modules() if type(mod).__name__ == "GroupedAddNorm")
+    from .hf_grouping import GroupedAddNorm
+
+    grouped = tuple(name + "." for name, mod in model.named_modules() if isinstance(mod, GroupedAddNorm))
     linears = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and mod.bias is not None and not name.startswith("pooler")
                and not name.startswith(grouped)]  # grouped blocks already separate their outliers

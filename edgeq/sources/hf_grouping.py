@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from edgeq.errors import IncompatibleModelError
-from edgeq.sources.hf import channel_absmax
+from edgeq.sources.hf import channel_absmax, table_lookup
 
 
 def _tiers(amax: torch.Tensor, ratio: float) -> list[torch.Tensor]:
@@ -51,7 +51,7 @@ class GroupedLayerNorm(torch.nn.Module):
         order = torch.empty(hidden, dtype=torch.long)
         order[torch.cat(groups)] = torch.arange(hidden)
         self.register_buffer("order", order)
-        self.n_groups, self.eps, self.inv_n = len(groups), ln.eps, 1.0 / hidden
+        self.eps, self.inv_n = ln.eps, 1.0 / hidden
 
     def forward(self, *ys):
         mean = sum(y.sum(-1, keepdim=True) for y in ys) * self.inv_n
@@ -95,8 +95,7 @@ class GroupedEmbeddings(torch.nn.Module):
         super().__init__()
         w, t = emb.word_embeddings.weight.detach(), emb.token_type_embeddings.weight.detach()
         p = emb.position_embeddings.weight.detach()
-        # Tables as buffers read with index_select: litert-torch writes GATHER (which has an int8
-        # kernel) where nn.Embedding gives EMBEDDING_LOOKUP, which the LiteRT quantizer keeps float.
+        # Tables as buffers read by table_lookup (GATHER, int8), not nn.Embedding (stays float).
         for g, idx in enumerate(groups):
             self.register_buffer(f"word_{g}", w[:, idx].clone())
             self.register_buffer(f"type_{g}", t[:, idx].clone())
@@ -110,13 +109,10 @@ class GroupedEmbeddings(torch.nn.Module):
                 past_key_values_length=0, **_):
         ids = input_ids[:, 1:]
         types = token_type_ids[:, 1:] if token_type_ids is not None else torch.zeros_like(ids)
-        b, n = ids.shape
-
-        def lookup(name, index):
-            return torch.index_select(getattr(self, name), 0, index.reshape(-1)).reshape(b, n, -1)
-
-        rest = self.norm(*(lookup(f"word_{g}", ids) + lookup(f"type_{g}", types) + getattr(self, f"pos_{g}")[:n]
-                           for g in range(self.n_groups)))
+        n = ids.shape[1]
+        rest = self.norm(*(table_lookup(getattr(self, f"word_{g}"), ids)
+                           + table_lookup(getattr(self, f"type_{g}"), types)
+                           + getattr(self, f"pos_{g}")[:n] for g in range(self.n_groups)))
         return torch.cat([self.cls_out.expand(ids.shape[0], 1, -1), rest], 1)
 
 

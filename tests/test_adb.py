@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from adb_standin import DATA, AdbServer, StandInPhone, install_fake_benchmark_model
+from edgeq.files import sha256_file
 from edgeq.errors import DeviceError, ModelFormatError, ProfileError
 from edgeq.runners import adb as adbrun
 from edgeq.runners import benchmark_log
@@ -103,7 +104,7 @@ def test_push_run_parse_end_to_end(phone, tiny_model, bench_bin):
     assert r["delegate_coverage"]["threshold"] == 0.9
     assert r["device"]["model"] == "EdgeqStandIn" and r["device"]["abi"] == "arm64-v8a"
     assert r["device"]["sdk_int"] == 34 and r["serial"] == phone.serial
-    assert r["model_sha256"] == adbrun.sha256_file(tiny_model)
+    assert r["model_sha256"] == sha256_file(tiny_model)
     assert r["model_bytes"] == tiny_model.stat().st_size
     assert r["benchmark_binary"]["reused"] is False
     # The binary got the profile's flags and the pushed model path.
@@ -128,7 +129,7 @@ def test_binary_reused_when_checksum_matches(phone, tiny_model, bench_bin):
     bench_bin.write_text(bench_bin.read_text() + "\n# rebuilt\n")
     r = adbrun.profile_over_adb(tiny_model, profile(), opts(bench_bin))
     assert r["benchmark_binary"]["reused"] is False
-    assert r["benchmark_binary"]["sha256"] == adbrun.sha256_file(bench_bin)
+    assert r["benchmark_binary"]["sha256"] == sha256_file(bench_bin)
     assert (phone.host_path(adbrun.BIN_DIR) / "benchmark_model").read_bytes() == bench_bin.read_bytes()
 
 
@@ -212,7 +213,7 @@ def test_app_mode_installs_once_and_compares_with_benchmark_model(phone, tiny_mo
     app = r["app"]
     assert app["app"]["installed"] is True
     assert app["delegate"] == "gpu" and app["threads"] == 3 and app["warmup"]["count"] == 2
-    assert app["model_sha256"] == adbrun.sha256_file(tiny_model)  # the app read the pushed model
+    assert app["model_sha256"] == sha256_file(tiny_model)  # the app read the pushed model
     d = r["app_vs_benchmark"]["runs.mean_ms"]
     assert d["benchmark_model"] == pytest.approx(1240.27) and d["app"] == pytest.approx(4.153)
     assert d["diff_ms"] == pytest.approx(4.153 - 1240.27)

@@ -12,7 +12,6 @@ Only the standard library is imported here.
 """
 
 import enum
-import hashlib
 import json
 import os
 import posixpath
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeq.errors import DeviceError, EdgeqError, ModelFormatError, ProfileError
+from edgeq.files import sha256_file
 from edgeq.runners import benchmark_log
 
 SCHEMA = "edgeq.bench/1"
@@ -172,14 +172,6 @@ def device_info(adb):
             "abi": vals["ro.product.cpu.abi"], "machine": vals["ro.product.cpu.abi"],
             "system": "Android", "android_release": vals["ro.build.version.release"],
             "sdk_int": int(sdk) if sdk.isdigit() else None, "serial": adb.serial}
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _remote_sha256(adb, path):

@@ -6,13 +6,13 @@ from what the path is, and a wrong or corrupt file gets a one-line error naming 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..calibration import InputSpec
 from ..errors import ModelFormatError
+from ..files import sha256_file
 from ..tflite_model import is_tflite
 
 EXPECTED = ("a Keras .keras/.h5 file, a SavedModel directory, a Hugging Face model directory "
@@ -55,18 +55,6 @@ def detect_format(path: Path) -> str:
     if suffix == ".tflite" or is_tflite(head):
         return "tflite"
     raise ModelFormatError(f"{path}: unrecognised model file; expected {EXPECTED}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def load_source(path: Path | str, **options) -> SourceModel:

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..errors import ModelFormatError
 from ..signature import signature_specs
 from ..tfimport import quiet_native
-from . import SourceModel, file_sha256
+from ..files import sha256_file
+from . import SourceModel
 
 
 def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", split_outliers: float | None = None,
@@ -27,5 +28,5 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", spl
         needs_texts = any(x is not None for x in (opts.smoothquant_alpha, opts.split_outliers, group_outliers))
         float_model = hf.load_hf(path, opts, calib_texts=calib_texts if needs_texts else None)
     ins, outs = signature_specs(float_model.tflite)
-    return SourceModel("hf", path, file_sha256(path), float_model.tflite, ins, outs, None,
+    return SourceModel("hf", path, sha256_file(path), float_model.tflite, ins, outs, None,
                        float_model.make_samples, description=float_model.description)

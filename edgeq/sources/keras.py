@@ -7,7 +7,8 @@ from pathlib import Path
 from ..errors import ModelFormatError, first_line
 from ..signature import signature_specs
 from ..tfimport import quiet_native
-from . import SourceModel, file_sha256
+from ..files import sha256_file
+from . import SourceModel
 
 
 def _tf():
@@ -38,7 +39,7 @@ def load_keras(path: Path) -> SourceModel:
 
     float_model = _float_tflite(make_converter, path)
     ins, outs = signature_specs(float_model)
-    return SourceModel("keras", path, file_sha256(path), float_model, ins, outs, make_converter)
+    return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter)
 
 
 def load_saved_model(path: Path) -> SourceModel:
@@ -53,4 +54,4 @@ def load_saved_model(path: Path) -> SourceModel:
         raise ModelFormatError(f"{path}: not a loadable SavedModel ({first_line(e, 160)})") from None
     float_model = _float_tflite(make_converter, path)
     ins, outs = signature_specs(float_model)
-    return SourceModel("saved_model", path, file_sha256(path), float_model, ins, outs, make_converter)
+    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter)

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..errors import ModelFormatError
 from ..signature import ensure_signature, signature_specs
 from ..tflite_model import read_model
-from . import SourceModel, file_sha256
+from ..files import sha256_file
+from . import SourceModel
 
 
 def load_tflite(path: Path) -> SourceModel:
@@ -25,4 +26,4 @@ def load_tflite(path: Path) -> SourceModel:
     if custom:
         notes.append(f"custom ops {', '.join(custom)} stay float and must be registered on the device")
     ins, outs = signature_specs(data)
-    return SourceModel("tflite", path, file_sha256(path), data, ins, outs, None, None, tuple(notes))
+    return SourceModel("tflite", path, sha256_file(path), data, ins, outs, None, None, tuple(notes))

@@ -383,7 +383,8 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
     prof = load_profile(device, devices_dir=devices_dir)
     reach = _val(prof.reach)
     if reach == "ssh":
-        from .runners.ssh import SshProfileOptions, parse_target, profile_over_ssh
+        from .remote import parse_target
+        from .runners.ssh import SshProfileOptions, profile_over_ssh
         if not host:
             raise EdgeqError(f"{device} is reached over ssh: pass --host user@host[:port] (or --fleet FILE)")
         opts = SshProfileOptions(threads, warmup, runs, delegate, inputs=inputs, save_outputs=save_outputs,
@@ -444,7 +445,7 @@ def flash(model, device, devices_dir, host, fleet_file, parallel, identity, know
     from .errors import EdgeqError
     from .flash import FlashOptions, flash as do_flash, rollback as do_rollback
     from .profiles import load_profile
-    from .runners.ssh import parse_target
+    from .remote import parse_target
 
     progress = _progress(quiet, as_json)
     kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from edgeq.errors import DeviceError, EdgeqError, ModelFormatError
 from edgeq.files import sha256_file
-from edgeq.runners.ssh import BENCH_SCRIPT, FLASH_ROOT, Progress, Remote, SshTarget
+from edgeq.remote import Progress, Remote, SshTarget
+from edgeq.runners.ssh import BENCH_SCRIPT, FLASH_ROOT
 
 BUNDLE_SCHEMA = "edgeq.bundle/1"
 MODEL_NAME = "model.tflite"  # fixed name on the device: services and scripts find it without guessing

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeq.errors import EdgeqError
-from edgeq.runners.ssh import SshTarget
+from edgeq.remote import SshTarget
 
 FLEET_SCHEMA = "edgeq.fleet/1"
 _TARGET_KEYS = {"host", "user", "port", "identity", "known_hosts", "connect_timeout", "run_timeout"}

@@ -50,7 +50,7 @@ class SshServer:
         return path
 
     def target(self, known_hosts: Path, **kw):
-        from edgeq.runners.ssh import SshTarget
+        from edgeq.remote import SshTarget
 
         kw.setdefault("connect_timeout", 10.0)
         kw.setdefault("run_timeout", 120.0)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from edgeq.flash import FlashOptions, flash
-from edgeq.runners.ssh import SshProfileOptions, SshTarget, profile_over_ssh
+from edgeq.remote import SshTarget
+from edgeq.runners.ssh import SshProfileOptions, profile_over_ssh
 from tests.sshd_fixture import IN_CI, StubProfile, free_port, host_outputs, tiny_int8_model, wait_port  # noqa: F401
 
 pytestmark = [pytest.mark.aarch64, pytest.mark.slow]

@@ -14,7 +14,8 @@ import pytest
 from edgeq.errors import EdgeqError
 from edgeq.flash import FlashOptions, flash
 from edgeq.fleet import FleetDevice, Inventory, load_inventory, run_fleet
-from edgeq.runners.ssh import SshProfileOptions, SshTarget, profile_over_ssh
+from edgeq.remote import SshTarget
+from edgeq.runners.ssh import SshProfileOptions, profile_over_ssh
 from tests.sshd_fixture import StubProfile, free_port, sshd, tiny_int8_model  # noqa: F401
 
 

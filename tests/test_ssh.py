@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from edgeq.errors import DeviceError, EdgeqError
-from edgeq.runners.ssh import SshProfileOptions, SshTarget, parse_target, profile_over_ssh
+from edgeq.remote import SshTarget, parse_target
+from edgeq.runners.ssh import SshProfileOptions, profile_over_ssh
 from tests.sshd_fixture import StubProfile, host_outputs, sshd, tiny_int8_model  # noqa: F401
 
 PROFILE = StubProfile()

@@ -12,7 +12,6 @@ from typing import Callable
 
 from ..calibration import InputSpec
 from ..errors import ModelFormatError
-from ..files import sha256_file
 from ..tflite_model import is_tflite
 
 EXPECTED = ("a Keras .keras/.h5 file, a SavedModel directory, a Hugging Face model directory "

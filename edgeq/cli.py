@@ -65,6 +65,14 @@ def _f(x, digits=4):
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+
+
+def output_option(help: str, required: bool = False):
+    """-o/--output, shared by every command that writes a file (with --force to overwrite)."""
+    return click.option("-o", "--output", type=click.Path(path_type=Path), required=required, help=help)
+
+
 devices_dir_option = click.option("--devices-dir", type=click.Path(file_okay=False), envvar="EDGEQ_DEVICES_DIR",
                                   help="Extra device profile directory (env: EDGEQ_DEVICES_DIR).")
 

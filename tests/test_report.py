@@ -350,11 +350,9 @@ def test_refuses_to_overwrite_an_input_and_keeps_old_report_on_failure(tmp_path,
 # ---------------------------------------------------------------- headless Chromium
 
 def test_renders_in_headless_chromium(report, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed; run .ci/setup_chromium.sh")
-        pytest.skip("chromium not installed (apt-get install chromium, or .ci/setup_chromium.sh)")
+    from conftest import require_tool
+    chromium = shutil.which("chromium-browser") or require_tool(
+        "chromium", "apt-get install chromium fonts-dejavu-core fonts-liberation, or .ci/setup_chromium.sh")
     res, _, _ = report
     shot = tmp_path / "shot.png"
     p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",

@@ -1,0 +1,61 @@
+"""Ctrl-C while a garbage-collector callback runs (JAX registers one; litert-torch imports JAX) must
+still stop the command. Each case runs in a fresh Python subprocess that sends itself SIGINT from
+inside a gc callback, which is where Python drops the KeyboardInterrupt."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import gc, os, signal, sys, time
+sys.path.insert(0, {root!r})
+if {install}:
+    from edgeq.interrupts import install
+    install()
+
+calls = 0
+
+def callback(phase, info):  # like jax's _xla_gc_callback: Python code the collector runs
+    global calls
+    calls += 1
+    if calls == 20:  # Ctrl-C arrives while this callback runs (deterministic: sent from inside it)
+        os.kill(os.getpid(), signal.SIGINT)
+    t = time.monotonic()
+    while time.monotonic() - t < 0.002:
+        pass
+
+gc.callbacks.append(callback)
+deadline = time.monotonic() + 4
+try:
+    while time.monotonic() < deadline:
+        gc.collect()
+        sum(range(20000))  # ordinary work between collections, as in a real import
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(1)
+print("finished", flush=True)
+"""
+
+
+def _run(install: bool) -> tuple[int, str]:
+    p = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), install=install)],
+                       capture_output=True, text=True, timeout=60)
+    return p.returncode, p.stdout
+
+
+def test_ctrl_c_inside_a_gc_callback_is_lost_without_the_hook():
+    """The failure mode itself: Python drops a KeyboardInterrupt raised inside a gc callback."""
+    code, out = _run(install=False)
+    assert code == 0 and "finished" in out
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_ctrl_c_inside_a_gc_callback_stops_the_program(attempt):
+    code, out = _run(install=True)
+    assert code == 1 and "interrupted" in out and "finished" not in out

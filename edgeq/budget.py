@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from .errors import ProfileError, QuantizationError
 from .layers import layer_errors
-from .litert_quant import OpPrecision, Reiterable, per_op_from_plan, quantize_per_op
+from .litert_quant import Reiterable, per_op_from_plan, quantize_per_op
 from .plan import plan_precision
+from .precision import IoType, Precision
 from .validate import fidelity
 
 _ANALYSIS_SAMPLES = 16  # per-layer error needs few samples; the fidelity check uses them all
@@ -34,12 +35,14 @@ def _value(fid, metric: str) -> float:
 
 def run_budget(source, float_info, profile, scheme, io, data, eval_samples, reference, qbytes, plan, fid,
                budget, adjust, progress):
-    """Returns (model bytes, plan, fidelity, report dict). Raises QuantizationError if unmet."""
+    """Returns (model bytes, plan, fidelity, report dict). Raises QuantizationError if unmet.
+
+    The plan is a plan.Plan: for `profile`, or a device-less one (device None) when ops moved without one."""
     if not eval_samples:
         raise QuantizationError("--max-drop needs held-out samples; use --eval-samples > 0 with --calib")
     metric = budget.metric
     default = scheme.op_precision
-    keep_float_io = io.value == "float32"
+    keep_float_io = io is IoType.FLOAT32
 
     def requantize(per_op):
         calib = Reiterable(data.calibration) if scheme.needs_calibration else None  # streamed each step
@@ -47,16 +50,10 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
                                adjust_ranges=adjust)
 
     def make_plan(overrides):
-        return plan_precision(list(float_info.ops), profile, overrides, min_weight_elements=0)
+        return plan_precision(list(float_info.ops), profile, overrides, scheme=scheme, min_weight_elements=0)
 
-    def _per_op_for(overrides):
-        if profile is not None:
-            return per_op_from_plan(make_plan(overrides))
-        return tuple(OpPrecision(op.name, op.outputs[0].name, overrides.get(op.index, (default,))[0])
-                     for op in float_info.ops if op.outputs)
-
-    overrides: dict[int, tuple[str, str]] = {}
-    per_op = _per_op_for(overrides)
+    overrides: dict[int, tuple[Precision, str]] = {}
+    per_op = per_op_from_plan(make_plan(overrides))
     steps = [{"step": 0, "moved": [], "value": _value(fid, metric), "drop": _drop(fid, metric),
               "bytes": len(qbytes), "note": "as converted"}]
     if steps[0]["drop"] > budget.max_drop:
@@ -93,10 +90,11 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
                 op = by_index[e.index]
                 if op.has_weights != group:
                     break  # measure the weight-less moves before touching any matmul
-                target = "hybrid" if op.has_weights and default == "int8" else "float"
+                target = Precision.HYBRID if op.has_weights and default is Precision.INT8 else Precision.FLOAT
                 refusal = _refusal(profile, make_plan, overrides, e.index, target)
-                if refusal and target == "hybrid" and not _refusal(profile, make_plan, overrides, e.index, "float"):
-                    target, refusal = "float", None
+                if (refusal and target is Precision.HYBRID
+                        and not _refusal(profile, make_plan, overrides, e.index, Precision.FLOAT)):
+                    target, refusal = Precision.FLOAT, None
                 if refusal:
                     blocked.add(e.index)
                     refused.append(f"#{e.index} {op.name}: {refusal}")
@@ -106,7 +104,7 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
                 moved.append(f"#{e.index} {op.name} -> {target}")
             if not moved:
                 break
-            qbytes = requantize(_per_op_for(overrides))
+            qbytes = requantize(per_op_from_plan(make_plan(overrides)))
             fid = fidelity(source.float_tflite, qbytes, eval_samples, reference)
             steps.append({"step": step, "moved": moved, "value": _value(fid, metric), "drop": _drop(fid, metric),
                           "bytes": len(qbytes)})
@@ -120,10 +118,8 @@ def run_budget(source, float_info, profile, scheme, io, data, eval_samples, refe
         raise QuantizationError(f"accuracy budget not met: {metric} drop {best:.4f} > {budget.max_drop} after "
                                 f"{len(steps) - 1} step(s) ({why}); raise --max-drop, use --scheme dynamic, "
                                 "or improve calibration data")
-    if profile is not None:
+    if profile is not None or overrides:
         plan = make_plan(overrides)
-    elif overrides:
-        plan = _PlanView(float_info, overrides, default)
     return qbytes, plan, fid, report
 
 
@@ -137,29 +133,3 @@ def _refusal(profile, make_plan, overrides, index, target) -> str | None:
         return str(e)
     return None
 
-
-class _PlanView:
-    """A device-less plan produced by the budget loop, shaped like plan.Plan for the manifest."""
-
-    def __init__(self, float_info, overrides, default):
-        self.entries = tuple(_Entry(op.index, op.name, op.outputs[0].name, *overrides.get(op.index, (
-            default, "scheme default"))) for op in float_info.ops if op.outputs and op.subgraph == 0)
-
-    def to_json(self) -> dict:
-        counts: dict[str, int] = {}
-        for e in self.entries:
-            counts[e.precision] = counts.get(e.precision, 0) + 1
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-        return {"device": None, "scheme": None, "accelerator": None, "uniform": False, "counts": counts,
-                "summary": f"{len(self.entries)} ops: {summary}", "ops": [e.to_json() for e in self.entries]}
-
-
-class _Entry:
-    def __init__(self, index, op, output, precision, reason):
-        self.index, self.op, self.output, self.precision, self.reason = index, op, output, precision, reason
-        self.placement = "cpu"
-
-    def to_json(self) -> dict:
-        return {"index": self.index, "subgraph": 0, "op": self.op, "output": self.output,
-                "precision": self.precision, "placement": self.placement, "reason": self.reason,
-                "source": "accuracy budget" if self.reason != "scheme default" else "edgeq"}

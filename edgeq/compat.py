@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import IncompatibleModelError
-from .profiles import DeviceProfile, Fallback, Precision
-from .tflite_model import read_model
+from .precision import RECIPE_PRECISION, Precision
+from .profiles import DeviceProfile, Fallback
+from .tflite_model import BOUNDARY_OPS, read_model
 
 # Default share of RAM a model file may take: the OS, the runtime, activations and the app need
 # the rest. A rule of thumb, not a measurement; profiles can be copied with a different ram_mb.
 MEMORY_BUDGET_FRACTION = 0.5
-_BOUNDARY = frozenset({"QUANTIZE", "DEQUANTIZE"})
 
 
 class OpStatus(StrEnum):
@@ -36,14 +36,14 @@ class OpCheck:
     subgraph: int
     op: str
     version: int
-    precision: str  # what the model computes: int8 | int16x8 | hybrid | float | other
+    precision: Precision  # what the model computes: int8 | int16x8 | hybrid | float | other
     status: OpStatus
     placement: str  # "accelerator" | "cpu" | "-" (cannot run)
     reason: str
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "subgraph": self.subgraph, "op": self.op, "version": self.version,
-                "precision": self.precision, "status": str(self.status), "placement": self.placement,
+                "precision": str(self.precision), "status": str(self.status), "placement": self.placement,
                 "reason": self.reason}
 
 
@@ -156,7 +156,7 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
             reason = f"custom op provided by {rt if accel is None else accel.name}"
         elif accel is not None:
             refused = accel.refuses(op.name, op.version)
-            if refused is None and precision not in ("other",) and Precision(precision) not in accel.precisions:
+            if refused is None and precision is not Precision.OTHER and precision not in accel.precisions:
                 refused = f"{precision} op; {accel.name} runs {', '.join(accel.precisions)}"
             if refused is None and cut:
                 refused = f"after the first op the {accel.name} does not take, the rest of the graph runs on the CPU"
@@ -179,7 +179,7 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
 
     coverage = None
     if accel is not None:
-        counted = [c for c in checks if c.op not in _BOUNDARY and c.status is not OpStatus.UNSUPPORTED]
+        counted = [c for c in checks if c.op not in BOUNDARY_OPS and c.status is not OpStatus.UNSUPPORTED]
         if counted:
             coverage = sum(c.placement == "accelerator" for c in counted) / len(counted)
             if accel.min_coverage is not None and coverage < accel.min_coverage:
@@ -203,9 +203,10 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
                         tuple(notes), accel.name if accel else None, coverage)
 
 
-def _matches_scheme(precision: str, scheme: Precision) -> bool:
-    """fp16 models compute in float (float16 weights are dequantized), so float matches fp16."""
-    return precision in ("other", str(scheme)) or (scheme is Precision.FP16 and precision == "float")
+def _matches_scheme(precision: Precision, scheme: Precision) -> bool:
+    """The op computes what the scheme makes of it: fp16 models compute in float (float16 weights
+    are dequantized), so float matches fp16."""
+    return precision in (Precision.OTHER, scheme, RECIPE_PRECISION.get(scheme))
 
 
 def _runtime_refuses(op, profile: DeviceProfile) -> str | None:
@@ -229,7 +230,7 @@ def _runtime_refuses(op, profile: DeviceProfile) -> str | None:
 def _is_io_boundary(op, info) -> bool:
     """QUANTIZE of a model input / DEQUANTIZE of a model output: CPU-side conversions that do not
     cut a single-segment accelerator's graph."""
-    if op.name not in _BOUNDARY:
+    if op.name not in BOUNDARY_OPS:
         return False
     ios = {t.index for t in info.inputs} | {t.index for t in info.outputs}
     return any(t.index in ios for t in (*op.inputs, *op.outputs))

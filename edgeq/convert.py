@@ -11,16 +11,17 @@ from pathlib import Path
 
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .defaults import MIN_RECOMMENDED_CALIB
-from .errors import CalibrationError, IncompatibleModelError, QuantizationError
-from .files import atomic_write, atomic_write_json, check_output, sha256_bytes
-from .litert_quant import RECIPE_PRECISION, per_op_from_plan
-from .plan import plan_precision
-from .manifest import SCHEMA, manifest_path, now, versions
+from .errors import CalibrationError, EdgeqError, IncompatibleModelError, QuantizationError
+from .files import atomic_write, check_output
+from .litert_quant import per_op_from_plan
+from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
+from .plan import default_scheme, integer_only, plan_precision, profile_io
+from .precision import IoType, Scheme, check_io
 from .progress import SILENT, Progress
-from .quantize import IoType, QuantizeRequest, Scheme, check_io, check_litert, quantize, uses_converter
+from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
 from .sources import SourceModel, detect_format, load_source
-from .tflite_model import ModelInfo, read_model
-from .validate import Fidelity, looks_like_class_scores, fidelity, run_model
+from .tflite_model import read_model
+from .validate import looks_like_class_scores, fidelity, run_model
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,15 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 
     fmt = detect_format(model)  # a wrong file fails before any slow work
     profile = _load_profile(opts) if opts.device else None
-    scheme = opts.scheme or _default_scheme(profile, fmt)
-    io = opts.io or (_profile_io(profile, scheme) if profile else IoType.FLOAT32)
+    scheme = opts.scheme or default_scheme(profile, fmt)
+    io = opts.io or (profile_io(profile, scheme) if profile else IoType.FLOAT32)
     _check_options(opts, scheme, io)
 
     with progress.task(f"Loading {model.name} and converting it to float TFLite"):
         # With an accuracy budget ops may move to float, and the grouped graph's many small ops
         # would make the budget loop long: group only for a plain all-int8 target.
-        integer_only = _integer_only(profile, scheme) and opts.budget is None
-        source = load_source(model, **_source_options(opts, scheme, fmt, integer_only))
+        all_int8 = integer_only(profile, scheme) and opts.budget is None
+        source = load_source(model, **_source_options(opts, scheme, fmt, all_int8))
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
@@ -113,8 +114,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 
     info = read_model(qbytes)
     warnings = list(source.notes) + _data_warnings(data, scheme, opts)
-    mismatches = _plan_mismatches(plan, info) if plan else []
-    stayed_float = [op for op in info.float_ops() if not _planned_off_int8(plan, op)]
+    mismatches = plan.mismatches(info) if plan else []
+    stayed_float = [op for op in info.float_ops() if not (plan and plan.planned_off_int8(op))]
     if scheme is Scheme.INT8 and stayed_float:
         names = ", ".join(f"#{op.index} {op.name}" for op in stayed_float[:8])
         msg = f"{len(stayed_float)} op(s) stayed float under --scheme int8: {names}"
@@ -137,11 +138,13 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                              "to write it anyway")
             warnings.append(f"written despite incompatibility with {profile.id}: {compat.summary}")
 
-    manifest = _manifest(model, out, source, scheme, io, data, opts, plan, info, fid, budget_report,
-                         compat, qbytes, warnings)
+    manifest = build_manifest(ManifestParts(
+        model=model, output=out, model_bytes=qbytes, source=source, scheme=scheme, io=io, device=opts.device,
+        calibration=data, user_calibration=opts.calib is not None, range_method=opts.range_method, plan=plan,
+        info=info, fidelity=fid, budget=budget_report, compatibility=compat, warnings=tuple(warnings)))
     atomic_write(out, qbytes)
     try:
-        atomic_write_json(mpath, manifest)
+        write_manifest(mpath, manifest)
     except BaseException:
         out.unlink(missing_ok=True)  # no model without its manifest
         raise
@@ -153,24 +156,6 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 DEFAULT_SPLIT_OUTLIERS = 8.0
 # Magnitude-tier factor for outlier grouping (MiniLM all-int8, seq 128: factor 8 0.976, 2 0.985, 1.5 0.986).
 DEFAULT_GROUP_OUTLIERS = 2.0
-
-
-def _default_scheme(profile, fmt: str) -> Scheme:
-    if profile is not None:
-        return _profile_scheme(profile)
-    # Transformer encoders lose badly in plain full int8; dynamic-range keeps cosine 0.999 at ~3x.
-    return Scheme.DYNAMIC if fmt == "hf" else Scheme.INT8
-
-
-def _integer_only(profile, scheme: Scheme) -> bool:
-    """Will every op be int8? Full int8 without a profile, or a profile whose accelerator and
-    fallback take int8 only (Edge TPU). CPU/GPU profiles keep some ops float or hybrid."""
-    if scheme is not Scheme.INT8:
-        return False
-    if profile is None:
-        return True
-    accel = profile.accelerator
-    return accel is not None and {str(p) for p in accel.precisions} == {"int8"} and str(accel.fallback_precision) == "int8"
 
 
 def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
@@ -191,19 +176,35 @@ def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only
             "group_outliers": group, "smoothquant": opts.smoothquant, "calib_texts": texts}
 
 
-def _check_options(opts: ConvertOptions, scheme: Scheme, io: IoType) -> None:
-    """Option combinations that cannot work fail before any slow step."""
-    check_io(scheme, io)
-    if scheme.needs_calibration and opts.calib is None:
+def usage_mistake(opts: ConvertOptions) -> str | None:
+    """A combination of the options as given that cannot work, found without the model or the device
+    profile (the CLI reports it as a usage error); None when the given options fit together."""
+    try:
+        _check_options(opts, opts.scheme, opts.io)
+    except EdgeqError as e:
+        return str(e)
+    return None
+
+
+def _check_options(opts: ConvertOptions, scheme: Scheme | None, io: IoType | None) -> None:
+    """Option combinations that cannot work fail before any slow step. A None scheme/io is not known
+    yet (the device profile or the model decides it): the checks that need it are skipped."""
+    if scheme is not None and io is not None:
+        check_io(scheme, io)
+    if scheme is not None and scheme.needs_calibration and opts.calib is None:
         raise CalibrationError(f"--scheme {scheme.value} needs calibration data: pass --calib DIR|FILE.npy|"
                                "FILE.npz|FILE.txt (or --calib random for an uncalibrated model)")
-    if opts.range_method != "minmax" and not scheme.needs_calibration:
-        raise CalibrationError(f"--calibration {opts.range_method} selects activation ranges; --scheme "
-                               f"{scheme.value} has none (use int8 or int16x8)")
+    if opts.range_method != "minmax":
+        if scheme is not None and not scheme.needs_calibration:
+            raise CalibrationError(f"--calibration {opts.range_method} selects activation ranges; --scheme "
+                                   f"{scheme.value} has none (use int8 or int16x8)")
+        if io is not None:
+            check_litert_io(io, f"--calibration {opts.range_method}")  # range selection needs the LiteRT quantizer
     if opts.budget is not None:
-        if scheme is Scheme.FP16 or io not in (IoType.FLOAT32, IoType.INT8):
+        if scheme is Scheme.FP16 or (io is not None and io not in LITERT_IO):  # the loop re-quantizes with LiteRT
+            got = " ".join(f"{flag} {v.value}" for flag, v in (("--scheme", scheme), ("--io", io)) if v is not None)
             raise QuantizationError(f"--max-drop works with --scheme int8/int16x8/dynamic and --io float32/int8 "
-                                    f"(got --scheme {scheme.value} --io {io.value})")
+                                    f"(got {got})")
         if opts.calib is not None and opts.calib.eval_samples == 0:
             raise CalibrationError("--max-drop needs held-out samples: use --eval-samples > 0")
 
@@ -230,45 +231,6 @@ def _load_profile(opts: ConvertOptions):
     return load_profile(opts.device, devices_dir=opts.devices_dir)
 
 
-def _profile_scheme(profile) -> Scheme:
-    by_precision = {"int8": Scheme.INT8, "int16x8": Scheme.INT16X8, "hybrid": Scheme.DYNAMIC, "fp16": Scheme.FP16}
-    if str(profile.scheme) not in by_precision:
-        raise QuantizationError(f"{profile.id}: scheme {profile.scheme} is not a quantization scheme; pass --scheme")
-    return by_precision[str(profile.scheme)]
-
-
-def _profile_io(profile, scheme: Scheme) -> IoType:
-    """The profile's I/O dtype where the scheme allows it (full-integer only), else float32."""
-    want = str(profile.io.input)
-    if scheme is Scheme.INT8 and want in ("int8", "uint8"):
-        return IoType(want)
-    if scheme is Scheme.INT16X8 and want == "int16":
-        return IoType.INT16
-    return IoType.FLOAT32
-
-
-def _planned_off_int8(plan, op) -> bool:
-    if plan is None:
-        return False
-    out = op.outputs[0].name if op.outputs else ""
-    return any(e.output == out and RECIPE_PRECISION.get(str(e.precision)) in ("float", "hybrid")
-               for e in plan.entries)
-
-
-def _plan_mismatches(plan, info: ModelInfo) -> list[str]:
-    """Every planned op, found by its output tensor name in the produced model, must match."""
-    by_output = {op.outputs[0].name: op for op in info.ops if op.outputs}
-    bad = []
-    for e in plan.entries:
-        want = RECIPE_PRECISION.get(str(e.precision), str(e.precision))
-        op = by_output.get(e.output)
-        if op is None or op.precision == "other" or want not in ("int8", "hybrid", "float", "int16x8"):
-            continue
-        if op.precision != want:
-            bad.append(f"#{e.index} {e.op} planned {want}, file has {op.precision}")
-    return bad
-
-
 def _range_hook(source: SourceModel, data: CalibrationData, method: str, percentile: float, progress: Progress):
     if method in (None, "minmax"):
         return None
@@ -285,37 +247,3 @@ def _range_hook(source: SourceModel, data: CalibrationData, method: str, percent
 
     return hook
 
-
-def _manifest(model: Path, out: Path, source: SourceModel, scheme: Scheme, io: IoType, data: CalibrationData,
-              opts: ConvertOptions, plan, info: ModelInfo, fid: Fidelity | None, budget, compat, qbytes: bytes,
-              warnings: list[str]) -> dict:
-    calib = data.describe() if opts.calib is not None else {"kind": "none", "calibrated": False,
-                                                            "eval_kind": "random"}
-    calib["range_method"] = opts.range_method
-    if calib.get("source") and calib["source"] != "random":
-        calib["source"] = str(Path(calib["source"]).resolve())
-    return {
-        "schema": SCHEMA,
-        "created": now(),
-        "edgeq_version": versions()["edgeq"],
-        "output": {"path": out.name, "sha256": sha256_bytes(qbytes), "bytes": len(qbytes)},
-        "source": {"path": str(model.resolve()), "format": source.format, "sha256": source.sha256,
-                   "float_bytes": len(source.float_tflite), "float_sha256": sha256_bytes(source.float_tflite),
-                   "description": source.description},
-        "scheme": scheme.value,
-        "calibrated": bool(data.calibrated) or not scheme.needs_calibration,
-        "device": opts.device,
-        "io": {"inputs": [t.to_json() for t in info.inputs], "outputs": [t.to_json() for t in info.outputs]},
-        "calibration": calib,
-        "plan": plan.to_json() if plan is not None else None,
-        "ops": [op.to_json() for op in info.ops],
-        "op_summary": info.op_summary(),
-        "fidelity": ({**fid.to_json(), "inputs": "held-out" if opts.calib is not None else "random"}
-                     if fid else None),
-        "budget": budget,
-        "compatibility": compat.to_json() if compat is not None else None,
-        "sizes": {"float_bytes": len(source.float_tflite), "quantized_bytes": len(qbytes),
-                  "ratio": len(source.float_tflite) / max(len(qbytes), 1)},
-        "warnings": warnings,
-        "versions": versions(),
-    }

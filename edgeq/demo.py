@@ -14,7 +14,7 @@ from .calibration import CalibrationConfig
 from .convert import ConvertOptions, convert
 from .files import atomic_write
 from .progress import SILENT, Progress
-from .quantize import Scheme
+from .precision import Scheme
 from .runners import BenchOptions
 from .runners.local import bench_local
 from .tfimport import quiet_native

@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import QuantizationError, first_line
+from .precision import RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
+from .signature import SIGNATURE_KEY
 from .tflite_ops import WEIGHT_OPERAND
 from .tfimport import quiet_native
 from .tflite_model import read_model
@@ -28,29 +30,34 @@ _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dty
 SYMMETRIC_INT8_OPS = frozenset({"BATCH_MATMUL"})
 
 
-def op_config(precision: str, op: str = "*") -> tuple[str, dict]:
-    """(algorithm_key, op_config) for one precision of `op`, in the quantizer's recipe JSON format."""
+# Activation bits of the static recipe precisions.
+_ACTIVATION_BITS = {Precision.INT8: 8, Precision.INT16X8: 16}
+
+
+def op_config(precision: Precision | str, op: str = "*") -> tuple[str, dict]:
+    """(algorithm_key, op_config) for one recipe precision of `op`, in the quantizer's recipe JSON format."""
     base = {"explicit_dequantize": False, "skip_checks": False, "min_weight_elements": 0}
-    if precision == "float":
+    if precision not in RECIPE_PRECISIONS:
+        raise QuantizationError(f"precision {str(precision)!r} is not one of "
+                                f"{', '.join(p for p in Precision if p in RECIPE_PRECISIONS)}")
+    if precision == Precision.FLOAT:
         return "no_quantize", {}
-    if precision == "hybrid":
+    if precision == Precision.HYBRID:
         return "min_max_uniform_quantize", {"weight_tensor_config": _WEIGHTS, "compute_precision": "INTEGER",
                                             **base}
-    bits = {"int8": 8, "int16x8": 16}.get(precision)
-    if bits is None:
-        raise QuantizationError(f"precision {precision!r} is not one of int8, int16x8, hybrid, float")
+    bits = _ACTIVATION_BITS[Precision(precision)]
     symmetric = bits == 16 or op in SYMMETRIC_INT8_OPS  # int16 kernels are symmetric-only
     act = {"num_bits": bits, "symmetric": symmetric, "granularity": "TENSORWISE", "dtype": "INT"}
     return "min_max_uniform_quantize", {"activation_tensor_config": act, "weight_tensor_config": _WEIGHTS,
                                         "compute_precision": "INTEGER", **base}
 
 
-def recipe_lines(regex: str, op: str, precision: str) -> list[dict]:
+def recipe_lines(regex: str, op: str, precision: Precision | str) -> list[dict]:
     """Recipe line(s) putting ops matching `regex` and `op` ("*" = any) at `precision`. An int8
     line for any op adds the SYMMETRIC_INT8_OPS lines after it (later lines win)."""
     algo, cfg = op_config(precision, op)
     lines = [{"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg}]
-    if op == "*" and precision == "int8":
+    if op == "*" and precision == Precision.INT8:
         lines += [{"regex": regex, "operation": sym, "algorithm_key": algo, "op_config": op_config(precision, sym)[1]}
                   for sym in sorted(SYMMETRIC_INT8_OPS)]
     return lines
@@ -62,7 +69,7 @@ class OpPrecision:
 
     op: str
     output: str
-    precision: str
+    precision: Precision  # a recipe precision: int8 | int16x8 | hybrid | float
 
 
 def op_scopes(float_model: bytes) -> dict[str, str]:
@@ -71,7 +78,8 @@ def op_scopes(float_model: bytes) -> dict[str, str]:
             for op in read_model(float_model).ops if op.outputs}
 
 
-def build_recipe(default: str, per_op: Sequence[OpPrecision], scopes: dict[str, str] | None = None) -> list[dict]:
+def build_recipe(default: Precision | str, per_op: Sequence[OpPrecision],
+                 scopes: dict[str, str] | None = None) -> list[dict]:
     """Default for every op first; later entries win, so per-op lines override it.
 
     Each line matches its op's whole scope: tensor names may themselves contain ';' (litert-torch
@@ -79,8 +87,8 @@ def build_recipe(default: str, per_op: Sequence[OpPrecision], scopes: dict[str, 
     recipe = recipe_lines(".*", "*", default)
     for p in per_op:
         precision = p.precision
-        if precision == "hybrid" and p.op not in WEIGHT_OPERAND:
-            precision = "float"  # no weight to store as int8: the quantizer has no hybrid kernel for it
+        if precision == Precision.HYBRID and p.op not in WEIGHT_OPERAND:
+            precision = Precision.FLOAT  # no weight to store as int8: the quantizer has no hybrid kernel for it
         if precision == default:
             continue
         algo, cfg = op_config(precision, p.op)
@@ -90,16 +98,12 @@ def build_recipe(default: str, per_op: Sequence[OpPrecision], scopes: dict[str, 
     return recipe
 
 
-# Plan precisions as recipe precisions (fp16 compute is float here; "other" ops are left to the quantizer).
-RECIPE_PRECISION = {"int8": "int8", "int16x8": "int16x8", "hybrid": "hybrid", "float": "float", "fp16": "float"}
-
-
 def per_op_from_plan(plan) -> tuple[OpPrecision, ...]:
-    """A plan.Plan (or None) as recipe lines."""
+    """A plan.Plan (or None) as recipe lines ("other" ops are left to the quantizer)."""
     if plan is None:
         return ()
-    return tuple(OpPrecision(e.op, e.output, RECIPE_PRECISION[str(e.precision)])
-                 for e in plan.entries if e.output and str(e.precision) in RECIPE_PRECISION)
+    return tuple(OpPrecision(e.op, e.output, RECIPE_PRECISION[e.precision])
+                 for e in plan.entries if e.output and e.precision in RECIPE_PRECISION)
 
 
 RangeHook = Callable[[dict], dict]
@@ -116,8 +120,8 @@ class Reiterable:
         return iter(self._factory())
 
 
-def quantize_per_op(float_model: bytes, default: str, per_op: Sequence[OpPrecision],
-                    samples: Iterable[dict[str, np.ndarray]] | None, *, signature_key: str = "serving_default",
+def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],
+                    samples: Iterable[dict[str, np.ndarray]] | None, *, signature_key: str = SIGNATURE_KEY,
                     keep_float_io: bool = True, adjust_ranges: RangeHook | None = None) -> bytes:
     """Quantize `float_model` (bytes with a signature) per the plan; returns the .tflite bytes.
 

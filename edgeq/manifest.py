@@ -1,6 +1,20 @@
 """The manifest `OUT.edgeq.json`: everything later commands (bench, profile, flash, report) need.
 
-Schema "edgeq.manifest/1". Later commands read it instead of re-deriving the conversion.
+Schema "edgeq.manifest/1", built here from what a conversion produced (`build_manifest`), written
+next to the model (`write_manifest`) and read back checked (`read_manifest`); later commands read
+it instead of re-deriving the conversion. Top-level sections:
+
+  schema, created, edgeq_version, scheme, calibrated, device, warnings, versions
+  output       {path, sha256, bytes}: the quantized .tflite
+  source       {path, format, sha256, float_bytes, float_sha256, description}
+  io           {inputs, outputs}: tensors of the produced model (name, dtype, shape, scale, zero_point)
+  calibration  CalibrationData.describe() + range_method ({kind: "none", ...} without --calib)
+  plan         plan.Plan.to_json() or null; ops, op_summary: the produced model's ops, read back
+  fidelity     {samples, outputs: [{name, cosine, rel_l2, max_abs, top1_agreement}], inputs} or null
+  budget       the accuracy-budget report (budget.run_budget) or null
+  compatibility compat.CompatReport.to_json() or null; sizes {float_bytes, quantized_bytes, ratio}
+
+Readers other than convert's own tests treat every section but the schema as optional.
 """
 
 from __future__ import annotations
@@ -8,15 +22,35 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import EdgeqError
+from .files import atomic_write_json, sha256_bytes
+
+if TYPE_CHECKING:  # only for annotations: reading a manifest must not import the converter stack
+    from .calibration import CalibrationData
+    from .compat import CompatReport
+    from .plan import Plan
+    from .precision import IoType, Scheme
+    from .sources import SourceModel
+    from .tflite_model import ModelInfo
+    from .validate import Fidelity
 
 SCHEMA = "edgeq.manifest/1"
 _DEPS = ("tensorflow-cpu", "tensorflow", "ai-edge-litert", "litert-quantizer", "numpy", "torch",
          "transformers", "litert-torch")
+
+# Type of each top-level section when present (None: may be null).
+_SECTIONS: dict[str, tuple[type | None, ...]] = {
+    "created": (str,), "edgeq_version": (str,), "output": (dict,), "source": (dict,), "scheme": (str,),
+    "calibrated": (bool,), "device": (str, None), "io": (dict,), "calibration": (dict,), "plan": (dict, None),
+    "ops": (list,), "op_summary": (dict,), "fidelity": (dict, None), "budget": (dict, None),
+    "compatibility": (dict, None), "sizes": (dict,), "warnings": (list,), "versions": (dict,),
+}
 
 
 def manifest_path(model_path: Path) -> Path:
@@ -38,12 +72,97 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def read_manifest(path: Path) -> dict:
+@dataclass(frozen=True)
+class ManifestParts:
+    """What one conversion produced, as `build_manifest` records it."""
+
+    model: Path  # the source model as given
+    output: Path  # the quantized .tflite
+    model_bytes: bytes  # its content
+    source: SourceModel
+    scheme: Scheme
+    io: IoType
+    device: str | None
+    calibration: CalibrationData  # random inputs when the user gave no --calib
+    user_calibration: bool  # --calib given: fidelity on held-out samples, else on random inputs
+    range_method: str
+    plan: Plan | None
+    info: ModelInfo  # the produced model, read back
+    fidelity: Fidelity | None
+    budget: dict | None
+    compatibility: CompatReport | None
+    warnings: tuple[str, ...] = ()
+
+
+def build_manifest(p: ManifestParts) -> dict[str, Any]:
+    """The manifest dict for one conversion (checked against the schema)."""
+    data, src, q = p.calibration, p.source, p.model_bytes
+    calib = data.describe() if p.user_calibration else {"kind": "none", "calibrated": False, "eval_kind": "random"}
+    calib["range_method"] = p.range_method
+    if calib.get("source") and calib["source"] != "random":
+        calib["source"] = str(Path(calib["source"]).resolve())
+    manifest = {
+        "schema": SCHEMA,
+        "created": now(),
+        "edgeq_version": versions()["edgeq"],
+        "output": {"path": p.output.name, "sha256": sha256_bytes(q), "bytes": len(q)},
+        "source": {"path": str(Path(p.model).resolve()), "format": src.format, "sha256": src.sha256,
+                   "float_bytes": len(src.float_tflite), "float_sha256": sha256_bytes(src.float_tflite),
+                   "description": src.description},
+        "scheme": p.scheme.value,
+        "calibrated": bool(data.calibrated) or not p.scheme.needs_calibration,
+        "device": p.device,
+        "io": {"inputs": [t.to_json() for t in p.info.inputs], "outputs": [t.to_json() for t in p.info.outputs]},
+        "calibration": calib,
+        "plan": p.plan.to_json() if p.plan is not None else None,
+        "ops": [op.to_json() for op in p.info.ops],
+        "op_summary": p.info.op_summary(),
+        "fidelity": ({**p.fidelity.to_json(), "inputs": "held-out" if p.user_calibration else "random"}
+                     if p.fidelity else None),
+        "budget": p.budget,
+        "compatibility": p.compatibility.to_json() if p.compatibility is not None else None,
+        "sizes": {"float_bytes": len(src.float_tflite), "quantized_bytes": len(q),
+                  "ratio": len(src.float_tflite) / max(len(q), 1)},
+        "warnings": list(p.warnings),
+        "versions": versions(),
+    }
+    return check_manifest(manifest, "manifest")
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Check and write atomically (the caller decides about overwriting, see files.check_output)."""
+    atomic_write_json(Path(path), check_manifest(manifest, str(path)))
+
+
+def read_manifest(path: Path | str) -> dict:
+    """The manifest at `path`, checked against the schema; EdgeqError in one line otherwise."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EdgeqError(f"{path}: cannot read manifest ({e}); re-run edgeq convert") from None
-    if data.get("schema") != SCHEMA:
-        raise EdgeqError(f"{path}: not an edgeq manifest (schema {data.get('schema')!r}, want {SCHEMA})")
+    return check_manifest(data, str(path))
+
+
+def check_manifest(data: Any, where: str) -> dict:
+    """`data` if it is an edgeq.manifest/1 document whose sections have their types."""
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise EdgeqError(f"{where}: not an edgeq manifest (schema {schema!r}, want {SCHEMA}); "
+                         "pass the OUT.edgeq.json that edgeq convert wrote")
+    for key, types in _SECTIONS.items():
+        v = data.get(key)
+        if key in data and not any(v is None if t is None else isinstance(v, t) for t in types):
+            want = " or ".join("null" if t is None else _JSON_NAMES[t] for t in types)
+            raise EdgeqError(f"{where}: bad manifest: {key} is {_json_name(v)}, want {want}; "
+                             "re-run edgeq convert")
     return data
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true/false"}
+
+
+def _json_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    return next((name for t, name in _JSON_NAMES.items() if isinstance(v, t)), type(v).__name__)

@@ -1,5 +1,9 @@
 """Per-op precision plan for one target, decided from its device profile (pure; no TensorFlow).
 
+Two parts: the profile policy (which scheme and I/O dtype a profile asks for: `default_scheme`,
+`profile_scheme`, `profile_io`, `integer_only`) and the per-op plan (`plan_precision`), which the
+produced file is checked against (`Plan.mismatches`).
+
 Input: the ops of the FLOAT model (edgeq.tflite_model.read_ops). For each op, in order:
   1. no float tensors (shape/index math)            -> "other": nothing to quantize
   2. an override (the accuracy-budget loop)         -> its precision, refused if the target cannot
@@ -10,6 +14,7 @@ Input: the ops of the FLOAT model (edgeq.tflite_model.read_ops). For each op, in
                                                        fallback_precision (the graph splits there)
   5. otherwise                                      -> the profile's scheme
 Each entry also records where the op runs ("accelerator" or "cpu") so the cost of a split is visible.
+Without a profile (profile None) steps 3 and 4 do not apply and every op runs on the CPU.
 """
 
 from __future__ import annotations
@@ -17,11 +22,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ProfileError
-from .profiles import DeviceProfile, Fallback, Precision
+from .errors import ProfileError, QuantizationError
+from .precision import POLICY_PRECISIONS, RECIPE_PRECISION, SCHEME_IO, IoType, Precision, Scheme, scheme_for
+from .profiles import DeviceProfile, Fallback
+from .tflite_model import BOUNDARY_OPS, ModelInfo, OpInfo
 from .tflite_ops import MIN_WEIGHT_ELEMENTS, has_float_tensors, weight_tensor
 
-_BOUNDARY = frozenset({"QUANTIZE", "DEQUANTIZE"})
+
+# --------------------------------------------------------------------------------------------
+# Profile policy: the scheme and I/O dtype a conversion uses when the user does not say.
+
+
+def default_scheme(profile: DeviceProfile | None, fmt: str) -> Scheme:
+    """The profile's scheme; without a profile int8, or dynamic for a Hugging Face source (`fmt` "hf")."""
+    if profile is not None:
+        return profile_scheme(profile)
+    # Transformer encoders lose badly in plain full int8; dynamic-range keeps cosine 0.999 at ~3x.
+    return Scheme.DYNAMIC if fmt == "hf" else Scheme.INT8
+
+
+def profile_scheme(profile: DeviceProfile) -> Scheme:
+    """The Scheme a profile's `scheme` names; QuantizationError when it is no scheme (e.g. float)."""
+    scheme = scheme_for(profile.scheme)
+    if scheme is None:
+        raise QuantizationError(f"{profile.id}: scheme {profile.scheme} is not a quantization scheme; pass --scheme")
+    return scheme
+
+
+def profile_io(profile: DeviceProfile, scheme: Scheme) -> IoType:
+    """The profile's input dtype where the scheme can produce it (full-integer only), else float32."""
+    want = profile.io.input
+    return want if want in SCHEME_IO[scheme] else IoType.FLOAT32
+
+
+def integer_only(profile: DeviceProfile | None, scheme: Scheme) -> bool:
+    """Will every op be int8? Full int8 without a profile, or a profile whose accelerator and
+    fallback take int8 only (Edge TPU). CPU/GPU profiles keep some ops float or hybrid."""
+    if scheme is not Scheme.INT8:
+        return False
+    if profile is None:
+        return True
+    accel = profile.accelerator
+    return (accel is not None and set(accel.precisions) == {Precision.INT8}
+            and accel.fallback_precision is Precision.INT8)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-op plan
 
 
 @dataclass(frozen=True)
@@ -50,7 +97,7 @@ class PlanEntry:
 
 @dataclass(frozen=True)
 class Plan:
-    device: str
+    device: str | None  # None: no device profile (e.g. an accuracy-budget plan without --device)
     scheme: Precision
     accelerator: str | None
     entries: tuple[PlanEntry, ...]
@@ -89,11 +136,32 @@ class Plan:
                 "uniform": self.is_uniform, "counts": self.counts(), "summary": self.summary(),
                 "ops": [e.to_json() for e in self.entries]}
 
+    def planned_off_int8(self, op: OpInfo) -> bool:
+        """Did the plan put this op of the produced model (found by its first output) at float or hybrid?"""
+        out = op.outputs[0].name if op.outputs else ""
+        return any(e.output == out and RECIPE_PRECISION.get(e.precision) in (Precision.FLOAT, Precision.HYBRID)
+                   for e in self.entries)
 
-def plan_precision(ops, profile: DeviceProfile,
+    def mismatches(self, info: ModelInfo) -> list[str]:
+        """Planned ops whose precision in the produced model (found by output tensor name) differs."""
+        by_output = {op.outputs[0].name: op for op in info.ops if op.outputs}
+        bad = []
+        for e in self.entries:
+            want = RECIPE_PRECISION.get(e.precision)  # None: "other", nothing was planned
+            op = by_output.get(e.output)
+            if op is None or op.precision is Precision.OTHER or want is None:
+                continue
+            if op.precision != want:
+                bad.append(f"#{e.index} {e.op} planned {want}, file has {op.precision}")
+        return bad
+
+
+def plan_precision(ops, profile: DeviceProfile | None,
                    overrides: Mapping[int | tuple[int, int], Override | tuple[str, str]] | None = None,
-                   *, allow_cpu_fallback: bool = False, min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> Plan:
-    """Plan each op's precision for `profile`.
+                   *, scheme: Scheme | None = None, allow_cpu_fallback: bool = False,
+                   min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> Plan:
+    """Plan each op's precision for `profile`, or for no device (profile None: `scheme` for every
+    op but the overridden ones, all on the CPU).
 
     `ops`: OpInfo list read from the float model. `overrides`: op index (subgraph 0) or
     (subgraph, index) -> Override(precision, reason). An override the target cannot run where it
@@ -102,6 +170,10 @@ def plan_precision(ops, profile: DeviceProfile,
     weight the quantizer stores as int8 (TFLiteConverter: 1024; pass the quantizer's own value).
     """
     norm = _normalize_overrides(overrides or {}, ops)
+    if profile is None:
+        if scheme is None:
+            raise ValueError("plan_precision without a profile needs the scheme")
+        return _plan_without_device(ops, scheme.precision, norm, min_weight_elements)
     accel = profile.accelerator
     entries = []
     cut = False  # single-segment accelerators (Edge TPU): everything after the first CPU op stays on the CPU
@@ -111,8 +183,8 @@ def plan_precision(ops, profile: DeviceProfile,
         refused = accel.refuses(op.name, op.version) if accel else None
         fallback_path = False
 
-        if not has_float_tensors(op) or op.name in _BOUNDARY:
-            prec, reason, source = Precision.OTHER, "no float tensors: nothing to quantize", "edgeq"
+        if _nothing_to_quantize(op):
+            prec, reason, source = Precision.OTHER, _NOTHING_TO_QUANTIZE, "edgeq"
         elif key in norm:
             ov = norm[key]
             _check_override(profile, op, ov.precision, refused, allow_cpu_fallback)
@@ -147,6 +219,30 @@ def plan_precision(ops, profile: DeviceProfile,
                 cut = True
         entries.append(PlanEntry(op.index, op.subgraph, op.name, output, prec, reason, source, placement))
     return Plan(profile.id, profile.scheme, accel.name if accel else None, tuple(entries))
+
+
+_NOTHING_TO_QUANTIZE = "no float tensors: nothing to quantize"
+
+
+def _nothing_to_quantize(op) -> bool:
+    return not has_float_tensors(op) or op.name in BOUNDARY_OPS
+
+
+def _plan_without_device(ops, precision: Precision, norm: dict[tuple[int, int], Override],
+                         min_weight_elements: int) -> Plan:
+    entries = []
+    for op in ops:
+        if _nothing_to_quantize(op):
+            prec, reason, source = Precision.OTHER, _NOTHING_TO_QUANTIZE, "edgeq"
+        elif (op.subgraph, op.index) in norm:
+            ov = norm[(op.subgraph, op.index)]
+            prec, reason = _weights_or_float(op, ov.precision, ov.reason, min_weight_elements)
+            source = "override"
+        else:
+            prec, reason, source = precision, "scheme default", "edgeq"
+        entries.append(PlanEntry(op.index, op.subgraph, op.name, op.outputs[0].name if op.outputs else "",
+                                 prec, reason, source, "cpu"))
+    return Plan(None, precision, None, tuple(entries))
 
 
 def _weights_or_float(op, precision: Precision, reason: str, min_elements: int) -> tuple[Precision, str]:
@@ -193,10 +289,13 @@ def _normalize_overrides(overrides, ops) -> dict[tuple[int, int], Override]:
             try:
                 value = Override(Precision(precision), reason)
             except ValueError:
-                raise ProfileError(f"override for op {key}: unknown precision {precision!r}; use int8, "
-                                   "int16x8, hybrid, float or fp16") from None
-        if value.precision is Precision.OTHER:
-            raise ProfileError(f"override for op {key}: 'other' is not a precision; use int8, int16x8, hybrid, "
-                               "float or fp16")
+                raise ProfileError(f"override for op {key}: unknown precision {precision!r}; use "
+                                   f"{_PRECISION_CHOICES}") from None
+        if value.precision not in POLICY_PRECISIONS:
+            raise ProfileError(f"override for op {key}: '{value.precision}' is not a precision; use "
+                               f"{_PRECISION_CHOICES}")
         out[k] = value
     return out
+
+
+_PRECISION_CHOICES = ", ".join(POLICY_PRECISIONS[:-1]) + " or " + POLICY_PRECISIONS[-1]

@@ -20,11 +20,15 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import ProfileError
+from .precision import POLICY_PRECISIONS, PROFILE_IO_TYPES, IoType, Precision
 from .tflite_ops import BUILTIN_OP_SET, suggest
 
 SCHEMA_VERSION = 1
 ENV_VAR = "EDGEQ_DEVICES_DIR"
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "devices"
+_HERE = Path(__file__).resolve().parent
+# The shipped profiles: an installed wheel carries them as edgeq/devices/ (pyproject.toml maps the
+# top-level devices/ there at build time); a checkout or editable install reads that devices/ itself.
+BUILTIN_DIR = next((d for d in (_HERE / "devices", _HERE.parent / "devices") if d.is_dir()), _HERE / "devices")
 RUNTIMES_SUBDIR = "runtimes"
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -61,28 +65,10 @@ class Delegate(StrEnum):
 ACCELERATOR_DELEGATES = frozenset({Delegate.GPU, Delegate.NNAPI, Delegate.QNN, Delegate.EDGETPU})
 
 
-class Precision(StrEnum):
-    INT8 = "int8"  # int8 weights and activations
-    INT16X8 = "int16x8"  # int16 activations, int8 weights
-    HYBRID = "hybrid"  # dynamic range: int8 weights, float activations
-    FLOAT = "float"  # float32
-    FP16 = "fp16"  # float16 weights (GPU-style); computes in float
-    OTHER = "other"  # plans only: an op with no float tensors, nothing to quantize
-
-
-POLICY_PRECISIONS = (Precision.INT8, Precision.INT16X8, Precision.HYBRID, Precision.FLOAT, Precision.FP16)
-
-
 class Reach(StrEnum):
     SSH = "ssh"
     ADB = "adb"
     LOCAL = "local"
-
-
-class IoType(StrEnum):
-    INT8 = "int8"
-    UINT8 = "uint8"
-    FLOAT32 = "float32"
 
 
 class Fallback(StrEnum):
@@ -269,8 +255,8 @@ class DeviceProfile:
 
 def profile_dirs(devices_dir: str | os.PathLike | None = None) -> list[Path]:
     """Directories searched, first wins: --devices-dir, then $EDGEQ_DEVICES_DIR (os.pathsep-
-    separated), then the built-in devices/ of this checkout. A user profile with a built-in id
-    shadows the built-in one."""
+    separated), then the shipped profiles (BUILTIN_DIR: the checkout's devices/, or their copy
+    inside an installed wheel). A user profile with a built-in id shadows the built-in one."""
     dirs: list[Path] = []
     if devices_dir is not None:
         d = Path(devices_dir)
@@ -499,7 +485,8 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
         kind=c.enum(data, "kind", "kind", Kind), abi=c.enum(data, "abi", "abi", Abi),
         ram_mb=c.int_(data, "ram_mb", "ram_mb", 1), runtime=runtime, delegate=delegate,
         threads=c.int_(data, "threads", "threads", 1),
-        io=IoTypes(c.enum(io, "input", "io.input", IoType), c.enum(io, "output", "io.output", IoType)),
+        io=IoTypes(c.enum(io, "input", "io.input", IoType, PROFILE_IO_TYPES),
+                   c.enum(io, "output", "io.output", IoType, PROFILE_IO_TYPES)),
         scheme=scheme, reach=c.enum(data, "reach", "reach", Reach),
         bench=BenchDefaults(c.int_(bench, "warmup", "bench.warmup", 0), c.int_(bench, "runs", "bench.runs", 1)),
         path=path.resolve(),

@@ -6,7 +6,6 @@ per-op plans and float .tflite inputs go through the LiteRT quantizer (`litert_q
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -14,38 +13,11 @@ import numpy as np
 
 from .errors import EdgeqError, QuantizationError, first_line
 from .litert_quant import OpPrecision, Reiterable, quantize_per_op
+from .precision import IoType, Scheme, check_io
 from .sources import SourceModel
 
-
-class Scheme(str, enum.Enum):
-    INT8 = "int8"  # full integer, per-channel weights
-    INT16X8 = "int16x8"  # int16 activations, int8 weights
-    DYNAMIC = "dynamic"  # dynamic-range ("hybrid"): int8 weights, float activations
-    FP16 = "fp16"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self in (Scheme.INT8, Scheme.INT16X8)
-
-    @property
-    def op_precision(self) -> str:
-        return {"int8": "int8", "int16x8": "int16x8", "dynamic": "hybrid", "fp16": "float"}[self.value]
-
-
-class IoType(str, enum.Enum):
-    FLOAT32 = "float32"
-    INT8 = "int8"
-    UINT8 = "uint8"
-    INT16 = "int16"
-
-
-def check_io(scheme: Scheme, io: IoType) -> None:
-    allowed = {Scheme.INT8: (IoType.FLOAT32, IoType.INT8, IoType.UINT8),
-               Scheme.INT16X8: (IoType.FLOAT32, IoType.INT16),
-               Scheme.DYNAMIC: (IoType.FLOAT32,), Scheme.FP16: (IoType.FLOAT32,)}[scheme]
-    if io not in allowed:
-        raise QuantizationError(f"--io {io.value} does not go with --scheme {scheme.value}; "
-                                f"use one of {', '.join(a.value for a in allowed)}")
+# The LiteRT quantizer path keeps float I/O or makes it int8 (quantize_per_op's keep_float_io).
+LITERT_IO = (IoType.FLOAT32, IoType.INT8)
 
 
 @dataclass(frozen=True)
@@ -80,8 +52,14 @@ def check_litert(source: SourceModel, req: QuantizeRequest, why: str = "") -> No
     if req.scheme is Scheme.FP16:
         raise QuantizationError(f"--scheme fp16 is not available with {why}; it needs a Keras/SavedModel "
                                 "source with a uniform scheme")
-    if req.io not in (IoType.FLOAT32, IoType.INT8):
-        raise QuantizationError(f"--io {req.io.value} is not available with {why}; use --io float32 or int8")
+    check_litert_io(req.io, why)
+
+
+def check_litert_io(io: IoType, why: str) -> None:
+    """The I/O dtypes the LiteRT quantizer path produces; `why` says what sent the model there."""
+    if io not in LITERT_IO:
+        raise QuantizationError(f"--io {io.value} is not available with {why}; "
+                                f"use --io {' or '.join(t.value for t in LITERT_IO)}")
 
 
 def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> bytes:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from .calibration import InputSpec
 from .errors import ModelFormatError, first_line
-from .tflite_model import read_model
+from .tflite_model import SIGNATURE_KEY, read_model
 from .tfimport import quiet_native
-
-SIGNATURE_KEY = "serving_default"
 
 
 def ensure_signature(model: bytes) -> tuple[bytes, bool]:

@@ -12,10 +12,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import ModelFormatError
+from .precision import Precision
 
 TFLITE_IDENTIFIER = b"TFL3"
-# Boundary ops convert between precisions; they are not "an op that stayed float".
+# Boundary ops convert between precisions; they are not "an op that stayed float" (nor planned).
 BOUNDARY_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
+# The SignatureDef key edgeq writes (signature.ensure_signature) and assumes for a key-less one.
+SIGNATURE_KEY = "serving_default"
 _FLOATS = {"float32", "float16", "float64", "bfloat16"}
 
 
@@ -72,28 +75,29 @@ class OpInfo:
         return weight_tensor(self) is not None
 
     @property
-    def precision(self) -> str:
-        """int8 | int16x8 | hybrid | float | other, judged from activation (non-constant) dtypes."""
+    def precision(self) -> Precision:
+        """What the op computes: int8 | int16x8 | hybrid | float | other, judged from activation
+        (non-constant) dtypes."""
         if self.name in BOUNDARY_OPS:
-            return "other"
+            return Precision.OTHER
         # SHAPE, ARG_MAX, ...: outputs are indices or shapes, nothing to quantize.
         if self.outputs and all(t.dtype in ("int32", "int64", "bool") for t in self.outputs):
-            return "other"
+            return Precision.OTHER
         acts = [t.dtype for t in self.inputs if not t.is_constant] + [t.dtype for t in self.outputs]
         if any(d in _FLOATS for d in acts):
             weights_int8 = any(t.is_constant and t.dtype == "int8" and len(t.shape) >= 1
                                for t in self.inputs)
-            return "hybrid" if weights_int8 else "float"
+            return Precision.HYBRID if weights_int8 else Precision.FLOAT
         if "int16" in acts:
-            return "int16x8"
+            return Precision.INT16X8
         if "int8" in acts or "uint8" in acts:
-            return "int8"
-        return "other"
+            return Precision.INT8
+        return Precision.OTHER
 
     def to_json(self) -> dict:
         return {"index": self.index, "subgraph": self.subgraph, "op": self.name, "version": self.version,
                 "inputs": [t.dtype for t in self.inputs], "outputs": [t.dtype for t in self.outputs],
-                "output": self.outputs[0].name if self.outputs else "", "precision": self.precision}
+                "output": self.outputs[0].name if self.outputs else "", "precision": str(self.precision)}
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,12 @@ class ModelInfo:
     def op_summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for op in self.ops:
-            counts[op.precision] = counts.get(op.precision, 0) + 1
+            counts[str(op.precision)] = counts.get(str(op.precision), 0) + 1
         return counts
 
     def float_ops(self) -> list[OpInfo]:
         """Ops whose activations stayed float (hybrid ops included)."""
-        return [op for op in self.ops if op.precision in ("float", "hybrid")]
+        return [op for op in self.ops if op.precision in (Precision.FLOAT, Precision.HYBRID)]
 
 
 def _as_bytes(model) -> bytes:
@@ -182,7 +186,7 @@ def read_model(model, *, name: str = "model") -> ModelInfo:
         sigs = []
         for i in range(m.SignatureDefsLength()):
             key = m.SignatureDefs(i).SignatureKey()
-            sigs.append(key.decode() if key else "serving_default")
+            sigs.append(key.decode() if key else SIGNATURE_KEY)
     except ModelFormatError:
         raise
     except Exception as e:  # flatbuffers raises assorted errors on truncated/corrupt data

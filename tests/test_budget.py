@@ -9,7 +9,7 @@ from conftest import build_tiny, require_module, save_keras
 from edgeq.calibration import CalibrationConfig
 from edgeq.convert import BudgetOptions, ConvertOptions, convert
 from edgeq.errors import QuantizationError
-from edgeq.quantize import Scheme
+from edgeq.precision import Scheme
 from edgeq.tflite_model import read_model
 
 

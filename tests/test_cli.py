@@ -109,7 +109,7 @@ def test_profile_needs_host_for_ssh_devices(tmp_path, tiny_dense):
     from edgeq.sources import load_source
     (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
     r = run("profile", tmp_path / "f.tflite", "--device", "rpi4")
-    assert r.exit_code == 1 and "--host" in r.output
+    assert r.exit_code == 2 and "--host" in r.output  # a usage mistake, visible in argv
     r = run("profile", tmp_path / "f.tflite", "--device", "host-x86_64", "--runs", 3, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["runs"]["count"] == 3
 
@@ -144,3 +144,51 @@ def test_result_files_never_replace_inputs(tiny_dense, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output and (tmp_path / "r.json").read_text() == "keep"
     r = run("bench", model, "--runs", 1, "-o", tmp_path / "missing" / "r.json")
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
+    """Wrong combinations visible in argv alone: exit 2 before any work, the library's one-line reason."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 8)).astype(np.float32))
+    out = tmp_path / "o.tflite"
+    cases = [
+        (["--scheme", "dynamic", "--calibration", "percentile"], "--calibration percentile selects activation ranges"),
+        (["--scheme", "int8", "--io", "int16", "--calib", tmp_path / "x.npy"],
+         "--io int16 does not go with --scheme int8; use one of float32, int8, uint8"),
+        (["--io", "uint8", "--calibration", "mse"], "--io uint8 is not available with --calibration mse"),
+        (["--max-drop", "0.01", "--scheme", "fp16"], "--max-drop works with --scheme int8/int16x8/dynamic"),
+        (["--max-drop", "0.01", "--calib", tmp_path / "x.npy", "--eval-samples", "0"],
+         "--max-drop needs held-out samples"),
+        (["--scheme", "int16x8"], "--scheme int16x8 needs calibration data: pass --calib"),
+    ]
+    for args, reason in cases:
+        r = run("convert", tiny_dense, "-o", out, *args)
+        assert r.exit_code == 2 and reason in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not out.exists() and not (tmp_path / "o.edgeq.json").exists()
+    # Not known from argv alone (the model's format decides the default scheme): a user error, exit 1.
+    r = run("convert", tiny_dense, "-o", out, "--io", "uint8")
+    assert r.exit_code == 1 and "needs calibration data" in r.output
+    r = run("report", tmp_path / "x.npy")
+    assert r.exit_code == 2 and "--output" in r.output
+
+
+def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):
+    """An accuracy-budget plan made without --device prints as such, never 'plan for None'."""
+    from dataclasses import replace
+
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.cli import _print_convert
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.plan import plan_precision
+    from edgeq.precision import Scheme
+    from edgeq.tflite_model import read_model
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 8)).astype(np.float32))
+    r = convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(str(tmp_path / "x.npy"))))
+    assert r.manifest["plan"] is None
+    ops = list(read_model(r.source.float_tflite).ops)
+    plan = plan_precision(ops, None, {0: ("float", "accuracy budget step 1")}, scheme=Scheme.INT8)
+    capsys.readouterr()
+    _print_convert(replace(r, manifest={**r.manifest, "plan": plan.to_json()}))
+    printed = capsys.readouterr().out
+    assert "Precision plan (no device) (ops not int8)" in printed and "None" not in printed
+    assert f"plan: {plan.summary()}" in printed and "accuracy budget step 1" in printed

@@ -12,7 +12,7 @@ from conftest import build_tiny, save_keras
 from edgeq.calibration import CalibrationConfig
 from edgeq.convert import ConvertOptions, convert
 from edgeq.errors import CalibrationError, ModelFormatError, OutputExistsError, QuantizationError
-from edgeq.quantize import IoType, Scheme
+from edgeq.precision import IoType, Scheme
 from edgeq.tflite_model import read_model
 
 

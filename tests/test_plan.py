@@ -4,13 +4,15 @@ read back with edgeq.tflite_model, planned against the shipped device profiles."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from edgeq.errors import ProfileError
-from edgeq.plan import Override, plan_precision
-from edgeq.profiles import Precision, load_profile
-from edgeq.tflite_model import read_ops
+from edgeq.errors import ProfileError, QuantizationError
+from edgeq.plan import Override, default_scheme, integer_only, plan_precision, profile_io, profile_scheme
+from edgeq.precision import IoType, Precision, Scheme
+from edgeq.profiles import IoTypes, load_profile
+from edgeq.tflite_model import read_model, read_ops
 
 
 def _convert(tf, model_or_fn, *, dynamic=False):
@@ -187,3 +189,59 @@ def test_plan_json(mlp):
                            "output": plan.entries[0].output, "precision": "int8", "placement": "accelerator",
                            "reason": "default scheme of android-nnapi",
                            "source": str(load_profile("android-nnapi").path)}
+
+
+def test_plan_without_a_device(mlp):
+    """The accuracy-budget loop without --device: the scheme for every op, overrides on top, all on the CPU."""
+    _, flat = mlp
+    ops = read_ops(flat)
+    plan = plan_precision(ops, None, {0: ("hybrid", "budget step 1"), 2: ("float", "budget step 2")},
+                          scheme=Scheme.INT8)
+    assert [e.precision for e in plan.entries] == [Precision.HYBRID, Precision.INT8, Precision.FLOAT]
+    assert [e.source for e in plan.entries] == ["override", "edgeq", "override"]
+    assert {e.placement for e in plan.entries} == {"cpu"} and plan.device is None and not plan.cpu_ops
+    assert plan.summary() == "3 ops: 1 int8, 1 hybrid, 1 float"
+    d = json.loads(json.dumps(plan.to_json()))
+    assert d["device"] is None and d["scheme"] == "int8" and d["accelerator"] is None and not d["uniform"]
+    # 256 weights: below the converter's minimum, so hybrid becomes float (as with a profile).
+    small = plan_precision(ops, None, {1: ("hybrid", "b")}, scheme=Scheme.DYNAMIC)
+    assert [e.precision for e in small.entries] == [Precision.HYBRID, Precision.FLOAT, Precision.HYBRID]
+    assert "so float instead of hybrid" in small.entries[1].reason
+    with pytest.raises(ValueError, match="needs the scheme"):
+        plan_precision(ops, None)
+
+
+def test_plan_against_the_produced_file(tf, mlp):
+    """A dynamic-range file: FC 64x64 hybrid, FC 64x4 (256 weights) and softmax float."""
+    model, flat = mlp
+    ops = read_ops(flat)
+    produced = read_model(_convert(tf, model, dynamic=True))
+    all_int8 = plan_precision(ops, load_profile("rpi5"))
+    assert all_int8.mismatches(produced) == [
+        "#0 FULLY_CONNECTED planned int8, file has hybrid", "#1 FULLY_CONNECTED planned int8, file has float",
+        "#2 SOFTMAX planned int8, file has float"]
+    assert not any(all_int8.planned_off_int8(op) for op in produced.ops)
+    matching = plan_precision(ops, None, {0: ("hybrid", "b"), 1: ("float", "b"), 2: ("float", "b")},
+                              scheme=Scheme.INT8, min_weight_elements=0)
+    assert matching.mismatches(produced) == []
+    assert [op.name for op in produced.float_ops() if matching.planned_off_int8(op)] == [
+        "FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX"]
+
+
+def test_profile_policy():
+    """Which scheme and I/O dtype a conversion takes from the profile when the user does not say."""
+    rpi4, gpu, coral = load_profile("rpi4"), load_profile("android-gpu"), load_profile("coral-edgetpu")
+    assert default_scheme(None, "keras") is Scheme.INT8 and default_scheme(None, "hf") is Scheme.DYNAMIC
+    assert default_scheme(rpi4, "hf") is Scheme.INT8 and default_scheme(gpu, "keras") is Scheme.FP16
+    assert profile_scheme(replace(rpi4, scheme=Precision.HYBRID)) is Scheme.DYNAMIC
+    with pytest.raises(QuantizationError, match="rpi4: scheme float is not a quantization scheme; pass --scheme"):
+        profile_scheme(replace(rpi4, scheme=Precision.FLOAT))
+    # The profile's int8 I/O only where the scheme makes integer I/O.
+    assert profile_io(rpi4, Scheme.INT8) is IoType.INT8
+    assert profile_io(rpi4, Scheme.DYNAMIC) is IoType.FLOAT32 and profile_io(rpi4, Scheme.INT16X8) is IoType.FLOAT32
+    assert profile_io(replace(rpi4, io=IoTypes(IoType.UINT8, IoType.UINT8)), Scheme.INT8) is IoType.UINT8
+    assert profile_io(gpu, Scheme.FP16) is IoType.FLOAT32
+    # Every op int8: plain int8 without a device, or an int8-only accelerator with an int8 fallback.
+    assert integer_only(None, Scheme.INT8) and integer_only(coral, Scheme.INT8)
+    assert not integer_only(rpi4, Scheme.INT8) and not integer_only(None, Scheme.DYNAMIC)
+    assert not integer_only(coral, Scheme.INT16X8)

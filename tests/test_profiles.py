@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgeq.errors import ProfileError
-from edgeq.profiles import (BUILTIN_DIR, ENV_VAR, Delegate, Precision, RuntimeName, list_profiles,
-                            load_profile)
+from edgeq.precision import Precision
+from edgeq.profiles import BUILTIN_DIR, ENV_VAR, Delegate, RuntimeName, list_profiles, load_profile
 from edgeq.tflite_ops import BUILTIN_OPS, suggest
 
 SHIPPED = {"rpi4", "rpi5", "rpi-zero2w", "android-cpu", "android-gpu", "android-nnapi",
@@ -139,6 +139,9 @@ CASES = [
      "[ops].SOFTMAX.precision: bad value 'int4'; expected one of int8, int16x8, hybrid, float, fp16"),
     ("scheme cannot be other", _replace('scheme = "int8"', 'scheme = "other"'),
      "scheme: bad value 'other'"),
+    # int16 is a convert --io choice (int16x8), not one a profile names.
+    ("profile io subset", _replace('input = "int8"', 'input = "int16"'),
+     "io.input: bad value 'int16'; expected one of int8, uint8, float32"),
     ("missing reason", _append('\n[ops]\nSOFTMAX = { precision = "float", source = "s" }\n'),
      "[ops].SOFTMAX.reason: missing required key"),
     ("missing source", _append('\n[ops]\nSOFTMAX = { precision = "float", reason = "r" }\n'),

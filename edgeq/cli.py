@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_EVAL_SAMPLES
 from .errors import EdgeqError
+from .precision import IoType, Scheme
 
 
 class DeviceFailure(click.ClickException):
@@ -27,6 +28,8 @@ def library_call(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .interrupts import install
+        install()  # a Ctrl-C that lands in a gc callback (JAX's, during HF loading) still stops us
         try:
             return fn(*args, **kwargs)
         except EdgeqError as e:
@@ -86,7 +89,7 @@ def main():
 # --------------------------------------------------------------------------- convert
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .tflite path.")
+@output_option("Output .tflite path.", required=True)
 @click.option("--calib", help="Calibration data: image dir, .npy, .npz, .txt (with --tokenizer), or 'random'.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=DEFAULT_CALIB_SAMPLES, show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=0), default=DEFAULT_EVAL_SAMPLES, show_default=True,
@@ -100,9 +103,9 @@ def main():
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
               help="Hugging Face encoders: output pooling.")
-@click.option("--scheme", type=click.Choice(["int8", "int16x8", "dynamic", "fp16"]),
+@click.option("--scheme", type=click.Choice([s.value for s in Scheme]),
               help="Quantization scheme [default: the device's, else int8; dynamic for HF encoders].")
-@click.option("--io", "io_type", type=click.Choice(["float32", "int8", "uint8", "int16"]),
+@click.option("--io", "io_type", type=click.Choice([t.value for t in IoType]),
               help="Model input/output dtype [default: the device's, else float32].")
 @click.option("--calibration", "range_method", type=click.Choice(["minmax", "percentile", "mse"]),
               default="minmax", show_default=True, help="Activation range selection.")
@@ -118,7 +121,7 @@ def main():
 @click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy budget: max drop of --metric.")
 @click.option("--metric", type=click.Choice(["cosine", "top1", "rel_l2"]), default="cosine", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if any op stayed float under --scheme int8.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@force_option
 @json_option
 @quiet_option
 @library_call
@@ -127,8 +130,7 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
             allow_incompatible, max_drop, metric, strict, force, as_json, quiet):
     """Quantize MODEL (Keras, SavedModel, HF dir or float .tflite) into OUTPUT .tflite + manifest."""
     from .calibration import CalibrationConfig, Preprocess
-    from .convert import BudgetOptions, ConvertOptions, convert as run
-    from .quantize import IoType, Scheme
+    from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
 
     def floats(s):
         try:
@@ -145,10 +147,12 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
                           device, devices_dir, strict, force, allow_incompatible,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
                           percentile, seq_len, pooling, split_outliers, smoothquant)
+    mistake = usage_mistake(opts)  # options that cannot go together: a usage error, before any work
+    if mistake:
+        raise click.UsageError(mistake)
     result = run(model, opts, _progress(quiet, as_json))
-    m = result.manifest
     if as_json:
-        _emit_json(m)
+        _emit_json(result.manifest)
         return
     _print_convert(result)
 
@@ -159,8 +163,9 @@ def _print_convert(result) -> None:
         rows = [[e["index"], e["op"], e["precision"], e["placement"], e.get("reason", "")]
                 for e in m["plan"]["ops"] if e["precision"] not in ("int8", "other")]
         if rows:  # an all-int8 plan is said by the summary line alone
-            _table(f"Precision plan for {m['device']} (ops not int8)", ["#", "op", "precision", "runs on", "reason"],
-                   rows)
+            device = m["plan"].get("device")
+            _table(f"Precision plan {f'for {device}' if device else '(no device)'} (ops not int8)",
+                   ["#", "op", "precision", "runs on", "reason"], rows)
         click.echo(f"plan: {m['plan']['summary']}")
     if m.get("budget"):
         b = m["budget"]
@@ -190,20 +195,20 @@ def _print_convert(result) -> None:
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--delegate", default="xnnpack", show_default=True, help="xnnpack, none, or a delegate .so path.")
 @click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=".npz with one array per input (default: random per input dtype).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
-@click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
+              help=".npz with one array per input [default: the samples MODEL's manifest names, else valid "
+                   "random inputs].")
+@output_option("Also save the JSON result here.")
+@force_option
 @json_option
 @quiet_option
 @library_call
 def bench(model, threads, warmup, runs, delegate, inputs, output, force, as_json, quiet):
     """Benchmark MODEL on this host (the same runner script the devices use)."""
-    from .runners import BenchOptions
-    from .runners.local import bench_local
+    from .runners import ProfileRequest, profile_model
 
     _check_result_path(output, [model, inputs], force)
     with _progress(quiet, as_json).task(f"Benchmarking {Path(model).name}: {warmup} warmup + {runs} runs"):
-        r = bench_local(model, BenchOptions(threads, warmup, runs, delegate, inputs=inputs))
+        r = profile_model(model, None, ProfileRequest(threads, warmup, runs, delegate, inputs=inputs))
     _save_result(output, r)
     if as_json:
         _emit_json(r)
@@ -234,6 +239,23 @@ def _print_bench(r: dict) -> None:
            [[_f(r["init_ms"], 2), _f(r["first_inference_ms"], 3), _f(r["warmup"]["avg_ms"], 3), s["count"],
              _f(s["min_ms"], 3), _f(s["median_ms"], 3), _f(s["mean_ms"], 3), _f(s["p95_ms"], 3),
              _f(s["max_ms"], 3), _f(s["std_ms"], 3), _f(r["memory_mb"]["peak_rss"], 1)]])
+    source = r.get("input_source")
+    if source:
+        n = r.get("input_samples")
+        what = r.get("inputs_file") or ""
+        click.echo(f"inputs: {source}" + (f" ({what}{', ' if what else ''}{n} samples)" if n and n > 1 else
+                                          f" ({what})" if what else ""))
+    for label, cov in (("", r.get("delegate_coverage")), ("app ", (r.get("app") or {}).get("delegate_coverage"))):
+        if cov:
+            click.echo(f"{label}delegate coverage: {_coverage_text(cov)}")
+
+
+def _coverage_text(cov: dict) -> str:
+    nodes = (f"{cov.get('delegated')}/{cov.get('total')} nodes" if cov.get("total") is not None
+             else "node count not logged")
+    execution = {"none": "NOT EXECUTED by the delegate: everything ran on the CPU", "complete": "complete",
+                 "partial": f"partial ({cov.get('kernels') or '?'} delegate kernels)"}.get(cov.get("execution"))
+    return f"{nodes} on {cov.get('delegate')}" + (f", {execution}" if execution else "")
 
 
 # --------------------------------------------------------------------------- devices
@@ -254,13 +276,8 @@ def devices_list(devices_dir, as_json):
     if as_json:
         _emit_json([p.to_json() for p in profiles])
         return
-    _table("Device profiles", ["id", "name", "kind", "abi", "runtime", "delegate", "scheme", "reach"],
-           [[p.id, p.name, _val(p.kind), _val(p.abi), f"{p.runtime.name} {p.runtime.version}", _val(p.delegate),
-             _val(p.scheme), _val(p.reach)] for p in profiles])
-
-
-def _val(x):
-    return getattr(x, "value", x)
+    columns = ["id", "name", "kind", "abi", "runtime", "delegate", "scheme", "reach"]
+    _table("Device profiles", columns, [[p.summary_row()[c] for c in columns] for p in profiles])
 
 
 @devices.command("show")
@@ -353,16 +370,19 @@ def _run_fleet(fleet_file, parallel, kwargs, fn, progress, as_json):
 @click.option("--app", "app_apk", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="android_demo APK.")
 @click.option("--op-profiling", is_flag=True, help="Android: per-op profile (shows ops left on the CPU).")
-@click.option("--delegate", help="Pi/host: xnnpack, none, or a delegate .so path on the device "
+@click.option("--delegate", help="xnnpack, none, a delegate .so path on a board, or gpu/nnapi on a phone "
               "[default: the profile's].")
 @click.option("--slot", default="model", show_default=True, help="Pi: use this flashed slot's runtime venv.")
 @click.option("--threads", type=click.IntRange(min=1), help="Default: the profile's.")
 @click.option("--warmup", type=click.IntRange(min=0), help="Default: the profile's.")
 @click.option("--runs", type=click.IntRange(min=1), help="Default: the profile's.")
-@click.option("--inputs", type=click.Path(exists=True, dir_okay=False), help=".npz inputs fed to the model.")
-@click.option("--save-outputs", type=click.Path(dir_okay=False), help="Copy the device's outputs to this .npz.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the JSON result here.")
-@click.option("--force", is_flag=True, help="Overwrite an existing -o / --save-outputs file.")
+@click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npz inputs fed to the model [default: the samples MODEL's manifest names, else valid "
+                   "random inputs].")
+@click.option("--save-outputs", type=click.Path(dir_okay=False, path_type=Path),
+              help="Copy the device's outputs to this .npz.")
+@output_option("Also save the JSON result here.")
+@force_option
 @json_option
 @quiet_option
 @library_call
@@ -370,66 +390,55 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
             connect_timeout, run_timeout, remote_python, serial, adb_path, mode, benchmark_binary, app_apk,
             op_profiling, delegate, slot, threads, warmup, runs, inputs, save_outputs, output, force, as_json, quiet):
     """Measure MODEL on a device: a Pi over SSH, a phone over adb, or this host."""
-    from .errors import EdgeqError
-    from .profiles import load_profile
+    from dataclasses import replace
 
+    from .profiles import load_profile
+    from .remote import parse_target
+    from .runners import ProfileRequest, profile_model, reach_of
+    from .runners.adb import AdbOptions, Mode
+    from .runners.ssh import SshSettings
+
+    if not (device or fleet_file) or (device and fleet_file):
+        raise click.UsageError("pass either --device ID (see `edgeq devices list`) or --fleet FILE")
+    if fleet_file and (host or save_outputs):
+        raise click.UsageError("--fleet FILE names every device: drop --host/--save-outputs")
     _check_result_path(output, [model, inputs, fleet_file], force)
     _check_result_path(save_outputs, [model, inputs, fleet_file, output], force)
     progress = _progress(quiet, as_json)
     kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
+    request = ProfileRequest(threads, warmup, runs, delegate, inputs=inputs, save_outputs=save_outputs,
+                             ssh=SshSettings(None, remote_python, slot),
+                             adb=AdbOptions(adb=adb_path, serial=serial, mode=Mode(mode),
+                                            benchmark_binary=benchmark_binary, app_apk=app_apk,
+                                            op_profiling=op_profiling, timeout_s=run_timeout))
     if fleet_file:
-        from .runners.ssh import SshProfileOptions, profile_over_ssh
-
-        opts = SshProfileOptions(threads, warmup, runs, delegate, inputs=inputs, remote_python=remote_python,
-                                 flash_slot=slot)
-        _run_fleet(fleet_file, parallel, kw, lambda d: profile_over_ssh(
-            model, load_profile(d.profile, devices_dir=devices_dir), d.target, opts, progress.note),
-            progress, as_json)
+        _run_fleet(fleet_file, parallel, kw, lambda d: profile_model(
+            model, load_profile(d.profile, devices_dir=devices_dir),
+            replace(request, ssh=replace(request.ssh, target=d.target)), progress.note), progress, as_json)
         return
-    if not device:
-        raise EdgeqError("pass --device ID (see `edgeq devices list`) or --fleet FILE")
     prof = load_profile(device, devices_dir=devices_dir)
-    reach = _val(prof.reach)
-    if reach == "ssh":
-        from .remote import parse_target
-        from .runners.ssh import SshProfileOptions, profile_over_ssh
-        if not host:
-            raise EdgeqError(f"{device} is reached over ssh: pass --host user@host[:port] (or --fleet FILE)")
-        opts = SshProfileOptions(threads, warmup, runs, delegate, inputs=inputs, save_outputs=save_outputs,
-                                 remote_python=remote_python, flash_slot=slot)
-        with progress.task(f"Profiling {Path(model).name} on {host}"):
-            r = profile_over_ssh(model, prof, parse_target(host, **kw), opts, progress.note)
-    elif reach == "adb":
-        from .runners.adb import AdbOptions, Mode, profile_over_adb
-        with progress.task(f"Profiling {Path(model).name} over adb"):
-            r = profile_over_adb(model, prof, AdbOptions(adb=adb_path, serial=serial, mode=Mode(mode),
-                                                          benchmark_binary=benchmark_binary, app_apk=app_apk,
-                                                          op_profiling=op_profiling, timeout_s=run_timeout),
-                                 progress=progress.note)
-    else:
-        from .runners import BenchOptions
-        from .runners.local import bench_local
-        with progress.task(f"Benchmarking {Path(model).name} on this host"):
-            r = bench_local(model, BenchOptions(threads or prof.threads,
-                                                prof.bench.warmup if warmup is None else warmup,
-                                                runs or prof.bench.runs, delegate or _local_delegate(prof),
-                                                inputs=Path(inputs) if inputs else None))
+    reach = reach_of(prof)
+    if reach == "ssh" and not host:
+        raise click.UsageError(f"{device} is reached over ssh: pass --host user@host[:port] (or --fleet FILE)")
+    if host and reach != "ssh":
+        raise click.UsageError(f"--host is for ssh devices; {device} is reached over {reach}")
+    if reach == "adb" and (inputs or save_outputs):
+        raise click.UsageError(f"--inputs/--save-outputs are not supported on Android phones yet ({device}); "
+                               f"drop them")
+    if host:
+        request = replace(request, ssh=replace(request.ssh, target=parse_target(host, **kw)))
+    where = {"ssh": host, "adb": "an Android phone over adb"}.get(reach, "this host")
+    with progress.task(f"Profiling {Path(model).name} on {where}"):
+        r = profile_model(model, prof, request, progress.note)
     _save_result(output, r)
     if as_json:
         _emit_json(r)
         return
     _print_bench(r)
-    cov = r.get("delegate_coverage")
-    if cov:
-        click.echo(f"delegate coverage: {cov.get('delegated')}/{cov.get('total')} nodes on {cov.get('delegate')}")
     if r.get("app_vs_benchmark"):
         _table("app vs benchmark_model", ["metric", "benchmark_model", "app", "diff ms", "diff %"],
                [[k, _f(v.get("benchmark_model"), 3), _f(v.get("app"), 3), _f(v.get("diff_ms"), 3),
                  _f(v.get("diff_pct"), 1)] for k, v in r["app_vs_benchmark"].items()])
-
-
-def _local_delegate(prof) -> str:
-    return "none" if _val(prof.delegate) == "none" else "xnnpack"
 
 
 @main.command()
@@ -450,17 +459,25 @@ def _local_delegate(prof) -> str:
 def flash(model, device, devices_dir, host, fleet_file, parallel, identity, known_hosts, trust_new_host,
           connect_timeout, run_timeout, rollback, slot, with_runtime, wheels_dir, systemd_exec, keep, as_json, quiet):
     """Deploy MODEL to a Raspberry Pi (atomic switch of a `current` link; --rollback restores)."""
-    from .errors import EdgeqError
     from .flash import FlashOptions, flash as do_flash, rollback as do_rollback
     from .profiles import load_profile
     from .remote import parse_target
 
+    if rollback and (model is not None or with_runtime or wheels_dir or systemd_exec):
+        raise click.UsageError("--rollback restores the previous release as it was: drop MODEL, "
+                               "--with-runtime, --wheels-dir and --systemd-exec")
+    if not rollback and model is None:
+        raise click.UsageError("pass the MODEL to flash, or --rollback")
+    if wheels_dir and not with_runtime:
+        raise click.UsageError("--wheels-dir holds the runtime wheels: add --with-runtime")
+    if fleet_file and (device or host):
+        raise click.UsageError("--fleet FILE names every device and its profile: drop --device/--host")
+    if not fleet_file and (not device or not host):
+        raise click.UsageError("pass --device ID and --host user@host[:port] (or --fleet FILE)")
     progress = _progress(quiet, as_json)
     kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
     opts = FlashOptions(slot=slot, with_runtime=with_runtime, wheels_dir=wheels_dir, systemd_exec=systemd_exec,
                         keep=keep)
-    if not rollback and model is None:
-        raise EdgeqError("pass the MODEL to flash, or --rollback")
 
     def one(prof, target):
         if rollback:
@@ -471,8 +488,6 @@ def flash(model, device, devices_dir, host, fleet_file, parallel, identity, know
         _run_fleet(fleet_file, parallel, kw, lambda d: one(load_profile(d.profile, devices_dir=devices_dir),
                                                            d.target), progress, as_json)
         return
-    if not device or not host:
-        raise EdgeqError("pass --device ID and --host user@host[:port] (or --fleet FILE)")
     with progress.task(f"{'Rolling back' if rollback else 'Flashing'} {host}"):
         r = one(load_profile(device, devices_dir=devices_dir), parse_target(host, **kw))
     if as_json:
@@ -487,9 +502,9 @@ def flash(model, device, devices_dir, host, fleet_file, parallel, identity, know
 # --------------------------------------------------------------------------- report
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="report.html path.")
+@output_option("report.html path.", required=True)
 @click.option("--title", help="Report title.")
-@click.option("--force", is_flag=True, help="Overwrite an existing report.")
+@force_option
 @json_option
 @library_call
 def report(inputs, output, title, force, as_json):

@@ -59,3 +59,24 @@ def test_ctrl_c_inside_a_gc_callback_is_lost_without_the_hook():
 def test_ctrl_c_inside_a_gc_callback_stops_the_program(attempt):
     code, out = _run(install=True)
     assert code == 1 and "interrupted" in out and "finished" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@pytest.mark.parametrize("delay", [4.0, 10.0])
+def test_ctrl_c_while_a_hugging_face_model_loads_stops_convert(minilm_dir, tmp_path, delay):
+    """The real case: `edgeq convert` of all-MiniLM-L6-v2 interrupted while torch, JAX (imported by
+    litert-torch) and the PyTorch -> LiteRT conversion run. It used to finish and exit 0."""
+    import signal
+    import time
+
+    (tmp_path / "s.txt").write_text("a first sentence\nanother one here\nand a third\nfour\nfive words go here\n")
+    out = tmp_path / "m.tflite"
+    edgeq = Path(sys.executable).with_name("edgeq")
+    p = subprocess.Popen([str(edgeq), "convert", str(minilm_dir), "-o", str(out), "--calib", str(tmp_path / "s.txt"),
+                          "--seq-len", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and "interrupted" in err
+    assert not out.exists() and not out.with_name("m.edgeq.json").exists()

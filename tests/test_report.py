@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
 from PIL import Image
 
 from edgeq.errors import EdgeqError, OutputExistsError
 from edgeq.report import build_report, collect_inputs, fmt_ms, latency_figure
+from edgeq.report.charts import budget_figure
+from edgeq.report.inputs import Manifest
 from edgeq.runners.device_bench import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +69,7 @@ def _sha(p: Path) -> str:
 
 
 def _ops(model: Path) -> list[dict]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    from ai_edge_litert.interpreter import OpResolverType
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     # Without the default XNNPACK delegate, so the ops are the model's, not one DELEGATE node.
     it = Interpreter(model_path=str(model),
@@ -119,6 +120,7 @@ def inputs(tmp_path_factory):
         "fidelity": {"samples": 100,
                      "outputs": [{"name": "Identity", "cosine": 0.9991, "rel_l2": 0.031, "max_abs": 0.02,
                                   "top1_agreement": 0.99}],
+                     # no edgeq writer produces per_layer: here so a test can see the report ignores it
                      "per_layer": [{"tensor": f"dense_{i}/MatMul", "op": "FULLY_CONNECTED",
                                     "rmse": 0.004 * (i + 1), "scale": 0.02, "rmse_over_scale": 0.2 * (i + 1)}
                                    for i in range(4)]},
@@ -226,7 +228,7 @@ def test_speedup_and_size_are_float_over_int8_per_device(inputs, report):
 
 
 def test_latency_chart_labels_every_median(inputs):
-    runs = collect_inputs(list(inputs["paths"].values()))[1]
+    runs = collect_inputs(list(inputs["paths"].values())).runs
     fig, labels = latency_figure([r for r in runs if not r.failed])
     drawn = [t.get_text() for t in fig.axes[0].texts]
     d = inputs["data"]
@@ -245,7 +247,7 @@ def test_html_is_self_contained_and_images_decode(inputs, report):
         assert "http://" not in text and "https://" not in text
     assert not re.search(r"<(script|link|iframe|object)\b", page, re.I) and "url(" not in page
     imgs = _Tables(page).imgs
-    # latency box plot, per-layer error bars, size + speed-up
+    # latency box plot, accuracy budget steps, size + speed-up
     assert len(imgs) == res.images == 3
     for img in imgs:
         assert img["src"].startswith("data:image/png;base64,")
@@ -294,16 +296,38 @@ def test_minimal_inputs_show_na_and_failed_runs(tmp_path):
     assert "&lt;b>x&lt;/b>.tflite" in md and "<b>" not in md
 
 
-def test_plan_as_plain_list_and_budget_table(tmp_path, inputs):
-    m = dict(inputs["data"]["manifest"], plan=inputs["data"]["manifest"]["plan"]["ops"][:2])
-    (tmp_path / "m.json").write_text(json.dumps(m))
-    build_report([tmp_path / "m.json"], tmp_path / "r.html")
-    t = _Tables((tmp_path / "r.html").read_text())
-    assert [r[1] for r in t.table("#", "op")] == [p["op"] for p in m["plan"]]
-    size = [s["bytes"] for s in m["budget"]["steps"]]  # a real model: its size varies by a few bytes
-    assert t.table("step", "moved", "cosine", "drop") == [["0", "—", "0.9700", "0.0300", f"{size[0] / 1024:.1f} KiB"],
-                                                         ["1", "#2 SOFTMAX -> float", "0.9991", "0.0009",
-                                                          f"{size[1] / 1024:.1f} KiB"]]
+def test_budget_table_and_chart_no_per_layer_error(inputs, report):
+    _, page, md = report
+    m = inputs["data"]["manifest"]
+    steps = m["budget"]["steps"]
+    size = [s["bytes"] for s in steps]  # a real model: its size varies by a few bytes
+    assert _Tables(page).table("step", "moved", "cosine", "drop") == [
+        ["0", "—", "0.9700", "0.0300", f"{size[0] / 1024:.1f} KiB"],
+        ["1", "#2 SOFTMAX -> float", "0.9991", "0.0009", f"{size[1] / 1024:.1f} KiB"]]
+    fig = budget_figure(Manifest(inputs["paths"]["manifest"], m))
+    ax = fig.axes[0]
+    assert [b.get_height() for b in ax.patches] == [s["drop"] for s in steps]
+    assert [b.get_facecolor() for b in ax.patches] == [to_rgba("#f58518"), to_rgba("#54a24b")]  # over, within
+    assert list(ax.lines[0].get_ydata()) == [m["budget"]["max_drop"]] * 2
+    assert [t.get_text() for t in ax.texts] == ["cosine 0.9700", "cosine 0.9991"]
+    alt = "Accuracy budget chart for digits_int8.tflite: cosine drop per step 0.0300 → 0.0009"
+    assert alt in {i["alt"] for i in _Tables(page).imgs} and alt in md
+    # No writer produces fidelity.per_layer (the fixture carries it anyway): nothing of it is shown.
+    for text in (page, md):
+        assert "per-layer" not in text.lower() and "rmse" not in text.lower()
+
+
+def test_manifest_is_read_through_the_schema(tmp_path, inputs):
+    """A plan is the object plan.Plan.to_json() writes; a bare list of ops (no edgeq ever wrote one)
+    fails manifest.read_manifest: one line naming the file, nothing written."""
+    m = inputs["data"]["manifest"]
+    bad = tmp_path / "list_plan.edgeq.json"
+    bad.write_text(json.dumps(dict(m, plan=m["plan"]["ops"][:2])))
+    with pytest.raises(EdgeqError) as e:
+        build_report([bad, inputs["paths"]["local_q"]], tmp_path / "r.html")
+    msg = str(e.value)
+    assert str(bad) in msg and "plan" in msg and "\n" not in msg
+    assert sorted(os.listdir(tmp_path)) == ["list_plan.edgeq.json"]
 
 
 @pytest.mark.parametrize("content, fragment", [

@@ -1,29 +1,92 @@
-"""A float .tflite as a source: re-quantized with the LiteRT quantizer (TF cannot re-convert it)."""
+"""A float .tflite as a source: re-quantized with the LiteRT quantizer (TF cannot re-convert it).
+
+Published files are checked first (fast, flatbuffer only) for what edgeq cannot quantize, so the user
+hears it in one line before any slow step; then `tflite_rewrite` turns float16/sparse weights and
+old operator codes into the plain float32 graph the quantizer expects, and a SignatureDef is added
+where there is none.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import ModelFormatError
-from ..signature import ensure_signature, signature_specs
-from ..tflite_model import read_model
 from ..files import sha256_file
+from ..signature import ensure_signature, signature_specs
+from ..tflite_model import ModelInfo, read_model
+from ..tflite_rewrite import rewrite_float_model
 from . import SourceModel
 
+# Ops that run other subgraphs. The quantizer and edgeq's per-op plan work on subgraph 0 only.
+CONTROL_FLOW_OPS = frozenset({"IF", "WHILE", "CALL_ONCE", "CALL", "STABLEHLO_WHILE", "STABLEHLO_CASE",
+                              "STABLEHLO_COMPOSITE"})
+_SHOWN = 4  # op names listed in a refusal
 
-def load_tflite(path: Path) -> SourceModel:
+
+def load_tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:
+    """`scheme` (a quantize.Scheme value) decides what can be refused up front: control flow
+    quantizes with "dynamic" but not with calibrated int8/int16x8."""
     data = path.read_bytes()
     info = read_model(data, name=str(path))
-    quantized = [op for op in info.ops if op.precision in ("int8", "int16x8", "hybrid")]
-    if quantized:
-        raise ModelFormatError(f"{path}: already quantized ({len(quantized)} quantized ops, e.g. "
-                               f"{quantized[0].name}); pass the float model")
-    notes = []
+    check_supported(info, str(path), str(getattr(scheme, "value", scheme)), data)
+    data, report = rewrite_float_model(data)
+    notes = list(report.notes())
+    custom = sorted({op.name[len("CUSTOM:"):] for op in info.ops if op.is_custom})
+    if custom:  # they loaded: XNNPACK provides them (e.g. MediaPipe's Convolution2DTransposeBias)
+        notes.append(f"custom op(s) {', '.join(custom)} stay float and run only where the runtime or its "
+                     "XNNPACK delegate provides them")
     data, added = ensure_signature(data)
     if added:
         notes.append("the input had no SignatureDef; edgeq added 'serving_default' (graph unchanged)")
-    custom = sorted({op.name for op in info.ops if op.is_custom})
-    if custom:
-        notes.append(f"custom ops {', '.join(custom)} stay float and must be registered on the device")
     ins, outs = signature_specs(data)
     return SourceModel("tflite", path, sha256_file(path), data, ins, outs, None, None, tuple(notes))
+
+
+def check_supported(info: ModelInfo, name: str, scheme: str = "int8", data: bytes = b"") -> None:
+    """Refuse, in one line naming the ops, what edgeq cannot quantize: an already quantized model,
+    custom ops (the LiteRT interpreter cannot even load them unless their kernels are registered, so
+    the model can be neither calibrated nor run) and, for calibrated schemes, control flow (the LiteRT
+    quantizer collects no ranges inside called subgraphs; dynamic-range needs none)."""
+    quantized = [op for op in info.ops if op.precision in ("int8", "int16x8", "hybrid")]
+    if quantized:
+        raise ModelFormatError(f"{name}: already quantized ({len(quantized)} quantized ops: "
+                               f"{_names(quantized)}); pass the float model it was made from")
+    custom = [op for op in info.ops if op.is_custom]
+    if custom and not custom_ops_load(data):
+        raise ModelFormatError(
+            f"{name}: {len(custom)} custom op(s) ({_names(custom, strip='CUSTOM:')}) that the LiteRT "
+            "interpreter cannot load without their kernels, so edgeq can neither calibrate nor run the "
+            "model; export it without custom ops (e.g. the variant of the model that stops before them)")
+    if scheme not in ("int8", "int16x8"):
+        return
+    flow = [op for op in info.ops if op.name in CONTROL_FLOW_OPS]
+    subgraphs = len({op.subgraph for op in info.ops})
+    if flow or subgraphs > 1:
+        what = f"control flow ({_names(flow)})" if flow else f"{subgraphs} subgraphs"
+        raise ModelFormatError(
+            f"{name}: {what}: --scheme {scheme} cannot calibrate ops inside called subgraphs; use "
+            "--scheme dynamic (int8 weights, float activations), or convert the original Keras/SavedModel")
+
+
+def custom_ops_load(data: bytes) -> bool:
+    """Does the LiteRT interpreter (with its default XNNPACK delegate) load and prepare this model?
+    XNNPACK implements a few custom ops itself; any other needs its kernel registered."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from ..tfimport import quiet_native
+    try:
+        with quiet_native():
+            Interpreter(model_content=data, num_threads=1).allocate_tensors()
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _names(ops, strip: str = "") -> str:
+    counts: dict[str, int] = {}
+    for op in ops:
+        name = op.name[len(strip):] if strip and op.name.startswith(strip) else op.name
+        counts[name] = counts.get(name, 0) + 1
+    shown = [f"{n} x{c}" if c > 1 else n for n, c in list(counts.items())[:_SHOWN]]
+    more = len(counts) - _SHOWN
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")

@@ -1,0 +1,344 @@
+"""Graph rewrites that turn a published float .tflite into the plain float graph quantizers expect.
+
+Published files are float, but not always plain float32 graphs:
+- weights stored as float16 (or int8) constants behind `DEQUANTIZE` ops (the usual fp16 export);
+- sparse weights behind `DENSIFY` ops (TFLite's sparsity format, often followed by a DEQUANTIZE);
+- old files whose operator codes fill only `deprecated_builtin_code`: the LiteRT quantizer reads
+  `builtin_code` alone and sees every op as ADD (0), so conv filters get activation parameters and
+  the result fails to prepare ("zero_point->data[i] != 0");
+- standalone RELU/RELU6/RELU_N1_TO_1 after an op that can fuse them (old converters left them):
+  XNNPACK has no int8 kernel for a standalone RELU, so each one cut the delegated graph
+  (face_detection_short_range: 18 partitions, 17 RELUs on the builtin kernels).
+`rewrite_float_model` folds these into float32 constants, fixes the codes and fuses the activations,
+then removes the ops, tensors, buffers and operator codes that became dead. The graph computes the
+same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import tflite_edit as te
+
+# schema.fbs: builtin codes above 127 live only in builtin_code; deprecated_builtin_code says 127.
+_PLACEHOLDER_FOR_GREATER_OP_CODES = 127
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    opcodes_upgraded: int = 0  # operator codes that had only deprecated_builtin_code
+    densified: int = 0  # DENSIFY ops of constants replaced by dense constants
+    fp16_folded: int = 0  # DEQUANTIZE of float16 constants folded into float32 constants
+    int8_folded: int = 0  # DEQUANTIZE of int8/uint8 constants (weight-only files) folded
+    activations_fused: int = 0  # standalone RELU-family ops fused into their producer
+    removed_ops: int = 0
+    removed_tensors: int = 0
+    removed_buffers: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.opcodes_upgraded or self.densified or self.fp16_folded or self.int8_folded
+                    or self.activations_fused)
+
+    def notes(self) -> tuple[str, ...]:
+        out = []
+        if self.fp16_folded:
+            out.append(f"{self.fp16_folded} float16 weight(s) behind DEQUANTIZE were folded into float32 "
+                       "constants before quantizing")
+        if self.int8_folded:
+            out.append(f"{self.int8_folded} int8 weight-only constant(s) behind DEQUANTIZE were dequantized "
+                       "to float32 before re-quantizing")
+        if self.densified:
+            out.append(f"{self.densified} sparse weight(s) behind DENSIFY were densified (the int8 model "
+                       "stores them dense)")
+        if self.activations_fused:
+            out.append(f"{self.activations_fused} standalone RELU/RELU6 op(s) fused into the op before them "
+                       "(XNNPACK has no int8 kernel for them alone)")
+        if self.opcodes_upgraded:
+            out.append(f"{self.opcodes_upgraded} operator code(s) in the old deprecated_builtin_code form "
+                       "were rewritten to the current schema")
+        return tuple(out)
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+def rewrite_float_model(model: bytes) -> tuple[bytes, RewriteReport]:
+    """(rewritten model, what was done). Returns `model` itself when there was nothing to do."""
+    m = te.load(model)
+    upgraded = upgrade_opcodes(m)
+    densified = densify_constants(m)
+    fp16, int8 = fold_dequantize(m)
+    fused = fuse_activations(m)
+    report = RewriteReport(upgraded, densified, fp16, int8, fused)
+    if not report.changed:
+        return model, report
+    tensors, buffers = prune(m)
+    removed = densified + fp16 + int8 + fused
+    return te.pack(m), RewriteReport(upgraded, densified, fp16, int8, fused, removed, tensors, buffers)
+
+
+def upgrade_opcodes(m) -> int:
+    """Fill builtin_code from deprecated_builtin_code (files written before schema v3a)."""
+    n = 0
+    for code in m.operatorCodes or []:
+        num = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        if code.builtinCode != num:
+            code.builtinCode = num
+            n += 1
+        code.deprecatedBuiltinCode = min(num, _PLACEHOLDER_FOR_GREATER_OP_CODES)
+    return n
+
+
+# --- DENSIFY ---------------------------------------------------------------------------------------
+
+def densify_constants(m) -> int:
+    """Replace each DENSIFY of a sparse constant by the dense constant (same dtype); the op goes."""
+    n = 0
+    for sg in m.subgraphs or []:
+        outputs = set(_ints(sg.outputs))
+        keep = []
+        for op in sg.operators or []:
+            if te.op_name(m, op) == "DENSIFY" and _foldable(m, sg, op, outputs):
+                src = sg.tensors[int(op.inputs[0])]
+                dense = densify(m, src)
+                out = int(op.outputs[0])
+                te.set_constant(m, sg, out, dense.astype(te._NP[src.type]), new_buffer=True)
+                sg.tensors[out].sparsity = None
+                n += 1
+                continue
+            keep.append(op)
+        sg.operators = keep
+    return n
+
+
+def densify(m, t) -> np.ndarray:
+    """The dense value of sparse constant tensor `t` (a TensorT with `sparsity`), shaped `t.shape`.
+
+    TFLite's format (schema.fbs SparsityParameters; kernels/internal/utils/sparsity_format_converter):
+    the tensor is traversed in `traversal_order` over its dims followed by one dim per blocked dim
+    (`block_map[k]` is the original dim block k splits, the block's size is that level's dense_size);
+    level i is DENSE (`dense_size` entries) or SPARSE_CSR (`array_segments` delimit, per position of
+    the previous level, the `array_indices` present). Values are stored in that traversal order.
+    """
+    sp = t.sparsity
+    shape = [int(d) for d in t.shape]
+    rank = len(shape)
+    order = [int(x) for x in sp.traversalOrder]
+    block_map = [int(x) for x in (sp.blockMap if sp.blockMap is not None else [])]
+    meta = sp.dimMetadata
+    values = _raw_values(m, t)
+    # Enumerate, level by level, every stored element's per-level index and its position at that level
+    # (the position indexes the next level's segments), in storage order.
+    pos = np.zeros(1, dtype=np.int64)
+    idx = np.zeros((1, 0), dtype=np.int64)
+    for d in meta:
+        if int(d.format) == 0:  # DENSE
+            size = int(d.denseSize)
+            rep = np.repeat(np.arange(len(pos)), size)
+            level = np.tile(np.arange(size, dtype=np.int64), len(pos))
+            pos = pos[rep] * size + level
+        else:  # SPARSE_CSR
+            seg = _vector(d.arraySegments)
+            ind = _vector(d.arrayIndices)
+            starts, ends = seg[pos], seg[pos + 1]
+            counts = ends - starts
+            rep = np.repeat(np.arange(len(pos)), counts)
+            # flat positions starts[r] .. ends[r]-1 for every row r, in order
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            pos = np.repeat(starts, counts) + offsets
+            level = ind[pos]
+        idx = np.concatenate([idx[rep], level[:, None]], axis=1)
+    if len(pos) != values.size:
+        raise ValueError(f"sparse tensor {te.tensor_name(t)}: {values.size} stored values, {len(pos)} indexed")
+    coords = np.zeros((len(pos), rank), dtype=np.int64)
+    for level in range(rank):
+        coords[:, order[level]] = idx[:, level]
+    block_size = [0] * len(block_map)
+    for level in range(rank, len(order)):
+        k = order[level] - rank
+        block_size[k] = int(meta[level].denseSize)
+    for level in range(rank, len(order)):  # block coordinates refine their original dim
+        k = order[level] - rank
+        dim = block_map[k]
+        coords[:, dim] = coords[:, dim] * block_size[k] + idx[:, level]
+    dense = np.zeros(shape, dtype=values.dtype)
+    dense[tuple(coords.T)] = values
+    return dense
+
+
+def _raw_values(m, t) -> np.ndarray:
+    buf = m.buffers[t.buffer]
+    return np.frombuffer(bytes(np.asarray(buf.data, dtype=np.uint8)), dtype=te._NP[t.type])
+
+
+def _vector(v) -> np.ndarray:
+    return np.asarray(v.values if v is not None and v.values is not None else [], dtype=np.int64)
+
+
+# --- DEQUANTIZE of constants ----------------------------------------------------------------------
+
+def fold_dequantize(m) -> tuple[int, int]:
+    """Fold DEQUANTIZE ops whose input is a constant into float32 constants; (float16, int8) counts."""
+    fp16 = int8 = 0
+    for sg in m.subgraphs or []:
+        outputs = set(_ints(sg.outputs))
+        keep = []
+        for op in sg.operators or []:
+            if te.op_name(m, op) == "DEQUANTIZE" and _foldable(m, sg, op, outputs):
+                src = sg.tensors[int(op.inputs[0])]
+                value = _dequantized(m, sg, int(op.inputs[0]))
+                if value is not None:
+                    out = int(op.outputs[0])
+                    # A buffer of its own: the output's old (empty) buffer may be shared.
+                    te.set_constant(m, sg, out, value, new_buffer=True)
+                    sg.tensors[out].quantization = None
+                    if src.type == 1:  # FLOAT16
+                        fp16 += 1
+                    else:
+                        int8 += 1
+                    continue
+            keep.append(op)
+        sg.operators = keep
+    return fp16, int8
+
+
+def _dequantized(m, sg, index: int) -> np.ndarray | None:
+    t = sg.tensors[index]
+    value = te.constant(m, sg, index)
+    if value is None or t.sparsity is not None:
+        return None
+    if value.dtype == np.float16:
+        return value.astype(np.float32)
+    if value.dtype not in (np.int8, np.uint8, np.int16):
+        return None
+    q = t.quantization
+    if q is None or q.scale is None or len(q.scale) == 0:
+        return None
+    scale = np.asarray(q.scale, dtype=np.float32)
+    zp = np.asarray(q.zeroPoint if q.zeroPoint is not None and len(q.zeroPoint) else [0] * len(scale),
+                    dtype=np.float32)
+    if len(scale) > 1:  # per-channel along quantizedDimension
+        shape = [1] * value.ndim
+        shape[int(q.quantizedDimension)] = len(scale)
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((value.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
+def _foldable(m, sg, op, graph_outputs: set[int]) -> bool:
+    """A one-in one-out op whose input is a constant and whose output is not a graph output."""
+    ins, outs = _ints(op.inputs), _ints(op.outputs)
+    if len(ins) != 1 or len(outs) != 1 or ins[0] < 0 or outs[0] in graph_outputs:
+        return False
+    t = sg.tensors[ins[0]]
+    buf = m.buffers[t.buffer] if t.buffer < len(m.buffers) else None
+    return buf is not None and buf.data is not None and len(buf.data) > 0
+
+
+# --- activations ---------------------------------------------------------------------------------
+
+_ACTIVATIONS = {"RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}  # schema ActivationFunctionType
+_FUSING_OPS = frozenset({"ADD", "SUB", "MUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
+
+
+def fuse_activations(m) -> int:
+    """Fuse a RELU/RELU6/RELU_N1_TO_1 into the op producing its input, when that op can carry a fused
+    activation, has none yet, and nothing else reads the intermediate tensor."""
+    n = 0
+    for sg_i, sg in enumerate(m.subgraphs or []):
+        keep_visible = set(_ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
+                                                 if sig.subgraphIndex == sg_i for tm in sig.outputs or []}
+        readers = te.consumers(sg)
+        producer = te.producers(sg)
+        drop: set[int] = set()
+        for i, op in enumerate(sg.operators or []):
+            act = _ACTIVATIONS.get(te.op_name(m, op))
+            ins = _ints(op.inputs)
+            if act is None or len(ins) != 1 or ins[0] in keep_visible or len(readers.get(ins[0], [])) != 1:
+                continue
+            p = producer.get(ins[0])
+            if p is None or p in drop:
+                continue
+            prod = sg.operators[p]
+            opts = prod.builtinOptions
+            if (te.op_name(m, prod) not in _FUSING_OPS or len(_ints(prod.outputs)) != 1 or opts is None
+                    or getattr(opts, "fusedActivationFunction", None) != 0):
+                continue
+            opts.fusedActivationFunction = act
+            prod.outputs = [int(op.outputs[0])]
+            producer[int(op.outputs[0])] = p
+            drop.add(i)
+            n += 1
+        sg.operators = [op for i, op in enumerate(sg.operators or []) if i not in drop]
+    return n
+
+
+# --- dead code ------------------------------------------------------------------------------------
+
+def prune(m) -> tuple[int, int]:
+    """Drop tensors no op or signature uses, unreferenced buffers and unused operator codes; indices
+    are remapped everywhere they appear (ops, subgraph I/O, signatures, metadata). (tensors, buffers)
+    removed."""
+    removed_t = 0
+    used_buffers = {0}  # buffer 0 is the schema's empty sentinel
+    for sg_i, sg in enumerate(m.subgraphs or []):
+        used = set(_ints(sg.inputs)) | set(_ints(sg.outputs))
+        for op in sg.operators or []:
+            used |= {t for t in _ints(op.inputs) + _ints(op.outputs) + _ints(op.intermediates) if t >= 0}
+        for sig in m.signatureDefs or []:
+            if sig.subgraphIndex == sg_i:
+                used |= {int(tm.tensorIndex) for tm in (sig.inputs or []) + (sig.outputs or [])}
+        old = list(sg.tensors or [])
+        remap = {}
+        kept = []
+        for i, t in enumerate(old):
+            if i in used:
+                remap[i] = len(kept)
+                kept.append(t)
+        removed_t += len(old) - len(kept)
+        sg.tensors = kept
+
+        for op in sg.operators or []:
+            op.inputs, op.outputs = _remap(op.inputs, remap), _remap(op.outputs, remap)
+            op.intermediates = _remap(op.intermediates, remap)
+        sg.inputs, sg.outputs = _remap(sg.inputs, remap), _remap(sg.outputs, remap)
+        for sig in m.signatureDefs or []:
+            if sig.subgraphIndex == sg_i:
+                for tm in (sig.inputs or []) + (sig.outputs or []):
+                    tm.tensorIndex = remap[int(tm.tensorIndex)]
+        used_buffers |= {int(t.buffer) for t in kept}
+    used_buffers |= {int(md.buffer) for md in (m.metadata or [])}
+    used_buffers |= set(_ints(m.metadataBuffer))
+    old_buffers = list(m.buffers or [])
+    bmap = {}
+    new_buffers = []
+    for i, b in enumerate(old_buffers):
+        if i in used_buffers:
+            bmap[i] = len(new_buffers)
+            new_buffers.append(b)
+    m.buffers = new_buffers
+    for sg in m.subgraphs or []:
+        for t in sg.tensors:
+            t.buffer = bmap[int(t.buffer)]
+    for md in m.metadata or []:
+        md.buffer = bmap[int(md.buffer)]
+    if m.metadataBuffer is not None:
+        m.metadataBuffer = [bmap[int(b)] for b in m.metadataBuffer]
+    # Operator codes no op uses (the removed DEQUANTIZE/DENSIFY) go too.
+    used_codes = sorted({int(op.opcodeIndex) for sg in m.subgraphs or [] for op in sg.operators or []})
+    cmap = {c: i for i, c in enumerate(used_codes)}
+    m.operatorCodes = [m.operatorCodes[c] for c in used_codes]
+    for sg in m.subgraphs or []:
+        for op in sg.operators or []:
+            op.opcodeIndex = cmap[int(op.opcodeIndex)]
+    return removed_t, len(old_buffers) - len(new_buffers)
+
+
+def _remap(xs, remap: dict[int, int]):
+    return None if xs is None else [remap[int(x)] if int(x) >= 0 else -1 for x in xs]
+
+
+def _ints(xs) -> list[int]:
+    return [] if xs is None else [int(x) for x in xs]

@@ -377,9 +377,12 @@ print("Error: unknown pm command %s" % args, file=sys.stderr); sys.exit(1)
 '''
 
 # Stand-in for `am start -W -S -n com.edgeq.demo/.MainActivity --es model P --es delegate D
-# --ei threads N --ei warmup W --ei runs R --es out NAME`, i.e. for the android_demo app itself:
-# it writes tests/data/android_demo_result.json (the shared example) with the extras filled in,
-# to the app's external files dir, as the app does.
+# --ei threads N --ei warmup W --ei runs R --ei seed S --es out NAME`, i.e. for the android_demo app
+# itself: it records the extras (am.args in the sandbox root) and writes tests/data/android_demo_result.json
+# (the shared example) with the extras filled in, to the app's external files dir, as the app does.
+# It also reports delegate_coverage as the app must (runners.adb.APP_COVERAGE_FIELDS): all nodes for
+# gpu/nnapi unless a `standin_app_coverage` file in /data/local/tmp/edgeq/bin holds the JSON to
+# report instead ("null": an app build that reports none).
 _AM = r'''
 import hashlib, json, os, sys
 root = os.environ["EDGEQ_STANDIN_ROOT"]
@@ -397,11 +400,22 @@ while i < len(args):
     else:
         i += 1
 print("Starting: Intent { cmp=%s (has extras) }" % comp)
+with open(os.path.join(root, "am.args"), "a") as f:
+    f.write(json.dumps(extras) + "\n")
 result = json.load(open(os.environ.get("EDGEQ_STANDIN_APP_RESULT", "")))
 model = open(extras["model"], "rb").read()
 result.update(model=os.path.basename(extras["model"]), model_sha256=hashlib.sha256(model).hexdigest(),
               model_bytes=len(model), delegate=extras["delegate"], threads=extras["threads"])
 result["warmup"]["count"] = extras["warmup"]
+cov_file = os.path.join(root, "data", "local", "tmp", "edgeq", "bin", "standin_app_coverage")
+if os.path.exists(cov_file):
+    cov = json.load(open(cov_file))
+elif extras["delegate"] in ("gpu", "nnapi"):
+    cov = {"delegate": extras["delegate"], "execution": "complete", "delegated": 31, "total": 31}
+else:
+    cov = None
+if cov is not None:
+    result["delegate_coverage"] = cov
 out_dir = os.path.join(root, "sdcard", "Android", "data", "com.edgeq.demo", "files")
 os.makedirs(out_dir, exist_ok=True)
 tmp = os.path.join(out_dir, extras["out"] + ".tmp")
@@ -416,9 +430,12 @@ print("Status: ok")
 # one. It records the flags it got, checks --graph exists, and prints a REAL sample output from
 # tests/data/benchmark_model_samples.txt: Source 4 (NNAPI, 31/31 nodes delegated) for
 # --use_nnapi=true, Source 2 (CPU run with percentiles) otherwise. A `standin_mode` file next to
-# it switches to: "crash" (part of the log, then abort -> exit 134) or "low-coverage" (Source 4
+# it switches to: "crash" (part of the log, then abort -> exit 134), "low-coverage" (Source 4
 # with its Replacing line changed to 12 of 31 nodes, plus Source 5's real op-profiling table when
-# --enable_op_profiling=true).
+# --enable_op_profiling=true), "not-executed" (Source 8, NNAPI running no node, followed by the
+# statistics lines of Source 7: same issue, same user and phone), "partial" (Source 7 as is:
+# "w/ 44 delegate kernels", no Replacing line) or "gpu-complete" (Source 9: GPU completely
+# executed, no Replacing line).
 FAKE_BENCHMARK_MODEL = r'''
 import os, re, sys
 here = os.path.dirname(os.path.abspath(__file__))
@@ -437,6 +454,12 @@ out = src["Source 4"] if flags.get("use_nnapi") == "true" else src["Source 2"]
 if mode == "crash":
     sys.stderr.write("".join(src["Source 4"].splitlines(True)[:12])); sys.stderr.flush()
     os.abort()
+if mode == "not-executed":
+    out = src["Source 8"] + "\n" + src["Source 7"].split("\n", 2)[2]
+if mode == "partial":
+    out = src["Source 7"]
+if mode == "gpu-complete":
+    out = src["Source 9"]
 if mode == "low-coverage":
     out = src["Source 4"].replace("Replacing 31 out of 31", "Replacing 12 out of 31").replace(
         "yielding 1 partitions", "yielding 3 partitions")

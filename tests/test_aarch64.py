@@ -20,7 +20,8 @@ import pytest
 
 from edgeq.flash import FlashOptions, flash
 from edgeq.remote import SshTarget
-from edgeq.runners.ssh import SshProfileOptions, profile_over_ssh
+from edgeq.runners import ProfileRequest, profile_model, run_reach
+from edgeq.runners.ssh import SshSettings
 from tests.sshd_fixture import IN_CI, StubProfile, free_port, host_outputs, tiny_int8_model, wait_port  # noqa: F401
 
 pytestmark = [pytest.mark.aarch64, pytest.mark.slow]
@@ -128,10 +129,9 @@ def test_profile_int8_on_arm64_matches_host(arm64_device, tiny_int8_model, tmp_p
     profile = load_profile(device)  # the runtime comes from the real device profile
     x = np.random.default_rng(7).integers(-128, 128, size=(1, 8, 8, 3)).astype(np.int8)
     np.savez(tmp_path / "in.npz", arr_0=x)
-    res = profile_over_ssh(tiny_int8_model, profile, arm64_device.target(),
-                           SshProfileOptions(runs=3, warmup=1, emulated=True,
-                                             inputs=str(tmp_path / "in.npz"),
-                                             save_outputs=str(tmp_path / "out.npz")))
+    res = profile_model(tiny_int8_model, profile,  # the profile's reach (ssh) picks the runner
+                        ProfileRequest(runs=3, warmup=1, inputs=tmp_path / "in.npz", save_outputs=tmp_path / "out.npz",
+                                       ssh=SshSettings(arm64_device.target(), emulated=True)))
     res = json.loads(json.dumps(res))  # the result is plain JSON
     assert res["schema"] == "edgeq.bench/1" and res["emulated"] is True
     assert res["device"]["machine"] == "aarch64"
@@ -160,9 +160,9 @@ def test_flash_with_runtime_then_profile_uses_flashed_venv(arm64_device, tiny_in
 
     x = np.random.default_rng(8).integers(-128, 128, size=(1, 8, 8, 3)).astype(np.int8)
     np.savez(tmp_path / "in.npz", arr_0=x)
-    res = profile_over_ssh(tiny_int8_model, StubProfile(), arm64_device.target(),
-                           SshProfileOptions(runs=2, warmup=0, emulated=True, inputs=str(tmp_path / "in.npz"),
-                                             save_outputs=str(tmp_path / "out.npz")))
+    res = run_reach(tiny_int8_model, StubProfile(),  # a stand-in profile: the reach is given
+                    ProfileRequest(runs=2, warmup=0, inputs=tmp_path / "in.npz", save_outputs=tmp_path / "out.npz",
+                                   ssh=SshSettings(arm64_device.target(), emulated=True)), "ssh")
     assert res["remote_python"] == f"/home/{USER}/.local/share/edgeq/model/current/venv/bin/python"
     assert res["runtime"]["name"] == "ai-edge-litert"
     got = np.load(tmp_path / "out.npz")["arr_0"].astype(np.int32)

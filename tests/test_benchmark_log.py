@@ -20,8 +20,10 @@ def samples():
 def test_samples_file_keeps_its_sources():
     text = SAMPLES.read_text()
     heads = re.findall(r"^## Source \d+: (\S+)", text, flags=re.M)
-    assert len(heads) == 6
+    assert len(heads) == 9
     assert heads[0] == "https://github.com/tensorflow/tensorflow/issues/42507"
+    assert heads[6] == "https://github.com/tensorflow/tensorflow/issues/56301"
+    assert heads[8] == "https://github.com/tensorflow/tensorflow/issues/43541"
     assert all(h.startswith(("http", "TI", "same")) for h in heads)
 
 
@@ -118,3 +120,36 @@ def test_text_without_statistics_raises_with_the_error_line():
     assert isinstance(e.value, EdgeqError) and "\n" not in str(e.value)
     with pytest.raises(EdgeqError):
         benchmark_log.parse(samples()["Source 5"])  # a table alone has no timings
+
+
+def not_executed_log(s):
+    """Source 8 (NNAPI runs no node; the stored comment ends at that statement) followed by the
+    statistics lines of Source 7 (same issue, same user and phone)."""
+    return s["Source 8"] + "\n" + s["Source 7"].split("\n", 2)[2]
+
+
+def test_the_three_delegate_statements_in_real_logs():
+    """benchmark_model's statement after applying a delegate (benchmark_tflite_model.cc), verbatim."""
+    s = samples()
+    full = benchmark_log.parse(s["Source 4"])  # Replacing 31 out of 31 + "completely executed"
+    assert benchmark_log.delegate_coverage(full, ("nnapi",)) == {
+        "delegated": 31, "total": 31, "delegate": "TfLiteNnapiDelegate", "ratio": 1.0,
+        "execution": "complete", "kernels": None}
+    gpu = benchmark_log.parse(s["Source 9"])  # no Replacing line: "completely executed" alone
+    assert benchmark_log.delegate_coverage(gpu, ("gpu",)) == {
+        "delegated": None, "total": None, "delegate": "GPU", "ratio": 1.0, "execution": "complete", "kernels": None}
+    assert gpu["runs"]["mean_ms"] == pytest.approx(119.375) and gpu["warmup"]["count"] == 4
+    part = benchmark_log.parse(s["Source 7"])  # "partially executed ... w/ 44 delegate kernels", no node count
+    assert part["delegate_statements"] == [{"delegate": "NNAPI", "execution": "partial", "kernels": 44}]
+    assert benchmark_log.delegate_coverage(part, ("nnapi",))["ratio"] is None
+    assert part["runs"]["count"] == 75 and part["runs"]["mean_ms"] == pytest.approx(12.1676)
+    none = benchmark_log.parse(not_executed_log(s))  # "will not be executed by the delegate"
+    assert none["nnapi_accelerators"] == ["ipuadaptor", "nnapi-reference"]
+    assert benchmark_log.delegate_coverage(none, ("nnapi",)) == {
+        "delegated": 0, "total": None, "delegate": "NNAPI", "ratio": 0.0, "execution": "none", "kernels": 0}
+    assert benchmark_log.delegate_coverage(none, ("gpu",)) is None  # says nothing about another delegate
+    # The statement wins over a Replacing line: nodes claimed, then nothing executed (Source 4's
+    # Replacing line followed by Source 8's statement, both verbatim) is coverage 0.
+    claimed = [ln for ln in s["Source 4"].splitlines() if "Replacing" in ln] + [not_executed_log(s)]
+    cov = benchmark_log.delegate_coverage(benchmark_log.parse("\n".join(claimed)), ("nnapi",))
+    assert (cov["delegated"], cov["total"], cov["ratio"], cov["execution"]) == (0, 31, 0.0, "none")

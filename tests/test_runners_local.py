@@ -81,3 +81,21 @@ def test_float_inputs_are_quantized_for_an_int8_input(int8_model, tmp_path):
     with pytest.raises(EdgeqError, match=r"needs shape \[1, 8, 8, 3\]") as e:
         bench_local(int8_model / "q.tflite", BenchOptions(runs=1, inputs=tmp_path / "batch.npz"))
     assert e.value.exit_code == 1
+
+
+def test_saved_outputs_are_whole_or_absent(int8_model, tmp_path):
+    """--save-outputs on this host: the outputs of the run, written by rename; nothing on a failure."""
+    from ai_edge_litert.interpreter import Interpreter
+    x = np.random.default_rng(9).integers(-128, 128, (1, 8, 8, 3)).astype(np.int8)
+    np.savez(tmp_path / "in.npz", arr_0=x)
+    out = tmp_path / "res" / "out.npz"
+    bench_local(int8_model / "q.tflite", BenchOptions(runs=1, warmup=0, inputs=tmp_path / "in.npz", save_outputs=out))
+    it = Interpreter(model_path=str(int8_model / "q.tflite"))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    np.testing.assert_array_equal(np.load(out)["arr_0"], it.get_tensor(it.get_output_details()[0]["index"]))
+    failed = tmp_path / "failed.npz"
+    with pytest.raises(DeviceError, match="cannot load delegate"):
+        bench_local(int8_model / "q.tflite", BenchOptions(runs=1, delegate=str(tmp_path / "no.so"), save_outputs=failed))
+    assert not failed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "res"]

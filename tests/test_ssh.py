@@ -1,7 +1,8 @@
 """edgeq.runners.ssh against a real OpenSSH server on loopback (tests/sshd_fixture.py).
 
 The "device" is this machine reached through sshd as a separate user, running the real
-device_bench.py with the real LiteRT interpreter.
+device_bench.py with the real LiteRT interpreter. Runs go through runners.profile_model, as the CLI
+calls it; the older profile_over_ssh call form is covered by tests/test_fleet.py.
 """
 
 import _thread
@@ -11,20 +12,24 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edgeq.errors import DeviceError, EdgeqError
 from edgeq.remote import SshTarget, parse_target
-from edgeq.runners.ssh import SshProfileOptions, profile_over_ssh
+from edgeq.runners import ProfileRequest, profile_model
+from edgeq.runners.ssh import SshSettings
 from tests.sshd_fixture import StubProfile, host_outputs, sshd, tiny_int8_model  # noqa: F401
 
-PROFILE = StubProfile()
+PROFILE = SimpleNamespace(**vars(StubProfile()), reach="ssh")  # what the ssh runner reads, reached over ssh
 
 
-def opts(server, **kw):
-    return SshProfileOptions(remote_python=server.device_python, **kw)
+def run_ssh(model, target, remote_python=None, profile=PROFILE, progress=None, **request):
+    """runners.profile_model on the loopback board; `request`: ProfileRequest fields."""
+    return profile_model(model, profile, ProfileRequest(**request, ssh=SshSettings(target, remote_python)),
+                         progress)
 
 
 def runs_dir(server) -> Path:
@@ -84,9 +89,8 @@ def test_profile_end_to_end(sshd, tiny_int8_model, tmp_path):
     out_file = tmp_path / "out.npz"
     messages = []
     target = sshd.target(sshd.known_hosts(tmp_path / "kh"))
-    res = profile_over_ssh(tiny_int8_model, PROFILE, target,
-                           opts(sshd, runs=4, warmup=2, inputs=str(tmp_path / "in.npz"),
-                                save_outputs=str(out_file)), progress=messages.append)
+    res = run_ssh(tiny_int8_model, target, sshd.device_python, runs=4, warmup=2, inputs=tmp_path / "in.npz",
+                  save_outputs=out_file, progress=messages.append)
     assert res["schema"] == "edgeq.bench/1"
     assert res["runner"] == "ssh" and res["host"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
     assert res["runtime"]["name"] == "ai-edge-litert" and res["runtime"]["version"] == "2.3.0"
@@ -107,20 +111,44 @@ def test_profile_end_to_end(sshd, tiny_int8_model, tmp_path):
     assert leftover_runs(sshd) == []
 
 
+def test_samples_next_to_the_model_are_fed_on_the_board(sshd, tiny_int8_model, tmp_path):
+    """The manifest's samples go to the board by default, cycled over the runs (input_source "samples")."""
+    import json
+
+    from edgeq.manifest import SCHEMA, manifest_path
+
+    model = tmp_path / "m.tflite"
+    model.write_bytes(tiny_int8_model.read_bytes())
+    x = np.random.default_rng(2).integers(-128, 128, size=(3, 1, 8, 8, 3)).astype(np.int8)
+    np.savez(tmp_path / "m.samples.npz", arr_0=x)
+    manifest_path(model).write_text(json.dumps({"schema": SCHEMA, "samples": {"file": "m.samples.npz"}}))
+    res = run_ssh(model, sshd.target(sshd.known_hosts(tmp_path / "kh")), sshd.device_python, runs=2, warmup=0,
+                  save_outputs=tmp_path / "out.npz")
+    assert res["input_source"] == "samples" and res["input_samples"] == 3 and res["inputs_file"] == "m.samples.npz"
+    last = (1 + 0 + 2 - 1) % 3  # first inference + warmup + runs, one sample each
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["arr_0"], host_outputs(model, [x[last]])[0])
+    assert leftover_runs(sshd) == []
+
+
+def test_ssh_profile_without_a_target_says_how_to_give_one(tiny_int8_model):
+    with pytest.raises(EdgeqError, match="is reached over ssh: pass the board as --host"):
+        run_ssh(tiny_int8_model, None)
+
+
 def test_unknown_host_refused_then_trusted(sshd, tiny_int8_model, tmp_path):
     kh = tmp_path / "known_hosts"
     target = sshd.target(kh)
     with pytest.raises(DeviceError) as e:
-        profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
+        run_ssh(tiny_int8_model, target, sshd.device_python)
     msg = str(e.value)
     assert "--trust-new-host" in msg and ssh_keygen_fingerprint(sshd.host_pubkey) in msg
     assert not kh.exists()  # nothing recorded without consent
 
-    res = profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(kh, trust_new_host=True), opts(sshd))
+    res = run_ssh(tiny_int8_model, sshd.target(kh, trust_new_host=True), sshd.device_python)
     assert res["runs"]["count"] == PROFILE.bench.runs
     assert kh.read_text().split() == [f"[127.0.0.1]:{sshd.port}", *sshd.host_pubkey.split()]
     # now known: works without trusting again
-    assert profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))["schema"] == "edgeq.bench/1"
+    assert run_ssh(tiny_int8_model, target, sshd.device_python)["schema"] == "edgeq.bench/1"
 
 
 def test_changed_host_key_refused_even_with_trust(sshd, tiny_int8_model, tmp_path):
@@ -130,7 +158,7 @@ def test_changed_host_key_refused_even_with_trust(sshd, tiny_int8_model, tmp_pat
     kh.write_text(f"[127.0.0.1]:{sshd.port} {other_pub}\n")
     for trust in (False, True):
         with pytest.raises(DeviceError) as e:
-            profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(kh, trust_new_host=trust), opts(sshd))
+            run_ssh(tiny_int8_model, sshd.target(kh, trust_new_host=trust), sshd.device_python)
         msg = str(e.value)
         assert "HOST KEY CHANGED" in msg
         assert ssh_keygen_fingerprint(other_pub) in msg and ssh_keygen_fingerprint(sshd.host_pubkey) in msg
@@ -143,7 +171,7 @@ def test_wrong_key_refused(sshd, tiny_int8_model, tmp_path):
     target = SshTarget(host="127.0.0.1", port=sshd.port, user=sshd.user, identity=str(tmp_path / "k"),
                        known_hosts=str(sshd.known_hosts(tmp_path / "kh")))
     with pytest.raises(DeviceError, match=f"key authentication to {sshd.user}@127.0.0.1.* failed; pass --identity"):
-        profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
+        run_ssh(tiny_int8_model, target, sshd.device_python)
 
 
 def test_connect_refused_and_timeout(tiny_int8_model, tmp_path):
@@ -153,7 +181,7 @@ def test_connect_refused_and_timeout(tiny_int8_model, tmp_path):
                        connect_timeout=2)
     t0 = time.monotonic()
     with pytest.raises(DeviceError, match="cannot connect to x@127.0.0.1:.*runs sshd on port"):
-        profile_over_ssh(tiny_int8_model, PROFILE, target)
+        run_ssh(tiny_int8_model, target)
     assert time.monotonic() - t0 < 5
 
 
@@ -166,9 +194,8 @@ def test_hostile_names(sshd, tiny_int8_model, tmp_path):
     model.write_bytes(tiny_int8_model.read_bytes())
     x = np.zeros((1, 8, 8, 3), np.int8)
     np.savez(weird_dir / "in; rm -rf ~.npz", arr_0=x)
-    res = profile_over_ssh(model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
-                           opts(sshd, inputs=str(weird_dir / "in; rm -rf ~.npz"),
-                                save_outputs=str(weird_dir / "out $(x).npz")))
+    res = run_ssh(model, sshd.target(sshd.known_hosts(tmp_path / "kh")), sshd.device_python,
+                  inputs=weird_dir / "in; rm -rf ~.npz", save_outputs=weird_dir / "out $(x).npz")
     assert res["model"] == name and res["input_source"] == "file"
     np.testing.assert_array_equal(np.load(weird_dir / "out $(x).npz")["arr_0"],
                                   host_outputs(tiny_int8_model, [x])[0])
@@ -179,16 +206,14 @@ def test_hostile_names(sshd, tiny_int8_model, tmp_path):
 def test_no_runtime_says_how_flash_fixes_it(sshd, tiny_int8_model, tmp_path):
     # Debian's system python has neither numpy nor a TFLite runtime here
     with pytest.raises(DeviceError) as e:
-        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
-                         SshProfileOptions(remote_python="/usr/bin/python3"))
+        run_ssh(tiny_int8_model, sshd.target(sshd.known_hosts(tmp_path / "kh")), "/usr/bin/python3")
     assert "--with-runtime" in str(e.value) and "edgeq flash" in str(e.value)
     assert leftover_runs(sshd) == []
 
 
 def test_missing_remote_python(sshd, tiny_int8_model, tmp_path):
     with pytest.raises(DeviceError, match=f"'/no/such/python' was not found on {sshd.user}@127.0.0.1"):
-        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
-                         SshProfileOptions(remote_python="/no/such/python"))
+        run_ssh(tiny_int8_model, sshd.target(sshd.known_hosts(tmp_path / "kh")), "/no/such/python")
     assert leftover_runs(sshd) == []
 
 
@@ -202,9 +227,8 @@ def test_run_timeout_kills_and_cleans_up(sshd, tiny_int8_model, tmp_path):
     t.start()
     t0 = time.monotonic()
     with pytest.raises(DeviceError, match="did not finish within 3s; raise --timeout"):
-        profile_over_ssh(tiny_int8_model, PROFILE,
-                         sshd.target(sshd.known_hosts(tmp_path / "kh"), run_timeout=3),
-                         opts(sshd, runs=10**8))
+        run_ssh(tiny_int8_model, sshd.target(sshd.known_hosts(tmp_path / "kh"), run_timeout=3),
+                sshd.device_python, runs=10**8)
     t.join()
     assert time.monotonic() - t0 < 15
     assert not alive(seen["pid"])  # the benchmark was stopped on the device
@@ -222,8 +246,8 @@ def test_ctrl_c_mid_run_cleans_up(sshd, tiny_int8_model, tmp_path):
     t = threading.Thread(target=interrupt)
     t.start()
     with pytest.raises(KeyboardInterrupt):
-        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
-                         opts(sshd, runs=10**8))
+        run_ssh(tiny_int8_model, sshd.target(sshd.known_hosts(tmp_path / "kh")), sshd.device_python,
+                runs=10**8)
     t.join()
     assert not alive(seen["pid"])
     assert leftover_runs(sshd) == []
@@ -242,8 +266,8 @@ def test_disconnect_mid_run(sshd, tiny_int8_model, tmp_path):
     t.start()
     t0 = time.monotonic()
     with pytest.raises(DeviceError, match=f"connection to {sshd.user}@127.0.0.1:.* was lost") as e:
-        profile_over_ssh(tiny_int8_model, PROFILE, sshd.target(sshd.known_hosts(tmp_path / "kh")),
-                         opts(sshd, runs=10**8))
+        run_ssh(tiny_int8_model, sshd.target(sshd.known_hosts(tmp_path / "kh")), sshd.device_python,
+                runs=10**8)
     t.join()
     assert e.value.exit_code == 3
     assert time.monotonic() - t0 < 30
@@ -256,7 +280,8 @@ def test_defaults_come_from_the_real_device_profile(sshd, tiny_int8_model, tmp_p
     from edgeq.profiles import load_profile
 
     rpi5 = load_profile("rpi5")  # ai-edge-litert 2.3.0, 4 threads, 10 warmup + 50 runs
-    res = profile_over_ssh(tiny_int8_model, rpi5, sshd.target(sshd.known_hosts(tmp_path / "kh")), opts(sshd))
+    res = run_ssh(tiny_int8_model, sshd.target(sshd.known_hosts(tmp_path / "kh")), sshd.device_python,
+                  profile=rpi5)
     assert res["runtime"] == {"name": "ai-edge-litert", "version": rpi5.runtime.version}
     assert res["threads"] == rpi5.threads == 4 and res["delegate"] == "xnnpack"
     assert res["warmup"]["count"] == rpi5.bench.warmup and res["runs"]["count"] == rpi5.bench.runs
@@ -271,6 +296,6 @@ def test_identity_problems_are_actionable(sshd, tiny_int8_model, tmp_path, case)
     target = SshTarget(host="127.0.0.1", port=sshd.port, user=sshd.user, identity=str(key),
                        known_hosts=str(sshd.known_hosts(tmp_path / "kh")))
     with pytest.raises(EdgeqError) as e:
-        profile_over_ssh(tiny_int8_model, PROFILE, target, opts(sshd))
+        run_ssh(tiny_int8_model, target, sshd.device_python)
     want = "identity file not found" if case == "missing" else "passphrase-protected; load it into ssh-agent"
     assert want in str(e.value) and "s3cret" not in str(e.value)

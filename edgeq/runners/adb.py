@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import DeviceError, EdgeqError, ModelFormatError, ProfileError
+from edgeq.errors import DeviceError, EdgeqError, ModelFormatError
 from edgeq.files import sha256_file
 from edgeq.runners import benchmark_log
 
@@ -35,11 +35,13 @@ APP_PACKAGE = "com.edgeq.demo"
 APP_ACTIVITY = APP_PACKAGE + "/.MainActivity"
 APP_FILES = "/sdcard/Android/data/%s/files" % APP_PACKAGE
 
-# benchmark_model flags per profile delegate, and the names its "Replacing ..." line uses.
+# benchmark_model flags per delegate (runners.DELEGATE_ARGS["adb"] picks the delegate), and the
+# names its "Replacing ..." lines and applied/not-executed statements use for it.
 DELEGATE_FLAGS = {"gpu": ["--use_gpu=true"], "nnapi": ["--use_nnapi=true"],
-                  "xnnpack": ["--use_xnnpack=true"], "none": ["--use_xnnpack=false"],
-                  "cpu": ["--use_xnnpack=false"]}
+                  "xnnpack": ["--use_xnnpack=true"], "none": ["--use_xnnpack=false"]}
 DELEGATE_NAMES = {"gpu": ("gpu", "litert_cl"), "nnapi": ("nnapi",), "xnnpack": ("xnnpack",)}
+# What android_demo's result must say about the delegate it ran (see docs/android.md).
+APP_COVERAGE_FIELDS = ("delegate_coverage.execution", "delegate_coverage.delegated", "delegate_coverage.total")
 # ELF e_machine per Android ABI, to refuse a benchmark binary built for another CPU.
 ABI_ELF_MACHINE = {"arm64-v8a": 183, "armeabi-v7a": 40, "x86_64": 62, "x86": 3}
 APP_REQUIRED = ("schema", "model", "delegate", "threads", "init_ms", "first_inference_ms",
@@ -230,23 +232,13 @@ def _read_model(model_path):
     return path
 
 
-def _delegate(profile):
-    d = getattr(profile, "delegate", "none")
-    return str(getattr(d, "value", d)).lower()
-
-
-def benchmark_flags(profile, graph, op_profiling=False):
-    """benchmark_model command-line flags for a profile (exact run counts: min_secs=0)."""
-    delegate = _delegate(profile)
-    if delegate not in DELEGATE_FLAGS:
-        raise ProfileError("profile %s uses delegate %r, which edgeq cannot select in benchmark_model yet "
-                           "(it needs a vendor external delegate); use a gpu, nnapi, xnnpack or none "
-                           "profile" % (getattr(profile, "id", "?"), delegate))
-    flags = ["--graph=%s" % graph, "--num_threads=%d" % profile.threads,
-             "--warmup_runs=%d" % profile.bench.warmup, "--num_runs=%d" % profile.bench.runs,
+def benchmark_flags(opts, graph, op_profiling=False):
+    """benchmark_model command-line flags for resolved options (exact run counts: min_secs=0)."""
+    flags = ["--graph=%s" % graph, "--num_threads=%d" % opts.threads,
+             "--warmup_runs=%d" % opts.warmup, "--num_runs=%d" % opts.runs,
              # without these, benchmark_model keeps running for 0.5 s / 1 s whatever the counts say
              "--warmup_min_secs=0", "--min_secs=0"]
-    flags += DELEGATE_FLAGS[delegate]
+    flags += DELEGATE_FLAGS[opts.delegate]
     if op_profiling:
         flags.append("--enable_op_profiling=true")
     return flags
@@ -261,31 +253,68 @@ def min_coverage(profile):
     return getattr(accel, "min_coverage", None)
 
 
-def delegate_coverage(parsed, profile, op_profiling):
+def delegate_coverage(parsed, profile, delegate, op_profiling):
     """Coverage of the requested delegate, and a DeviceError message when below the threshold."""
-    delegate = _delegate(profile)
     if delegate not in DELEGATE_NAMES:
         return None, None
-    cov = None
-    for name in DELEGATE_NAMES[delegate]:
-        cov = cov or benchmark_log.coverage(parsed["delegations"], name)
+    cov = benchmark_log.delegate_coverage(parsed, DELEGATE_NAMES[delegate])
     ops = parsed.get("op_profile") or []
     if cov is None and ops and not any(benchmark_log.is_delegate_node(r["node_type"]) for r in ops):
-        cov = {"delegated": 0, "total": None, "delegate": delegate, "ratio": 0.0}  # profiled: nothing delegated
+        cov = {"delegated": 0, "total": None, "delegate": delegate, "ratio": 0.0,  # profiled: nothing delegated
+               "execution": "none", "kernels": 0}
     threshold = min_coverage(profile)
     if cov is not None:
         cov = dict(cov, threshold=threshold)
     if threshold is None or cov is None or cov["ratio"] is None or cov["ratio"] >= threshold:
         return cov, None
+    required = "%.0f%% < %.0f%% required by profile %s" % (100 * cov["ratio"], 100 * threshold,
+                                                           getattr(profile, "id", "?"))
+    if cov.get("execution") == "none":
+        accel = parsed.get("nnapi_accelerators") or []
+        hint = ""
+        if delegate == "nnapi" and accel and all(a == "nnapi-reference" for a in accel):
+            hint = ("; this phone's NNAPI offers only nnapi-reference (its CPU reference implementation), "
+                    "no NPU/DSP driver: profile with android-cpu or android-gpu instead")
+        return cov, ("benchmark_model says the %s delegate runs no node (\"the model graph will not be "
+                     "executed by the delegate\"): every node ran on the CPU, so these are CPU timings, "
+                     "not %s ones (%s)%s" % (delegate, delegate, required, hint))
     what = ("%d of %d nodes" % (cov["delegated"], cov["total"])) if cov["total"] else "no node"
     if op_profiling and ops:
         cpu = ", ".join(benchmark_log.cpu_ops(ops)) or "none listed"
         tail = "ops left on the CPU: %s" % cpu
     else:
         tail = "rerun with op profiling on to list the ops left on the CPU"
-    msg = ("the %s delegate took only %s (%.0f%% < %.0f%% required by profile %s); %s" % (
-        delegate, what, 100 * cov["ratio"], 100 * threshold, getattr(profile, "id", "?"), tail))
-    return cov, msg
+    return cov, "the %s delegate took only %s (%s); %s" % (delegate, what, required, tail)
+
+
+def app_coverage(app, profile, delegate, required):
+    """Check the coverage android_demo reports (APP_COVERAGE_FIELDS); returns it with the threshold.
+
+    `required`: the app run is the only measurement (mode app), so a missing report is an error
+    when the profile sets a threshold for an accelerator delegate.
+    """
+    cov = app.get("delegate_coverage")
+    threshold = min_coverage(profile)
+    if not isinstance(cov, dict):
+        if required and threshold is not None and delegate in ("gpu", "nnapi"):
+            why = app.get("delegate_coverage_error")
+            raise DeviceError("android_demo did not report delegate coverage (%s%s), so a %s run that silently "
+                              "fell back to the CPU cannot be told apart; rebuild the app from this edgeq's "
+                              "android_demo/" % (", ".join(APP_COVERAGE_FIELDS), ": %s" % why if why else "", delegate))
+        return None
+    cov = dict(cov, threshold=threshold)
+    ratio = cov.get("ratio")
+    if ratio is None and cov.get("total"):
+        ratio = cov["ratio"] = (cov.get("delegated") or 0) / cov["total"]
+    if cov.get("execution") == "none":
+        ratio = cov["ratio"] = 0.0
+    if threshold is not None and ratio is not None and ratio < threshold:
+        where = ("every node ran on the CPU" if ratio == 0 else "%s of %s nodes ran on it" % (
+            cov.get("delegated"), cov.get("total")))
+        raise DeviceError("android_demo: the %s delegate covered %.0f%% of the graph, %s (%.0f%% required by "
+                          "profile %s)" % (delegate, 100 * ratio, where, 100 * threshold,
+                                           getattr(profile, "id", "?")))
+    return cov
 
 
 def parse_app_result(json_text):
@@ -327,10 +356,10 @@ def _say(progress, msg):
         progress(msg)
 
 
-def _run_benchmark(adb, profile, options, run_dir, graph, info, progress):
+def _run_benchmark(adb, profile, opts, options, run_dir, graph, info, progress):
     binary = ensure_benchmark_binary(adb, options.benchmark_binary, info["abi"])
     _say(progress, "benchmark_model %s" % ("reused" if binary["reused"] else "pushed"))
-    flags = benchmark_flags(profile, graph, options.op_profiling)
+    flags = benchmark_flags(opts, graph, options.op_profiling)
     cmd = "cd %s && %s %s" % (shlex.quote(run_dir), binary["path"], " ".join(shlex.quote(f) for f in flags))
     _say(progress, "running benchmark_model (%s)" % " ".join(flags[1:]))
     p = adb.shell(cmd, timeout=options.timeout_s, check=False)
@@ -342,7 +371,7 @@ def _run_benchmark(adb, profile, options, run_dir, graph, info, progress):
         raise DeviceError("benchmark_model crashed on the phone (%s): %s; try another delegate or "
                           "fewer threads, or check the model converts for this device" % (why, last))
     parsed = benchmark_log.parse(log)
-    cov, failure = delegate_coverage(parsed, profile, options.op_profiling)
+    cov, failure = delegate_coverage(parsed, profile, opts.delegate, options.op_profiling)
     parsed["delegate_coverage"] = cov
     parsed["benchmark_binary"] = binary
     parsed["command"] = flags
@@ -378,18 +407,21 @@ def _ensure_app(adb, apk, progress):
     return {"installed": True, "sha256": sha}
 
 
-def _run_app(adb, profile, options, run_name, graph, progress):
+def app_extras(opts, graph, out_name):
+    """The intent extras android_demo reads (MainActivity.Config): the same settings as benchmark_model."""
+    return ["--es", "model", graph, "--es", "delegate", opts.delegate, "--ei", "threads", str(opts.threads),
+            "--ei", "warmup", str(opts.warmup), "--ei", "runs", str(opts.runs), "--ei", "seed", str(opts.seed),
+            "--es", "out", out_name]
+
+
+def _run_app(adb, opts, options, run_name, graph, progress):
     app = _ensure_app(adb, options.app_apk, progress)
     out_name = "result-%s.json" % run_name
     remote_out = "%s/%s" % (APP_FILES, out_name)
-    delegate = _delegate(profile)
-    extras = ["--es", "model", graph, "--es", "delegate", delegate, "--ei", "threads", str(profile.threads),
-              "--ei", "warmup", str(profile.bench.warmup), "--ei", "runs", str(profile.bench.runs),
-              "--es", "out", out_name]
     _say(progress, "starting android_demo")
     try:
-        p = adb.shell("am start -W -S -n %s %s" % (APP_ACTIVITY, " ".join(shlex.quote(e) for e in extras)),
-                      check=False)
+        extras = " ".join(shlex.quote(e) for e in app_extras(opts, graph, out_name))
+        p = adb.shell("am start -W -S -n %s %s" % (APP_ACTIVITY, extras), check=False)
         if p.returncode != 0 or "Error" in p.stdout:
             msg = (p.stdout.strip() or p.stderr.strip()).splitlines()[-1]
             raise DeviceError("could not start android_demo: %s; reinstall it with --app PATH.apk" % msg)
@@ -413,17 +445,18 @@ def _run_app(adb, profile, options, run_name, graph, progress):
     return result
 
 
-def profile_over_adb(model_path, profile, options=AdbOptions(), progress=None):
-    """Profile `model_path` on one Android phone; returns an edgeq.bench/1 dict.
+def run(model, profile, opts, request, progress=None):
+    """Profile `model` on one Android phone with resolved options (the registry entry for reach
+    "adb"; runners.profile_model); returns an edgeq.bench/1 dict.
 
     Raises DeviceError for device problems (none, several, unauthorized, crash) and when the
-    delegate coverage is below the profile's threshold (min_coverage()). The run directory on the phone
-    (/data/local/tmp/edgeq/<run>) is removed afterwards, also on failure.
+    delegate coverage is below the profile's threshold (min_coverage()), including a delegate
+    that runs no node at all. The run directory on the phone (/data/local/tmp/edgeq/<run>) is
+    removed afterwards, also on failure.
     """
+    options = request.adb or AdbOptions()
     mode = Mode(options.mode)
-    model = _read_model(model_path)
-    if mode != Mode.APP:
-        benchmark_flags(profile, "", options.op_profiling)  # a bad profile fails before the phone is touched
+    model = _read_model(model)
     exe = find_adb(options.adb)
     adb = Adb(exe, select_device(exe, options.serial))
     info = device_info(adb)
@@ -438,11 +471,12 @@ def profile_over_adb(model_path, profile, options=AdbOptions(), progress=None):
         adb.shell("chmod 644 %s" % shlex.quote(graph))  # the app (another uid) reads it too
         bench = failure = app = None
         if mode in (Mode.BENCHMARK_MODEL, Mode.BOTH):
-            bench, failure = _run_benchmark(adb, profile, options, run_dir, graph, info, progress)
+            bench, failure = _run_benchmark(adb, profile, opts, options, run_dir, graph, info, progress)
         if failure:
             raise DeviceError(failure)
         if mode in (Mode.APP, Mode.BOTH):
-            app = _run_app(adb, profile, options, run_name, graph, progress)
+            app = _run_app(adb, opts, options, run_name, graph, progress)
+            app["delegate_coverage"] = app_coverage(app, profile, opts.delegate, required=mode == Mode.APP)
     finally:
         if not options.keep_run_dir:
             adb.shell("rm -rf %s" % run_dir, check=False)
@@ -450,11 +484,11 @@ def profile_over_adb(model_path, profile, options=AdbOptions(), progress=None):
     result.update({
         "schema": SCHEMA, "runner": "adb", "mode": mode.value, "profile": getattr(profile, "id", None),
         "serial": adb.serial, "model": model.name, "model_sha256": sha256_file(model),
-        "model_bytes": model.stat().st_size, "threads": profile.threads, "delegate": _delegate(profile),
+        "model_bytes": model.stat().st_size, "threads": opts.threads, "delegate": opts.delegate,
         "device": dict(info, **{k: v for k, v in (result.get("device") or {}).items() if v is not None}),
     })
     if bench is not None:
-        # benchmark_model feeds random inputs and does not print single timings or outputs.
+        # benchmark_model feeds its own random inputs and does not print single timings or outputs.
         result.setdefault("timings_ms", [])
         result.update({"input_source": "random", "outputs_sha256": None})
         result.setdefault("inputs", [])

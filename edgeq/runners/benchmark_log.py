@@ -26,6 +26,14 @@ _MEM_DELTA = re.compile(r"(?:Memory footprint delta from the start of the tool|P
 _MEM_PEAK = re.compile(r"Overall peak memory footprint \(MB\) via periodic monitoring: (%s)" % _NUM)
 _REPLACING = re.compile(r"Replacing (\d+) (?:out of (\d+) )?node\(s\) with delegate \(([^)]*)\) node"
                         r"(?:, yielding (\d+) partitions)?")
+# The statement benchmark_model prints per delegate after applying it (benchmark_tflite_model.cc):
+# completely / partially (w/ N delegate kernels) / not executed. Only the last says "no node at all"
+# reliably: a Replacing line may still have claimed nodes the delegate then failed to prepare.
+_APPLIED = re.compile(r"Explicitly applied (\S+) delegate, and the model graph will be (completely|partially) "
+                      r"executed by the delegate(?: w/ (\d+) delegate kernels)?")
+_NOT_APPLIED = re.compile(r"Though (\S+) delegate is explicitly applied, the model (?:graph )?will not be "
+                          r"executed by the delegate")
+_NNAPI_ACCELERATORS = re.compile(r"NNAPI accelerators available: \[([^\]]*)\]")
 _VERSION = re.compile(r"(?:Tensorflow|TensorFlow|LiteRT) Version\s*:\s*(\S+)")
 # One row of an op-profiling "Run Order" table; node types may contain spaces ("Vx Delegate").
 _OP_ROW = re.compile(r"^\s*(?P<type>\S.*?)\s+(?P<first>%s)\s+(?P<avg>%s)\s+(?P<pct>%s)%%\s+(?P<cdf>%s)%%"
@@ -91,7 +99,8 @@ def parse(text):
     lines = text.splitlines()
     msgs = [strip_prefix(line) for line in lines]
     count_lines, errors, delegations = [], [], []
-    timings = mem_delta = peak = version = None
+    timings = mem_delta = peak = version = accelerators = None
+    statements = []
     for msg in msgs:
         if re.search(r"(?:^|\s)count=\d", msg):
             count_lines.append(dict(_KV.findall(msg)))
@@ -106,6 +115,13 @@ def parse(text):
                                 "delegate": m[3], "partitions": int(m[4]) if m[4] else None})
         if version is None and (m := _VERSION.search(msg)):
             version = m[1]
+        if m := _APPLIED.search(msg):
+            statements.append({"delegate": m[1], "execution": "complete" if m[2] == "completely" else "partial",
+                               "kernels": int(m[3]) if m[3] else None})
+        if m := _NOT_APPLIED.search(msg):
+            statements.append({"delegate": m[1], "execution": "none", "kernels": 0})
+        if m := _NNAPI_ACCELERATORS.search(msg):
+            accelerators = [a.strip() for a in m[1].split(",") if a.strip()]
     for line in lines:
         if re.match(r"^\s*(?:ERROR:|.*\bE\s+tflite\s*:)", line):
             errors.append(strip_prefix(line).strip())
@@ -133,6 +149,8 @@ def parse(text):
                       "overall_delta": mem_delta[1] if mem_delta else None,
                       "peak_rss": peak},
         "delegations": delegations,
+        "delegate_statements": statements,
+        "nnapi_accelerators": accelerators,
         "delegate_coverage": coverage(delegations),
         "op_profile": parse_op_profile(text),
         "errors": errors,
@@ -158,6 +176,34 @@ def coverage(delegations, delegate=None):
     total = None if any(d["total"] is None for d in picked) else sum(d["total"] for d in picked)
     return {"delegated": delegated, "total": total, "delegate": picked[-1]["delegate"],
             "ratio": (delegated / total) if total else None}
+
+
+def delegate_coverage(parsed, names):
+    """Coverage of one delegate in a parsed log, from its Replacing lines and the statement
+    benchmark_model prints after applying it. `names` are lower-case substrings of its names in
+    the log (("nnapi",) matches TfLiteNnapiDelegate and NNAPI).
+
+    Returns {delegated, total, delegate, ratio, execution, kernels} or None when the log says
+    nothing about this delegate. execution is "complete", "partial", "none" or None (no statement):
+    "none" is coverage 0 whatever a Replacing line claimed; "complete" without a Replacing line is
+    ratio 1.0 with the node counts unknown; "partial" without one is ratio None (unknown).
+    """
+    cov = None
+    for name in names:
+        cov = cov or coverage(parsed["delegations"], name)
+    said = [st for st in parsed.get("delegate_statements") or []
+            if any(n in st["delegate"].lower() for n in names)]
+    statement = said[-1] if said else None
+    if cov is None and statement is None:
+        return None
+    cov = dict(cov or {"delegated": None, "total": None, "delegate": statement["delegate"], "ratio": None})
+    execution = statement["execution"] if statement else None
+    if execution == "none":
+        cov.update(delegated=0, ratio=0.0)
+    elif execution == "complete" and cov["ratio"] is None:
+        cov.update(ratio=1.0, delegated=cov["total"])
+    cov.update(execution=execution, kernels=statement["kernels"] if statement else None)
+    return cov
 
 
 def cpu_ops(op_profile):

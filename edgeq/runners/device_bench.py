@@ -10,6 +10,10 @@ Usage: python3 device_bench.py MODEL.tflite [--threads N] [--warmup W] [--runs R
        [--delegate xnnpack|none|/path/lib.so] [--runtime auto|ai-edge-litert|tflite-runtime|tensorflow]
        [--inputs IN.npz] [--save-outputs OUT.npz] [--seed S]
 
+Without --inputs, inputs are random but valid: token ids below the embedding table size, 0/1
+masks (see make_inputs). --inputs holds one sample or a stack of N samples per input, cycled
+over the runs; the reported outputs are those of the last run.
+
 Exit codes: 0 ok, 2 bad arguments, 4 no interpreter installed, 5 model failed to load/run.
 Errors are printed as one JSON line {"error": ..., "kind": ...} on stdout too, so callers on the
 other end of ssh/adb can always parse the result.
@@ -98,16 +102,65 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def make_inputs(details, rng, np):
-    """Random inputs that respect each input's dtype (full range for integer types)."""
+# Ops whose output stays an index when an input index goes in (casts, reshapes, slicing, and the
+# negative-index fix-up Keras emits: LESS/ADD/SELECT_V2), and the lookups an index ends in:
+# op name -> position of the index operand, position of the table it indexes.
+_LOOKUPS = {"GATHER": (1, 0), "GATHER_ND": (1, 0), "EMBEDDING_LOOKUP": (0, 1)}
+
+
+def index_bounds(interp, np):
+    """{input tensor index: exclusive upper bound} for integer model inputs that end up as lookup
+    indices (token ids into an embedding table): the smallest first dimension of the tables they
+    reach through integer-valued ops. Empty when the runtime cannot list its ops."""
+    try:
+        ops = [op for op in interp._get_ops_details() if op.get("op_name") != "DELEGATE"]
+        shapes = {d["index"]: [int(v) for v in d["shape"]] for d in interp.get_tensor_details()}
+        dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
+    except Exception:  # older runtimes lack _get_ops_details: callers fall back to 0/1
+        return {}
+    bounds = {}
+    for d in interp.get_input_details():
+        reached, todo = {int(d["index"])}, [int(d["index"])]
+        while todo:
+            t = todo.pop()
+            for op in ops:
+                ins = [int(i) for i in op["inputs"]]
+                if t not in ins:
+                    continue
+                look = _LOOKUPS.get(op["op_name"])
+                if look:
+                    idx_pos, table_pos = look
+                    if len(ins) > max(look) and ins[idx_pos] == t and shapes.get(ins[table_pos]):
+                        table = shapes[ins[table_pos]]
+                        k = shapes.get(t, [1])[-1] if op["op_name"] == "GATHER_ND" else 1
+                        dim = min(table[:max(k, 1)]) if table else 0
+                        if dim > 0:
+                            bounds[d["index"]] = min(bounds.get(d["index"], dim), dim)
+                    continue
+                for o in op["outputs"]:
+                    o = int(o)
+                    if o not in reached and o in dtypes and dtypes[o].kind in "iu":
+                        reached.add(o)
+                        todo.append(o)
+    return bounds
+
+
+def make_inputs(details, rng, np, bounds=None):
+    """Random inputs the model accepts. Quantized integer inputs carry real values: their full
+    range. Plain integer inputs are indices or flags: ids below the table size when they feed a
+    lookup (see index_bounds), else 0/1 (attention masks, token types); bool 0/1; floats [0, 1)."""
+    bounds = bounds or {}
     out = []
     for d in details:
         shape = [max(int(s), 1) for s in d["shape"]]
         dt = np.dtype(d["dtype"])
-        if dt.kind in "iu":
+        scale = (d.get("quantization") or (0.0, 0))[0]
+        if dt.kind in "iu" and scale:
             info = np.iinfo(dt)
             lo, hi = max(int(info.min), -128), min(int(info.max), 255)
             out.append(rng.integers(lo, hi + 1, size=shape).astype(dt))
+        elif dt.kind in "iu":
+            out.append(rng.integers(0, bounds.get(d["index"], 2), size=shape).astype(dt))
         elif dt == np.bool_:
             out.append(rng.integers(0, 2, size=shape).astype(np.bool_))
         else:
@@ -116,8 +169,10 @@ def make_inputs(details, rng, np):
 
 
 def load_inputs(path, details, np):
-    """One array per input from an .npz (by input name, else arr_<i>); float data for an integer
-    input is quantized with that input's scale/zero point, as the model expects."""
+    """Per input, a list of samples from an .npz (by input name, else arr_<i>): one sample of the
+    input's shape, or a stack of N samples with shape [N, *input shape] (real samples kept next to
+    the model), cycled over the runs. Float data for an integer input is quantized with that
+    input's scale/zero point, as the model expects."""
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/BadZipFile for bad files
@@ -129,16 +184,25 @@ def load_inputs(path, details, np):
             _fail("usage", "inputs file has no array for input %r (or arr_%d)" % (d["name"], i), 2)
         x = np.asarray(data[key])
         dt = np.dtype(d["dtype"])
-        if x.size != int(np.prod(d["shape"])):
-            _fail("usage", "input %r needs shape %s (one sample), the file has %s"
-                  % (d["name"], [int(v) for v in d["shape"]], list(x.shape)), 2)
+        shape = [int(v) for v in d["shape"]]
+        if x.ndim == len(shape) + 1 and list(x.shape[1:]) == shape and x.shape[0] >= 1:
+            samples = list(x)
+        elif x.size == int(np.prod(shape)):
+            samples = [x]
+        else:
+            _fail("usage", "input %r needs shape %s (one sample) or [N, %s] (N samples), the file has %s"
+                  % (d["name"], shape, ", ".join(str(v) for v in shape), list(x.shape)), 2)
         scale, zp = d.get("quantization", (0.0, 0))
         if x.dtype.kind == "f" and dt.kind in "iu":
             if not scale:
                 _fail("usage", "float data for integer input %r, which has no quantization" % d["name"], 2)
             info = np.iinfo(dt)
-            x = np.clip(np.round(x / scale + zp), info.min, info.max)
-        out.append(x.astype(dt).reshape(d["shape"]))
+            samples = [np.clip(np.round(s / scale + zp), info.min, info.max) for s in samples]
+        out.append([np.asarray(s).astype(dt).reshape(shape) for s in samples])
+    counts = sorted({len(s) for s in out})
+    if len(counts) > 1:
+        _fail("usage", "inputs file holds different sample counts per input (%s); give every input "
+              "the same N" % ", ".join(map(str, counts)), 2)
     return out
 
 
@@ -217,15 +281,19 @@ def main(argv=None):
     out_details = interp.get_output_details()
     rng = np.random.default_rng(a.seed)
     if a.inputs:
-        inputs = load_inputs(a.inputs, in_details, np)
+        samples = load_inputs(a.inputs, in_details, np)
         input_source = "file"
     else:
-        inputs = make_inputs(in_details, rng, np)
+        samples = [[x] for x in make_inputs(in_details, rng, np, index_bounds(interp, np))]
         input_source = "random"
+    n_samples = len(samples[0]) if samples else 1
+    runs_done = [0]
 
     def run_once():
-        for d, x in zip(in_details, inputs):
-            interp.set_tensor(d["index"], x)
+        k = runs_done[0] % n_samples  # several samples: each run takes the next one
+        runs_done[0] += 1
+        for d, xs in zip(in_details, samples):
+            interp.set_tensor(d["index"], xs[k])
         t = time.perf_counter()
         interp.invoke()
         return (time.perf_counter() - t) * 1000.0
@@ -263,6 +331,7 @@ def main(argv=None):
         "inputs": [{"name": d["name"], "shape": [int(s) for s in d["shape"]],
                     "dtype": np.dtype(d["dtype"]).name} for d in in_details],
         "input_source": input_source,
+        "input_samples": n_samples,
         "outputs_sha256": h.hexdigest(),
         "device": {"machine": platform.machine(), "cpu_model": cpu_model(),
                    "system": platform.system(), "release": platform.release(),

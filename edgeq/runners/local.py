@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import DeviceError
@@ -18,10 +20,30 @@ def bench_local(model: Path | str, opts: BenchOptions = BenchOptions(), *, pytho
     cmd = [python or sys.executable, str(DEVICE_BENCH), str(model), *opts.args()]
     if opts.inputs:
         cmd += ["--inputs", str(opts.inputs)]
+    tmp = None
+    if opts.save_outputs:  # written beside the target and renamed on success: never half a file
+        dest = Path(opts.save_outputs)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".edgeq-", suffix=".npz", dir=dest.parent)
+        os.close(fd)
+        cmd += ["--save-outputs", tmp]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DeviceError(f"local benchmark timed out after {timeout_s:.0f} s; lower --runs") from None
-    result = parse_bench_output(proc.stdout, "local runner", proc.stderr)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"local benchmark timed out after {timeout_s:.0f} s; lower --runs") from None
+        result = parse_bench_output(proc.stdout, "local runner", proc.stderr)
+        if tmp:
+            os.replace(tmp, opts.save_outputs)
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
     result["runner"] = "local"
     return result
+
+
+def run(model: Path, profile, opts: BenchOptions, request, progress=None) -> dict:
+    """The registry entry for reach "local" (runners.profile_model)."""
+    if progress:
+        progress(f"benchmarking {model.name} on this host ({opts.threads} threads, {opts.runs} runs)")
+    return bench_local(model, opts)

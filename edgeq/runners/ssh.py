@@ -11,7 +11,6 @@ paramiko is imported lazily so `edgeq --help` stays instant.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import shlex
@@ -22,31 +21,53 @@ from pathlib import Path
 
 from edgeq.errors import DeviceError, EdgeqError, IncompatibleModelError, ModelFormatError
 from edgeq.remote import Progress, Remote, SshTarget
+from edgeq.runners import (DEVICE_BENCH, BenchOptions, ProfileRequest, last_json_line, parse_bench_output,
+                           run_reach)
 
-BENCH_SCRIPT = Path(__file__).with_name("device_bench.py")
+BENCH_SCRIPT = DEVICE_BENCH  # alias kept while edgeq/flash.py still imports it; use runners.DEVICE_BENCH
 RUNS_DIR = ".cache/edgeq/runs"  # relative to the remote home; one uuid subdirectory per run
 # Where `edgeq flash` installs releases; a runtime venv lives inside the current release.
 FLASH_ROOT = ".local/share/edgeq"
 DEFAULT_SLOT = "model"
-# profile delegate -> device_bench --delegate (Coral's delegate is a shared library on Linux)
-_DELEGATE_ARG = {"xnnpack": "xnnpack", "none": "none", "edgetpu": "libedgetpu.so.1"}
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How to reach the board and which python runs there (ProfileRequest.ssh)."""
+
+    target: SshTarget | None = None
+    remote_python: str | None = None  # None: the flashed venv if there is one, else python3
+    flash_slot: str = DEFAULT_SLOT
+    emulated: bool = False  # the "device" is an emulator: timings are labelled, not meaningful
 
 
 @dataclass(frozen=True)
 class SshProfileOptions:
-    """Per-run settings. None means: take it from the device profile."""
+    """Deprecated: ProfileRequest(..., ssh=SshSettings(...)). Kept for profile_over_ssh callers
+    (tests/test_fleet.py) until they move to runners.profile_model."""
 
     threads: int | None = None
     warmup: int | None = None
     runs: int | None = None
-    delegate: str | None = None  # xnnpack | none | /path/lib.so
-    runtime: str | None = None  # ai-edge-litert | tflite-runtime | auto
-    inputs: str | None = None  # local .npz uploaded and fed to the model
-    save_outputs: str | None = None  # local .npz the device's outputs are copied back to
+    delegate: str | None = None
+    runtime: str | None = None
+    inputs: str | None = None
+    save_outputs: str | None = None
     seed: int = 0
-    remote_python: str | None = None  # None: the flashed venv if there is one, else python3
+    remote_python: str | None = None
     flash_slot: str = DEFAULT_SLOT
-    emulated: bool = False  # the "device" is an emulator: timings are labelled, not meaningful
+    emulated: bool = False
+
+
+def profile_over_ssh(model_path, profile, target: SshTarget, options: SshProfileOptions | None = None,
+                     progress: Progress | None = None) -> dict:
+    """runners.profile_model over SSH for one target (older call form; see SshProfileOptions)."""
+    o = options or SshProfileOptions()
+    request = ProfileRequest(o.threads, o.warmup, o.runs, o.delegate, o.runtime,
+                             Path(o.inputs) if o.inputs else None,
+                             Path(o.save_outputs) if o.save_outputs else None, o.seed,
+                             ssh=SshSettings(target, o.remote_python, o.flash_slot, o.emulated))
+    return run_reach(model_path, profile, request, "ssh", progress)
 
 
 def flashed_python(remote: Remote, slot: str = DEFAULT_SLOT) -> str | None:
@@ -55,26 +76,17 @@ def flashed_python(remote: Remote, slot: str = DEFAULT_SLOT) -> str | None:
     return py if remote.exists(py) else None
 
 
-def profile_over_ssh(model_path, profile, target: SshTarget, options: SshProfileOptions | None = None,
-                     progress: Progress | None = None) -> dict:
-    """Run device_bench.py on the device and return its "edgeq.bench/1" dict plus ssh fields.
-
-    `profile` needs .runtime.name, .threads, .bench.warmup, .bench.runs (an edgeq DeviceProfile).
-    """
-    options = options or SshProfileOptions()
+def run(model: Path, profile, opts: BenchOptions, request: ProfileRequest, progress: Progress | None = None) -> dict:
+    """Run device_bench.py on the board and return its "edgeq.bench/1" dict plus ssh fields
+    (the registry entry for reach "ssh"; runners.profile_model)."""
+    settings = request.ssh or SshSettings()
+    target = settings.target
+    if target is None:
+        raise EdgeqError(f"profile {getattr(profile, 'id', '?')} is reached over ssh: pass the board as "
+                         f"--host user@host[:port] (or --fleet FILE)")
     say = progress or (lambda msg: None)
-    model = Path(model_path)
     if not model.is_file():
         raise ModelFormatError(f"model not found: {model}; pass the path of a .tflite file")
-    if options.inputs and not Path(options.inputs).is_file():
-        raise EdgeqError(f"inputs file not found: {options.inputs}; pass an existing .npz")
-    if options.save_outputs and Path(options.save_outputs).resolve() == model.resolve():
-        raise EdgeqError("--save-outputs must not overwrite the model; choose another file")
-    runtime = options.runtime or profile.runtime.name
-    threads = options.threads or profile.threads
-    warmup = profile.bench.warmup if options.warmup is None else options.warmup
-    runs = options.runs or profile.bench.runs
-    delegate = options.delegate or _DELEGATE_ARG.get(str(getattr(profile, "delegate", "xnnpack")), "xnnpack")
 
     say(f"connecting to {target.label}")
     remote = Remote(target)
@@ -82,34 +94,32 @@ def profile_over_ssh(model_path, profile, target: SshTarget, options: SshProfile
     started = finished = False
     try:
         remote.makedirs(run_dir)
-        python = options.remote_python or flashed_python(remote, options.flash_slot) or "python3"
+        python = settings.remote_python or flashed_python(remote, settings.flash_slot) or "python3"
         rmodel = posixpath.join(run_dir, model.name)
         rbench = posixpath.join(run_dir, "device_bench.py")
         say(f"uploading {model.name} ({model.stat().st_size} bytes) to {run_dir}")
         remote.sftp.put(str(model), rmodel)
-        remote.sftp.put(str(BENCH_SCRIPT), rbench)
-        argv = [python, rbench, rmodel, "--runtime", runtime, "--threads", str(threads),
-                "--warmup", str(warmup), "--runs", str(runs), "--delegate", delegate,
-                "--seed", str(options.seed)]
-        if options.inputs:
-            remote.sftp.put(options.inputs, posixpath.join(run_dir, "inputs.npz"))
+        remote.sftp.put(str(DEVICE_BENCH), rbench)
+        argv = [python, rbench, rmodel, *opts.args()]
+        if opts.inputs:
+            remote.sftp.put(str(opts.inputs), posixpath.join(run_dir, "inputs.npz"))
             argv += ["--inputs", posixpath.join(run_dir, "inputs.npz")]
-        if options.save_outputs:
+        if opts.save_outputs:
             argv += ["--save-outputs", posixpath.join(run_dir, "outputs.npz")]
-        say(f"running on {target.label} with {python} ({runtime}, {threads} threads, {runs} runs)")
+        say(f"running on {target.label} with {python} ({opts.runtime}, {opts.threads} threads, {opts.runs} runs)")
         # `echo $$` records the pid so an interrupted run can be killed; exec keeps the pid.
         cmd = f"echo $$ > {shlex.quote(run_dir + '/pid')} && exec {shlex.join(argv)}"
         started = True
         code, out, err = remote.run(cmd, target.run_timeout, on_stderr=say)
         finished = True
-        result = _parse_bench(out, err, code, python, runtime, target, profile)
-        if options.save_outputs:
-            say(f"fetching outputs to {options.save_outputs}")
-            _fetch_atomic(remote, posixpath.join(run_dir, "outputs.npz"), options.save_outputs)
+        result = _parse_bench(out, err, code, python, opts.runtime, target, profile)
+        if opts.save_outputs:
+            say(f"fetching outputs to {opts.save_outputs}")
+            _fetch_atomic(remote, posixpath.join(run_dir, "outputs.npz"), str(opts.save_outputs))
         result.update(runner="ssh", host=target.label, remote_python=python,
                       governor=remote.read_text("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
                       temperature_c=_temperature(remote))
-        if options.emulated:
+        if settings.emulated:
             result["emulated"] = True
         return result
     finally:
@@ -155,32 +165,19 @@ def _fetch_atomic(remote: Remote, rpath: str, local: str) -> None:
 
 def _parse_bench(out: str, err: str, code: int, python: str, runtime: str, target: SshTarget,
                  profile) -> dict:
-    """Turn device_bench's last JSON line (or its absence) into a result or an actionable error."""
-    line = next((l for l in reversed(out.splitlines()) if l.strip().startswith("{")), None)
-    data = None
-    if line:
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            data = None
-    if data is None:
-        tail = (err.strip().splitlines() or ["no output"])[-1]
-        if code == 127:
-            raise DeviceError(f"{python!r} was not found on {target.label}; install python3 there, pass "
-                              f"--remote-python, or run `edgeq flash MODEL --host {target.label} "
-                              f"--with-runtime`")
-        raise DeviceError(f"the device runner on {target.label} exited {code} without a result: {tail}")
-    if "error" in data:
-        kind, msg = data.get("kind"), data["error"]
-        if kind == "no-runtime":
-            pid = getattr(profile, "id", "PROFILE")
-            raise DeviceError(
-                f"{runtime} is not installed for {python} on {target.label} ({msg}); install it with "
-                f"`edgeq flash MODEL.tflite --device {pid} --host {target.label} --with-runtime`")
-        if kind == "model":
-            raise IncompatibleModelError(f"{runtime} on {target.label} cannot load the model: {msg}; "
-                                         f"convert for this device profile or update the runtime")
-        if kind == "usage":
-            raise EdgeqError(f"the device runner rejected the options: {msg}")
-        raise DeviceError(f"the model failed on {target.label} ({kind}): {msg}")
-    return data
+    """device_bench's result, with the board-specific fixes for what goes wrong most on a board
+    (no python, no runtime, a model the runtime cannot load); the rest as parse_bench_output says."""
+    data = last_json_line(out) or {}
+    if not data and code == 127:
+        raise DeviceError(f"{python!r} was not found on {target.label}; install python3 there, pass "
+                          f"--remote-python, or run `edgeq flash MODEL --host {target.label} --with-runtime`")
+    kind, msg = data.get("kind"), data.get("error")
+    if msg and kind == "no-runtime":
+        pid = getattr(profile, "id", "PROFILE")
+        raise DeviceError(
+            f"{runtime} is not installed for {python} on {target.label} ({msg}); install it with "
+            f"`edgeq flash MODEL.tflite --device {pid} --host {target.label} --with-runtime`")
+    if msg and kind == "model":
+        raise IncompatibleModelError(f"{runtime} on {target.label} cannot load the model: {msg}; "
+                                     f"convert for this device profile or update the runtime")
+    return parse_bench_output(out, f"the device runner on {target.label} (exit {code})", err)

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import EdgeqError, OutputExistsError
+
+
+class DiskFullError(EdgeqError):
+    """This host's disk (or quota) has no room for an output. Exit code 1."""
+
+
+def human_bytes(n: int | float) -> str:
+    """1536 -> "1.5 KB" (binary units, as df -h)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def disk_full_error(e: BaseException, path: Path | str, needed: int) -> DiskFullError | None:
+    """The one-line error for a write that failed on a full disk or quota, else None."""
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    try:
+        free = f", {human_bytes(shutil.disk_usage(where).free)} free"
+    except OSError:
+        free = ""
+    what = "no space left on the disk" if e.errno == errno.ENOSPC else "disk quota exceeded"
+    return DiskFullError(f"{path}: {what} ({human_bytes(needed)} to write{free} in {where}); "
+                         f"free some space there or write to another directory")
 
 
 def check_output(out: Path, inputs: list[Path | str | None], force: bool) -> None:
@@ -40,9 +70,14 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write all of data to path or nothing: a full disk raises DiskFullError and leaves no file
+    (path keeps its old content)."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # no inode left is a full disk too
+        raise disk_full_error(e, path, len(raw)) or e from None
     try:
         # mkstemp makes 0600 files; outputs get the usual mode so device services can read them.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -51,9 +86,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = disk_full_error(e, path, len(raw))
+        if full:
+            raise full from None
         raise
 
 

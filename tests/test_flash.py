@@ -1,26 +1,56 @@
 """edgeq.flash against a real OpenSSH server on loopback: bundle, verify, atomic switch, rollback,
-interrupted and corrupted flashes. (Installing a runtime into a venv is covered on the emulated
-arm64 device in tests/test_aarch64.py, where the real aarch64 wheels exist.)
+interrupted and corrupted flashes, shared runtimes across model updates, and real faults: the
+flashing process killed mid-upload (Ctrl-C and kill -9), the link cut mid-upload (LinkProxy), the
+board's disk full (a small tmpfs), stale and live per-slot locks. After each fault the board still
+serves the previous model and the next flash works. (The real aarch64 runtime wheels are covered
+on the emulated arm64 device in tests/test_aarch64.py; here the runtime wheels are tiny real
+wheels whose .pth points at the loopback device's LiteRT, so pip, the venv and the version the
+runner reports are the flash's own.)
 """
 
+import base64
 import hashlib
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+import edgeq.slot_lock as slot_lock
+from edgeq.cli import main
 from edgeq.errors import DeviceError, EdgeqError
-from edgeq.flash import FlashOptions, build_bundle, flash, rollback
-from tests.sshd_fixture import StubProfile, build_int8_model, sshd  # noqa: F401
+from edgeq.bundle import build_bundle
+from edgeq.flash import FlashOptions, flash, rollback
+from edgeq.remote import Remote
+from tests.conftest import missing_part
+from tests.sshd_fixture import (LinkProxy, StubProfile, build_int8_model, fill_disk, small_tmpfs,  # noqa: F401
+                                sshd)
 
 PROFILE = StubProfile()
+
+
+REPO = Path(__file__).resolve().parents[1]
+STALL_AT = 1 << 20  # client bytes after which LinkProxy stalls: inside the 2.3 MB model's upload
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("flash-models")
     return [build_int8_model(d / f"m{i}.tflite", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    """A 2.3 MB int8 model: its upload is long enough to be cut, stalled or to fill a disk."""
+    return build_int8_model(tmp_path_factory.mktemp("flash-big") / "big.tflite", seed=7, classes=8192)
 
 
 def sha(path: Path) -> str:
@@ -47,6 +77,75 @@ class Device:
         d = self.base / "staging"
         return sorted(d.iterdir()) if d.exists() else []
 
+    def runtimes(self):
+        d = self.base / "runtimes"
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+    def lock(self):
+        """The lock's owner record, {} for an ownerless lock, None when the slot is not locked."""
+        lock = self.base / ".lock"
+        if not lock.exists():
+            return None
+        return json.loads((lock / "owner").read_text()) if (lock / "owner").exists() else {}
+
+
+def served(server, known_hosts, slot, python=None) -> dict:
+    """What the board serves: device_bench.py of `current` run on the board (over ssh, as the board
+    user) with `current`'s runtime venv, or `python`."""
+    cur = f"{server.home}/.local/share/edgeq/{slot}/current"
+    with Remote(server.target(known_hosts)) as r:
+        code, out, err = r.run([python or f"{cur}/venv/bin/python", f"{cur}/device_bench.py",
+                                f"{cur}/model.tflite", "--runs", "1", "--warmup", "0"], 120)
+    assert code == 0, out + err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_serves(server, known_hosts, slot, model, python=None) -> dict:
+    dev = Device(server, slot)
+    assert dev.current_model_sha() == sha(model)
+    got = served(server, known_hosts, slot, python or server.device_python)
+    assert got["model_sha256"] == sha(model) and got["runs"]["count"] == 1
+    assert dev.staging() == [] and dev.lock() is None  # nothing half-done left behind
+    return got
+
+
+def runtime_wheel(dest: Path, version: str, device_site: Path) -> Path:
+    """A real, tiny ai-edge-litert wheel: its .pth adds the loopback device's LiteRT, so the venv
+    flash builds imports and runs the real interpreter and reports `version` as its own."""
+    dist = f"ai_edge_litert-{version}.dist-info"
+    files = {"edgeq_test_litert.pth": f"{device_site}\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: ai-edge-litert\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: edgeq-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for name, text in files.items()] + [f"{dist}/RECORD,,"]
+    dest.mkdir(parents=True, exist_ok=True)
+    wheel = dest / f"ai_edge_litert-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def pip_wheel() -> Path:
+    """The system python's own pip wheel (ensurepip's), bundled so the board runs pip from it."""
+    import glob
+
+    found = sorted(glob.glob("/usr/share/python-wheels/pip-*.whl") +
+                   glob.glob(f"/usr/lib/python3.{sys.version_info.minor}/ensurepip/_bundled/pip-*.whl"))
+    if not found:
+        missing_part("no pip wheel for the system python (apt-get install python3-pip-whl)")
+    return Path(found[-1])
+
+
+def cli_flash(server, known_hosts, port, slot, model) -> subprocess.Popen:
+    """`edgeq flash` as a user runs it, in its own process (so it can be killed like one)."""
+    argv = [sys.executable, "-c", "from edgeq.cli import main; main()", "flash", str(model), "--device", "rpi4",
+            "--host", f"{server.user}@127.0.0.1:{port}", "--identity", str(server.client_key),
+            "--known-hosts", str(known_hosts), "--slot", slot, "--json"]
+    return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
 
 @pytest.fixture
 def slot(request):
@@ -70,6 +169,12 @@ def test_build_bundle_checksums(models, tmp_path):
     assert set(sums) == {"model.tflite", "model.edgeq.json", "device_bench.py", "bundle.json",
                          "wheels/fake-1.0-py3-none-any.whl"}
     assert all(sums[name] == sha(tmp_path / "b" / name) for name in sums)
+    # the runtime is named by its wheels and the device python: same wheels, same shared runtime
+    assert re.fullmatch(r"ai-edge-litert-2\.3\.0-[0-9a-f]{12}", info["runtime_id"])
+    again = build_bundle(m, PROFILE, FlashOptions(with_runtime=True, wheels_dir=str(tmp_path / "wh")), tmp_path / "c")
+    other = build_bundle(m, PROFILE, FlashOptions(with_runtime=True, wheels_dir=str(tmp_path / "wh"),
+                                                  device_python="python3.12"), tmp_path / "d")
+    assert again["runtime_id"] == info["runtime_id"] != other["runtime_id"]
 
 
 def test_flash_then_rollback(sshd, models, tmp_path, slot):
@@ -173,3 +278,285 @@ def test_flash_hostile_model_name(sshd, models, tmp_path, slot):
     assert json.loads((dev.base / "current/model.edgeq.json").read_text())["model"] == name
     assert dev.current_model_sha() == sha(models[2]) == r.model_sha256
     assert not list(sshd.home.rglob("PWNED"))
+
+
+# --------------------------------------------------------------------------- runtime across updates
+def test_model_update_keeps_runtime_and_rollback_restores_pairs(sshd, models, tmp_path, slot):
+    kh = sshd.known_hosts(tmp_path / "kh")
+    target = sshd.target(kh)
+    dev = Device(sshd, slot)
+    site = next(Path(sshd.device_python).parents[1].glob("lib/python3*/site-packages"))
+    wheels_a = runtime_wheel(tmp_path / "a", "2.3.0", site).parent
+    wheels_b = runtime_wheel(tmp_path / "b", "2.3.0.post1", site).parent
+    for d in (wheels_a, wheels_b):  # as download_wheels bundles it: pip runs from its wheel
+        (d / pip_wheel().name).write_bytes(pip_wheel().read_bytes())
+    system_python = f"/usr/bin/python3.{sys.version_info.minor}"
+
+    def runtime_opts(wheels):
+        return FlashOptions(slot=slot, with_runtime=True, wheels_dir=str(wheels), device_python=system_python)
+
+    r1 = flash(models[0], PROFILE, target, runtime_opts(wheels_a))
+    assert r1.runtime and dev.runtimes() == [r1.runtime]
+    assert r1.runtime_python == f"{dev.base}/releases/{r1.version}/venv/bin/python"
+    assert os.readlink(dev.base / f"releases/{r1.version}/venv") == f"../../runtimes/{r1.runtime}/venv"
+    done = json.loads((dev.base / "runtimes" / r1.runtime / "runtime.json").read_text())
+    assert done["wheels"] == ["ai_edge_litert-2.3.0-py3-none-any.whl", pip_wheel().name]
+    assert done["python"] == system_python
+    # pip ran from its wheel into a venv made --without-pip: the runtime holds the runtime alone
+    site_a = next((dev.base / "runtimes" / r1.runtime / "venv/lib").glob("python3*/site-packages"))
+    assert sorted(p.name for p in site_a.iterdir()) == ["ai_edge_litert-2.3.0.dist-info", "edgeq_test_litert.pth"]
+    assert served(sshd, kh, slot)["runtime"] == {"name": "ai-edge-litert", "version": "2.3.0"}
+
+    # the common model update: no --with-runtime. The new release keeps the installed runtime.
+    r2 = flash(models[1], PROFILE, target, FlashOptions(slot=slot))
+    assert r2.runtime == r1.runtime and r2.runtime_python == f"{dev.base}/releases/{r2.version}/venv/bin/python"
+    assert any(f"kept the runtime of {r1.version}" in n for n in r2.notes)
+    got = served(sshd, kh, slot)  # `current/venv/bin/python` is what the ssh runner uses
+    assert got["model_sha256"] == sha(models[1]) and got["runtime"]["version"] == "2.3.0"
+
+    r3 = flash(models[2], PROFILE, target, runtime_opts(wheels_b))
+    assert r3.runtime != r1.runtime and dev.runtimes() == sorted([r1.runtime, r3.runtime])
+
+    back = rollback(PROFILE, target, FlashOptions(slot=slot))  # model 1 with runtime A again
+    assert (back.version, back.runtime) == (r2.version, r1.runtime)
+    got = served(sshd, kh, slot)
+    assert got["model_sha256"] == sha(models[1]) and got["runtime"]["version"] == "2.3.0"
+    fwd = rollback(PROFILE, target, FlashOptions(slot=slot))
+    assert (fwd.version, fwd.runtime) == (r3.version, r3.runtime)
+    assert served(sshd, kh, slot)["runtime"]["version"] == "2.3.0.post1"
+
+    # the same wheels again: the installed runtime is reused, not rebuilt
+    t0 = time.monotonic()
+    r4 = flash(models[0], PROFILE, target, runtime_opts(wheels_a))
+    assert r4.runtime == r1.runtime and time.monotonic() - t0 < 10
+    assert not (dev.base / f"releases/{r4.version}/wheels").exists()
+    # pruning to current + previous drops the release of model 1 and no runtime still in use
+    r5 = flash(models[1], PROFILE, target, FlashOptions(slot=slot, keep=0))
+    assert r5.releases == (r4.version, r5.version) and dev.runtimes() == [r1.runtime]
+    r6 = flash(models[2], PROFILE, target, FlashOptions(slot=slot, keep=0))
+    assert r6.runtime == r1.runtime and dev.runtimes() == [r1.runtime]
+    assert_serves(sshd, kh, slot, models[2], python=f"{dev.base}/current/venv/bin/python")
+
+
+# --------------------------------------------------------------------------- faults
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
+    kh = sshd.known_hosts(tmp_path / "kh")
+    dev = Device(sshd, slot)
+    old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    proxy, proc = LinkProxy(sshd.port), None
+    try:
+        proxy.stall_after(STALL_AT)
+        proc = cli_flash(sshd, sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), proxy.port, slot, big_model)
+        assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+        (staged,) = dev.staging()
+        assert (staged / "model.tflite").stat().st_size < big_model.stat().st_size  # really mid-upload
+        assert dev.lock()["pid"] == proc.pid
+        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            time.sleep(0.5)
+            proxy.resume()  # the link is fine: the interrupted flash cleans up behind itself
+        else:
+            proc.wait(30)
+            proxy.cut()  # the laptop is gone, and its connection with it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proxy.close()
+        if proc is not None and proc.poll() is None:  # a failed test leaves no flash running
+            proc.kill()
+            proc.wait()
+    assert dev.link("current") == old.version and dev.releases() == [old.version]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 1 and err.strip() == "Error: interrupted" and out == ""
+        assert_serves(sshd, kh, slot, models[0])
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert dev.lock()["pid"] == proc.pid and len(dev.staging()) == 1  # what the dead flash left
+        assert served(sshd, kh, slot, sshd.device_python)["model_sha256"] == sha(models[0])
+    new = flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    if sig == signal.SIGKILL:  # its owner is gone on this host: the lock is taken over, saying so
+        assert len(new.notes) == 1 and f"its process {proc.pid} on this host has ended" in new.notes[0]
+        assert "took over the lock" in new.notes[0]
+    else:
+        assert new.notes == ()
+    assert new.previous == old.version
+    assert_serves(sshd, kh, slot, models[1])
+
+
+@pytest.mark.parametrize("board_back", [True, False], ids=["link-back", "board-unreachable"])
+def test_link_cut_mid_upload(sshd, models, big_model, tmp_path, slot, board_back):
+    kh = sshd.known_hosts(tmp_path / "kh")
+    dev = Device(sshd, slot)
+    old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    proxy = LinkProxy(sshd.port)
+
+    def cut():
+        if proxy.stalled.wait(60):
+            proxy.refuse = not board_back  # unreachable: the cleanup cannot reconnect either
+            proxy.cut()
+
+    proxy.stall_after(STALL_AT)
+    cutter = threading.Thread(target=cut)
+    cutter.start()
+    try:
+        target = sshd.target(sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), port=proxy.port,
+                             connect_timeout=3.0)
+        with pytest.raises(DeviceError, match=r"connection to .* was lost while uploading model\.tflite; "
+                                              r"the current version is unchanged") as e:
+            flash(big_model, PROFILE, target, FlashOptions(slot=slot))
+        assert e.value.exit_code == 3 and "\n" not in str(e.value)
+    finally:
+        cutter.join()
+        proxy.close()
+    assert dev.link("current") == old.version and dev.releases() == [old.version]
+    if board_back:  # the cleanup reconnected: upload removed, lock released
+        assert_serves(sshd, kh, slot, models[0])
+    else:
+        assert len(dev.staging()) == 1 and dev.lock()["pid"] == os.getpid()
+        assert served(sshd, kh, slot, sshd.device_python)["model_sha256"] == sha(models[0])
+    new = flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    taken = [n for n in new.notes if "took over the lock" in n]
+    assert len(taken) == (0 if board_back else 1)
+    assert board_back or "an earlier flash of this process ended without releasing it" in taken[0]
+    assert_serves(sshd, kh, slot, models[1])
+
+
+def _flash_root(server) -> Path:
+    """~/.local/share/edgeq on the board, owned by the board user (a mount point goes inside)."""
+    import pwd
+
+    pw = pwd.getpwnam(server.user)
+    d = server.home
+    for part in (".local", "share", "edgeq"):
+        d = d / part
+        d.mkdir(exist_ok=True)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    return d
+
+
+def test_board_disk_full(sshd, models, big_model, tmp_path, slot):
+    kh = sshd.known_hosts(tmp_path / "kh")
+    target = sshd.target(kh)
+    dev = Device(sshd, slot)
+    _flash_root(sshd)
+    with small_tmpfs(dev.base, 8 << 20, owner=sshd.user):
+        old = flash(models[0], PROFILE, target, FlashOptions(slot=slot))
+
+        # 1 MB free, the flash needs 3.3 MB: refused before anything is uploaded (exit 3, one line)
+        filler = fill_disk(dev.base, leave=1 << 20)
+        r = CliRunner().invoke(main, ["flash", str(big_model), "--device", "rpi4", "--host",
+                                      f"{sshd.user}@127.0.0.1:{sshd.port}", "--identity", str(sshd.client_key),
+                                      "--known-hosts", str(kh), "--slot", slot])
+        assert r.exit_code == 3 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
+        m = re.search(r"out of space before the upload: ([\d.]+) KB free on the file system of \S+, "
+                      r"the flash needs about ([\d.]+) MB", r.output)
+        assert m and 900 < float(m[1]) <= 1024, r.output
+        assert 3.2 < float(m[2]) < 3.5  # the 2.3 MB model + runner + manifest + 1 MB spare
+        assert "current version is unchanged" in r.output
+        assert_serves(sshd, kh, slot, models[0])
+
+        # room at the check, but the disk fills up during the upload (another writer on the board)
+        filler.unlink()
+
+        def fill(msg):
+            if msg.startswith("uploading model.tflite"):
+                fill_disk(dev.base)
+
+        with pytest.raises(DeviceError, match=r"out of space \(uploading model\.tflite failed: .*\): "
+                                              r"0 bytes free .* needs about 3\.\d MB") as e:
+            flash(big_model, PROFILE, target, FlashOptions(slot=slot), progress=fill)
+        assert e.value.exit_code == 3 and "\n" not in str(e.value)
+        assert dev.link("current") == old.version and dev.releases() == [old.version]
+        assert (dev.base / ".filler").exists() and dev.staging() == [] and dev.lock() is None
+        (dev.base / ".filler").unlink()
+        assert_serves(sshd, kh, slot, models[0])
+
+        new = flash(big_model, PROFILE, target, FlashOptions(slot=slot))
+        assert new.previous == old.version and new.notes == ()
+        assert_serves(sshd, kh, slot, big_model)
+
+
+@pytest.mark.parametrize("holder,age,taken", [
+    ("other-host", 7200, True),  # a laptop that vanished two hours ago
+    ("other-host", 5, False),  # someone else flashing right now
+    ("dead-pid-here", 5, True),  # a flash of this host that was killed
+    ("live-pid-here", 5, False),
+    ("no-owner", 7200, True),  # died between mkdir and writing its owner
+    ("no-owner", 5, False),
+])
+def test_stale_lock_taken_over_live_lock_blocks(sshd, models, tmp_path, slot, holder, age, taken):
+    import pwd
+    import socket
+
+    kh = sshd.known_hosts(tmp_path / "kh")
+    dev = Device(sshd, slot)
+    old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    owner = {"host": "lost-laptop", "machine": "0123456789abcdef", "pid": 4242, "user": "alice",
+             "started": "2026-01-01T00:00:00+00:00", "token": "feedface"}
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        if holder.endswith("-here"):
+            pid = live.pid
+            if holder == "dead-pid-here":
+                gone = subprocess.Popen(["true"])
+                gone.wait()
+                pid = gone.pid
+            owner.update(host=socket.gethostname(), machine=slot_lock.this_machine(), pid=pid)
+        lock = dev.base / ".lock"
+        lock.mkdir()
+        pw = pwd.getpwnam(sshd.user)
+        os.chown(lock, pw.pw_uid, pw.pw_gid)
+        then = time.time() - age
+        if holder != "no-owner":
+            (lock / "owner").write_text(json.dumps(owner) + "\n")
+            os.utime(lock / "owner", (then, then))
+        os.utime(lock, (then, then))
+        opts = FlashOptions(slot=slot, lock_wait=1.0)
+        if taken:
+            new = flash(models[1], PROFILE, sshd.target(kh), opts)
+            (note,) = new.notes
+            assert note.startswith(f"took over the lock of slot {slot!r} held by ")
+            why = {"other-host": "alice@lost-laptop pid 4242 (started 2026-01-01T00:00:00+00:00): no heartbeat for 7",
+                   "dead-pid-here": f"pid {owner['pid']} (started 2026-01-01T00:00:00+00:00): its process "
+                                    f"{owner['pid']} on this host has ended",
+                   "no-owner": "an unknown flash (no owner recorded): no heartbeat for 7"}[holder]
+            assert why in note, note
+            assert_serves(sshd, kh, slot, models[1])
+        else:
+            with pytest.raises(DeviceError, match=r"is locked by a running flash of .*; wait for it to finish"):
+                flash(models[1], PROFILE, sshd.target(kh), opts)
+            assert dev.lock() == ({} if holder == "no-owner" else owner)  # a live lock is left alone
+            assert dev.link("current") == old.version and dev.staging() == []
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_heartbeat_during_a_pipelined_upload(sshd, big_model, tmp_path, slot, monkeypatch):
+    """The lock's heartbeat runs on its own SFTP channel, so beating inside the upload's callback
+    (every chunk here) cannot disturb the pipelined writes of the upload itself."""
+    import paramiko
+
+    beats = []
+    utime = paramiko.SFTPClient.utime
+    monkeypatch.setattr(slot_lock, "HEARTBEAT_S", 0.0)
+    monkeypatch.setattr(paramiko.SFTPClient, "utime", lambda self, path, times: (beats.append(path),
+                                                                                 utime(self, path, times)))
+    kh = sshd.known_hosts(tmp_path / "kh")
+    r = flash(big_model, PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    assert len(beats) > big_model.stat().st_size // 32768  # one per 32 KB chunk at least
+    assert set(beats) == {f"{Device(sshd, slot).base}/.lock/owner"}
+    assert r.model_sha256 == sha(big_model)
+    assert_serves(sshd, kh, slot, big_model)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--rollback", "m.tflite", "--device", "rpi4", "--host", "pi@x"], "--rollback restores the previous release"),
+    (["--device", "rpi4", "--host", "pi@x"], "pass the MODEL to flash, or --rollback"),
+    (["m.tflite", "--device", "rpi4"], "pass --device ID and --host"),
+    (["m.tflite", "--device", "rpi4", "--host", "pi@x", "--wheels-dir", "w"], "add --with-runtime"),
+    (["m.tflite", "--fleet", "f.toml", "--host", "pi@x"], "drop --device/--host"),
+])
+def test_flash_usage_mistakes_exit_2(args, msg):
+    r = CliRunner().invoke(main, ["flash", *args])
+    assert r.exit_code == 2 and msg in r.output, r.output

@@ -1,0 +1,108 @@
+"""edgeq.files: atomic writes on a disk that is really full (a small tmpfs, mounted as root like the
+sshd fixture), checked outputs, sha256 helpers."""
+
+import errno
+import hashlib
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from edgeq.errors import EdgeqError, OutputExistsError
+from edgeq.files import (DiskFullError, atomic_write, atomic_write_json, check_output, disk_full_error, human_bytes,
+                         sha256_bytes, sha256_file)
+from tests.sshd_fixture import fill_disk, small_tmpfs
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"old")
+    atomic_write(out, b"new" * 1000)
+    assert out.read_bytes() == b"new" * 1000 and os.listdir(tmp_path) == ["m.tflite"]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert (tmp_path / "x.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
+    with small_tmpfs(tmp_path / "small", 64 << 10) as small:
+        out = small / "model.tflite"
+        out.write_bytes(b"previous model")
+        with pytest.raises(DiskFullError) as e:
+            atomic_write(out, os.urandom(256 << 10))
+        msg = str(e.value)
+        assert isinstance(e.value, EdgeqError) and e.value.exit_code == 1 and "\n" not in msg
+        assert msg.startswith(f"{out}: no space left on the disk (256.0 KB to write, ")
+        assert f"free in {small}); free some space there or write to another directory" in msg
+        assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback
+        # no temp file, and the file that was there is untouched
+        assert os.listdir(small) == ["model.tflite"] and out.read_bytes() == b"previous model"
+
+        fill_disk(small)
+        with pytest.raises(DiskFullError, match=r"model\.edgeq\.json: no space left on the disk \(9 bytes to write, "
+                                                r"0 bytes free"):
+            atomic_write(small / "model.edgeq.json", '{"a": 1}\n')
+        assert sorted(os.listdir(small)) == [".filler", "model.tflite"]
+
+
+def test_no_inode_left_is_a_full_disk_too(tmp_path):
+    # tmpfs counts the root directory as one inode: 2 inodes leave room for exactly one file
+    with small_tmpfs(tmp_path / "small", 1 << 20, options="nr_inodes=2") as small:
+        (small / "a").write_bytes(b"1")
+        with pytest.raises(DiskFullError, match="no space left on the disk"):
+            atomic_write(small / "b", b"2")  # mkstemp itself fails: ENOSPC
+        assert os.listdir(small) == ["a"]
+
+
+def test_convert_onto_a_full_disk(tf, tmp_path):
+    """`edgeq convert -o` into a full file system: exit 1, one line naming the output, no file."""
+    from edgeq.cli import main
+    from tests.conftest import build_tiny, save_keras
+
+    model = save_keras(tf, build_tiny(tf, "dense"), tmp_path / "tiny.keras")
+    with small_tmpfs(tmp_path / "small", 64 << 10) as small:
+        fill_disk(small)
+        r = CliRunner().invoke(main, ["convert", str(model), "-o", str(small / "tiny.tflite"),
+                                      "--calib", "random", "--quiet"])
+        assert r.exit_code == 1, r.output
+        last = r.output.strip().splitlines()[-1]
+        assert last.startswith(f"Error: {small / 'tiny.tflite'}: no space left on the disk") and "Traceback" not in r.output
+        assert os.listdir(small) == [".filler"]
+
+
+def test_other_write_errors_are_not_disk_full(tmp_path):
+    assert disk_full_error(OSError(errno.EACCES, "Permission denied"), tmp_path / "x", 1) is None
+    assert disk_full_error(ValueError("no"), tmp_path / "x", 1) is None
+    quota = disk_full_error(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path / "x", 3 << 20)
+    assert str(quota).startswith(f"{tmp_path / 'x'}: disk quota exceeded (3.0 MB to write, ")
+
+
+@pytest.mark.parametrize("n,text", [(0, "0 bytes"), (1023, "1023 bytes"), (1024, "1.0 KB"),
+                                    (int(2.5 * 2**20), "2.5 MB"), (3 * 2**30, "3.0 GB"), (5 * 2**40, "5.0 TB")])
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
+
+
+def test_check_output_refuses_inputs_and_existing(tmp_path):
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"x")
+    with pytest.raises(OutputExistsError, match="refusing to overwrite the input"):
+        check_output(model, [model], force=True)
+    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+        check_output(model, [], force=False)
+    with pytest.raises(OutputExistsError, match="output directory does not exist"):
+        check_output(tmp_path / "no" / "out.tflite", [], force=False)
+    check_output(model, [], force=True)
+
+
+def test_sha256_helpers(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"abc")
+    assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest() == sha256_file(tmp_path / "d" / "a")
+    assert sha256_file(tmp_path / "d") == hashlib.sha256(b"a" + b"abc").hexdigest()

@@ -27,6 +27,13 @@ class Preprocess(str, enum.Enum):
     RAW = "raw"  # 0..255 as float
 
 
+class Layout(str, enum.Enum):
+    """Where an image input keeps its channels."""
+
+    NCHW = "nchw"  # channels first: PyTorch models (torch.export / litert-torch keep it)
+    NHWC = "nhwc"  # channels last: Keras / TFLite models
+
+
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,6 +58,7 @@ class CalibrationConfig:
     std: tuple[float, ...] | None = None
     tokenizer: str | None = None
     seq_len: int = 128
+    layout: Layout | None = None  # images only; None = from the input shape (refused when ambiguous)
 
 
 @dataclass
@@ -65,6 +73,7 @@ class CalibrationData:
     eval_indices: list[int]
     _load: Callable[[int], dict[str, np.ndarray]] = field(repr=False)
     seed: int = 0
+    layout: Layout | None = None  # images: the layout they were fed in
 
     def calibration(self) -> Iterator[dict[str, np.ndarray]]:
         for i in self.calib_indices:
@@ -75,8 +84,17 @@ class CalibrationData:
             yield self._load(i)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "source": self.source, "count": len(self.calib_indices),
-                "eval_count": len(self.eval_indices), "seed": self.seed, "calibrated": self.calibrated}
+        """count: samples the written model was calibrated on; eval_count: held-out samples fidelity
+        was judged on. With little data (convert's refit) the held-out samples calibrate the written
+        model too, after judging a twin calibrated on the other `judged_model_count`."""
+        out = {"kind": self.kind, "source": self.source, "count": len(self.calib_indices),
+               "eval_count": len(self.eval_indices), "seed": self.seed, "calibrated": self.calibrated}
+        reused = set(self.calib_indices) & set(self.eval_indices)
+        if reused:
+            out["judged_model_count"] = len(self.calib_indices) - len(reused)
+        if self.layout is not None:
+            out["layout"] = Layout(self.layout).value
+        return out
 
 
 def _split(total: int, n_calib: int, n_eval: int, seed: int, what: str) -> tuple[list[int], list[int]]:
@@ -85,7 +103,9 @@ def _split(total: int, n_calib: int, n_eval: int, seed: int, what: str) -> tuple
     order = np.random.default_rng(seed).permutation(total).tolist()
     if total >= n_calib + n_eval:
         return order[:n_calib], order[n_calib:n_calib + n_eval]
-    # Too few for both: keep a held-out fifth (at least one sample when there are two or more).
+    # Too few for both: hold out a fifth (at least one sample when there are two or more) to judge a
+    # model calibrated on the rest; convert then calibrates the written model on every sample, so
+    # the split never costs the user calibration data (convert._refit).
     n_ev = min(n_eval, max(1, total // 5)) if total > 1 else 0
     return order[:total - n_ev], order[total - n_ev:]
 
@@ -103,6 +123,7 @@ def _check(sample: dict[str, np.ndarray], specs: Sequence[InputSpec], label: str
             x = x[None]
         if x.ndim != len(want) or x.shape[0] != 1 or any(
                 w not in (-1, None) and w != g for w, g in zip(want[1:], x.shape[1:])):
+            _check_layout(x.shape, spec, label)
             raise CalibrationError(f"{label}: shape {tuple(x.shape)} does not match input {spec.name!r} "
                                    f"{want} (batch 1); reshape the data or fix --calib")
         target = np.dtype(spec.dtype)
@@ -126,6 +147,47 @@ def _check(sample: dict[str, np.ndarray], specs: Sequence[InputSpec], label: str
     return out
 
 
+def _fits(want: Sequence[int], got: Sequence[int]) -> bool:
+    return len(want) == len(got) and all(w in (-1, None) or w == g for w, g in zip(want, got))
+
+
+def _check_layout(got: tuple[int, ...], spec: InputSpec, label: str) -> None:
+    """A 4-D sample that is the input's shape with the channels moved: say which layout it wants."""
+    want = tuple(spec.shape)
+    if len(got) != 4 or len(want) != 4 or got[0] != 1:
+        return
+    as_nchw, as_nhwc = (got[0], got[3], got[1], got[2]), (got[0], got[2], got[3], got[1])
+    for moved, has, wants, axes in ((as_nchw, "NHWC", "NCHW (channels first)", "0, 3, 1, 2"),
+                                    (as_nhwc, "NCHW", "NHWC (channels last)", "0, 2, 3, 1")):
+        if _fits(want[1:], moved[1:]):
+            raise CalibrationError(f"{label}: shape {tuple(got)} is {has}; input {spec.name!r} {want} wants "
+                                   f"{wants}: transpose the data (a.transpose({axes}))")
+
+
+def image_layout(shape: Sequence[int], forced: Layout | None = None, what: str = "the model input") -> Layout:
+    """The layout of a 4-D image input (N,C,H,W or N,H,W,C with 1 or 3 channels). `forced`
+    decides a shape that fits both; a forced layout that does not fit is refused, naming the one
+    that does."""
+    shape = tuple(shape)
+    if len(shape) != 4:
+        raise CalibrationError(f"{what} has shape {shape}; images need a 4-D input (NCHW or NHWC)")
+    fits = {Layout.NCHW: shape[1] in (1, 3), Layout.NHWC: shape[3] in (1, 3)}
+    if forced is not None:
+        forced = Layout(forced)
+        if fits[forced]:
+            return forced
+        other = Layout.NHWC if forced is Layout.NCHW else Layout.NCHW
+        wants = f"wants {other.name} images" if fits[other] else "has neither 1 nor 3 channels"
+        raise CalibrationError(f"--layout {forced.value} does not fit {what} {shape}: the model {wants}; "
+                               "drop --layout")
+    if all(fits.values()):
+        raise CalibrationError(f"{what} {shape} could be NCHW or NHWC; pass --layout nchw or --layout nhwc")
+    if not any(fits.values()):
+        raise CalibrationError(f"{what} {shape} has neither 1 nor 3 channels in NCHW or NHWC; "
+                               "images need 1 (gray) or 3 (RGB)")
+    return Layout.NCHW if fits[Layout.NCHW] else Layout.NHWC
+
+
 def load_calibration(cfg: CalibrationConfig, specs: Sequence[InputSpec],
                      make_text_samples: Callable[[list[str]], list[dict]] | None = None) -> CalibrationData:
     """Open the calibration source named by `cfg.source` for a model with inputs `specs`."""
@@ -134,9 +196,10 @@ def load_calibration(cfg: CalibrationConfig, specs: Sequence[InputSpec],
     if cfg.source == "random":
         return _random(cfg, specs)
     path = Path(cfg.source)
-    if not path.is_dir() and (cfg.mean is not None or cfg.std is not None or cfg.preprocess is not None):
-        raise CalibrationError("--preprocess/--mean/--std apply to image directories only; scale .npy/.npz "
-                               "data before saving it")
+    if not path.is_dir() and (cfg.mean is not None or cfg.std is not None or cfg.preprocess is not None
+                              or cfg.layout is not None):
+        raise CalibrationError("--preprocess/--mean/--std/--layout apply to image directories only; scale "
+                               "(and transpose) .npy/.npz data before saving it")
     if not path.exists():
         raise CalibrationError(f"{path}: calibration data not found; pass a directory of images, "
                                ".npy/.npz, a .txt file (with --tokenizer), or 'random'")
@@ -175,12 +238,14 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
     if not files:
         raise CalibrationError(f"{path}: no images (jpg/png/bmp/gif/webp) in this directory")
     if len(specs) != 1 or len(specs[0].shape) != 4:
-        raise CalibrationError(f"{path}: image calibration needs a model with one NHWC image input; "
-                               f"this model has {[(s.name, s.shape) for s in specs]}")
+        raise CalibrationError(f"{path}: image calibration needs a model with one image input (NCHW or "
+                               f"NHWC); this model has {[(s.name, s.shape) for s in specs]}")
     spec = specs[0]
-    _, h, w, c = spec.shape
-    if c not in (1, 3):
-        raise CalibrationError(f"{path}: the model input has {c} channels; images need 1 or 3")
+    layout = image_layout(spec.shape, cfg.layout, f"input {spec.name!r}")
+    if layout is Layout.NCHW:
+        _, c, h, w = spec.shape
+    else:
+        _, h, w, c = spec.shape
     if h <= 0 or w <= 0:
         raise CalibrationError(f"{path}: the model input has a dynamic size {spec.shape}; "
                                "export it with a fixed height and width")
@@ -204,9 +269,11 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
         x = x.reshape(h, w, c)
         if np.dtype(spec.dtype).kind == "f":
             x = (x - mean) / std
+        if layout is Layout.NCHW:
+            x = np.ascontiguousarray(x.transpose(2, 0, 1))
         return _check({spec.name: x}, specs, str(f))
 
-    return CalibrationData("images", str(path), True, len(files), calib, ev, load, cfg.seed)
+    return CalibrationData("images", str(path), True, len(files), calib, ev, load, cfg.seed, layout)
 
 
 def _norm(cfg: CalibrationConfig, channels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import require_module
 
-from edgeq.calibration import CalibrationConfig, InputSpec, Preprocess, load_calibration
+from edgeq.calibration import CalibrationConfig, InputSpec, Layout, Preprocess, image_layout, load_calibration
 from edgeq.errors import CalibrationError
 
 IMG = (InputSpec("img", (-1, 8, 8, 3), "float32"),)
@@ -44,6 +44,49 @@ def test_explicit_mean_std(tmp_path):
     data = load_calibration(CalibrationConfig(str(d), samples=3, eval_samples=0, mean=(127.5,), std=(127.5,)), IMG)
     x = next(data.calibration())["img"]
     assert x.min() >= -1 and x.max() <= 1 and x.min() < 0
+
+
+def test_image_layout_from_the_shape_and_when_ambiguous_from_the_override():
+    assert image_layout((1, 3, 224, 224)) is Layout.NCHW and image_layout((-1, 1, 28, 28)) is Layout.NCHW
+    assert image_layout((1, 224, 224, 3)) is Layout.NHWC and image_layout((-1, -1, -1, 3)) is Layout.NHWC
+    with pytest.raises(CalibrationError, match=r"\(1, 3, 3, 3\) could be NCHW or NHWC; pass --layout nchw or "
+                                               "--layout nhwc"):
+        image_layout((1, 3, 3, 3))
+    assert image_layout((1, 3, 3, 3), Layout.NHWC) is Layout.NHWC
+    assert image_layout((1, 3, 3, 3), "nchw") is Layout.NCHW
+    with pytest.raises(CalibrationError, match=r"--layout nhwc does not fit .* the model wants NCHW images"):
+        image_layout((1, 3, 224, 224), Layout.NHWC)
+    with pytest.raises(CalibrationError, match="neither 1 nor 3 channels"):
+        image_layout((1, 8, 8, 8))
+
+
+def test_image_dir_feeds_nchw_to_nchw_inputs_and_says_so(tmp_path):
+    d = _images(tmp_path, 6)
+    cfg = CalibrationConfig(str(d), samples=4, eval_samples=2)
+    nhwc = load_calibration(cfg, IMG)
+    nchw = load_calibration(cfg, (InputSpec("img", (-1, 3, 8, 8), "float32"),))
+    assert nhwc.describe()["layout"] == "nhwc" and nchw.describe()["layout"] == "nchw"
+    for a, b in zip(nhwc.calibration(), nchw.calibration()):  # same images, channels moved
+        assert b["img"].shape == (1, 3, 8, 8)
+        np.testing.assert_array_equal(b["img"], a["img"].transpose(0, 3, 1, 2))
+    # An ambiguous 3x3 RGB input takes --layout; both layouts then feed the same pixels.
+    amb = (InputSpec("img", (1, 3, 3, 3), "float32"),)
+    with pytest.raises(CalibrationError, match="could be NCHW or NHWC"):
+        load_calibration(cfg, amb)
+    first = {lay: next(load_calibration(CalibrationConfig(str(d), 4, 2, layout=lay), amb).calibration())["img"]
+             for lay in Layout}
+    np.testing.assert_array_equal(first[Layout.NCHW], first[Layout.NHWC].transpose(0, 3, 1, 2))
+    assert not np.array_equal(first[Layout.NCHW], first[Layout.NHWC])
+
+
+def test_wrong_layout_in_arrays_names_the_one_the_model_wants(tmp_path):
+    np.save(tmp_path / "nchw.npy", np.zeros((5, 3, 8, 8), np.float32))
+    data = load_calibration(CalibrationConfig(str(tmp_path / "nchw.npy"), 4, 1), IMG)
+    wants = r"is NCHW; input 'img' \(-1, 8, 8, 3\) wants NHWC \(channels last\): transpose the data"
+    with pytest.raises(CalibrationError, match=r"shape \(1, 3, 8, 8\) " + wants + r" \(a.transpose\(0, 2, 3, 1\)\)"):
+        next(data.calibration())
+    with pytest.raises(CalibrationError, match="apply to image directories only"):
+        load_calibration(CalibrationConfig(str(tmp_path / "nchw.npy"), layout=Layout.NCHW), IMG)
 
 
 def test_split_is_disjoint_seeded_and_holds_out(tmp_path):

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..calibration import InputSpec
 from ..errors import ModelFormatError
 from ..tflite_model import is_tflite
 
 EXPECTED = ("a Keras .keras/.h5 file, a SavedModel directory, a Hugging Face model directory "
-            "(config.json + weights + tokenizer) or a float .tflite")
+            "(config.json + weights + tokenizer), a torch.export .pt2 program or a float .tflite")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class SourceModel:
     make_text_samples: Callable[[list[str]], list[dict]] | None = None
     notes: tuple[str, ...] = field(default=())  # things the user should know (shown as warnings)
     description: str = ""  # what the source is, e.g. the HF architecture and export settings
+    # Runs the source model itself (PyTorch sources) on samples keyed by the float .tflite's input
+    # names; returns outputs stacked on axis 0, keyed and ordered as the .tflite's signature outputs
+    # (validate.compare pairs outputs by order). None: the float .tflite is the only reference.
+    reference: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]] | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -53,6 +59,10 @@ def detect_format(path: Path) -> str:
         head = f.read(8)
     if suffix == ".tflite" or is_tflite(head):
         return "tflite"
+    from .torch_export import check_archive  # zip directory only, no torch import
+
+    if check_archive(path):
+        return "torch_export"
     raise ModelFormatError(f"{path}: unrecognised model file; expected {EXPECTED}")
 
 
@@ -82,6 +92,11 @@ def _hf(path: Path, **options) -> SourceModel:
     return load_hf_source(path, **options)
 
 
+def _torch_export(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), **_) -> SourceModel:
+    from .torch_export import load_torch_export
+    return load_torch_export(path, input_shapes)
+
+
 SOURCES: dict[str, Callable[..., SourceModel]] = {
-    "keras": _keras, "saved_model": _saved_model, "tflite": _tflite, "hf": _hf,
+    "keras": _keras, "saved_model": _saved_model, "tflite": _tflite, "hf": _hf, "torch_export": _torch_export,
 }

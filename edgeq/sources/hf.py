@@ -23,8 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeq.calibration import encode_texts, load_tokenizer
-from edgeq.errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError
+from ..calibration import encode_texts, load_tokenizer
+from ..errors import CalibrationError, IncompatibleModelError, ModelFormatError
+from ..signature import signature_runner
+from .torch_util import channel_absmax, litert_convert, require_modules, table_lookup
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Encoder-only families whose AutoModel takes (input_ids, attention_mask[, token_type_ids]) and
@@ -34,7 +36,6 @@ ENCODER_TYPES = frozenset({
 })
 # SmoothQuant and the outlier grouping rewrite BERT's module layout (LayerNorm -> Linear pairs, BertOutput).
 BERT_LAYOUT_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
-SIGNATURE_KEY = "serving_default"
 
 
 class Pooling(str, Enum):
@@ -87,15 +88,7 @@ def _require_hf():
     """Import the [hf] extra or explain how to get it."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub; the directory must be complete
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import litert_torch  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise EdgeqError(
-            f"Hugging Face models need the hf extra ({e.name} is missing): "
-            "pip install 'edgeq[hf]' (CPU torch: add --extra-index-url https://download.pytorch.org/whl/cpu)"
-        ) from None
+    require_modules("Hugging Face models", ("litert_torch", "torch", "transformers"))
 
 
 def _load_tokenizer(tokenizer_dir):
@@ -119,14 +112,6 @@ def _read_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path}/config.json is unreadable ({e}); re-export the model") from None
-
-
-def table_lookup(table, index):
-    """table[index] written as index_select: litert-torch lowers it to GATHER, which has an int8
-    kernel (nn.Embedding becomes EMBEDDING_LOOKUP, which the LiteRT quantizer keeps float)."""
-    import torch
-
-    return torch.index_select(table, 0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
 
 
 def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: float | None):
@@ -168,33 +153,6 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
         def forward(self, input_ids, attention_mask):
             return self._run(input_ids, attention_mask)
     return NoTypes().eval()
-
-
-def channel_absmax(model, batches: dict[str, np.ndarray], modules: Sequence, *, of: str = "input",
-                   skip_first_token: bool = False) -> list:
-    """Per-channel max |x| of each module's first input (of="input") or its output (of="output")
-    over one forward pass of the tokenized `batches`; skip_first_token leaves [CLS] out.
-
-    Padded positions stay in: the quantized graph runs them through the same ops."""
-    import torch
-
-    amax: dict[int, torch.Tensor] = {}
-
-    def record(i, x):
-        x = x.detach()[:, 1:] if skip_first_token else x.detach()
-        a = x.abs().flatten(0, -2).amax(0)
-        amax[i] = a if i not in amax else torch.maximum(amax[i], a)
-
-    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: record(i, args[0])) if of == "input"
-               else m.register_forward_hook(lambda _m, _a, out, i=i: record(i, out))
-               for i, m in enumerate(modules)]
-    try:
-        with torch.no_grad():
-            model(**{k: torch.from_numpy(v) for k, v in batches.items()})
-    finally:
-        for h in handles:
-            h.remove()
-    return [amax[i] for i in range(len(modules))]
 
 
 def smooth_bert(model, batches: dict[str, np.ndarray], alpha: float) -> int:
@@ -360,7 +318,6 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         raise CalibrationError(f"--seq-len {options.seq_len} exceeds the model's maximum of {max_pos}")
 
     _require_hf()
-    import litert_torch
     import torch
     from transformers import AutoModel
 
@@ -412,24 +369,12 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
     wrapper = _wrap(model, options.pooling, names, options.mask_value)
     # The graph is built for batch 1 and int32 ids (LiteRT has no int64 I/O by default).
     kwargs = {n: torch.from_numpy(example[n][:1].astype(np.int32)) for n in names}
-    try:
-        # litert-torch prints a progress tree on stdout and export warnings on stderr.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            edge = litert_torch.convert(wrapper, sample_kwargs=kwargs)
-            tflite = bytes(edge.model_content())
-    except Exception as e:  # the converter raises many types; the user fix is the same
-        raise IncompatibleModelError(
-            f"litert-torch could not convert {path.name}: {str(e).splitlines()[0][:200]}; "
-            "try another --pooling/--seq-len or report the model"
-        ) from None
+    tflite = litert_convert(wrapper, kwargs=kwargs, what=path.name,
+                            hint="try another --pooling/--seq-len or report the model")
 
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=tflite)
-    in_details = interp.get_signature_runner(SIGNATURE_KEY).get_input_details()
-    sig = interp.get_signature_list()[SIGNATURE_KEY]
-    input_names = tuple(sig["inputs"])
-    output_names = tuple(sig["outputs"])
+    runner = signature_runner(tflite)
+    in_details, out_details = runner.get_input_details(), runner.get_output_details()
+    input_names, output_names = tuple(in_details), tuple(out_details)
     dtypes = {n: in_details[n]["dtype"] for n in input_names}
     seq_len = options.seq_len
 

@@ -1,23 +1,10 @@
 """Outlier groups for all-int8 BERT graphs: no int8 tensor mixes massive and normal values.
 
-BERT-family encoders carry "massive activations": a few hidden channels, mostly on the [CLS]
-token, reach ~200 where 99.9% of values are below 2 (MiniLM). In an all-int8 graph every tensor
-has one scale, so wherever such values meet normal ones (the residual add, the LayerNorm's
-x - mean and its square, the embedding sum) the normal values round to a level or two and the
-embedding collapses (cosine 0.79 on MiniLM). split_outlier_channels (hf.py) fixes a Linear's
-output only: the residual add joins the channels again.
-
-Here each add + LayerNorm block (after attention, after the FFN, and the embeddings) runs on
-[CLS] (position 0) and on the other tokens separately, and within each the hidden channels are
-one tensor per magnitude tier (calibration max |x| within ratio, ratio^2, ... times the median
-channel's). LayerNorm statistics are summed over the tiers; the output goes back to channel
-order, where values are tame again. Exact in float. Every tensor then gets its own int8 scale.
-[CLS]'s embedding is a constant: the tokenizer always puts it at position 0 with type 0.
-
-Measured on all-MiniLM-L6-v2, all-int8, seq 128 (benchmarks/minilm.py): 0.79 plain; 0.94 with
-the FFN block grouped in two tiers; 0.955 with the attention block too; 0.976 with the
-embeddings; 0.985 with tiers of factor 2. What is left is mostly the LayerNorm internals (0.989
-when they alone run int16) and attention (+0.002 in int16).
+BERT-family encoders carry "massive activations" (a few hidden channels, mostly on [CLS], ~100x
+the rest), and in an all-int8 graph each add + LayerNorm block would put them on one int8 scale
+with everything else. Each such block here runs on [CLS] and on the other tokens apart, with the
+hidden channels held as one tensor per magnitude tier; exact in float. Why, and what it measured
+on all-MiniLM-L6-v2: docs/transformers.md ("Outlier grouping").
 
 Needs torch (the [hf] extra); imported by hf.load_hf only when asked for.
 """
@@ -27,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgeq.errors import IncompatibleModelError
-from edgeq.sources.hf import channel_absmax, table_lookup
+from ..errors import IncompatibleModelError
+from .torch_util import channel_absmax, table_lookup
 
 
 def _tiers(amax: torch.Tensor, ratio: float) -> list[torch.Tensor]:

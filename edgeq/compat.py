@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import IncompatibleModelError
-from .precision import RECIPE_PRECISION, Precision
+from .precision import INT4_PRECISIONS, RECIPE_PRECISION, Precision, slower_than_float_on_cpu
 from .profiles import DeviceProfile, Fallback
 from .tflite_model import BOUNDARY_OPS, read_model
 
@@ -142,6 +142,9 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
     if not profile.op_versions_complete:
         notes.append(f"op versions not checked: no op-version table for {rt} "
                      "(add devices/runtimes/<runtime>-<version>.toml, see devices/README.md)")
+    if not profile.int4_source and any(op.precision in INT4_PRECISIONS for op in info.ops):
+        notes.append(f"int4 ops not checked: {rt} has no [int4] kernel table (add one to "
+                     "devices/runtimes/<runtime>-<version>.toml, see devices/README.md)")
 
     checks: list[OpCheck] = []
     cut = False  # single-segment accelerator already left for the CPU
@@ -176,6 +179,11 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
             else:
                 reason = f"runs {precision} on {where}"
         checks.append(OpCheck(op.index, op.subgraph, op.name, op.version, precision, status, placement, reason))
+
+    for prec in sorted({c.precision for c in checks if c.placement == "cpu"}, key=list(Precision).index):
+        slow = slower_than_float_on_cpu(prec)
+        if slow:
+            notes.append(f"{sum(c.precision is prec and c.placement == 'cpu' for c in checks)} op(s) {slow}")
 
     coverage = None
     if accel is not None:
@@ -224,7 +232,8 @@ def _runtime_refuses(op, profile: DeviceProfile) -> str | None:
         return f"{op.name} is not registered in {rt}" if profile.op_versions_complete else None
     if op.version > limit:
         return f"{op.name} v{op.version} > {rt} max v{limit}"
-    return None
+    # int4 weights keep the op at version 1, so the version table cannot see them: the [int4] table does.
+    return profile.int4_refuses(op.name, op.precision)
 
 
 def _is_io_boundary(op, info) -> bool:

@@ -14,13 +14,19 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import QuantizationError, first_line
-from .precision import RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
+from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
-from .tflite_ops import WEIGHT_OPERAND
+from .tflite_ops import WEIGHT_OPERAND, quantizer_int4_ops
 from .tfimport import quiet_native
 from .tflite_model import read_model
 
 _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"}
+
+
+def _int4_weights(precision: Precision) -> dict:
+    block = INT4_BLOCK_SIZE[precision]
+    return {"num_bits": 4, "symmetric": True, "granularity": f"BLOCKWISE_{block}" if block else "CHANNELWISE",
+            "dtype": "INT"}
 
 
 # Ops whose int8 activations are made symmetric (zero point 0). XNNPACK runs int8 BATCH_MATMUL with
@@ -45,21 +51,56 @@ def op_config(precision: Precision | str, op: str = "*") -> tuple[str, dict]:
     if precision == Precision.HYBRID:
         return "min_max_uniform_quantize", {"weight_tensor_config": _WEIGHTS, "compute_precision": "INTEGER",
                                             **base}
+    if precision in INT4_PRECISIONS and precision != Precision.INT4X8:
+        p = Precision(precision)
+        if p is Precision.INT4_WEIGHT_ONLY:  # a DEQUANTIZE of the int4 weight, then the float kernel
+            return "min_max_uniform_quantize", {"weight_tensor_config": _int4_weights(p),
+                                                "compute_precision": "FLOAT", **base, "explicit_dequantize": True}
+        return "min_max_uniform_quantize", {"weight_tensor_config": _int4_weights(p), "compute_precision": "INTEGER",
+                                            **base}
+    weights = _int4_weights(Precision.INT4X8) if precision == Precision.INT4X8 else _WEIGHTS
+    precision = Precision.INT8 if precision == Precision.INT4X8 else precision  # int8 activations
     bits = _ACTIVATION_BITS[Precision(precision)]
     symmetric = bits == 16 or op in SYMMETRIC_INT8_OPS  # int16 kernels are symmetric-only
     act = {"num_bits": bits, "symmetric": symmetric, "granularity": "TENSORWISE", "dtype": "INT"}
-    return "min_max_uniform_quantize", {"activation_tensor_config": act, "weight_tensor_config": _WEIGHTS,
+    return "min_max_uniform_quantize", {"activation_tensor_config": act, "weight_tensor_config": weights,
                                         "compute_precision": "INTEGER", **base}
+
+
+def int4_ops(precision: Precision | str) -> frozenset[str]:
+    """Ops the LiteRT quantizer writes at this int4 precision (empty for other precisions)."""
+    return quantizer_int4_ops(str(precision))
+
+
+def effective_precision(precision: Precision | str, op: str) -> Precision:
+    """What the quantizer can make of `op` at `precision`: an int4 precision on an op it has no int4
+    recipe for becomes the 8-bit fallback (the quantizer would silently leave it float)."""
+    p = Precision(precision)
+    if p in INT4_PRECISIONS and op not in int4_ops(p):
+        p = INT4_FALLBACK[p]
+    if p is Precision.HYBRID and op not in WEIGHT_OPERAND:
+        p = Precision.FLOAT  # no weight to store as int8: the quantizer has no hybrid kernel for it
+    return p
+
+
+def _plain_lines(regex: str, op: str, precision: Precision | str) -> list[dict]:
+    algo, cfg = op_config(precision, op)
+    return [{"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg}]
 
 
 def recipe_lines(regex: str, op: str, precision: Precision | str) -> list[dict]:
     """Recipe line(s) putting ops matching `regex` and `op` ("*" = any) at `precision`. An int8
-    line for any op adds the SYMMETRIC_INT8_OPS lines after it (later lines win)."""
-    algo, cfg = op_config(precision, op)
-    lines = [{"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg}]
+    line for any op adds the SYMMETRIC_INT8_OPS lines after it (later lines win). An int4 line for
+    any op is the 8-bit fallback for every op, then int4 lines for the ops the quantizer has int4 for
+    (later lines win); for one op without int4 it is the fallback line."""
+    if precision in INT4_PRECISIONS:
+        if op != "*":
+            return _plain_lines(regex, op, effective_precision(precision, op))
+        lines = recipe_lines(regex, "*", INT4_FALLBACK[Precision(precision)])
+        return lines + [line for o in sorted(int4_ops(precision)) for line in _plain_lines(regex, o, precision)]
+    lines = _plain_lines(regex, op, precision)
     if op == "*" and precision == Precision.INT8:
-        lines += [{"regex": regex, "operation": sym, "algorithm_key": algo, "op_config": op_config(precision, sym)[1]}
-                  for sym in sorted(SYMMETRIC_INT8_OPS)]
+        lines += [line for sym in sorted(SYMMETRIC_INT8_OPS) for line in _plain_lines(regex, sym, precision)]
     return lines
 
 
@@ -86,10 +127,8 @@ def build_recipe(default: Precision | str, per_op: Sequence[OpPrecision],
     writes "...SelfAttention_self;1"), so a prefix match would also catch other ops."""
     recipe = recipe_lines(".*", "*", default)
     for p in per_op:
-        precision = p.precision
-        if precision == Precision.HYBRID and p.op not in WEIGHT_OPERAND:
-            precision = Precision.FLOAT  # no weight to store as int8: the quantizer has no hybrid kernel for it
-        if precision == default:
+        precision = effective_precision(p.precision, p.op)
+        if precision == effective_precision(default, p.op):
             continue
         algo, cfg = op_config(precision, p.op)
         scope = (scopes or {}).get(p.output, p.output + ";")

@@ -8,8 +8,12 @@ Input: the ops of the FLOAT model (edgeq.tflite_model.read_ops). For each op, in
   1. no float tensors (shape/index math)            -> "other": nothing to quantize
   2. an override (the accuracy-budget loop)         -> its precision, refused if the target cannot
                                                        run it where it runs the rest of the model
-  3. the profile's [ops] policy                     -> int8 / int16x8 / float / fp16; "hybrid" only
-                                                       if the op has a constant weight, else float
+  3. the profile's [ops] policy                     -> int8 / int16x8 / float / fp16 / int4...; "hybrid"
+                                                       only if the op has a constant weight, else float;
+                                                       an int4 precision only where the quantizer writes
+                                                       it for the op, the weight fits its block size and
+                                                       the runtime's [int4] table runs it, else the
+                                                       8-bit fallback (precision.INT4_FALLBACK)
   4. the accelerator does not take the op           -> falls back to the CPU at the accelerator's
                                                        fallback_precision (the graph splits there)
   5. otherwise                                      -> the profile's scheme
@@ -23,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ProfileError, QuantizationError
-from .precision import POLICY_PRECISIONS, RECIPE_PRECISION, SCHEME_IO, IoType, Precision, Scheme, scheme_for
+from .precision import (FLOAT_ACTIVATION_PRECISIONS, INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS,
+                        POLICY_PRECISIONS, RECIPE_PRECISION, SCHEME_IO, IoType, Precision, Scheme, scheme_for,
+                        slower_than_float_on_cpu)
 from .profiles import DeviceProfile, Fallback
 from .tflite_model import BOUNDARY_OPS, ModelInfo, OpInfo
-from .tflite_ops import MIN_WEIGHT_ELEMENTS, has_float_tensors, weight_tensor
+from .tflite_ops import MIN_WEIGHT_ELEMENTS, has_float_tensors, quantizer_int4_ops, weight_tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,15 +137,26 @@ class Plan:
             line += f"; {len(self.cpu_ops)} on the CPU instead of the {self.accelerator} (graph splits)"
         return line
 
+    def warnings(self) -> list[str]:
+        """One line per precision planned on a CPU that computes it slower than float (int4-weight-only)."""
+        out = []
+        for p in sorted({e.precision for e in self.entries if e.placement == "cpu"}, key=list(Precision).index):
+            why = slower_than_float_on_cpu(p)
+            if why:
+                n = sum(e.precision is p and e.placement == "cpu" for e in self.entries)
+                out.append(f"{n} op(s) planned {p} on the CPU: {why}")
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "scheme": str(self.scheme), "accelerator": self.accelerator,
                 "uniform": self.is_uniform, "counts": self.counts(), "summary": self.summary(),
-                "ops": [e.to_json() for e in self.entries]}
+                "warnings": self.warnings(), "ops": [e.to_json() for e in self.entries]}
 
     def planned_off_int8(self, op: OpInfo) -> bool:
-        """Did the plan put this op of the produced model (found by its first output) at float or hybrid?"""
+        """Did the plan put this op of the produced model (found by its first output) at a precision
+        with float activations (float, hybrid, dynamic or weight-only int4)?"""
         out = op.outputs[0].name if op.outputs else ""
-        return any(e.output == out and RECIPE_PRECISION.get(e.precision) in (Precision.FLOAT, Precision.HYBRID)
+        return any(e.output == out and RECIPE_PRECISION.get(e.precision) in FLOAT_ACTIVATION_PRECISIONS
                    for e in self.entries)
 
     def mismatches(self, info: ModelInfo) -> list[str]:
@@ -158,10 +175,11 @@ class Plan:
 
 def plan_precision(ops, profile: DeviceProfile | None,
                    overrides: Mapping[int | tuple[int, int], Override | tuple[str, str]] | None = None,
-                   *, scheme: Scheme | None = None, allow_cpu_fallback: bool = False,
+                   *, scheme: Scheme | Precision | None = None, allow_cpu_fallback: bool = False,
                    min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> Plan:
     """Plan each op's precision for `profile`, or for no device (profile None: `scheme` for every
-    op but the overridden ones, all on the CPU).
+    op but the overridden ones, all on the CPU; a Precision such as int4-b32 may stand for the
+    scheme, since int4 has no convert --scheme yet).
 
     `ops`: OpInfo list read from the float model. `overrides`: op index (subgraph 0) or
     (subgraph, index) -> Override(precision, reason). An override the target cannot run where it
@@ -173,7 +191,8 @@ def plan_precision(ops, profile: DeviceProfile | None,
     if profile is None:
         if scheme is None:
             raise ValueError("plan_precision without a profile needs the scheme")
-        return _plan_without_device(ops, scheme.precision, norm, min_weight_elements)
+        default = scheme.precision if isinstance(scheme, Scheme) else Precision(scheme)
+        return _plan_without_device(ops, default, norm, min_weight_elements)
     accel = profile.accelerator
     entries = []
     cut = False  # single-segment accelerators (Edge TPU): everything after the first CPU op stays on the CPU
@@ -188,18 +207,20 @@ def plan_precision(ops, profile: DeviceProfile | None,
         elif key in norm:
             ov = norm[key]
             _check_override(profile, op, ov.precision, refused, allow_cpu_fallback)
-            prec, reason = _weights_or_float(op, ov.precision, ov.reason, min_weight_elements)
+            prec, reason = _weights_or_float(op, ov.precision, ov.reason, min_weight_elements, profile)
             source = "override"
         elif op.name in profile.ops:
             pol = profile.ops[op.name]
-            prec, reason = _weights_or_float(op, pol.precision, pol.reason, min_weight_elements)
+            prec, reason = _weights_or_float(op, pol.precision, pol.reason, min_weight_elements, profile)
             source = pol.source
         elif refused:
             prec, fallback_path = accel.fallback_precision, True
             reason = f"{refused}: runs {prec} on the CPU (the graph splits here)"
             source = accel.source
         else:
-            prec, reason, source = profile.scheme, f"default scheme of {profile.id}", str(profile.path)
+            prec, reason = _int4_or_fallback(op, profile.scheme, f"default scheme of {profile.id}",
+                                             min_weight_elements, profile)
+            source = str(profile.path)
 
         placement = "cpu"
         if accel is not None:
@@ -217,6 +238,9 @@ def plan_precision(ops, profile: DeviceProfile | None,
                 placement = "accelerator"
             if accel.single_segment and op.subgraph == 0 and placement == "cpu" and prec is not Precision.OTHER:
                 cut = True
+        slow = slower_than_float_on_cpu(prec) if placement == "cpu" else None
+        if slow:
+            reason += f"; WARNING: {slow}"
         entries.append(PlanEntry(op.index, op.subgraph, op.name, output, prec, reason, source, placement))
     return Plan(profile.id, profile.scheme, accel.name if accel else None, tuple(entries))
 
@@ -239,14 +263,28 @@ def _plan_without_device(ops, precision: Precision, norm: dict[tuple[int, int], 
             prec, reason = _weights_or_float(op, ov.precision, ov.reason, min_weight_elements)
             source = "override"
         else:
-            prec, reason, source = precision, "scheme default", "edgeq"
+            prec, reason = _int4_or_fallback(op, precision, "scheme default", min_weight_elements)
+            source = "edgeq"
+        slow = slower_than_float_on_cpu(prec)
+        if slow:
+            reason += f"; WARNING: {slow}"
         entries.append(PlanEntry(op.index, op.subgraph, op.name, op.outputs[0].name if op.outputs else "",
                                  prec, reason, source, "cpu"))
     return Plan(None, precision, None, tuple(entries))
 
 
-def _weights_or_float(op, precision: Precision, reason: str, min_elements: int) -> tuple[Precision, str]:
-    """'hybrid' needs a constant weight big enough for the converter to quantize; else float."""
+def _weights_or_float(op, precision: Precision, reason: str, min_elements: int,
+                      profile: DeviceProfile | None = None) -> tuple[Precision, str]:
+    """'hybrid' needs a constant weight big enough for the converter to quantize; else float.
+    An int4 precision also needs the quantizer to write it for this op, a weight whose last
+    dimension the block size divides, and (with a profile) the runtime's int4 kernel for it; else
+    the 8-bit fallback (INT4_FALLBACK), itself checked the same way."""
+    if precision in INT4_PRECISIONS:
+        why = _int4_refusal(op, precision, min_elements, profile)
+        if why is None:
+            return precision, reason
+        fallback = INT4_FALLBACK[precision]
+        return _weights_or_float(op, fallback, f"{reason}; {why}, so {fallback}", min_elements, profile)
     if precision is not Precision.HYBRID:
         return precision, reason
     w = weight_tensor(op)
@@ -259,6 +297,33 @@ def _weights_or_float(op, precision: Precision, reason: str, min_elements: int) 
         return Precision.FLOAT, (f"{reason}; weight has {n} elements (< {min_elements}, the quantizer "
                                  "keeps it float), so float instead of hybrid")
     return Precision.HYBRID, reason
+
+
+def _int4_or_fallback(op, precision: Precision, reason: str, min_elements: int,
+                      profile: DeviceProfile | None = None) -> tuple[Precision, str]:
+    """A scheme default: int4 precisions are checked op by op (_weights_or_float); the others apply
+    as they are (a dynamic scheme's "hybrid" on an op without weights is the quantizer's business)."""
+    if precision in INT4_PRECISIONS:
+        return _weights_or_float(op, precision, reason, min_elements, profile)
+    return precision, reason
+
+
+def _int4_refusal(op, precision: Precision, min_elements: int, profile: DeviceProfile | None) -> str | None:
+    """Why this op cannot be `precision` (an int4 one) in the produced file, or None."""
+    if op.name not in quantizer_int4_ops(str(precision)):
+        return f"the LiteRT quantizer writes no {precision} {op.name}"
+    w = weight_tensor(op)
+    if w is None:
+        return "no constant weight to store as int4"
+    n = 1
+    for d in w.shape:
+        n *= max(d, 1)
+    if n < min_elements:
+        return f"weight has {n} elements (< {min_elements})"
+    block = INT4_BLOCK_SIZE[precision]
+    if block and w.shape[-1] % block:
+        return f"weight's last dimension {w.shape[-1]} is not a multiple of the block size {block}"
+    return profile.int4_refuses(op.name, precision) if profile is not None else None
 
 
 def _check_override(profile: DeviceProfile, op, precision: Precision, refused: str | None,

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import ProfileError
-from .precision import POLICY_PRECISIONS, PROFILE_IO_TYPES, IoType, Precision
+from .precision import INT4_PRECISIONS, POLICY_PRECISIONS, PROFILE_IO_TYPES, IoType, Precision
 from .tflite_ops import BUILTIN_OP_SET, suggest
 
 SCHEMA_VERSION = 1
@@ -108,6 +108,22 @@ class OpPolicy:
 
 
 @dataclass(frozen=True)
+class Int4Kernel:
+    """One op's int4 kernels in a runtime (runtime table [int4.ops]): the int4 precisions it runs
+    correctly, measured; `note` says what happens with the others (crash, refusal, wrong output)."""
+    op: str
+    runs: frozenset[Precision]
+    note: str = ""
+    # Of `runs`, the precisions that are right only through the XNNPACK delegate (the builtin kernel
+    # computes something else); a profile whose delegate is not xnnpack cannot use them.
+    xnnpack_only: frozenset[Precision] = frozenset()
+
+
+# The op that holds an int4-weight-only weight in the file: a DEQUANTIZE feeds the float kernel.
+WEIGHT_ONLY_OP = "DEQUANTIZE"
+
+
+@dataclass(frozen=True)
 class Accelerator:
     name: str
     precisions: tuple[Precision, ...]  # what it computes natively
@@ -160,6 +176,25 @@ class DeviceProfile:
     op_versions_source: str = ""
     custom_ops: tuple[str, ...] = ()  # custom ops the runtime/delegate provides
     accelerator: Accelerator | None = None
+    # int4 kernels of the runtime (its table's [int4]); int4_source empty: not known, not checked.
+    int4_ops: Mapping[str, Int4Kernel] = field(default_factory=lambda: MappingProxyType({}))
+    int4_source: str = ""
+
+    def int4_refuses(self, op: str, precision: Precision) -> str | None:
+        """Why the runtime cannot run `op` at this int4 precision (None: it can, the precision is not
+        int4, or the runtime's int4 support is not known)."""
+        if precision not in INT4_PRECISIONS or not self.int4_source:
+            return None
+        where = WEIGHT_ONLY_OP if precision is Precision.INT4_WEIGHT_ONLY else op
+        kernel = self.int4_ops.get(where)
+        if kernel is not None and precision in kernel.xnnpack_only and self.delegate is not Delegate.XNNPACK:
+            return (f"{self.runtime.label} runs {precision} {op} correctly only through XNNPACK and "
+                    f"{self.id} uses delegate {self.delegate} ({kernel.note})")
+        if kernel is not None and precision in kernel.runs:
+            return None
+        what = f"{where} of int4 weights" if where != op else op
+        why = f" ({kernel.note})" if kernel is not None and kernel.note else ""
+        return f"{self.runtime.label} has no {precision} kernel for {what}{why}"
 
     def can_run(self, precision: Precision) -> bool:
         """True when the target computes `precision` where it runs the scheme (no graph split)."""
@@ -197,6 +232,11 @@ class DeviceProfile:
                          f"({'complete' if self.op_versions_complete else 'partial'}) from {self.op_versions_source}")
         else:
             lines.append(f"  op versions: not known for {self.runtime.label} (not checked)")
+        if self.int4_source:
+            runs = "; ".join(f"{k.op} {', '.join(sorted(k.runs))}" for k in self.int4_ops.values() if k.runs)
+            lines.append(f"  int4 kernels: {runs or 'none'} (from {self.int4_source})")
+        else:
+            lines.append(f"  int4 kernels: not known for {self.runtime.label} (not checked)")
         if self.ops:
             lines.append("  per-op policy:")
             lines += [f"    {p.op} -> {p.precision}: {p.reason} [{p.source}]" for p in self.ops.values()]
@@ -233,6 +273,9 @@ class DeviceProfile:
             "op_versions_source": self.op_versions_source,
             "custom_ops": list(self.custom_ops), "sources": list(self.sources),
             "path": str(self.path),
+            "int4": {"source": self.int4_source,
+                     "ops": {k: {"runs": sorted(v.runs), "xnnpack_only": sorted(v.xnnpack_only), "note": v.note}
+                             for k, v in sorted(self.int4_ops.items())}},
         }
         if self.android_sdk is not None:
             d["android_sdk"] = self.android_sdk
@@ -469,7 +512,7 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
 
     overrides = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]") \
         if "op_versions" in data else {}
-    table, table_source = _runtime_table(runtime, dirs)
+    table, table_source, int4_ops, int4_source = _runtime_table(runtime, dirs)
     versions = {**table, **overrides}
     if table_source and overrides:
         table_source += "; overridden in the profile: " + ", ".join(sorted(overrides))
@@ -496,7 +539,8 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
         notes=c.str_(data, "notes", "notes") if "notes" in data else "",
         android_sdk=sdk, ops=MappingProxyType(ops), op_versions=MappingProxyType(versions),
         op_versions_complete=bool(table), op_versions_source=table_source,
-        custom_ops=tuple(c.str_list(data, "custom_ops", "custom_ops")), accelerator=accel)
+        custom_ops=tuple(c.str_list(data, "custom_ops", "custom_ops")), accelerator=accel,
+        int4_ops=MappingProxyType(int4_ops), int4_source=int4_source)
 
 
 def _accelerator(c: _Checker, a: dict) -> Accelerator:
@@ -528,24 +572,52 @@ def _accelerator(c: _Checker, a: dict) -> Accelerator:
         single_segment=c.bool_(a, "single_segment", "accelerator.single_segment", False))
 
 
-def _runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple[dict[str, int], str]:
-    """Op-version table for this runtime from <dir>/runtimes/<name>-<version>.toml, or ({}, "")."""
+def _runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple[dict[str, int], str, dict[str, Int4Kernel], str]:
+    """(op versions, their source, int4 kernels, their source) for this runtime from
+    <dir>/runtimes/<name>-<version>.toml, or ({}, "", {}, "")."""
     fname = f"{runtime.name}-{runtime.version}.toml"
     for d in dirs:
         p = d / RUNTIMES_SUBDIR / fname
         if p.is_file():
             return _load_runtime_table(p, runtime)
-    return {}, ""
+    return {}, "", {}, ""
 
 
-def _load_runtime_table(path: Path, runtime: Runtime) -> tuple[dict[str, int], str]:
+def _int4_table(c: _Checker, t: dict) -> tuple[dict[str, Int4Kernel], str]:
+    """[int4]: source = "...", [int4.ops] OP = { runs = [int4 precisions], note = "..." }. An op not
+    listed has no int4 kernel in the runtime."""
+    c.keys(t, "int4", {"source", "ops"}, set())
+    kernels = {}
+    for name, entry in c.table(t, "ops", "int4.ops").items():
+        key = f"int4.ops.{name}"
+        c.op_name(name, key)
+        if not isinstance(entry, dict):
+            raise c.fail(key, 'expected { runs = ["int4", ...], note = "..." }')
+        c.keys(entry, key, {"runs"}, {"note", "xnnpack_only"})
+        lists = {}
+        for k in ("runs", "xnnpack_only"):
+            v = entry.get(k, [])
+            if not isinstance(v, list):
+                raise c.fail(f"{key}.{k}", "expected a list of int4 precisions (may be empty)")
+            lists[k] = frozenset(c.enum({"p": p}, "p", f"{key}.{k}[{i}]", Precision,
+                                        [p for p in Precision if p in INT4_PRECISIONS]) for i, p in enumerate(v))
+        if not lists["xnnpack_only"] <= lists["runs"]:
+            raise c.fail(f"{key}.xnnpack_only", "must be a subset of runs")
+        kernels[name] = Int4Kernel(name, lists["runs"], c.str_(entry, "note", f"{key}.note") if "note" in entry else "",
+                                   lists["xnnpack_only"])
+    return kernels, c.str_(t, "source", "int4.source")
+
+
+def _load_runtime_table(path: Path, runtime: Runtime) -> tuple[dict[str, int], str, dict[str, Int4Kernel], str]:
     data = _read_toml(path)
     c = _Checker(path)
     if data.get("schema_version") != SCHEMA_VERSION:
         raise c.fail("schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
-    c.keys(data, "", {"schema_version", "runtime", "version", "source", "op_versions"}, set())
+    c.keys(data, "", {"schema_version", "runtime", "version", "source", "op_versions"}, {"int4"})
     if data["runtime"] != str(runtime.name) or data["version"] != runtime.version:
         raise c.fail("runtime", f"table is for {data['runtime']} {data['version']}, file name says "
                      f"{runtime.label}; rename the file or fix runtime/version")
     versions = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]")
-    return versions, f"{_display(path)}: {c.str_(data, 'source', 'source')}"
+    int4, int4_source = _int4_table(c, c.table(data, "int4", "[int4]")) if "int4" in data else ({}, "")
+    return (versions, f"{_display(path)}: {c.str_(data, 'source', 'source')}", int4,
+            f"{_display(path)}: {int4_source}" if int4_source else "")

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import ModelFormatError
-from .precision import Precision
+from .precision import BLOCKWISE_INT4, FLOAT_ACTIVATION_PRECISIONS, Precision
 
 TFLITE_IDENTIFIER = b"TFL3"
 # Boundary ops convert between precisions; they are not "an op that stayed float" (nor planned).
@@ -46,9 +46,12 @@ class TensorInfo:
     quantized: bool  # carries quantization scale(s)
     scale: tuple[float, ...] = ()
     zero_point: tuple[int, ...] = ()
+    block_size: int = 0  # blockwise quantization (int4 weights): input values per scale; 0 = not blockwise
 
     def to_json(self) -> dict:
         d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.block_size:
+            d["block_size"] = self.block_size
         if self.quantized:
             d["scale"] = self.scale[0] if len(self.scale) == 1 else list(self.scale)
             d["zero_point"] = self.zero_point[0] if len(self.zero_point) == 1 else list(self.zero_point)
@@ -63,6 +66,20 @@ class OpInfo:
     version: int
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    # Weight-only quantization: the bits of a constant weight a DEQUANTIZE turns into one of this op's
+    # float inputs (4 for int4-weight-only), 0 when there is none. Set by read_model, which sees the graph.
+    dequantized_weight_bits: int = 0
+
+    @property
+    def int4_weight(self) -> TensorInfo | None:
+        """The op's constant int4 weight (dynamic or static int4 recipes), or None."""
+        return next((t for t in self.inputs if t.is_constant and t.dtype == "int4"), None)
+
+    @property
+    def weight_block_size(self) -> int:
+        """Block size of the int4 weight's scales (0: per channel, or no int4 weight)."""
+        w = self.int4_weight
+        return w.block_size if w is not None else 0
 
     @property
     def is_custom(self) -> bool:
@@ -77,21 +94,26 @@ class OpInfo:
     @property
     def precision(self) -> Precision:
         """What the op computes: int8 | int16x8 | hybrid | float | other, judged from activation
-        (non-constant) dtypes."""
+        (non-constant) dtypes; the int4 precisions from an int4 weight (and its block size)."""
         if self.name in BOUNDARY_OPS:
             return Precision.OTHER
         # SHAPE, ARG_MAX, ...: outputs are indices or shapes, nothing to quantize.
         if self.outputs and all(t.dtype in ("int32", "int64", "bool") for t in self.outputs):
             return Precision.OTHER
         acts = [t.dtype for t in self.inputs if not t.is_constant] + [t.dtype for t in self.outputs]
+        int4 = self.int4_weight
         if any(d in _FLOATS for d in acts):
+            if int4 is not None:
+                return BLOCKWISE_INT4.get(int4.block_size, Precision.INT4)
+            if self.dequantized_weight_bits == 4:
+                return Precision.INT4_WEIGHT_ONLY
             weights_int8 = any(t.is_constant and t.dtype == "int8" and len(t.shape) >= 1
                                for t in self.inputs)
             return Precision.HYBRID if weights_int8 else Precision.FLOAT
         if "int16" in acts:
             return Precision.INT16X8
         if "int8" in acts or "uint8" in acts:
-            return Precision.INT8
+            return Precision.INT4X8 if int4 is not None else Precision.INT8
         return Precision.OTHER
 
     def to_json(self) -> dict:
@@ -119,8 +141,8 @@ class ModelInfo:
         return counts
 
     def float_ops(self) -> list[OpInfo]:
-        """Ops whose activations stayed float (hybrid ops included)."""
-        return [op for op in self.ops if op.precision in (Precision.FLOAT, Precision.HYBRID)]
+        """Ops whose activations stayed float (hybrid, dynamic and weight-only int4 ops included)."""
+        return [op for op in self.ops if op.precision in FLOAT_ACTIVATION_PRECISIONS]
 
 
 def _as_bytes(model) -> bytes:
@@ -177,12 +199,21 @@ def read_model(model, *, name: str = "model") -> ModelInfo:
             if sg_i == 0:
                 io_in = pick(sg.InputsAsNumpy() if sg.InputsLength() else [])
                 io_out = pick(sg.OutputsAsNumpy() if sg.OutputsLength() else [])
+            raw = []
             for o in range(sg.OperatorsLength()):
                 op = sg.Operators(o)
                 opname, ver = codes[op.OpcodeIndex()]
                 ins = pick(op.InputsAsNumpy()) if op.InputsLength() else ()
                 outs = pick(op.OutputsAsNumpy()) if op.OutputsLength() else ()
-                ops.append(OpInfo(o, sg_i, opname, ver, ins, outs))
+                raw.append((o, opname, ver, ins, outs))
+            # Weight-only quantization: DEQUANTIZE of a constant int4/int8 weight feeding a float kernel.
+            dequantized = {outs[0].index: (4 if ins[0].dtype == "int4" else 8)
+                           for _, opname, _, ins, outs in raw
+                           if opname == "DEQUANTIZE" and ins and outs and ins[0].is_constant
+                           and ins[0].dtype in ("int4", "int8")}
+            for o, opname, ver, ins, outs in raw:
+                bits = max((dequantized.get(t.index, 0) for t in ins), default=0)
+                ops.append(OpInfo(o, sg_i, opname, ver, ins, outs, bits))
         sigs = []
         for i in range(m.SignatureDefsLength()):
             key = m.SignatureDefs(i).SignatureKey()
@@ -204,10 +235,16 @@ def _tensor(t, index, buffers_nonempty, type_names) -> TensorInfo:
     if q is not None and q.ScaleLength():
         scale = tuple(float(x) for x in q.ScaleAsNumpy())
         zp = tuple(int(x) for x in q.ZeroPointAsNumpy()) if q.ZeroPointLength() else (0,) * len(scale)
+    block = 0
+    if q is not None and q.DetailsType() == _schema().QuantizationDetails.BlockwiseQuantization:
+        details = _schema().BlockwiseQuantization()
+        details.Init(q.Details().Bytes, q.Details().Pos)
+        block = int(details.BlockSize())
     buf = t.Buffer()
     const = 0 < buf < len(buffers_nonempty) and buffers_nonempty[buf]
     return TensorInfo(index, raw_name.decode("utf-8", "replace") if raw_name else f"t{index}",
-                      type_names.get(t.Type(), f"type{t.Type()}"), shape, const, bool(scale), scale, zp)
+                      type_names.get(t.Type(), f"type{t.Type()}"), shape, const, bool(scale) or bool(block),
+                      scale, zp, block)
 
 
 def read_ops(model) -> list[OpInfo]:

@@ -100,3 +100,26 @@ def has_float_tensors(op) -> bool:
     """True when any activation (non-constant input or output) is float: there is something to quantize."""
     return any(t.dtype in _FLOAT_DTYPES for t in op.outputs) or any(
         t.dtype in _FLOAT_DTYPES for t in op.inputs if not t.is_constant)
+
+# Ops the LiteRT quantizer (litert-quantizer 0.11, default_policy.py DEFAULT_JSON_POLICY) writes with
+# int4 weights, per kind of int4 recipe. It silently leaves any other op float under an int4 recipe
+# (measured: DEPTHWISE_CONV_2D, GATHER, and blockwise CONV_2D stay float32), so the plan gives those
+# ops the 8-bit fallback instead (precision.INT4_FALLBACK).
+QUANTIZER_INT4_OPS: dict[str, frozenset[str]] = {
+    "dynamic": frozenset({"FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D"}),  # dynamic_wi4_afp32
+    "blockwise": frozenset({"FULLY_CONNECTED", "EMBEDDING_LOOKUP"}),  # dynamic_wi4_afp32_blockwise
+    "static": frozenset({"FULLY_CONNECTED", "CONV_2D"}),  # static_wi4_ai8
+    "weight_only": frozenset({"FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D", "BATCH_MATMUL"}),  # weightonly_wi4_afp32
+}
+
+
+def quantizer_int4_ops(precision: str) -> frozenset[str]:
+    """Ops the LiteRT quantizer writes at an int4 precision value ("int4", "int4-b32", "int4x8", ...);
+    empty for any other precision."""
+    if not precision.startswith("int4"):
+        return frozenset()
+    if precision == "int4x8":
+        return QUANTIZER_INT4_OPS["static"]
+    if precision == "int4-weight-only":
+        return QUANTIZER_INT4_OPS["weight_only"]
+    return QUANTIZER_INT4_OPS["blockwise" if precision.startswith("int4-b") else "dynamic"]

@@ -198,3 +198,54 @@ def test_report_json_and_bad_input(tmp_path, tf, mlp):
     bad.write_bytes(b"hello world, not a flatbuffer")
     with pytest.raises(ModelFormatError, match="not a TFLite flatbuffer"):
         check_model(bad, load_profile("rpi4"))
+
+
+@pytest.fixture(scope="module")
+def int4_models(tf):
+    """A seeded CONV_2D + Dense model quantized by the real LiteRT quantizer at int4 precisions."""
+    from edgeq.litert_quant import quantize_per_op
+    from edgeq.signature import ensure_signature
+
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((8, 8, 16))
+    h = tf.keras.layers.Conv2D(32, 3, padding="same", activation="relu")(inp)
+    out = tf.keras.layers.Dense(64)(tf.keras.layers.GlobalAveragePooling2D()(h))
+    fm = ensure_signature(_convert(tf, tf.keras.Model(inp, out)))[0]
+    return {p: quantize_per_op(fm, p, (), None) for p in ("int4", "int4-b32", "int4-weight-only")}
+
+
+def test_int4_model_refused_where_the_runtime_has_no_int4_kernel(int4_models):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    # tflite-runtime 2.14 (rpi4): dynamic int4 CONV_2D computes NaN (measured); int4 FC runs.
+    report = check_model(int4_models["int4"], load_profile("rpi4"), name="m.tflite")
+    assert [(o.op, o.status) for o in report.unsupported] == [("CONV_2D", OpStatus.UNSUPPORTED)]
+    assert [o.precision for o in report.ops if o.op == "FULLY_CONNECTED"] == ["int4"]
+    with pytest.raises(IncompatibleModelError, match=r"m\.tflite: 1 op\(s\) cannot run on rpi4 \(tflite-runtime 2\.14\.0 "
+                                                     r"has no int4 kernel for CONV_2D"):
+        report.raise_if_incompatible()
+    # LiteRT 2.3 (host) runs it all.
+    assert check_model(int4_models["int4"], load_profile("host-x86_64")).unsupported == []
+    # Blockwise FC on the Pi: the 2.14 kernel crashes the process, so it is refused before it runs.
+    b32 = check_model(int4_models["int4-b32"], load_profile("rpi4"))
+    assert [o.op for o in b32.unsupported] == ["FULLY_CONNECTED"] and "SIGSEGV" in b32.unsupported[0].reason
+    # `edgeq devices check`: exit 1, the verdict in the first line.
+    with CliRunner().isolated_filesystem():
+        with open("m.tflite", "wb") as f:
+            f.write(int4_models["int4"])
+        res = CliRunner().invoke(main, ["devices", "check", "m.tflite", "--device", "rpi4"])
+    assert res.exit_code == 1
+    assert res.output.splitlines()[0].startswith(
+        "rpi4 (tflite-runtime 2.14.0): NOT OK - 0 ok, 2 fallback, 1 unsupported of 3 ops; cannot run: "
+        "tflite-runtime 2.14.0 has no int4 kernel for CONV_2D")
+
+
+def test_weight_only_int4_is_refused_on_the_pi_and_flagged_slow_on_the_host(int4_models):
+    pi = check_model(int4_models["int4-weight-only"], load_profile("rpi4"))
+    assert {o.reason for o in pi.unsupported} == {
+        "tflite-runtime 2.14.0 has no int4-weight-only kernel for DEQUANTIZE of int4 weights (int4 input refused: "
+        "dequantize.cc:58 accepts uint8/int8/int16/float16 only)"}
+    host = check_model(int4_models["int4-weight-only"], load_profile("host-x86_64"))
+    assert host.ok and any("slower than float on a CPU" in n for n in host.notes)

@@ -163,8 +163,8 @@ def test_overrides_on_a_cpu_target(mlp):
     assert plan.entries[2].reason == "softmax error 0.03 > budget" and plan.entries[2].source == "override"
     with pytest.raises(ProfileError, match=r"override for op 7: no such op in the model"):
         plan_precision(ops, load_profile("rpi5"), {7: ("float", "x")})
-    with pytest.raises(ProfileError, match=r"override for op 0: unknown precision 'int4'"):
-        plan_precision(ops, load_profile("rpi5"), {0: ("int4", "x")})
+    with pytest.raises(ProfileError, match=r"override for op 0: unknown precision 'int3'"):
+        plan_precision(ops, load_profile("rpi5"), {0: ("int3", "x")})
 
 
 def test_ops_without_float_tensors_are_other(tf):

@@ -9,9 +9,10 @@ import pytest
 
 from edgeq.errors import QuantizationError
 from edgeq.litert_quant import op_config
-from edgeq.precision import (POLICY_PRECISIONS, PRECISION_SCHEME, PROFILE_IO_TYPES, RECIPE_PRECISION,
-                             RECIPE_PRECISIONS, SCHEME_IO, SCHEME_PRECISION, IoType, Precision, Scheme,
-                             check_io, scheme_for)
+from edgeq.precision import (BLOCKWISE_INT4, FLOAT_ACTIVATION_PRECISIONS, INT4_BLOCK_SIZE, INT4_FALLBACK,
+                             INT4_PRECISIONS, POLICY_PRECISIONS, PRECISION_SCHEME, PROFILE_IO_TYPES,
+                             RECIPE_PRECISION, RECIPE_PRECISIONS, SCHEME_IO, SCHEME_PRECISION, WEIGHT_BITS, IoType,
+                             Precision, Scheme, check_io, scheme_for, slower_than_float_on_cpu)
 
 
 def test_scheme_and_precision_round_trip():
@@ -28,17 +29,34 @@ def test_what_the_file_computes_for_each_precision():
     assert {s: s.op_precision for s in Scheme} == {Scheme.INT8: "int8", Scheme.INT16X8: "int16x8",
                                                      Scheme.DYNAMIC: "hybrid", Scheme.FP16: "float"}
     assert set(RECIPE_PRECISION) == set(POLICY_PRECISIONS) and Precision.OTHER not in RECIPE_PRECISION
-    assert RECIPE_PRECISIONS == {Precision.INT8, Precision.INT16X8, Precision.HYBRID, Precision.FLOAT}
+    assert RECIPE_PRECISIONS == {Precision.INT8, Precision.INT16X8, Precision.HYBRID, Precision.FLOAT} | INT4_PRECISIONS
     assert all(RECIPE_PRECISION[p] is p for p in RECIPE_PRECISIONS)  # a recipe precision maps to itself
     # Every recipe precision is a line the LiteRT quantizer takes; the others are refused by name.
     assert {p: op_config(p)[0] for p in RECIPE_PRECISIONS} == {
-        Precision.INT8: "min_max_uniform_quantize", Precision.INT16X8: "min_max_uniform_quantize",
-        Precision.HYBRID: "min_max_uniform_quantize", Precision.FLOAT: "no_quantize"}
+        **{p: "min_max_uniform_quantize" for p in RECIPE_PRECISIONS}, Precision.FLOAT: "no_quantize"}
     assert op_config(Precision.INT16X8)[1]["activation_tensor_config"]["num_bits"] == 16
     assert op_config("int8", "BATCH_MATMUL")[1]["activation_tensor_config"]["symmetric"] is True
     for p in (Precision.FP16, Precision.OTHER):
-        with pytest.raises(QuantizationError, match=f"precision '{p}' is not one of int8, int16x8, hybrid, float"):
+        with pytest.raises(QuantizationError, match=f"precision '{p}' is not one of int8, int16x8, hybrid, float, int4"):
             op_config(p)
+
+
+def test_int4_tables():
+    assert INT4_PRECISIONS == set(INT4_FALLBACK) == set(INT4_BLOCK_SIZE) and INT4_PRECISIONS <= set(POLICY_PRECISIONS)
+    assert {p for p in INT4_PRECISIONS if INT4_BLOCK_SIZE[p]} == {
+        Precision.INT4_B32, Precision.INT4_B64, Precision.INT4_B128, Precision.INT4_B256}
+    assert dict(BLOCKWISE_INT4) == {32: Precision.INT4_B32, 64: Precision.INT4_B64, 128: Precision.INT4_B128,
+                                    256: Precision.INT4_B256}
+    # The fallback keeps the kind of compute: dynamic -> dynamic int8, static -> int8, weight-only -> float.
+    assert INT4_FALLBACK[Precision.INT4_B64] is Precision.HYBRID and INT4_FALLBACK[Precision.INT4X8] is Precision.INT8
+    assert INT4_FALLBACK[Precision.INT4_WEIGHT_ONLY] is Precision.FLOAT
+    assert all(WEIGHT_BITS[p] == 4 for p in INT4_PRECISIONS) and WEIGHT_BITS[Precision.HYBRID] == 8
+    assert Precision.INT4X8 not in FLOAT_ACTIVATION_PRECISIONS and Precision.INT4_B32 in FLOAT_ACTIVATION_PRECISIONS
+    # Only weight-only int4 is slower than float on a CPU, and it says so.
+    slow = {p for p in Precision if slower_than_float_on_cpu(p)}
+    assert slow == {Precision.INT4_WEIGHT_ONLY} and "slower than float" in slower_than_float_on_cpu(Precision.INT4_WEIGHT_ONLY)
+    # int4 is not a convert --scheme (yet): the scheme tables are unchanged.
+    assert all(scheme_for(p) is None for p in INT4_PRECISIONS)
 
 
 @pytest.mark.parametrize("scheme,ok,wrong,refused", [

@@ -135,8 +135,9 @@ CASES = [
      "delegate: bad value 'cuda'; expected one of xnnpack, gpu, nnapi, qnn, edgetpu, none"),
     ("bad runtime name", _replace('name = "tflite-runtime"', 'name = "tflite"'),
      "runtime.name: bad value 'tflite'"),
-    ("bad precision", _append('\n[ops]\nSOFTMAX = { precision = "int4", reason = "r", source = "s" }\n'),
-     "[ops].SOFTMAX.precision: bad value 'int4'; expected one of int8, int16x8, hybrid, float, fp16"),
+    ("bad precision", _append('\n[ops]\nSOFTMAX = { precision = "int3", reason = "r", source = "s" }\n'),
+     "[ops].SOFTMAX.precision: bad value 'int3'; expected one of int8, int16x8, hybrid, float, fp16, int4, "
+     "int4-b32, int4-b64, int4-b128, int4-b256, int4x8, int4-weight-only"),
     ("scheme cannot be other", _replace('scheme = "int8"', 'scheme = "other"'),
      "scheme: bad value 'other'"),
     # int16 is a convert --io choice (int16x8), not one a profile names.
@@ -297,3 +298,54 @@ def test_listing_does_not_import_tensorflow_or_numpy():
             "bad = [m for m in ('tensorflow', 'numpy', 'ai_edge_litert') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=60)
+
+
+def test_runtime_int4_tables():
+    """The measured [int4] tables: LiteRT 2.3 runs int4 FC/CONV_2D/EMBEDDING_LOOKUP (blockwise FC only
+    through XNNPACK); tflite-runtime 2.14 (rpi4) runs only dynamic int4 FC and int4x8 CONV_2D."""
+    host, rpi4 = load_profile("host-x86_64"), load_profile("rpi4")
+    assert Precision.INT4_B32 in host.int4_ops["EMBEDDING_LOOKUP"].runs
+    assert host.int4_ops["FULLY_CONNECTED"].xnnpack_only == {
+        Precision.INT4_B32, Precision.INT4_B64, Precision.INT4_B128, Precision.INT4_B256}
+    assert host.int4_refuses("FULLY_CONNECTED", Precision.INT4_B64) is None
+    assert host.int4_refuses("FULLY_CONNECTED", Precision.HYBRID) is None  # not int4: not this table's business
+    assert host.int4_refuses("DEPTHWISE_CONV_2D", Precision.INT4) == "ai-edge-litert 2.3.0 has no int4 kernel for DEPTHWISE_CONV_2D"
+    assert rpi4.int4_ops["FULLY_CONNECTED"].runs == {Precision.INT4}
+    assert rpi4.int4_ops["EMBEDDING_LOOKUP"].runs == frozenset()
+    assert "outputs NaN" in rpi4.int4_refuses("CONV_2D", Precision.INT4)
+    assert rpi4.int4_refuses("FULLY_CONNECTED", Precision.INT4_WEIGHT_ONLY).startswith(
+        "tflite-runtime 2.14.0 has no int4-weight-only kernel for DEQUANTIZE of int4 weights")
+    # A delegate other than XNNPACK cannot use the xnnpack_only rows.
+    gpu = load_profile("android-gpu")
+    assert "correctly only through XNNPACK" in gpu.int4_refuses("FULLY_CONNECTED", Precision.INT4_B32)
+    assert gpu.int4_refuses("FULLY_CONNECTED", Precision.INT4) is None
+    assert "int4 kernels: FULLY_CONNECTED int4; CONV_2D int4x8 (from " in rpi4.describe()
+    # No [int4] table (the Edge TPU's runtime): unknown, nothing refused.
+    coral = load_profile("coral-edgetpu")
+    assert coral.int4_source == "" and coral.int4_refuses("FULLY_CONNECTED", Precision.INT4) is None
+    assert "int4 kernels: not known for tflite-runtime 2.5.0.post1" in coral.describe()
+
+
+@pytest.mark.parametrize("int4,expected", [
+    ('[int4]\nsource = "m"\n[int4.ops]\nFULLY_CONNECTED = { runs = ["int8"] }\n',
+     "int4.ops.FULLY_CONNECTED.runs[0]: bad value 'int8'; expected one of int4, int4-b32"),
+    ('[int4]\nsource = "m"\n[int4.ops]\nFULLY_CONECTED = { runs = ["int4"] }\n',
+     "int4.ops.FULLY_CONECTED: unknown TFLite op; did you mean FULLY_CONNECTED?"),
+    ('[int4]\nsource = "m"\n[int4.ops]\nFULLY_CONNECTED = { runs = ["int4"], xnnpack_only = ["int4-b32"] }\n',
+     "int4.ops.FULLY_CONNECTED.xnnpack_only: must be a subset of runs"),
+    ('[int4]\n[int4.ops]\nCONV_2D = { runs = [] }\n', "int4.source: missing required key"),
+    ('[int4]\nsource = "m"\n[int4.ops]\nCONV_2D = { run = [] }\n', "int4.ops.CONV_2D.run: unknown key; did you mean runs?"),
+])
+def test_runtime_int4_table_is_validated(tmp_path, int4, expected):
+    runtimes = tmp_path / "runtimes"
+    runtimes.mkdir()
+    write(tmp_path, "new-rt", BASE.format(id="new-rt").replace('version = "2.14.0"', 'version = "9.9.9"'))
+    table = 'schema_version = 1\nruntime = "tflite-runtime"\nversion = "9.9.9"\nsource = "measured"\n[op_versions]\nCONV_2D = 8\n'
+    (runtimes / "tflite-runtime-9.9.9.toml").write_text(table + int4)
+    with pytest.raises(ProfileError) as e:
+        load_profile("new-rt", devices_dir=tmp_path)
+    assert expected in str(e.value) and "tflite-runtime-9.9.9.toml" in str(e.value)
+    (runtimes / "tflite-runtime-9.9.9.toml").write_text(
+        table + '[int4]\nsource = "m"\n[int4.ops]\nCONV_2D = { runs = ["int4x8"], note = "n" }\n')
+    p = load_profile("new-rt", devices_dir=tmp_path)
+    assert p.int4_ops["CONV_2D"].runs == {Precision.INT4X8} and p.int4_source.endswith(": m")

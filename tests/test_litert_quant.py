@@ -1,0 +1,95 @@
+"""Recipe lines per precision (litert_quant.op_config / recipe_lines / build_recipe): the exact JSON
+the LiteRT quantizer is given. The quantized files themselves are checked in tests/test_int4.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeq.errors import QuantizationError
+from edgeq.litert_quant import OpPrecision, build_recipe, effective_precision, int4_ops, op_config, recipe_lines
+from edgeq.precision import INT4_BLOCK_SIZE, INT4_PRECISIONS, RECIPE_PRECISIONS, Precision
+
+P = Precision
+
+
+def _w(cfg):
+    w = cfg["weight_tensor_config"]
+    return w["num_bits"], w["granularity"]
+
+
+@pytest.mark.parametrize("precision,weights,act_bits,compute,dequant", [
+    (P.INT8, (8, "CHANNELWISE"), 8, "INTEGER", False),
+    (P.INT16X8, (8, "CHANNELWISE"), 16, "INTEGER", False),
+    (P.HYBRID, (8, "CHANNELWISE"), None, "INTEGER", False),
+    (P.INT4, (4, "CHANNELWISE"), None, "INTEGER", False),
+    (P.INT4_B32, (4, "BLOCKWISE_32"), None, "INTEGER", False),
+    (P.INT4_B64, (4, "BLOCKWISE_64"), None, "INTEGER", False),
+    (P.INT4_B128, (4, "BLOCKWISE_128"), None, "INTEGER", False),
+    (P.INT4_B256, (4, "BLOCKWISE_256"), None, "INTEGER", False),
+    (P.INT4X8, (4, "CHANNELWISE"), 8, "INTEGER", False),
+    # weight-only: an explicit DEQUANTIZE and float compute (the slow path on CPUs)
+    (P.INT4_WEIGHT_ONLY, (4, "CHANNELWISE"), None, "FLOAT", True),
+])
+def test_op_config_per_precision(precision, weights, act_bits, compute, dequant):
+    algo, cfg = op_config(precision, "FULLY_CONNECTED")
+    assert algo == "min_max_uniform_quantize"
+    assert _w(cfg) == weights and cfg["weight_tensor_config"]["symmetric"] is True
+    assert cfg.get("activation_tensor_config", {}).get("num_bits") == act_bits
+    assert cfg["compute_precision"] == compute and cfg["explicit_dequantize"] is dequant
+    assert cfg["min_weight_elements"] == 0 and cfg["skip_checks"] is False
+
+
+def test_every_recipe_precision_has_a_line_and_the_rest_are_refused():
+    assert op_config(P.FLOAT) == ("no_quantize", {})
+    for p in RECIPE_PRECISIONS:
+        op_config(p)
+    for p in (P.FP16, P.OTHER):
+        with pytest.raises(QuantizationError, match=f"precision '{p}' is not one of int8, int16x8, hybrid, float, int4"):
+            op_config(p)
+
+
+def test_int4x8_activations_follow_the_int8_symmetry_rule():
+    assert op_config(P.INT4X8, "FULLY_CONNECTED")[1]["activation_tensor_config"]["symmetric"] is False
+    assert op_config(P.INT4X8, "BATCH_MATMUL")[1]["activation_tensor_config"]["symmetric"] is True
+
+
+def test_int4_for_every_op_is_the_8bit_fallback_then_int4_where_the_quantizer_has_it():
+    lines = recipe_lines(".*", "*", P.INT4_B32)
+    assert [(l["operation"], _w(l["op_config"])) for l in lines] == [
+        ("*", (8, "CHANNELWISE")), ("EMBEDDING_LOOKUP", (4, "BLOCKWISE_32")), ("FULLY_CONNECTED", (4, "BLOCKWISE_32"))]
+    static = recipe_lines(".*", "*", P.INT4X8)
+    assert [(l["operation"], _w(l["op_config"])) for l in static] == [
+        ("*", (8, "CHANNELWISE")), ("BATCH_MATMUL", (8, "CHANNELWISE")),  # int8's symmetric BMM line
+        ("CONV_2D", (4, "CHANNELWISE")), ("FULLY_CONNECTED", (4, "CHANNELWISE"))]
+    assert all("activation_tensor_config" in l["op_config"] for l in static)
+    # One op without an int4 recipe gets its fallback, not a line the quantizer would ignore.
+    (dw,) = recipe_lines(".*", "DEPTHWISE_CONV_2D", P.INT4)
+    assert _w(dw["op_config"]) == (8, "CHANNELWISE") and "activation_tensor_config" not in dw["op_config"]
+
+
+def test_effective_precision_and_quantizer_int4_ops():
+    assert int4_ops(P.INT4) == {"FULLY_CONNECTED", "EMBEDDING_LOOKUP", "CONV_2D"}
+    assert int4_ops(P.INT4_B128) == {"FULLY_CONNECTED", "EMBEDDING_LOOKUP"}
+    assert int4_ops(P.INT4X8) == {"FULLY_CONNECTED", "CONV_2D"}
+    assert int4_ops(P.HYBRID) == frozenset()
+    assert effective_precision(P.INT4_B64, "CONV_2D") is P.HYBRID  # no blockwise conv
+    assert effective_precision(P.INT4, "GATHER") is P.HYBRID  # a constant table: dynamic int8
+    assert effective_precision(P.INT4, "ADD") is P.FLOAT  # no weight at all
+    assert effective_precision(P.INT4X8, "DEPTHWISE_CONV_2D") is P.INT8
+    assert effective_precision(P.INT4_WEIGHT_ONLY, "DEPTHWISE_CONV_2D") is P.FLOAT
+    assert all(effective_precision(p, "FULLY_CONNECTED") is p for p in INT4_PRECISIONS)
+
+
+def test_build_recipe_mixes_int4_and_int8_per_op():
+    scopes = {"fc1": "fc1;", "fc2": "fc2;", "conv": "conv;"}
+    recipe = build_recipe(P.INT4, [OpPrecision("FULLY_CONNECTED", "fc1", P.INT4),  # = default: no line
+                                   OpPrecision("FULLY_CONNECTED", "fc2", P.HYBRID),  # moved to int8 weights
+                                   OpPrecision("CONV_2D", "conv", P.INT4_B32)], scopes)  # no blockwise conv
+    assert [(l["operation"], _w(l["op_config"])) for l in recipe[:4]] == [
+        ("*", (8, "CHANNELWISE")), ("CONV_2D", (4, "CHANNELWISE")), ("EMBEDDING_LOOKUP", (4, "CHANNELWISE")),
+        ("FULLY_CONNECTED", (4, "CHANNELWISE"))]
+    # fc2 moves to int8 weights; the conv asked for blockwise int4 gets int8 weights rather than
+    # being silently left float by the quantizer (it has no blockwise CONV_2D).
+    per_op = [(l["regex"], _w(l["op_config"])) for l in recipe[4:]]
+    assert per_op == [("^fc2;$", (8, "CHANNELWISE")), ("^conv;$", (8, "CHANNELWISE"))]
+    assert INT4_BLOCK_SIZE[P.INT4_B32] == 32

@@ -118,8 +118,18 @@ def main():
 @click.option("--device", help="Device profile id: plan precision per op and check the runtime.")
 @devices_dir_option
 @click.option("--allow-incompatible", is_flag=True, help="Write even if the device runtime cannot run it.")
-@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy budget: max drop of --metric.")
-@click.option("--metric", type=click.Choice(["cosine", "top1", "rel_l2"]), default="cosine", show_default=True)
+@click.option("--max-drop", type=click.FloatRange(min=0),
+              help="Accuracy budget: max drop of --metric on every output (replaces the default fidelity floor).")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "rel_l2"]), default="cosine", show_default=True,
+              help="What --max-drop bounds; top1: argmax agreement of every (batch, classes) output, or of the "
+                   "--class-output ones.")
+@click.option("--class-output", "class_outputs", multiple=True, metavar="NAME",
+              help="Output NAME holds class scores (repeatable): fidelity reports its top-1 agreement and the "
+                   "floor judges it by top-1. Softmax outputs are recognised without it.")
+@click.option("--no-floor", is_flag=True,
+              help="Write the result even below the default fidelity floor (held-out cosine 0.98 for embeddings, "
+                   "0.95 for other outputs, top-1 agreement 0.90 for class scores), which otherwise runs the "
+                   "budget loop and refuses what it cannot fix.")
 @click.option("--strict", is_flag=True, help="Fail if any op stayed float under --scheme int8.")
 @force_option
 @json_option
@@ -127,8 +137,11 @@ def main():
 @library_call
 def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, tokenizer, seq_len,
             pooling, scheme, io_type, range_method, percentile, split_outliers, smoothquant, device, devices_dir,
-            allow_incompatible, max_drop, metric, strict, force, as_json, quiet):
-    """Quantize MODEL (Keras, SavedModel, HF dir or float .tflite) into OUTPUT .tflite + manifest."""
+            allow_incompatible, max_drop, metric, class_outputs, no_floor, strict, force, as_json, quiet):
+    """Quantize MODEL (Keras, SavedModel, HF dir or float .tflite) into OUTPUT .tflite + manifest.
+
+    The result must reach a fidelity floor on held-out samples (see --no-floor) or the user's
+    --max-drop; when it does not, ops leave int8 until it does, or nothing is written (exit 1)."""
     from .calibration import CalibrationConfig, Preprocess
     from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
 
@@ -146,7 +159,8 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
                           device, devices_dir, strict, force, allow_incompatible,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
-                          percentile, seq_len, pooling, split_outliers, smoothquant)
+                          percentile, seq_len, pooling, split_outliers, smoothquant, floor=not no_floor,
+                          class_outputs=tuple(class_outputs))
     mistake = usage_mistake(opts)  # options that cannot go together: a usage error, before any work
     if mistake:
         raise click.UsageError(mistake)
@@ -168,9 +182,7 @@ def _print_convert(result) -> None:
                    ["#", "op", "precision", "runs on", "reason"], rows)
         click.echo(f"plan: {m['plan']['summary']}")
     if m.get("budget"):
-        b = m["budget"]
-        _table(f"Accuracy budget: {b['metric']} drop <= {b['max_drop']}", ["step", "moved", b["metric"], "bytes"],
-               [[s["step"], ", ".join(s["moved"]) or "-", _f(s["value"]), s["bytes"]] for s in b["steps"]])
+        _print_budget(m["budget"])
     if m["source"].get("description"):
         click.echo(f"source: {m['source']['description']}")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(m["op_summary"].items()))
@@ -180,11 +192,40 @@ def _print_convert(result) -> None:
                ["output", "cosine", "rel L2", "max abs", "top-1 agree"],
                [[o["name"], _f(o["cosine"]), _f(o["rel_l2"]), _f(o["max_abs"]), _f(o["top1_agreement"], 3)]
                 for o in m["fidelity"]["outputs"]])
+    c = m.get("calibration") or {}
+    if c.get("kind") not in (None, "none", "random"):
+        judged = c.get("judged_model_count")
+        click.echo(f"calibration: {c['count']} samples; fidelity judged on {c['eval_count']} held-out samples"
+                   + (f" by a twin calibrated on the other {judged} (too few samples for both: the written model "
+                      "is calibrated on all of them)" if judged is not None else ""))
     s = m["sizes"]
     for w in result.warnings:
         click.secho(f"warning: {w}", fg="yellow", err=True)
     click.echo(f"wrote {result.output} ({s['quantized_bytes']:,} bytes, {s['ratio']:.2f}x smaller than float) "
                f"and {result.manifest_path}")
+
+
+def _print_budget(b: dict) -> None:
+    """The accuracy target: met as converted, or the budget loop's probes and the moves it kept."""
+    if b.get("applied") is False:
+        click.echo(f"fidelity floor: not applied ({b.get('why')})")
+        return
+    reqs = "; ".join(f"{r['output']} {r['metric']} {'<=' if r['metric'] == 'rel_l2' else '>='} {r['bound']:g}"
+                     for r in b.get("requirements", []))
+    title = "fidelity floor" if b.get("floor") else "accuracy budget"
+    if b.get("loop"):
+        _table(f"Budget loop ({title}: {reqs})", ["step", "plan probed", "float", "hybrid", b["metric"], "bytes", "met"],
+               [[s["step"], s.get("probe", ""), s.get("float", 0), s.get("hybrid", 0), _f(s["value"]), s["bytes"],
+                 "yes" if s.get("met") else "no"] for s in b["steps"]])
+        if b.get("moves"):
+            _table("Moves kept (tier 1 weight-less, 2 matmuls; most rounding noise first)",
+                   ["what", "tier", "ops", "noise"],
+                   [[mv["what"], mv["tier"], len(mv["ops"]), _f(mv["noise"])] for mv in b["moves"]])
+        moved = b.get("moved", {})
+        click.echo(f"{title}: met after moving {moved.get('ops', 0)} ops ({moved.get('float', 0)} float, "
+                   f"{moved.get('hybrid', 0)} hybrid) in {b.get('probes')} probes, {b.get('seconds')} s")
+    else:
+        click.echo(f"{title}: {reqs}: met as converted ({b['metric']} {_f(b['steps'][0]['value'])})")
 
 
 # --------------------------------------------------------------------------- bench

@@ -1,14 +1,20 @@
 """`edgeq convert`: source model -> calibrated, planned, verified .tflite + manifest.
 
 The straight line: load source -> calibration data -> plan (profile) -> quantize -> read ops back ->
-fidelity on held-out samples -> (accuracy budget loop) -> runtime compatibility -> write atomically.
+fidelity on held-out samples -> accuracy target (the user's --max-drop, else the default fidelity
+floor; the budget loop when the first result misses it) -> with little data, recalibrate on every
+sample -> runtime compatibility -> write atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
+from .budget import (ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, Requantizer, budget_target, default_floor,
+                     run_budget)
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .defaults import MIN_RECOMMENDED_CALIB
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, QuantizationError
@@ -21,14 +27,14 @@ from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
 from .sources import SourceModel, detect_format, load_source
 from .tflite_model import read_model
-from .validate import looks_like_class_scores, fidelity, run_model
+from .validate import fidelity, run_model
 
 
 @dataclass(frozen=True)
 class BudgetOptions:
     max_drop: float
     metric: str = "cosine"  # cosine | top1 | rel_l2
-    max_steps: int = 12
+    max_steps: int = MAX_PROBES  # quantize-and-measure probes the loop may spend
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class ConvertOptions:
     strict: bool = False
     force: bool = False
     allow_incompatible: bool = False
-    budget: BudgetOptions | None = None
+    budget: BudgetOptions | None = None  # --max-drop; None: the default fidelity floor (unless floor=False)
     range_method: str = "minmax"
     percentile: float = 99.99
     # Hugging Face sources
@@ -50,6 +56,8 @@ class ConvertOptions:
     pooling: str = "mean"
     split_outliers: float | None = None  # None: 8.0 when the scheme has static activations, 0: off
     smoothquant: float | None = None
+    floor: bool = True  # without --max-drop: refuse a result below the default fidelity floor (--no-floor)
+    class_outputs: tuple[str, ...] = ()  # outputs the user says are class scores (--class-output)
 
 
 @dataclass
@@ -77,43 +85,71 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     _check_options(opts, scheme, io)
 
     with progress.task(f"Loading {model.name} and converting it to float TFLite"):
-        # With an accuracy budget ops may move to float, and the grouped graph's many small ops
-        # would make the budget loop long: group only for a plain all-int8 target.
+        # With an accuracy target ops may move to float, and the grouped graph's many small ops
+        # make the budget loop's regions large: group only for an all-int8 target without --max-drop.
         all_int8 = integer_only(profile, scheme) and opts.budget is None
         source = load_source(model, **_source_options(opts, scheme, fmt, all_int8))
+    class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
-    if opts.budget and opts.budget.metric == "top1" and not any(
-            looks_like_class_scores(n, r.reshape(r.shape[0], -1)) for n, r in reference.items()):
-        raise QuantizationError("--metric top1 needs an output that looks like class scores; use --metric cosine")
     float_info = read_model(source.float_tflite)
 
     plan = plan_precision(list(float_info.ops), profile, min_weight_elements=0) if profile else None
     adjust = (_range_hook(source, data, opts.range_method, opts.percentile, progress)
               if scheme.needs_calibration else None)
     req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
-    if not uses_converter(source, req):
+    converter = uses_converter(source, req)
+    if not converter:
         check_litert(source, req, "--calibration " + opts.range_method if adjust else "")
+    # The LiteRT path calibrates once for the first result, the budget loop and a little-data refit.
+    requant = _requantizer(source, scheme, io, data, adjust, progress) if _loop_can_run(scheme, io) else None
 
     def calibration():
         total = len(data.calib_indices)
         return progress.iter(data.calibration(), "Calibrating", total) if scheme.needs_calibration else iter(())
 
-    with progress.task(f"Quantizing ({scheme.value})"):
-        qbytes = quantize(source, req, calibration)
-    fid = fidelity(source.float_tflite, qbytes, eval_samples, reference) if eval_samples else None
+    if converter or requant is None:
+        with progress.task(f"Quantizing ({scheme.value})"):
+            qbytes = quantize(source, req, calibration)
+    else:
+        if scheme.needs_calibration:
+            requant.ranges()  # calibrates (its own progress bar)
+        with progress.task(f"Quantizing ({scheme.value})"):
+            qbytes = requant.quantize(req.per_op)
+    fid = fidelity(source.float_tflite, qbytes, eval_samples, reference, class_outputs) if eval_samples else None
 
+    warnings = list(source.notes)
+    target, skipped = _target(opts, fid, data)
     budget_report = None
-    if opts.budget is not None:
-        from .budget import run_budget
-        qbytes, plan, fid, budget_report = run_budget(
-            source, float_info, profile, scheme, io, data, eval_samples, reference, qbytes, plan, fid,
-            opts.budget, adjust, progress)
+    if target is not None:
+        if requant is None and not target.met(fid):
+            raise QuantizationError(f"{'fidelity floor' if target.floor else 'accuracy budget'} not met, nothing "
+                                    f"written: {target.reached(fid)}; the budget loop that would move ops out of "
+                                    f"{scheme.value} needs --scheme int8/int16x8/dynamic and --io float32/int8"
+                                    + ("; or turn the floor off with --no-floor" if target.floor else ""))
+        ctx = BudgetContext(float_info, profile, scheme, requant, eval_samples, reference, class_outputs,
+                            _analysis_samples(data), opts.budget.max_steps if opts.budget else MAX_PROBES, progress)
+        result = run_budget(ctx, target, qbytes, fid, not converter, plan)
+        qbytes, fid, budget_report, plan = result.model, result.fidelity, result.report, result.plan
+        req = dataclasses.replace(req, per_op=result.per_op)
+        converter = converter and not result.report["loop"]
+    elif skipped:
+        budget_report = skipped
+        if skipped.get("warning"):
+            warnings.append(skipped["warning"])
+
+    data_written = data
+    refit = _refit(data, opts.calib) if scheme.needs_calibration else None
+    if refit is not None:  # little data: the written model is calibrated on every sample
+        qbytes, data_written, note = _recalibrate(source, req, refit, data, qbytes, target, fid, requant,
+                                                  converter, eval_samples, reference, class_outputs, opts, progress)
+        if note:
+            warnings.append(note)
 
     info = read_model(qbytes)
-    warnings = list(source.notes) + _data_warnings(data, scheme, opts)
+    warnings += _data_warnings(data_written, scheme, opts)
     mismatches = plan.mismatches(info) if plan else []
     stayed_float = [op for op in info.float_ops() if not (plan and plan.planned_off_int8(op))]
     if scheme is Scheme.INT8 and stayed_float:
@@ -140,7 +176,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 
     manifest = build_manifest(ManifestParts(
         model=model, output=out, model_bytes=qbytes, source=source, scheme=scheme, io=io, device=opts.device,
-        calibration=data, user_calibration=opts.calib is not None, range_method=opts.range_method, plan=plan,
+        calibration=data_written, user_calibration=opts.calib is not None, range_method=opts.range_method, plan=plan,
         info=info, fidelity=fid, budget=budget_report, compatibility=compat, warnings=tuple(warnings)))
     atomic_write(out, qbytes)
     try:
@@ -209,6 +245,110 @@ def _check_options(opts: ConvertOptions, scheme: Scheme | None, io: IoType | Non
             raise CalibrationError("--max-drop needs held-out samples: use --eval-samples > 0")
 
 
+def _class_outputs(opts: ConvertOptions, source: SourceModel) -> frozenset[str]:
+    """Outputs judged by top-1 as class scores on the user's word: --class-output NAME, or with
+    --metric top1 every output that is one score vector per sample."""
+    shapes = {o.name: o.shape for o in source.outputs}
+
+    def vector(shape) -> bool:
+        return sum(d > 1 or d == -1 for d in shape[1:]) == 1
+
+    for name in opts.class_outputs:
+        if name not in shapes:
+            raise QuantizationError(f"--class-output {name}: the model has no such output; its outputs are "
+                                    f"{', '.join(shapes)}")
+        if not vector(shapes[name]):
+            raise QuantizationError(f"--class-output {name}: shape {shapes[name]} is not one score vector per "
+                                    "sample; class scores are (batch, classes)")
+    if opts.class_outputs:
+        return frozenset(opts.class_outputs)
+    if opts.budget is not None and opts.budget.metric == "top1":
+        names = frozenset(n for n, shape in shapes.items() if vector(shape))
+        if not names:
+            raise QuantizationError("--metric top1 needs an output with one score vector per sample (batch, "
+                                    "classes); use --metric cosine")
+        return names
+    return frozenset()
+
+
+def _loop_can_run(scheme: Scheme, io: IoType) -> bool:
+    """The budget loop re-quantizes plans with the LiteRT quantizer."""
+    return scheme is not Scheme.FP16 and io in LITERT_IO
+
+
+def _requantizer(source: SourceModel, scheme: Scheme, io: IoType, data: CalibrationData, adjust, progress):
+    return Requantizer(source.float_tflite, scheme.op_precision, data.calibration if scheme.needs_calibration
+                       else None, count=len(data.calib_indices), keep_float_io=io is IoType.FLOAT32,
+                       adjust_ranges=adjust, progress=progress)
+
+
+def _analysis_samples(data: CalibrationData):
+    """A few calibration samples (loaded once, when the budget loop asks) for its analysis."""
+    cache: list = []
+
+    def samples() -> list:
+        if not cache:
+            cache.extend(islice(data.calibration(), ANALYSIS_SAMPLES))
+        return cache
+
+    return samples
+
+
+def _target(opts: ConvertOptions, fid, data: CalibrationData):
+    """(the accuracy target to meet, or None; the budget report when the floor is not applied)."""
+    if opts.budget is not None:
+        return (budget_target(opts.budget.max_drop, opts.budget.metric, fid) if fid is not None else None), None
+    if not opts.floor:
+        return None, {"floor": False, "applied": False, "why": "--no-floor"}
+    if fid is None:
+        return None, {"floor": True, "applied": False, "why": "no held-out samples to judge",
+                      "warning": "the fidelity floor was not checked: no held-out samples (give more data or "
+                                 "--eval-samples > 0)"}
+    floor = default_floor(fid)
+    if opts.calib is None or not data.calibrated:
+        # Fidelity on random inputs says little about real ones: the floor must not block such a model.
+        report = {**floor.to_json(), "applied": False, "met": floor.met(fid), "why": "judged on random inputs"}
+        if not floor.met(fid):
+            report["warning"] = (f"the fidelity floor was not applied: judged on random inputs, where "
+                                 f"{floor.reached(fid)} says little about real data; pass --calib DATA")
+        return None, report
+    return floor, None
+
+
+def _refit(data: CalibrationData, cfg: CalibrationConfig | None) -> CalibrationData | None:
+    """With fewer samples than calibration + evaluation ask for, the split held some out: the
+    written model is calibrated on every sample (up to --calib-samples), the held-out ones judged a
+    twin calibrated on the rest. None when the split left nothing out that calibration wanted."""
+    if cfg is None or not data.calibrated or not data.eval_indices or len(data.calib_indices) >= cfg.samples:
+        return None
+    extra = data.eval_indices[:cfg.samples - len(data.calib_indices)]
+    return dataclasses.replace(data, calib_indices=list(data.calib_indices) + list(extra))
+
+
+def _recalibrate(source, req, refit: CalibrationData, data: CalibrationData, judged: bytes, target, fid,
+                 requant, converter, eval_samples, reference, class_outputs, opts: ConvertOptions, progress):
+    """(model bytes, the calibration data it used, a warning or None). The recalibrated model is
+    kept unless it misses the accuracy target its twin met on the held-out samples, which it has
+    now seen: only more data hurting (an outlier sample) does that."""
+    adjust = _range_hook(source, refit, opts.range_method, opts.percentile, progress) if req.adjust_ranges else None
+    if converter or requant is None:
+        def calibration():
+            return progress.iter(refit.calibration(), "Recalibrating on every sample", len(refit.calib_indices))
+        with progress.task(f"Quantizing ({req.scheme.value}) with every sample"):
+            model = quantize(source, dataclasses.replace(req, adjust_ranges=adjust), calibration)
+    else:
+        seen = set(data.calib_indices)
+        added = dataclasses.replace(data, calib_indices=[i for i in refit.calib_indices if i not in seen])
+        requant.recalibrate(added.calibration, len(added.calib_indices), adjust)
+        model = requant.quantize(req.per_op)
+    if target is None or fid is None or not target.met(fid):
+        return model, refit, None
+    if not target.met(fidelity(source.float_tflite, model, eval_samples, reference, class_outputs)):
+        return judged, data, (f"recalibrating on all {len(refit.calib_indices)} samples missed the accuracy "
+                              f"target on the held-out ones; kept the model calibrated on {len(data.calib_indices)}")
+    return model, refit, None
+
+
 def _data_warnings(data: CalibrationData, scheme: Scheme, opts: ConvertOptions) -> list[str]:
     out = []
     if opts.calib is None:
@@ -223,7 +363,16 @@ def _data_warnings(data: CalibrationData, scheme: Scheme, opts: ConvertOptions) 
         out.append(f"calibrated on only {n} sample(s); the TFLite docs recommend 100-500 representative samples")
     if not data.eval_indices:
         out.append("no held-out samples: fidelity was not measured (give more data or --eval-samples > 0)")
+    elif data.calibrated and len(data.eval_indices) < SMALL_EVAL:
+        n = len(data.eval_indices)
+        out.append(f"fidelity judged on only {n} held-out sample(s): a top-1 agreement of 0.9 is only known to "
+                   f"±{2 * (0.09 / n) ** 0.5:.2f} there (±0.08 on 50); give more data for firmer numbers")
     return out
+
+
+# Held-out samples below which fidelity numbers are rough (95% interval of top-1 agreement
+# ±2·sqrt(p(1-p)/n): ±0.13 at n = 20, p = 0.9).
+SMALL_EVAL = 20
 
 
 def _load_profile(opts: ConvertOptions):

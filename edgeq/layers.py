@@ -1,14 +1,20 @@
-"""Per-layer quantization error: float and quantized model run side by side, every op output compared.
+"""Per-tensor quantization error, measured on real samples.
 
-Both models come from the same float .tflite through the LiteRT quantizer, which keeps op output
-tensor names, so tensors pair up by name. An op's *damage* is the error of its output minus the
-worst error of its inputs: the error it adds, not the error it inherits.
+Two measurements, both per channel (last axis):
+- `rounding_noise`: the error each activation tensor of the FLOAT model gets when rounded to its
+  calibrated int8/int16 range on its own (its inputs exact). Needs one float run and the
+  calibration ranges, no quantized model: what the accuracy-budget loop ranks moves by.
+- `layer_errors`: float and quantized model run side by side, every op output compared. Both
+  models come from the same float .tflite through the LiteRT quantizer, which keeps op output
+  tensor names, so tensors pair up by name. An op's *damage* is the error of its output minus the
+  worst error of its inputs: the error it adds, not the error it inherits. Used for schemes without
+  static activation ranges (dynamic), where weights are what loses accuracy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +36,8 @@ class LayerError:
                 "damage": self.damage}
 
 
-def _capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: set[str]) -> dict[str, list[np.ndarray]]:
+def capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: Collection[str]) -> dict[str, np.ndarray]:
+    """Values of the named tensors for every sample, as float64 rows (-1, channels), stacked."""
     from ai_edge_litert.interpreter import Interpreter
 
     with quiet_native():  # preserve_all_tensors warns that it is a debugging aid: it is, here
@@ -51,7 +58,8 @@ def _capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: set[
                     continue  # tensors without data (e.g. scratch) cannot be read
                 t = dequantize_output(np.asarray(t), d).astype(np.float64)
                 out[n].append(t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1))
-    return out
+    return {n: np.concatenate(v) for n, v in out.items() if v and len(v) == len(samples)
+            and len({a.shape[1] for a in v}) == 1}
 
 
 def channel_error(ref: np.ndarray, got: np.ndarray) -> float:
@@ -66,19 +74,43 @@ def channel_error(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.minimum(num / np.maximum(den, floor), 1.0).mean())
 
 
+def fake_quantize(x: np.ndarray, lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> np.ndarray:
+    """`x` rounded to the integer grid the quantizer derives from the range [lo, hi] (per tensor)."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = max(abs(lo), abs(hi)) / qmax
+        return x if scale == 0 else np.clip(np.round(x / scale), -qmax, qmax) * scale
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # the grid holds 0 exactly
+    qmin, qmax = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    scale = (hi - lo) / (qmax - qmin)
+    if scale == 0:
+        return x
+    zero = np.round(qmin - lo / scale)
+    return (np.clip(np.round(x / scale + zero), qmin, qmax) - zero) * scale
+
+
+def rounding_noise(float_model: bytes, samples: Sequence[dict[str, np.ndarray]], ranges: Mapping[str, Mapping],
+                   bits: int = 8, symmetric: Collection[str] = ()) -> dict[str, float]:
+    """Per activation tensor with a calibrated range (the LiteRT quantizer's calibration result:
+    name -> {"min", "max"}): channel_error of its float values against themselves rounded to that
+    range. `symmetric`: tensors quantized with zero point 0 (half the grid for one-sided values)."""
+    names = [n for n, r in ranges.items() if isinstance(r, Mapping) and "min" in r and "max" in r]
+    values = capture(float_model, samples, names)
+    noise = {}
+    for n, x in values.items():
+        lo, hi = float(np.min(ranges[n]["min"])), float(np.max(ranges[n]["max"]))
+        noise[n] = channel_error(x, fake_quantize(x, lo, hi, bits, n in symmetric))
+    return noise
+
+
 def layer_errors(float_model: bytes, quant_model: bytes, float_info: ModelInfo,
                  samples: Sequence[dict[str, np.ndarray]]) -> list[LayerError]:
     """Errors for every float-model op whose output exists in both models, most damaging first."""
     ops = [op for op in float_info.ops if op.subgraph == 0 and op.outputs]
     names = {op.outputs[0].name for op in ops} | {t.name for op in ops for t in op.inputs if not t.is_constant}
-    f = _capture(float_model, samples, names)
-    q = _capture(quant_model, samples, names)
-    rel: dict[str, float] = {}
-    for n in names:
-        if f.get(n) and q.get(n) and len(f[n]) == len(q[n]):
-            a, b = np.concatenate(f[n]), np.concatenate(q[n])
-            if a.shape == b.shape:
-                rel[n] = channel_error(a, b)
+    f = capture(float_model, samples, names)
+    q = capture(quant_model, samples, names)
+    rel = {n: channel_error(f[n], q[n]) for n in names if n in f and n in q and f[n].shape == q[n].shape}
     result = []
     for op in ops:
         out = op.outputs[0].name

@@ -1,14 +1,40 @@
-"""Fidelity: run the float and the quantized model on the same held-out samples and compare."""
+"""Fidelity: run the float and the quantized model on the same held-out samples and compare.
+
+Each output gets a kind (`OutputKind`), which decides whether top-1 agreement is measured and what
+the default fidelity floor asks of it (budget.default_floor)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from enum import StrEnum
+from typing import Collection, Sequence
 
 import numpy as np
 
 from .signature import signature_runner
 from .tfimport import quiet_native
+
+
+class OutputKind(StrEnum):
+    CLASS_SCORES = "class_scores"  # probabilities, or declared (--class-output / --metric top1)
+    MAYBE_CLASS_SCORES = "maybe_class_scores"  # a short score vector: top-1 shown, judged by cosine
+    EMBEDDING = "embedding"  # named like a feature vector (embedding, pooled, hidden state)
+    OTHER = "other"  # maps, boxes, landmarks, anything else
+
+    @property
+    def has_top1(self) -> bool:
+        return self in (OutputKind.CLASS_SCORES, OutputKind.MAYBE_CLASS_SCORES)
+
+
+# Up to "a few thousand" columns a score vector may be classes (ImageNet 1000/1001, 21k tags are not).
+MAX_CLASSES = 4096
+# Words in an output name that say it is not class scores.
+NOT_CLASS_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector", "landmark", "keypoint", "coord",
+                   "box", "regress", "contour", "mesh", "iris", "crop", "depth", "mask", "segment")
+EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
+# Outputs with fewer values per sample (flags, a few scores) are compared as one vector over all
+# samples: a per-sample cosine of one number is only its sign (benchmarks/zoo.py does the same).
+_MIN_COSINE_VALUES = 16
 
 
 @dataclass(frozen=True)
@@ -17,11 +43,12 @@ class OutputFidelity:
     cosine: float
     rel_l2: float
     max_abs: float
-    top1_agreement: float | None  # only when the output looks like class scores
+    top1_agreement: float | None  # only for (maybe) class scores
+    kind: OutputKind = OutputKind.OTHER
 
     def to_json(self) -> dict:
-        return {"name": self.name, "cosine": self.cosine, "rel_l2": self.rel_l2, "max_abs": self.max_abs,
-                "top1_agreement": self.top1_agreement}
+        return {"name": self.name, "kind": str(self.kind), "cosine": self.cosine, "rel_l2": self.rel_l2,
+                "max_abs": self.max_abs, "top1_agreement": self.top1_agreement}
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,9 @@ class Fidelity:
         if not vals:
             return float("nan")
         return max(vals) if metric == "rel_l2" else min(vals)
+
+    def output(self, name: str) -> OutputFidelity:
+        return next(o for o in self.outputs if o.name == name)
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "outputs": [o.to_json() for o in self.outputs]}
@@ -74,34 +104,71 @@ def dequantize_output(y: np.ndarray, d: dict) -> np.ndarray:
     return y.astype(np.float32)
 
 
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Fidelity:
-    """Per output: cosine, relative L2, max abs error, and top-1 agreement for class scores."""
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+            class_outputs: Collection[str] = ()) -> Fidelity:
+    """Per output: cosine, relative L2, max abs error, and top-1 agreement for (maybe) class scores.
+
+    `class_outputs`: reference output names the user says are class scores (any per-sample vector)."""
     outs = []
     n = 0
     # Output names can differ between converters (keras float vs int8); pair them by order.
     for (name, ref), cand in zip(reference.items(), candidate.values()):
+        kind = output_kind(name, ref, name in class_outputs)
         ref = ref.reshape(ref.shape[0], -1).astype(np.float64)
         cand = cand.reshape(cand.shape[0], -1).astype(np.float64)
         n = ref.shape[0]
-        num = (ref * cand).sum(axis=1)
-        den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-        cos = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(np.linalg.norm(ref - cand, axis=1) == 0, 1.0, 0.0))
         rel = np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)
-        top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if looks_like_class_scores(name, ref) else None
-        outs.append(OutputFidelity(name, float(cos.mean()), float(rel), float(np.abs(ref - cand).max()), top1))
+        top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if kind.has_top1 and n else None
+        outs.append(OutputFidelity(name, _cosine(ref, cand), float(rel), float(np.abs(ref - cand).max()) if n else 0.0,
+                                   top1, kind))
     return Fidelity(n, tuple(outs))
 
 
+def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Mean per-sample cosine; short outputs (< 16 values a sample) as one vector over all samples."""
+    if ref.shape[1] < _MIN_COSINE_VALUES:
+        ref, cand = ref.reshape(1, -1), cand.reshape(1, -1)
+    num = (ref * cand).sum(axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    same = np.linalg.norm(ref - cand, axis=1) == 0
+    cos = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(same, 1.0, 0.0))
+    return float(cos.mean()) if cos.size else 1.0
+
+
+def is_vector_output(ref: np.ndarray) -> bool:
+    """One vector of >= 2 values per sample (size-1 axes aside): what top-1 can be taken over."""
+    return ref.ndim >= 2 and sum(d > 1 for d in ref.shape[1:]) == 1
+
+
 def looks_like_class_scores(name: str, ref: np.ndarray) -> bool:
-    """Probabilities (non-negative rows summing to 1), or a short logit vector that is not an embedding."""
-    if ref.ndim != 2 or ref.shape[1] < 2:
+    """Probabilities (non-negative rows summing to 1), or a score vector of up to MAX_CLASSES values
+    whose name does not say it is something else (an embedding, boxes, landmarks...)."""
+    if not is_vector_output(ref):
         return False
-    if (ref >= 0).all() and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
+    rows = ref.reshape(ref.shape[0], -1)
+    if _probabilities(rows):
         return True
-    return ref.shape[1] <= 100 and not any(w in name.lower() for w in ("embed", "hidden", "pool", "feature"))
+    return rows.shape[1] <= MAX_CLASSES and not any(w in name.lower() for w in NOT_CLASS_WORDS)
+
+
+def output_kind(name: str, ref: np.ndarray, declared_class_scores: bool = False) -> OutputKind:
+    """What an output holds, from the user's word, its values and its name (float model's, stacked)."""
+    if declared_class_scores and is_vector_output(ref):
+        return OutputKind.CLASS_SCORES
+    if is_vector_output(ref) and _probabilities(ref.reshape(ref.shape[0], -1)):
+        return OutputKind.CLASS_SCORES
+    if any(w in name.lower() for w in EMBEDDING_WORDS):
+        return OutputKind.EMBEDDING
+    if looks_like_class_scores(name, ref):
+        return OutputKind.MAYBE_CLASS_SCORES
+    return OutputKind.OTHER
+
+
+def _probabilities(rows: np.ndarray) -> bool:
+    return rows.size > 0 and bool((rows >= 0).all()) and bool(np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
 
 
 def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str, np.ndarray]],
-             reference: dict[str, np.ndarray] | None = None) -> Fidelity:
+             reference: dict[str, np.ndarray] | None = None, class_outputs: Collection[str] = ()) -> Fidelity:
     ref = reference if reference is not None else run_model(float_model, samples)
-    return compare(ref, run_model(quant_model, samples))
+    return compare(ref, run_model(quant_model, samples), class_outputs)

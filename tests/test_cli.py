@@ -192,3 +192,38 @@ def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Precision plan (no device) (ops not int8)" in printed and "None" not in printed
     assert f"plan: {plan.summary()}" in printed and "accuracy budget step 1" in printed
+
+
+def test_convert_says_how_many_samples_calibrated_and_judged(tiny_dense, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 8)).astype(np.float32))
+    r = run("convert", tiny_dense, "-o", tmp_path / "o.tflite", "--calib", tmp_path / "x.npy")
+    assert r.exit_code == 0, r.output
+    assert ("calibration: 40 samples; fidelity judged on 8 held-out samples by a twin calibrated on the other 32"
+            in r.output)
+    floor = [line for line in r.output.splitlines() if line.startswith("fidelity floor: ")]
+    assert floor and "top1 >= 0.9: met as converted" in floor[0], r.output
+    r = run("convert", tiny_dense, "-o", tmp_path / "p.tflite", "--calib", tmp_path / "x.npy", "--calib-samples", 30,
+            "--eval-samples", 10, "--no-floor")
+    assert r.exit_code == 0 and "calibration: 30 samples; fidelity judged on 10 held-out samples\n" in r.output
+    assert "fidelity floor: not applied (--no-floor)" in r.output
+
+
+def test_convert_floor_refusal_and_class_output(tf, tmp_path):
+    """Below the floor with nothing the device lets move: exit 1, one line, no files; --no-floor writes."""
+    from conftest import build_tiny, save_keras
+    base = build_tiny(tf, "ln")
+    src = save_keras(tf, tf.keras.Model(base.inputs, {"embedding": base.outputs[0]}), tmp_path / "e.keras")
+    x = np.random.default_rng(0).normal(size=(150, 16, 32)).astype(np.float32)
+    x[:, :, 3] *= 40
+    np.save(tmp_path / "x.npy", x)
+    args = ["convert", src, "--calib", tmp_path / "x.npy", "--calib-samples", 100, "--device", "coral-edgetpu"]
+    r = run(*args, "-o", tmp_path / "o.tflite")
+    assert r.exit_code == 1 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert "fidelity floor not met, nothing written" in r.output and "--no-floor" in r.output
+    assert not (tmp_path / "o.tflite").exists() and not (tmp_path / "o.edgeq.json").exists()
+    r = run(*args, "-o", tmp_path / "n.tflite", "--no-floor", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["budget"] == {"floor": False, "applied": False, "why": "--no-floor"}
+    r = run("convert", src, "-o", tmp_path / "c.tflite", "--calib", tmp_path / "x.npy", "--class-output", "scores")
+    assert r.exit_code == 1 and "--class-output scores: the model has no such output; its outputs are embedding" \
+        in r.output

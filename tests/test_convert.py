@@ -10,7 +10,7 @@ import pytest
 
 from conftest import build_tiny, save_keras
 from edgeq.calibration import CalibrationConfig
-from edgeq.convert import ConvertOptions, convert
+from edgeq.convert import BudgetOptions, ConvertOptions, convert
 from edgeq.errors import CalibrationError, ModelFormatError, OutputExistsError, QuantizationError
 from edgeq.precision import IoType, Scheme
 from edgeq.tflite_model import read_model
@@ -221,3 +221,119 @@ def test_option_combinations_fail_before_work(tiny_dense, tmp_path):
     with pytest.raises(QuantizationError, match="--io uint8 is not available with --calibration percentile"):
         convert(tiny_dense, ConvertOptions(tmp_path / "o.tflite", io=IoType.UINT8, range_method="percentile",
                                            calib=CalibrationConfig("random")))
+
+
+# --------------------------------------------------------------------------- accuracy target, little data
+
+@pytest.fixture(scope="module")
+def embedding_model(tf, tmp_path_factory):
+    """The LayerNorm/attention block with its output named "embedding" (floor: cosine 0.98), and
+    inputs with one 40x outlier channel: plain int8 lands near cosine 0.95."""
+    d = tmp_path_factory.mktemp("emb")
+    base = build_tiny(tf, "ln")
+    src = save_keras(tf, tf.keras.Model(base.inputs, {"embedding": base.outputs[0]}), d / "emb.keras")
+    x = np.random.default_rng(0).normal(size=(260, 16, 32)).astype(np.float32)
+    x[:, :, 3] *= 40
+    np.save(d / "x.npy", x)
+    return src, str(d / "x.npy")
+
+
+def test_floor_runs_the_budget_loop_when_the_first_result_misses_it(embedding_model, tmp_path):
+    src, data = embedding_model
+    calib = CalibrationConfig(data, samples=200, eval_samples=60)
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=calib))
+    b = r.manifest["budget"]
+    assert b["floor"] is True and b["loop"] is True and b["met"] is True
+    assert b["requirements"] == [{"output": "embedding", "kind": "embedding", "metric": "cosine", "bound": 0.98,
+                                  "upper_confidence_bound": False}]
+    assert b["steps"][0]["value"] < 0.98 <= r.manifest["fidelity"]["outputs"][0]["cosine"]
+    assert r.manifest["fidelity"]["outputs"][0]["kind"] == "embedding"
+    assert b["moved"]["ops"] > 0 and (tmp_path / "o.tflite").exists()
+    # --no-floor: the plain int8 result, recorded as such.
+    r = convert(src, ConvertOptions(tmp_path / "n.tflite", calib=calib, floor=False))
+    assert r.manifest["budget"] == {"floor": False, "applied": False, "why": "--no-floor"}
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] < 0.98
+
+
+def test_floor_that_cannot_be_met_writes_nothing(embedding_model, tmp_path):
+    """coral-edgetpu runs int8 only and cannot move an op off it: a clear no, naming what to try."""
+    src, data = embedding_model
+    calib = CalibrationConfig(data, samples=200, eval_samples=60)
+    with pytest.raises(QuantizationError, match=r"fidelity floor not met, nothing written: best embedding cosine "
+                                                r"0\.9\d+ \(needs >= 0.98\).*--max-drop 0\.\d+ --metric cosine.*"
+                                                r"--no-floor"):
+        convert(src, ConvertOptions(tmp_path / "o.tflite", calib=calib, device="coral-edgetpu"))
+    assert not (tmp_path / "o.tflite").exists() and not (tmp_path / "o.edgeq.json").exists()
+
+
+def test_floor_is_not_applied_to_random_data(embedding_model, tmp_path):
+    src, _ = embedding_model
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig("random", samples=20,
+                                                                                     eval_samples=10)))
+    b = r.manifest["budget"]
+    assert b["floor"] is True and b["applied"] is False and b["why"] == "judged on random inputs"
+    if not b["met"]:
+        assert any(w.startswith("the fidelity floor was not applied") for w in r.warnings)
+    assert (tmp_path / "o.tflite").exists()
+
+
+@pytest.mark.parametrize("source", ["keras", "tflite"])
+def test_little_data_calibrates_on_every_sample(tiny_conv, tmp_path, source):
+    """40 samples where 200 + 50 are asked for: 8 held out judge a twin calibrated on 32, and the
+    written model is the one calibrated on all 40 -- byte for byte what all 40 give without a split."""
+    from edgeq.sources import load_source
+    model = tiny_conv
+    if source == "tflite":
+        model = tmp_path / "f.tflite"
+        model.write_bytes(load_source(tiny_conv).float_tflite)
+    data = _npy(tmp_path, (8, 8, 3), n=40)
+    r = convert(model, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(data)))
+    c = r.manifest["calibration"]
+    assert (c["count"], c["eval_count"], c["judged_model_count"]) == (40, 8, 32)
+    assert r.manifest["fidelity"]["samples"] == 8
+    assert any("judged on only 8 held-out sample(s)" in w for w in r.warnings)
+    everything = convert(model, ConvertOptions(tmp_path / "all.tflite", floor=False,
+                                               calib=CalibrationConfig(data, samples=40, eval_samples=0)))
+    assert everything.manifest["calibration"]["count"] == 40
+    assert (tmp_path / "o.tflite").read_bytes() == (tmp_path / "all.tflite").read_bytes()
+    # Enough data: a plain disjoint split, nothing reused.
+    r = convert(model, ConvertOptions(tmp_path / "p.tflite", calib=CalibrationConfig(data, samples=30,
+                                                                                       eval_samples=10)))
+    assert "judged_model_count" not in r.manifest["calibration"]
+    assert (r.manifest["calibration"]["count"], r.manifest["calibration"]["eval_count"]) == (30, 10)
+
+
+@pytest.fixture(scope="module")
+def imagenet_sized(tf, tmp_path_factory):
+    """A classifier with 1000 logits (no softmax): what ImageNet models without their softmax give."""
+    d = tmp_path_factory.mktemp("c1000")
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input((8, 8, 3)), L.Conv2D(8, 3, activation="relu"),
+                                 L.GlobalAveragePooling2D(), L.Dense(1000)])
+    src = save_keras(tf, model, d / "c1000.keras")
+    np.save(d / "x.npy", np.random.default_rng(0).random((120, 8, 8, 3)).astype(np.float32))
+    return src, str(d / "x.npy")
+
+
+def test_top1_for_a_1000_class_classifier(imagenet_sized, tmp_path):
+    src, data = imagenet_sized
+    calib = CalibrationConfig(data, samples=80, eval_samples=40)
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=calib))
+    out = r.manifest["fidelity"]["outputs"][0]
+    assert out["kind"] == "maybe_class_scores" and out["top1_agreement"] is not None
+    assert r.manifest["budget"]["requirements"][0]["metric"] == "cosine"  # heuristics alone: judged by cosine
+    # --metric top1 is trusted for any (batch, classes) output (this was refused before).
+    r = convert(src, ConvertOptions(tmp_path / "t.tflite", calib=calib, budget=BudgetOptions(0.5, "top1")))
+    b = r.manifest["budget"]
+    assert b["requirements"][0]["metric"] == "top1" and b["met"]
+    assert r.manifest["fidelity"]["outputs"][0]["kind"] == "class_scores"
+    # --class-output: the floor judges it by top-1.
+    name = out["name"]
+    r = convert(src, ConvertOptions(tmp_path / "c.tflite", calib=calib, class_outputs=(name,)))
+    assert r.manifest["budget"]["requirements"][0] == {"output": name, "kind": "class_scores", "metric": "top1",
+                                                       "bound": 0.9, "upper_confidence_bound": True}
+    with pytest.raises(QuantizationError, match=f"--class-output logits: the model has no such output; its "
+                                                f"outputs are {name}"):
+        convert(src, ConvertOptions(tmp_path / "x.tflite", calib=calib, class_outputs=("logits",)))
+    assert not (tmp_path / "x.tflite").exists()

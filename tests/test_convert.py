@@ -337,3 +337,42 @@ def test_top1_for_a_1000_class_classifier(imagenet_sized, tmp_path):
                                                 f"outputs are {name}"):
         convert(src, ConvertOptions(tmp_path / "x.tflite", calib=calib, class_outputs=("logits",)))
     assert not (tmp_path / "x.tflite").exists()
+
+
+def test_written_model_ran_and_real_samples_kept(tiny_conv, tmp_path):
+    """convert runs what it writes under the target's options (XNNPACK on this host) and keeps a few
+    real held-out inputs next to it, which `edgeq bench` then feeds by default."""
+    from edgeq.runners import ProfileRequest, profile_model
+
+    x = np.random.default_rng(3).random((40, 8, 8, 3), dtype=np.float32)
+    np.save(tmp_path / "d.npy", x)
+    out = tmp_path / "m.tflite"
+    r = convert(tiny_conv, ConvertOptions(out, Scheme.INT8, calib=CalibrationConfig(str(tmp_path / "d.npy"), 30, 10)))
+    v = r.manifest["verification"]
+    assert v["runtime"].startswith("this host (XNNPACK") and v["samples"] == 10
+    assert v["delegation"]["delegated"] >= 1 and v["fidelity"]["outputs"][0]["cosine"] > 0.99
+    samples = tmp_path / "m.samples.npz"
+    assert r.manifest["samples"] == {"file": samples.name, "count": 8}
+    with np.load(samples) as z:
+        (arr,) = [z[k] for k in z.files]
+    assert arr.shape == (8, 1, 8, 8, 3) and any(np.allclose(arr[0, 0], row) for row in x)
+    b = profile_model(out, None, ProfileRequest(runs=3, warmup=0))
+    assert b["input_source"] == "samples" and b["input_samples"] == 8
+
+
+def test_model_that_cannot_prepare_is_never_written(tiny_conv, tmp_path, monkeypatch):
+    """A quantized model the runtime refuses at prepare: one line naming the op, no file left."""
+    import edgeq.verify as verify
+
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).random((20, 8, 8, 3), dtype=np.float32))
+
+    def refuse(model, options, xnnpack, allow_unresolved_custom=False):  # the runtime's own error text
+        raise verify.run_error("tensorflow/lite/kernels/conv.cc:356 zero_point->data[i] != 0 (2 != 0)\n"
+                               "Node number 0 (CONV_2D) failed to prepare.", options.label, "prepare")
+
+    monkeypatch.setattr(verify, "_prepare", refuse)
+    out = tmp_path / "m.tflite"
+    with pytest.raises(QuantizationError, match=r"CONV_2D") as e:
+        convert(tiny_conv, ConvertOptions(out, Scheme.INT8, calib=CalibrationConfig(str(tmp_path / "d.npy"), 15, 5)))
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("m.*"))

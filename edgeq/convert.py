@@ -190,12 +190,11 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         samples={"file": spath.name, "count": min(len(eval_samples), KEPT_SAMPLES)} if eval_samples else None))
     written = []
     try:
-        if eval_samples:  # real inputs next to the model: bench/profile/flash feed these by default
-            check_output(spath, inputs, True)
-            atomic_write(spath, samples_npz(qbytes, eval_samples[:KEPT_SAMPLES]))
-            written.append(spath)
         atomic_write(out, qbytes)
         written.append(out)
+        if eval_samples:  # real inputs next to the model: bench/profile/flash feed these by default
+            atomic_write(spath, samples_npz(qbytes, eval_samples[:KEPT_SAMPLES]))
+            written.append(spath)
         write_manifest(mpath, manifest)
     except BaseException:
         for p in written:  # no model without its manifest, no samples without either

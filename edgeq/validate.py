@@ -72,7 +72,11 @@ class Fidelity:
 
 def run_model(model: bytes, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Outputs (float, dequantized) for every sample, stacked on axis 0, keyed by signature output."""
-    runner = signature_runner(model)
+    return run_signature(signature_runner(model), samples)
+
+
+def run_signature(runner, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """run_model on an already prepared signature runner (float data quantized for integer inputs)."""
     in_details = runner.get_input_details()
     out_details = runner.get_output_details()
     collected: dict[str, list[np.ndarray]] = {name: [] for name in out_details}

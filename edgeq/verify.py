@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import QuantizationError
 from .tfimport import quiet_native
-from .validate import Fidelity, compare, dequantize_output, quantize_input
+from .validate import Fidelity, compare, run_signature
 
 DEFAULT_THREADS = 2
 # Ops whose int8 kernel outside XNNPACK costs time. SOFTMAX is left out: XNNPACK has no int8 softmax,
@@ -142,22 +142,10 @@ def _prepare(model: bytes, options: RuntimeOptions, xnnpack: bool, allow_unresol
 def _run(interp, samples, signature_key: str, options: RuntimeOptions) -> dict[str, np.ndarray]:
     keys = list(interp.get_signature_list())
     runner = interp.get_signature_runner(signature_key if signature_key in keys else keys[0])
-    in_details = runner.get_input_details()
-    out_details = runner.get_output_details()
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in out_details}
     try:
-        with quiet_native():
-            for s in samples:
-                feed = {}
-                for name, d in in_details.items():
-                    x = np.asarray(s[name])
-                    feed[name] = quantize_input(x, d) if x.dtype.kind == "f" else x.astype(d["dtype"])
-                outs = runner(**feed)
-                for name, d in out_details.items():
-                    collected[name].append(dequantize_output(np.asarray(outs[name]), d))
+        return run_signature(runner, samples)
     except (ValueError, RuntimeError) as e:
         raise run_error(str(e), options.label, "run") from None
-    return {k: np.concatenate(v, axis=0) if v else np.zeros(0) for k, v in collected.items()}
 
 
 _NODE = re.compile(r"Node number (\d+) \(([^)]+)\) failed to (prepare|invoke)")

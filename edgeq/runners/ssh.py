@@ -24,7 +24,6 @@ from edgeq.remote import Progress, Remote, SshTarget
 from edgeq.runners import (DEVICE_BENCH, BenchOptions, ProfileRequest, last_json_line, parse_bench_output,
                            run_reach)
 
-BENCH_SCRIPT = DEVICE_BENCH  # alias kept while edgeq/flash.py still imports it; use runners.DEVICE_BENCH
 RUNS_DIR = ".cache/edgeq/runs"  # relative to the remote home; one uuid subdirectory per run
 # Where `edgeq flash` installs releases; a runtime venv lives inside the current release.
 FLASH_ROOT = ".local/share/edgeq"

@@ -27,6 +27,12 @@ photo_data), shuffled with seed 0: the first --calib photos calibrate, the rest 
     python benchmarks/accuracy.py                      # both models, all rows (~25 min on 2 cores)
     python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
     python benchmarks/accuracy.py --json > accuracy.json
+    python benchmarks/accuracy.py --convert [--levels none,fast]   # `edgeq convert` end to end vs bare
+
+--convert times the whole `edgeq convert` command per --optimize level (Keras load, float conversion,
+calibration, held-out fidelity, the verification run and the writes; --no-floor so no budget loop runs)
+against the bare TFLiteConverter from the same Keras file with the same calibration photos (load,
+decode and quantization timed), and reports convert's own held-out fidelity.
 """
 
 from __future__ import annotations
@@ -179,7 +185,7 @@ def int8_session():
 
 
 def bare_converter(model, calib: list[np.ndarray]) -> tuple[bytes, float]:
-    from edgeq.tfimport import import_tf, quiet_native
+    from edgeq.quiet import import_tf, quiet_native
     tf = import_tf()
     t0 = time.monotonic()
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -193,7 +199,7 @@ def bare_converter(model, calib: list[np.ndarray]) -> tuple[bytes, float]:
 
 def float_tflite(model) -> tuple[bytes, float]:
     from edgeq.signature import ensure_signature
-    from edgeq.tfimport import import_tf, quiet_native
+    from edgeq.quiet import import_tf, quiet_native
     tf = import_tf()
     t0 = time.monotonic()
     with quiet_native():
@@ -205,9 +211,10 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     from edgeq.bias_correction import correct_bias
     from edgeq.equalize import equalize
     from edgeq.optimize import optimize
-    from edgeq.ranges import Objective, range_stats, score, search_ranges
+    from edgeq.ranges import range_stats
+    from edgeq.range_search import Objective, score, search_ranges
     from edgeq.signature import signature_runner
-    from edgeq.validate import run_model
+    from edgeq.fidelity import run_model
 
     log(f"{m.name}: loading {len(files)} photos")
     arrays = [load_photo(f, m.size, m.preprocess) for f in files]
@@ -272,6 +279,68 @@ def table(rows: list[Row], n_calib: int, n_judge: int) -> str:
     return "\n".join(out)
 
 
+CONVERT_LEVELS = ("none", "fast", "best")
+CONVERT_PREPROCESS = {"imagenet-crop": "imagenet", "symmetric": "symmetric"}  # convert resizes without a crop
+
+
+def convert_rows(m: Model, files: list[Path], n_calib: int, levels, log) -> list[dict]:
+    """`edgeq convert --optimize LEVEL` wall time vs the bare converter's, and convert's held-out fidelity."""
+    import subprocess
+    import tempfile
+
+    import keras
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        model = d / f"{m.name}.keras"
+        m.keras.save(model)
+        photos = d / "photos"
+        photos.mkdir()
+        for f in files:
+            (photos / f.name).symlink_to(f.resolve())
+        t0 = time.monotonic()
+        calib = [load_photo(f, m.size, m.preprocess) for f in files[:n_calib]]
+        bare_converter(keras.models.load_model(model, compile=False), calib)
+        bare_s = time.monotonic() - t0
+        log(f"{m.name}: bare converter {bare_s:.1f} s")
+        rows = [{"model": m.name, "how": "bare TFLiteConverter", "seconds": bare_s, "vs_bare": 1.0}]
+        for level in levels:
+            cmd = [sys.executable, "-m", "edgeq.cli", "convert", str(model), "-o", str(d / f"{level}.tflite"),
+                   "--calib", str(photos), "--calib-samples", str(n_calib),
+                   "--eval-samples", str(min(50, len(files) - n_calib)), "--preprocess",
+                   CONVERT_PREPROCESS[m.preprocess], "--no-floor", "--json", "--optimize", level]
+            t0 = time.monotonic()
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            seconds = time.monotonic() - t0
+            if p.returncode:
+                rows.append({"model": m.name, "how": f"convert --optimize {level}", "seconds": seconds,
+                             "error": p.stderr.strip().splitlines()[-1]})
+                continue
+            man = json.loads(p.stdout)
+            out, opt = man["fidelity"]["outputs"][0], man["optimize"]
+            kept = [s["step"] for s in opt.get("steps", []) if s["kept"]]
+            rows.append({"model": m.name, "how": f"convert --optimize {level}", "seconds": seconds,
+                         "vs_bare": seconds / bare_s, "top1": out["top1_agreement"], "cosine": out["cosine"],
+                         "rel_l2": out["rel_l2"], "optimize_seconds": opt.get("seconds"),
+                         "kept": kept if opt["ran"] else opt.get("why")})
+            log(f"{m.name}: convert --optimize {level} {seconds:.1f} s")
+    return rows
+
+
+def convert_table(rows: list[dict]) -> str:
+    out = ["| model | how | seconds | vs bare | held-out top-1 | cosine | rel. L2 | steps kept |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['how']} | {r['seconds']:.1f} | failed: {r['error']} | | | | |")
+            continue
+        num = [f"{r[k]:.3f}" if r.get(k) is not None else "" for k in ("top1", "cosine", "rel_l2")]
+        kept = r.get("kept")
+        out.append(f"| {r['model']} | {r['how']} | {r['seconds']:.1f} | {r['vs_bare']:.2f}x | {' | '.join(num)} | "
+                   f"{', '.join(kept) if isinstance(kept, list) else kept or ''} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     from zoo import DEFAULT_CACHE
     from edgeq.optimize import Budget
@@ -284,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--refine-seconds", type=float, default=Budget().refine_seconds)
     ap.add_argument("--rounding-seconds", type=float, default=Budget().rounding_seconds)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--convert", action="store_true", help="time `edgeq convert` per level against the bare converter")
+    ap.add_argument("--levels", default=",".join(CONVERT_LEVELS), help="--convert: comma-separated levels")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -293,6 +364,11 @@ def main(argv=None) -> int:
     only = {s for s in args.only.split(",") if s} or None
     skip = {s for s in args.skip.split(",") if s}
     files = photo_files(args.cache)
+    if args.convert:
+        levels = [s for s in args.levels.split(",") if s]
+        crows = [r for m in load_models(args.cache, only) for r in convert_rows(m, files, args.calib, levels, log)]
+        print(json.dumps(crows, indent=1) if args.json else convert_table(crows))
+        return 0
     rows = []
     for m in load_models(args.cache, only):
         rows += run_rows(m, files, args.calib, skip, Budget(args.refine_seconds, args.rounding_seconds), log)

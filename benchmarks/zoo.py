@@ -497,21 +497,23 @@ def reference_outputs(entry: Entry, model: Path, inputs: list[list[np.ndarray]],
     if fmt.startswith("tflite"):
         return run_tflite(model, inputs)
     if fmt.startswith("Keras"):
-        from edgeq.tfimport import import_tf
+        from edgeq.quiet import import_tf
         tf = import_tf()
         m = tf.keras.models.load_model(str(model), compile=False)
         ys = [m(x, training=False) for (x,) in inputs]
         ys = [y if isinstance(y, (list, tuple)) else [y] for y in ys]
         return {f"output_{j}": np.concatenate([np.asarray(y[j]) for y in ys]) for j in range(len(ys[0]))}
     if fmt == "SavedModel":
-        from edgeq.tfimport import import_tf
+        from edgeq.quiet import import_tf
         tf = import_tf()
         # The graph-level (TF1) loader: TF 2.21's object loader cannot restore SavedModels that
         # carry a Keras 2 optimizer ('_UserObject' has no 'add_slot'), basic-pitch's among them.
         with tf.compat.v1.Session(graph=tf.Graph()) as sess:
             sig = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(model)).signature_def["serving_default"]
             (arg,) = sig.inputs.values()
-            names = {k: v.name for k, v in sig.outputs.items()}
+            # Keyed by graph tensor name ("StatefulPartitionedCall:1"): what the TF1 converter names
+            # the .tflite outputs, so pair_outputs matches them by name (note and onset share a shape).
+            names = {v.name.removesuffix(":0"): v.name for v in sig.outputs.values()}
             runs = [sess.run(names, {arg.name: x}) for (x,) in inputs]
         return {k: np.concatenate([r[k] for r in runs]) for k in names}
     if fmt.startswith("PyTorch"):
@@ -786,7 +788,8 @@ def _run_row(entry: Entry, cache: Path, args, row: Row) -> None:
     run_dir = cache / "runs" / entry.name
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "int8.tflite"
-    for stale in (out, out.with_suffix(".edgeq.json"), run_dir / "float.tflite"):
+    # Everything convert writes (model, manifest, held-out samples) and the judge's float model.
+    for stale in (out, out.with_suffix(".edgeq.json"), out.with_suffix(".samples.npz"), run_dir / "float.tflite"):
         stale.unlink(missing_ok=True)
     n_cal, n_eval = EDGEQ_SPLIT[entry.data]
     cmd = edgeq_cmd("convert", model, "-o", out, "--calib", data.calib, "--calib-samples", n_cal,

@@ -13,16 +13,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeq.errors import EdgeqError, ModelFormatError
-from edgeq.files import sha256_file
-from edgeq.runners import DEVICE_BENCH
+from .errors import EdgeqError, ModelFormatError
+from .files import sha256_file
+from .runners import DEVICE_BENCH
 
 if TYPE_CHECKING:
-    from edgeq.flash import FlashOptions
+    from .flash import FlashOptions
 
 BUNDLE_SCHEMA = "edgeq.bundle/1"
 MODEL_NAME = "model.tflite"  # fixed name on the device: services and scripts find it without guessing
 MANIFEST_NAME = "model.edgeq.json"
+# Where `edgeq flash` installs releases under the board user's home (runners/ssh.py finds the venv there).
+FLASH_ROOT = ".local/share/edgeq"
 RUNTIME_MODULES = {"ai-edge-litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
 # pip --platform does not expand manylinux tags downwards, so list the glibc levels a Pi may have.
 _GLIBCS = ("manylinux2014", "manylinux_2_17", "manylinux_2_24", "manylinux_2_27", "manylinux_2_28",
@@ -71,7 +73,7 @@ def build_bundle(model_path, profile, options: FlashOptions, dest: Path) -> dict
         (dest / MANIFEST_NAME).write_text(json.dumps(
             {"model": model.name, "sha256": sha, "bytes": model.stat().st_size}, indent=2) + "\n")
     shutil.copyfile(DEVICE_BENCH, dest / "device_bench.py")
-    from edgeq import __version__
+    from . import __version__
 
     info = {"schema": BUNDLE_SCHEMA, "model": model.name, "model_sha256": sha,
             "profile": getattr(profile, "id", None), "runtime": profile.runtime.name,

@@ -105,7 +105,7 @@ def _split(total: int, n_calib: int, n_eval: int, seed: int, what: str) -> tuple
         return order[:n_calib], order[n_calib:n_calib + n_eval]
     # Too few for both: hold out a fifth (at least one sample when there are two or more) to judge a
     # model calibrated on the rest; convert then calibrates the written model on every sample, so
-    # the split never costs the user calibration data (convert._refit).
+    # the split never costs the user calibration data (convert_policy.refit_data).
     n_ev = min(n_eval, max(1, total // 5)) if total > 1 else 0
     return order[:total - n_ev], order[total - n_ev:]
 

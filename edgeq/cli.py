@@ -7,13 +7,14 @@ inside commands so `edgeq --help` and `edgeq devices list` stay instant.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .cli_output import (emit_json, print_bench, print_convert, print_demo, print_flash, print_fleet, print_profile,
+                         table)
 from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_EVAL_SAMPLES
 from .errors import EdgeqError
 from .precision import IoType, Scheme
@@ -46,26 +47,6 @@ def _progress(quiet: bool, as_json: bool):
     return Progress(False if (quiet or as_json) else None)
 
 
-def _emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
-
-
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
-    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160).print(t)
-
-
-def _f(x, digits=4):
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -84,6 +65,14 @@ devices_dir_option = click.option("--devices-dir", type=click.Path(file_okay=Fal
 @click.version_option(__version__, prog_name="edgeq")
 def main():
     """edgeq: quantize models for phones and small boards, and prove how they run there."""
+
+
+def _size(ctx, param, value):
+    from .size_goal import parse_size
+    try:
+        return parse_size(value) if value is not None else None
+    except EdgeqError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _shapes(ctx, param, values):
@@ -121,6 +110,13 @@ def _shapes(ctx, param, values):
               default="minmax", show_default=True, help="Activation range selection.")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True, max_open=True), default=99.99,
               show_default=True, help="Tail kept by --calibration percentile.")
+@click.option("--optimize", type=click.Choice(["none", "fast", "best"]),
+              help="Accuracy methods, each kept if it helps on calibration samples: fast = measured ranges, "
+                   "equalization, bias correction; best = + per-tensor ranges, learned rounding (minutes) [default: "
+                   "fast for int8 with real --calib data, else none].")
+@click.option("--max-size", callback=_size, metavar="SIZE",
+              help="Size goal, e.g. 12MB: the first of int8, int4-b32, int4-b128, int4 (or only the --scheme or "
+                   "--device's) whose file fits, else exit 1 with the smallest size reached.")
 @click.option("--split-outliers", type=click.FloatRange(min=0),
               help="HF encoders: give Linear output channels above RATIO x the median their own Linear "
                    "[default: 8 for int8/int16x8, 0 = off].")
@@ -149,9 +145,9 @@ def _shapes(ctx, param, values):
 @quiet_option
 @library_call
 def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, layout, tokenizer,
-            seq_len, pooling, scheme, io_type, range_method, percentile, split_outliers, smoothquant, device,
-            devices_dir, allow_incompatible, max_drop, metric, class_outputs, no_floor, input_shapes, strict, force,
-            as_json, quiet):
+            seq_len, pooling, scheme, io_type, range_method, percentile, optimize, max_size, split_outliers,
+            smoothquant, device, devices_dir, allow_incompatible, max_drop, metric, class_outputs, no_floor,
+            input_shapes, strict, force, as_json, quiet):
     """Quantize MODEL (Keras, SavedModel, HF dir, torch.export .pt2 or float .tflite) into OUTPUT .tflite
     + manifest (+ OUTPUT.samples.npz: a few real held-out inputs that bench/profile use by default).
 
@@ -159,6 +155,7 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     --max-drop; when it does not, ops leave int8 until it does, or nothing is written (exit 1)."""
     from .calibration import CalibrationConfig, Layout, Preprocess
     from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
+    from .optimize import OptimizeLevel
 
     def floats(s):
         try:
@@ -166,93 +163,21 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
         except ValueError:
             raise click.BadParameter(f"{s!r} is not a comma-separated list of numbers") from None
 
-    cal = None
-    if calib:
-        cal = CalibrationConfig(calib, calib_samples, eval_samples, seed,
-                                Preprocess(preprocess) if preprocess else None, floats(mean), floats(std), tokenizer,
-                                seq_len, Layout(layout) if layout else None)
+    cal = CalibrationConfig(calib, calib_samples, eval_samples, seed, Preprocess(preprocess) if preprocess else None,
+                            floats(mean), floats(std), tokenizer, seq_len,
+                            Layout(layout) if layout else None) if calib else None
     opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
                           device, devices_dir, strict, force, allow_incompatible,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
                           percentile, seq_len, pooling, split_outliers, smoothquant, floor=not no_floor,
-                          class_outputs=tuple(class_outputs), input_shapes=tuple(input_shapes))
+                          class_outputs=tuple(class_outputs), input_shapes=tuple(input_shapes),
+                          optimize=OptimizeLevel(optimize) if optimize else None, max_size=max_size)
     mistake = usage_mistake(opts)  # options that cannot go together: a usage error, before any work
     if mistake:
         raise click.UsageError(mistake)
     result = run(model, opts, _progress(quiet, as_json))
-    if as_json:
-        _emit_json(result.manifest)
-        return
-    _print_convert(result)
+    emit_json(result.manifest) if as_json else print_convert(result)
 
-
-def _print_convert(result) -> None:
-    m = result.manifest
-    if m.get("plan"):
-        rows = [[e["index"], e["op"], e["precision"], e["placement"], e.get("reason", "")]
-                for e in m["plan"]["ops"] if e["precision"] not in ("int8", "other")]
-        if rows:  # an all-int8 plan is said by the summary line alone
-            device = m["plan"].get("device")
-            _table(f"Precision plan {f'for {device}' if device else '(no device)'} (ops not int8)",
-                   ["#", "op", "precision", "runs on", "reason"], rows)
-        click.echo(f"plan: {m['plan']['summary']}")
-    if m.get("budget"):
-        _print_budget(m["budget"])
-    if m["source"].get("description"):
-        click.echo(f"source: {m['source']['description']}")
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(m["op_summary"].items()))
-    click.echo(f"ops by precision: {counts}")
-    if m.get("fidelity"):
-        _table(f"Fidelity vs float ({m['fidelity']['samples']} {m['fidelity'].get('inputs', 'held-out')} samples)",
-               ["output", "cosine", "rel L2", "max abs", "top-1 agree"],
-               [[o["name"], _f(o["cosine"]), _f(o["rel_l2"]), _f(o["max_abs"]), _f(o["top1_agreement"], 3)]
-                for o in m["fidelity"]["outputs"]])
-    fs = m.get("fidelity_source")
-    if fs:
-        _table(f"Fidelity vs the {fs['reference']} model ({fs['quantized']['samples']} samples)",
-               ["output", "float .tflite cosine", "int8 cosine", "int8 top-1 agree"],
-               [[q["name"], _f(f["cosine"]), _f(q["cosine"]), _f(q["top1_agreement"], 3)]
-                for f, q in zip(fs["float"]["outputs"], fs["quantized"]["outputs"])])
-    v = m.get("verification")
-    if v and v.get("delegation"):
-        d = v["delegation"]
-        click.echo(f"ran under {v['runtime']}: {d['delegated']}/{d['nodes']} nodes delegated in "
-                   f"{d['partitions']} partition(s)" + (f"; builtin kernels: {', '.join(d['builtin_ops'][:6])}"
-                                                         if d["builtin_ops"] else ""))
-    c = m.get("calibration") or {}
-    if c.get("kind") not in (None, "none", "random"):
-        judged = c.get("judged_model_count")
-        click.echo(f"calibration: {c['count']} samples; fidelity judged on {c['eval_count']} held-out samples"
-                   + (f" by a twin calibrated on the other {judged} (too few samples for both: the written model "
-                      "is calibrated on all of them)" if judged is not None else ""))
-    s = m["sizes"]
-    for w in result.warnings:
-        click.secho(f"warning: {w}", fg="yellow", err=True)
-    click.echo(f"wrote {result.output} ({s['quantized_bytes']:,} bytes, {s['ratio']:.2f}x smaller than float) "
-               f"and {result.manifest_path}")
-
-
-def _print_budget(b: dict) -> None:
-    """The accuracy target: met as converted, or the budget loop's probes and the moves it kept."""
-    if b.get("applied") is False:
-        click.echo(f"fidelity floor: not applied ({b.get('why')})")
-        return
-    reqs = "; ".join(f"{r['output']} {r['metric']} {'<=' if r['metric'] == 'rel_l2' else '>='} {r['bound']:g}"
-                     for r in b.get("requirements", []))
-    title = "fidelity floor" if b.get("floor") else "accuracy budget"
-    if b.get("loop"):
-        _table(f"Budget loop ({title}: {reqs})", ["step", "plan probed", "float", "hybrid", b["metric"], "bytes", "met"],
-               [[s["step"], s.get("probe", ""), s.get("float", 0), s.get("hybrid", 0), _f(s["value"]), s["bytes"],
-                 "yes" if s.get("met") else "no"] for s in b["steps"]])
-        if b.get("moves"):
-            _table("Moves kept (tier 1 weight-less, 2 matmuls; most rounding noise first)",
-                   ["what", "tier", "ops", "noise"],
-                   [[mv["what"], mv["tier"], len(mv["ops"]), _f(mv["noise"])] for mv in b["moves"]])
-        moved = b.get("moved", {})
-        click.echo(f"{title}: met after moving {moved.get('ops', 0)} ops ({moved.get('float', 0)} float, "
-                   f"{moved.get('hybrid', 0)} hybrid) in {b.get('probes')} probes, {b.get('seconds')} s")
-    else:
-        click.echo(f"{title}: {reqs}: met as converted ({b['metric']} {_f(b['steps'][0]['value'])})")
 
 
 # --------------------------------------------------------------------------- bench
@@ -279,9 +204,9 @@ def bench(model, threads, warmup, runs, delegate, inputs, output, force, as_json
         r = profile_model(model, None, ProfileRequest(threads, warmup, runs, delegate, inputs=inputs))
     _save_result(output, r)
     if as_json:
-        _emit_json(r)
+        emit_json(r)
     else:
-        _print_bench(r)
+        print_bench(r)
 
 
 def _check_result_path(output, inputs, force) -> None:
@@ -296,34 +221,6 @@ def _save_result(output, result) -> None:
         from .files import atomic_write_json
         atomic_write_json(Path(output), result)
 
-
-def _print_bench(r: dict) -> None:
-    s = r["runs"]
-    rt = r["runtime"]
-    _table(f"{r['model']} on {r.get('host') or r['device']['machine']} — {rt['name']} {rt['version']}, "
-           f"{r['threads']} thread(s), delegate {r['delegate']}" + (" (EMULATED)" if r.get("emulated") else ""),
-           ["init ms", "first ms", "warmup avg ms", "runs", "min", "median", "mean", "p95", "max", "std",
-            "peak RSS MB"],
-           [[_f(r["init_ms"], 2), _f(r["first_inference_ms"], 3), _f(r["warmup"]["avg_ms"], 3), s["count"],
-             _f(s["min_ms"], 3), _f(s["median_ms"], 3), _f(s["mean_ms"], 3), _f(s["p95_ms"], 3),
-             _f(s["max_ms"], 3), _f(s["std_ms"], 3), _f(r["memory_mb"]["peak_rss"], 1)]])
-    source = r.get("input_source")
-    if source:
-        n = r.get("input_samples")
-        what = r.get("inputs_file") or ""
-        click.echo(f"inputs: {source}" + (f" ({what}{', ' if what else ''}{n} samples)" if n and n > 1 else
-                                          f" ({what})" if what else ""))
-    for label, cov in (("", r.get("delegate_coverage")), ("app ", (r.get("app") or {}).get("delegate_coverage"))):
-        if cov:
-            click.echo(f"{label}delegate coverage: {_coverage_text(cov)}")
-
-
-def _coverage_text(cov: dict) -> str:
-    nodes = (f"{cov.get('delegated')}/{cov.get('total')} nodes" if cov.get("total") is not None
-             else "node count not logged")
-    execution = {"none": "NOT EXECUTED by the delegate: everything ran on the CPU", "complete": "complete",
-                 "partial": f"partial ({cov.get('kernels') or '?'} delegate kernels)"}.get(cov.get("execution"))
-    return f"{nodes} on {cov.get('delegate')}" + (f", {execution}" if execution else "")
 
 
 # --------------------------------------------------------------------------- devices
@@ -342,10 +239,10 @@ def devices_list(devices_dir, as_json):
 
     profiles = list_profiles(devices_dir=devices_dir)
     if as_json:
-        _emit_json([p.to_json() for p in profiles])
+        emit_json([p.to_json() for p in profiles])
         return
     columns = ["id", "name", "kind", "abi", "runtime", "delegate", "scheme", "reach"]
-    _table("Device profiles", columns, [[p.summary_row()[c] for c in columns] for p in profiles])
+    table("Device profiles", columns, [[p.summary_row()[c] for c in columns] for p in profiles])
 
 
 @devices.command("show")
@@ -358,7 +255,7 @@ def devices_show(device_id, devices_dir, as_json):
     from .profiles import load_profile
 
     p = load_profile(device_id, devices_dir=devices_dir)
-    _emit_json(p.to_json()) if as_json else click.echo(p.describe())
+    emit_json(p.to_json()) if as_json else click.echo(p.describe())
 
 
 @devices.command("check")
@@ -374,7 +271,7 @@ def devices_check(model, device, devices_dir, as_json):
 
     report = check_model(model, load_profile(device, devices_dir=devices_dir))
     if as_json:
-        _emit_json(report.to_json())
+        emit_json(report.to_json())
     else:
         click.echo(report.describe())
     if not report.ok:
@@ -414,11 +311,7 @@ def _run_fleet(fleet_file, parallel, kwargs, fn, progress, as_json):
 
     inv = load_inventory(fleet_file, **kwargs)
     result = run_fleet(inv, fn, max_parallel=parallel, progress=progress.note)
-    if as_json:
-        _emit_json(result.to_dict())
-    else:
-        from rich.console import Console
-        Console(soft_wrap=True).print(result.table())
+    emit_json(result.to_dict()) if as_json else print_fleet(result)
     if result.exit_code:
         sys.exit(result.exit_code)
 
@@ -500,13 +393,9 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
         r = profile_model(model, prof, request, progress.note)
     _save_result(output, r)
     if as_json:
-        _emit_json(r)
+        emit_json(r)
         return
-    _print_bench(r)
-    if r.get("app_vs_benchmark"):
-        _table("app vs benchmark_model", ["metric", "benchmark_model", "app", "diff ms", "diff %"],
-               [[k, _f(v.get("benchmark_model"), 3), _f(v.get("app"), 3), _f(v.get("diff_ms"), 3),
-                 _f(v.get("diff_pct"), 1)] for k, v in r["app_vs_benchmark"].items()])
+    print_profile(r)
 
 
 @main.command()
@@ -527,7 +416,9 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
 def flash(model, device, devices_dir, host, fleet_file, parallel, identity, known_hosts, trust_new_host,
           connect_timeout, run_timeout, rollback, slot, with_runtime, wheels_dir, systemd_exec, keep, as_json, quiet):
     """Deploy MODEL to a Raspberry Pi (atomic switch of a `current` link; --rollback restores)."""
-    from .flash import FlashOptions, flash as do_flash, rollback as do_rollback
+    from .flash import FlashOptions
+    from .flash import flash as do_flash
+    from .flash import rollback as do_rollback
     from .profiles import load_profile
     from .remote import parse_target
 
@@ -559,12 +450,9 @@ def flash(model, device, devices_dir, host, fleet_file, parallel, identity, know
     with progress.task(f"{'Rolling back' if rollback else 'Flashing'} {host}"):
         r = one(load_profile(device, devices_dir=devices_dir), parse_target(host, **kw))
     if as_json:
-        _emit_json(r)
+        emit_json(r)
     else:
-        click.echo(f"{r['action']}: {r['host']} slot {r['slot']} now at {r['version']} "
-                   f"(previous: {r['previous'] or 'none'}) in {r['path']}")
-        for n in r.get("notes", []):
-            click.echo(f"note: {n}")
+        print_flash(r)
 
 
 # --------------------------------------------------------------------------- report
@@ -581,7 +469,7 @@ def report(inputs, output, title, force, as_json):
 
     r = build_report(list(inputs), output, title=title, force=force)
     if as_json:
-        _emit_json(r.to_json())
+        emit_json(r.to_json())
     else:
         click.echo(f"wrote {r.html} and {r.markdown}")
 
@@ -600,16 +488,9 @@ def demo(out_dir, runs, as_json, quiet):
 
     r = run_demo(out_dir, runs=runs, progress=_progress(quiet, as_json))
     if as_json:
-        _emit_json({k: v for k, v in r.items() if k != "convert_result"})
+        emit_json({k: v for k, v in r.items() if k != "convert_result"})
         return
-    _print_convert(r["convert_result"])
-    rows = []
-    for name, b in r["bench"].items():
-        rows.append([name, b["threads"], _f(b["runs"]["median_ms"], 4), _f(b["runs"]["p95_ms"], 4),
-                     f"{b['model_bytes']:,}", _f(b["memory_mb"]["peak_rss"], 1)])
-    _table(f"Latency on this host ({r['host']}, {runs} runs)", ["model", "threads", "median ms", "p95 ms", "bytes",
-                                                               "peak RSS MB"], rows)
-    click.echo(r["summary"])
+    print_demo(r, runs)
 
 
 if __name__ == "__main__":

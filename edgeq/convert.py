@@ -1,9 +1,11 @@
 """`edgeq convert`: source model -> calibrated, planned, verified .tflite + manifest.
 
-The straight line: load source -> calibration data -> plan (profile) -> quantize -> read ops back ->
-fidelity on held-out samples -> accuracy target (the user's --max-drop, else the default fidelity
-floor; the budget loop when the first result misses it) -> with little data, recalibrate on every
-sample -> runtime compatibility -> write atomically.
+The straight line: load source -> calibration data -> (--max-size: the most accurate scheme whose
+file fits) -> plan (the profile's; without one, an int4 scheme's) -> quantize (static int8: at the
+--optimize level, measured on calibration samples) -> read ops back -> fidelity on held-out samples
+-> accuracy target (the user's --max-drop, else the default fidelity floor; the budget loop when the
+first result misses it) -> with little data, recalibrate on every sample -> runtime compatibility ->
+write atomically. The target, plan and little-data parts live in convert_policy.py.
 """
 
 from __future__ import annotations
@@ -13,21 +15,21 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from .budget import (ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, Requantizer, budget_target, default_floor,
-                     run_budget)
+from .budget import ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, run_budget
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
-from .defaults import MIN_RECOMMENDED_CALIB
+from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, QuantizationError
+from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
-from .litert_quant import per_op_from_plan
+from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
-from .plan import default_scheme, integer_only, plan_precision, profile_io
+from .optimize import OptimizeLevel, OptimizeResult, optimize_mistake, optimize_report, resolve_level
+from .plan import default_scheme, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
 from .sources import SourceModel, detect_format, load_source
 from .tflite_model import read_model
-from .validate import fidelity, run_model
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class ConvertOptions:
     floor: bool = True  # without --max-drop: refuse a result below the default fidelity floor (--no-floor)
     class_outputs: tuple[str, ...] = ()  # outputs the user says are class scores (--class-output)
     input_shapes: tuple[tuple[int, ...], ...] = ()  # torch.export programs: static shape per input (--input-shape)
+    # --optimize: None = fast where the methods apply (static int8 on real calibration data with the
+    # quantizer's own min-max ranges), else none; edgeq/optimize.py
+    optimize: OptimizeLevel | None = None
+    max_size: int | None = None  # --max-size in bytes: the most accurate scheme whose file fits (size_goal.py)
 
 
 @dataclass
@@ -99,7 +105,11 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
     float_info = read_model(source.float_tflite)
 
-    plan = plan_precision(list(float_info.ops), profile, min_weight_elements=0) if profile else None
+    size_goal = None
+    if opts.max_size is not None:  # the most accurate scheme whose file fits, before the slow steps
+        scheme, size_goal = _scheme_for_size(opts, source, data, profile, scheme, io, float_info, eval_samples,
+                                             reference, class_outputs, progress)
+    plan = conversion_plan(float_info, profile, scheme)
     adjust = (_range_hook(source, data, opts.range_method, opts.percentile, progress)
               if scheme.needs_calibration else None)
     req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
@@ -108,23 +118,35 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         check_litert(source, req, "--calibration " + opts.range_method if adjust else "")
     # The LiteRT path calibrates once for the first result, the budget loop and a little-data refit.
     requant = _requantizer(source, scheme, io, data, adjust, progress) if _loop_can_run(scheme, io) else None
+    level, level_why = resolve_level(opts.optimize, scheme, io, data.calibrated, opts.range_method)
+    optimized: OptimizeResult | None = None
+    superseded = None  # why the written model is not the optimized one
 
     def calibration():
         total = len(data.calib_indices)
         return progress.iter(data.calibration(), "Calibrating", total) if scheme.needs_calibration else iter(())
 
-    if converter or requant is None:
+    qbytes = None
+    if level is not OptimizeLevel.NONE:
+        optimized, unusable = _optimize(source, data, req, level, class_outputs, profile, progress)
+        if optimized is None:  # never worse than without: the quantizer's own ranges
+            level, level_why = OptimizeLevel.NONE, unusable
+        else:
+            qbytes, converter = optimized.model, False
+    if qbytes is None and (converter or requant is None):
         with progress.task(f"Quantizing ({scheme.value})"):
             qbytes = quantize(source, req, calibration)
-    else:
+    elif qbytes is None:
         if scheme.needs_calibration:
             requant.ranges()  # calibrates (its own progress bar)
         with progress.task(f"Quantizing ({scheme.value})"):
             qbytes = requant.quantize(req.per_op)
     fid = fidelity(source.float_tflite, qbytes, eval_samples, reference, class_outputs) if eval_samples else None
 
-    warnings = list(source.notes)
-    target, skipped = _target(opts, fid, data)
+    warnings = list(source.notes) + (int4_notes(plan, scheme) if plan else [])
+    if (level_why or "").startswith("--optimize"):  # the level ran but made a model the runtime refused
+        warnings.append(level_why)
+    target, skipped = choose_target(opts, fid, data)
     budget_report = None
     if target is not None:
         if requant is None and not target.met(fid):
@@ -134,22 +156,33 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                     + ("; or turn the floor off with --no-floor" if target.floor else ""))
         ctx = BudgetContext(float_info, profile, scheme, requant, eval_samples, reference, class_outputs,
                             _analysis_samples(data), opts.budget.max_steps if opts.budget else MAX_PROBES, progress)
-        result = run_budget(ctx, target, qbytes, fid, not converter, plan)
+        # An optimized first result has its own ranges and biases: the loop calibrates plainly.
+        result = run_budget(ctx, target, qbytes, fid, not converter and optimized is None, plan)
         qbytes, fid, budget_report, plan = result.model, result.fidelity, result.report, result.plan
         req = dataclasses.replace(req, per_op=result.per_op)
         converter = converter and not result.report["loop"]
+        if result.report["loop"] and optimized is not None:
+            superseded = (f"missed the {'fidelity floor' if target.floor else 'accuracy budget'}; the budget loop "
+                          "re-quantized with the quantizer's own ranges")
     elif skipped:
         budget_report = skipped
         if skipped.get("warning"):
             warnings.append(skipped["warning"])
 
-    data_written = data
-    refit = _refit(data, opts.calib) if scheme.needs_calibration else None
+    data_written, judged_first = data, qbytes
+    refit = refit_data(data, opts.calib) if scheme.needs_calibration else None
     if refit is not None:  # little data: the written model is calibrated on every sample
-        qbytes, data_written, note = _recalibrate(source, req, refit, data, qbytes, target, fid, requant,
-                                                  converter, eval_samples, reference, class_outputs, opts, progress)
+        if optimized is not None and superseded is None:  # the same level again, measured on every sample
+            optimized_all, _ = _optimize(source, refit, req, level, class_outputs, profile, progress)
+            refit_model = optimized_all.model if optimized_all else judged_first
+        else:
+            refit_model = _recalibrate(source, req, refit, data, requant, converter, opts, progress)
+        qbytes, data_written, note = keep_refit(refit_model, refit, data, qbytes, target, fid, lambda m: fidelity(
+            source.float_tflite, m, eval_samples, reference, class_outputs))
         if note:
             warnings.append(note)
+        elif optimized is not None and superseded is None and optimized_all is not None:
+            optimized = optimized_all
 
     # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
     # backend produced it, and must have run under the target's runtime options.
@@ -157,7 +190,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                                     class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)
     info = read_model(qbytes)
-    warnings += _data_warnings(data_written, scheme, opts)
+    warnings += data_warnings(data_written, scheme, opts)
     mismatches = plan.mismatches(info) if plan else []
     stayed_float = [op for op in info.float_ops() if not (plan and plan.planned_off_int8(op))]
     if scheme is Scheme.INT8 and stayed_float:
@@ -172,6 +205,10 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             raise QuantizationError(msg + " (--strict)")
         warnings.append(msg)
 
+    if size_goal is not None and len(qbytes) > size_goal["max_bytes"]:
+        raise QuantizationError(f"--max-size {size_goal['max_bytes'] / 1e6:.2f} MB: the {scheme.value} model is "
+                                f"{len(qbytes) / 1e6:.2f} MB after the accuracy target moved ops off {scheme.value}; "
+                                "raise --max-size or accept less (--max-drop)")
     compat = None
     if profile is not None:
         from .compat import check_model
@@ -187,7 +224,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         calibration=data_written, user_calibration=opts.calib is not None, range_method=opts.range_method, plan=plan,
         info=info, fidelity=fid, budget=budget_report, compatibility=compat, warnings=tuple(warnings),
         verification=verification.to_json() if verification else None, fidelity_source=fidelity_source,
-        samples={"file": spath.name, "count": min(len(eval_samples), KEPT_SAMPLES)} if eval_samples else None))
+        samples={"file": spath.name, "count": min(len(eval_samples), KEPT_SAMPLES)} if eval_samples else None,
+        optimize=optimize_report(level, opts.optimize, level_why, optimized, superseded), size_goal=size_goal))
     written = []
     try:
         atomic_write(out, qbytes)
@@ -226,7 +264,7 @@ def samples_npz(model: bytes, samples: list[dict]) -> bytes:
 
 def _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid, class_outputs, warnings, progress):
     from .int8_constraints import enforce
-    from .validate import compare
+    from .fidelity import compare
     from .verify import check_runs, runtime_options
 
     qbytes, enforced = enforce(qbytes)
@@ -245,7 +283,7 @@ def _source_fidelity(source, eval_samples, reference, run) -> dict | None:
     """Fidelity against the source framework's own model (PyTorch programs), float and quantized."""
     if source.reference is None or not eval_samples:
         return None
-    from .validate import compare
+    from .fidelity import compare
     src = source.reference(eval_samples)
     return {"reference": source.format, "float": compare(src, reference).to_json(),
             "quantized": compare(src, run.outputs).to_json()}
@@ -298,6 +336,10 @@ def _check_options(opts: ConvertOptions, scheme: Scheme | None, io: IoType | Non
     if scheme is not None and scheme.needs_calibration and opts.calib is None:
         raise CalibrationError(f"--scheme {scheme.value} needs calibration data: pass --calib DIR|FILE.npy|"
                                "FILE.npz|FILE.txt (or --calib random for an uncalibrated model)")
+    real_data = False if opts.calib is None or opts.calib.source == "random" else None
+    mistake = optimize_mistake(opts.optimize, scheme, io, real_data, opts.range_method)
+    if mistake:
+        raise QuantizationError(mistake)
     if opts.range_method != "minmax":
         if scheme is not None and not scheme.needs_calibration:
             raise CalibrationError(f"--calibration {opts.range_method} selects activation ranges; --scheme "
@@ -362,85 +404,54 @@ def _analysis_samples(data: CalibrationData):
     return samples
 
 
-def _target(opts: ConvertOptions, fid, data: CalibrationData):
-    """(the accuracy target to meet, or None; the budget report when the floor is not applied)."""
-    if opts.budget is not None:
-        return (budget_target(opts.budget.max_drop, opts.budget.metric, fid) if fid is not None else None), None
-    if not opts.floor:
-        return None, {"floor": False, "applied": False, "why": "--no-floor"}
-    if fid is None:
-        return None, {"floor": True, "applied": False, "why": "no held-out samples to judge",
-                      "warning": "the fidelity floor was not checked: no held-out samples (give more data or "
-                                 "--eval-samples > 0)"}
-    floor = default_floor(fid)
-    if opts.calib is None or not data.calibrated:
-        # Fidelity on random inputs says little about real ones: the floor must not block such a model.
-        report = {**floor.to_json(), "applied": False, "met": floor.met(fid), "why": "judged on random inputs"}
-        if not floor.met(fid):
-            report["warning"] = (f"the fidelity floor was not applied: judged on random inputs, where "
-                                 f"{floor.reached(fid)} says little about real data; pass --calib DATA")
-        return None, report
-    return floor, None
-
-
-def _refit(data: CalibrationData, cfg: CalibrationConfig | None) -> CalibrationData | None:
-    """With fewer samples than calibration + evaluation ask for, the split held some out: the
-    written model is calibrated on every sample (up to --calib-samples), the held-out ones judged a
-    twin calibrated on the rest. None when the split left nothing out that calibration wanted."""
-    if cfg is None or not data.calibrated or not data.eval_indices or len(data.calib_indices) >= cfg.samples:
-        return None
-    extra = data.eval_indices[:cfg.samples - len(data.calib_indices)]
-    return dataclasses.replace(data, calib_indices=list(data.calib_indices) + list(extra))
-
-
-def _recalibrate(source, req, refit: CalibrationData, data: CalibrationData, judged: bytes, target, fid,
-                 requant, converter, eval_samples, reference, class_outputs, opts: ConvertOptions, progress):
-    """(model bytes, the calibration data it used, a warning or None). The recalibrated model is
-    kept unless it misses the accuracy target its twin met on the held-out samples, which it has
-    now seen: only more data hurting (an outlier sample) does that."""
+def _recalibrate(source, req, refit: CalibrationData, data: CalibrationData, requant, converter,
+                 opts: ConvertOptions, progress) -> bytes:
+    """The model calibrated on every sample (`refit`), the way the first result was quantized."""
     adjust = _range_hook(source, refit, opts.range_method, opts.percentile, progress) if req.adjust_ranges else None
     if converter or requant is None:
         def calibration():
             return progress.iter(refit.calibration(), "Recalibrating on every sample", len(refit.calib_indices))
         with progress.task(f"Quantizing ({req.scheme.value}) with every sample"):
-            model = quantize(source, dataclasses.replace(req, adjust_ranges=adjust), calibration)
-    else:
-        seen = set(data.calib_indices)
-        added = dataclasses.replace(data, calib_indices=[i for i in refit.calib_indices if i not in seen])
-        requant.recalibrate(added.calibration, len(added.calib_indices), adjust)
-        model = requant.quantize(req.per_op)
-    if target is None or fid is None or not target.met(fid):
-        return model, refit, None
-    if not target.met(fidelity(source.float_tflite, model, eval_samples, reference, class_outputs)):
-        return judged, data, (f"recalibrating on all {len(refit.calib_indices)} samples missed the accuracy "
-                              f"target on the held-out ones; kept the model calibrated on {len(data.calib_indices)}")
-    return model, refit, None
+            return quantize(source, dataclasses.replace(req, adjust_ranges=adjust), calibration)
+    seen = set(data.calib_indices)
+    added = dataclasses.replace(data, calib_indices=[i for i in refit.calib_indices if i not in seen])
+    requant.recalibrate(added.calibration, len(added.calib_indices), adjust)
+    return requant.quantize(req.per_op)
 
 
-def _data_warnings(data: CalibrationData, scheme: Scheme, opts: ConvertOptions) -> list[str]:
-    out = []
-    if opts.calib is None:
-        out.append(f"fidelity measured on {len(data.eval_indices)} random inputs (no --calib); pass --calib "
-                   "DATA for numbers that mean something")
-        return out
-    if not data.calibrated and scheme.needs_calibration:
-        out.append("UNCALIBRATED: calibrated on random data (--calib random); ranges and fidelity "
-                   "are not meaningful for real inputs")
-    n = len(data.calib_indices)
-    if scheme.needs_calibration and data.calibrated and n < MIN_RECOMMENDED_CALIB:
-        out.append(f"calibrated on only {n} sample(s); the TFLite docs recommend 100-500 representative samples")
-    if not data.eval_indices:
-        out.append("no held-out samples: fidelity was not measured (give more data or --eval-samples > 0)")
-    elif data.calibrated and len(data.eval_indices) < SMALL_EVAL:
-        n = len(data.eval_indices)
-        out.append(f"fidelity judged on only {n} held-out sample(s): a top-1 agreement of 0.9 is only known to "
-                   f"±{2 * (0.09 / n) ** 0.5:.2f} there (±0.08 on 50); give more data for firmer numbers")
-    return out
+def _optimize(source: SourceModel, data: CalibrationData, req: QuantizeRequest, level: OptimizeLevel,
+              class_outputs: frozenset[str], profile, progress: Progress) -> tuple[OptimizeResult | None, str]:
+    """Quantize at an accuracy level on the calibration samples (optimize.optimize_conversion)."""
+    from .optimize import optimize_conversion, plan_recipe
+    from .verify import runtime_options
+
+    samples = list(progress.iter(data.calibration(), "Loading calibration samples", len(data.calib_indices)))
+    recipe = plan_recipe(source.float_tflite, req.scheme.op_precision, req.per_op, req.io is IoType.FLOAT32)
+    with progress.task(f"Optimizing accuracy (--optimize {level.value}, {len(samples)} calibration samples)"):
+        return optimize_conversion(source.float_tflite, samples, recipe, level, class_outputs,
+                                   runtime_options(profile), progress.note)
 
 
-# Held-out samples below which fidelity numbers are rough (95% interval of top-1 agreement
-# ±2·sqrt(p(1-p)/n): ±0.13 at n = 20, p = 0.9).
-SMALL_EVAL = 20
+def _scheme_for_size(opts: ConvertOptions, source, data, profile, scheme: Scheme, io: IoType, float_info,
+                     eval_samples, reference, class_outputs, progress) -> tuple[Scheme, dict]:
+    """(the most accurate candidate scheme whose file fits --max-size, the manifest's size_goal)."""
+    from .size_goal import choose_for_size, size_candidates
+
+    candidates = size_candidates(scheme, io, fixed=opts.scheme is not None or profile is not None)
+    adjust = _range_hook(source, data, opts.range_method, opts.percentile, progress)
+
+    def measure(s: Scheme) -> tuple[bytes, float]:
+        req = QuantizeRequest(s, io, per_op_from_plan(conversion_plan(float_info, profile, s)),
+                              adjust if s.needs_calibration else None)
+        with progress.task(f"--max-size: quantizing {s.value}"):
+            model = quantize(source, req, data.calibration if s.needs_calibration else None)
+        fid = fidelity(source.float_tflite, model, eval_samples, reference, class_outputs) if eval_samples else None
+        return model, fid.worst("cosine") if fid else float("nan")
+
+    choice = choose_for_size([(s.value, s) for s in candidates], opts.max_size, measure)
+    return choice.chosen.candidate, {"max_bytes": opts.max_size, "chosen": choice.chosen.label, "tried": [
+        {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
+        for m in choice.tried]}
 
 
 def _load_profile(opts: ConvertOptions):

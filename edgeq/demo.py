@@ -17,8 +17,8 @@ from .progress import SILENT, Progress
 from .precision import Scheme
 from .runners import BenchOptions
 from .runners.local import bench_local
-from .tfimport import quiet_native
-from .validate import run_model
+from .quiet import quiet_native
+from .fidelity import run_model
 
 SEED = 0
 
@@ -37,7 +37,7 @@ def digits_data():
 
 
 def train_digits_cnn(x, y, epochs: int = 12):
-    from .tfimport import import_tf
+    from .quiet import import_tf
     tf = import_tf()
 
     tf.keras.utils.set_random_seed(SEED)

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import tflite_edit as te
-from .bias_correction import capture, load_model
+from .weight_layers import capture
 
 LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _ACT = {0: "NONE", 1: "RELU", 3: "RELU6"}  # fused activations a positive scale passes (RELU6 with care)
@@ -208,7 +208,7 @@ def equalize(float_model: bytes, samples: Sequence[dict] | None = None, *,
     channel_stats, {tensor name: (per-channel min, per-channel max)} over them (ranges.RangeStats.channels)."""
     t0 = time.monotonic()
     mode = EqualizeMode(mode)
-    m = load_model(float_model)
+    m = te.load(float_model)
     sg = m.subgraphs[0]
     pairs = find_pairs(m)
     if mode is EqualizeMode.ACTIVATIONS and not samples and channel_stats is None:
@@ -261,14 +261,13 @@ def equalize(float_model: bytes, samples: Sequence[dict] | None = None, *,
 def _write(m, sg, index: int, value: np.ndarray) -> None:
     """Store in the tensor's own float type (fp16 weights stay fp16), in a buffer of its own."""
     dtype = te.constant(m, sg, index).dtype
-    shared = sum(t.buffer == sg.tensors[index].buffer for g in m.subgraphs for t in g.tensors) > 1
-    te.set_constant(m, sg, index, value.astype(dtype), new_buffer=shared)
+    te.set_constant(m, sg, index, value.astype(dtype), new_buffer=te.buffer_shared(m, sg.tensors[index].buffer))
 
 
 def equalization_error(float_model: bytes, equalized: bytes, samples: Sequence[dict]) -> float:
     """Largest |difference| of any output between the two float models over samples, relative to the
     largest |output|: 0 up to float rounding when equalization is exact."""
-    from .validate import run_model
+    from .fidelity import run_model
 
     a, b = run_model(float_model, samples), run_model(equalized, samples)
     diff = max(float(np.abs(x - y).max()) for x, y in zip(a.values(), b.values()))

@@ -31,6 +31,10 @@ class QuantizationError(EdgeqError):
     """The produced model does not meet what was asked (--strict, budget, plan mismatch)."""
 
 
+class DiskFullError(EdgeqError):
+    """This host's disk (or quota) has no room for an output. Exit code 1."""
+
+
 class IncompatibleModelError(EdgeqError):
     """The model uses ops or op versions the target runtime cannot run."""
 

@@ -10,11 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import EdgeqError, OutputExistsError
-
-
-class DiskFullError(EdgeqError):
-    """This host's disk (or quota) has no room for an output. Exit code 1."""
+from .errors import DiskFullError, OutputExistsError
 
 
 def human_bytes(n: int | float) -> str:

@@ -39,12 +39,11 @@ import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgeq.bundle import MODEL_NAME, RUNTIME_MODULES, build_bundle
-from edgeq.errors import DeviceError, EdgeqError, first_line
-from edgeq.files import disk_full_error, human_bytes
-from edgeq.remote import Progress, Remote, SshTarget
-from edgeq.runners.ssh import FLASH_ROOT
-from edgeq.slot_lock import SlotLock
+from .bundle import FLASH_ROOT, MODEL_NAME, RUNTIME_MODULES, build_bundle
+from .errors import DeviceError, EdgeqError, first_line
+from .files import disk_full_error, human_bytes
+from .remote import Progress, Remote, SshTarget
+from .slot_lock import SlotLock
 
 RUNTIME_DONE = "runtime.json"  # written last into runtimes/<id>/: the runtime is complete
 _VENV_BYTES = 32 << 20  # a venv with pip and setuptools from ensurepip takes about 25 MB

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeq.errors import EdgeqError
-from edgeq.remote import SshTarget
+from .errors import EdgeqError
+from .remote import SshTarget
 
 FLEET_SCHEMA = "edgeq.fleet/1"
 _TARGET_KEYS = {"host", "user", "port", "identity", "known_hosts", "connect_timeout", "run_timeout"}

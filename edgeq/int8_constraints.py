@@ -85,19 +85,13 @@ class EnforceReport:
                     or self.biases_requantized)
 
     def notes(self) -> tuple[str, ...]:
-        out = []
-        if self.filters_requantized:
-            out.append(f"{self.filters_requantized} asymmetric filter(s) re-quantized symmetric per-channel "
-                       "(the int8 kernels need zero point 0)")
-        if self.tensors_changed:
-            out.append(f"{self.tensors_changed} tensor(s) in {self.groups_merged} group(s) of pooling/concat/"
-                       "reshape-like ops given one shared scale (the int8 kernels need it)")
-        if self.fixed_outputs:
-            out.append(f"{self.fixed_outputs} LOGISTIC/SOFTMAX/TANH output(s) set to the kernels' fixed "
-                       "scale")
-        if self.biases_requantized:
-            out.append(f"{self.biases_requantized} bias(es) re-quantized to input scale x filter scale")
-        return tuple(out)
+        said = ((self.filters_requantized, "asymmetric filter(s) re-quantized symmetric per-channel (the int8 "
+                 "kernels need zero point 0)"),
+                (self.tensors_changed, f"tensor(s) in {self.groups_merged} group(s) of pooling/concat/"
+                 "reshape-like ops given one shared scale (the int8 kernels need it)"),
+                (self.fixed_outputs, "LOGISTIC/SOFTMAX/TANH output(s) set to the kernels' fixed scale"),
+                (self.biases_requantized, "bias(es) re-quantized to input scale x filter scale"))
+        return tuple(f"{n} {text}" for n, text in said if n)
 
     def to_json(self) -> dict:
         return dict(vars(self))
@@ -105,23 +99,11 @@ class EnforceReport:
 
 # --- reading -------------------------------------------------------------------------------------
 
-def _qparams(t) -> tuple[np.ndarray, np.ndarray] | None:
-    q = t.quantization
-    if q is None or q.scale is None or len(q.scale) == 0:
-        return None
-    scale = np.asarray(q.scale, dtype=np.float64)
-    zp = np.asarray(q.zeroPoint if q.zeroPoint is not None and len(q.zeroPoint) else np.zeros(len(scale)),
-                    dtype=np.int64)
-    if len(zp) == 1 and len(scale) > 1:
-        zp = np.repeat(zp, len(scale))
-    return scale, zp
-
-
 def _per_tensor(t) -> tuple[float, int] | None:
     """(scale, zero point) of a per-tensor quantized integer tensor, else None."""
     if t.type not in _RANGE:
         return None
-    p = _qparams(t)
+    p = te.qparams(t)
     if p is None or len(p[0]) != 1:
         return None
     return float(p[0][0]), int(p[1][0])
@@ -137,22 +119,14 @@ def _set_params(t, scale, zero_point, axis: int = 0) -> None:
     t.quantization = q
 
 
-def _ins(op) -> list[int]:
-    return [] if op.inputs is None else [int(x) for x in op.inputs]
-
-
-def _outs(op) -> list[int]:
-    return [] if op.outputs is None else [int(x) for x in op.outputs]
-
-
 def _same_scale_tensors(m, sg, op) -> list[int]:
     """The tensors of `op` that must share parameters (empty if the op has no such rule)."""
     rule = SAME_SCALE_OPS.get(te.op_name(m, op))
     if rule is None:
         return []
-    ins = _ins(op)
+    ins = te.ints(op.inputs)
     picked = [t for t in ins if t >= 0] if rule == "all" else [ins[i] for i in rule if i < len(ins) and ins[i] >= 0]
-    tensors = picked + [t for t in _outs(op) if t >= 0]
+    tensors = picked + [t for t in te.ints(op.outputs) if t >= 0]
     quant = [t for t in tensors if _per_tensor(sg.tensors[t]) is not None]
     types = {sg.tensors[t].type for t in quant}
     # Only all-integer ops are tied (a float op around the quantizer's DEQUANTIZE has no rule).
@@ -175,12 +149,12 @@ def violations(model: bytes) -> list[Violation]:
 
 def _op_violations(m, sg, op, name: str) -> list[str]:
     reasons = []
-    ins = _ins(op)
+    ins = te.ints(op.inputs)
     if name in FILTER_OPS:
         w_i = FILTER_OPS[name][0]
         w = sg.tensors[ins[w_i]] if w_i < len(ins) and ins[w_i] >= 0 else None
-        if w is not None and w.type in (INT8, INT16) and _qparams(w) is not None:
-            zp = _qparams(w)[1]
+        if w is not None and w.type in (INT8, INT16) and te.qparams(w) is not None:
+            zp = te.qparams(w)[1]
             if np.any(zp != 0):
                 reasons.append(f"filter zero point {int(zp[zp != 0][0])} != 0 (filters must be symmetric)")
             else:
@@ -193,8 +167,8 @@ def _op_violations(m, sg, op, name: str) -> list[str]:
         shown = ", ".join(f"{s:.4g}/{z}" for s, z in sorted(params)[:3])
         reasons.append(f"inputs and outputs must share one scale/zero point, have {shown}")
     fixed = FIXED_OUTPUT.get(name)
-    if fixed and _outs(op):
-        t = sg.tensors[_outs(op)[0]]
+    if fixed and te.ints(op.outputs):
+        t = sg.tensors[te.ints(op.outputs)[0]]
         want = fixed.get(t.type)
         have = _per_tensor(t)
         if want and have and (abs(have[0] - want[0]) > 1e-9 * want[0] or have[1] != want[1]):
@@ -204,13 +178,13 @@ def _op_violations(m, sg, op, name: str) -> list[str]:
 
 def _bias_mismatch(sg, op, name: str) -> str:
     w_i, _, b_i = FILTER_OPS[name]
-    ins = _ins(op)
+    ins = te.ints(op.inputs)
     if b_i >= len(ins) or ins[b_i] < 0 or ins[0] < 0:
         return ""
     inp = _per_tensor(sg.tensors[ins[0]]) if name != "TRANSPOSE_CONV" else _per_tensor(sg.tensors[ins[2]])
     b = sg.tensors[ins[b_i]]
-    bp = _qparams(b)
-    wp = _qparams(sg.tensors[ins[w_i]])
+    bp = te.qparams(b)
+    wp = te.qparams(sg.tensors[ins[w_i]])
     if inp is None or bp is None or wp is None:
         return ""
     if b.type in (INT8, INT16, UINT8):
@@ -258,11 +232,11 @@ def _symmetric_filters(m, sg) -> int:
         if name not in FILTER_OPS:
             continue
         w_i, axis, _ = FILTER_OPS[name]
-        ins = _ins(op)
+        ins = te.ints(op.inputs)
         if w_i >= len(ins) or ins[w_i] < 0 or ins[w_i] in done:
             continue
         t = sg.tensors[ins[w_i]]
-        p = _qparams(t)
+        p = te.qparams(t)
         if t.type != INT8 or p is None or not np.any(p[1] != 0):
             continue
         q = te.constant(m, sg, ins[w_i])
@@ -278,7 +252,7 @@ def _symmetric_filters(m, sg) -> int:
         shape = [1] * w.ndim
         shape[axis] = -1
         wq = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-        te.set_constant(m, sg, ins[w_i], wq, new_buffer=_buffer_shared(m, sg, t.buffer))
+        te.set_constant(m, sg, ins[w_i], wq, new_buffer=te.buffer_shared(m, t.buffer))
         _set_params(t, scale, np.zeros(len(scale), dtype=np.int64), axis)
         done.add(ins[w_i])
         n += 1
@@ -304,8 +278,8 @@ def _share_scales(m, sg) -> tuple[int, int, int]:
     pinned: dict[int, tuple[float, int]] = {}  # tensor -> fixed params
     for op in sg.operators or []:
         fixed = FIXED_OUTPUT.get(te.op_name(m, op))
-        if fixed and _outs(op):
-            t = _outs(op)[0]
+        if fixed and te.ints(op.outputs):
+            t = te.ints(op.outputs)[0]
             want = fixed.get(sg.tensors[t].type)
             if want and _per_tensor(sg.tensors[t]) is not None:
                 pinned[t] = want
@@ -359,7 +333,7 @@ def _requantize_tensor(m, sg, index: int, target: tuple[float, int]) -> None:
         qmin, qmax = _RANGE[t.type]
         real = (data.astype(np.float64) - old[1]) * old[0]
         q = np.clip(np.round(real / target[0] + target[1]), qmin, qmax).astype(data.dtype)
-        te.set_constant(m, sg, index, q, new_buffer=_buffer_shared(m, sg, t.buffer))
+        te.set_constant(m, sg, index, q, new_buffer=te.buffer_shared(m, t.buffer))
     _set_params(t, target[0], target[1])
 
 
@@ -370,7 +344,7 @@ def _requantize_biases(m, sg) -> int:
     for op in sg.operators or []:
         name = te.op_name(m, op)
         if name in FILTER_OPS:
-            ins = _ins(op)
+            ins = te.ints(op.inputs)
             b_i = FILTER_OPS[name][2]
             if b_i < len(ins) and ins[b_i] >= 0:
                 users[ins[b_i]] = users.get(ins[b_i], 0) + 1
@@ -379,18 +353,18 @@ def _requantize_biases(m, sg) -> int:
         if name not in FILTER_OPS or not _bias_mismatch(sg, op, name):
             continue
         w_i, _, b_i = FILTER_OPS[name]
-        ins = _ins(op)
+        ins = te.ints(op.inputs)
         bias_index = ins[b_i]
         b = sg.tensors[bias_index]
         data = te.constant(m, sg, bias_index)
         if data is None:
             continue
-        bp = _qparams(b)
+        bp = te.qparams(b)
         old = bp[0] if len(bp[0]) == data.size else np.repeat(bp[0], data.size)
         old_zp = bp[1] if len(bp[1]) == data.size else np.repeat(bp[1], data.size)
         real = (data.astype(np.float64).ravel() - old_zp) * old
         inp = _per_tensor(sg.tensors[ins[2] if name == "TRANSPOSE_CONV" else ins[0]])
-        scale = inp[0] * _qparams(sg.tensors[ins[w_i]])[0]
+        scale = inp[0] * te.qparams(sg.tensors[ins[w_i]])[0]
         wide = np.int64 if b.type == 4 or sg.tensors[ins[w_i]].type == INT16 else np.int32
         info = np.iinfo(wide)
         q = np.clip(np.round(real / scale), info.min, info.max).astype(wide)
@@ -399,7 +373,7 @@ def _requantize_biases(m, sg) -> int:
             op.inputs = list(ins)
             op.inputs[b_i] = bias_index
             users[ins[b_i]] -= 1
-        te.set_constant(m, sg, bias_index, q, new_buffer=_buffer_shared(m, sg, sg.tensors[bias_index].buffer))
+        te.set_constant(m, sg, bias_index, q, new_buffer=te.buffer_shared(m, sg.tensors[bias_index].buffer))
         _set_params(sg.tensors[bias_index], scale, np.zeros(len(scale), dtype=np.int64), 0)
         n += 1
     return n
@@ -411,10 +385,6 @@ def _clone_tensor(m, sg, index: int) -> int:
     t.name = (te.tensor_name(t) + "_edgeq").encode()
     sg.tensors.append(t)
     return len(sg.tensors) - 1
-
-
-def _buffer_shared(m, sg, buffer: int) -> bool:
-    return buffer == 0 or sum(1 for s in m.subgraphs for t in s.tensors if t.buffer == buffer) > 1
 
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> np.ndarray:

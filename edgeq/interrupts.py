@@ -10,18 +10,18 @@ again as soon as it is outside every gc callback, where it ends the command like
 
 from __future__ import annotations
 
-import _thread
 import gc
 import sys
-import threading
-import time
 
 _installed = False
 
 
-def _in_gc_callback(thread_id: int) -> bool:
-    frame = sys._current_frames().get(thread_id)
-    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+def _callback_codes() -> set:
+    return {getattr(cb, "__code__", None) for cb in gc.callbacks}
+
+
+def _in_gc_callback(frame) -> bool:
+    codes = _callback_codes()
     while frame is not None:
         if frame.f_code in codes:
             return True
@@ -29,11 +29,31 @@ def _in_gc_callback(thread_id: int) -> bool:
     return False
 
 
-def _redeliver(main_id: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _in_gc_callback(main_id) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    _thread.interrupt_main()  # one interrupt for the one that was dropped
+def _raise_outside_callbacks(frame) -> None:
+    """Trace the main thread (the thread whose gc callback dropped the interrupt) and raise
+    KeyboardInterrupt at the first line it runs outside every gc callback: an exception a trace
+    function raises propagates into the traced code, so it ends the command like any Ctrl-C.
+    (A thread that waits and then interrupts again lands inside a callback again when the program
+    spends most of its time in them: its GIL turns come mostly there.)"""
+    traced = []
+
+    def stop() -> None:
+        sys.settrace(None)
+        for f in traced:
+            f.f_trace = None
+
+    def tracer(f, event, arg):
+        if event in ("call", "line") and not _in_gc_callback(f):
+            stop()
+            raise KeyboardInterrupt
+        return tracer
+
+    f = frame
+    while f is not None:  # frames already running get line events only through f_trace
+        f.f_trace = tracer
+        traced.append(f)
+        f = f.f_back
+    sys.settrace(tracer)
 
 
 def install() -> None:
@@ -41,12 +61,11 @@ def install() -> None:
     if _installed:
         return
     previous = sys.unraisablehook
-    main_id = threading.main_thread().ident
 
     def hook(unraisable):
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            # Not from inside this hook: an exception raised here would be dropped as well.
-            _thread.start_new_thread(_redeliver, (main_id,))  # no waiting: a wait here is interruptible
+            # Not raised from here: an exception raised in this hook would be dropped as well.
+            _raise_outside_callbacks(sys._getframe(1))
             return
         previous(unraisable)
 

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bias_correction import WeightLayer, activate, capture, layer_forward, load_model, weight_layers
-from .errors import QuantizationError
 from . import tflite_edit as te
+from .errors import QuantizationError
+from .weight_layers import WeightLayer, activate, capture, layer_forward, weight_layers
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 
@@ -175,7 +175,7 @@ def learn_layer(layer: WeightLayer, x_q: np.ndarray, target: np.ndarray, w_int: 
     x_q: stacked VALID-ready input crops (or FC rows) from the int8 model; target: the float layer's
     output (activation applied) there; w_int: the quantizer's int8 weights (round-to-nearest);
     bias_float: the float bias (zeros if none)."""
-    from .tfimport import import_tf
+    from .quiet import import_tf
     tf = import_tf()
 
     scale = layer.scale_shaped()
@@ -266,8 +266,8 @@ def learn_rounding(quant_model: bytes, float_model: bytes, samples: Sequence[dic
     """The int8 model with learned rounding in every int8 CONV_2D / DEPTHWISE_CONV_2D /
     FULLY_CONNECTED (see module doc). samples are CALIBRATION samples; at most config.max_samples
     (evenly spread) are used. The time for optimisation is bounded by config.seconds."""
-    from .ranges import spread
-    from .tfimport import import_tf
+    from .range_search import spread
+    from .quiet import import_tf
 
     t0 = time.monotonic()
     import_tf()  # quietly, before any layer is computed
@@ -277,7 +277,7 @@ def learn_rounding(quant_model: bytes, float_model: bytes, samples: Sequence[dic
     layers = weight_layers(quant_model, float_model)
     if not layers:
         return LearnedRounding(quant_model, (), len(samples), 0.0)
-    m = load_model(quant_model)
+    m = te.load(quant_model)
     sg = m.subgraphs[0]
     rng = np.random.default_rng(config.seed)
     crops = {lay.op_index: _Crops(lay, config, rng) for lay in layers}
@@ -314,9 +314,9 @@ def _write(m, sg, lay: WeightLayer, w_int: np.ndarray, bias_offset: np.ndarray) 
     if lay.bias is None or not np.any(bias_offset):
         return
     bias = te.constant(m, sg, lay.bias)
-    q = sg.tensors[lay.bias].quantization
-    if bias is None or bias.dtype != np.int32 or q is None or q.scale is None:
+    p = te.qparams(sg.tensors[lay.bias])
+    if bias is None or bias.dtype != np.int32 or p is None:
         return
-    b_scale = np.broadcast_to(np.asarray(q.scale, np.float64), bias.shape)
+    b_scale = np.broadcast_to(p[0], bias.shape)
     new = bias.astype(np.int64) + np.round(bias_offset.astype(np.float64) / b_scale).astype(np.int64)
     te.set_constant(m, sg, lay.bias, np.clip(new, -2**31, 2**31 - 1).astype(np.int32))

@@ -1,8 +1,13 @@
 """Per-op quantization with the LiteRT quantizer: a recipe built from an op → precision plan.
 
 The TFLite converter can only keep ops float (QuantizationDebugger denylists); the LiteRT quantizer
-also does per-op dynamic-range ("hybrid"), so every mixed plan goes through here. It needs a float
-.tflite with a SignatureDef (see `signature.ensure_signature`).
+also does per-op dynamic-range ("hybrid") and int4 weights, so every mixed plan goes through here.
+It needs a float .tflite with a SignatureDef (see `signature.ensure_signature`).
+
+- recipe lines: `op_config`, `recipe_lines`, `build_recipe`, `per_op_from_plan`;
+- `Requantizer`: one float model, calibrated once, quantized per any number of plans (convert's
+  first result, the accuracy-budget loop's probes, a little-data refit); `quantize_per_op` is one
+  plan through it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .errors import QuantizationError, first_line
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
 from .tflite_ops import WEIGHT_OPERAND, quantizer_int4_ops
-from .tfimport import quiet_native
+from .quiet import quiet_native
 from .tflite_model import read_model
 
 _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"}
@@ -35,6 +40,9 @@ def _int4_weights(precision: Precision) -> dict:
 # host: 22.8 ms in 11 partitions vs 10.3 ms in one).
 SYMMETRIC_INT8_OPS = frozenset({"BATCH_MATMUL"})
 
+
+# Recipe precisions with calibrated activation ranges (int4x8: int4 weights, int8 activations).
+STATIC_PRECISIONS = frozenset({Precision.INT8, Precision.INT16X8, Precision.INT4X8})
 
 # Activation bits of the static recipe precisions.
 _ACTIVATION_BITS = {Precision.INT8: 8, Precision.INT16X8: 16}
@@ -159,41 +167,110 @@ class Reiterable:
         return iter(self._factory())
 
 
-def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],
-                    samples: Iterable[dict[str, np.ndarray]] | None, *, signature_key: str = SIGNATURE_KEY,
-                    keep_float_io: bool = True, adjust_ranges: RangeHook | None = None) -> bytes:
-    """Quantize `float_model` (bytes with a signature) per the plan; returns the .tflite bytes.
+class Requantizer:
+    """Quantizes any per-op plan of one float model with the LiteRT quantizer, calibrating once.
 
-    `adjust_ranges` receives the min/max calibration result and returns the one to use
-    (percentile / MSE range selection plugs in here).
-    """
-    from litert_quantizer import quantizer
+    `samples` returns a fresh iterator of calibration samples; `adjust_ranges` (range selection)
+    is applied once to the calibration result."""
 
-    qt = quantizer.Quantizer(bytearray(float_model))
-    recipe = build_recipe(default, per_op, op_scopes(float_model))
-    if keep_float_io:  # model inputs/outputs stay float32 (a QUANTIZE/DEQUANTIZE at the edges)
-        recipe += [{"regex": ".*", "operation": io, "algorithm_key": "no_quantize", "op_config": {}}
-                   for io in ("INPUT", "OUTPUT")]
-    try:
-        qt.load_quantization_recipe(recipe)
-    except ValueError as e:
-        raise QuantizationError(f"the LiteRT quantizer refused the plan: {first_line(e)}") from None
-    calibration = None
-    # The quantizer prints its own reports and tqdm bars; edgeq shows its own progress instead.
-    with quiet_native():
-        if qt.need_calibration:
-            if samples is None:
-                raise QuantizationError("this plan has static int8 ops and needs calibration samples; "
-                                        "pass --calib DATA (or --calib random for an uncalibrated model)")
+    def __init__(self, float_model: bytes, default: Precision, samples: Callable[[], Iterable[dict]] | None,
+                 count: int = 0, *, keep_float_io: bool = True, adjust_ranges: Callable[[dict], dict] | None = None,
+                 progress=None):
+        from .progress import SILENT
+
+        self.float_model = float_model
+        self.default = Precision(default)
+        self.keep_float_io = keep_float_io
+        self._samples = samples
+        self._count = count
+        self._adjust = adjust_ranges
+        self._progress = progress or SILENT
+        self._scopes = op_scopes(float_model)
+        self._raw: dict | None = None  # the quantizer's min/max result
+        self._ranges: dict | None = None  # after range selection: what every plan is quantized with
+        self.quantizations = 0
+
+    @property
+    def static(self) -> bool:
+        """The default precision has calibrated activation ranges (else plans need them only for
+        the ops they put at int8/int16x8)."""
+        return self.default in STATIC_PRECISIONS
+
+    def _recipe(self, per_op, default: Precision | None = None) -> list[dict]:
+        recipe = build_recipe(default or self.default, per_op, self._scopes)
+        if self.keep_float_io:  # model inputs/outputs stay float32 (a QUANTIZE/DEQUANTIZE at the edges)
+            recipe += [{"regex": ".*", "operation": io, "algorithm_key": "no_quantize", "op_config": {}}
+                       for io in ("INPUT", "OUTPUT")]
+        return recipe
+
+    def _quantizer(self, per_op, default: Precision | None = None):
+        from litert_quantizer import quantizer
+
+        qt = quantizer.Quantizer(bytearray(self.float_model))
+        try:
+            qt.load_quantization_recipe(self._recipe(per_op, default))
+        except ValueError as e:
+            raise QuantizationError(f"the LiteRT quantizer refused the plan: {first_line(e)}") from None
+        return qt
+
+    def _calibrate(self, samples: Callable[[], Iterable[dict]], count: int, previous: dict | None) -> dict:
+        # Every op static: ranges for every tensor any plan may need (min/max do not depend on the recipe).
+        qt = self._quantizer((), self.default if self.static else Precision.INT8)
+        # The quantizer walks the samples twice (it counts them first): the bar counts both passes.
+        with self._progress.task("Calibrating", 2 * count or None) as advance, quiet_native():
+            def streamed():
+                for s in samples():
+                    yield s
+                    advance(1)
             try:
-                calibration = qt.calibrate({signature_key: samples}, num_threads=2)
+                return qt.calibrate({SIGNATURE_KEY: Reiterable(streamed)}, previous_calibration_result=previous,
+                                    num_threads=2)
             except (ValueError, KeyError) as e:
                 raise QuantizationError(f"calibration failed in the LiteRT quantizer: {first_line(e)}") from None
-            if adjust_ranges is not None:
-                calibration = adjust_ranges(calibration)
-        try:
-            result = qt.quantize(calibration, enable_progress_report=False)
-        except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
-            raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
-    return bytes(result.quantized_model)
 
+    def ranges(self) -> dict:
+        """The calibration result every plan is quantized with."""
+        if self._ranges is None:
+            if self._samples is None:
+                raise QuantizationError("this plan has static int8 ops and needs calibration samples; pass "
+                                        "--calib DATA (or --calib random for an uncalibrated model)")
+            self._raw = self._calibrate(self._samples, self._count, None)
+            self._ranges = self._adjust(self._raw) if self._adjust else self._raw
+        return self._ranges
+
+    def recalibrate(self, more: Callable[[], Iterable[dict]], count: int,
+                    adjust_ranges: Callable[[dict], dict] | None) -> None:
+        """Add samples to the calibration (resumed, not redone) and re-select ranges over all of them."""
+        if self._samples is None:
+            return
+        self.ranges()
+        self._raw = self._calibrate(more, count, self._raw)
+        self._adjust = adjust_ranges
+        self._ranges = adjust_ranges(self._raw) if adjust_ranges else self._raw
+
+    def quantize(self, per_op: Sequence, ranges: dict | None = None) -> bytes:
+        """The float model quantized per `per_op` (litert_quant.OpPrecision lines), with the shared
+        calibration result or `ranges` (e.g. a range search trying candidates)."""
+        qt = self._quantizer(per_op)
+        if qt.need_calibration and ranges is None:
+            ranges = self.ranges()
+        self.quantizations += 1
+        with quiet_native():  # the quantizer prints its own reports
+            try:
+                result = qt.quantize(ranges if qt.need_calibration else None, enable_progress_report=False)
+            except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
+                raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
+        return bytes(result.quantized_model)
+
+
+def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],
+                    samples: Iterable[dict[str, np.ndarray]] | None, *, keep_float_io: bool = True,
+                    adjust_ranges: RangeHook | None = None) -> bytes:
+    """Quantize `float_model` (bytes with a signature) per the plan; returns the .tflite bytes.
+    One plan, one calibration: a `Requantizer` used once. `samples` is walked twice (a list or a
+    Reiterable); `adjust_ranges` receives the min/max calibration result and returns the one to use
+    (percentile / MSE range selection plugs in here)."""
+    factory = (lambda: iter(samples)) if samples is not None else None
+    count = len(samples) if hasattr(samples, "__len__") else 0
+    return Requantizer(float_model, default, factory, count, keep_float_io=keep_float_io,
+                       adjust_ranges=adjust_ranges).quantize(per_op)

@@ -12,6 +12,9 @@ it instead of re-deriving the conversion. Top-level sections:
   plan         plan.Plan.to_json() or null; ops, op_summary: the produced model's ops, read back
   fidelity     {samples, outputs: [{name, cosine, rel_l2, max_abs, top1_agreement}], inputs} or null
   budget       the accuracy-budget report (budget.run_budget) or null
+  optimize     {level, asked, why, steps: [{step, kept, before, after, seconds, detail}], final, ...}:
+               the accuracy methods that ran (optimize.OptimizeResult.to_json()) and what each bought
+  size_goal    {max_bytes, tried: [{label, bytes, fidelity, chosen}]} (--max-size) or null
   compatibility compat.CompatReport.to_json() or null; sizes {float_bytes, quantized_bytes, ratio}
 
 Readers other than convert's own tests treat every section but the schema as optional.
@@ -38,7 +41,7 @@ if TYPE_CHECKING:  # only for annotations: reading a manifest must not import th
     from .precision import IoType, Scheme
     from .sources import SourceModel
     from .tflite_model import ModelInfo
-    from .validate import Fidelity
+    from .fidelity import Fidelity
 
 SCHEMA = "edgeq.manifest/1"
 _DEPS = ("tensorflow-cpu", "tensorflow", "ai-edge-litert", "litert-quantizer", "numpy", "torch",
@@ -49,6 +52,7 @@ _SECTIONS: dict[str, tuple[type | None, ...]] = {
     "created": (str,), "edgeq_version": (str,), "output": (dict,), "source": (dict,), "scheme": (str,),
     "calibrated": (bool,), "device": (str, None), "io": (dict,), "calibration": (dict,), "plan": (dict, None),
     "ops": (list,), "op_summary": (dict,), "fidelity": (dict, None), "budget": (dict, None),
+    "optimize": (dict, None), "size_goal": (dict, None),
     "compatibility": (dict, None), "sizes": (dict,),
     "verification": (dict, None), "fidelity_source": (dict, None), "samples": (dict, str, None),
     "warnings": (list,), "versions": (dict,),
@@ -97,6 +101,8 @@ class ManifestParts:
     verification: dict | None = None  # verify.RunCheck.to_json(): the written model run under the target's options
     fidelity_source: dict | None = None  # fidelity against the source framework's own model (PyTorch)
     samples: dict | None = None  # {"file": "<stem>.samples.npz", "count": N}: real held-out inputs for bench/profile
+    optimize: dict | None = None  # the accuracy level that ran and each step's before/after (--optimize)
+    size_goal: dict | None = None  # the candidates --max-size tried and the one it chose
 
 
 def build_manifest(p: ManifestParts) -> dict[str, Any]:
@@ -125,6 +131,8 @@ def build_manifest(p: ManifestParts) -> dict[str, Any]:
         "fidelity": ({**p.fidelity.to_json(), "inputs": "held-out" if p.user_calibration else "random"}
                      if p.fidelity else None),
         "budget": p.budget,
+        "optimize": p.optimize,
+        "size_goal": p.size_goal,
         "compatibility": p.compatibility.to_json() if p.compatibility is not None else None,
         "sizes": {"float_bytes": len(src.float_tflite), "quantized_bytes": len(q),
                   "ratio": len(src.float_tflite) / max(len(q), 1)},

@@ -1,8 +1,10 @@
 """Accuracy levels (--optimize none|fast|best): which methods run after calibration, and what each bought.
 
 Every step is measured on CALIBRATION samples (an evenly spread subset, `judge`), against the user's
-float model, and kept only if it lowers the output error there; so a level can only match or beat
-the one below it on those samples, and the held-out samples stay untouched for the fidelity report.
+float model, and kept only if it lowers the output error there AND leaves every output's cosine
+within range_search.COSINE_TOLERANCE of the quantizer's own ranges (level none); so a level can only
+match or beat the one below it on those samples, on every output, and the held-out samples stay
+untouched for the fidelity report.
 
 - none: the quantizer's own ranges (litert-quantizer's moving-average min-max), nothing else.
 - fast (default; about the bare TFLite converter's time again): measured range selection per model
@@ -25,13 +27,54 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Sequence
 
-from .ranges import Objective, Score, output_names, range_stats, refine_ranges, score, search_ranges, spread
+from .range_search import (OWN_RANGES, Objective, Score, is_score_vector, output_names, refine_ranges, score,
+                           search_ranges, spread)
+from .ranges import range_stats
 
 
 class OptimizeLevel(str, Enum):
     NONE = "none"
     FAST = "fast"
     BEST = "best"
+
+
+def _not_applicable(scheme, io, calibrated: bool | None, range_method: str | None) -> str | None:
+    """Why the methods cannot run for this conversion (None: they can). None arguments are not known
+    yet and are not checked. They are int8 methods (int8 bias, int8 weight rounding) on the LiteRT
+    quantizer's static ranges, measured on real calibration samples."""
+    from .precision import IoType, Scheme
+
+    if scheme is not None and scheme is not Scheme.INT8:
+        return f"--scheme {scheme.value}: the methods tune static int8 (use --scheme int8)"
+    if io is not None and io not in (IoType.FLOAT32, IoType.INT8):
+        return f"--io {io.value}: the LiteRT quantizer writes float32 or int8 I/O"
+    if range_method not in (None, "minmax"):
+        return f"--calibration {range_method} fixes the activation ranges (drop it to let them be measured)"
+    if calibrated is False:
+        return "no real calibration data to measure on (--calib DATA, not random)"
+    return None
+
+
+def optimize_mistake(asked: OptimizeLevel | None, scheme, io, calibrated: bool | None,
+                     range_method: str | None) -> str | None:
+    """A usage mistake: --optimize fast/best asked where the methods cannot run (None: fine)."""
+    why = None if asked in (None, OptimizeLevel.NONE) else _not_applicable(scheme, io, calibrated, range_method)
+    return f"--optimize {asked.value} cannot run: {why}; or --optimize none" if why else None
+
+
+def resolve_level(asked: OptimizeLevel | None, scheme, io, calibrated: bool,
+                  range_method: str) -> tuple[OptimizeLevel, str | None]:
+    """(the level that runs, why it is none when the default was asked for). The default is fast
+    wherever it applies: measured on MobileNetV2 it takes 1.5-1.8x the bare converter's time
+    (docs/accuracy.md); best takes minutes and is only run when asked."""
+    why = _not_applicable(scheme, io, calibrated, range_method)
+    if asked is None:
+        return (OptimizeLevel.FAST, None) if why is None else (OptimizeLevel.NONE, why)
+    mistake = optimize_mistake(asked, scheme, io, calibrated, range_method)
+    if mistake:
+        from .errors import QuantizationError
+        raise QuantizationError(mistake)
+    return asked, None
 
 
 @dataclass(frozen=True)
@@ -51,7 +94,7 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default") -
     def make(float_model: bytes, samples: Sequence[dict]) -> QuantSession:
         from litert_quantizer import Quantizer
 
-        from .tfimport import quiet_native
+        from .quiet import quiet_native
 
         qt = Quantizer(bytearray(float_model))
         qt.load_quantization_recipe(recipe)
@@ -67,13 +110,25 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default") -
     return make
 
 
+# Recipe lines keeping the model's inputs and outputs float32 (a QUANTIZE/DEQUANTIZE at the edges).
+_FLOAT_IO = [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize", "op_config": {}}
+             for op in ("INPUT", "OUTPUT")]
+
+
+def plan_recipe(float_model: bytes, default, per_op, float_io: bool = True) -> list[dict]:
+    """The litert-quantizer recipe edgeq quantizes a plan with (litert_quant.quantize_per_op's): the
+    default precision, per-op lines (litert_quant.OpPrecision), model I/O float when float_io."""
+    from .litert_quant import build_recipe, op_scopes
+
+    return build_recipe(default, per_op, op_scopes(float_model)) + (_FLOAT_IO if float_io else [])
+
+
 def uniform_recipe(precision: str = "int8", float_io: bool = True) -> list[dict]:
     """A litert-quantizer recipe putting every op at `precision` (edgeq's recipe lines), model inputs
     and outputs float when float_io."""
     from .litert_quant import recipe_lines
 
-    io = [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize", "op_config": {}} for op in ("INPUT", "OUTPUT")]
-    return recipe_lines(".*", "*", precision) + (io if float_io else [])
+    return recipe_lines(".*", "*", precision) + (_FLOAT_IO if float_io else [])
 
 
 @dataclass(frozen=True)
@@ -145,7 +200,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     """Quantize float_model (a float .tflite with a signature) at `level`, on CALIBRATION samples.
 
     objective: Objective.KL for classifiers (their top-1 follows it), REL_L2 otherwise."""
-    from .validate import run_model
+    from .fidelity import run_model
 
     t0 = time.monotonic()
     level, objective = OptimizeLevel(level), Objective(objective)
@@ -173,6 +228,9 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     def err(sc: Score) -> float:
         return sc.error(objective)
 
+    def better(after: Score, than: Score) -> bool:
+        return err(after) < err(than) and after.keeps(floor)
+
     # 1. Measured range selection on the float model as given.
     ts = time.monotonic()
     note("measuring activation ranges")
@@ -180,10 +238,10 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     stats = range_stats(float_model, stat_samples, sess.base)
     found = search_ranges(float_model, samples, sess.base, sess.quantize, stats=stats, objective=objective,
                           max_samples=judge_samples, on_step=note)
-    plain = next(c.score for c in found.candidates if c.name == "minmax-ema")
+    floor = found.baseline  # the quantizer's own ranges: no step may end below it on any output
     best = found.best
-    steps.append(StepReport("ranges", found.chosen != "minmax-ema", plain, best, time.monotonic() - ts,
-                            found.to_json()))
+    steps.append(StepReport("ranges", found.chosen not in ("minmax-ema", OWN_RANGES), floor, best,
+                            time.monotonic() - ts, found.to_json()))
     current_float, calibration = float_model, found.calibration
 
     # 2. Cross-layer equalization, ranges measured again on the equalized model.
@@ -202,7 +260,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
         eq_found = search_ranges(eq.model, samples, eq_sess.base, eq_sess.quantize, stats=eq_stats,
                                  objective=objective, max_samples=judge_samples, only=top, fixed=outputs,
                                  on_step=note)
-        keep = err(eq_found.best) < err(best)
+        keep = better(eq_found.best, best)
         steps.append(StepReport("equalize", keep, best, eq_found.best, time.monotonic() - ts,
                                 {**eq.to_json(), "ranges": eq_found.to_json()}))
         if keep:
@@ -215,7 +273,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
         ts = time.monotonic()
         bc = correct_bias(model, current_float, stat_samples, on_step=note)
         after = score(reference, bc.model, judge)
-        keep = err(after) < err(best)
+        keep = better(after, best)
         report = StepReport("bias_correction", keep, best, after, time.monotonic() - ts, bc.to_json())
         return (bc.model, after, report) if keep else (model, best, report)
 
@@ -228,14 +286,14 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
                                 seconds=budget.refine_seconds, max_samples=judge_samples, on_step=note)
         refined_model = sess.quantize(refined.calibration)
         after = score(reference, refined_model, judge)
-        keep = err(after) < err(best)
+        keep = better(after, best)
         steps.append(StepReport("refine_ranges", keep, best, after, time.monotonic() - ts,
                                 {"tensors_refined": refined.tensors_refined}))
         if keep:
             plain = bias_corrected(model, best)
             model, best, report = bias_corrected(refined_model, after)
             calibration = refined.calibration
-            if err(plain[1]) < err(best):
+            if err(plain[1]) < err(best):  # both keep the floor: bias_corrected() checked it
                 calibration = found.calibration
                 model, best, report = plain[0], plain[1], StepReport(
                     "bias_correction", True, best, plain[1], report.seconds + plain[2].seconds,
@@ -253,9 +311,45 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
         lr = learn_rounding(model, current_float, learn, config=RoundingConfig(seconds=budget.rounding_seconds),
                             on_step=note)
         after = score(reference, lr.model, judge)
-        keep = err(after) < err(best)
+        keep = better(after, best)
         steps.append(StepReport("learned_rounding", keep, best, after, time.monotonic() - ts, lr.to_json()))
         if keep:
             model, best = lr.model, after
     return OptimizeResult(model, current_float, calibration, level, objective, tuple(steps), len(samples),
                           len(judge), time.monotonic() - t0)
+
+
+def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: list[dict], level: OptimizeLevel,
+                        class_outputs=frozenset(), runtime=None,
+                        on_step: Callable[[str], None] | None = None) -> tuple[OptimizeResult | None, str]:
+    """edgeq convert's first result at `level`: the objective from the outputs (softmax KL for class
+    scores, whose top-1 follows it; rel. L2 otherwise), and the result prepared and run once under
+    the target's `runtime` options (verify.RuntimeOptions). (None, why) when it cannot run there;
+    the caller then quantizes as without --optimize, so a level never costs a working model."""
+    from .errors import QuantizationError
+    from .fidelity import looks_like_class_scores, run_model
+    from .int8_constraints import enforce
+    from .signature import SIGNATURE_KEY
+    from .verify import RuntimeOptions, check_runs
+
+    ref = run_model(float_model, samples[:2])
+    # KL over a softmax only for one score vector per sample ([1, C]); BlazeFace's [1, 896, 1] anchor
+    # logits "look like" scores but are independent sigmoids, judged by rel. L2.
+    classes = bool(class_outputs) or any(looks_like_class_scores(n, v) and is_score_vector(v) for n, v in ref.items())
+    res = optimize(float_model, samples, litert_session(recipe, SIGNATURE_KEY), level,
+                   objective=Objective.KL if classes else Objective.REL_L2, on_step=on_step)
+    try:
+        check_runs(enforce(res.model)[0], samples[:1], runtime or RuntimeOptions())
+    except QuantizationError as e:
+        return None, (f"--optimize {level.value} made a model the runtime cannot run ({e}); wrote the quantizer's "
+                      "own ranges")
+    return res, ""
+
+
+def optimize_report(level: OptimizeLevel, asked: OptimizeLevel | None, why: str | None,
+                    result: OptimizeResult | None, superseded: str | None) -> dict:
+    """The manifest's `optimize` section: what ran and what each step bought, or why nothing ran."""
+    head = {"level": level.value, "asked": asked.value if asked else "default"}
+    if result is None:
+        return {**head, "ran": False, "why": why or "--optimize none"}
+    return {**head, "ran": True, **result.to_json(), "superseded": superseded}

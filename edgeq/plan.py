@@ -193,6 +193,13 @@ def plan_precision(ops, profile: DeviceProfile | None,
             raise ValueError("plan_precision without a profile needs the scheme")
         default = scheme.precision if isinstance(scheme, Scheme) else Precision(scheme)
         return _plan_without_device(ops, default, norm, min_weight_elements)
+    # The user's --scheme, when given, replaces the profile's for the ops its [ops] table leaves open.
+    default = profile.scheme
+    default_why = f"default scheme of {profile.id}"
+    if scheme is not None:
+        chosen = scheme.precision if isinstance(scheme, Scheme) else Precision(scheme)
+        if chosen is not profile.scheme:
+            default, default_why = chosen, f"--scheme {chosen} (the profile of {profile.id} has {profile.scheme})"
     accel = profile.accelerator
     entries = []
     cut = False  # single-segment accelerators (Edge TPU): everything after the first CPU op stays on the CPU
@@ -218,8 +225,7 @@ def plan_precision(ops, profile: DeviceProfile | None,
             reason = f"{refused}: runs {prec} on the CPU (the graph splits here)"
             source = accel.source
         else:
-            prec, reason = _int4_or_fallback(op, profile.scheme, f"default scheme of {profile.id}",
-                                             min_weight_elements, profile)
+            prec, reason = _int4_or_fallback(op, default, default_why, min_weight_elements, profile)
             source = str(profile.path)
 
         placement = "cpu"
@@ -242,7 +248,7 @@ def plan_precision(ops, profile: DeviceProfile | None,
         if slow:
             reason += f"; WARNING: {slow}"
         entries.append(PlanEntry(op.index, op.subgraph, op.name, output, prec, reason, source, placement))
-    return Plan(profile.id, profile.scheme, accel.name if accel else None, tuple(entries))
+    return Plan(profile.id, default, accel.name if accel else None, tuple(entries))
 
 
 _NOTHING_TO_QUANTIZE = "no float tensors: nothing to quantize"

@@ -51,11 +51,24 @@ class Scheme(StrEnum):
     INT16X8 = "int16x8"  # int16 activations, int8 weights
     DYNAMIC = "dynamic"  # dynamic-range ("hybrid"): int8 weights, float activations
     FP16 = "fp16"
+    # int4 weights (LiteRT quantizer only): dynamic, channelwise or per block of input values, and
+    # static int4x8 (int8 activations). Ops without an int4 kernel take INT4_FALLBACK.
+    INT4 = "int4"
+    INT4_B32 = "int4-b32"
+    INT4_B64 = "int4-b64"
+    INT4_B128 = "int4-b128"
+    INT4_B256 = "int4-b256"
+    INT4X8 = "int4x8"
 
     @property
     def needs_calibration(self) -> bool:
         """Static activation ranges: the scheme needs representative samples."""
-        return self in (Scheme.INT8, Scheme.INT16X8)
+        return self in (Scheme.INT8, Scheme.INT16X8, Scheme.INT4X8)
+
+    @property
+    def is_int4(self) -> bool:
+        """int4 weights: only the LiteRT quantizer writes them (the TFLite converter cannot)."""
+        return self.precision in INT4_PRECISIONS
 
     @property
     def precision(self) -> Precision:
@@ -84,7 +97,9 @@ PROFILE_IO_TYPES = (IoType.INT8, IoType.UINT8, IoType.FLOAT32)
 # Scheme -> the precision it plans per op; inverted, a profile's `scheme = "..."` -> the Scheme.
 SCHEME_PRECISION: Mapping[Scheme, Precision] = MappingProxyType({
     Scheme.INT8: Precision.INT8, Scheme.INT16X8: Precision.INT16X8, Scheme.DYNAMIC: Precision.HYBRID,
-    Scheme.FP16: Precision.FP16})
+    Scheme.FP16: Precision.FP16, Scheme.INT4: Precision.INT4, Scheme.INT4_B32: Precision.INT4_B32,
+    Scheme.INT4_B64: Precision.INT4_B64, Scheme.INT4_B128: Precision.INT4_B128,
+    Scheme.INT4_B256: Precision.INT4_B256, Scheme.INT4X8: Precision.INT4X8})
 PRECISION_SCHEME: Mapping[Precision, Scheme] = MappingProxyType({p: s for s, p in SCHEME_PRECISION.items()})
 
 # Planned precision -> what the LiteRT quantizer's recipe makes of it, i.e. what the produced file
@@ -99,7 +114,10 @@ RECIPE_PRECISIONS = frozenset(RECIPE_PRECISION.values())
 # Scheme -> the I/O dtypes it can produce (first: the default). Integer I/O needs static ranges.
 SCHEME_IO: Mapping[Scheme, tuple[IoType, ...]] = MappingProxyType({
     Scheme.INT8: (IoType.FLOAT32, IoType.INT8, IoType.UINT8), Scheme.INT16X8: (IoType.FLOAT32, IoType.INT16),
-    Scheme.DYNAMIC: (IoType.FLOAT32,), Scheme.FP16: (IoType.FLOAT32,)})
+    Scheme.DYNAMIC: (IoType.FLOAT32,), Scheme.FP16: (IoType.FLOAT32,),
+    **{s: (IoType.FLOAT32,) for s in (Scheme.INT4, Scheme.INT4_B32, Scheme.INT4_B64, Scheme.INT4_B128,
+                                      Scheme.INT4_B256)},
+    Scheme.INT4X8: (IoType.FLOAT32, IoType.INT8)})
 
 
 # int4 precision -> block size of its weight scales (0: one scale per output channel). The LiteRT

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -21,15 +20,15 @@ from typing import Any, Mapping
 
 from .errors import ProfileError
 from .precision import INT4_PRECISIONS, POLICY_PRECISIONS, PROFILE_IO_TYPES, IoType, Precision
-from .tflite_ops import BUILTIN_OP_SET, suggest
+# Runtime, RuntimeName, Int4Kernel and WEIGHT_ONLY_OP are part of a profile: importable from here too.
+from .runtime_tables import WEIGHT_ONLY_OP, Int4Kernel, Runtime, RuntimeName, runtime_table
+from .toml_checks import SCHEMA_VERSION, Checker, read_toml
 
-SCHEMA_VERSION = 1
 ENV_VAR = "EDGEQ_DEVICES_DIR"
 _HERE = Path(__file__).resolve().parent
 # The shipped profiles: an installed wheel carries them as edgeq/devices/ (pyproject.toml maps the
 # top-level devices/ there at build time); a checkout or editable install reads that devices/ itself.
 BUILTIN_DIR = next((d for d in (_HERE / "devices", _HERE.parent / "devices") if d.is_dir()), _HERE / "devices")
-RUNTIMES_SUBDIR = "runtimes"
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -45,11 +44,6 @@ class Abi(StrEnum):
     AARCH64 = "aarch64"
     ARMV7L = "armv7l"
     X86_64 = "x86_64"
-
-
-class RuntimeName(StrEnum):
-    AI_EDGE_LITERT = "ai-edge-litert"
-    TFLITE_RUNTIME = "tflite-runtime"
 
 
 class Delegate(StrEnum):
@@ -77,17 +71,6 @@ class Fallback(StrEnum):
 
 
 @dataclass(frozen=True)
-class Runtime:
-    name: RuntimeName
-    version: str
-    source: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} {self.version}"
-
-
-@dataclass(frozen=True)
 class IoTypes:
     input: IoType
     output: IoType
@@ -105,22 +88,6 @@ class OpPolicy:
     precision: Precision
     reason: str
     source: str
-
-
-@dataclass(frozen=True)
-class Int4Kernel:
-    """One op's int4 kernels in a runtime (runtime table [int4.ops]): the int4 precisions it runs
-    correctly, measured; `note` says what happens with the others (crash, refusal, wrong output)."""
-    op: str
-    runs: frozenset[Precision]
-    note: str = ""
-    # Of `runs`, the precisions that are right only through the XNNPACK delegate (the builtin kernel
-    # computes something else); a profile whose delegate is not xnnpack cannot use them.
-    xnnpack_only: frozenset[Precision] = frozenset()
-
-
-# The op that holds an int4-weight-only weight in the file: a DEQUANTIZE feeds the float kernel.
-WEIGHT_ONLY_OP = "DEQUANTIZE"
 
 
 @dataclass(frozen=True)
@@ -355,115 +322,16 @@ def load_profile(id_or_path: str | os.PathLike, devices_dir: str | os.PathLike |
 # Strict validation
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-class _Checker:
-    """Reads typed values out of parsed TOML, failing with '<file>: <key>: <problem>; <fix>'."""
-
-    def __init__(self, path: Path):
-        self.where = _display(path)
-
-    def fail(self, key: str, problem: str) -> ProfileError:
-        return ProfileError(f"{self.where}: {key}: {problem}")
-
-    def keys(self, table: dict, key: str, required: set[str], optional: set[str]) -> None:
-        prefix = f"{key}." if key else ""
-        for k in table:
-            if k not in required and k not in optional:
-                allowed = sorted(required | optional)
-                close = difflib.get_close_matches(k, allowed, n=1)
-                hint = f"did you mean {close[0]}?" if close else f"allowed: {', '.join(allowed)}"
-                raise self.fail(f"{prefix}{k}", f"unknown key; {hint}")
-        for k in sorted(required):
-            if k not in table:
-                raise self.fail(f"{prefix}{k}", "missing required key; see devices/README.md")
-
-    def str_(self, table: dict, k: str, key: str, default: str | None = None) -> str:
-        v = table.get(k, default)
-        if not isinstance(v, str) or not v.strip():
-            raise self.fail(key, f"expected a non-empty string, got {v!r}")
-        return v
-
-    def int_(self, table: dict, k: str, key: str, minimum: int) -> int:
-        v = table.get(k)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.fail(key, f"expected an integer >= {minimum}, got {v!r}")
-        return v
-
-    def num(self, table: dict, k: str, key: str, lo: float, hi: float) -> float:
-        v = table.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
-            raise self.fail(key, f"expected a number in ({lo}, {hi}], got {v!r}")
-        return float(v)
-
-    def enum(self, table: dict, k: str, key: str, enum_cls, allowed=None):
-        v = table.get(k)
-        allowed = tuple(allowed or enum_cls)
-        if v not in [str(a) for a in allowed]:
-            raise self.fail(key, f"bad value {v!r}; expected one of {', '.join(str(a) for a in allowed)}")
-        return enum_cls(v)
-
-    def bool_(self, table: dict, k: str, key: str, default: bool) -> bool:
-        v = table.get(k, default)
-        if not isinstance(v, bool):
-            raise self.fail(key, f"expected true or false, got {v!r}")
-        return v
-
-    def table(self, table: dict, k: str, key: str) -> dict:
-        v = table.get(k)
-        if not isinstance(v, dict):
-            raise self.fail(key, f"expected a table, got {type(v).__name__}")
-        return v
-
-    def str_list(self, table: dict, k: str, key: str) -> list[str]:
-        v = table.get(k, [])
-        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
-            raise self.fail(key, "expected a list of non-empty strings")
-        return v
-
-    def op_name(self, name: str, key: str) -> str:
-        if name not in BUILTIN_OP_SET:
-            close = suggest(name)
-            hint = (f"did you mean {close}?" if close
-                    else "use a TFLite builtin op name (BuiltinOperator), e.g. FULLY_CONNECTED")
-            raise self.fail(key, f"unknown TFLite op; {hint}")
-        return name
-
-    def op_versions(self, table: dict, key: str) -> dict[str, int]:
-        out = {}
-        for name, v in table.items():
-            self.op_name(name, f"{key}.{name}")
-            out[name] = self.int_(table, name, f"{key}.{name}", 1)
-        return out
-
-
 _TOP_REQUIRED = {"schema_version", "id", "name", "kind", "abi", "ram_mb", "runtime", "delegate",
                  "threads", "io", "scheme", "reach", "bench"}
 _TOP_OPTIONAL = {"soc", "os", "sources", "notes", "android_sdk", "ops", "op_versions", "custom_ops",
                  "accelerator"}
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"{_display(path)}: invalid TOML ({e}); fix the syntax") from None
-    except OSError as e:
-        raise ProfileError(f"{_display(path)}: cannot read ({e.strerror}); check permissions") from None
-
-
 def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
-    data = _read_toml(path)
-    c = _Checker(path)
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise c.fail("schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}; "
-                     f"this edgeq reads schema_version = {SCHEMA_VERSION} profiles")
+    data = read_toml(path)
+    c = Checker(path)
+    c.schema_version(data, f"; this edgeq reads schema_version = {SCHEMA_VERSION} profiles")
     c.keys(data, "", _TOP_REQUIRED, _TOP_OPTIONAL)
 
     pid = c.str_(data, "id", "id")
@@ -512,7 +380,7 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
 
     overrides = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]") \
         if "op_versions" in data else {}
-    table, table_source, int4_ops, int4_source = _runtime_table(runtime, dirs)
+    table, table_source, int4_ops, int4_source = runtime_table(runtime, dirs)
     versions = {**table, **overrides}
     if table_source and overrides:
         table_source += "; overridden in the profile: " + ", ".join(sorted(overrides))
@@ -543,7 +411,7 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
         int4_ops=MappingProxyType(int4_ops), int4_source=int4_source)
 
 
-def _accelerator(c: _Checker, a: dict) -> Accelerator:
+def _accelerator(c: Checker, a: dict) -> Accelerator:
     c.keys(a, "accelerator", {"name", "precisions", "fallback", "fallback_precision", "supported_ops", "source"},
            {"op_versions", "min_coverage", "memory_mb", "single_segment"})
     precs = []
@@ -571,53 +439,3 @@ def _accelerator(c: _Checker, a: dict) -> Accelerator:
         memory_mb=c.num(a, "memory_mb", "accelerator.memory_mb", 0.0, 1e9) if "memory_mb" in a else None,
         single_segment=c.bool_(a, "single_segment", "accelerator.single_segment", False))
 
-
-def _runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple[dict[str, int], str, dict[str, Int4Kernel], str]:
-    """(op versions, their source, int4 kernels, their source) for this runtime from
-    <dir>/runtimes/<name>-<version>.toml, or ({}, "", {}, "")."""
-    fname = f"{runtime.name}-{runtime.version}.toml"
-    for d in dirs:
-        p = d / RUNTIMES_SUBDIR / fname
-        if p.is_file():
-            return _load_runtime_table(p, runtime)
-    return {}, "", {}, ""
-
-
-def _int4_table(c: _Checker, t: dict) -> tuple[dict[str, Int4Kernel], str]:
-    """[int4]: source = "...", [int4.ops] OP = { runs = [int4 precisions], note = "..." }. An op not
-    listed has no int4 kernel in the runtime."""
-    c.keys(t, "int4", {"source", "ops"}, set())
-    kernels = {}
-    for name, entry in c.table(t, "ops", "int4.ops").items():
-        key = f"int4.ops.{name}"
-        c.op_name(name, key)
-        if not isinstance(entry, dict):
-            raise c.fail(key, 'expected { runs = ["int4", ...], note = "..." }')
-        c.keys(entry, key, {"runs"}, {"note", "xnnpack_only"})
-        lists = {}
-        for k in ("runs", "xnnpack_only"):
-            v = entry.get(k, [])
-            if not isinstance(v, list):
-                raise c.fail(f"{key}.{k}", "expected a list of int4 precisions (may be empty)")
-            lists[k] = frozenset(c.enum({"p": p}, "p", f"{key}.{k}[{i}]", Precision,
-                                        [p for p in Precision if p in INT4_PRECISIONS]) for i, p in enumerate(v))
-        if not lists["xnnpack_only"] <= lists["runs"]:
-            raise c.fail(f"{key}.xnnpack_only", "must be a subset of runs")
-        kernels[name] = Int4Kernel(name, lists["runs"], c.str_(entry, "note", f"{key}.note") if "note" in entry else "",
-                                   lists["xnnpack_only"])
-    return kernels, c.str_(t, "source", "int4.source")
-
-
-def _load_runtime_table(path: Path, runtime: Runtime) -> tuple[dict[str, int], str, dict[str, Int4Kernel], str]:
-    data = _read_toml(path)
-    c = _Checker(path)
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise c.fail("schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
-    c.keys(data, "", {"schema_version", "runtime", "version", "source", "op_versions"}, {"int4"})
-    if data["runtime"] != str(runtime.name) or data["version"] != runtime.version:
-        raise c.fail("runtime", f"table is for {data['runtime']} {data['version']}, file name says "
-                     f"{runtime.label}; rename the file or fix runtime/version")
-    versions = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]")
-    int4, int4_source = _int4_table(c, c.table(data, "int4", "[int4]")) if "int4" in data else ({}, "")
-    return (versions, f"{_display(path)}: {c.str_(data, 'source', 'source')}", int4,
-            f"{_display(path)}: {int4_source}" if int4_source else "")

@@ -32,7 +32,7 @@ class Progress:
         if total:
             cols += [BarColumn(), MofNCompleteColumn()]
         cols.append(TimeElapsedColumn())
-        # A private copy of stderr: converter work silences fd 2 (tfimport.quiet_native), not the bar.
+        # A private copy of stderr: converter work silences fd 2 (quiet.quiet_native), not the bar.
         with os.fdopen(os.dup(2), "w") as err, RichProgress(*cols, console=Console(file=err), transient=True) as p:
             tid = p.add_task(description, total=total)
             yield lambda n=1: p.advance(tid, n)

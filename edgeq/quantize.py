@@ -41,9 +41,10 @@ def quantize(source: SourceModel, req: QuantizeRequest,
 
 
 def uses_converter(source: SourceModel, req: QuantizeRequest) -> bool:
-    """Uniform schemes on Keras/SavedModel take the TFLite converter; the rest the LiteRT quantizer."""
+    """Uniform schemes on Keras/SavedModel take the TFLite converter; the rest (and int4, which the
+    converter cannot write) the LiteRT quantizer."""
     mixed = any(p.precision != req.scheme.op_precision for p in req.per_op)
-    return source.converter is not None and not mixed and req.adjust_ranges is None
+    return source.converter is not None and not mixed and req.adjust_ranges is None and not req.scheme.is_int4
 
 
 def check_litert(source: SourceModel, req: QuantizeRequest, why: str = "") -> None:
@@ -63,7 +64,7 @@ def check_litert_io(io: IoType, why: str) -> None:
 
 
 def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> bytes:
-    from .tfimport import import_tf, quiet_native
+    from .quiet import import_tf, quiet_native
     tf = import_tf()
 
     conv = source.converter()

@@ -14,19 +14,13 @@ The result keeps litert-quantizer's own format ({tensor name: {"min": array, "ma
 so it goes straight into Quantizer.quantize().
 
 No fixed rule wins on every model (ImageNet MobileNetV2: percentile best; a fine-tuned dog-breed
-MobileNetV2: min-max best), so `search_ranges` (RangeMethod.AUTO) measures instead: it quantizes
-with every candidate (the quantizer's min-max, the true min-max, percentiles, MSE), runs each on the
-CALIBRATION samples, and keeps the one whose output is closest to the float model's; optionally it
-then refines tensor by tensor (coordinate descent within a time budget). Held-out samples are never
-looked at, so the fidelity reported on them stays honest.
+MobileNetV2: min-max best), so range_search.py (RangeMethod.AUTO) measures the candidates built here.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -59,7 +53,10 @@ def _activations(float_model: bytes, samples, base: dict, signature_key: str | N
     that base calibrated."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_content=float_model, experimental_preserve_all_tensors=True)
+    from .quiet import quiet_native
+
+    with quiet_native():  # the interpreter warns about preserve_all_tensors on stderr (one-line errors)
+        interp = Interpreter(model_content=float_model, experimental_preserve_all_tensors=True)
     key = signature_key or next(iter(interp.get_signature_list()))
     runner = interp.get_signature_runner(key)
     sg = runner._subgraph_index  # the signature's subgraph; tensor indices are per subgraph
@@ -211,7 +208,7 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
     return RangeStats(spans, extremes, moving, hists, channels, len(samples))
 
 
-def _with_range(entry: dict, a: float, b: float) -> dict:
+def with_range(entry: dict, a: float, b: float) -> dict:
     return dict(entry, min=np.full_like(np.asarray(entry["min"], dtype=np.float32), a),
                 max=np.full_like(np.asarray(entry["max"], dtype=np.float32), b))
 
@@ -236,7 +233,7 @@ def ranges_from_stats(base: dict, stats: RangeStats, method, *, percentile: floa
     out = dict(base)
     for name in stats.hists:
         if name in base:
-            out[name] = _with_range(base[name], *tensor_range(stats, name, method, percentile=percentile,
+            out[name] = with_range(base[name], *tensor_range(stats, name, method, percentile=percentile,
                                                               num_bits=num_bits))
     return out
 
@@ -264,307 +261,5 @@ def true_minmax(float_model: bytes, samples, base: dict, signature_key: str | No
     """base with each activation's range replaced by its true extremes (for comparisons)."""
     out = dict(base)
     for name, (a, b) in observed_ranges(float_model, list(samples), base, signature_key).items():
-        out[name] = _with_range(base[name], a, b)
+        out[name] = with_range(base[name], a, b)
     return out
-
-
-# --- Measured choice (RangeMethod.AUTO) ---------------------------------------------------------
-
-class Objective(str, Enum):
-    """What "closest to float" means when choosing. Output rel. L2 suits embeddings and regressors;
-    for class scores it is dominated by the hundreds of small logits, and ranks range choices against
-    top-1 agreement (MobileNetV2, 100 calibration photos: the lowest-L2 candidate had the lowest
-    agreement on other photos, 0.70 vs 0.82), while the KL divergence of the softmax ranks them like
-    agreement does."""
-
-    REL_L2 = "rel_l2"
-    KL = "kl"
-
-
-@dataclass(frozen=True)
-class Score:
-    """How close a quantized model's outputs are to the float model's on some samples (outputs paired
-    by order; worst output counts)."""
-
-    rel_l2: float  # ||q - f|| / ||f|| over all samples
-    cosine: float  # mean over samples
-    top1: float | None  # argmax agreement for 2-D outputs with >= 2 columns, else None
-    kl: float | None  # mean KL(softmax(f) || softmax(q)) for 2-D outputs with >= 2 columns
-    samples: int
-
-    def error(self, objective: Objective | str = Objective.REL_L2) -> float:
-        if Objective(objective) is Objective.KL and self.kl is not None:
-            return self.kl
-        return self.rel_l2
-
-    def to_json(self) -> dict:
-        return {"rel_l2": self.rel_l2, "cosine": self.cosine, "top1_agreement": self.top1, "kl": self.kl,
-                "samples": self.samples}
-
-
-# Floor for probabilities an output already holds: int8 softmax outputs step by 1/256, so small
-# probabilities come out as exactly 0 and would make KL infinite (dominated by classes nobody picks).
-PROBABILITY_FLOOR = 1e-3
-
-
-def _softmax(z: np.ndarray, probabilities: bool) -> np.ndarray:
-    if probabilities:
-        p = np.maximum(z, PROBABILITY_FLOOR)
-        return p / p.sum(1, keepdims=True)
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> Score:
-    rel, cos, top1, kl, n = 0.0, 1.0, None, None, 0
-    for ref, cand in zip(reference.values(), got.values()):
-        r = ref.reshape(len(ref), -1).astype(np.float64)
-        c = cand.reshape(len(cand), -1).astype(np.float64)
-        n = len(r)
-        rel = max(rel, float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)))
-        den = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
-        cos = min(cos, float(np.mean(np.where(den > 0, (r * c).sum(1) / np.maximum(den, 1e-30), 1.0))))
-        if r.shape[1] >= 2:
-            agree = float((r.argmax(1) == c.argmax(1)).mean())
-            top1 = agree if top1 is None else min(top1, agree)
-            probs = bool((r >= 0).all() and np.allclose(r.sum(1), 1.0, atol=1e-3))
-            p, q = _softmax(r, probs), _softmax(c, probs)
-            d = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
-            kl = d if kl is None else max(kl, d)
-    return Score(rel, cos, top1, kl, n)
-
-
-def score(reference: dict[str, np.ndarray], model: bytes, samples: Sequence[dict]) -> Score:
-    """Run `model` on samples and compare with the float outputs `reference` (validate.run_model)."""
-    from .validate import run_model
-
-    return compare_outputs(reference, run_model(model, samples))
-
-
-@dataclass(frozen=True)
-class RangeCandidate:
-    name: str
-    score: Score
-
-    def to_json(self) -> dict:
-        return {"name": self.name, **self.score.to_json()}
-
-
-@dataclass(frozen=True)
-class RangeSearch:
-    """The chosen calibration (litert-quantizer format) and what every candidate measured."""
-
-    calibration: dict
-    chosen: str
-    candidates: tuple[RangeCandidate, ...]
-    objective: Objective = Objective.REL_L2
-    tensors_refined: int = 0  # tensors whose range per-tensor refinement changed
-    refined_score: Score | None = None
-    seconds: float = 0.0
-
-    @property
-    def best(self) -> Score:
-        return self.refined_score or next(c.score for c in self.candidates if c.name == self.chosen)
-
-    def to_json(self) -> dict:
-        return {"chosen": self.chosen, "objective": self.objective.value, "candidates": [c.to_json() for c in self.candidates],
-                "tensors_refined": self.tensors_refined,
-                "refined": self.refined_score.to_json() if self.refined_score else None,
-                "seconds": round(self.seconds, 2)}
-
-
-DEFAULT_PERCENTILES = (99.9, 99.99, 99.999)
-# Candidate outputs are measured on at most this many calibration samples (evenly spread): the int8
-# model's run time is what the search costs, and 64 samples rank range choices stably.
-MAX_SEARCH_SAMPLES = 64
-
-
-def spread(samples: Sequence, limit: int) -> list:
-    """At most `limit` of samples, evenly spread (deterministic)."""
-    samples = list(samples)
-    if len(samples) <= limit:
-        return samples
-    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
-
-
-def candidate_calibrations(base: dict, stats: RangeStats,
-                           percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, dict]:
-    """name -> calibration: the quantizer's own rule (moving-average min-max, recomputed here, so
-    base may come from a quick calibrate() on a few samples), the true min-max, each percentile and
-    the MSE choice."""
-    ema = dict(base)
-    for name, r in stats.moving.items():
-        if name in base:
-            ema[name] = _with_range(base[name], *r)
-    out = {"minmax-ema": ema, "minmax": ranges_from_stats(base, stats, RangeMethod.MINMAX)}
-    for p in percentiles:
-        out[f"percentile-{p:g}"] = ranges_from_stats(base, stats, RangeMethod.PERCENTILE, percentile=p)
-    out["mse"] = ranges_from_stats(base, stats, RangeMethod.MSE)
-    return out
-
-
-def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quantize: Callable[[dict], bytes], *,
-                  stats: RangeStats | None = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-                  refine_seconds: float = 0.0, max_samples: int = MAX_SEARCH_SAMPLES,
-                  objective: Objective | str = Objective.REL_L2, signature_key: str | None = None,
-                  only: Sequence[str] | None = None, fixed: dict[str, dict] | None = None,
-                  on_step: Callable[[str], None] | None = None) -> RangeSearch:
-    """Choose activation ranges by measuring the quantized model on CALIBRATION samples.
-
-    `quantize(calibration) -> .tflite bytes` is the quantizer with its recipe (litert-quantizer's
-    Quantizer.quantize, ~0.2 s for MobileNetV2); `base` its calibrate() result. Every candidate of
-    candidate_calibrations() is quantized and scored (`objective`: relative L2 of the outputs vs
-    float, or the softmax KL divergence for classifiers); the lowest wins. With refine_seconds > 0, tensors are then revisited one at a time, trying the other
-    candidates' range for that tensor alone and keeping changes that lower the error, until the
-    time is spent (tensors with the widest spread between candidate ranges first).
-
-    `only` limits the candidates by name; `fixed` ({tensor name: entry}) pins tensors in every
-    candidate (e.g. outputs already chosen on a model with the same outputs).
-    """
-    from .validate import run_model
-
-    t0 = time.monotonic()
-    samples = list(samples)
-    if not samples:
-        raise CalibrationError("range search needs calibration samples; pass --calib data")
-    stats = stats or range_stats(float_model, samples, base, signature_key=signature_key)
-    judge = spread(samples, max_samples)
-    reference = run_model(float_model, judge)
-    objective = Objective(objective)
-    cands = candidate_calibrations(base, stats, percentiles)
-    if only:
-        cands = {k: v for k, v in cands.items() if k in only}
-    for cal in cands.values():
-        cal.update({n: e for n, e in (fixed or {}).items() if n in cal})
-    outputs = [n for n in output_names(float_model) if n in stats.extremes and n in base and n not in (fixed or {})]
-    if objective is Objective.KL:
-        # Class scores: the top-1 logit IS the tail a clip would cut (MobileNetV2: its output clipped
-        # at 21 of 31 cost 4 points of agreement), so every candidate keeps the outputs' true max.
-        for cal in cands.values():
-            for n in outputs:
-                cal[n] = _with_range(base[n], float(np.min(cal[n]["min"])), stats.extremes[n][1])
-    scored = []
-    for name, cal in cands.items():
-        if on_step:
-            on_step(f"ranges: measuring {name}")
-        scored.append(RangeCandidate(name, score(reference, quantize(cal), judge)))
-    best = min(scored, key=lambda c: c.score.error(objective))
-    chosen = cands[best.name]
-    if objective is Objective.KL and outputs:
-        chosen, best = _class_score_ranges(chosen, best, outputs, base, stats, quantize, reference, judge, on_step)
-        scored.append(best)
-    result = RangeSearch(chosen, best.name, tuple(scored), objective, seconds=time.monotonic() - t0)
-    if refine_seconds <= 0:
-        return result
-    return refine_ranges(float_model, samples, base, quantize, result, stats=stats, seconds=refine_seconds,
-                         percentiles=percentiles, max_samples=max_samples, on_step=on_step)
-
-
-def output_names(float_model: bytes) -> list[str]:
-    """Names of subgraph 0's output tensors."""
-    from .bias_correction import load_model
-    from .tflite_edit import tensor_name
-
-    sg = load_model(float_model).subgraphs[0]
-    return [tensor_name(sg.tensors[int(i)]) for i in sg.outputs]
-
-
-# Output ranges tried for class scores: the low end at these quantiles of the output's values (a
-# logit far below the top one changes no probability, and a narrower range refines the top), then the
-# high end widened by these factors (calibration may not have seen the largest logit: MobileNetV2 on
-# 100 calibration photos saw 26.8, other photos reach 31).
-OUTPUT_LOW_QUANTILES = (0.5, 0.9)
-OUTPUT_HIGH_FACTORS = (1.1, 1.25)
-
-
-def _class_score_ranges(cal: dict, best: RangeCandidate, outputs: list[str], base: dict, stats: RangeStats,
-                        quantize, reference, judge, on_step) -> tuple[dict, RangeCandidate]:
-    def quantile(name, q):
-        h = stats.hists[name]
-        lo, hi = stats.spans[name]
-        i = int(np.searchsorted(np.cumsum(h) / max(h.sum(), 1), q))
-        return lo + (hi - lo) * i / len(h)
-
-    def trial(label, lo_of, hi_of):
-        c = dict(cal)
-        for n in outputs:
-            c[n] = _with_range(base[n], min(lo_of(n), 0.0), hi_of(n))
-        if on_step:
-            on_step(f"ranges: measuring output range {label}")
-        return c, RangeCandidate(f"{best.name}+outputs-{label}", score(reference, quantize(c), judge))
-
-    def low(n):
-        return float(np.min(cal[n]["min"]))
-
-    def high(n):
-        return float(np.max(cal[n]["max"]))
-
-    for q in OUTPUT_LOW_QUANTILES:
-        c, r = trial(f"low-q{q:g}", lambda n, q=q: max(quantile(n, q), low(n)), high)
-        if r.score.kl < best.score.kl:
-            cal, best = c, r
-    for f in OUTPUT_HIGH_FACTORS:
-        c, r = trial(f"high-x{f:g}", low, lambda n, f=f: stats.extremes[n][1] * f)
-        if r.score.kl < best.score.kl:
-            cal, best = c, r
-    return cal, best
-
-
-def refine_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quantize: Callable[[dict], bytes],
-                  found: RangeSearch, *, stats: RangeStats, seconds: float,
-                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, max_samples: int = MAX_SEARCH_SAMPLES,
-                  on_step: Callable[[str], None] | None = None) -> RangeSearch:
-    """Per-tensor coordinate descent from a search_ranges() result: each tensor in turn tries the
-    other candidates' range for it alone, keeping what lowers the error, until `seconds` are spent."""
-    from .validate import run_model
-
-    t0 = time.monotonic()
-    judge = spread(list(samples), max_samples)
-    reference = run_model(float_model, judge)
-    cands = candidate_calibrations(base, stats, percentiles)
-    start = dict(found.calibration)
-    cands[found.chosen] = start
-    start_score = score(reference, quantize(start), judge)  # `samples` may differ from the search's
-    cal, s, changed = _refine(cands, found.chosen, start_score, stats, quantize, reference, judge,
-                              t0 + seconds, found.objective, on_step)
-    return RangeSearch(cal, found.chosen, found.candidates, found.objective, changed, s,
-                       found.seconds + time.monotonic() - t0)
-
-
-def _refine(cands: dict[str, dict], chosen: str, current: Score, stats: RangeStats, quantize, reference,
-            judge, deadline: float, objective: Objective, on_step) -> tuple[dict, Score, int]:
-    cal = dict(cands[chosen])
-
-    def options(name):
-        seen, out = [], []
-        for c in cands.values():
-            r = (float(np.min(c[name]["min"])), float(np.max(c[name]["max"])))
-            if all(abs(r[0] - a) + abs(r[1] - b) > 0.02 * max(b - a, 1e-12) for a, b in seen):
-                seen.append(r)
-                out.append(c[name])
-        return out
-
-    def spread_of(name):
-        highs = [float(np.max(c[name]["max"])) - float(np.min(c[name]["min"])) for c in cands.values()]
-        return max(highs) / max(min(highs), 1e-12)
-
-    changed = set()
-    order = sorted(stats.hists, key=spread_of, reverse=True)
-    for i, name in enumerate(order):
-        if time.monotonic() > deadline:
-            break
-        if on_step:
-            on_step(f"ranges: refining tensor {i + 1}/{len(order)}")
-        for entry in options(name):
-            if time.monotonic() > deadline:
-                break
-            if entry is cal[name] or (np.array_equal(entry["min"], cal[name]["min"])
-                                      and np.array_equal(entry["max"], cal[name]["max"])):
-                continue
-            trial = dict(cal)
-            trial[name] = entry
-            s = score(reference, quantize(trial), judge)
-            if s.error(objective) < current.error(objective):
-                cal, current = trial, s
-                changed.add(name)
-    return cal, current, len(changed)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeq.errors import DeviceError, EdgeqError
+from .errors import DeviceError, EdgeqError
 
 Progress = Callable[[str], None]
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 from .calibration import InputSpec
 from .errors import ModelFormatError, first_line
 from .tflite_model import SIGNATURE_KEY, read_model
-from .tfimport import quiet_native
+from .quiet import quiet_native
 
 
 def ensure_signature(model: bytes) -> tuple[bytes, bool]:
     """(model with a signature, whether one was added)."""
     if read_model(model).has_signature:
         return model, False
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as s
+    from . import tflite_edit as te
 
-    m = s.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    s = te.schema()
+    m = te.load(model)  # keeps buffers stored after the flatbuffer (large models)
     sg = m.subgraphs[0]
     sig = s.SignatureDefT()
     sig.signatureKey = SIGNATURE_KEY
@@ -35,9 +35,7 @@ def ensure_signature(model: bytes) -> tuple[bytes, bool]:
     sig.inputs = [tmap(i) for i in sg.inputs]
     sig.outputs = [tmap(i) for i in sg.outputs]
     m.signatureDefs = [sig]
-    b = flatbuffers.Builder(len(model) + 1024)
-    b.Finish(m.Pack(b), file_identifier=b"TFL3")
-    return bytes(b.Output()), True
+    return te.pack(m), True
 
 
 def signature_specs(model: bytes, key: str = SIGNATURE_KEY) -> tuple[tuple[InputSpec, ...], tuple[InputSpec, ...]]:

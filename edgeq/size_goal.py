@@ -27,6 +27,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+# After the 8-bit scheme, int4 weights from the most accurate (small blocks, more scales) to the
+# smallest file (one scale per output channel). Dynamic int4: activations quantized at run time.
+INT4_LADDER = ("int4-b32", "int4-b128", "int4")
+
+
+def size_candidates(scheme, io, *, fixed: bool):
+    """The schemes --max-size tries, most accurate first: `scheme` alone when the user or a device
+    profile fixed it (`fixed`), else `scheme` then the int4 ladder (those that can produce `io`)."""
+    from .precision import SCHEME_IO, Scheme
+
+    if fixed:
+        return [scheme]
+    return [scheme] + [s for s in map(Scheme, INT4_LADDER) if s is not scheme and io in SCHEME_IO[s]]
+
+
 @dataclass(frozen=True)
 class Measured(Generic[C]):
     candidate: C

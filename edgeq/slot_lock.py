@@ -16,8 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
-from edgeq.errors import DeviceError
-from edgeq.remote import Progress, Remote
+from .errors import DeviceError
+from .remote import Progress, Remote
 
 HEARTBEAT_S = 20.0  # how often a running flash refreshes its lock (far below stale_after)
 _HELD: set[str] = set()  # tokens of the slot locks this process holds right now
@@ -104,7 +104,7 @@ class SlotLock:
             time.sleep(0.5)
 
     def _write_owner(self) -> None:
-        from edgeq import __version__
+        from . import __version__
 
         try:
             import getpass

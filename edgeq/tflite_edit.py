@@ -3,11 +3,18 @@
 Graph rewrites (fp16 weight folding, densifying, shared int8 scales) and weight-level accuracy
 methods (equalization, bias correction, learned rounding) all read and write constant tensors
 through here, so there is one way to unpack, edit and repack a model.
+
+Buffers may be stored after the flatbuffer (buffer.offset/size into the file: the LiteRT quantizer
+writes a model that way once its large buffers pass 256 KB, and TFLite files over 2 GB must). load()
+reads them into the ModelT, so constant() sees them and every edit keeps them; pack() writes them
+inline, or after the flatbuffer again when inline they would pass the flatbuffer's 2 GB limit.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .errors import ModelFormatError
 
 # TensorType enum value -> numpy dtype (schema.fbs); types numpy lacks (e.g. INT4) are absent.
 _NP = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 7: np.int16,
@@ -20,16 +27,62 @@ def schema():
 
 
 def load(model: bytes):
-    """The whole model as a mutable ModelT."""
-    return schema().ModelT.InitFromPackedBuf(bytearray(model), 0)
+    """The whole model as a mutable ModelT, every buffer inline (see the module doc)."""
+    m = schema().ModelT.InitFromPackedBuf(bytearray(model), 0)
+    for b in m.buffers or []:
+        # offset 1 (size 1) is the writer's placeholder while it packs, never a real location.
+        if b.offset and b.offset > 1 and b.size:
+            if b.offset + b.size > len(model):
+                raise ModelFormatError(f"a buffer of the .tflite lies past its end (bytes {b.offset}..{b.offset + b.size} "
+                                       f"of {len(model)}): the file is truncated; copy or export it again")
+            b.data = np.frombuffer(model, np.uint8, count=int(b.size), offset=int(b.offset)).copy()
+            b.offset, b.size = 0, 0
+    return m
+
+
+# A flatbuffer cannot pass 2 GB: past this much buffer data pack() stores the large buffers after it.
+INLINE_LIMIT = 2**31 - 2**27
+_EXTERNAL_MIN = 1024  # smaller buffers stay inline either way (as the LiteRT quantizer does)
 
 
 def pack(m) -> bytes:
+    """The model as .tflite bytes: buffers inline, or, past INLINE_LIMIT bytes of them, the large ones
+    after the flatbuffer (buffer.offset/size, 16-byte aligned, as TFLite's writers do). `m` is kept."""
+    big = [b for b in m.buffers or [] if b.data is not None and len(b.data) >= _EXTERNAL_MIN]
+    if sum(len(b.data) for b in big) <= INLINE_LIMIT:
+        return _finish(m)
+    data = [np.asarray(b.data, dtype=np.uint8) for b in big]
+    try:
+        for b in big:  # placeholders first: the real offsets depend on the flatbuffer's length
+            b.data, b.offset, b.size = None, 1, 1
+        head = len(_finish(m))
+        at = _align16(head)
+        for b, d in zip(big, data):
+            b.offset, b.size = at, d.size
+            at = _align16(at + d.size)
+        flat = _finish(m)
+        if len(flat) != head:  # the same fields with other values must keep the layout
+            raise RuntimeError("tflite_edit.pack: the flatbuffer changed length between passes")
+        out = bytearray(at)
+        out[:head] = flat
+        for b, d in zip(big, data):
+            out[b.offset:b.offset + b.size] = d.tobytes()
+        return bytes(out)
+    finally:
+        for b, d in zip(big, data):
+            b.data, b.offset, b.size = d, 0, 0
+
+
+def _finish(m) -> bytes:
     import flatbuffers
 
     b = flatbuffers.Builder(1 << 20)
     b.Finish(m.Pack(b), file_identifier=b"TFL3")
     return bytes(b.Output())
+
+
+def _align16(n: int) -> int:
+    return (n + 15) & ~15
 
 
 def op_name(m, op) -> str:
@@ -45,8 +98,27 @@ def op_name(m, op) -> str:
     return name
 
 
+def ints(xs) -> list[int]:
+    """An optional index vector of the object API (None, list or numpy array) as a list of ints."""
+    return [] if xs is None else [int(x) for x in xs]
+
+
 def tensor_name(t) -> str:
     return t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name or "")
+
+
+def qparams(t) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scales as float64, zero points as int64, one per scale) of TensorT `t`; None when it has no
+    scale. A missing zero point reads as 0, a single one is repeated for per-channel scales."""
+    q = t.quantization
+    if q is None or q.scale is None or len(q.scale) == 0:
+        return None
+    scale = np.asarray(q.scale, dtype=np.float64)
+    zp = np.asarray(q.zeroPoint if q.zeroPoint is not None and len(q.zeroPoint) else np.zeros(len(scale)),
+                    dtype=np.int64)
+    if len(zp) == 1 and len(scale) > 1:
+        zp = np.repeat(zp, len(scale))
+    return scale, zp
 
 
 def constant(m, sg, index: int) -> np.ndarray | None:
@@ -77,16 +149,27 @@ def set_constant(m, sg, index: int, value: np.ndarray, *, new_buffer: bool = Fal
         t.shapeSignature = None
 
 
+def buffer_shared(m, buffer: int) -> bool:
+    """True when more than one tensor (any subgraph) uses `buffer`, or it is the empty sentinel 0:
+    writing a constant there needs set_constant(..., new_buffer=True)."""
+    return buffer == 0 or sum(1 for sg in m.subgraphs for t in sg.tensors if t.buffer == buffer) > 1
+
+
+def numpy_dtype(t) -> type:
+    """The numpy dtype of TensorT `t`'s elements (KeyError for types numpy lacks, e.g. INT4)."""
+    return _NP[t.type]
+
+
 def consumers(sg) -> dict[int, list[int]]:
     """tensor index -> indices of the ops that read it."""
     out: dict[int, list[int]] = {}
     for i, op in enumerate(sg.operators):
-        for t in (op.inputs if op.inputs is not None else []):
+        for t in ints(op.inputs):
             if t >= 0:
-                out.setdefault(int(t), []).append(i)
+                out.setdefault(t, []).append(i)
     return out
 
 
 def producers(sg) -> dict[int, int]:
     """tensor index -> index of the op that writes it."""
-    return {int(t): i for i, op in enumerate(sg.operators) for t in (op.outputs if op.outputs is not None else [])}
+    return {t: i for i, op in enumerate(sg.operators) for t in ints(op.outputs)}

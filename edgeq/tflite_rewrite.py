@@ -43,23 +43,17 @@ class RewriteReport:
                     or self.activations_fused)
 
     def notes(self) -> tuple[str, ...]:
-        out = []
-        if self.fp16_folded:
-            out.append(f"{self.fp16_folded} float16 weight(s) behind DEQUANTIZE were folded into float32 "
-                       "constants before quantizing")
-        if self.int8_folded:
-            out.append(f"{self.int8_folded} int8 weight-only constant(s) behind DEQUANTIZE were dequantized "
-                       "to float32 before re-quantizing")
-        if self.densified:
-            out.append(f"{self.densified} sparse weight(s) behind DENSIFY were densified (the int8 model "
-                       "stores them dense)")
-        if self.activations_fused:
-            out.append(f"{self.activations_fused} standalone RELU/RELU6 op(s) fused into the op before them "
-                       "(XNNPACK has no int8 kernel for them alone)")
-        if self.opcodes_upgraded:
-            out.append(f"{self.opcodes_upgraded} operator code(s) in the old deprecated_builtin_code form "
-                       "were rewritten to the current schema")
-        return tuple(out)
+        said = ((self.fp16_folded, "float16 weight(s) behind DEQUANTIZE were folded into float32 constants "
+                 "before quantizing"),
+                (self.int8_folded, "int8 weight-only constant(s) behind DEQUANTIZE were dequantized to float32 "
+                 "before re-quantizing"),
+                (self.densified, "sparse weight(s) behind DENSIFY were densified (the int8 model stores them "
+                 "dense)"),
+                (self.activations_fused, "standalone RELU/RELU6 op(s) fused into the op before them (XNNPACK "
+                 "has no int8 kernel for them alone)"),
+                (self.opcodes_upgraded, "operator code(s) in the old deprecated_builtin_code form were "
+                 "rewritten to the current schema"))
+        return tuple(f"{n} {text}" for n, text in said if n)
 
     def to_json(self) -> dict:
         return dict(vars(self))
@@ -96,22 +90,32 @@ def upgrade_opcodes(m) -> int:
 
 def densify_constants(m) -> int:
     """Replace each DENSIFY of a sparse constant by the dense constant (same dtype); the op goes."""
-    n = 0
+    def dense(sg, op):
+        src = sg.tensors[int(op.inputs[0])]
+        out = int(op.outputs[0])
+        te.set_constant(m, sg, out, densify(m, src).astype(te.numpy_dtype(src)), new_buffer=True)
+        sg.tensors[out].sparsity = None
+        return "densified"
+
+    return _fold_constant_ops(m, "DENSIFY", dense).get("densified", 0)
+
+
+def _fold_constant_ops(m, op_name: str, fold) -> dict[str, int]:
+    """Drop every `op_name` op whose one input is a constant and whose output is not a graph output,
+    once fold(sg, op) has stored its output as a constant and said what it did (None: not folded, the
+    op stays). Counts per what fold said."""
+    done: dict[str, int] = {}
     for sg in m.subgraphs or []:
-        outputs = set(_ints(sg.outputs))
+        outputs = set(te.ints(sg.outputs))
         keep = []
         for op in sg.operators or []:
-            if te.op_name(m, op) == "DENSIFY" and _foldable(m, sg, op, outputs):
-                src = sg.tensors[int(op.inputs[0])]
-                dense = densify(m, src)
-                out = int(op.outputs[0])
-                te.set_constant(m, sg, out, dense.astype(te._NP[src.type]), new_buffer=True)
-                sg.tensors[out].sparsity = None
-                n += 1
-                continue
-            keep.append(op)
+            what = fold(sg, op) if te.op_name(m, op) == op_name and _foldable(m, sg, op, outputs) else None
+            if what is None:
+                keep.append(op)
+            else:
+                done[what] = done.get(what, 0) + 1
         sg.operators = keep
-    return n
+    return done
 
 
 def densify(m, t) -> np.ndarray:
@@ -171,7 +175,7 @@ def densify(m, t) -> np.ndarray:
 
 def _raw_values(m, t) -> np.ndarray:
     buf = m.buffers[t.buffer]
-    return np.frombuffer(bytes(np.asarray(buf.data, dtype=np.uint8)), dtype=te._NP[t.type])
+    return np.frombuffer(bytes(np.asarray(buf.data, dtype=np.uint8)), dtype=te.numpy_dtype(t))
 
 
 def _vector(v) -> np.ndarray:
@@ -182,27 +186,19 @@ def _vector(v) -> np.ndarray:
 
 def fold_dequantize(m) -> tuple[int, int]:
     """Fold DEQUANTIZE ops whose input is a constant into float32 constants; (float16, int8) counts."""
-    fp16 = int8 = 0
-    for sg in m.subgraphs or []:
-        outputs = set(_ints(sg.outputs))
-        keep = []
-        for op in sg.operators or []:
-            if te.op_name(m, op) == "DEQUANTIZE" and _foldable(m, sg, op, outputs):
-                src = sg.tensors[int(op.inputs[0])]
-                value = _dequantized(m, sg, int(op.inputs[0]))
-                if value is not None:
-                    out = int(op.outputs[0])
-                    # A buffer of its own: the output's old (empty) buffer may be shared.
-                    te.set_constant(m, sg, out, value, new_buffer=True)
-                    sg.tensors[out].quantization = None
-                    if src.type == 1:  # FLOAT16
-                        fp16 += 1
-                    else:
-                        int8 += 1
-                    continue
-            keep.append(op)
-        sg.operators = keep
-    return fp16, int8
+    def dequantized(sg, op):
+        src = sg.tensors[int(op.inputs[0])]
+        value = _dequantized(m, sg, int(op.inputs[0]))
+        if value is None:
+            return None
+        out = int(op.outputs[0])
+        # A buffer of its own: the output's old (empty) buffer may be shared.
+        te.set_constant(m, sg, out, value, new_buffer=True)
+        sg.tensors[out].quantization = None
+        return "fp16" if src.type == 1 else "int8"  # 1: FLOAT16
+
+    done = _fold_constant_ops(m, "DEQUANTIZE", dequantized)
+    return done.get("fp16", 0), done.get("int8", 0)
 
 
 def _dequantized(m, sg, index: int) -> np.ndarray | None:
@@ -214,22 +210,20 @@ def _dequantized(m, sg, index: int) -> np.ndarray | None:
         return value.astype(np.float32)
     if value.dtype not in (np.int8, np.uint8, np.int16):
         return None
-    q = t.quantization
-    if q is None or q.scale is None or len(q.scale) == 0:
+    p = te.qparams(t)
+    if p is None:
         return None
-    scale = np.asarray(q.scale, dtype=np.float32)
-    zp = np.asarray(q.zeroPoint if q.zeroPoint is not None and len(q.zeroPoint) else [0] * len(scale),
-                    dtype=np.float32)
+    scale, zp = p[0].astype(np.float32), p[1].astype(np.float32)
     if len(scale) > 1:  # per-channel along quantizedDimension
         shape = [1] * value.ndim
-        shape[int(q.quantizedDimension)] = len(scale)
+        shape[int(t.quantization.quantizedDimension)] = len(scale)
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return ((value.astype(np.float32) - zp) * scale).astype(np.float32)
 
 
 def _foldable(m, sg, op, graph_outputs: set[int]) -> bool:
     """A one-in one-out op whose input is a constant and whose output is not a graph output."""
-    ins, outs = _ints(op.inputs), _ints(op.outputs)
+    ins, outs = te.ints(op.inputs), te.ints(op.outputs)
     if len(ins) != 1 or len(outs) != 1 or ins[0] < 0 or outs[0] in graph_outputs:
         return False
     t = sg.tensors[ins[0]]
@@ -248,14 +242,14 @@ def fuse_activations(m) -> int:
     activation, has none yet, and nothing else reads the intermediate tensor."""
     n = 0
     for sg_i, sg in enumerate(m.subgraphs or []):
-        keep_visible = set(_ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
+        keep_visible = set(te.ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
                                                  if sig.subgraphIndex == sg_i for tm in sig.outputs or []}
         readers = te.consumers(sg)
         producer = te.producers(sg)
         drop: set[int] = set()
         for i, op in enumerate(sg.operators or []):
             act = _ACTIVATIONS.get(te.op_name(m, op))
-            ins = _ints(op.inputs)
+            ins = te.ints(op.inputs)
             if act is None or len(ins) != 1 or ins[0] in keep_visible or len(readers.get(ins[0], [])) != 1:
                 continue
             p = producer.get(ins[0])
@@ -263,7 +257,7 @@ def fuse_activations(m) -> int:
                 continue
             prod = sg.operators[p]
             opts = prod.builtinOptions
-            if (te.op_name(m, prod) not in _FUSING_OPS or len(_ints(prod.outputs)) != 1 or opts is None
+            if (te.op_name(m, prod) not in _FUSING_OPS or len(te.ints(prod.outputs)) != 1 or opts is None
                     or getattr(opts, "fusedActivationFunction", None) != 0):
                 continue
             opts.fusedActivationFunction = act
@@ -284,19 +278,14 @@ def prune(m) -> tuple[int, int]:
     removed_t = 0
     used_buffers = {0}  # buffer 0 is the schema's empty sentinel
     for sg_i, sg in enumerate(m.subgraphs or []):
-        used = set(_ints(sg.inputs)) | set(_ints(sg.outputs))
+        used = set(te.ints(sg.inputs)) | set(te.ints(sg.outputs))
         for op in sg.operators or []:
-            used |= {t for t in _ints(op.inputs) + _ints(op.outputs) + _ints(op.intermediates) if t >= 0}
+            used |= {t for t in te.ints(op.inputs) + te.ints(op.outputs) + te.ints(op.intermediates) if t >= 0}
         for sig in m.signatureDefs or []:
             if sig.subgraphIndex == sg_i:
                 used |= {int(tm.tensorIndex) for tm in (sig.inputs or []) + (sig.outputs or [])}
         old = list(sg.tensors or [])
-        remap = {}
-        kept = []
-        for i, t in enumerate(old):
-            if i in used:
-                remap[i] = len(kept)
-                kept.append(t)
+        kept, remap = _keep(old, used)
         removed_t += len(old) - len(kept)
         sg.tensors = kept
 
@@ -310,14 +299,9 @@ def prune(m) -> tuple[int, int]:
                     tm.tensorIndex = remap[int(tm.tensorIndex)]
         used_buffers |= {int(t.buffer) for t in kept}
     used_buffers |= {int(md.buffer) for md in (m.metadata or [])}
-    used_buffers |= set(_ints(m.metadataBuffer))
+    used_buffers |= set(te.ints(m.metadataBuffer))
     old_buffers = list(m.buffers or [])
-    bmap = {}
-    new_buffers = []
-    for i, b in enumerate(old_buffers):
-        if i in used_buffers:
-            bmap[i] = len(new_buffers)
-            new_buffers.append(b)
+    new_buffers, bmap = _keep(old_buffers, used_buffers)
     m.buffers = new_buffers
     for sg in m.subgraphs or []:
         for t in sg.tensors:
@@ -327,18 +311,20 @@ def prune(m) -> tuple[int, int]:
     if m.metadataBuffer is not None:
         m.metadataBuffer = [bmap[int(b)] for b in m.metadataBuffer]
     # Operator codes no op uses (the removed DEQUANTIZE/DENSIFY) go too.
-    used_codes = sorted({int(op.opcodeIndex) for sg in m.subgraphs or [] for op in sg.operators or []})
-    cmap = {c: i for i, c in enumerate(used_codes)}
-    m.operatorCodes = [m.operatorCodes[c] for c in used_codes]
+    used_codes = {int(op.opcodeIndex) for sg in m.subgraphs or [] for op in sg.operators or []}
+    m.operatorCodes, cmap = _keep(m.operatorCodes, used_codes)
     for sg in m.subgraphs or []:
         for op in sg.operators or []:
             op.opcodeIndex = cmap[int(op.opcodeIndex)]
     return removed_t, len(old_buffers) - len(new_buffers)
 
 
+def _keep(items: list, used: set[int]) -> tuple[list, dict[int, int]]:
+    """The items whose index is in `used`, in order, and old index -> new index."""
+    index = [i for i in range(len(items)) if i in used]
+    return [items[i] for i in index], {old: new for new, old in enumerate(index)}
+
+
 def _remap(xs, remap: dict[int, int]):
     return None if xs is None else [remap[int(x)] if int(x) >= 0 else -1 for x in xs]
 
-
-def _ints(xs) -> list[int]:
-    return [] if xs is None else [int(x) for x in xs]

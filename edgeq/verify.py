@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import QuantizationError
-from .tfimport import quiet_native
-from .validate import Fidelity, compare, run_signature
+from .quiet import quiet_native
+from .fidelity import Fidelity, compare, run_signature
 
 DEFAULT_THREADS = 2
 # Ops whose int8 kernel outside XNNPACK costs time. SOFTMAX is left out: XNNPACK has no int8 softmax,
@@ -102,7 +102,7 @@ def check_runs(model: bytes, samples: Sequence[dict[str, np.ndarray]], options: 
                reference: dict[str, np.ndarray] | None = None, signature_key: str = "serving_default") -> RunCheck:
     """Prepare and run `model` as the target would, on `samples` (keyed by signature input name).
     Raises QuantizationError, one line naming the op, when it cannot prepare or run, or when an
-    output is not finite. `reference`: float outputs on the same samples (validate.run_model)."""
+    output is not finite. `reference`: float outputs on the same samples (fidelity.run_model)."""
     if options.xnnpack:
         # Nodes the delegate refuses are prepared by the builtin kernels; preparing them all there
         # first also gives the kernel's own reason (XNNPACK only says "failed to delegate").

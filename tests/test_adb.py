@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from adb_standin import DATA, AdbServer, StandInPhone, install_fake_benchmark_model
-from conftest import require_tool
+from tests.conftest import require_tool
 from edgeq.errors import DeviceError, EdgeqError, ModelFormatError, ProfileError
 from edgeq.files import sha256_file
 from edgeq.runners import ProfileRequest, benchmark_log, profile_model, resolve

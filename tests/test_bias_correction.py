@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_equalize import calib, held_out, int8_session, output_error, quantize_plain, tiny_cnn  # noqa: F401
+from edgeq import tflite_edit as te
+from tests.conftest import int8_session, output_error, quantize_plain
 
 SEED = 5
 
@@ -40,11 +41,9 @@ def _fc_samples(n, seed):
 
 
 def _biases(model: bytes) -> dict[str, np.ndarray]:
-    from edgeq import tflite_edit as te
-    from edgeq.bias_correction import load_model
     from edgeq.tflite_model import read_model
 
-    m = load_model(model)
+    m = te.load(model)
     sg = m.subgraphs[0]
     out = {}
     for op in read_model(model).ops:
@@ -64,7 +63,7 @@ def _true_minmax_int8(float_model, samples) -> bytes:
 
 def test_bias_correction_removes_the_rounding_shift(wide_fc):
     from edgeq.bias_correction import correct_bias
-    from edgeq.validate import run_model
+    from edgeq.fidelity import run_model
 
     calib, held = _fc_samples(64, SEED), _fc_samples(64, SEED + 1)
     q = _true_minmax_int8(wide_fc, calib)
@@ -83,7 +82,8 @@ def test_bias_correction_removes_the_rounding_shift(wide_fc):
 
 
 def test_the_written_file_carries_new_biases_and_the_same_weights(wide_fc):
-    from edgeq.bias_correction import correct_bias, weight_layers
+    from edgeq.bias_correction import correct_bias
+    from edgeq.weight_layers import weight_layers
     from edgeq.tflite_model import read_model
 
     calib = _fc_samples(32, SEED)
@@ -94,8 +94,7 @@ def test_the_written_file_carries_new_biases_and_the_same_weights(wide_fc):
     assert all(b.dtype == np.int32 for b in b1.values())
     assert all(not np.array_equal(b0[k], b1[k]) for k in b0) and np.any(b1[next(k for k in b1 if k not in b0)])
     # Weights, ops and dtypes untouched: only int32 biases differ.
-    from edgeq.bias_correction import load_model
-    qm, bm = load_model(q), load_model(bc.model)
+    qm, bm = te.load(q), te.load(bc.model)
     for lay in weight_layers(q, wide_fc):
         assert np.array_equal(lay.quantized_weight(qm), lay.quantized_weight(bm))
     assert [(o.name, o.precision) for o in read_model(q).ops] == [(o.name, o.precision) for o in read_model(bc.model).ops]

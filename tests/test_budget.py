@@ -8,16 +8,17 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build_tiny, require_module, save_keras
-from edgeq.budget import (NOISE_FLOOR, Metric, Requantizer, budget_target, default_floor, static_moves,
-                          wilson_upper)
+from tests.conftest import build_tiny, require_module, save_keras
+from edgeq.accuracy_target import Metric, budget_target, default_floor, wilson_upper
+from edgeq.budget_moves import NOISE_FLOOR, static_moves
 from edgeq.calibration import CalibrationConfig
 from edgeq.convert import BudgetOptions, ConvertOptions, convert
 from edgeq.errors import QuantizationError
-from edgeq.litert_quant import OpPrecision, quantize_per_op
+from edgeq.litert_quant import OpPrecision, Requantizer, quantize_per_op
+from edgeq.optimize import OptimizeLevel
 from edgeq.precision import Precision, Scheme
 from edgeq.tflite_model import OpInfo, TensorInfo, read_model
-from edgeq.validate import Fidelity, OutputFidelity, OutputKind
+from edgeq.fidelity import Fidelity, OutputFidelity, OutputKind
 
 
 # --------------------------------------------------------------------------- targets
@@ -136,9 +137,17 @@ def test_requantizer_calibrates_once_for_every_plan(ln_model):
     models = [rq.quantize(p) for p in plans]
     assert len(walks) == 2  # one calibration (the quantizer counts the samples, then runs them)
     assert rq.quantizations == 3 and len(set(models)) == 3
-    # The same bytes as a fresh calibration for that plan alone.
-    fresh = quantize_per_op(src.float_tflite, Precision.INT8, plans[1], [{name: s[None]} for s in x])
-    assert models[1] == fresh
+    # The same bytes as the quantizer calibrated for that plan alone (its own recipe, not every op
+    # static): the min/max of a tensor does not depend on the recipe.
+    from litert_quantizer import quantizer
+    from edgeq.litert_quant import build_recipe, op_scopes
+
+    qt = quantizer.Quantizer(bytearray(src.float_tflite))
+    qt.load_quantization_recipe(build_recipe(Precision.INT8, plans[1], op_scopes(src.float_tflite)) + [
+        {"regex": ".*", "operation": io, "algorithm_key": "no_quantize", "op_config": {}} for io in ("INPUT", "OUTPUT")])
+    ranges = qt.calibrate({"serving_default": [{name: s[None]} for s in x]})
+    assert models[1] == bytes(qt.quantize(ranges, enable_progress_report=False).quantized_model)
+    assert quantize_per_op(src.float_tflite, Precision.INT8, plans[1], [{name: s[None]} for s in x]) == models[1]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -147,11 +156,13 @@ def test_requantizer_calibrates_once_for_every_plan(ln_model):
 def test_budget_reaches_what_naive_int8_misses(ln_model, tmp_path):
     src, data = ln_model
     calib = CalibrationConfig(data, samples=200, eval_samples=60)
-    naive = convert(src, ConvertOptions(tmp_path / "naive.tflite", calib=calib, floor=False)).manifest
+    # Plain int8 on both sides (--optimize none): the loop, not the accuracy methods, is under test.
+    plain = OptimizeLevel.NONE
+    naive = convert(src, ConvertOptions(tmp_path / "naive.tflite", calib=calib, floor=False, optimize=plain)).manifest
     naive_drop = 1 - naive["fidelity"]["outputs"][0]["cosine"]
     assert naive_drop > 0.01, "the test model must lose more than the budget under plain int8"
 
-    r = convert(src, ConvertOptions(tmp_path / "b.tflite", calib=calib, budget=BudgetOptions(0.01)))
+    r = convert(src, ConvertOptions(tmp_path / "b.tflite", calib=calib, budget=BudgetOptions(0.01), optimize=plain))
     b = r.manifest["budget"]
     assert b["met"] and b["loop"] and b["floor"] is False and b["final_drop"] <= 0.01
     assert 1 - r.manifest["fidelity"]["outputs"][0]["cosine"] == pytest.approx(b["final_drop"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require_module
+from tests.conftest import require_module
 
 from edgeq.calibration import CalibrationConfig, InputSpec, Layout, Preprocess, image_layout, load_calibration
 from edgeq.errors import CalibrationError

@@ -43,7 +43,7 @@ def test_convert_json_and_exit_codes(tiny_dense, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     # Usage error (unknown choice): exit 2.
-    assert run("convert", tiny_dense, "-o", out, "--scheme", "int4").exit_code == 2
+    assert run("convert", tiny_dense, "-o", out, "--scheme", "int2").exit_code == 2
     # Missing calibration for int8: exit 1 naming the fix.
     r = run("convert", tiny_dense, "-o", tmp_path / "p.tflite")
     assert r.exit_code == 1 and "--calib" in r.output and not (tmp_path / "p.tflite").exists()
@@ -159,6 +159,12 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
         (["--max-drop", "0.01", "--calib", tmp_path / "x.npy", "--eval-samples", "0"],
          "--max-drop needs held-out samples"),
         (["--scheme", "int16x8"], "--scheme int16x8 needs calibration data: pass --calib"),
+        (["--scheme", "dynamic", "--optimize", "fast", "--calib", tmp_path / "x.npy"],
+         "--optimize fast cannot run: --scheme dynamic"),
+        (["--optimize", "best", "--calibration", "percentile", "--calib", tmp_path / "x.npy"],
+         "--optimize best cannot run: --calibration percentile fixes the activation ranges"),
+        (["--optimize", "fast", "--calib", "random"], "--optimize fast cannot run: no real calibration data"),
+        (["--max-size", "12XB"], "--max-size '12XB': expected a size such as 12MB"),
     ]
     for args, reason in cases:
         r = run("convert", tiny_dense, "-o", out, *args)
@@ -176,7 +182,7 @@ def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):
     from dataclasses import replace
 
     from edgeq.calibration import CalibrationConfig
-    from edgeq.cli import _print_convert
+    from edgeq.cli_output import print_convert
     from edgeq.convert import ConvertOptions, convert
     from edgeq.plan import plan_precision
     from edgeq.precision import Scheme
@@ -188,7 +194,7 @@ def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):
     ops = list(read_model(r.source.float_tflite).ops)
     plan = plan_precision(ops, None, {0: ("float", "accuracy budget step 1")}, scheme=Scheme.INT8)
     capsys.readouterr()
-    _print_convert(replace(r, manifest={**r.manifest, "plan": plan.to_json()}))
+    print_convert(replace(r, manifest={**r.manifest, "plan": plan.to_json()}))
     printed = capsys.readouterr().out
     assert "Precision plan (no device) (ops not int8)" in printed and "None" not in printed
     assert f"plan: {plan.summary()}" in printed and "accuracy budget step 1" in printed
@@ -210,7 +216,7 @@ def test_convert_says_how_many_samples_calibrated_and_judged(tiny_dense, tmp_pat
 
 def test_convert_floor_refusal_and_class_output(tf, tmp_path):
     """Below the floor with nothing the device lets move: exit 1, one line, no files; --no-floor writes."""
-    from conftest import build_tiny, save_keras
+    from tests.conftest import build_tiny, save_keras
     base = build_tiny(tf, "ln")
     src = save_keras(tf, tf.keras.Model(base.inputs, {"embedding": base.outputs[0]}), tmp_path / "e.keras")
     x = np.random.default_rng(0).normal(size=(150, 16, 32)).astype(np.float32)
@@ -227,3 +233,34 @@ def test_convert_floor_refusal_and_class_output(tf, tmp_path):
     r = run("convert", src, "-o", tmp_path / "c.tflite", "--calib", tmp_path / "x.npy", "--class-output", "scores")
     assert r.exit_code == 1 and "--class-output scores: the model has no such output; its outputs are embedding" \
         in r.output
+
+
+def test_convert_prints_what_each_optimize_step_bought(tiny_conv, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((90, 8, 8, 3)).astype(np.float32))
+    r = run("convert", tiny_conv, "-o", tmp_path / "o.tflite", "--calib", tmp_path / "x.npy", "--calib-samples", 60,
+            "--eval-samples", 30)
+    assert r.exit_code == 0, r.output
+    assert "--optimize fast: each step judged on 32 calibration samples (kl to float)" in r.output
+    assert "activation ranges: " in r.output and "bias_correction" in r.output and "optimize: fast in " in r.output
+    m = json.loads((tmp_path / "o.edgeq.json").read_text())
+    assert [s["step"] for s in m["optimize"]["steps"]] == ["ranges", "bias_correction"]  # no layer pair to equalize
+    r = run("convert", tiny_conv, "-o", tmp_path / "n.tflite", "--calib", tmp_path / "x.npy", "--optimize", "none")
+    assert r.exit_code == 0 and "optimize" not in r.output
+    r = run("convert", tiny_conv, "-o", tmp_path / "d.tflite", "--calib", tmp_path / "x.npy", "--scheme", "dynamic")
+    assert r.exit_code == 0 and "optimize: none (--scheme dynamic: the methods tune static int8" in r.output
+
+
+def test_convert_max_size_prints_what_it_tried(tf, tmp_path):
+    from tests.conftest import build_int4_graph
+
+    (tmp_path / "g.tflite").write_bytes(build_int4_graph(tf))
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(60, 8, 8, 16)).astype(np.float32))
+    r = run("convert", tmp_path / "g.tflite", "-o", tmp_path / "o.tflite", "--calib", tmp_path / "x.npy",
+            "--max-size", "40KB")  # int8 is 55 KB, int4-b32 31 KB
+    assert r.exit_code == 0, r.output
+    assert "--max-size 0.04 MB: schemes tried, most accurate first" in r.output
+    assert "size goal: chose int4-b32" in r.output and (tmp_path / "o.tflite").stat().st_size <= 40_000
+    r = run("convert", tmp_path / "g.tflite", "-o", tmp_path / "p.tflite", "--calib", tmp_path / "x.npy",
+            "--max-size", "1KB")
+    assert r.exit_code == 1 and "cannot be reached: the smallest plan tried (int4) is" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "p.tflite").exists()

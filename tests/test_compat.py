@@ -19,7 +19,7 @@ from edgeq.tflite_model import read_ops
 
 def _convert(tf, model, mode="float"):
     import numpy as np
-    from edgeq.tfimport import quiet_native
+    from edgeq.quiet import quiet_native
 
     with quiet_native():
         c = tf.lite.TFLiteConverter.from_keras_model(model)

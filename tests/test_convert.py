@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import build_tiny, save_keras
+from tests.conftest import build_tiny, save_keras
 from edgeq.calibration import CalibrationConfig
 from edgeq.convert import BudgetOptions, ConvertOptions, convert
 from edgeq.errors import CalibrationError, ModelFormatError, OutputExistsError, QuantizationError
@@ -376,3 +376,156 @@ def test_model_that_cannot_prepare_is_never_written(tiny_conv, tmp_path, monkeyp
         convert(tiny_conv, ConvertOptions(out, Scheme.INT8, calib=CalibrationConfig(str(tmp_path / "d.npy"), 15, 5)))
     assert "\n" not in str(e.value)
     assert not list(tmp_path.glob("m.*"))
+
+
+# --------------------------------------------------------------------------- --optimize (issue 13)
+@pytest.fixture(scope="module")
+def cnn_source(tf, tmp_path_factory):
+    """The tiny seeded CNN as a float .tflite, and 80 smooth images as .npy (48 calibrate, 32 judge)."""
+    from tests.conftest import CNN_SEED, build_tiny_cnn, image_samples
+
+    d = tmp_path_factory.mktemp("cnn")
+    (d / "cnn.tflite").write_bytes(build_tiny_cnn(tf))
+    np.save(d / "x.npy", np.concatenate([s["x"] for s in image_samples(80, CNN_SEED)]))
+    return d / "cnn.tflite", CalibrationConfig(str(d / "x.npy"), samples=48, eval_samples=32)
+
+
+def _ops(model) -> list[tuple[str, str]]:
+    return [(op.name, op.precision) for op in read_model(model).ops]
+
+
+def test_optimize_fast_is_the_default_and_records_each_step(cnn_source, tmp_path):
+    from edgeq.optimize import OptimizeLevel
+
+    model, cal = cnn_source
+    none = convert(model, ConvertOptions(tmp_path / "none.tflite", calib=cal, optimize=OptimizeLevel.NONE))
+    fast = convert(model, ConvertOptions(tmp_path / "fast.tflite", calib=cal))
+    assert none.manifest["optimize"] == {"level": "none", "asked": "none", "ran": False, "why": "--optimize none"}
+    o = fast.manifest["optimize"]
+    assert o["level"] == "fast" and o["asked"] == "default" and o["ran"] and o["superseded"] is None
+    assert [s["step"] for s in o["steps"]] == ["ranges", "equalize", "bias_correction"]
+    # Measured on the 48 calibration samples (32 of them judge), never on the 32 held-out ones.
+    assert o["calibration_samples"] == 48 and o["judged_on_calibration_samples"] == 32
+    assert fast.manifest["fidelity"]["samples"] == 32
+    eq = o["steps"][1]
+    assert eq["kept"] and eq["detail"]["pairs"] == 5 and eq["after"]["rel_l2"] < 0.5 * eq["before"]["rel_l2"]
+    for s in o["steps"][1:]:  # steps chain: each starts from the best so far and is kept only if it helped
+        assert not s["kept"] or s["after"]["rel_l2"] < s["before"]["rel_l2"]
+    # The held-out samples agree: fast is much closer to float than the quantizer's own ranges.
+    err = {k: r.manifest["fidelity"]["outputs"][0]["rel_l2"] for k, r in (("none", none), ("fast", fast))}
+    assert err["fast"] < 0.5 * err["none"], err
+    # Same ops at the same precisions; the written file carries other weights (equalized) and scales.
+    a, b = (tmp_path / "none.tflite").read_bytes(), (tmp_path / "fast.tflite").read_bytes()
+    assert _ops(a) == _ops(b) and {p for _, p in _ops(b)} <= {"int8", "other"}
+    wa, wb = read_model(a), read_model(b)
+    scales = [[t.scale for t in op.inputs if t.scale] for op in wa.ops if op.name == "DEPTHWISE_CONV_2D"]
+    scales_fast = [[t.scale for t in op.inputs if t.scale] for op in wb.ops if op.name == "DEPTHWISE_CONV_2D"]
+    assert scales != scales_fast
+
+
+def test_optimize_runs_alike_on_keras_sources_and_none_is_todays_conversion(tiny_conv, tmp_path):
+    from edgeq.calibration import load_calibration
+    from edgeq.int8_constraints import enforce
+    from edgeq.optimize import OptimizeLevel
+    from edgeq.quantize import QuantizeRequest, quantize
+    from edgeq.sources import load_source
+
+    cal = CalibrationConfig(_npy(tmp_path, (8, 8, 3)), samples=60, eval_samples=30)  # no little-data refit
+    none = convert(tiny_conv, ConvertOptions(tmp_path / "n.tflite", calib=cal, optimize=OptimizeLevel.NONE))
+    assert none.manifest["optimize"]["ran"] is False
+    src = load_source(tiny_conv)
+    data = load_calibration(cal, src.inputs, src.make_text_samples)
+    today = enforce(quantize(src, QuantizeRequest(Scheme.INT8), data.calibration))[0]  # the TFLite converter
+    assert (tmp_path / "n.tflite").read_bytes() == today
+    fast = convert(tiny_conv, ConvertOptions(tmp_path / "f.tflite", calib=cal))
+    o = fast.manifest["optimize"]
+    assert o["ran"] and o["level"] == "fast" and o["steps"][0]["step"] == "ranges"
+    # The LiteRT quantizer converts the float I/O at other places than the converter; the compute is the same.
+    def compute(model):
+        return [(name, p) for name, p in _ops(model) if p != "other"]
+    assert compute((tmp_path / "f.tflite").read_bytes()) == compute(today)
+    assert fast.manifest["fidelity"]["outputs"][0]["cosine"] > 0.98
+
+
+def test_optimize_does_not_run_where_it_cannot_apply(tiny_conv, tmp_path):
+    from edgeq.optimize import OptimizeLevel
+
+    r = convert(tiny_conv, ConvertOptions(tmp_path / "r.tflite", calib=CalibrationConfig("random")))
+    assert r.manifest["optimize"]["ran"] is False and "not random" in r.manifest["optimize"]["why"]
+    x = _npy(tmp_path, (8, 8, 3))
+    r = convert(tiny_conv, ConvertOptions(tmp_path / "d.tflite", scheme=Scheme.DYNAMIC, calib=CalibrationConfig(x)))
+    assert r.manifest["optimize"]["ran"] is False and "--scheme dynamic" in r.manifest["optimize"]["why"]
+    r = convert(tiny_conv, ConvertOptions(tmp_path / "p.tflite", calib=CalibrationConfig(x), range_method="percentile"))
+    assert r.manifest["optimize"]["ran"] is False and "--calibration percentile" in r.manifest["optimize"]["why"]
+    with pytest.raises(QuantizationError, match="--optimize best cannot run: --scheme dynamic"):
+        convert(tiny_conv, ConvertOptions(tmp_path / "b.tflite", scheme=Scheme.DYNAMIC, calib=CalibrationConfig(x),
+                                          optimize=OptimizeLevel.BEST))
+
+
+# --------------------------------------------------------------------------- int4 schemes, --max-size (issue 16)
+@pytest.fixture(scope="module")
+def int4_source(tf, tmp_path_factory):
+    """test_int4's graph (CONV_2D, DEPTHWISE_CONV_2D, FC 32->256, FC 256->128) as a float .tflite + 60 samples."""
+    from tests.conftest import build_int4_graph
+
+    d = tmp_path_factory.mktemp("int4")
+    (d / "g.tflite").write_bytes(build_int4_graph(tf))
+    np.save(d / "x.npy", np.random.default_rng(1).normal(size=(60, 8, 8, 16)).astype(np.float32))
+    return d / "g.tflite", CalibrationConfig(str(d / "x.npy"), samples=40, eval_samples=20)
+
+
+@pytest.mark.parametrize("scheme,conv,depthwise,fc1,fc2", [
+    (Scheme.INT4, "int4", "hybrid", "int4", "int4"),
+    (Scheme.INT4_B32, "hybrid", "hybrid", "int4-b32", "int4-b32"),  # no blockwise CONV_2D in the quantizer
+    (Scheme.INT4X8, "int4x8", "int8", "int4x8", "int4x8"),  # static: int8 activations, DEPTHWISE int8
+])
+def test_int4_schemes_convert_and_read_back(int4_source, tmp_path, scheme, conv, depthwise, fc1, fc2):
+    from edgeq.precision import INT4_BLOCK_SIZE, Precision
+
+    model, cal = int4_source
+    r = convert(model, ConvertOptions(tmp_path / "q.tflite", scheme=scheme, calib=cal))
+    info = read_model(tmp_path / "q.tflite")
+    got = [(op.name, str(op.precision), op.weight_block_size) for op in info.ops
+           if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert [p for _, p, _ in got] == [conv, depthwise, fc1, fc2], got
+    for _, p, block in got:
+        assert block == INT4_BLOCK_SIZE.get(Precision(p), 0)
+    m = r.manifest
+    # The plan is made without a device for the scheme, said in the manifest, and the file matches it.
+    assert m["plan"]["device"] is None and m["scheme"] == scheme.value
+    planned = [e["precision"] for e in m["plan"]["ops"] if e["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D",
+                                                                         "FULLY_CONNECTED")]
+    assert planned == [conv, depthwise, fc1, fc2]
+    assert not any("disagrees with the plan" in w for w in r.warnings)
+    assert any(f"have no {scheme.value} kernel" in w and "DEPTHWISE_CONV_2D" in w for w in r.warnings), r.warnings
+    assert m["fidelity"]["outputs"][0]["cosine"] > 0.95 and m["optimize"]["ran"] is False
+    assert m["sizes"]["ratio"] > 4.5  # int4 weights: well past int8's ~4x
+
+
+def test_max_size_picks_the_most_accurate_scheme_that_fits(int4_source, tmp_path):
+    model, cal = int4_source
+    r8 = convert(model, ConvertOptions(tmp_path / "a.tflite", calib=cal, max_size=10**9))
+    assert r8.manifest["size_goal"]["chosen"] == "int8" and len(r8.manifest["size_goal"]["tried"]) == 1
+    int8_bytes = r8.manifest["size_goal"]["tried"][0]["bytes"]
+    r = convert(model, ConvertOptions(tmp_path / "b.tflite", calib=cal, max_size=int8_bytes - 1))
+    g = r.manifest["size_goal"]
+    assert [t["scheme"] for t in g["tried"]] == ["int8", "int4-b32"] and g["chosen"] == "int4-b32"
+    assert (tmp_path / "b.tflite").stat().st_size <= int8_bytes - 1 and r.manifest["scheme"] == "int4-b32"
+    assert g["tried"][1]["cosine"] > 0.95
+    with pytest.raises(QuantizationError, match=r"--max-size 0.00 MB cannot be reached: the smallest plan tried "
+                                                r"\(int4\) is 0.0\d MB at fidelity 0\.9"):
+        convert(model, ConvertOptions(tmp_path / "c.tflite", calib=cal, max_size=1000))
+    assert not (tmp_path / "c.tflite").exists()
+
+
+def test_int4_scheme_with_max_drop_runs_the_budget_loop(int4_source, tmp_path):
+    """--max-drop tighter than int4 reaches: the loop moves int4 layers to 8 bits until it holds."""
+    model, cal = int4_source
+    r = convert(model, ConvertOptions(tmp_path / "q.tflite", scheme=Scheme.INT4, calib=cal,
+                                      budget=BudgetOptions(0.0005)))
+    b = r.manifest["budget"]
+    assert b["loop"] and b["met"]
+    assert b["steps"][0]["value"] < 1 - 0.0005 <= r.manifest["fidelity"]["outputs"][0]["cosine"]
+    int4_ops = [op for op in read_model(tmp_path / "q.tflite").ops if str(op.precision).startswith("int4")]
+    assert len(int4_ops) < 3  # CONV_2D and both FCs were int4 as converted
+    assert not any("disagrees with the plan" in w for w in r.warnings)

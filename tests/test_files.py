@@ -8,8 +8,8 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from edgeq.errors import EdgeqError, OutputExistsError
-from edgeq.files import (DiskFullError, atomic_write, atomic_write_json, check_output, disk_full_error, human_bytes,
+from edgeq.errors import DiskFullError, EdgeqError, OutputExistsError
+from edgeq.files import (atomic_write, atomic_write_json, check_output, disk_full_error, human_bytes,
                          sha256_bytes, sha256_file)
 from tests.sshd_fixture import fill_disk, small_tmpfs
 

@@ -15,7 +15,8 @@ from edgeq.errors import EdgeqError
 from edgeq.flash import FlashOptions, flash
 from edgeq.fleet import FleetDevice, Inventory, load_inventory, run_fleet
 from edgeq.remote import SshTarget
-from edgeq.runners.ssh import SshProfileOptions, profile_over_ssh
+from edgeq.runners import ProfileRequest, run_reach
+from edgeq.runners.ssh import SshSettings
 from tests.sshd_fixture import StubProfile, free_port, sshd, tiny_int8_model  # noqa: F401
 
 
@@ -104,7 +105,7 @@ def test_parallelism_is_bounded_and_order_kept():
 
 
 def _fleet_file(tmp_path, sshd, bad_kh):
-    kh = sshd.known_hosts(tmp_path / "known_hosts")
+    sshd.known_hosts(tmp_path / "known_hosts")
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
     other = " ".join((tmp_path / "other.pub").read_text().split()[:2])
     bad_kh.write_text(f"[127.0.0.1]:{sshd.port} {other}\n")  # the "device" was swapped
@@ -143,8 +144,8 @@ def test_fleet_profile_with_dead_host(sshd, tiny_int8_model, tmp_path):
     messages = []
 
     def job(dev):
-        return profile_over_ssh(tiny_int8_model, profile, dev.target,
-                                SshProfileOptions(remote_python=sshd.device_python, runs=5))
+        request = ProfileRequest(runs=5, ssh=SshSettings(dev.target, remote_python=sshd.device_python))
+        return run_reach(tiny_int8_model, profile, request, "ssh")
 
     res = run_fleet(inv, job, max_parallel=2, progress=messages.append)
     status = {o.name: o.status for o in res.outcomes}

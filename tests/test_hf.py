@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require_module
+from tests.conftest import require_module
 
 pytestmark = [pytest.mark.hf, pytest.mark.slow]
 

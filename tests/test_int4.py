@@ -16,38 +16,14 @@ from edgeq.plan import Override, plan_precision
 from edgeq.precision import INT4_BLOCK_SIZE, Precision
 from edgeq.profiles import OpPolicy, load_profile
 from edgeq.tflite_model import read_model
+from tests.conftest import build_int4_graph
 
 P = Precision
 
 
-def _graph(tf, seed: int = 0):
-    """CONV_2D 3x3 16->32, DEPTHWISE_CONV_2D, spatial mean, FC 32->256 (last dim 32: only
-    blockwise-32 divides it), FC 256->128 (every block size divides 256), as a float .tflite."""
-    from edgeq.signature import ensure_signature
-    from edgeq.tfimport import quiet_native
-
-    rng = np.random.default_rng(seed)
-    k = tf.constant(rng.normal(0, 0.1, (3, 3, 16, 32)).astype(np.float32))
-    d = tf.constant(rng.normal(0, 0.3, (3, 3, 32, 1)).astype(np.float32))
-    w1 = tf.constant(rng.normal(0, 0.2, (32, 256)).astype(np.float32))
-    w2 = tf.constant(rng.normal(0, 0.1, (256, 128)).astype(np.float32))
-
-    @tf.function
-    def fn(x):
-        h = tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))
-        h = tf.nn.depthwise_conv2d(h, d, [1, 1, 1, 1], "SAME")
-        h = tf.nn.relu(tf.matmul(tf.reduce_mean(h, axis=[1, 2]), w1))
-        return tf.matmul(h, w2)
-
-    with quiet_native():
-        conv = tf.lite.TFLiteConverter.from_concrete_functions(
-            [fn.get_concrete_function(tf.TensorSpec([1, 8, 8, 16], tf.float32))], fn)
-        return ensure_signature(bytes(conv.convert()))[0]
-
-
 @pytest.fixture(scope="module")
 def float_model(tf):
-    return _graph(tf)
+    return build_int4_graph(tf)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +141,7 @@ def test_litert_runtime_table_fully_connected_row_is_true(tf, precision):
     """Re-measures the ai-edge-litert 2.3.0 [int4] FULLY_CONNECTED row: every precision it lists runs
     on the real interpreter, with XNNPACK and without, close to float."""
     from edgeq.signature import ensure_signature
-    from edgeq.tfimport import quiet_native
+    from edgeq.quiet import quiet_native
 
     rng = np.random.default_rng(3)
     w = tf.constant(rng.normal(size=(512, 128)).astype(np.float32))
@@ -206,3 +182,154 @@ def test_size_goal_picks_the_most_accurate_plan_that_fits(float_model, samples):
         choose_for_size(candidates, 1000, measure)
     with pytest.raises(QuantizationError, match=r"the plans that fit lose too much"):
         choose_for_size(candidates, sizes["int8 weights"] - 1, measure, min_fidelity=0.99999)
+
+
+# --------------------------------------------------------------------------- int4 in the budget loop
+
+def _outlier_mlp(tf):
+    """FC 64->256 (ReLU) -> FC 256->256 (ReLU) -> FC 256->32, seeded. Each output channel of the
+    first FC has one weight of 3.0 among N(0, 0.1) ones: channelwise int4 (scale 3/7) rounds the
+    rest to 0 there, int8 (scale 3/127) keeps them. Measured: all int4 cosine 0.954, the first FC
+    at int8 weights 0.985, the second or third instead 0.962 / 0.960, all three 0.9997."""
+    from edgeq.signature import ensure_signature
+    from edgeq.quiet import quiet_native
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.1, (64, 256)).astype(np.float32)
+    w1[rng.integers(0, 64, 256), np.arange(256)] = 3.0
+    w2 = rng.normal(0, 0.1, (256, 256)).astype(np.float32)
+    w3 = rng.normal(0, 0.1, (256, 32)).astype(np.float32)
+
+    @tf.function
+    def fn(x):
+        h = tf.nn.relu(tf.matmul(x, tf.constant(w1)))
+        h = tf.nn.relu(tf.matmul(h, tf.constant(w2)))
+        return tf.matmul(h, tf.constant(w3))
+
+    with quiet_native():
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(tf.TensorSpec([1, 64], tf.float32))], fn)
+        return ensure_signature(bytes(conv.convert()))[0]
+
+
+def _budget(float_model, scheme, max_drop, samples, calib=None):
+    from edgeq.accuracy_target import budget_target
+    from edgeq.budget import BudgetContext, run_budget
+    from edgeq.fidelity import fidelity, run_model
+    from edgeq.litert_quant import Requantizer
+    from edgeq.precision import Scheme
+
+    scheme = Scheme(scheme)
+    rq = Requantizer(float_model, scheme.op_precision, (lambda: iter(calib)) if calib else None, len(calib or ()))
+    first = rq.quantize(())
+    ref = run_model(float_model, samples)
+    fid = fidelity(float_model, first, samples, ref)
+    ctx = BudgetContext(read_model(float_model), None, scheme, rq, samples, ref, analysis_samples=lambda: samples[:8])
+    return run_budget(ctx, budget_target(max_drop, "cosine", fid), first, fid, True, None), first
+
+
+@pytest.fixture(scope="module")
+def outlier_mlp(tf):
+    rng = np.random.default_rng(1)
+    return _outlier_mlp(tf), [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(40)]
+
+
+def test_budget_moves_the_damaging_int4_layer_to_int8(outlier_mlp):
+    """Starting from int4, the loop moves the one layer whose int4 weights lose most (measured, not
+    told) to int8 weights, keeps the others int4, and the file says so."""
+    fm, samples = outlier_mlp
+    result, first = _budget(fm, "int4", 0.02, samples)
+    fcs = lambda m: [(op.precision, op.weight_block_size) for op in read_model(m).ops if op.name == "FULLY_CONNECTED"]
+    assert fcs(first) == [(P.INT4, 0)] * 3
+    assert fcs(result.model) == [(P.HYBRID, 0), (P.INT4, 0), (P.INT4, 0)]
+    b = result.report
+    assert b["met"] and b["loop"] and b["phases"] == ["int4 -> 8-bit"]
+    assert b["steps"][0]["value"] == pytest.approx(0.954, abs=0.005) and not b["steps"][0]["met"]
+    chosen = b["steps"][b["chosen_step"]]
+    assert chosen["moved"] == [f"#{_fc_index(fm, 0)} FULLY_CONNECTED -> hybrid"] and chosen["hybrid"] == 1
+    assert chosen["value"] == pytest.approx(0.985, abs=0.005) and chosen["bytes"] == len(result.model)
+    assert chosen["bytes"] < 0.7 * len(quantize_per_op(fm, P.HYBRID, (), None))
+    # Every step: what moved, the file's size and the fidelity it reached.
+    assert all({"moved", "bytes", "value", "met"} <= set(s) for s in b["steps"])
+    assert b["moves"][0]["phase"] == "int4 -> 8-bit" and b["moves"][0]["noise"] > 0.1
+    assert result.fidelity.outputs[0].cosine >= 0.98
+    assert result.plan.mismatches(read_model(result.model)) == []
+    reason = [e.reason for e in result.plan.entries if e.precision is P.HYBRID][0]
+    assert "its int4 weights add error" in reason
+
+
+def _fc_index(fm, n):
+    return [op.index for op in read_model(fm).ops if op.name == "FULLY_CONNECTED"][n]
+
+
+def test_budget_goes_on_from_int8_to_float_when_int8_weights_are_not_enough(outlier_mlp):
+    """Every int4 layer at int8 weights (cosine 0.99974) still misses a 0.0001 budget: phase 2 starts
+    from there and moves the most damaging layer on to float (0.99993)."""
+    fm, samples = outlier_mlp
+    result, _ = _budget(fm, "int4", 0.0001, samples)
+    b = result.report
+    assert b["met"] and b["phases"] == ["int4 -> 8-bit", "8-bit -> hybrid/float"]
+    assert [s["probe"] for s in b["steps"]][:2] == ["as converted", "every int4 layer to 8 bits (3)"]
+    assert not b["steps"][1]["met"] and b["steps"][1]["hybrid"] == 3
+    fcs = [op.precision for op in read_model(result.model).ops if op.name == "FULLY_CONNECTED"]
+    assert fcs == [P.FLOAT, P.HYBRID, P.HYBRID]
+    assert b["moved"] == {"ops": 3, "float": 1, "hybrid": 2}
+    assert [m["phase"] for m in b["moves"]] == ["int4 -> 8-bit"] * 3 + ["8-bit -> hybrid/float"]
+    assert result.fidelity.outputs[0].cosine >= 0.9999 and result.plan.mismatches(read_model(result.model)) == []
+
+
+def test_int4_weight_error_ranks_what_rounding_loses():
+    from edgeq.budget_moves import int4_weight_error
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (16, 64))
+    plain = int4_weight_error(w, 0)
+    assert 0.05 < plain < 0.2  # uniform 4-bit rounding of a normal row: ~0.12
+    assert int4_weight_error(w, 32) < plain  # smaller blocks, finer scales
+    w[:, 0] = 3.0  # one outlier per channel: the rest rounds to 0
+    assert int4_weight_error(w, 0) > 0.2
+    # ... which matters little when that input channel carries the signal, and a lot when it is quiet.
+    loud, quiet = np.ones(64), np.ones(64)
+    loud[0], quiet[0] = 100.0, 0.0
+    assert int4_weight_error(w, 0, loud) < 0.05 < 0.9 < int4_weight_error(w, 0, quiet)
+
+
+def test_requantizer_knows_int4x8_is_static_and_the_loop_moves_it_to_int8(float_model, samples, outlier_mlp):
+    """int4x8 has int8 activations: the requantizer calibrates (once) for it, and the budget loop's
+    first phase moves int4x8 layers to full int8."""
+    from edgeq.litert_quant import Requantizer
+
+    walks = []
+    rq = Requantizer(float_model, P.INT4X8, lambda: walks.append(1) or iter(samples), len(samples))
+    assert rq.static and not Requantizer(float_model, P.INT4, None).static
+    q = rq.quantize(())
+    rq.quantize(())
+    assert len(walks) == 2 and rq.quantizations == 2  # one calibration: the quantizer walks the samples twice
+    assert [op.precision for op in read_model(q).ops if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D",
+                                                                     "FULLY_CONNECTED")] == [P.INT4X8, P.INT8,
+                                                                                             P.INT4X8, P.INT4X8]
+    fm, xs = outlier_mlp
+    result, first = _budget(fm, "int4x8", 0.03, xs, calib=xs)
+    assert [op.precision for op in read_model(first).ops if op.name == "FULLY_CONNECTED"] == [P.INT4X8] * 3
+    fcs = [op.precision for op in read_model(result.model).ops if op.name == "FULLY_CONNECTED"]
+    assert fcs[0] is P.INT8 and P.INT4X8 in fcs, (fcs, result.report["steps"])
+    assert result.report["phases"] == ["int4 -> 8-bit"]
+
+
+def test_convert_with_an_int4_scheme_and_max_drop_writes_the_mix(outlier_mlp, tmp_path):
+    """edgeq convert --scheme int4 --max-drop 0.02: the written file and its manifest hold the mix."""
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import BudgetOptions, ConvertOptions, convert
+    from edgeq.precision import Scheme
+
+    fm, _ = outlier_mlp
+    (tmp_path / "m.tflite").write_bytes(fm)
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(120, 64)).astype(np.float32))
+    r = convert(tmp_path / "m.tflite", ConvertOptions(tmp_path / "q.tflite", Scheme.INT4,
+                                                      calib=CalibrationConfig(str(tmp_path / "x.npy")),
+                                                      budget=BudgetOptions(0.02, "cosine")))
+    b = r.manifest["budget"]
+    assert b["met"] and b["phases"] == ["int4 -> 8-bit"] and b["moved"]["hybrid"] == 1
+    fcs = [op.precision for op in read_model(tmp_path / "q.tflite").ops if op.name == "FULLY_CONNECTED"]
+    assert fcs == [P.HYBRID, P.INT4, P.INT4]
+    assert [e["precision"] for e in r.manifest["plan"]["ops"] if e["op"] == "FULLY_CONNECTED"] == ["hybrid", "int4", "int4"]

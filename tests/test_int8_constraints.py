@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_tflite_rewrite import _old_opcodes
 
 from edgeq import tflite_edit as te
 from edgeq.errors import QuantizationError
 from edgeq.int8_constraints import enforce, violations
 from edgeq.litert_quant import quantize_per_op
 from edgeq.signature import ensure_signature
-from edgeq.tfimport import quiet_native
+from edgeq.quiet import quiet_native
 from edgeq.tflite_model import read_model
 from edgeq.tflite_rewrite import rewrite_float_model
-from edgeq.validate import run_model
+from edgeq.fidelity import run_model
 from edgeq.verify import check_runs
+from tests.conftest import old_opcodes
 
 
 def _model(tf):
@@ -87,7 +87,7 @@ def test_issue_failures_reproduced_then_gone(built):
     """The float file with old-style operator codes (as MediaPipe ships them) through the LiteRT
     quantizer: filters quantized as activations ('zero_point != 0' at prepare) and pooling/concat
     with different scales (XNNPACK 'failed to delegate'). The source rewrite removes the cause."""
-    old = _old_opcodes(built["float"])
+    old = old_opcodes(built["float"])
     broken = quantize_per_op(old, "int8", (), built["calib"])
     found = {(v.op, v.reason.split(" ")[0]) for v in violations(broken)}
     assert ("CONV_2D", "filter") in found and ("MAX_POOL_2D", "inputs") in found

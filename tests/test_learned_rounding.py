@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from test_equalize import calib, held_out, output_error, quantize_plain, tiny_cnn  # noqa: F401 (fixtures)
+from edgeq import tflite_edit as te
+from tests.conftest import output_error, quantize_plain
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,11 @@ def test_learned_rounding_lowers_the_output_error(tiny_cnn, calib, held_out, rou
 
 
 def test_the_file_carries_the_learned_int8_weights(tiny_cnn, rounded):
-    from edgeq.bias_correction import load_model, weight_layers
+    from edgeq.weight_layers import weight_layers
     from edgeq.tflite_model import read_model
 
     q, result, _, _ = rounded
-    qm, rm = load_model(q), load_model(result.model)
+    qm, rm = te.load(q), te.load(result.model)
     layers = weight_layers(q, tiny_cnn)
     assert [rep.op for rep in result.layers] == [lay.kind for lay in layers]
     flipped = 0

@@ -18,7 +18,7 @@ from edgeq.precision import IoType, Scheme
 from edgeq.quantize import QuantizeRequest, quantize
 from edgeq.sources import load_source
 from edgeq.tflite_model import read_model
-from edgeq.validate import fidelity
+from edgeq.fidelity import fidelity
 
 
 @pytest.fixture
@@ -69,6 +69,8 @@ def test_readers_treat_sections_as_optional(tmp_path):
     (json.dumps({"schema": SCHEMA, "output": "m.tflite"}), "bad manifest: output is a string, want an object"),
     (json.dumps({"schema": SCHEMA, "ops": {}}), "bad manifest: ops is an object, want a list"),
     (json.dumps({"schema": SCHEMA, "plan": []}), "bad manifest: plan is a list, want an object or null"),
+    (json.dumps({"schema": SCHEMA, "optimize": "fast"}), "bad manifest: optimize is a string, want an object or null"),
+    (json.dumps({"schema": SCHEMA, "size_goal": 12}), "bad manifest: size_goal is int, want an object or null"),
 ])
 def test_bad_manifest_is_refused_in_one_line(tmp_path, content, message):
     path = tmp_path / "x.edgeq.json"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_equalize import calib, held_out, int8_session, output_error, tiny_cnn  # noqa: F401 (fixtures)
+from tests.conftest import int8_session, output_error
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,86 @@ def test_best_adds_refinement_and_learned_rounding(tiny_cnn, calib, held_out, le
     assert best.seconds < 5.0 + 15.0 + 60.0
     rounding = next(s for s in best.steps if s.name == "learned_rounding")
     assert rounding.detail["layers"] == 7
+
+
+def test_level_resolution_for_convert():
+    """The default is fast wherever the methods apply (static int8, LiteRT I/O, real data, min-max
+    ranges), else none with the reason; asking for fast/best where they cannot run is an error."""
+    from edgeq.errors import QuantizationError
+    from edgeq.optimize import OptimizeLevel as L, optimize_mistake, resolve_level
+    from edgeq.precision import IoType, Scheme
+
+    assert resolve_level(None, Scheme.INT8, IoType.FLOAT32, True, "minmax") == (L.FAST, None)
+    assert resolve_level(L.BEST, Scheme.INT8, IoType.INT8, True, "minmax") == (L.BEST, None)
+    assert resolve_level(L.NONE, Scheme.INT8, IoType.FLOAT32, True, "minmax") == (L.NONE, None)
+    for args, why in [((Scheme.DYNAMIC, IoType.FLOAT32, True, "minmax"), "--scheme dynamic"),
+                      ((Scheme.INT4X8, IoType.FLOAT32, True, "minmax"), "--scheme int4x8"),
+                      ((Scheme.INT8, IoType.UINT8, True, "minmax"), "--io uint8"),
+                      ((Scheme.INT8, IoType.FLOAT32, False, "minmax"), "no real calibration data"),
+                      ((Scheme.INT8, IoType.FLOAT32, True, "mse"), "--calibration mse fixes the activation ranges")]:
+        level, reason = resolve_level(None, *args)
+        assert level is L.NONE and reason.startswith(why), (args, reason)
+        with pytest.raises(QuantizationError, match=f"--optimize fast cannot run: {why}"):
+            resolve_level(L.FAST, *args)
+    # Before the model is loaded the scheme may be unknown (None): only what is known is checked.
+    assert optimize_mistake(L.FAST, None, None, None, "minmax") is None
+    assert optimize_mistake(L.NONE, Scheme.DYNAMIC, None, False, "mse") is None
+
+
+def _build_anchor_logits(tf, seed: int = 3) -> bytes:
+    """Float .tflite with outputs 'logits' [1, 256] (independent per-anchor logits, NOT a softmax:
+    most in -8..3, 16 far-off anchors near -150, as a detector's) and 'boxes' [1, 16, 4]."""
+    import numpy as np
+
+    from tests.conftest import CNN_SIZE
+
+    rng = np.random.default_rng(seed)
+    k1 = rng.normal(0, 0.4, (3, 3, 3, 16)).astype(np.float32)
+    k2 = rng.normal(0, 0.25, (1, 1, 16, 16)).astype(np.float32)
+    fc = rng.normal(0, 1.0, (16, 256)).astype(np.float32)
+    fb = np.concatenate([rng.uniform(-8, 3, 240), rng.normal(-150, 30, 16)]).astype(np.float32)
+    rg = rng.normal(0, 0.5, (16, 64)).astype(np.float32)
+    c = {k: tf.constant(v) for k, v in {"k1": k1, "k2": k2, "fc": fc, "fb": fb, "rg": rg}.items()}
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, CNN_SIZE, CNN_SIZE, 3], tf.float32, name="x")])
+        def serve(self, x):
+            h = tf.nn.relu(tf.nn.conv2d(x, c["k1"], 1, "SAME"))
+            h = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(h, c["k2"], 1, "SAME")), axis=[1, 2])
+            return {"logits": tf.matmul(h, c["fc"]) + c["fb"], "boxes": tf.reshape(tf.matmul(h, c["rg"]), [1, 16, 4])}
+
+    m = M()
+    return tf.lite.TFLiteConverter.from_concrete_functions([m.serve.get_concrete_function()], m).convert()
+
+
+def test_fast_never_lowers_any_outputs_cosine_below_none(tf):
+    """Issue 13 (MediaPipe BlazeFace): with the KL objective, clipping the logits output's low end
+    halves KL (the softmax ignores far-off anchors) but took that output's cosine from 0.9999 to
+    0.34 here (BlazeFace: 0.976 -> 0.659). Every step must keep every output's cosine; KL is only
+    taken over [N, C] score vectors."""
+    import numpy as np
+
+    from edgeq.fidelity import run_model
+    from edgeq.optimize import optimize
+    from edgeq.range_search import COSINE_TOLERANCE, compare_outputs, is_score_vector
+    from tests.conftest import image_samples
+
+    model = _build_anchor_logits(tf)
+    calib, held = image_samples(48, 7), image_samples(32, 8)
+    # heuristics call a [1, C] of logits class scores, so convert would pick KL: judge fast on it
+    res = {lvl: optimize(model, calib, int8_session(), lvl, objective="kl") for lvl in ("none", "fast")}
+    none, fast = res["none"], res["fast"]
+    assert len(fast.score.cosines) == 2
+    for f, n in zip(fast.score.cosines, none.score.cosines):  # on the judging calibration samples
+        assert f >= n - COSINE_TOLERANCE, (fast.score.cosines, none.score.cosines)
+    ref = run_model(model, held)
+    on_held = {lvl: compare_outputs(ref, run_model(r.model, held)).cosines for lvl, r in res.items()}
+    assert min(on_held["fast"]) > 0.999 and all(f >= n - 0.001 for f, n in zip(on_held["fast"], on_held["none"]))
+    # Every candidate the search kept and every kept step keeps the floor (the quantizer's own ranges).
+    floor = fast.steps[0].before
+    assert all(s.after.keeps(floor) for s in fast.steps if s.kept)
+    # The KL objective is only taken over one score vector per sample.
+    assert is_score_vector(np.zeros((4, 256))) and is_score_vector(np.zeros((4, 1, 10)))
+    assert not is_score_vector(np.zeros((4, 896, 1))) and not is_score_vector(np.zeros((4, 896, 16)))
+    anchors = {"c": np.linspace(-9, 2, 4 * 896).reshape(4, 896, 1)}
+    assert compare_outputs(anchors, {"c": anchors["c"] + 0.1}).kl is None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing_part
+from tests.conftest import missing_part
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from edgeq.tflite_model import read_model, read_ops
 
 
 def _convert(tf, model_or_fn, *, dynamic=False):
-    from edgeq.tfimport import quiet_native
+    from edgeq.quiet import quiet_native
     with quiet_native():
         if callable(model_or_fn) and not isinstance(model_or_fn, tf.keras.Model):
             c = tf.lite.TFLiteConverter.from_concrete_functions([model_or_fn.get_concrete_function()])
@@ -245,3 +245,18 @@ def test_profile_policy():
     assert integer_only(None, Scheme.INT8) and integer_only(coral, Scheme.INT8)
     assert not integer_only(rpi4, Scheme.INT8) and not integer_only(None, Scheme.DYNAMIC)
     assert not integer_only(coral, Scheme.INT16X8)
+
+
+def test_user_scheme_replaces_the_profiles_default_but_not_its_op_table(cnn):
+    """`--scheme dynamic --device android-nnapi`: ops the profile's [ops] table names keep its
+    precision (EXP: float, NNAPI maps it for float only), the others take the user's scheme (before,
+    the profile's scheme won silently)."""
+    profile = load_profile("android-nnapi")
+    ops = read_ops(cnn)
+    plain = {e.op: e for e in plan_precision(ops, profile, min_weight_elements=0).entries}
+    mine = plan_precision(ops, profile, scheme=Scheme.DYNAMIC, min_weight_elements=0)
+    by = {e.op: e for e in mine.entries}
+    assert plain["CONV_2D"].precision is Precision.INT8 and plain["EXP"].precision is Precision.FLOAT
+    assert by["CONV_2D"].precision is Precision.HYBRID and "--scheme hybrid" in by["CONV_2D"].reason
+    assert by["EXP"].precision is Precision.FLOAT and by["EXP"].reason == plain["EXP"].reason
+    assert str(mine.scheme) == "hybrid"

@@ -27,7 +27,8 @@ def test_scheme_and_precision_round_trip():
 def test_what_the_file_computes_for_each_precision():
     # fp16 computes in float; "other" is never planned, so it has no recipe line.
     assert {s: s.op_precision for s in Scheme} == {Scheme.INT8: "int8", Scheme.INT16X8: "int16x8",
-                                                     Scheme.DYNAMIC: "hybrid", Scheme.FP16: "float"}
+                                                     Scheme.DYNAMIC: "hybrid", Scheme.FP16: "float",
+                                                     **{s: s.value for s in Scheme if s.is_int4}}
     assert set(RECIPE_PRECISION) == set(POLICY_PRECISIONS) and Precision.OTHER not in RECIPE_PRECISION
     assert RECIPE_PRECISIONS == {Precision.INT8, Precision.INT16X8, Precision.HYBRID, Precision.FLOAT} | INT4_PRECISIONS
     assert all(RECIPE_PRECISION[p] is p for p in RECIPE_PRECISIONS)  # a recipe precision maps to itself
@@ -55,8 +56,12 @@ def test_int4_tables():
     # Only weight-only int4 is slower than float on a CPU, and it says so.
     slow = {p for p in Precision if slower_than_float_on_cpu(p)}
     assert slow == {Precision.INT4_WEIGHT_ONLY} and "slower than float" in slower_than_float_on_cpu(Precision.INT4_WEIGHT_ONLY)
-    # int4 is not a convert --scheme (yet): the scheme tables are unchanged.
-    assert all(scheme_for(p) is None for p in INT4_PRECISIONS)
+    # Every int4 precision but weight-only (slower than float on a CPU) is a scheme of its own;
+    # only int4x8 has static activations (calibration, integer I/O).
+    assert {p for p in INT4_PRECISIONS if scheme_for(p) is None} == {Precision.INT4_WEIGHT_ONLY}
+    assert {s for s in Scheme if s.is_int4} == {scheme_for(p) for p in INT4_PRECISIONS} - {None}
+    assert [s for s in Scheme if s.is_int4 and s.needs_calibration] == [Scheme.INT4X8]
+    assert SCHEME_IO[Scheme.INT4X8] == (IoType.FLOAT32, IoType.INT8) and SCHEME_IO[Scheme.INT4_B32] == (IoType.FLOAT32,)
 
 
 @pytest.mark.parametrize("scheme,ok,wrong,refused", [

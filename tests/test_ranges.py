@@ -190,7 +190,7 @@ def test_range_stats_match_the_quantizers_own_statistics(tiny_model):
 
 
 def test_search_ranges_measures_every_candidate_and_keeps_the_best(tiny_model):
-    from edgeq.ranges import search_ranges
+    from edgeq.range_search import search_ranges
 
     samples = _calib(200)
     base, quantize = _session(tiny_model, samples)
@@ -209,7 +209,8 @@ def test_search_ranges_measures_every_candidate_and_keeps_the_best(tiny_model):
 
 
 def test_refining_per_tensor_is_never_worse(tiny_model):
-    from edgeq.ranges import range_stats, refine_ranges, search_ranges
+    from edgeq.ranges import range_stats
+    from edgeq.range_search import refine_ranges, search_ranges
 
     samples = _calib(100)
     base, quantize = _session(tiny_model, samples)
@@ -224,7 +225,7 @@ def test_refining_per_tensor_is_never_worse(tiny_model):
 
 
 def test_kl_objective_for_class_scores(tiny_model):
-    from edgeq.ranges import Objective, search_ranges
+    from edgeq.range_search import Objective, search_ranges
 
     samples = _calib(100)
     base, quantize = _session(tiny_model, samples)

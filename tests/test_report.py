@@ -301,20 +301,41 @@ def test_budget_table_and_chart_no_per_layer_error(inputs, report):
     m = inputs["data"]["manifest"]
     steps = m["budget"]["steps"]
     size = [s["bytes"] for s in steps]  # a real model: its size varies by a few bytes
-    assert _Tables(page).table("step", "moved", "cosine", "drop") == [
-        ["0", "—", "0.9700", "0.0300", f"{size[0] / 1024:.1f} KiB"],
-        ["1", "#2 SOFTMAX -> float", "0.9991", "0.0009", f"{size[1] / 1024:.1f} KiB"]]
+    assert _Tables(page).table("step", "ops moved", "cosine", "drop") == [
+        ["0", "none", "0.9700", "0.0300", f"{size[0] / 1024:.1f} KiB"],
+        ["1", "1: #2 SOFTMAX -> float", "0.9991", "0.0009", f"{size[1] / 1024:.1f} KiB"]]
     fig = budget_figure(Manifest(inputs["paths"]["manifest"], m))
     ax = fig.axes[0]
     assert [b.get_height() for b in ax.patches] == [s["drop"] for s in steps]
     assert [b.get_facecolor() for b in ax.patches] == [to_rgba("#f58518"), to_rgba("#54a24b")]  # over, within
     assert list(ax.lines[0].get_ydata()) == [m["budget"]["max_drop"]] * 2
     assert [t.get_text() for t in ax.texts] == ["cosine 0.9700", "cosine 0.9991"]
+    # A step's `moved` is its whole plan: the tick says how many ops it moves, not "+N".
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["step 0\n0 op(s) moved", "step 1\n1 op(s) moved"]
     alt = "Accuracy budget chart for digits_int8.tflite: cosine drop per step 0.0300 → 0.0009"
     assert alt in {i["alt"] for i in _Tables(page).imgs} and alt in md
     # No writer produces fidelity.per_layer (the fixture carries it anyway): nothing of it is shown.
     for text in (page, md):
         assert "per-layer" not in text.lower() and "rmse" not in text.lower()
+
+
+def test_fidelity_floor_titles_and_skipped_floor(inputs):
+    """A floor run (budget.floor true, as convert writes without --max-drop) is titled "Fidelity floor";
+    a floor that was not applied says why instead of an empty budget; a long plan is counted, not listed."""
+    from edgeq.report.sections import _budget_section
+
+    m = inputs["data"]["manifest"]
+    moved = [f"#{i} ADD -> float" for i in range(10)]
+    floor = dict(m, budget={**m["budget"], "floor": True,
+                            "steps": [*m["budget"]["steps"], {"step": 2, "moved": moved, "value": 0.999, "drop": 0.001}]})
+    sec = _budget_section(Manifest(inputs["paths"]["manifest"], floor))
+    assert sec.title == "Fidelity floor" and sec.blocks[0][1].startswith("Fidelity floor: max cosine drop 0.01 — met")
+    rows = next(b for b in sec.blocks if b[0] == "table")[2]
+    assert rows[2][1] == "10: #0 ADD -> float; #1 ADD -> float; #2 ADD -> float; #3 ADD -> float; … 6 more"
+    skipped = dict(m, budget={"floor": True, "applied": False, "why": "--no-floor"})
+    sec = _budget_section(Manifest(inputs["paths"]["manifest"], skipped))
+    assert sec.title == "Fidelity floor" and sec.blocks == (("p", "Fidelity floor not applied: --no-floor."),)
+    assert _budget_section(Manifest(inputs["paths"]["manifest"], m)).title == "Accuracy budget"
 
 
 def test_manifest_is_read_through_the_schema(tmp_path, inputs):
@@ -374,7 +395,7 @@ def test_refuses_to_overwrite_an_input_and_keeps_old_report_on_failure(tmp_path,
 # ---------------------------------------------------------------- headless Chromium
 
 def test_renders_in_headless_chromium(report, tmp_path):
-    from conftest import require_tool
+    from tests.conftest import require_tool
     chromium = shutil.which("chromium-browser") or require_tool(
         "chromium", "apt-get install chromium fonts-dejavu-core fonts-liberation, or .ci/setup_chromium.sh")
     res, _, _ = report

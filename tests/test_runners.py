@@ -34,7 +34,7 @@ def build_token_model(tf, path: Path, dynamic_range: bool = False) -> Path:
     conv = tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model([ids, mask], out))
     if dynamic_range:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 table and weights, float activations
-    from edgeq.tfimport import quiet_native
+    from edgeq.quiet import quiet_native
     with quiet_native():
         path.write_bytes(conv.convert())
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build_tiny
+from tests.conftest import build_tiny
 from edgeq.errors import DeviceError, ModelFormatError
 from edgeq.runners import BenchOptions
 from edgeq.runners.local import bench_local
@@ -15,7 +15,7 @@ from edgeq.runners.local import bench_local
 def int8_model(tf, tmp_path_factory):
     from edgeq.sources import load_source
     from edgeq.quantize import QuantizeRequest, Scheme, quantize, IoType
-    from conftest import save_keras
+    from tests.conftest import save_keras
     d = tmp_path_factory.mktemp("bench")
     src = load_source(save_keras(tf, build_tiny(tf, "conv"), d / "c.keras"))
     rng = np.random.default_rng(0)

@@ -14,9 +14,9 @@ from edgeq.precision import Scheme
 from edgeq.quantize import QuantizeRequest, quantize
 from edgeq.sources import load_source
 from edgeq.sources.tflite import load_tflite
-from edgeq.tfimport import quiet_native
+from edgeq.quiet import quiet_native
 from edgeq.tflite_model import read_model
-from edgeq.validate import run_model
+from edgeq.fidelity import run_model
 from edgeq.verify import check_runs
 
 

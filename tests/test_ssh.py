@@ -2,7 +2,7 @@
 
 The "device" is this machine reached through sshd as a separate user, running the real
 device_bench.py with the real LiteRT interpreter. Runs go through runners.profile_model, as the CLI
-calls it; the older profile_over_ssh call form is covered by tests/test_fleet.py.
+calls it; tests/test_fleet.py runs it per device of a fleet.
 """
 
 import _thread

@@ -12,11 +12,12 @@ from edgeq.errors import QuantizationError
 from edgeq.int8_constraints import violations
 from edgeq.litert_quant import quantize_per_op
 from edgeq.signature import ensure_signature
-from edgeq.tfimport import quiet_native
+from edgeq.quiet import quiet_native
 from edgeq.tflite_model import read_model
 from edgeq.tflite_rewrite import densify, rewrite_float_model
-from edgeq.validate import fidelity, run_model
+from edgeq.fidelity import fidelity, run_model
 from edgeq.verify import check_runs
+from tests.conftest import old_opcodes
 
 
 def _convert(tf, model, *, fp16=False, sparse=False) -> bytes:
@@ -260,18 +261,9 @@ def test_shared_weights_multi_io_int_inputs(tf):
         assert abs(a.cosine - b.cosine) < 0.01 and a.cosine > 0.7
 
 
-def _old_opcodes(model: bytes) -> bytes:
-    """The operator codes as converters before schema v3a wrote them: deprecated_builtin_code only."""
-    m = te.load(model)
-    for c in m.operatorCodes:
-        c.deprecatedBuiltinCode = min(max(c.builtinCode, c.deprecatedBuiltinCode), 127)
-        c.builtinCode = 0
-    return te.pack(m)
-
-
 def test_old_operator_codes_upgraded(models):
     src, _ = ensure_signature(models["float"])
-    old = _old_opcodes(src)
+    old = old_opcodes(src)
     assert _op_names(old) == _op_names(src)  # readers that take the max see the same ops
     out, report = rewrite_float_model(old)
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in te.load(src).operatorCodes]

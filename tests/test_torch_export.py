@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require_module
+from tests.conftest import require_module
 
 for _mod in ("torch", "litert_torch"):
     require_module(_mod, "the [hf] extra: pip install 'edgeq[hf]'")
@@ -23,7 +23,7 @@ from edgeq.errors import CalibrationError, ModelFormatError  # noqa: E402
 from edgeq.sources import detect_format, load_source  # noqa: E402
 from edgeq.sources.torch_export import parse_shape  # noqa: E402
 from edgeq.tflite_model import read_model  # noqa: E402
-from edgeq.validate import compare, run_model  # noqa: E402
+from edgeq.fidelity import compare, run_model  # noqa: E402
 
 SIZE = 32
 

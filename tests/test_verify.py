@@ -9,8 +9,8 @@ import pytest
 from edgeq import tflite_edit as te
 from edgeq.errors import QuantizationError
 from edgeq.profiles import load_profile
-from edgeq.tfimport import quiet_native
-from edgeq.validate import run_model
+from edgeq.quiet import quiet_native
+from edgeq.fidelity import run_model
 from edgeq.verify import RuntimeOptions, check_runs, runtime_options
 
 

@@ -136,7 +136,9 @@ def budget_figure(m: Manifest):
         ax.legend(fontsize=8, loc="upper right", frameon=False)
     ax.set_ylim(0, max(drops + [max_drop or 0]) * 1.3 or 1.0)
     moved = [len(as_list(s.get("moved"))) for s in steps]
-    ax.set_xticks(x, [f"step {s.get('step', i)}\n+{n} op(s)" for i, (s, n) in enumerate(zip(steps, moved))], fontsize=8)
+    # A step's `moved` is the whole plan it probed (ops out of the first precision), not what it added.
+    ax.set_xticks(x, [f"step {s.get('step', i)}\n{n} op(s) moved" for i, (s, n) in enumerate(zip(steps, moved))],
+                  fontsize=8)
     ax.set_ylabel(f"{metric} drop vs float")
     ax.set_title(f"Accuracy budget, {m.name}: drop per step (ops moved to a wider precision)", loc="left",
                  fontsize=12)

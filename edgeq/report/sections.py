@@ -83,29 +83,46 @@ def _plan_section(m: Manifest) -> Section:
     return Section("Precision plan", tuple(blocks), 3)
 
 
+MOVED_LISTED = 4  # ops named per budget step in the table; the rest are counted
+
+
 def _budget_section(m: Manifest) -> Section | None:
     budget = m.data.get("budget")
     if not isinstance(budget, dict):
         return None
+    title = "Fidelity floor" if budget.get("floor") is True else "Accuracy budget"
+    if budget.get("applied") is False:  # the floor was skipped (--no-floor, random inputs, nothing held out)
+        why = text(budget.get("why"))
+        return Section(title, (("p", f"{title} not applied: {why}."),), 3)
     steps = [s for s in as_list(budget.get("steps")) if isinstance(s, dict)]
     met = {"True": "met", "False": "NOT met"}.get(str(budget.get("met")), NA)
     final = budget.get("final_drop")
     metric = text(budget.get("metric"))
-    blocks: list = [("p", f"Budget: max {metric} drop {text(budget.get('max_drop'))} — {met}"
+    blocks: list = [("p", f"{title}: max {metric} drop {text(budget.get('max_drop'))} — {met}"
                           + (f" (final drop {fmt_num(final, '.4f')})." if num(final) is not None else "."))]
     fig = budget_figure(m)
     if fig is not None:  # the alt text carries the drops the chart draws
         drops = " → ".join(fmt_num(s["drop"], ".4f") for s in budget_steps(m))
-        blocks.append(("img", png_b64(fig), f"Accuracy budget chart for {m.name}: {metric} drop per step {drops}"))
+        blocks.append(("img", png_b64(fig), f"{title} chart for {m.name}: {metric} drop per step {drops}"))
     if steps:
-        blocks.append(("table", ("step", "moved", metric, "drop", "size"),
-                       [(text(s.get("step")), text(s.get("moved")),
+        blocks.append(("table", ("step", "ops moved", metric, "drop", "size"),
+                       [(text(s.get("step")), _moved_text(s.get("moved")),
                          fmt_num(next((s[k] for k in ("value", metric, "cosine") if k in s), None), ".4f"),
                          fmt_num(s.get("drop"), ".4f"), fmt_bytes(s.get("bytes"))) for s in steps]))
     refused = [str(x) for x in as_list(budget.get("refused"))]
     if refused:
         blocks.append(("p", "Could not move (device constraints): " + "; ".join(refused)))
-    return Section("Accuracy budget", tuple(blocks), 3)
+    return Section(title, tuple(blocks), 3)
+
+
+def _moved_text(moved) -> str:
+    """A step's plan: how many ops it moves, the first few named (a plan may move hundreds)."""
+    if not isinstance(moved, list):
+        return text(moved)
+    if not moved:
+        return "none"
+    named = "; ".join(str(x) for x in moved[:MOVED_LISTED])
+    return f"{len(moved)}: {named}" + (f"; … {len(moved) - MOVED_LISTED} more" if len(moved) > MOVED_LISTED else "")
 
 
 def _fidelity_section(m: Manifest) -> Section:

@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import DeviceError, EdgeqError, ModelFormatError
-from edgeq.files import sha256_file
-from edgeq.runners import benchmark_log
+from ..errors import DeviceError, EdgeqError, ModelFormatError
+from ..files import sha256_file
+from . import benchmark_log
 
 SCHEMA = "edgeq.bench/1"
 DEVICE_ROOT = "/data/local/tmp/edgeq"

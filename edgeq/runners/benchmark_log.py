@@ -9,7 +9,7 @@ Only the standard library: this module is imported by `edgeq profile` and must s
 
 import re
 
-from edgeq.errors import DeviceError
+from ..errors import DeviceError
 
 SCHEMA = "edgeq.bench/1"
 

@@ -19,14 +19,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import DeviceError, EdgeqError, IncompatibleModelError, ModelFormatError
-from edgeq.remote import Progress, Remote, SshTarget
-from edgeq.runners import (DEVICE_BENCH, BenchOptions, ProfileRequest, last_json_line, parse_bench_output,
-                           run_reach)
+from ..errors import DeviceError, EdgeqError, IncompatibleModelError, ModelFormatError
+from ..bundle import FLASH_ROOT
+from ..remote import Progress, Remote, SshTarget
+from . import DEVICE_BENCH, BenchOptions, ProfileRequest, last_json_line, parse_bench_output
 
 RUNS_DIR = ".cache/edgeq/runs"  # relative to the remote home; one uuid subdirectory per run
-# Where `edgeq flash` installs releases; a runtime venv lives inside the current release.
-FLASH_ROOT = ".local/share/edgeq"
 DEFAULT_SLOT = "model"
 
 
@@ -38,35 +36,6 @@ class SshSettings:
     remote_python: str | None = None  # None: the flashed venv if there is one, else python3
     flash_slot: str = DEFAULT_SLOT
     emulated: bool = False  # the "device" is an emulator: timings are labelled, not meaningful
-
-
-@dataclass(frozen=True)
-class SshProfileOptions:
-    """Deprecated: ProfileRequest(..., ssh=SshSettings(...)). Kept for profile_over_ssh callers
-    (tests/test_fleet.py) until they move to runners.profile_model."""
-
-    threads: int | None = None
-    warmup: int | None = None
-    runs: int | None = None
-    delegate: str | None = None
-    runtime: str | None = None
-    inputs: str | None = None
-    save_outputs: str | None = None
-    seed: int = 0
-    remote_python: str | None = None
-    flash_slot: str = DEFAULT_SLOT
-    emulated: bool = False
-
-
-def profile_over_ssh(model_path, profile, target: SshTarget, options: SshProfileOptions | None = None,
-                     progress: Progress | None = None) -> dict:
-    """runners.profile_model over SSH for one target (older call form; see SshProfileOptions)."""
-    o = options or SshProfileOptions()
-    request = ProfileRequest(o.threads, o.warmup, o.runs, o.delegate, o.runtime,
-                             Path(o.inputs) if o.inputs else None,
-                             Path(o.save_outputs) if o.save_outputs else None, o.seed,
-                             ssh=SshSettings(target, o.remote_python, o.flash_slot, o.emulated))
-    return run_reach(model_path, profile, request, "ssh", progress)
 
 
 def flashed_python(remote: Remote, slot: str = DEFAULT_SLOT) -> str | None:

@@ -38,7 +38,7 @@ class SourceModel:
     description: str = ""  # what the source is, e.g. the HF architecture and export settings
     # Runs the source model itself (PyTorch sources) on samples keyed by the float .tflite's input
     # names; returns outputs stacked on axis 0, keyed and ordered as the .tflite's signature outputs
-    # (validate.compare pairs outputs by order). None: the float .tflite is the only reference.
+    # (fidelity.compare pairs outputs by order). None: the float .tflite is the only reference.
     reference: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]] | None = None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ModelFormatError
 from ..signature import signature_specs
-from ..tfimport import quiet_native
+from ..quiet import quiet_native
 from ..files import sha256_file
 from . import SourceModel
 

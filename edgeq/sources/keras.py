@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ModelFormatError, first_line
-from ..signature import signature_specs
-from ..tfimport import quiet_native
+from ..signature import ensure_signature, signature_specs
+from ..quiet import quiet_native
 from ..files import sha256_file
 from . import SourceModel
 
 
 def _tf():
-    from ..tfimport import import_tf
+    from ..quiet import import_tf
     return import_tf()
 
 
@@ -50,8 +50,30 @@ def load_saved_model(path: Path) -> SourceModel:
 
     try:
         make_converter()
-    except Exception as e:  # corrupt saved_model.pb, missing variables, ...
-        raise ModelFormatError(f"{path}: not a loadable SavedModel ({first_line(e, 160)})") from None
+    except Exception as e:  # corrupt saved_model.pb, missing variables, objects TF 2 cannot restore
+        return _saved_model_graph(tf, path, first_line(e, 160))
     float_model = _float_tflite(make_converter, path)
     ins, outs = signature_specs(float_model)
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter)
+
+
+def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:
+    """TF 2's object loader fails on some SavedModels that still hold a valid serving graph (Keras 2
+    optimizer slots saved with the model: "'_UserObject' object has no attribute 'add_slot'"). The
+    TF1 graph loader reads only the serving signature's graph and variables, so convert from that;
+    its file has no SignatureDef (one is added) and, lacking a TF2 converter to re-run, the float
+    .tflite is quantized by the LiteRT quantizer like any float .tflite source."""
+    def make_v1():
+        return tf.compat.v1.lite.TFLiteConverter.from_saved_model(str(path))
+
+    try:
+        with quiet_native():
+            make_v1()
+    except Exception:  # neither loader: report the TF 2 loader's reason, the usual one
+        raise ModelFormatError(f"{path}: not a loadable SavedModel ({why})") from None
+    float_model, _ = ensure_signature(_float_tflite(make_v1, path))
+    ins, outs = signature_specs(float_model)
+    note = (f"TF 2 could not restore this SavedModel's objects ({why}); edgeq converted its serving "
+            "graph with the TF1 loader and quantizes it with the LiteRT quantizer")
+    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, None,
+                       notes=(note,))

@@ -73,7 +73,7 @@ def custom_ops_load(data: bytes) -> bool:
     XNNPACK implements a few custom ops itself; any other needs its kernel registered."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from ..tfimport import quiet_native
+    from ..quiet import quiet_native
     try:
         with quiet_native():
             Interpreter(model_content=data, num_threads=1).allocate_tensors()

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ModelFormatError, first_line
 from ..files import sha256_file
 from ..signature import signature_specs
-from ..tfimport import quiet_native
+from ..quiet import quiet_native
 from . import SourceModel
 from .torch_util import litert_convert, require_modules
 

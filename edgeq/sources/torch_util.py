@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import EdgeqError, IncompatibleModelError, first_line
-from ..tfimport import quiet_native
+from ..quiet import quiet_native
 
 INSTALL_HINT = ("pip install 'edgeq[hf]' (CPU torch: add --extra-index-url "
                 "https://download.pytorch.org/whl/cpu)")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import save_keras
-from edgeq.budget import Requantizer
-from edgeq.layers import channel_error, fake_quantize, layer_errors, rounding_noise
+from tests.conftest import save_keras
+from edgeq.litert_quant import Requantizer
+from edgeq.layer_error import channel_error, fake_quantize, layer_errors, rounding_noise
 from edgeq.precision import Precision
 from edgeq.tflite_model import read_model
 

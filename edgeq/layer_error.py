@@ -18,9 +18,9 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
-from .tfimport import quiet_native
+from .quiet import quiet_native
 from .tflite_model import ModelInfo
-from .validate import dequantize_output, quantize_input
+from .fidelity import dequantize_output, quantize_input
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeq.validate import OutputKind, compare, looks_like_class_scores, output_kind
+from edgeq.fidelity import OutputKind, compare, looks_like_class_scores, output_kind
 
 
 def _rows(n, c, seed=0):

@@ -12,7 +12,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from .signature import signature_runner
-from .tfimport import quiet_native
+from .quiet import quiet_native
 
 
 class OutputKind(StrEnum):

@@ -1,0 +1,365 @@
+"""Measured range choice (RangeMethod.AUTO, --optimize fast/best): quantize with every range
+candidate (ranges.py: the quantizer's min-max, true min-max, percentiles, MSE), run each on the
+CALIBRATION samples and keep the one whose output is closest to the float model's; optionally refine
+tensor by tensor (coordinate descent within a time budget). Held-out samples are never looked at,
+so the fidelity reported on them stays honest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import CalibrationError
+from .ranges import RangeMethod, RangeStats, with_range, range_stats, ranges_from_stats
+
+
+class Objective(str, Enum):
+    """What "closest to float" means when choosing. Output rel. L2 suits embeddings and regressors;
+    for class scores it is dominated by the hundreds of small logits, and ranks range choices against
+    top-1 agreement (MobileNetV2, 100 calibration photos: the lowest-L2 candidate had the lowest
+    agreement on other photos, 0.70 vs 0.82), while the KL divergence of the softmax ranks them like
+    agreement does."""
+
+    REL_L2 = "rel_l2"
+    KL = "kl"
+
+
+# How far below the quantizer's own ranges any output's cosine may end (sampling noise on 32
+# calibration samples; a real loss is far larger).
+COSINE_TOLERANCE = 0.002
+
+
+@dataclass(frozen=True)
+class Score:
+    """How close a quantized model's outputs are to the float model's on some samples (outputs paired
+    by order; worst output counts)."""
+
+    rel_l2: float  # ||q - f|| / ||f|| over all samples
+    cosine: float  # mean over samples
+    top1: float | None  # argmax agreement for 2-D outputs with >= 2 columns, else None
+    kl: float | None  # mean KL(softmax(f) || softmax(q)) over score-vector outputs (is_score_vector)
+    samples: int
+    cosines: tuple[float, ...] = ()  # mean cosine of each output, in the reference's order
+
+    def error(self, objective: Objective | str = Objective.REL_L2) -> float:
+        if Objective(objective) is Objective.KL and self.kl is not None:
+            return self.kl
+        return self.rel_l2
+
+    def keeps(self, floor: Score | None, tolerance: float = COSINE_TOLERANCE) -> bool:
+        """No output's cosine more than `tolerance` below floor's (the quantizer's own ranges): a
+        lower KL or L2 must not be bought with another output (BlazeFace: the KL choice took its
+        anchor logits from cosine 0.976 to 0.659)."""
+        if floor is None:
+            return True
+        return all(c >= f - tolerance for c, f in zip(self.cosines, floor.cosines))
+
+    def to_json(self) -> dict:
+        return {"rel_l2": self.rel_l2, "cosine": self.cosine, "top1_agreement": self.top1, "kl": self.kl,
+                "samples": self.samples, "cosines": list(self.cosines)}
+
+
+def is_score_vector(ref: np.ndarray) -> bool:
+    """One vector of >= 2 scores per sample on the last axis ([N, C], [N, 1, C]): what a softmax KL is
+    taken over. [N, anchors, 1] (one sigmoid logit per anchor) or [N, anchors, 16] are not."""
+    return ref.ndim >= 2 and ref.shape[-1] >= 2 and all(d == 1 for d in ref.shape[1:-1])
+
+
+# Floor for probabilities an output already holds: int8 softmax outputs step by 1/256, so small
+# probabilities come out as exactly 0 and would make KL infinite (dominated by classes nobody picks).
+PROBABILITY_FLOOR = 1e-3
+
+
+def _softmax(z: np.ndarray, probabilities: bool) -> np.ndarray:
+    if probabilities:
+        p = np.maximum(z, PROBABILITY_FLOOR)
+        return p / p.sum(1, keepdims=True)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> Score:
+    rel, cos, top1, kl, n, cosines = 0.0, 1.0, None, None, 0, []
+    for ref, cand in zip(reference.values(), got.values()):
+        r = ref.reshape(len(ref), -1).astype(np.float64)
+        c = cand.reshape(len(cand), -1).astype(np.float64)
+        n = len(r)
+        rel = max(rel, float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)))
+        den = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+        cosines.append(float(np.mean(np.where(den > 0, (r * c).sum(1) / np.maximum(den, 1e-30), 1.0))))
+        cos = min(cos, cosines[-1])
+        if r.shape[1] >= 2:
+            agree = float((r.argmax(1) == c.argmax(1)).mean())
+            top1 = agree if top1 is None else min(top1, agree)
+        if is_score_vector(ref):
+            probs = bool((r >= 0).all() and np.allclose(r.sum(1), 1.0, atol=1e-3))
+            p, q = _softmax(r, probs), _softmax(c, probs)
+            d = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+            kl = d if kl is None else max(kl, d)
+    return Score(rel, cos, top1, kl, n, tuple(cosines))
+
+
+def score(reference: dict[str, np.ndarray], model: bytes, samples: Sequence[dict]) -> Score:
+    """Run `model` on samples and compare with the float outputs `reference` (fidelity.run_model)."""
+    from .fidelity import run_model
+
+    return compare_outputs(reference, run_model(model, samples))
+
+
+@dataclass(frozen=True)
+class RangeCandidate:
+    name: str
+    score: Score
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **self.score.to_json()}
+
+
+@dataclass(frozen=True)
+class RangeSearch:
+    """The chosen calibration (litert-quantizer format) and what every candidate measured."""
+
+    calibration: dict
+    chosen: str
+    candidates: tuple[RangeCandidate, ...]
+    objective: Objective = Objective.REL_L2
+    tensors_refined: int = 0  # tensors whose range per-tensor refinement changed
+    refined_score: Score | None = None
+    seconds: float = 0.0
+    baseline: Score | None = None  # the quantizer's own ranges (minmax-ema as calibrated): the floor
+
+
+    @property
+    def best(self) -> Score:
+        return self.refined_score or next(c.score for c in self.candidates if c.name == self.chosen)
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen, "objective": self.objective.value, "candidates": [c.to_json() for c in self.candidates],
+                "tensors_refined": self.tensors_refined,
+                "refined": self.refined_score.to_json() if self.refined_score else None,
+                "baseline": self.baseline.to_json() if self.baseline else None,
+                "seconds": round(self.seconds, 2)}
+
+
+DEFAULT_PERCENTILES = (99.9, 99.99, 99.999)
+# Candidate outputs are measured on at most this many calibration samples (evenly spread): the int8
+# model's run time is what the search costs, and 64 samples rank range choices stably.
+MAX_SEARCH_SAMPLES = 64
+
+
+def spread(samples: Sequence, limit: int) -> list:
+    """At most `limit` of samples, evenly spread (deterministic)."""
+    samples = list(samples)
+    if len(samples) <= limit:
+        return samples
+    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
+
+
+OWN_RANGES = "quantizer-own"  # the chosen name when no candidate keeps every output's cosine
+
+
+def candidate_calibrations(base: dict, stats: RangeStats,
+                           percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, dict]:
+    """name -> calibration: the quantizer's own rule (moving-average min-max, recomputed here, so
+    base may come from a quick calibrate() on a few samples), the true min-max, each percentile and
+    the MSE choice."""
+    ema = dict(base)
+    for name, r in stats.moving.items():
+        if name in base:
+            ema[name] = with_range(base[name], *r)
+    out = {"minmax-ema": ema, "minmax": ranges_from_stats(base, stats, RangeMethod.MINMAX)}
+    for p in percentiles:
+        out[f"percentile-{p:g}"] = ranges_from_stats(base, stats, RangeMethod.PERCENTILE, percentile=p)
+    out["mse"] = ranges_from_stats(base, stats, RangeMethod.MSE)
+    return out
+
+
+def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quantize: Callable[[dict], bytes], *,
+                  stats: RangeStats | None = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                  refine_seconds: float = 0.0, max_samples: int = MAX_SEARCH_SAMPLES,
+                  objective: Objective | str = Objective.REL_L2, signature_key: str | None = None,
+                  only: Sequence[str] | None = None, fixed: dict[str, dict] | None = None,
+                  on_step: Callable[[str], None] | None = None) -> RangeSearch:
+    """Choose activation ranges by measuring the quantized model on CALIBRATION samples.
+
+    `quantize(calibration) -> .tflite bytes` is the quantizer with its recipe (litert-quantizer's
+    Quantizer.quantize, ~0.2 s for MobileNetV2); `base` its calibrate() result. Every candidate of
+    candidate_calibrations() is quantized and scored (`objective`: relative L2 of the outputs vs
+    float, or the softmax KL divergence for classifiers); the lowest wins among those that keep every
+    output's cosine within COSINE_TOLERANCE of the quantizer's own ranges (`RangeSearch.baseline`;
+    when none does, those ranges themselves, named "minmax-ema"). With refine_seconds > 0, tensors are then revisited one at a time, trying the other
+    candidates' range for that tensor alone and keeping changes that lower the error, until the
+    time is spent (tensors with the widest spread between candidate ranges first).
+
+    `only` limits the candidates by name; `fixed` ({tensor name: entry}) pins tensors in every
+    candidate (e.g. outputs already chosen on a model with the same outputs).
+    """
+    from .fidelity import run_model
+
+    t0 = time.monotonic()
+    samples = list(samples)
+    if not samples:
+        raise CalibrationError("range search needs calibration samples; pass --calib data")
+    stats = stats or range_stats(float_model, samples, base, signature_key=signature_key)
+    judge = spread(samples, max_samples)
+    reference = run_model(float_model, judge)
+    objective = Objective(objective)
+    cands = candidate_calibrations(base, stats, percentiles)
+    if only:
+        cands = {k: v for k, v in cands.items() if k in only}
+    for cal in cands.values():
+        cal.update({n: e for n, e in (fixed or {}).items() if n in cal})
+    own = dict(cands["minmax-ema"]) if "minmax-ema" in cands else candidate_calibrations(base, stats, ())["minmax-ema"]
+    own.update({n: e for n, e in (fixed or {}).items() if n in own})
+    outputs = [n for n in output_names(float_model) if n in stats.extremes and n in base and n not in (fixed or {})]
+    if not any(is_score_vector(v) for v in reference.values()):
+        outputs = []  # no class scores to keep the true max of, or to tune the output range for (KL undefined)
+    if objective is Objective.KL and outputs:
+        # Class scores: the top-1 logit IS the tail a clip would cut (MobileNetV2: its output clipped
+        # at 21 of 31 cost 4 points of agreement), so every candidate keeps the outputs' true max.
+        for cal in cands.values():
+            for n in outputs:
+                cal[n] = with_range(base[n], float(np.min(cal[n]["min"])), stats.extremes[n][1])
+    scored = []
+    for name, cal in cands.items():
+        if on_step:
+            on_step(f"ranges: measuring {name}")
+        scored.append(RangeCandidate(name, score(reference, quantize(cal), judge)))
+    # The floor: the quantizer's own ranges, as measured (KL mode changed the candidates' outputs).
+    own_measured = "minmax-ema" in cands and not (objective is Objective.KL and outputs)
+    floor = (next(c.score for c in scored if c.name == "minmax-ema") if own_measured
+             else score(reference, quantize(own), judge))
+    fine = [c for c in scored if c.score.keeps(floor)]
+    if fine:
+        best = min(fine, key=lambda c: c.score.error(objective))
+        chosen = cands[best.name]
+    else:
+        best, chosen = RangeCandidate(OWN_RANGES, floor), own
+        scored.append(best)
+    if objective is Objective.KL and outputs and fine:
+        chosen, best = _class_score_ranges(chosen, best, outputs, base, stats, quantize, reference, judge, on_step,
+                                           floor)
+        if best.name not in cands:
+            scored.append(best)
+    result = RangeSearch(chosen, best.name, tuple(scored), objective, seconds=time.monotonic() - t0,
+                         baseline=floor)
+    if refine_seconds <= 0:
+        return result
+    return refine_ranges(float_model, samples, base, quantize, result, stats=stats, seconds=refine_seconds,
+                         percentiles=percentiles, max_samples=max_samples, on_step=on_step)
+
+
+def output_names(float_model: bytes) -> list[str]:
+    """Names of subgraph 0's output tensors."""
+    from .tflite_edit import load
+    from .tflite_edit import tensor_name
+
+    sg = load(float_model).subgraphs[0]
+    return [tensor_name(sg.tensors[int(i)]) for i in sg.outputs]
+
+
+# Output ranges tried for class scores: the low end at these quantiles of the output's values (a
+# logit far below the top one changes no probability, and a narrower range refines the top), then the
+# high end widened by these factors (calibration may not have seen the largest logit: MobileNetV2 on
+# 100 calibration photos saw 26.8, other photos reach 31).
+OUTPUT_LOW_QUANTILES = (0.5, 0.9)
+OUTPUT_HIGH_FACTORS = (1.1, 1.25)
+
+
+def _class_score_ranges(cal: dict, best: RangeCandidate, outputs: list[str], base: dict, stats: RangeStats,
+                        quantize, reference, judge, on_step, floor: Score) -> tuple[dict, RangeCandidate]:
+    def quantile(name, q):
+        h = stats.hists[name]
+        lo, hi = stats.spans[name]
+        i = int(np.searchsorted(np.cumsum(h) / max(h.sum(), 1), q))
+        return lo + (hi - lo) * i / len(h)
+
+    def trial(label, lo_of, hi_of):
+        c = dict(cal)
+        for n in outputs:
+            c[n] = with_range(base[n], min(lo_of(n), 0.0), hi_of(n))
+        if on_step:
+            on_step(f"ranges: measuring output range {label}")
+        return c, RangeCandidate(f"{best.name}+outputs-{label}", score(reference, quantize(c), judge))
+
+    def low(n):
+        return float(np.min(cal[n]["min"]))
+
+    def high(n):
+        return float(np.max(cal[n]["max"]))
+
+    for q in OUTPUT_LOW_QUANTILES:
+        c, r = trial(f"low-q{q:g}", lambda n, q=q: max(quantile(n, q), low(n)), high)
+        if r.score.kl < best.score.kl and r.score.keeps(floor):
+            cal, best = c, r
+    for f in OUTPUT_HIGH_FACTORS:
+        c, r = trial(f"high-x{f:g}", low, lambda n, f=f: stats.extremes[n][1] * f)
+        if r.score.kl < best.score.kl and r.score.keeps(floor):
+            cal, best = c, r
+    return cal, best
+
+
+def refine_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quantize: Callable[[dict], bytes],
+                  found: RangeSearch, *, stats: RangeStats, seconds: float,
+                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, max_samples: int = MAX_SEARCH_SAMPLES,
+                  on_step: Callable[[str], None] | None = None) -> RangeSearch:
+    """Per-tensor coordinate descent from a search_ranges() result: each tensor in turn tries the
+    other candidates' range for it alone, keeping what lowers the error, until `seconds` are spent."""
+    from .fidelity import run_model
+
+    t0 = time.monotonic()
+    judge = spread(list(samples), max_samples)
+    reference = run_model(float_model, judge)
+    cands = candidate_calibrations(base, stats, percentiles)
+    start = dict(found.calibration)
+    cands[found.chosen] = start
+    start_score = score(reference, quantize(start), judge)  # `samples` may differ from the search's
+    cal, s, changed = _refine(cands, found.chosen, start_score, stats, quantize, reference, judge,
+                              t0 + seconds, found.objective, on_step)
+    return RangeSearch(cal, found.chosen, found.candidates, found.objective, changed, s,
+                       found.seconds + time.monotonic() - t0, found.baseline)
+
+
+def _refine(cands: dict[str, dict], chosen: str, current: Score, stats: RangeStats, quantize, reference,
+            judge, deadline: float, objective: Objective, on_step) -> tuple[dict, Score, int]:
+    cal, start = dict(cands[chosen]), current
+
+    def options(name):
+        seen, out = [], []
+        for c in cands.values():
+            r = (float(np.min(c[name]["min"])), float(np.max(c[name]["max"])))
+            if all(abs(r[0] - a) + abs(r[1] - b) > 0.02 * max(b - a, 1e-12) for a, b in seen):
+                seen.append(r)
+                out.append(c[name])
+        return out
+
+    def spread_of(name):
+        highs = [float(np.max(c[name]["max"])) - float(np.min(c[name]["min"])) for c in cands.values()]
+        return max(highs) / max(min(highs), 1e-12)
+
+    changed = set()
+    order = sorted(stats.hists, key=spread_of, reverse=True)
+    for i, name in enumerate(order):
+        if time.monotonic() > deadline:
+            break
+        if on_step:
+            on_step(f"ranges: refining tensor {i + 1}/{len(order)}")
+        for entry in options(name):
+            if time.monotonic() > deadline:
+                break
+            if entry is cal[name] or (np.array_equal(entry["min"], cal[name]["min"])
+                                      and np.array_equal(entry["max"], cal[name]["max"])):
+                continue
+            trial = dict(cal)
+            trial[name] = entry
+            s = score(reference, quantize(trial), judge)
+            # The start already keeps every output (search_ranges); no single tensor may give one up.
+            if s.error(objective) < current.error(objective) and s.keeps(start):
+                cal, current = trial, s
+                changed.add(name)
+    return cal, current, len(changed)

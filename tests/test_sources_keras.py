@@ -1,0 +1,73 @@
+"""SavedModel sources (sources/keras.py): the TF 2 loader when it can, the serving graph when it cannot."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.conftest import missing_part
+
+from edgeq.errors import ModelFormatError
+from edgeq.signature import signature_runner
+from edgeq.sources import load_source
+
+
+@pytest.fixture(scope="module")
+def tf():
+    from edgeq.quiet import import_tf
+    return import_tf()
+
+
+def test_tf2_savedmodel_keeps_the_tf_converter(tf, tmp_path):
+    """A SavedModel TF 2 restores goes through TFLiteConverter (converter kept for quantization)."""
+    w = tf.constant(np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32))
+
+    class Dense(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 6], tf.float32, name="x")])
+        def __call__(self, x):
+            return {"y": tf.nn.relu(tf.matmul(x, w))}
+
+    m = Dense()
+    tf.saved_model.save(m, str(tmp_path / "sm"), signatures=m.__call__)
+    src = load_source(tmp_path / "sm")
+    assert src.format == "saved_model" and src.converter is not None and src.notes == ()
+    assert [(s.name, s.shape) for s in src.inputs] == [("x", (1, 6))]
+    x = np.arange(6, dtype=np.float32)[None] / 6
+    got = signature_runner(src.float_tflite)(x=x)["y"]
+    np.testing.assert_allclose(got, np.maximum(x @ w.numpy(), 0), rtol=1e-5)
+
+
+def test_corrupt_savedmodel_is_one_line(tmp_path):
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a protobuf")
+    with pytest.raises(ModelFormatError, match="not a loadable SavedModel") as e:
+        load_source(tmp_path / "sm")
+    assert "\n" not in str(e.value)
+
+
+def test_savedmodel_tf2_cannot_restore_falls_back_to_the_serving_graph():
+    """basic-pitch 0.4.0's SavedModel: TF 2's object loader fails on its Keras 2 optimizer slots
+    ('add_slot'); the TF1 graph loader converts the serving signature, a SignatureDef is added and
+    the float model matches the SavedModel run by TensorFlow."""
+    spec = importlib.util.find_spec("basic_pitch")
+    if spec is None:
+        missing_part("package basic-pitch is not installed (make test: pip install --no-deps basic-pitch==0.4.0)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "saved_models/icassp_2022/nmp"
+    src = load_source(path)
+    assert src.format == "saved_model" and src.converter is None  # the LiteRT quantizer's path
+    assert len(src.notes) == 1 and "add_slot" in src.notes[0] and "TF1 loader" in src.notes[0]
+    assert [s.shape[1:] for s in src.inputs] == [(43844, 1)]  # batch: dynamic (-1) in the graph
+    assert sorted(s.shape[1:] for s in src.outputs) == [(172, 88), (172, 88), (172, 264)]
+
+    import tensorflow as tf
+    x = (0.1 * np.sin(np.arange(43844) * 0.05)).astype(np.float32)[None, :, None]
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        sig = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path)).signature_def["serving_default"]
+        (arg,) = sig.inputs.values()
+        want = {v.name.removesuffix(":0"): sess.run(v.name, {arg.name: x}) for v in sig.outputs.values()}
+    got = signature_runner(src.float_tflite)(**{src.inputs[0].name: x})
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=2e-3)  # XNNPACK vs TF kernels: measured 4e-4

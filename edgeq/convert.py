@@ -23,7 +23,8 @@ from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
 from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
-from .optimize import OptimizeLevel, OptimizeResult, optimize_mistake, optimize_report, resolve_level
+from .optimize import (OptimizeLevel, OptimizeResult, loop_requantizer, optimize_mistake, optimize_report,
+                       resolve_level)
 from .plan import default_scheme, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .progress import SILENT, Progress
@@ -154,16 +155,19 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                     f"written: {target.reached(fid)}; the budget loop that would move ops out of "
                                     f"{scheme.value} needs --scheme int8/int16x8/dynamic and --io float32/int8"
                                     + ("; or turn the floor off with --no-floor" if target.floor else ""))
-        ctx = BudgetContext(float_info, profile, scheme, requant, eval_samples, reference, class_outputs,
+        loop_requant = requant
+        if optimized is not None:  # the loop moves ops from the level's model: its weights, ranges, biases
+            loop_requant = loop_requantizer(optimized, scheme.op_precision, lambda: list(data.calibration()),
+                                            keep_float_io=io is IoType.FLOAT32, progress=progress)
+        ctx = BudgetContext(float_info, profile, scheme, loop_requant, eval_samples, reference, class_outputs,
                             _analysis_samples(data), opts.budget.max_steps if opts.budget else MAX_PROBES, progress)
-        # An optimized first result has its own ranges and biases: the loop calibrates plainly.
         result = run_budget(ctx, target, qbytes, fid, not converter and optimized is None, plan)
         qbytes, fid, budget_report, plan = result.model, result.fidelity, result.report, result.plan
         req = dataclasses.replace(req, per_op=result.per_op)
         converter = converter and not result.report["loop"]
         if result.report["loop"] and optimized is not None:
             superseded = (f"missed the {'fidelity floor' if target.floor else 'accuracy budget'}; the budget loop "
-                          "re-quantized with the quantizer's own ranges")
+                          "re-quantized the plans it tried with the level's ranges, weights and bias correction")
     elif skipped:
         budget_report = skipped
         if skipped.get("warning"):

@@ -171,11 +171,13 @@ class Requantizer:
     """Quantizes any per-op plan of one float model with the LiteRT quantizer, calibrating once.
 
     `samples` returns a fresh iterator of calibration samples; `adjust_ranges` (range selection)
-    is applied once to the calibration result."""
+    is applied once to the calibration result. `ranges`: a calibration result chosen elsewhere (an
+    --optimize level's), used as is instead of calibrating; `finish` post-processes every result
+    (that level's bias correction)."""
 
     def __init__(self, float_model: bytes, default: Precision, samples: Callable[[], Iterable[dict]] | None,
                  count: int = 0, *, keep_float_io: bool = True, adjust_ranges: Callable[[dict], dict] | None = None,
-                 progress=None):
+                 progress=None, ranges: dict | None = None, finish: Callable[[bytes], bytes] | None = None):
         from .progress import SILENT
 
         self.float_model = float_model
@@ -187,7 +189,8 @@ class Requantizer:
         self._progress = progress or SILENT
         self._scopes = op_scopes(float_model)
         self._raw: dict | None = None  # the quantizer's min/max result
-        self._ranges: dict | None = None  # after range selection: what every plan is quantized with
+        self._ranges: dict | None = ranges  # after range selection: what every plan is quantized with
+        self._finish = finish
         self.quantizations = 0
 
     @property
@@ -260,7 +263,8 @@ class Requantizer:
                 result = qt.quantize(ranges if qt.need_calibration else None, enable_progress_report=False)
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
-        return bytes(result.quantized_model)
+        model = bytes(result.quantized_model)
+        return self._finish(model) if self._finish else model
 
 
 def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],

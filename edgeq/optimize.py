@@ -319,6 +319,28 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
                           len(judge), time.monotonic() - t0)
 
 
+def loop_requantizer(result: OptimizeResult, default, samples: Callable[[], Sequence[dict]], *,
+                     keep_float_io: bool = True, progress=None):
+    """A litert_quant.Requantizer for the budget loop after a level: the plans it tries are quantized
+    from the level's float model (equalized when that was kept) with the level's ranges, and get its
+    bias correction when that was kept; `samples` (loaded on first use) are the calibration samples."""
+    from .litert_quant import Requantizer
+
+    finish = None
+    if any(st.name == "bias_correction" and st.kept for st in result.steps):
+        from .bias_correction import correct_bias
+
+        chosen: list = []
+
+        def finish(model: bytes) -> bytes:
+            if not chosen:
+                chosen.extend(spread(list(samples()), STATS_SAMPLES))
+            return correct_bias(model, result.float_model, chosen).model
+
+    return Requantizer(result.float_model, default, None, keep_float_io=keep_float_io, progress=progress,
+                       ranges=result.calibration, finish=finish)
+
+
 def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: list[dict], level: OptimizeLevel,
                         class_outputs=frozenset(), runtime=None,
                         on_step: Callable[[str], None] | None = None) -> tuple[OptimizeResult | None, str]:

@@ -423,6 +423,31 @@ def test_optimize_fast_is_the_default_and_records_each_step(cnn_source, tmp_path
     assert scales != scales_fast
 
 
+def test_budget_loop_after_fast_keeps_the_levels_ranges(cnn_source, tmp_path):
+    """When the budget must move ops after --optimize fast, the loop re-quantizes the level's (equalized)
+    float model with the level's chosen ranges, not the quantizer's own: every activation left int8 in
+    the written file has the fast model's scale, and some of those differ from --optimize none's."""
+    from edgeq.optimize import OptimizeLevel
+
+    model, cal = cnn_source
+    fast = convert(model, ConvertOptions(tmp_path / "fast.tflite", calib=cal, floor=False))
+    convert(model, ConvertOptions(tmp_path / "none.tflite", calib=cal, floor=False, optimize=OptimizeLevel.NONE))
+    # A budget just below what fast reaches: the loop has to move some op out of int8.
+    budget = 0.97 * fast.manifest["fidelity"]["outputs"][0]["rel_l2"]
+    loop = convert(model, ConvertOptions(tmp_path / "loop.tflite", calib=cal, budget=BudgetOptions(budget, "rel_l2")))
+    o, b = loop.manifest["optimize"], loop.manifest["budget"]
+    assert o["ran"] and b["loop"] and b["moved"], b
+    assert "level's ranges" in o["superseded"]
+
+    def act_scales(path):
+        info = read_model(path.read_bytes())
+        return {t.name: t.scale for op in info.ops for t in op.outputs if t.dtype == "int8" and t.scale}
+
+    kept, f, n = act_scales(tmp_path / "loop.tflite"), act_scales(tmp_path / "fast.tflite"), act_scales(tmp_path / "none.tflite")
+    assert kept and all(kept[t] == pytest.approx(f[t], rel=1e-6) for t in kept if t in f), (kept, f)
+    assert any(kept[t] != pytest.approx(n[t], rel=1e-3) for t in kept if t in n)
+
+
 def test_optimize_runs_alike_on_keras_sources_and_none_is_todays_conversion(tiny_conv, tmp_path):
     from edgeq.calibration import load_calibration
     from edgeq.int8_constraints import enforce

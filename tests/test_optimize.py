@@ -52,6 +52,31 @@ def test_fast_keeps_the_float_model_it_quantized(tiny_cnn, calib, levels):
     assert equalization_error(tiny_cnn, fast.float_model, calib) < 1e-5
 
 
+def test_loop_requantizer_reproduces_the_level_and_moves_from_it(calib, levels):
+    """The budget loop after a level quantizes its plans like the level did: the plan with nothing
+    moved is the level's model byte for byte (equalized weights, chosen ranges, bias correction), and a
+    plan with a weight layer at hybrid keeps that layer's weights int8 and the rest of the level's file."""
+    from edgeq.litert_quant import OpPrecision
+    from edgeq.optimize import loop_requantizer
+    from edgeq.precision import Precision
+    from edgeq.tflite_model import read_model
+
+    fast = levels["fast"]
+    assert any(st.name == "bias_correction" and st.kept for st in fast.steps)
+    rq = loop_requantizer(fast, Precision.INT8, lambda: calib)
+    assert rq.quantize(()) == fast.model
+    conv = next(op for op in read_model(fast.float_model).ops if op.name == "CONV_2D")
+    moved = rq.quantize((OpPrecision(conv.name, conv.outputs[0].name, Precision.HYBRID),))
+    ops = {op.outputs[0].name: op.precision for op in read_model(moved).ops if op.outputs}
+    assert ops[conv.outputs[0].name] == "hybrid"
+    assert sum(p == "int8" for p in ops.values()) >= 3
+    # The int8 activations it keeps have the level's scales (its chosen ranges, not fresh ones).
+    def scales(model):
+        return {t.name: t.scale for op in read_model(model).ops for t in op.outputs if t.dtype == "int8" and t.scale}
+    kept, level = scales(moved), scales(fast.model)
+    assert len(kept) >= 3 and all(kept[n] == level[n] for n in kept if n in level)
+
+
 @pytest.mark.slow
 def test_best_adds_refinement_and_learned_rounding(tiny_cnn, calib, held_out, levels):
     from edgeq.optimize import Budget, optimize

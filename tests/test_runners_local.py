@@ -99,3 +99,15 @@ def test_saved_outputs_are_whole_or_absent(int8_model, tmp_path):
     with pytest.raises(DeviceError, match="cannot load delegate"):
         bench_local(int8_model / "q.tflite", BenchOptions(runs=1, delegate=str(tmp_path / "no.so"), save_outputs=failed))
     assert not failed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "res"]
+
+
+def test_cpu_features_from_cpuinfo():
+    """x86 `flags` and ARM `Features` lines: the int8-dot-product features that decide XNNPACK's kernels."""
+    from edgeq.runners.device_bench import cpu_features
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma avx_vnni avx512f\nprocessor\t: 1\nflags\t\t: fpu avx2 fma\n"
+    assert cpu_features(x86) == ["avx2", "fma", "avx_vnni", "avx512f"]
+    pi5 = "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimdhp asimddp\n"
+    assert cpu_features(pi5) == ["asimddp"]
+    pi4 = "Features\t: fp asimd evtstrm crc32 cpuid\n"
+    assert cpu_features(pi4) == []

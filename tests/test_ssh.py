@@ -19,7 +19,7 @@ import pytest
 
 from edgeq.errors import DeviceError, EdgeqError
 from edgeq.remote import SshTarget, parse_target
-from edgeq.runners import ProfileRequest, profile_model
+from edgeq.runners import ProfileRequest, device_bench, profile_model
 from edgeq.runners.ssh import SshSettings
 from tests.sshd_fixture import StubProfile, host_outputs, sshd, tiny_int8_model  # noqa: F401
 
@@ -99,6 +99,9 @@ def test_profile_end_to_end(sshd, tiny_int8_model, tmp_path):
     assert res["input_source"] == "file" and res["threads"] == 1
     assert res["remote_python"] == sshd.device_python
     assert res["device"]["cpu_model"]  # read from the device's /proc/cpuinfo
+    with open("/proc/cpuinfo") as f:  # the same machine: the features it lists that XNNPACK's kernels use
+        flags = {w for line in f if line.split(":")[0].strip() in ("flags", "Features") for w in line.split(":", 1)[1].split()}
+    assert res["device"]["cpu_features"] == [c for c in device_bench.CPU_FEATURES if c in flags]
     # governor/temperature come from the device's /sys when readable, else None
     for key, path in [("governor", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
                       ("temperature_c", "/sys/class/thermal/thermal_zone0/temp")]:

@@ -232,7 +232,8 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     rows: list[Row] = []
 
     ref = next(iter(reference.values())).reshape(len(judge), -1)
-    p = np.exp(ref - ref.max(1, keepdims=True))
+    probs = bool((ref >= 0).all() and np.allclose(ref.sum(1), 1.0, atol=1e-3))  # a softmax output already
+    p = ref if probs else np.exp(ref - ref.max(1, keepdims=True))
     sure = (p / p.sum(1, keepdims=True)).max(1) >= SURE
 
     def add(how, model_bytes, seconds, note=""):

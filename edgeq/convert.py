@@ -29,6 +29,7 @@ from .plan import default_scheme, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
+from .size_plan import SizeRequest, plan_for_size
 from .sources import SourceModel, detect_format, load_source
 from .tflite_model import read_model
 
@@ -106,11 +107,13 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
     float_info = read_model(source.float_tflite)
 
-    size_goal = None
+    size_goal, size_mix = None, None
     if opts.max_size is not None:  # the most accurate scheme whose file fits, before the slow steps
-        scheme, size_goal = _scheme_for_size(opts, source, data, profile, scheme, io, float_info, eval_samples,
-                                             reference, class_outputs, progress)
-    plan = conversion_plan(float_info, profile, scheme)
+        adjust = _range_hook(source, data, opts.range_method, opts.percentile, progress)
+        scheme, size_goal, size_mix = plan_for_size(
+            SizeRequest(opts.max_size, opts.scheme is not None or profile is not None, scheme, io, adjust),
+            source, data, profile, float_info, eval_samples, reference, class_outputs, progress)
+    plan = conversion_plan(float_info, profile, scheme, size_mix)
     adjust = (_range_hook(source, data, opts.range_method, opts.percentile, progress)
               if scheme.needs_calibration else None)
     req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
@@ -434,28 +437,6 @@ def _optimize(source: SourceModel, data: CalibrationData, req: QuantizeRequest, 
     with progress.task(f"Optimizing accuracy (--optimize {level.value}, {len(samples)} calibration samples)"):
         return optimize_conversion(source.float_tflite, samples, recipe, level, class_outputs,
                                    runtime_options(profile), progress.note)
-
-
-def _scheme_for_size(opts: ConvertOptions, source, data, profile, scheme: Scheme, io: IoType, float_info,
-                     eval_samples, reference, class_outputs, progress) -> tuple[Scheme, dict]:
-    """(the most accurate candidate scheme whose file fits --max-size, the manifest's size_goal)."""
-    from .size_goal import choose_for_size, size_candidates
-
-    candidates = size_candidates(scheme, io, fixed=opts.scheme is not None or profile is not None)
-    adjust = _range_hook(source, data, opts.range_method, opts.percentile, progress)
-
-    def measure(s: Scheme) -> tuple[bytes, float]:
-        req = QuantizeRequest(s, io, per_op_from_plan(conversion_plan(float_info, profile, s)),
-                              adjust if s.needs_calibration else None)
-        with progress.task(f"--max-size: quantizing {s.value}"):
-            model = quantize(source, req, data.calibration if s.needs_calibration else None)
-        fid = fidelity(source.float_tflite, model, eval_samples, reference, class_outputs) if eval_samples else None
-        return model, fid.worst("cosine") if fid else float("nan")
-
-    choice = choose_for_size([(s.value, s) for s in candidates], opts.max_size, measure)
-    return choice.chosen.candidate, {"max_bytes": opts.max_size, "chosen": choice.chosen.label, "tried": [
-        {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
-        for m in choice.tried]}
 
 
 def _load_profile(opts: ConvertOptions):

@@ -28,13 +28,12 @@ if TYPE_CHECKING:
 SMALL_EVAL = 20
 
 
-def conversion_plan(float_info, profile, scheme: Scheme):
+def conversion_plan(float_info, profile, scheme: Scheme, overrides=None):
     """The per-op plan: the profile's (with `scheme` for the ops its table leaves open), or without one for int4 schemes (ops without an int4 kernel
-    take the 8-bit fallback, and the plan says so); None for uniform 8-bit schemes without a device."""
-    if profile is not None:
-        return plan_precision(list(float_info.ops), profile, scheme=scheme, min_weight_elements=0)
-    if scheme.is_int4:
-        return plan_precision(list(float_info.ops), None, scheme=scheme, min_weight_elements=0)
+    take the 8-bit fallback, and the plan says so); None for uniform 8-bit schemes without a device.
+    `overrides`: plan_precision's (op index -> (precision, reason)), e.g. --max-size's mix."""
+    if profile is not None or scheme.is_int4:
+        return plan_precision(list(float_info.ops), profile, overrides, scheme=scheme, min_weight_elements=0)
     return None
 
 

@@ -86,3 +86,15 @@ def choose_for_size(candidates: Sequence[tuple[str, C]], max_bytes: int,
     raise QuantizationError(
         f"--max-size {max_bytes / 1e6:.2f} MB cannot be reached: the smallest plan tried ({smallest.label}) is "
         f"{smallest.size_bytes / 1e6:.2f} MB at fidelity {smallest.fidelity:.4f}; raise --max-size")
+
+
+def spend_room(extra_bytes: Sequence[tuple[C, int]], room: int) -> list[C]:
+    """Of (move, bytes it adds) in the order moves are wanted (most damaging layer first), those
+    that fit in `room` bytes, taken greedily in that order (a move too big is skipped, smaller ones
+    after it may still fit)."""
+    chosen, used = [], 0
+    for move, extra in extra_bytes:
+        if used + extra <= room:
+            chosen.append(move)
+            used += extra
+    return chosen

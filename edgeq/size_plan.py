@@ -1,0 +1,89 @@
+"""--max-size (issue 16): the most accurate scheme whose file fits, then the room it leaves spent on
+its most damaging int4 layers at 8 bits. size_goal.py orders and stops (stdlib only, the CLI uses it);
+this module quantizes and measures the candidates for convert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable
+
+from .budget import ANALYSIS_SAMPLES
+from .budget_moves import int4_moves
+from .convert_policy import conversion_plan
+from .fidelity import fidelity
+from .litert_quant import per_op_from_plan
+from .precision import INT4_FALLBACK, INT4_PRECISIONS, IoType, Scheme
+from .quantize import QuantizeRequest, quantize
+from .size_goal import choose_for_size, size_candidates, spend_room
+from .tflite_ops import weight_tensor
+
+
+@dataclass(frozen=True)
+class SizeRequest:
+    max_bytes: int  # --max-size
+    fixed: bool  # the user or a device profile fixed the scheme: only mixes of it are tried
+    scheme: Scheme
+    io: IoType
+    adjust: Callable[[dict], dict] | None = None  # range selection for static schemes (--calibration)
+
+
+def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samples, reference, class_outputs,
+                  progress) -> tuple[Scheme, dict, dict]:
+    """(the most accurate candidate scheme whose file fits --max-size, the manifest's size_goal, plan
+    overrides: an int4 scheme's most damaging layers at 8 bits in the room left under the size)."""
+    candidates = size_candidates(req.scheme, req.io, fixed=req.fixed)
+    io, adjust = req.io, req.adjust
+
+    def measure(s: Scheme, overrides=None) -> tuple[bytes, float]:
+        req = QuantizeRequest(s, io, per_op_from_plan(conversion_plan(float_info, profile, s, overrides)),
+                              adjust if s.needs_calibration else None)
+        with progress.task(f"--max-size: quantizing {s.value}" + (f" with {len(overrides)} layer(s) at 8 bits"
+                                                                  if overrides else "")):
+            model = quantize(source, req, data.calibration if s.needs_calibration else None)
+        fid = fidelity(source.float_tflite, model, eval_samples, reference, class_outputs) if eval_samples else None
+        return model, fid.worst("cosine") if fid else float("nan")
+
+    choice = choose_for_size([(s.value, s) for s in candidates], req.max_bytes, measure)
+    chosen = choice.chosen
+    goal = {"max_bytes": req.max_bytes, "chosen": chosen.label, "tried": [
+        {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
+        for m in choice.tried]}
+    overrides = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal)
+    return chosen.candidate, goal, overrides
+
+
+def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict) -> dict:
+    """Spend the bytes an int4 choice leaves under --max-size: its layers with the largest int4 weight
+    error (budget_moves.int4_moves) at 8 bits, as many as fit; kept if the file fits and fidelity
+    rose. Plan overrides ({} when nothing is kept); the attempt is recorded in `goal`."""
+    scheme, room = chosen.candidate, max_bytes - chosen.size_bytes
+    if not scheme.is_int4 or room <= 0 or chosen.fidelity != chosen.fidelity:
+        return {}
+    plan = conversion_plan(float_info, profile, scheme)
+    int4 = {e.index: e.precision for e in plan.entries if e.subgraph == 0 and e.precision in INT4_PRECISIONS}
+    ops = [op for op in float_info.ops if op.subgraph == 0]
+    by_index = {op.index: op for op in ops}
+    moves = int4_moves(source.float_tflite, ops, int4, list(islice(data.calibration(), ANALYSIS_SAMPLES)))
+
+    def extra(i: int) -> int:  # int8 weights take a byte per value, int4 half of one
+        w = weight_tensor(by_index[i])
+        n = 1
+        for d in (w.shape if w is not None else ()):
+            n *= int(d)
+        return (n + 1) // 2
+
+    picked = spend_room([(mv.ops[0], extra(mv.ops[0])) for mv in moves], room)
+    while picked:
+        overrides = {i: (INT4_FALLBACK[int4[i]], "--max-size: int4 weight error among the largest, room left "
+                                                  "for 8 bits") for i in picked}
+        model, fid = measure(scheme, overrides)
+        row = {"scheme": f"{scheme.value} + {len(picked)} layer(s) at 8 bits", "bytes": len(model), "cosine": fid}
+        goal["tried"].append(row)
+        if len(model) <= max_bytes:
+            if fid > chosen.fidelity:
+                goal["chosen"] = row["scheme"]
+                return overrides
+            return {}
+        picked = picked[:len(picked) * 3 // 4]  # the estimate missed the file's overhead: fewer layers
+    return {}

@@ -94,6 +94,17 @@ def print_optimize(o: dict) -> None:
         if o.get("why") != "--optimize none":  # asked for none: nothing to say
             click.echo(f"optimize: none ({o.get('why')})")
         return
+    if o["steps"] and o["steps"][0]["step"] == "gptq":  # int4 weights: GPTQ rounding per layer
+        d = o["steps"][0]["detail"]
+        kept = [x for x in d["layers"] if x["kept"]]
+        if kept:
+            mean = sum(x["error_nearest"] for x in kept) / len(kept), sum(x["error_gptq"] for x in kept) / len(kept)
+            click.echo(f"optimize: {o['level']}: GPTQ rounding of {len(kept)} of {len(d['layers'])} int4 "
+                       f"FULLY_CONNECTED layers, their own output error {mean[0]:.4f} -> {mean[1]:.4f} on "
+                       f"{d['samples']} calibration samples ({d['seconds']} s)")
+        else:
+            click.echo(f"optimize: {o['level']}: GPTQ rounding changed no int4 layer ({len(d['layers'])} measured)")
+        return
     err = o["objective"]
     rows = []
     for s in o["steps"]:

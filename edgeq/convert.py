@@ -23,8 +23,8 @@ from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
 from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
-from .optimize import (OptimizeLevel, OptimizeResult, loop_requantizer, optimize_mistake, optimize_report,
-                       resolve_level)
+from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, loop_requantizer, optimize_mistake,
+                       optimize_report, resolve_level)
 from .plan import default_scheme, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .progress import SILENT, Progress
@@ -120,9 +120,13 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     converter = uses_converter(source, req)
     if not converter:
         check_litert(source, req, "--calibration " + opts.range_method if adjust else "")
-    # The LiteRT path calibrates once for the first result, the budget loop and a little-data refit.
-    requant = _requantizer(source, scheme, io, data, adjust, progress) if _loop_can_run(scheme, io) else None
     level, level_why = resolve_level(opts.optimize, scheme, io, data.calibrated, opts.range_method)
+    # int4 weights: the level is GPTQ rounding, applied to every quantization of the LiteRT path.
+    gptq_reports: dict[bytes, dict] = {}
+    finish = (gptq_finisher(source.float_tflite, lambda: list(data.calibration()), gptq_reports, progress.note)
+              if scheme.is_int4 and level is not OptimizeLevel.NONE else None)
+    # The LiteRT path calibrates once for the first result, the budget loop and a little-data refit.
+    requant = _requantizer(source, scheme, io, data, adjust, progress, finish) if _loop_can_run(scheme, io) else None
     optimized: OptimizeResult | None = None
     superseded = None  # why the written model is not the optimized one
 
@@ -131,7 +135,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         return progress.iter(data.calibration(), "Calibrating", total) if scheme.needs_calibration else iter(())
 
     qbytes = None
-    if level is not OptimizeLevel.NONE:
+    if level is not OptimizeLevel.NONE and finish is None:
         optimized, unusable = _optimize(source, data, req, level, class_outputs, profile, progress)
         if optimized is None:  # never worse than without: the quantizer's own ranges
             level, level_why = OptimizeLevel.NONE, unusable
@@ -193,6 +197,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 
     # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
     # backend produced it, and must have run under the target's runtime options.
+    gptq = gptq_reports.get(qbytes) if finish is not None else None  # the written model's GPTQ
     qbytes, verification, fid = _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid,
                                                     class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)
@@ -232,7 +237,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         info=info, fidelity=fid, budget=budget_report, compatibility=compat, warnings=tuple(warnings),
         verification=verification.to_json() if verification else None, fidelity_source=fidelity_source,
         samples={"file": spath.name, "count": min(len(eval_samples), KEPT_SAMPLES)} if eval_samples else None,
-        optimize=optimize_report(level, opts.optimize, level_why, optimized, superseded), size_goal=size_goal))
+        optimize=optimize_report(level, opts.optimize, level_why, optimized, superseded, gptq), size_goal=size_goal))
     written = []
     try:
         atomic_write(out, qbytes)
@@ -393,10 +398,11 @@ def _loop_can_run(scheme: Scheme, io: IoType) -> bool:
     return scheme is not Scheme.FP16 and io in LITERT_IO
 
 
-def _requantizer(source: SourceModel, scheme: Scheme, io: IoType, data: CalibrationData, adjust, progress):
+def _requantizer(source: SourceModel, scheme: Scheme, io: IoType, data: CalibrationData, adjust, progress,
+                 finish=None):
     return Requantizer(source.float_tflite, scheme.op_precision, data.calibration if scheme.needs_calibration
                        else None, count=len(data.calib_indices), keep_float_io=io is IoType.FLOAT32,
-                       adjust_ranges=adjust, progress=progress)
+                       adjust_ranges=adjust, progress=progress, finish=finish)
 
 
 def _analysis_samples(data: CalibrationData):

@@ -100,8 +100,11 @@ def test_level_resolution_for_convert():
     assert resolve_level(None, Scheme.INT8, IoType.FLOAT32, True, "minmax") == (L.FAST, None)
     assert resolve_level(L.BEST, Scheme.INT8, IoType.INT8, True, "minmax") == (L.BEST, None)
     assert resolve_level(L.NONE, Scheme.INT8, IoType.FLOAT32, True, "minmax") == (L.NONE, None)
+    # int4 weights: the level is GPTQ rounding (any range rule; needs real calibration samples).
+    assert resolve_level(None, Scheme.INT4, IoType.FLOAT32, True, "minmax") == (L.FAST, None)
+    assert resolve_level(None, Scheme.INT4X8, IoType.FLOAT32, True, "mse") == (L.FAST, None)
     for args, why in [((Scheme.DYNAMIC, IoType.FLOAT32, True, "minmax"), "--scheme dynamic"),
-                      ((Scheme.INT4X8, IoType.FLOAT32, True, "minmax"), "--scheme int4x8"),
+                      ((Scheme.INT4, IoType.FLOAT32, False, "minmax"), "no real calibration data"),
                       ((Scheme.INT8, IoType.UINT8, True, "minmax"), "--io uint8"),
                       ((Scheme.INT8, IoType.FLOAT32, False, "minmax"), "no real calibration data"),
                       ((Scheme.INT8, IoType.FLOAT32, True, "mse"), "--calibration mse fixes the activation ranges")]:

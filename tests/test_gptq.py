@@ -1,0 +1,225 @@
+"""GPTQ rounding of int4 weights on real parts: a tiny seeded MLP converted by the real
+TFLiteConverter, quantized to int4 by the real LiteRT quantizer, rewritten by edgeq.gptq, read back
+from the file and run by the real LiteRT interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq import tflite_edit as te
+from edgeq.errors import QuantizationError
+from edgeq.fidelity import run_model
+from edgeq.gptq import INT4, GptqCache, GptqConfig, gptq_int4, gptq_layer, hessians, int4_fcs, int4_values, pack_int4, unpack_int4
+from edgeq.litert_quant import OpPrecision, quantize_per_op
+from edgeq.precision import Precision
+
+SEED = 7
+
+
+def _mlp(tf, seed: int = SEED, rows: int = 8) -> bytes:
+    """FC 64->128 (ReLU), FC 128->128 (ReLU), FC 128->32, as a float .tflite."""
+    from edgeq.quiet import quiet_native
+    from edgeq.signature import ensure_signature
+
+    rng = np.random.default_rng(seed)
+    ws = [tf.constant(rng.normal(0, 1 / np.sqrt(i), (i, o)).astype(np.float32))
+          for i, o in ((64, 128), (128, 128), (128, 32))]
+
+    @tf.function
+    def fn(x):
+        h = tf.nn.relu(tf.matmul(x, ws[0]))
+        h = tf.nn.relu(tf.matmul(h, ws[1]))
+        return tf.matmul(h, ws[2])
+
+    with quiet_native():
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(tf.TensorSpec([rows, 64], tf.float32))], fn)
+        return ensure_signature(bytes(conv.convert()))[0]
+
+
+def _samples(n: int, seed: int) -> list[dict]:
+    # Correlated inputs with a few strong directions (as real activations have): where GPTQ's
+    # error feedback pays; with white inputs it is round-to-nearest.
+    mix = np.random.default_rng(SEED).normal(0, 1, (64, 64)) * np.geomspace(3.0, 0.05, 64)[:, None]
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.normal(0, 1, (8, 64)) @ mix).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def float_model(tf):
+    return _mlp(tf)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return _samples(32, 1)
+
+
+@pytest.fixture(scope="module")
+def held():
+    return _samples(32, 2)
+
+
+def _rel(float_model, model, samples) -> float:
+    a, b = (next(iter(run_model(m, samples).values())) for m in (float_model, model))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def _weights(model: bytes) -> list[dict]:
+    """Per FULLY_CONNECTED: op name, input tensor types, int4 values, scales as stored."""
+    m = te.load(model)
+    sg = m.subgraphs[0]
+    out = []
+    for op in sg.operators:
+        if te.op_name(m, op) != "FULLY_CONNECTED":  # int4x8: QUANTIZE / DEQUANTIZE at the edges
+            continue
+        w = sg.tensors[int(op.inputs[1])]
+        q = w.quantization
+        d = q.details if q is not None else None
+        scales = (te.constant(m, sg, int(d.scales)) if d is not None and getattr(d, "blockSize", 0)
+                  else np.asarray(q.scale))
+        out.append({"op": te.op_name(m, op), "types": [sg.tensors[int(i)].type for i in op.inputs if i >= 0],
+                    "values": int4_values(m, sg, int(op.inputs[1])) if w.type == INT4 else None,
+                    "block": int(getattr(d, "blockSize", 0) or 0), "scales": scales})
+    return out
+
+
+@pytest.mark.parametrize("precision,block", [("int4", 0), ("int4-b32", 32), ("int4x8", 0)])
+def test_gptq_lowers_int4_error_and_keeps_the_file_layout(float_model, calib, held, precision, block):
+    q = quantize_per_op(float_model, precision, (), calib)
+    steps = []
+    g, report = gptq_int4(q, float_model, calib, on_step=steps.append)
+    before, after = _weights(q), _weights(g)
+    assert [w["op"] for w in after] == ["FULLY_CONNECTED"] * 3
+    for b, a in zip(before, after):
+        assert a["types"] == b["types"] and a["types"][1] == INT4  # ops and dtypes unchanged
+        assert a["block"] == b["block"] == block
+        np.testing.assert_array_equal(a["scales"], b["scales"])  # the quantizer's scales, untouched
+        assert a["values"].shape == b["values"].shape
+        assert (a["values"] != b["values"]).mean() > 0.05  # the int4 values in the file changed
+        assert a["values"].min() >= -7 and a["values"].max() <= 7  # -8: see gptq.QMIN
+    assert abs(len(g) - len(q)) < 4096  # same weights, repacked
+    # Measured on held-out samples (never seen by GPTQ): int4 0.213 -> 0.110, int4-b32 0.186 -> 0.097,
+    # int4x8 (int8 activations) 0.225 -> 0.135.
+    e_near, e_gptq = _rel(float_model, q, held), _rel(float_model, g, held)
+    assert e_gptq < 0.7 * e_near, (e_near, e_gptq)
+    layers = report["layers"]
+    assert len(layers) == 3 and all(lay["kept"] and lay["error_gptq"] < 0.8 * lay["error_nearest"] for lay in layers)
+    assert all(lay["rows"] == 32 * 8 and lay["block"] == block for lay in layers)
+    assert report["samples"] == 32 and len(steps) == 4  # inputs, then one line per layer
+
+
+@pytest.mark.parametrize("xnnpack", [True, False])
+def test_the_interpreter_runs_the_values_as_read_back(float_model, calib, held, xnnpack):
+    """The nibbles are packed the way the kernels read them (XNNPACK's and the builtin one): the
+    interpreter's output of the GPTQ file is the numpy MLP with the read-back
+    weights, not with the quantizer's own ones."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    q = quantize_per_op(float_model, "int4", (), None)
+    g, _ = gptq_int4(q, float_model, calib)
+    assert min(w["values"].min() for w in _weights(g)) == -7  # never -8: the builtin kernel gets it wrong
+
+    def numpy_mlp(weights, x):
+        for i, w in enumerate(weights):
+            x = x @ (w["values"] * w["scales"][:, None]).T
+            x = np.maximum(x, 0) if i < 2 else x
+        return x
+
+    x = np.concatenate([s["x"] for s in held])
+    kw = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    runner = Interpreter(model_content=g, num_threads=1, **kw).get_signature_runner()
+    got = np.concatenate([next(iter(runner(**s).values())) for s in held])
+    mine, theirs = numpy_mlp(_weights(g), x), numpy_mlp(_weights(q), x)
+    # the interpreter quantizes activations to int8 at run time: close, not equal
+    assert np.linalg.norm(got - mine) < 0.25 * np.linalg.norm(mine - theirs)
+
+
+def test_int4_packing_is_the_quantizers(float_model):
+    """Values read back from the quantizer's file are round-to-nearest of the float weights at
+    the file's scales; pack_int4 writes back the same bytes."""
+    q = quantize_per_op(float_model, "int4", (), None)
+    m = te.load(q)
+    sg = m.subgraphs[0]
+    fcs = int4_fcs(q, float_model)
+    assert [lay.op_index for lay in fcs] == [0, 1, 2]
+    for lay in fcs:
+        near = np.round(lay.float_weight / lay.scales)
+        np.testing.assert_array_equal(int4_values(m, sg, lay.weight), near)
+        data = np.asarray(m.buffers[sg.tensors[lay.weight].buffer].data, np.uint8)
+        np.testing.assert_array_equal(pack_int4(near), data)
+    odd = np.array([-8, 7, -1, 0, 3], np.int8)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(odd), 5), odd)
+    assert list(pack_int4(np.array([1, -1], np.int8))) == [0xF1]  # low nibble first
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (16, 32))
+    s = np.abs(w).max(axis=1, keepdims=True) / 7 * np.ones_like(w)
+    h = np.diag(rng.uniform(0.5, 2.0, 32))
+    np.testing.assert_array_equal(gptq_layer(w, s, h), np.clip(np.round(w / s), -7, 7))
+
+
+def test_padding_rows_stay_out_of_h(tf):
+    from edgeq.quiet import quiet_native
+    from edgeq.signature import ensure_signature
+
+    w = tf.constant(np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
+
+    @tf.function
+    def fn(x, attention_mask):
+        return tf.matmul(x * tf.cast(attention_mask, tf.float32)[..., None], w)
+
+    with quiet_native():
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(tf.TensorSpec([1, 8, 64], tf.float32), tf.TensorSpec([1, 8], tf.int32))], fn)
+        fm = ensure_signature(bytes(conv.convert()))[0]
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.normal(size=(1, 8, 64)).astype(np.float32),
+                "attention_mask": (np.arange(8) < k).astype(np.int32)[None]} for k in (3, 5)]
+    fc = int4_fcs(quantize_per_op(fm, "int4", (), None), fm)[0]
+    _, rows = hessians(fm, samples, [fc.float_input], "attention_mask")
+    assert rows[fc.float_input] == 3 + 5
+    _, rows = hessians(fm, samples, [fc.float_input], None)
+    assert rows[fc.float_input] == 16
+
+
+def test_refusals_and_no_op(float_model, calib):
+    q = quantize_per_op(float_model, "int4", (), None)
+    with pytest.raises(QuantizationError, match="calibration samples"):
+        gptq_int4(q, float_model, [])
+    hybrid = quantize_per_op(float_model, "hybrid", (), None)  # int8 weights: nothing to do
+    out, report = gptq_int4(hybrid, float_model, calib)
+    assert out == hybrid and report["layers"] == []
+    out, report = gptq_int4(q, float_model, calib, GptqConfig(seconds=0.0))  # no time: nothing changes
+    assert out == q and len(report["skipped"]) == 3
+
+
+@pytest.mark.parametrize("precision", ["int4", "int4-b32"])
+def test_scale_search_shrinks_scales_and_lowers_the_error(float_model, calib, held, precision):
+    q = quantize_per_op(float_model, precision, (), None)
+    g, _ = gptq_int4(q, float_model, calib)
+    c, report = gptq_int4(q, float_model, calib, GptqConfig(clip_grid=(0.95, 0.9, 0.85, 0.8, 0.75, 0.7)))
+    for b, a in zip(_weights(q), _weights(c)):
+        assert a["types"] == b["types"] and a["scales"].dtype == b["scales"].dtype
+        ratio = a["scales"].astype(np.float64) / b["scales"]
+        assert ratio.max() <= 1.0 + 1e-3 and ratio.min() >= 0.69 and (ratio < 0.99).mean() > 0.3
+    # Measured: int4 GPTQ 0.110 -> with the scale search 0.105; int4-b32 0.097 -> 0.092.
+    assert _rel(float_model, c, held) < 0.97 * _rel(float_model, g, held)
+    assert all(lay["kept"] for lay in report["layers"])
+
+
+def test_cache_serves_another_mix_of_the_same_model(float_model, calib):
+    """The budget loop's use: all-int4 first, then a mix with the first FC at int8 weights."""
+    q = quantize_per_op(float_model, "int4", (), None)
+    first = next(op for op in te.load(float_model).subgraphs[0].operators)
+    name = te.tensor_name(te.load(float_model).subgraphs[0].tensors[first.outputs[0]])
+    mix = quantize_per_op(float_model, "int4", (OpPrecision("FULLY_CONNECTED", name, Precision.HYBRID),), None)
+    cache, steps = GptqCache(), []
+    gptq_int4(q, float_model, calib, cache=cache)
+    fresh, _ = gptq_int4(mix, float_model, calib)
+    cached, report = gptq_int4(mix, float_model, calib, cache=cache, on_step=steps.append)
+    assert cached == fresh and steps == []  # no float run, no layer solved again
+    assert [lay["op_index"] for lay in report["layers"]] == [1, 2] and _weights(cached)[0]["types"][1] == 9

@@ -63,6 +63,7 @@ class Plan:
     big: str = "int4"
     # The accuracy-budget loop from this scheme: (scheme, metric, max_drop).
     budget: tuple | None = None
+    gptq: bool = False  # GPTQ rounding of the int4 weights (edgeq convert's int4 level; every budget probe)
 
 
 MINILM_PLANS = (
@@ -79,6 +80,11 @@ MINILM_PLANS = (
          ((".*", "*", "hybrid"), (".*", "EMBEDDING_LOOKUP", "int4-b32"))),
     Plan("budget-int4", "budget loop from int4, cosine >= 0.99", budget=("int4", "cosine", 0.01)),
     Plan("budget-int4-b32", "budget loop from int4-b32, cosine >= 0.99", budget=("int4-b32", "cosine", 0.01)),
+    # What `edgeq convert --scheme int4*` does by default with --calib: GPTQ rounding.
+    Plan("int4-gptq", "dynamic int4 channelwise, GPTQ rounding", ((".*", "*", "int4"),), gptq=True),
+    Plan("int4-b32-gptq", "dynamic int4 blockwise-32, GPTQ rounding", ((".*", "*", "int4-b32"),), gptq=True),
+    Plan("budget-int4-b32-gptq", "budget loop from int4-b32 with GPTQ, cosine >= 0.99",
+         budget=("int4-b32", "cosine", 0.01), gptq=True),
 )
 
 CNN_PLANS = (
@@ -150,8 +156,10 @@ def budget_mix(float_tflite: bytes, plan: Plan, calib, judge, classifier: bool, 
 
     scheme, metric, max_drop = Scheme(plan.budget[0]), plan.budget[1], plan.budget[2]
     classes = frozenset(o.name for o in signature_specs(float_tflite)[1]) if classifier else frozenset()
+    from edgeq.optimize import gptq_finisher
     rq = Requantizer(float_tflite, scheme.op_precision,
-                     (lambda: iter(calib)) if scheme.needs_calibration else None, len(calib))
+                     (lambda: iter(calib)) if scheme.needs_calibration else None, len(calib),
+                     finish=gptq_finisher(float_tflite, lambda: calib, {}) if plan.gptq else None)
     first = rq.quantize(())
     ref = run_model(float_tflite, judge)
     fid = fidelity(float_tflite, first, judge, ref, classes)
@@ -209,6 +217,9 @@ def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, 
                 model, report = budget_mix(float_tflite, plan, calib, judge, classifier, f"{name}/{plan.name}")
             else:
                 model = quantize(float_tflite, plan, calib)
+                if plan.gptq:
+                    from edgeq.optimize import gptq_finisher
+                    model = gptq_finisher(float_tflite, lambda: calib, {})(model)
         except Exception as e:  # a plan the quantizer refuses, or a budget not met, is a result too
             print(f"  {name}/{plan.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
             continue

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import DiskFullError, OutputExistsError
+from .interrupts import check as check_interrupt
 
 
 def human_bytes(n: int | float) -> str:
@@ -67,7 +68,9 @@ def _umask() -> int:
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write all of data to path or nothing: a full disk raises DiskFullError and leaves no file
-    (path keeps its old content)."""
+    (path keeps its old content). A Ctrl-C that arrived earlier, even one swallowed on its way up,
+    stops it before anything is written (interrupts.check)."""
+    check_interrupt()
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     try:

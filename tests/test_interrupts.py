@@ -61,6 +61,47 @@ def test_ctrl_c_inside_a_gc_callback_stops_the_program(attempt):
     assert code == 1 and "interrupted" in out and "finished" not in out
 
 
+SWALLOWED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from edgeq.files import atomic_write
+from edgeq.interrupts import install
+install()
+try:  # a library that catches everything (a bare except in an import fallback) eats the Ctrl-C
+    os.kill(os.getpid(), signal.SIGINT)
+except BaseException:
+    pass
+print("swallowed", flush=True)
+try:
+    atomic_write(Path({out!r}), b"model")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_write(tmp_path):
+    """Seen once with MiniLM on a loaded host: the KeyboardInterrupt was swallowed on its way up and
+    convert wrote its output, exit 0. The Ctrl-C is recorded, and atomic_write refuses after it."""
+    out = tmp_path / "m.tflite"
+    p = subprocess.run([sys.executable, "-c", SWALLOWED.format(root=str(ROOT), out=str(out))],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["swallowed", "interrupted"], (p.stdout, p.stderr)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_cli_ends_as_interrupted_when_a_command_swallowed_the_ctrl_c(monkeypatch):
+    """After the command returns, a recorded Ctrl-C still makes it exit 1 "interrupted"."""
+    import click
+
+    from edgeq import interrupts
+    from edgeq.cli import library_call
+
+    monkeypatch.setattr(interrupts, "_pending", True)
+    with pytest.raises(click.ClickException, match="interrupted"):
+        library_call(lambda: "done")()
+
+
 @pytest.mark.slow
 @pytest.mark.hf
 @pytest.mark.parametrize("delay", [4.0, 10.0])

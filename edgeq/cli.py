@@ -29,12 +29,13 @@ def library_call(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .interrupts import check, install
+        from .interrupts import check, install, recording
         install()  # a Ctrl-C that lands in a gc callback (JAX's, during HF loading) still stops us
         try:
-            result = fn(*args, **kwargs)
-            check()  # a Ctrl-C something swallowed still ends the command as interrupted
-            return result
+            with recording():
+                result = fn(*args, **kwargs)
+                check()  # a Ctrl-C something swallowed still ends the command as interrupted
+                return result
         except EdgeqError as e:
             cls = DeviceFailure if e.exit_code == 3 else click.ClickException
             raise cls(str(e)) from None

@@ -10,8 +10,8 @@ again as soon as it is outside every gc callback, where it ends the command like
 Code that catches every exception (a bare `except:` in some library's import fallback) can still
 swallow the KeyboardInterrupt itself: seen once in 9 tries with MiniLM interrupted at 3.6 s on a
 loaded host, which then wrote its output and exited 0. So install() also records that a Ctrl-C
-arrived, and `check()` raises it again: files.atomic_write calls it before writing anything, and
-the CLI after the command returns.
+arrived while a command runs (`recording()`), and `check()` raises it again: files.atomic_write
+calls it before writing anything, and the CLI after the command returns.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import gc
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 _installed = False
-_pending = False  # a Ctrl-C arrived since install() (it may have been swallowed on its way up)
+_pending = False  # a Ctrl-C arrived during recording() (it may have been swallowed on its way up)
 
 
 def _on_sigint(signum, frame):
@@ -36,7 +37,7 @@ def pending() -> bool:
 
 
 def check() -> None:
-    """Raise KeyboardInterrupt if a Ctrl-C arrived since install(), even one something swallowed."""
+    """Raise KeyboardInterrupt if a Ctrl-C arrived during recording(), even one something swallowed."""
     if _pending:
         raise KeyboardInterrupt
 
@@ -95,9 +96,23 @@ def install() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
-    # Record every Ctrl-C (check()), keeping Python's behaviour of raising KeyboardInterrupt; a
-    # handler someone else installed is left alone.
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
     _installed = True
+
+
+@contextmanager
+def recording():
+    """While a command runs: record every Ctrl-C (check()), keeping Python's behaviour of raising
+    KeyboardInterrupt; the previous handler comes back after. Nothing changes off the main thread
+    or when someone else installed a SIGINT handler."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    _pending = False
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _pending = False

@@ -66,8 +66,10 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from edgeq.files import atomic_write
-from edgeq.interrupts import install
+from edgeq.interrupts import install, recording
 install()
+rec = recording()
+rec.__enter__()  # as the CLI does while a command runs (kept referenced: it restores on close)
 try:  # a library that catches everything (a bare except in an import fallback) eats the Ctrl-C
     os.kill(os.getpid(), signal.SIGINT)
 except BaseException:
@@ -90,16 +92,32 @@ def test_a_swallowed_ctrl_c_still_stops_the_write(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_the_cli_ends_as_interrupted_when_a_command_swallowed_the_ctrl_c(monkeypatch):
-    """After the command returns, a recorded Ctrl-C still makes it exit 1 "interrupted"."""
+def test_the_cli_ends_as_interrupted_when_a_command_swallowed_the_ctrl_c():
+    """After the command returns, a Ctrl-C it swallowed still makes it exit 1 "interrupted"; the
+    record lives only while the command runs (library code called afterwards is not affected)."""
+    import os
+    import signal
+    import time
+
     import click
 
     from edgeq import interrupts
     from edgeq.cli import library_call
 
-    monkeypatch.setattr(interrupts, "_pending", True)
+    def swallowing_command():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # this process's main thread: the handler raises here
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        return "done"
+
+    t0 = time.monotonic()
     with pytest.raises(click.ClickException, match="interrupted"):
-        library_call(lambda: "done")()
+        library_call(swallowing_command)()
+    assert time.monotonic() - t0 < 4
+    assert interrupts.pending() is False and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    interrupts.check()
 
 
 @pytest.mark.slow

@@ -20,6 +20,11 @@ int4 loses is in the weights, so each layer is ranked by its measured damage
 (layer_error.layer_errors) in the all-int4 model. If even every damaging layer at 8 bits misses
 the target, phase 2 starts from there and runs the 8-bit loop above (hybrid -> float; int8 ->
 hybrid/float), the phase-1 moves kept.
+
+Under --max-size (`BudgetContext.max_bytes`) a plan whose file is larger cannot be chosen: each tier
+keeps only the moves that fit in the bytes left (most damaging first, a move too big skipped), so
+every probe of the search fits, and a loop that cannot meet the target there says what it reached
+within the size.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from .errors import ProfileError, QuantizationError
 from .fidelity import Fidelity, fidelity
 from .litert_quant import STATIC_PRECISIONS, Requantizer, per_op_from_plan
 from .precision import INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, Precision, Scheme
+from .size_goal import human_size, spend_room
+from .tflite_ops import weight_tensor
 
 ANALYSIS_SAMPLES = 8  # calibration samples the noise analysis runs (the float model, once)
 REFUSALS_LISTED = 20  # device refusals the report lists (all are counted)
@@ -62,6 +69,12 @@ class BudgetContext:
     analysis_samples: Callable[[], list] = list  # a few calibration samples
     max_probes: int = MAX_PROBES
     progress: object = None
+    max_bytes: int | None = None  # --max-size: no plan with a larger file is chosen
+
+
+# Bytes a weight value takes at each precision (scales aside), for what a move adds under --max-size.
+_WEIGHT_BYTES = {Precision.FLOAT: 4.0, Precision.FP16: 2.0, Precision.HYBRID: 1.0, Precision.INT8: 1.0,
+                 Precision.INT16X8: 1.0, **{p: 0.5 for p in INT4_PRECISIONS}}
 
 
 @dataclass
@@ -120,6 +133,8 @@ class _Loop:
                        "loop": False, "steps": self.steps, "moves": [], "refused": [], "candidates": 0}
         if self.report["max_drop"] is None:  # the floor's primary requirement as a drop (what reports chart)
             self.report["max_drop"] = _drop_bound(self.primary)
+        if ctx.max_bytes is not None:
+            self.report["max_bytes"] = ctx.max_bytes
 
     def make_plan(self, overrides):
         from .plan import plan_precision
@@ -135,7 +150,8 @@ class _Loop:
         self.report["phases"] = []
         try:
             chosen = self._run_phase()
-            if chosen is None and self.phase == INT4_PHASE:
+            # Phase 2 starts from every int4 layer at 8 bits, a file --max-size has already refused.
+            if chosen is None and self.phase == INT4_PHASE and self.ctx.max_bytes is None:
                 self._next_phase()
                 chosen = self._run_phase()
             if chosen is not None:
@@ -255,17 +271,43 @@ class _Loop:
                        self.ctx.class_outputs)
         step = self._step(len(self.steps), label, key, model, fid)
         step["seconds"] = round(time.monotonic() - t0, 2)
+        if not self._fits(model):
+            step["met"], step["over_max_size"] = False, True
         self.steps.append(step)
         self._advance(1)
-        probe = self.probes[(self.phase, key)] = _Probe(tuple(chosen), model, fid, self.target.met(fid), step)
+        probe = self.probes[(self.phase, key)] = _Probe(tuple(chosen), model, fid, step["met"], step)
         return probe
+
+    def _fits(self, model: bytes) -> bool:
+        return self.ctx.max_bytes is None or len(model) <= self.ctx.max_bytes
+
+    def _fitting(self, moves: list[Move], fixed: list[Move]) -> list[Move]:
+        """Under --max-size: the moves (in order) whose added weight bytes fit in what the size leaves
+        after the first result and the `fixed` moves; all of them without a size."""
+        if self.ctx.max_bytes is None:
+            return moves
+        room = self.ctx.max_bytes - len(self.first_model) - sum(self._extra(mv) for mv in fixed)
+        return spend_room([(mv, self._extra(mv)) for mv in moves], room)
+
+    def _extra(self, mv: Move) -> int:
+        """Bytes the move adds to the file: its ops' weights at the precision moved to, less as they were."""
+        by_index = {op.index: op for op in self.ops}
+        total = 0.0
+        for i in mv.ops:
+            w = weight_tensor(by_index[i]) if i in self.move_to else None
+            if w is None:
+                continue
+            n = math.prod(max(int(d), 1) for d in w.shape)
+            before = self.int4_of.get(i, self.default) if self.phase == INT4_PHASE else self.default
+            total += n * (_WEIGHT_BYTES.get(self.move_to[i], 4.0) - _WEIGHT_BYTES.get(before, 4.0))
+        return max(0, math.ceil(total))
 
     def _search(self, moves: list[Move]) -> _Probe | None:
         """Every move of a tier at once; if that meets the target, the shortest prefix that does
         (binary search, most noise or damage first); if not, the whole tier stays and the next one is tried."""
         fixed: list[Move] = []
         for n in (1, 2):
-            tier = [mv for mv in moves if mv.tier == n]
+            tier = self._fitting([mv for mv in moves if mv.tier == n], fixed)
             if not tier:
                 continue
             if self.phase == INT4_PHASE:
@@ -303,12 +345,23 @@ class _Loop:
 
     def _fail(self) -> None:
         self.report["met"] = False
-        best = max(self.probes.values(), key=lambda p: _margin(p.fid, self.target), default=None)
+        best = max((p for p in self.probes.values() if self._fits(p.model)),
+                   key=lambda p: _margin(p.fid, self.target), default=None)
         fid = best.fid if best else self.first_fid
         moved = f"{len(best.step['moved'])} op(s) moved" if best else "no op could move"
         n = self.report["refused_count"]
         refused = f"; {n} op(s) the device cannot move" if n else ""
         reached = f"best {self.target.reached(fid)} with {moved}{refused}"
+        if self.ctx.max_bytes is not None:
+            size = len(best.model if best else self.first_model)
+            if best is None:
+                left = human_size(max(0, self.ctx.max_bytes - size))
+                reached = f"{self.target.reached(fid)}, and no move fits in the {left} left{refused}"
+            raise QuantizationError(
+                f"{'fidelity floor' if self.target.floor else 'accuracy budget'} not met within --max-size "
+                f"{human_size(self.ctx.max_bytes)}, nothing written: {reached} at {human_size(size)} "
+                f"({self.report['probes']} probes); raise --max-size, or accept less with --max-drop "
+                f"{_suggest_drop(fid, self.target)}")
         if self.target.floor:
             raise QuantizationError(
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "

@@ -23,7 +23,7 @@ from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
 from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
-from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, loop_requantizer, optimize_mistake,
+from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, model_key, loop_requantizer, optimize_mistake,
                        optimize_report, resolve_level)
 from .plan import default_scheme, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
@@ -107,11 +107,18 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
     float_info = read_model(source.float_tflite)
 
+    # int4 weights: the level is GPTQ rounding, applied to every quantization of the LiteRT path
+    # (--max-size's mixes, the first result, the budget loop's probes, a refit) with one cache.
+    gptq_reports: dict[bytes, dict] = {}
+    gptq_finish = (gptq_finisher(source.float_tflite, lambda: list(data.calibration()), gptq_reports,
+                                 progress.note)
+                   if data.calibrated and opts.optimize is not OptimizeLevel.NONE else None)
     size_goal, size_mix = None, None
     if opts.max_size is not None:  # the most accurate scheme whose file fits, before the slow steps
         adjust = _range_hook(source, data, opts.range_method, opts.percentile, progress)
         scheme, size_goal, size_mix = plan_for_size(
-            SizeRequest(opts.max_size, opts.scheme is not None or profile is not None, scheme, io, adjust),
+            SizeRequest(opts.max_size, opts.scheme is not None or profile is not None, scheme, io, adjust,
+                        gptq_finish),
             source, data, profile, float_info, eval_samples, reference, class_outputs, progress)
     plan = conversion_plan(float_info, profile, scheme, size_mix)
     adjust = (_range_hook(source, data, opts.range_method, opts.percentile, progress)
@@ -121,10 +128,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     if not converter:
         check_litert(source, req, "--calibration " + opts.range_method if adjust else "")
     level, level_why = resolve_level(opts.optimize, scheme, io, data.calibrated, opts.range_method)
-    # int4 weights: the level is GPTQ rounding, applied to every quantization of the LiteRT path.
-    gptq_reports: dict[bytes, dict] = {}
-    finish = (gptq_finisher(source.float_tflite, lambda: list(data.calibration()), gptq_reports, progress.note)
-              if scheme.is_int4 and level is not OptimizeLevel.NONE else None)
+    finish = gptq_finish if scheme.is_int4 and level is not OptimizeLevel.NONE else None
     # The LiteRT path calibrates once for the first result, the budget loop and a little-data refit.
     requant = _requantizer(source, scheme, io, data, adjust, progress, finish) if _loop_can_run(scheme, io) else None
     optimized: OptimizeResult | None = None
@@ -167,7 +171,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             loop_requant = loop_requantizer(optimized, scheme.op_precision, lambda: list(data.calibration()),
                                             keep_float_io=io is IoType.FLOAT32, progress=progress)
         ctx = BudgetContext(float_info, profile, scheme, loop_requant, eval_samples, reference, class_outputs,
-                            _analysis_samples(data), opts.budget.max_steps if opts.budget else MAX_PROBES, progress)
+                            _analysis_samples(data), opts.budget.max_steps if opts.budget else MAX_PROBES, progress,
+                            size_goal["max_bytes"] if size_goal else None)
         result = run_budget(ctx, target, qbytes, fid, not converter and optimized is None, plan)
         qbytes, fid, budget_report, plan = result.model, result.fidelity, result.report, result.plan
         req = dataclasses.replace(req, per_op=result.per_op)
@@ -197,7 +202,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 
     # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
     # backend produced it, and must have run under the target's runtime options.
-    gptq = gptq_reports.get(qbytes) if finish is not None else None  # the written model's GPTQ
+    gptq = gptq_reports.get(model_key(qbytes)) if finish is not None else None  # the written model's GPTQ
     qbytes, verification, fid = _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid,
                                                     class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)

@@ -327,7 +327,7 @@ def gptq_finisher(float_model: bytes, samples: Callable[[], Sequence[dict]], rep
     """A litert_quant.Requantizer `finish` for int4 schemes at level fast/best: GPTQ rounding of every
     int4 FULLY_CONNECTED (gptq.py), calibration samples loaded on first use, one GptqCache for all
     the quantizations of a conversion (the budget loop's probes reuse H and solved layers);
-    `reports` maps each result's bytes to its GPTQ report."""
+    `reports` maps each result's model_key to its GPTQ report."""
     from .gptq import GptqCache, GptqConfig, gptq_int4
 
     cache, loaded = GptqCache(), []
@@ -337,10 +337,18 @@ def gptq_finisher(float_model: bytes, samples: Callable[[], Sequence[dict]], rep
         if not loaded:
             loaded.append(list(samples()))
         out, report = gptq_int4(model, float_model, loaded[0], config, on_step=on_step, cache=cache)
-        reports[out] = report
+        reports[model_key(out)] = report
         return out
 
     return finish
+
+
+def model_key(model: bytes) -> bytes:
+    """A small key for a model's bytes (a budget loop's probes of MiniLM are ~15 MB each: keyed by
+    the bytes themselves, every probe would stay in memory until convert ends)."""
+    import hashlib
+
+    return hashlib.sha256(model).digest()
 
 
 # Scale search of GPTQ (per channel or block: scale x a, a from 0.98 down to 0.70): MiniLM all-int4

@@ -27,6 +27,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def human_size(n: int) -> str:
+    """Bytes as a person reads a download size: 12.95 MB, 58.3 KB, 900 B (MB = 10^6, as parse_size)."""
+    if n >= 1000**2:
+        return f"{n / 1000**2:.2f} MB"
+    return f"{n / 1000:.1f} KB" if n >= 1000 else f"{n} B"
+
+
 # After the 8-bit scheme, int4 weights from the most accurate (small blocks, more scales) to the
 # smallest file (one scale per output channel). Dynamic int4: activations quantized at run time.
 INT4_LADDER = ("int4-b32", "int4-b128", "int4")

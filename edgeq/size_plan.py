@@ -26,6 +26,9 @@ class SizeRequest:
     scheme: Scheme
     io: IoType
     adjust: Callable[[dict], dict] | None = None  # range selection for static schemes (--calibration)
+    # int4 candidates are measured as they would be written: with the conversion's GPTQ rounding
+    # (optimize.gptq_finisher, shared with convert so the written plan's layers are solved once).
+    finish: Callable[[bytes], bytes] | None = None
 
 
 def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samples, reference, class_outputs,
@@ -33,14 +36,18 @@ def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samp
     """(the most accurate candidate scheme whose file fits --max-size, the manifest's size_goal, plan
     overrides: an int4 scheme's most damaging layers at 8 bits in the room left under the size)."""
     candidates = size_candidates(req.scheme, req.io, fixed=req.fixed)
-    io, adjust = req.io, req.adjust
+    io, adjust, finish = req.io, req.adjust, req.finish
 
-    def measure(s: Scheme, overrides=None) -> tuple[bytes, float]:
+    def measure(s: Scheme, overrides=None, finished: bool = False) -> tuple[bytes, float]:
+        # Candidate schemes are sized with nearest rounding (GPTQ keeps the layout, so the size);
+        # the mixes of the chosen one are measured `finished`, as they would be written.
         req = QuantizeRequest(s, io, per_op_from_plan(conversion_plan(float_info, profile, s, overrides)),
                               adjust if s.needs_calibration else None)
         with progress.task(f"--max-size: quantizing {s.value}" + (f" with {len(overrides)} layer(s) at 8 bits"
                                                                   if overrides else "")):
             model = quantize(source, req, data.calibration if s.needs_calibration else None)
+            if finished and finish is not None and s.is_int4:
+                model = finish(model)
         fid = fidelity(source.float_tflite, model, eval_samples, reference, class_outputs) if eval_samples else None
         return model, fid.worst("cosine") if fid else float("nan")
 
@@ -49,11 +56,12 @@ def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samp
     goal = {"max_bytes": req.max_bytes, "chosen": chosen.label, "tried": [
         {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
         for m in choice.tried]}
-    overrides = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal)
+    overrides = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal, finish)
     return chosen.candidate, goal, overrides
 
 
-def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict) -> dict:
+def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict,
+              finish=None) -> dict:
     """Spend the bytes an int4 choice leaves under --max-size: its layers with the largest int4 weight
     error (budget_moves.int4_moves) at 8 bits, as many as fit; kept if the file fits and fidelity
     rose. Plan overrides ({} when nothing is kept); the attempt is recorded in `goal`."""
@@ -74,14 +82,18 @@ def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure
         return (n + 1) // 2
 
     picked = spend_room([(mv.ops[0], extra(mv.ops[0])) for mv in moves], room)
+    base = chosen.fidelity
+    if picked and finish:  # the mix must beat the chosen scheme as it would be written
+        model, base = measure(scheme, {}, finished=True)
+        goal["tried"].append({"scheme": f"{scheme.value} + GPTQ", "bytes": len(model), "cosine": base})
     while picked:
         overrides = {i: (INT4_FALLBACK[int4[i]], "--max-size: int4 weight error among the largest, room left "
                                                   "for 8 bits") for i in picked}
-        model, fid = measure(scheme, overrides)
+        model, fid = measure(scheme, overrides, finished=True)
         row = {"scheme": f"{scheme.value} + {len(picked)} layer(s) at 8 bits", "bytes": len(model), "cosine": fid}
         goal["tried"].append(row)
         if len(model) <= max_bytes:
-            if fid > chosen.fidelity:
+            if fid > base:
                 goal["chosen"] = row["scheme"]
                 return overrides
             return {}

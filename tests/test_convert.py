@@ -12,6 +12,7 @@ from tests.conftest import build_tiny, save_keras
 from edgeq.calibration import CalibrationConfig
 from edgeq.convert import BudgetOptions, ConvertOptions, convert
 from edgeq.errors import CalibrationError, ModelFormatError, OutputExistsError, QuantizationError
+from edgeq.optimize import OptimizeLevel
 from edgeq.precision import IoType, Scheme
 from edgeq.tflite_model import read_model
 
@@ -578,6 +579,23 @@ def test_max_size_spends_the_room_left_on_the_most_damaging_int4_layers(int4_sou
     assert len(moved) == 1 and moved[0]["precision"] == "hybrid", moved
     got = {op.index: str(op.precision) for op in read_model(written).ops if op.name in ("CONV_2D", "FULLY_CONNECTED")}
     assert got.pop(moved[0]["index"]) == "hybrid" and set(got.values()) == {"int4"}, got
+
+
+def test_max_size_bounds_the_budget_loop(int4_source, tmp_path):
+    """--max-size with a --max-drop int4 cannot meet: the loop may not grow the file past the size
+    (before, it moved layers to 8 bits and failed only after, naming a bigger file); it ends in one
+    line saying what it reached within the size and writes nothing."""
+    model, cal = int4_source
+    plain = convert(model, ConvertOptions(tmp_path / "a.tflite", scheme=Scheme.INT4, calib=cal, max_size=10**9,
+                                          optimize=OptimizeLevel.NONE))
+    limit = plain.manifest["size_goal"]["tried"][0]["bytes"] + 500  # no int4 layer's 8-bit weights fit
+    with pytest.raises(QuantizationError) as e:
+        convert(model, ConvertOptions(tmp_path / "b.tflite", scheme=Scheme.INT4, calib=cal, max_size=limit,
+                                      budget=BudgetOptions(0.00001), optimize=OptimizeLevel.NONE))
+    msg = str(e.value)
+    assert msg.startswith(f"accuracy budget not met within --max-size {limit / 1000:.1f} KB, nothing written: "), msg
+    assert "and no move fits in the " in msg and "raise --max-size, or accept less with --max-drop" in msg
+    assert "\n" not in msg and not (tmp_path / "b.tflite").exists()
 
 
 def test_int4_default_level_is_gptq_rounding(int4_source, tmp_path):

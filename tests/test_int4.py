@@ -212,7 +212,7 @@ def _outlier_mlp(tf):
         return ensure_signature(bytes(conv.convert()))[0]
 
 
-def _budget(float_model, scheme, max_drop, samples, calib=None):
+def _budget(float_model, scheme, max_drop, samples, calib=None, max_bytes=None):
     from edgeq.accuracy_target import budget_target
     from edgeq.budget import BudgetContext, run_budget
     from edgeq.fidelity import fidelity, run_model
@@ -224,7 +224,8 @@ def _budget(float_model, scheme, max_drop, samples, calib=None):
     first = rq.quantize(())
     ref = run_model(float_model, samples)
     fid = fidelity(float_model, first, samples, ref)
-    ctx = BudgetContext(read_model(float_model), None, scheme, rq, samples, ref, analysis_samples=lambda: samples[:8])
+    ctx = BudgetContext(read_model(float_model), None, scheme, rq, samples, ref, analysis_samples=lambda: samples[:8],
+                        max_bytes=max_bytes)
     return run_budget(ctx, budget_target(max_drop, "cosine", fid), first, fid, True, None), first
 
 
@@ -256,6 +257,49 @@ def test_budget_moves_the_damaging_int4_layer_to_int8(outlier_mlp):
     assert result.plan.mismatches(read_model(result.model)) == []
     reason = [e.reason for e in result.plan.entries if e.precision is P.HYBRID][0]
     assert "its int4 weights add error" in reason
+
+
+def test_budget_under_a_size_cap_moves_only_what_fits(outlier_mlp):
+    """--max-size bounds the loop: the damaging first FC (64x256: +8 KB at int8 weights) moves when
+    the cap leaves 9 KB; with 5 KB left only the last FC (+4 KB) fits, which cannot meet the budget
+    (0.960 < 0.98), so the loop fails naming what it reached within the size and writes nothing."""
+    from edgeq.errors import QuantizationError
+
+    fm, samples = outlier_mlp
+    first = _budget(fm, "int4", 0.5, samples)[1]  # met as converted: just the all-int4 file
+    result, _ = _budget(fm, "int4", 0.02, samples, max_bytes=len(first) + 9000)
+    fcs = [op.precision for op in read_model(result.model).ops if op.name == "FULLY_CONNECTED"]
+    assert fcs == [P.HYBRID, P.INT4, P.INT4] and len(result.model) <= len(first) + 9000
+    assert result.report["max_bytes"] == len(first) + 9000
+    assert all(s["bytes"] <= len(first) + 9000 for s in result.report["steps"])  # no probe over the cap
+    with pytest.raises(QuantizationError) as e:
+        _budget(fm, "int4", 0.02, samples, max_bytes=len(first) + 5000)
+    msg = str(e.value)
+    assert msg.startswith(f"accuracy budget not met within --max-size {(len(first) + 5000) / 1000:.1f} KB, "
+                          "nothing written: best Identity cosine 0.96")
+    assert "(needs >= 0.98) with 1 op(s) moved at " in msg and "1 probes" in msg
+    assert msg.endswith("raise --max-size, or accept less with --max-drop 0.04 --metric cosine")
+
+
+def test_small_weights_stay_at_8_bits_in_int4_plans(tf, outlier_mlp):
+    """int4 saves under 512 bytes on a weight of fewer than 1024 values, and small tables are where 4
+    bits hurt most (MiniLM's 2x384 token-type table: cosine 0.020 by itself): the plan keeps them at
+    the 8-bit fallback, says why, and the file agrees; 1024 values and more go int4."""
+    from edgeq.signature import ensure_signature
+    from edgeq.quiet import quiet_native
+
+    rng = np.random.default_rng(4)
+    w1 = tf.constant(rng.normal(0, 0.1, (64, 16)).astype(np.float32))  # 1024 values: int4
+    w2 = tf.constant(rng.normal(0, 0.1, (16, 63)).astype(np.float32))  # 1008 values: 8 bits
+    fn = tf.function(lambda x: tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2))
+    with quiet_native():
+        fm = ensure_signature(bytes(tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(tf.TensorSpec([1, 64], tf.float32))], fn).convert()))[0]
+    plan, q, info = _quantize(fm, P.INT4, outlier_mlp[1][:4])
+    assert [op.precision for op in info.ops if op.name == "FULLY_CONNECTED"] == [P.INT4, P.HYBRID]
+    assert plan.mismatches(info) == []
+    reason = [e.reason for e in plan.entries if e.op == "FULLY_CONNECTED"][1]
+    assert "weight has 1008 elements (< 1024: int4 saves too little there), so hybrid" in reason
 
 
 def _fc_index(fm, n):

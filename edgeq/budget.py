@@ -15,9 +15,9 @@ ops out of the scheme's precision until it holds.
    (the ops moved, the file's size, the fidelity reached).
 
 int4 schemes start one level lower (issue 16). Phase 1 moves int4 layers (embedding tables
-included) to their 8-bit fallback (int4 -> hybrid, int4x8 -> int8), most damaging first: what
-int4 loses is in the weights, so each layer is ranked by its measured damage
-(layer_error.layer_errors) in the all-int4 model. If even every damaging layer at 8 bits misses
+included) to their 8-bit fallback (int4 -> hybrid, int4x8 -> int8): each layer is moved alone and
+measured end to end, and layers are ranked by what that bought per byte added
+(budget_moves.measured_int4_order). If even every damaging layer at 8 bits misses
 the target, phase 2 starts from there and runs the 8-bit loop above (hybrid -> float; int8 ->
 hybrid/float), the phase-1 moves kept.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .accuracy_target import Metric, Requirement, Target
-from .budget_moves import Move, int4_moves, measured_moves, static_moves
+from .budget_moves import Move, int4_moves, measured_int4_order, measured_moves, static_moves
 from .errors import ProfileError, QuantizationError
 from .fidelity import Fidelity, fidelity
 from .litert_quant import STATIC_PRECISIONS, Requantizer, per_op_from_plan
@@ -128,6 +128,7 @@ class _Loop:
         self.probes: dict[tuple, _Probe] = {}
         self.move_to: dict[int, Precision] = {}
         self.int4_of: dict[int, Precision] = {}  # phase 1: each candidate's int4 precision
+        self.measured: set[tuple[int, ...]] = set()  # phase 1: moves measured end to end (noise = gain)
         self.steps = [self._step(0, "as converted", (), first_model, first_fid)]
         self.report = {**target.to_json(), "metric": str(self.primary.metric), "met": target.met(first_fid),
                        "loop": False, "steps": self.steps, "moves": [], "refused": [], "candidates": 0}
@@ -235,7 +236,8 @@ class _Loop:
         if self.phase == INT4_PHASE:
             candidates = {i: self.int4_of[i] for i in self.move_to}
             self._analysis(f"int4 weight error of {len(candidates)} ops on {len(samples)} calibration samples")
-            return int4_moves(ctx.requantizer.float_model, self.ops, candidates, samples)
+            prior = int4_moves(ctx.requantizer.float_model, self.ops, candidates, samples)
+            return self._measured_int4(prior)
         if self.phase == EIGHT_BIT_PHASE and self.default in STATIC_PRECISIONS:
             from .layer_error import rounding_noise
             from .litert_quant import SYMMETRIC_INT8_OPS
@@ -252,6 +254,31 @@ class _Loop:
         errors = layer_errors(ctx.requantizer.float_model, current, ctx.float_info, samples)
         self._analysis(f"measured error of every op on {len(samples)} calibration samples")
         return measured_moves(errors, set(self.move_to))
+
+    def _measured_int4(self, prior: list[Move]) -> list[Move]:
+        """Each int4 layer (that fits under --max-size) at 8 bits alone, measured end to end on the
+        judging samples; ordered by what it buys per byte (budget_moves.measured_int4_order)."""
+        if self.ctx.max_bytes is not None:
+            room = self.ctx.max_bytes - len(self.first_model)
+            prior = [mv for mv in prior if self._extra(mv) <= room]
+        if len(prior) < 2:
+            return prior
+        first = _margin(self.first_fid, self.target)
+
+        def gain(mv: Move) -> float:
+            overrides = {i: (self.move_to[i], "accuracy budget (measuring)") for i in mv.ops}
+            model = self.ctx.requantizer.quantize(per_op_from_plan(self.make_plan(overrides)))
+            fid = fidelity(self.ctx.requantizer.float_model, model, self.ctx.eval_samples, self.ctx.reference,
+                           self.ctx.class_outputs)
+            return _margin(fid, self.target) - first
+
+        started = time.monotonic()
+        with self.progress.task("Accuracy budget: each int4 layer at 8 bits alone", total=len(prior)) as advance:
+            moves, self.measured = measured_int4_order(prior, gain, self._extra, advance=advance)
+        self._analysis(f"then {len(self.measured)} of {len(prior)} int4 layers at 8 bits alone, measured end to "
+                       f"end on the judging samples ({time.monotonic() - started:.0f}s); ranked by what each buys "
+                       "per byte added")
+        return moves
 
     def _analysis(self, text: str) -> None:
         done = self.report.get("analysis")
@@ -377,6 +404,7 @@ class _Loop:
         measured = self.phase == INT4_PHASE
         return [{"what": mv.describe(self.names), "tier": mv.tier, "phase": self.phase,
                  "noise": round(mv.noise if measured else math.sqrt(mv.noise), 4),
+                 **({"gain": round(mv.noise, 5), "noise": None} if mv.ops in self.measured else {}),
                  "ops": [f"#{i} {self.names[i]} -> {self.move_to[i]}" for i in mv.ops if i in self.move_to]}
                 for mv in moves if any(i in self.move_to for i in mv.ops)]
 
@@ -388,7 +416,8 @@ class _Loop:
             for i in mv.ops:
                 if i in self.move_to and i not in ours:
                     ours.add(i)
-                    overrides[i] = (self.move_to[i], "accuracy budget: " + _why(mv, self.phase))
+                    overrides[i] = (self.move_to[i], "accuracy budget: " + _why(mv, self.phase,
+                                                                                  mv.ops in self.measured))
         self.base = {}
         final_plan = self.make_plan(overrides)
         self.report.update(met=True, final_drop=self.primary.drop(chosen.fid), chosen_step=chosen.step["step"])
@@ -418,7 +447,9 @@ def _margin(fid: Fidelity, target: Target) -> float:
     return min(r.margin(fid) for r in target.requirements)
 
 
-def _why(mv: Move, phase: str) -> str:
+def _why(mv: Move, phase: str, measured: bool = False) -> str:
+    if phase == INT4_PHASE and measured:
+        return f"at 8 bits alone it brought the result {mv.noise:.4f} closer to the target (measured; most per byte first)"
     if phase == INT4_PHASE:
         return f"its int4 weights add error {mv.noise:.3f} to its output (relative, per channel; most first)"
     what = "a weight-less region" if mv.tier == 1 else "a matmul with its neighbours"

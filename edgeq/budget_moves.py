@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 # Matmul-like ops: where int8 buys its speed, so they leave it last (tier 2).
 HEAVY_OPS = frozenset({"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D",
@@ -214,6 +215,38 @@ def int4_moves(float_model: bytes, ops, candidates: dict[int, str], samples) -> 
                                 None if x is None else (x ** 2).mean(axis=0))
         moves.append(Move((i,), err, 2))
     return sorted(moves, key=lambda mv: -mv.noise)
+
+
+# Time the end-to-end measurement of single int4 moves may take (MiniLM's 37 layers: ~1.5-3 s each
+# with GPTQ's cache); layers not measured by then keep int4_moves' order after the measured ones.
+MEASURE_SECONDS = 240.0
+
+
+def measured_int4_order(prior: list[Move], gain: Callable[[Move], float], extra: Callable[[Move], int],
+                        seconds: float = MEASURE_SECONDS, advance: Callable[[int], None] = lambda n: None
+                        ) -> tuple[list[Move], set[tuple[int, ...]]]:
+    """int4 moves in the order that buys most accuracy per byte: each move alone measured end to end
+    (`gain`: how much closer to the target it brings the result, in the target's metric; `extra`: the
+    bytes it adds), best gain per byte first, then moves not measured within `seconds` (in `prior`'s
+    order), then those that bought nothing. Each measured Move's `noise` is its gain; the ops of the
+    measured moves come second.
+
+    Why measured: on all-MiniLM-L6-v2 (int4-b128 with GPTQ) a layer's own int4 error ranks layers
+    *against* what moving them buys end to end (Spearman -0.17; -0.34 after GPTQ): the last
+    attention-output projection bought cosine +0.0041 alone, 3x any other layer, and ranked 32nd of
+    37 by its own error. Late layers and the FFN count more than their own error says."""
+    import time
+
+    start, measured, rest = time.monotonic(), [], []
+    for mv in prior:
+        if time.monotonic() - start > seconds:
+            rest.append(mv)
+            continue
+        measured.append(Move(mv.ops, gain(mv), mv.tier))
+        advance(1)
+    useful = sorted((mv for mv in measured if mv.noise > 0), key=lambda mv: -mv.noise / max(extra(mv), 1))
+    useless = sorted((mv for mv in measured if mv.noise <= 0), key=lambda mv: -mv.noise)
+    return useful + rest + useless, {mv.ops for mv in measured}
 
 
 def int4_weight_error(w, block: int, in_power=None) -> float:

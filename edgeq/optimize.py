@@ -2,7 +2,8 @@
 
 Every step is measured on CALIBRATION samples (an evenly spread subset, `judge`), against the user's
 float model, and kept only if it lowers the output error there AND leaves every output's cosine
-within range_search.COSINE_TOLERANCE of the quantizer's own ranges (level none); so a level can only
+within range_search.COSINE_TOLERANCE of the quantizer's own ranges (level none) AND, for class
+scores, does not lower top-1 agreement there; so a level can only
 match or beat the one below it on those samples, on every output, and the held-out samples stay
 untouched for the fidelity report.
 
@@ -232,7 +233,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
         return sc.error(objective)
 
     def better(after: Score, than: Score) -> bool:
-        return err(after) < err(than) and after.keeps(floor)
+        return improves(after, than, floor, objective)
 
     # 1. Measured range selection on the float model as given.
     ts = time.monotonic()
@@ -320,6 +321,16 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
             model, best = lr.model, after
     return OptimizeResult(model, current_float, calibration, level, objective, tuple(steps), len(samples),
                           len(judge), time.monotonic() - t0)
+
+
+def improves(after: Score, than: Score, floor: Score | None, objective: Objective) -> bool:
+    """Whether a step's result (`after`, on the judging samples) is kept over `than`: a lower error
+    by the objective, no output's cosine below the quantizer's own ranges (`floor`), and for class
+    scores (Objective.KL) no lower top-1 agreement. Why the last: on EfficientNet-Lite0 bias
+    correction took KL 0.0225 -> 0.0101 while one of 32 judging photos flipped, and on 131 other
+    photos the level fell from 0.924 (ranges alone) to 0.893, below the bare converter's 0.916."""
+    same_top1 = objective is not Objective.KL or after.top1 is None or than.top1 is None or after.top1 >= than.top1
+    return after.error(objective) < than.error(objective) and after.keeps(floor) and same_top1
 
 
 def gptq_finisher(float_model: bytes, samples: Callable[[], Sequence[dict]], reports: dict,

@@ -174,3 +174,21 @@ def test_fast_never_lowers_any_outputs_cosine_below_none(tf):
     assert not is_score_vector(np.zeros((4, 896, 1))) and not is_score_vector(np.zeros((4, 896, 16)))
     anchors = {"c": np.linspace(-9, 2, 4 * 896).reshape(4, 896, 1)}
     assert compare_outputs(anchors, {"c": anchors["c"] + 0.1}).kl is None
+
+
+def test_a_step_that_flips_a_judging_top1_is_not_kept_for_class_scores():
+    """optimize.improves: for class scores a lower KL must not cost top-1 agreement on the judging
+    samples (EfficientNet-Lite0's bias correction: KL 0.0225 -> 0.0101, one of 32 photos flipped, and
+    below the bare converter on other photos); other objectives judge by their error alone."""
+    from edgeq.optimize import improves
+    from edgeq.range_search import Objective, Score
+
+    before = Score(0.15, 0.99, 1.0, 0.0225, 32, (0.99,))
+    flipped = Score(0.10, 0.995, 0.969, 0.0101, 32, (0.995,))
+    same = Score(0.10, 0.995, 1.0, 0.0101, 32, (0.995,))
+    assert not improves(flipped, before, None, Objective.KL)
+    assert improves(same, before, None, Objective.KL)
+    assert improves(flipped, before, None, Objective.REL_L2)  # not class scores: top-1 is not the measure
+    assert not improves(before, same, None, Objective.KL)  # a higher KL is never kept
+    # The floor still holds: no output's cosine below the quantizer's own ranges.
+    assert not improves(same, before, Score(0.2, 0.999, 1.0, 0.03, 32, (0.999,)), Objective.KL)

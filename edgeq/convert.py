@@ -114,15 +114,14 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                  progress.note)
                    if data.calibrated and opts.optimize is not OptimizeLevel.NONE else None)
     size_goal, size_mix = None, None
+    range_hook = _range_hook(source, data, opts.range_method, opts.percentile, progress)
     if opts.max_size is not None:  # the most accurate scheme whose file fits, before the slow steps
-        adjust = _range_hook(source, data, opts.range_method, opts.percentile, progress)
         scheme, size_goal, size_mix = plan_for_size(
-            SizeRequest(opts.max_size, opts.scheme is not None or profile is not None, scheme, io, adjust,
+            SizeRequest(opts.max_size, opts.scheme is not None or profile is not None, scheme, io, range_hook,
                         gptq_finish),
             source, data, profile, float_info, eval_samples, reference, class_outputs, progress)
     plan = conversion_plan(float_info, profile, scheme, size_mix)
-    adjust = (_range_hook(source, data, opts.range_method, opts.percentile, progress)
-              if scheme.needs_calibration else None)
+    adjust = range_hook if scheme.needs_calibration else None
     req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
     converter = uses_converter(source, req)
     if not converter:

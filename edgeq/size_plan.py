@@ -90,17 +90,17 @@ def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure
     if model != chosen.model:
         goal["tried"].append({"scheme": f"{scheme.value} + GPTQ", "bytes": len(model), "cosine": base})
 
-    def alone(i: int) -> dict:
-        return {i: (INT4_FALLBACK[int4[i]], "--max-size: at 8 bits alone it bought the most fidelity per byte, "
-                                            "room left for 8 bits")}
+    why = "--max-size: at 8 bits alone it bought the most fidelity per byte, room left for 8 bits"
+
+    def gain(mv) -> float:  # one layer at 8 bits, measured as it would be written
+        return measure(scheme, {mv.ops[0]: (INT4_FALLBACK[int4[mv.ops[0]]], why)}, True, True)[1] - base
 
     with progress.task("--max-size: each int4 layer at 8 bits alone", total=len(moves)) as advance:
-        moves, measured = measured_int4_order(moves, lambda mv: measure(scheme, alone(mv.ops[0]), True, True)[1] - base,
-                                              lambda mv: extra(mv.ops[0]), advance=advance)
+        moves, measured = measured_int4_order(moves, gain, lambda mv: extra(mv.ops[0]), advance=advance)
     moves = [mv for mv in moves if mv.ops not in measured or mv.noise > 0]
     picked = spend_room([(mv.ops[0], extra(mv.ops[0])) for mv in moves], room)
     while picked:
-        overrides = {i: alone(i)[i] for i in picked}
+        overrides = {i: (INT4_FALLBACK[int4[i]], why) for i in picked}
         model, fid = measure(scheme, overrides, finished=True)
         row = {"scheme": f"{scheme.value} + {len(picked)} layer(s) at 8 bits", "bytes": len(model), "cosine": fid}
         goal["tried"].append(row)

@@ -397,23 +397,41 @@ def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: lis
     the target's `runtime` options (verify.RuntimeOptions). (None, why) when it cannot run there;
     the caller then quantizes as without --optimize, so a level never costs a working model."""
     from .errors import QuantizationError
-    from .fidelity import looks_like_class_scores, run_model
+    from .fidelity import run_model
     from .int8_constraints import enforce
     from .signature import SIGNATURE_KEY
     from .verify import RuntimeOptions, check_runs
 
     ref = run_model(float_model, samples[:2])
-    # KL over a softmax only for one score vector per sample ([1, C]); BlazeFace's [1, 896, 1] anchor
-    # logits "look like" scores but are independent sigmoids, judged by rel. L2.
-    classes = bool(class_outputs) or any(looks_like_class_scores(n, v) and is_score_vector(v) for n, v in ref.items())
     res = optimize(float_model, samples, litert_session(recipe, SIGNATURE_KEY), level,
-                   objective=Objective.KL if classes else Objective.REL_L2, on_step=on_step)
+                   objective=Objective.KL if judges_class_scores(ref, class_outputs) else Objective.REL_L2,
+                   on_step=on_step)
     try:
         check_runs(enforce(res.model)[0], samples[:1], runtime or RuntimeOptions())
     except QuantizationError as e:
         return None, (f"--optimize {level.value} made a model the runtime cannot run ({e}); wrote the quantizer's "
                       "own ranges")
     return res, ""
+
+
+def judges_class_scores(reference: dict, class_outputs=frozenset()) -> bool:
+    """Whether --optimize judges by the softmax KL (class scores) rather than rel. L2: the user named
+    class outputs, an output holds probabilities, or the model's only vector output looks like class
+    scores. KL over a softmax only for one score vector per sample ([1, C]): BlazeFace's [1, 896, 1]
+    anchor logits are independent sigmoids. Several unnamed vectors are more likely measurements:
+    MediaPipe's hand landmarks ("Identity", 63 pixel coordinates; "Identity_3", 63 metres) judged
+    by a softmax over coordinates dropped bias correction as a loss, leaving the world landmarks
+    at cosine 0.77 where rel. L2 kept it and reached 0.92."""
+    from .fidelity import OutputKind, is_vector_output, output_kind
+
+    if class_outputs:
+        return True
+    kinds = {n: output_kind(n, v) for n, v in reference.items()}
+    if any(k is OutputKind.CLASS_SCORES and is_score_vector(reference[n]) for n, k in kinds.items()):
+        return True
+    vectors = [n for n, v in reference.items() if is_vector_output(v)]
+    return (len(vectors) == 1 and kinds[vectors[0]] is OutputKind.MAYBE_CLASS_SCORES
+            and is_score_vector(reference[vectors[0]]))
 
 
 def optimize_report(level: OptimizeLevel, asked: OptimizeLevel | None, why: str | None,

@@ -392,9 +392,9 @@ class _Loop:
             raise QuantizationError(
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "
                 f"{self.report['seconds']:.0f}s); accept less with --max-drop {_suggest_drop(fid, self.target)}, "
-                "try --scheme dynamic or another --device profile, or turn the floor off with --no-floor")
-        raise QuantizationError(f"accuracy budget not met: {reached}; raise --max-drop, use --scheme dynamic, or "
-                                "improve calibration data")
+                f"try {_wider_scheme(self.ctx.scheme)}another --device profile, or turn the floor off with --no-floor")
+        raise QuantizationError(f"accuracy budget not met: {reached}; raise --max-drop, use "
+                                f"{_wider_scheme(self.ctx.scheme)}or improve calibration data")
 
     def _kept(self, chosen: _Probe) -> list[Move]:
         return [mv for mv in chosen.moves if any(i in self.move_to for i in mv.ops)]
@@ -436,6 +436,13 @@ class _Loop:
 
 class _OutOfProbes(Exception):
     pass
+
+
+def _wider_scheme(scheme: Scheme) -> str:
+    """The next scheme up to suggest after a miss ("--scheme X or "): not the one that just missed
+    (pose_landmark_full under --scheme dynamic was told to try --scheme dynamic)."""
+    wider = {Scheme.DYNAMIC: Scheme.FP16, Scheme.FP16: None}.get(scheme, Scheme.DYNAMIC)
+    return f"--scheme {wider.value} or " if wider else ""
 
 
 def _drop_bound(r: Requirement) -> float:

@@ -193,9 +193,15 @@ def test_budget_reaches_what_naive_int8_misses(ln_model, tmp_path):
 @pytest.mark.slow
 def test_budget_that_cannot_be_met_fails_cleanly(ln_model, tmp_path):
     src, data = ln_model
-    with pytest.raises(QuantizationError, match="accuracy budget not met: best output_0 cosine"):
+    with pytest.raises(QuantizationError, match="accuracy budget not met: best output_0 cosine.*--scheme dynamic"):
         convert(src, ConvertOptions(tmp_path / "x.tflite", calib=CalibrationConfig(data, 100, 30),
                                     budget=BudgetOptions(0.0, max_steps=1)))
+    assert not (tmp_path / "x.tflite").exists() and not (tmp_path / "x.edgeq.json").exists()
+    # A miss under --scheme dynamic suggests the next scheme up, not the one that just missed.
+    with pytest.raises(QuantizationError, match="accuracy budget not met: best output_0 cosine") as e:
+        convert(src, ConvertOptions(tmp_path / "x.tflite", scheme=Scheme.DYNAMIC, calib=CalibrationConfig(data, 100, 30),
+                                    budget=BudgetOptions(0.0, max_steps=1)))
+    assert "--scheme fp16" in str(e.value) and "--scheme dynamic" not in str(e.value), str(e.value)
     assert not (tmp_path / "x.tflite").exists() and not (tmp_path / "x.edgeq.json").exists()
 
 

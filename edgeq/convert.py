@@ -25,12 +25,12 @@ from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
 from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, model_key, loop_requantizer, optimize_mistake,
                        optimize_report, resolve_level)
-from .plan import default_scheme, integer_only, profile_io
+from .plan import default_scheme, int8_accelerator, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
 from .size_plan import SizeRequest, plan_for_size
-from .sources import SourceModel, detect_format, load_source
+from .sources import SourceModel, detect_format, for_int8_activations, load_source
 from .tflite_model import read_model
 
 
@@ -100,6 +100,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         # make the budget loop's regions large: group only for an all-int8 target without --max-drop.
         all_int8 = integer_only(profile, scheme) and opts.budget is None
         source = load_source(model, **_source_options(opts, scheme, fmt, all_int8))
+        if scheme in (Scheme.INT8, Scheme.INT4X8) and int8_accelerator(profile):
+            source = for_int8_activations(source)
     class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)

@@ -74,6 +74,14 @@ def integer_only(profile: DeviceProfile | None, scheme: Scheme) -> bool:
             and accel.fallback_precision is Precision.INT8)
 
 
+def int8_accelerator(profile: DeviceProfile | None) -> bool:
+    """A profile whose accelerator hands what it does not map to int8 CPU kernels or nothing
+    (NNAPI, QNN HTP, Edge TPU): a float op there leaves the accelerator. On XNNPACK CPUs a float op
+    between int8 ones costs little (its QUANTIZE/DEQUANTIZE run in the same delegated graph)."""
+    accel = profile.accelerator if profile is not None else None
+    return accel is not None and accel.fallback_precision is Precision.INT8
+
+
 # --------------------------------------------------------------------------------------------
 # The per-op plan
 

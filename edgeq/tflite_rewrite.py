@@ -10,10 +10,12 @@ Published files are float, but not always plain float32 graphs:
   XNNPACK has no int8 kernel for a standalone RELU, so each one cut the delegated graph
   (face_detection_short_range: 18 partitions, 17 RELUs on the builtin kernels);
 - PRELU (MediaPipe's face mesh, iris and hand models): the LiteRT quantizer has no int8 PRELU, and
-  XNNPACK no int8 PRELU kernel, so each one stayed float between int8 convolutions. For int8
-  activations (`split_prelu`) it becomes relu(x) + alpha * (x - relu(x)) in ops that quantize and
-  delegate (MUL by 1 with a fused RELU, SUB, MUL, ADD): bit-exact in float, and on MediaPipe's
-  face_landmark 74 -> 166 int8 ops, the same fidelity and 5.3 -> 4.3 ms at 1 thread.
+  XNNPACK no int8 PRELU kernel, so each one stays float between int8 convolutions: off an int8
+  accelerator (Edge TPU: the compiler stops at the first float op). With `split_prelu` it becomes
+  relu(x) + alpha * (x - relu(x)) in ops that quantize and delegate (MUL by 1 with a fused RELU, SUB,
+  MUL, ADD): bit-exact in float; MediaPipe face_landmark 74 -> 166 int8 ops and no float op, same
+  fidelity. Not for XNNPACK CPUs: there the four int8 ops cost more than one float PRELU and its
+  converts (face_landmark 3.8 -> 4.6 ms, iris_landmark 1.6 -> 2.4 ms, 1 thread, interleaved runs).
 `rewrite_float_model` folds these into float32 constants, fixes the codes and fuses or splits the
 activations, then removes the ops, tensors, buffers and operator codes that became dead. The graph
 computes the same function.
@@ -69,7 +71,8 @@ class RewriteReport:
 
 def rewrite_float_model(model: bytes, split_prelu: bool = False) -> tuple[bytes, RewriteReport]:
     """(rewritten model, what was done). Returns `model` itself when there was nothing to do.
-    `split_prelu`: for int8 activations (see split_prelus)."""
+    `split_prelu`: for int8 activations (see split_prelus); edgeq convert does it for every source
+    (sources.for_int8_activations)."""
     m = te.load(model)
     upgraded = upgrade_opcodes(m)
     densified = densify_constants(m)
@@ -82,6 +85,16 @@ def rewrite_float_model(model: bytes, split_prelu: bool = False) -> tuple[bytes,
     tensors, buffers = prune(m)
     removed = densified + fp16 + int8 + fused + split
     return te.pack(m), RewriteReport(upgraded, densified, fp16, int8, fused, split, removed, tensors, buffers)
+
+
+def split_prelu_model(model: bytes) -> tuple[bytes, RewriteReport]:
+    """Only split_prelus (for a float .tflite another converter wrote); `model` itself if it has none."""
+    m = te.load(model)
+    split = split_prelus(m)
+    if not split:
+        return model, RewriteReport()
+    prune(m)
+    return te.pack(m), RewriteReport(prelu_split=split, removed_ops=split)
 
 
 def upgrade_opcodes(m) -> int:

@@ -14,7 +14,7 @@ from edgeq.litert_quant import quantize_per_op
 from edgeq.signature import ensure_signature
 from edgeq.quiet import quiet_native
 from edgeq.tflite_model import read_model
-from edgeq.tflite_rewrite import densify, rewrite_float_model
+from edgeq.tflite_rewrite import densify, rewrite_float_model, split_prelu_model
 from edgeq.fidelity import fidelity, run_model
 from edgeq.verify import check_runs
 from tests.conftest import old_opcodes
@@ -350,13 +350,13 @@ def _prelu_cnn(tf):
     return m
 
 
-def test_prelu_split_for_int8(tf, tmp_path):
-    """The LiteRT quantizer has no int8 PRELU (it stays float, cutting XNNPACK's graph: XNNPACK has no
+def test_prelu_split_for_int8(tf):
+    """The LiteRT quantizer has no int8 PRELU (it stays float, with converts around it; XNNPACK has no
     int8 PRELU either). split_prelu writes it as MUL(+RELU)/SUB/MUL/ADD: bit-exact in float, then a
     full int8 graph in one delegated partition, as close to float as the int8 convolutions allow."""
     src, _ = ensure_signature(_convert(tf, _prelu_cnn(tf)))
     assert _op_names(src).count("PRELU") == 2
-    kept, report = rewrite_float_model(src)  # other schemes keep PRELU (one float op, XNNPACK runs it)
+    kept, report = rewrite_float_model(src)  # not asked: PRELU stays (one float op, XNNPACK runs it)
     assert kept is src and report.prelu_split == 0
     out, report = rewrite_float_model(src, split_prelu=True)
     assert report.prelu_split == 2 and "PRELU" not in _op_names(out)
@@ -372,17 +372,41 @@ def test_prelu_split_for_int8(tf, tmp_path):
     assert ops == [(n, "int8") for n in ["CONV_2D", "MUL", "SUB", "MUL", "ADD"] * 2 + ["MEAN", "FULLY_CONNECTED"]]
     run = check_runs(q, held[:2])
     assert run.delegation.partitions == 1 and not run.delegation.builtin_ops
-    # Before, each float PRELU sat between a DEQUANTIZE and a QUANTIZE (XNNPACK runs them, at a cost:
-    # MediaPipe face_landmark 5.3 -> 4.3 ms once split); now only the model's float I/O converts.
+    # Before, each float PRELU sat between a DEQUANTIZE and a QUANTIZE (XNNPACK runs them, an int8
+    # accelerator does not); now only the model's float I/O converts.
     converts = [n for n in _op_names(whole) if n in ("QUANTIZE", "DEQUANTIZE")]
     assert len(converts) > 2 and sorted(n for n in _op_names(q) if n in ("QUANTIZE", "DEQUANTIZE")) == \
         ["DEQUANTIZE", "QUANTIZE"]
     split_cos, whole_cos = fidelity(src, q, held).worst("cosine"), fidelity(src, whole, held).worst("cosine")
     # measured 0.9698 split, 0.9695 with float PRELUs (random weights, 48 random calibration images)
     assert split_cos >= whole_cos - 0.01 and split_cos > 0.95, (split_cos, whole_cos)
-    # edgeq convert's .tflite source splits for int8 activations only.
-    from edgeq.sources.tflite import load_tflite
+    assert split_prelu_model(src)[0] == out and split_prelu_model(out)[0] is out
 
-    (tmp_path / "m.tflite").write_bytes(src)
-    assert "PRELU" not in _op_names(load_tflite(tmp_path / "m.tflite", "int8").float_tflite)
-    assert _op_names(load_tflite(tmp_path / "m.tflite", "dynamic").float_tflite).count("PRELU") == 2
+
+@pytest.mark.parametrize("fmt", ["keras", "tflite"])
+def test_convert_splits_prelu_for_int8_accelerators_only(tf, tmp_path, fmt):
+    """edgeq convert, any source: for an int8 accelerator (NNAPI) int8 writes no PRELU and no float op;
+    a CPU target keeps PRELU float (XNNPACK runs one float PRELU faster than its four int8 ops), and
+    so does --scheme dynamic."""
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.precision import Scheme
+
+    model = _prelu_cnn(tf)
+    if fmt == "keras":
+        src = tmp_path / "m.keras"
+        model.save(src)
+    else:
+        src = tmp_path / "m.tflite"
+        src.write_bytes(_convert(tf, model))
+    np.save(tmp_path / "x.npy", np.concatenate([s["image"] for s in _images(64, seed=4)]))
+    calib = CalibrationConfig(tmp_path / "x.npy", samples=48, eval_samples=16)
+    r = convert(src, ConvertOptions(tmp_path / "i8.tflite", calib=calib, device="android-nnapi"))
+    ops = read_model(tmp_path / "i8.tflite").ops
+    assert "PRELU" not in {op.name for op in ops} and {str(op.precision) for op in ops} <= {"int8", "other"}
+    assert any("PRELU" in w for w in r.manifest["warnings"])
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.95
+    for name, opts in [("cpu", {"device": "android-cpu"}), ("dyn", {"scheme": Scheme.DYNAMIC})]:
+        convert(src, ConvertOptions(tmp_path / f"{name}.tflite", calib=calib, **opts))
+        prelus = [op for op in read_model(tmp_path / f"{name}.tflite").ops if op.name == "PRELU"]
+        assert [str(op.precision) for op in prelus] == ["float", "float"], name

@@ -6,7 +6,7 @@ from what the path is, and a wrong or corrupt file gets a one-line error naming 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +70,18 @@ def load_source(path: Path | str, **options) -> SourceModel:
     path = Path(path)
     fmt = detect_format(path)
     return SOURCES[fmt](path, **options)
+
+
+def for_int8_activations(source: SourceModel) -> SourceModel:
+    """The source with its PRELU ops written in ops the LiteRT quantizer and XNNPACK run in int8
+    (tflite_rewrite.split_prelus; the same function), for int8 activations on an int8 accelerator
+    (plan.int8_accelerator). Any format: Keras' PReLU layers meet the same quantizer."""
+    from ..tflite_rewrite import split_prelu_model
+
+    data, report = split_prelu_model(source.float_tflite)
+    if data is source.float_tflite:
+        return source
+    return replace(source, float_tflite=data, notes=source.notes + report.notes())
 
 
 def _keras(path: Path, **_) -> SourceModel:

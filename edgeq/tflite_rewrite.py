@@ -11,14 +11,14 @@ Published files are float, but not always plain float32 graphs:
   (face_detection_short_range: 18 partitions, 17 RELUs on the builtin kernels);
 - PRELU (MediaPipe's face mesh, iris and hand models): the LiteRT quantizer has no int8 PRELU, and
   XNNPACK no int8 PRELU kernel, so each one stays float between int8 convolutions: off an int8
-  accelerator (Edge TPU: the compiler stops at the first float op). With `split_prelu` it becomes
+  accelerator (Edge TPU: the compiler stops at the first float op). `split_prelu_model` writes it as
   relu(x) + alpha * (x - relu(x)) in ops that quantize and delegate (MUL by 1 with a fused RELU, SUB,
   MUL, ADD): bit-exact in float; MediaPipe face_landmark 74 -> 166 int8 ops and no float op, same
   fidelity. Not for XNNPACK CPUs: there the four int8 ops cost more than one float PRELU and its
   converts (face_landmark 3.8 -> 4.6 ms, iris_landmark 1.6 -> 2.4 ms, 1 thread, interleaved runs).
-`rewrite_float_model` folds these into float32 constants, fixes the codes and fuses or splits the
-activations, then removes the ops, tensors, buffers and operator codes that became dead. The graph
-computes the same function.
+`rewrite_float_model` handles the first four (folds the constants into float32, fixes the codes,
+fuses the activations); `split_prelu_model` (edgeq convert, int8 accelerators only) splits PRELU. Both remove
+the ops, tensors, buffers and operator codes that became dead; the graph computes the same function.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RewriteReport:
     fp16_folded: int = 0  # DEQUANTIZE of float16 constants folded into float32 constants
     int8_folded: int = 0  # DEQUANTIZE of int8/uint8 constants (weight-only files) folded
     activations_fused: int = 0  # standalone RELU-family ops fused into their producer
-    prelu_split: int = 0  # PRELU ops written as MUL(+RELU)/SUB/MUL/ADD for int8 (split_prelu)
+    prelu_split: int = 0  # PRELU ops written as MUL(+RELU)/SUB/MUL/ADD for int8 (split_prelu_model)
     removed_ops: int = 0
     removed_tensors: int = 0
     removed_buffers: int = 0
@@ -69,32 +69,32 @@ class RewriteReport:
         return dict(vars(self))
 
 
-def rewrite_float_model(model: bytes, split_prelu: bool = False) -> tuple[bytes, RewriteReport]:
-    """(rewritten model, what was done). Returns `model` itself when there was nothing to do.
-    `split_prelu`: for int8 activations (see split_prelus); edgeq convert does it for every source
-    (sources.for_int8_activations)."""
+def rewrite_float_model(model: bytes) -> tuple[bytes, RewriteReport]:
+    """(rewritten model, what was done). Returns `model` itself when there was nothing to do."""
     m = te.load(model)
     upgraded = upgrade_opcodes(m)
     densified = densify_constants(m)
     fp16, int8 = fold_dequantize(m)
     fused = fuse_activations(m)
-    split = split_prelus(m) if split_prelu else 0
-    report = RewriteReport(upgraded, densified, fp16, int8, fused, split)
+    report = RewriteReport(upgraded, densified, fp16, int8, fused)
     if not report.changed:
         return model, report
     tensors, buffers = prune(m)
-    removed = densified + fp16 + int8 + fused + split
-    return te.pack(m), RewriteReport(upgraded, densified, fp16, int8, fused, split, removed, tensors, buffers)
+    removed = densified + fp16 + int8 + fused
+    return te.pack(m), RewriteReport(upgraded, densified, fp16, int8, fused, removed_ops=removed,
+                                     removed_tensors=tensors, removed_buffers=buffers)
 
 
 def split_prelu_model(model: bytes) -> tuple[bytes, RewriteReport]:
-    """Only split_prelus (for a float .tflite another converter wrote); `model` itself if it has none."""
+    """split_prelus on a float .tflite (any source's, for int8 activations on an int8 accelerator:
+    sources.for_int8_activations); `model` itself if it has none."""
     m = te.load(model)
     split = split_prelus(m)
     if not split:
         return model, RewriteReport()
-    prune(m)
-    return te.pack(m), RewriteReport(prelu_split=split, removed_ops=split)
+    tensors, buffers = prune(m)
+    return te.pack(m), RewriteReport(prelu_split=split, removed_ops=split, removed_tensors=tensors,
+                                     removed_buffers=buffers)
 
 
 def upgrade_opcodes(m) -> int:

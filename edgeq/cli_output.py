@@ -124,6 +124,7 @@ def _step_change(s: dict) -> str:
     return {"quantize": "the quantizer's own ranges",
             "ranges": f"activation ranges: {d.get('chosen')}",
             "equalize": f"{d.get('pairs', 0)} layer pairs rescaled",
+            "weight_rounding": f"{d.get('weights_flipped', 0)} weights rounded the other way in {d.get('layers', 0)} layers",
             "bias_correction": f"{d.get('channels_changed', 0)} bias channels in {d.get('layers_corrected', 0)} layers",
             "refine_ranges": f"{d.get('tensors_refined', 0)} tensor ranges refined",
             "learned_rounding": f"{d.get('weights_flipped', 0)} weights re-rounded in {d.get('layers', 0)} layers",

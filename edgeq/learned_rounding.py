@@ -32,7 +32,7 @@ import numpy as np
 
 from . import tflite_edit as te
 from .errors import QuantizationError
-from .weight_layers import WeightLayer, activate, capture, layer_forward, weight_layers
+from .weight_layers import WeightLayer, activate, capture, layer_forward, valid_pads, weight_layers
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 
@@ -85,24 +85,6 @@ class LearnedRounding:
 
 # --- Data: crops of each layer's input, int8 model and float model alike ---------------------------
 
-def _pads(layer: WeightLayer, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int], int, int]:
-    """(pad rows, pad cols, output height, output width) turning the layer into a VALID convolution."""
-    k = layer.float_weight.shape[1:3]
-    eff = [(k[i] - 1) * layer.dilation[i] + 1 for i in range(2)]
-    out, pads = [], []
-    for i, n in enumerate((h, w)):
-        s = layer.stride[i]
-        if layer.padding == "SAME":
-            o = -(-n // s)
-            total = max((o - 1) * s + eff[i] - n, 0)
-            pads.append((total // 2, total - total // 2))
-        else:
-            o = (n - eff[i]) // s + 1
-            pads.append((0, 0))
-        out.append(o)
-    return pads[0], pads[1], out[0], out[1]
-
-
 class _Crops:
     """Where one layer's input is cut (fixed per sample, so the int8 and the float crops line up)."""
 
@@ -115,7 +97,7 @@ class _Crops:
         if lay.kind == "FULLY_CONNECTED":
             return [x.reshape(-1, x.shape[-1])]
         x = x.reshape(x.shape[-3:])
-        ph, pw, oh, ow = _pads(lay, x.shape[0], x.shape[1])
+        ph, pw, oh, ow = valid_pads(lay, x.shape[0], x.shape[1])
         xp = np.pad(x, (ph, pw, (0, 0)))
         k = lay.float_weight.shape[1:3]
         if sample not in self._places:

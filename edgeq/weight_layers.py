@@ -10,7 +10,7 @@ a layer in TensorFlow (lazily imported) with any weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,6 +60,24 @@ class WeightLayer:
         if self.kind == "DEPTHWISE_CONV_2D":
             return self.weight_scale.reshape(1, 1, 1, -1).astype(np.float32)
         return self.weight_scale.reshape((-1,) + (1,) * (self.float_weight.ndim - 1)).astype(np.float32)
+
+
+def valid_pads(layer: WeightLayer, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int], int, int]:
+    """(pad rows, pad cols, output height, output width) turning the layer into a VALID convolution."""
+    k = layer.float_weight.shape[1:3]
+    eff = [(k[i] - 1) * layer.dilation[i] + 1 for i in range(2)]
+    out, pads = [], []
+    for i, n in enumerate((h, w)):
+        s = layer.stride[i]
+        if layer.padding == "SAME":
+            o = -(-n // s)
+            total = max((o - 1) * s + eff[i] - n, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            o = (n - eff[i]) // s + 1
+            pads.append((0, 0))
+        out.append(o)
+    return pads[0], pads[1], out[0], out[1]
 
 
 def quant_params(t) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +165,15 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
             visit: Callable[[int, int, np.ndarray], None], signature_key: str | None = None) -> None:
     """Run `model` on every sample and call visit(sample number, tensor index, value as float32) for
     each wanted tensor of subgraph 0 (int8 values dequantized)."""
+    for i, values in captured(model, samples, tensors, signature_key):
+        for t, v in values.items():
+            visit(i, t, v)
+
+
+def captured(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
+             signature_key: str | None = None) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+    """(sample number, {tensor index: value as float32}) per sample, as `model` runs on it (int8
+    values dequantized); two models' generators zipped see the same sample side by side."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
@@ -158,17 +185,19 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
         runner = interp.get_signature_runner(signature_key if signature_key in keys else keys[0])
     details = {d["index"]: d for d in interp.get_tensor_details()}
     ins = runner.get_input_details()
-    with quiet_native():
-        for i, s in enumerate(samples):
+    for i, s in enumerate(samples):
+        with quiet_native():
             runner(**{n: quantize_input(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f"
                       else np.asarray(s[n]) for n, d in ins.items()})
-            for t in tensors:
-                d = details[t]
-                v = interp.get_tensor(t)
-                scale, zp = d["quantization"]
-                if v.dtype.kind in "iu" and scale:
-                    v = (v.astype(np.float32) - zp) * scale
-                visit(i, t, v.astype(np.float32, copy=False))
+        values = {}
+        for t in tensors:
+            d = details[t]
+            v = interp.get_tensor(t)
+            scale, zp = d["quantization"]
+            if v.dtype.kind in "iu" and scale:
+                v = (v.astype(np.float32) - zp) * scale
+            values[t] = v.astype(np.float32, copy=False)
+        yield i, values
 
 
 def layer_forward(layer: WeightLayer, x, w, bias=None):

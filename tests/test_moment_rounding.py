@@ -1,0 +1,158 @@
+"""Output-aware weight rounding (edgeq/moment_rounding.py) on the tiny seeded CNN and on hand-made
+quadratics.
+
+Checks the search (never worse than round-to-nearest on its objective, the exact optimum where
+nearest rounding is not), that the int8 model's output error falls on other samples, and that the
+written file carries the changed int8 weights (each at most one level away, scales, biases, ops and
+dtypes unchanged), also when carried over to another quantization of the same float model. Real
+TFLite converter, LiteRT quantizer and interpreter.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from edgeq import tflite_edit as te
+from tests.conftest import output_error, quantize_plain
+
+
+def test_the_search_finds_what_nearest_rounding_misses():
+    from edgeq.moment_rounding import search
+
+    # Two strongly correlated inputs, two weights that nearest rounding both moves down by 0.4 levels:
+    # their errors add up; one weight rounded up instead (+0.6) nearly cancels the other (-0.4).
+    m = np.array([[1.0, 0.99], [0.99, 1.0]])
+    w = np.array([[10.4], [20.4]])
+    q, before, after = search(w, np.array([1.0]), m)
+    assert q[:, 0].tolist() in ([10.0, 21.0], [11.0, 20.0])
+    assert before == pytest.approx(0.4 ** 2 * (2 + 2 * 0.99))
+    assert after == pytest.approx(0.6 ** 2 + 0.4 ** 2 - 2 * 0.99 * 0.6 * 0.4)
+    assert after < 0.1 * before
+
+
+def _filters(rng, k: int, channels: int):
+    """Weights [k, channels] and one moment matrix per channel from correlated "pixels"."""
+    w = rng.normal(0, 20, (k, channels))
+    x = rng.normal(0, 1, (400, channels, 1)) + 0.5 * rng.normal(0, 1, (400, channels, k))
+    return w, np.einsum("nck,ncl->ckl", x, x) / 400, rng.uniform(0.5, 2.0, channels)
+
+
+def _cost(q, w, scale, m):
+    e = (q - w / scale) * scale
+    return e @ m @ e
+
+
+def test_the_search_is_exact_on_3x3_filters():
+    from edgeq.moment_rounding import search
+
+    rng = np.random.default_rng(3)
+    w, moments, scale = _filters(rng, 9, 12)  # a 3x3 depthwise layer: nine weights per channel
+    q, before, after = search(w / scale, scale, moments)
+    bits = np.array(list(itertools.product((0, 1), repeat=9)), float)
+    for c in range(12):
+        every = np.floor(w[:, c] / scale[c])[None] + bits  # all 2^9 floor/ceil choices
+        best = min(_cost(levels, w[:, c], scale[c], moments[c]) for levels in every)
+        assert _cost(q[:, c], w[:, c], scale[c], moments[c]) == pytest.approx(best)
+        assert np.all(np.abs(q[:, c] - w[:, c] / scale[c]) < 1)  # floor or ceil only
+    assert after < 0.8 * before
+
+
+def test_the_search_on_larger_filters_never_ends_above_nearest():
+    from edgeq.moment_rounding import search
+
+    rng = np.random.default_rng(4)
+    w, moments, scale = _filters(rng, 25, 16)  # a 5x5 depthwise layer: local search
+    q, before, after = search(w / scale, scale, moments)
+    nearest = np.round(w / scale)
+    for c in range(16):
+        assert _cost(q[:, c], w[:, c], scale[c], moments[c]) <= _cost(nearest[:, c], w[:, c], scale[c], moments[c])
+    assert np.all(np.abs(q - w / scale) < 1)
+    assert after < 0.8 * before
+
+
+@pytest.fixture(scope="module")
+def rounded(tiny_cnn, calib):
+    from edgeq.moment_rounding import round_weights
+
+    q = quantize_plain(tiny_cnn, calib)
+    steps = []
+    return q, round_weights(q, tiny_cnn, calib, on_step=steps.append), steps
+
+
+def _float_with_weights_of(float_model: bytes, quant_model: bytes) -> bytes:
+    """The float model with each weight layer's weights replaced by quant_model's int8 weights,
+    dequantized: activations stay float, so its error is the weights' share of the int8 error."""
+    from edgeq.weight_layers import weight_layers
+
+    fm, qm = te.load(float_model), te.load(quant_model)
+    fsg = fm.subgraphs[0]
+    by_output = {te.tensor_name(fsg.tensors[op.outputs[0]]): op for op in fsg.operators}
+    for lay in weight_layers(quant_model, float_model):
+        op = by_output[lay.name]
+        te.set_constant(fm, fsg, int(op.inputs[1]), lay.dequantize(lay.quantized_weight(qm)), new_buffer=True)
+    return te.pack(fm)
+
+
+def test_rounding_lowers_the_output_error_on_other_samples(tiny_cnn, calib, held_out, rounded):
+    q, result, steps = rounded
+    # The weights' share of the int8 error (activations float), on samples the search never saw ...
+    near = output_error(tiny_cnn, _float_with_weights_of(tiny_cnn, q), held_out)
+    searched = output_error(tiny_cnn, _float_with_weights_of(tiny_cnn, result.model), held_out)
+    assert searched < 0.8 * near
+    # ... and the int8 model's whole error, where activation rounding is most of it.
+    assert output_error(tiny_cnn, result.model, held_out) < output_error(tiny_cnn, q, held_out)
+    assert all(lay.error_searched <= lay.error_nearest for lay in result.layers)
+    assert any(lay.error_searched < 0.8 * lay.error_nearest for lay in result.layers)
+    # The classifier FC sees one row per sample: 48 rows for 24 weights per channel is enough here;
+    # every layer of the tiny CNN is searched and each is named in the progress.
+    assert result.skipped == 0 and len(result.layers) == 7
+    assert any("layer 7/7" in s for s in steps)
+
+
+def test_the_file_carries_the_rounded_int8_weights(tiny_cnn, rounded):
+    from edgeq.tflite_model import read_model
+    from edgeq.weight_layers import weight_layers
+
+    q, result, _ = rounded
+    qm, rm = te.load(q), te.load(result.model)
+    layers = weight_layers(q, tiny_cnn)
+    flipped = 0
+    for lay, rep in zip(layers, result.layers):
+        a, b = lay.quantized_weight(qm), lay.quantized_weight(rm)
+        assert b.dtype == np.int8 and np.abs(b).max() <= 127
+        assert int((a != b).sum()) == rep.flipped
+        assert np.all(np.abs(a.astype(int) - b.astype(int)) <= 1)  # the other neighbour of the float value
+        flipped += rep.flipped
+        assert np.array_equal(te.qparams(qm.subgraphs[0].tensors[lay.weight])[0],
+                              te.qparams(rm.subgraphs[0].tensors[lay.weight])[0])
+        if lay.bias is not None:
+            assert np.array_equal(te.constant(qm, qm.subgraphs[0], lay.bias), te.constant(rm, rm.subgraphs[0], lay.bias))
+    assert flipped == result.to_json()["weights_flipped"] > 0
+    assert [(o.name, o.precision) for o in read_model(q).ops] == [(o.name, o.precision) for o in read_model(result.model).ops]
+    assert abs(len(result.model) - len(q)) < 0.01 * len(q)
+
+
+def test_the_rounding_carries_over_to_other_activation_ranges(tiny_cnn, calib, rounded):
+    from edgeq.moment_rounding import apply_levels
+    from edgeq.weight_layers import weight_layers
+
+    _, result, _ = rounded
+    # Another quantization of the same float model (ranges from 4 samples, not 48): its weights are
+    # the same nearest-rounded int8, so the same rounding applies and gives the same weights.
+    other = quantize_plain(tiny_cnn, calib[:4])
+    carried = apply_levels(other, result.levels)
+    cm, rm = te.load(carried), te.load(result.model)
+    for lay in weight_layers(other, tiny_cnn):
+        assert np.array_equal(lay.quantized_weight(cm), lay.quantized_weight(rm))
+    assert apply_levels(other, {}) is other
+
+
+def test_needs_samples(tiny_cnn, rounded):
+    from edgeq.errors import QuantizationError
+    from edgeq.moment_rounding import round_weights
+
+    with pytest.raises(QuantizationError, match="calibration samples"):
+        round_weights(rounded[0], tiny_cnn, [])

@@ -51,6 +51,7 @@ MAX_FAN_IN = 1024  # M is fan_in^2 float64; the search costs fan_in^2 * channels
 ROWS_PER_SAMPLE = 1024  # input rows (output positions) per sample and layer that enter M
 RIDGE = 1e-3  # of M's mean diagonal, added to its diagonal
 MAX_SWEEPS = 8
+SEARCH_SECONDS = 20.0  # MobileNetV2's 52 layers: ~7 s on 2 cores; MiniLM's 30 FCs would take ~40 s
 EXACT_FAN_IN = 10  # up to this many weights per channel (3x3 depthwise: 9) every floor/ceil choice is tried
 
 
@@ -74,7 +75,8 @@ class SearchedLayer:
 class MomentRounding:
     model: bytes
     layers: tuple[SearchedLayer, ...]
-    skipped: int  # layers left at round-to-nearest (fan-in above MAX_FAN_IN, or fewer input rows than it)
+    skipped: int  # layers left at round-to-nearest (fan-in above MAX_FAN_IN, fewer input rows than
+    # it, or not reached within the time)
     samples: int
     seconds: float
     # weight tensor name -> (int8 weights, per-channel scales) that changed: the same rounding for
@@ -154,12 +156,13 @@ class _Moments:
 # --- The search ------------------------------------------------------------------------------------------
 
 def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
-           sweeps: int = MAX_SWEEPS) -> tuple[np.ndarray, float, float]:
+           sweeps: int = MAX_SWEEPS, deadline: float = float("inf")) -> tuple[np.ndarray, float, float]:
     """(int levels, error nearest, error searched) for weights w_over_s [fan_in, channels] (W / s),
     scales [channels] and moments [fan_in, fan_in] shared by the channels, or [channels, fan_in,
     fan_in] one per channel; the error is the sum over channels of e^T M e. Each level is floor or
     ceil of W / s, within [-127, 127]: all 2^fan_in choices up to EXACT_FAN_IN weights a channel,
-    else single-weight flips from round-to-nearest until none helps."""
+    else single-weight flips from round-to-nearest until none helps (or time.monotonic() passes
+    `deadline`: every sweep leaves a valid, never worse, rounding)."""
     if w_over_s.shape[0] <= EXACT_FAN_IN:
         return _exact(w_over_s, scale, moments)
     per_channel = moments.ndim == 3
@@ -182,7 +185,7 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
 
     for _ in range(sweeps):
         rows = np.flatnonzero(gains(slice(None))[2].any(axis=1))
-        if not len(rows):
+        if not len(rows) or time.monotonic() > deadline:
             break
         for i in rows:  # g changes with every move: each row is re-checked when its turn comes
             d, step, go = gains(i)
@@ -193,6 +196,8 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
             e[i, cols] += step[cols]
             if per_channel:
                 g[:, cols] += moments[cols, :, i].T * step[cols]
+            elif 4 * len(cols) > len(go):  # many channels move: one dense update beats a column gather
+                g += np.outer(moments[:, i], np.where(go, step, 0.0))
             else:
                 g[:, cols] += np.outer(moments[:, i], step[cols])
     return q, before, float((e * g).sum())
@@ -235,10 +240,12 @@ def _as_matrix(layer: WeightLayer, w: np.ndarray) -> np.ndarray:
 
 
 def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict], *,
-                  on_step: Callable[[str], None] | None = None, seed: int = 0) -> MomentRounding:
+                  seconds: float = SEARCH_SECONDS, on_step: Callable[[str], None] | None = None,
+                  seed: int = 0) -> MomentRounding:
     """The int8 model with every int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED's weights rounded
     for the smallest output error on samples (CALIBRATION samples; see module doc). Scales, biases,
-    ops, dtypes and size stay as they are."""
+    ops, dtypes and size stay as they are. The searches share `seconds`, cheapest layers first;
+    layers not reached keep nearest rounding (counted in `skipped`)."""
     t0 = time.monotonic()
     samples = list(samples)
     if not samples:
@@ -257,15 +264,22 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
     m = te.load(quant_model)
     sg = m.subgraphs[0]
     done, skipped, levels = [], len(layers) - len(todo), {}
-    for i, (lay, mo) in enumerate(zip(todo, moments)):
+    deadline = time.monotonic() + seconds
+    # Cheapest first (a sweep costs fan_in^2 * channels): the small filters, where most of a CNN's
+    # rounding error sits, are never the ones the time runs out on.
+    order = sorted(zip(todo, moments), key=lambda p: fan_in(p[0]) ** 2 * p[0].channels)
+    for i, (lay, mo) in enumerate(order):
         if on_step:
             on_step(f"weight rounding: layer {i + 1}/{len(todo)} ({lay.kind})")
+        if time.monotonic() > deadline:
+            skipped += len(todo) - i
+            break
         if mo.rows < fan_in(lay):  # fewer rows than weights per channel (a classifier's FC): the
             skipped += 1            # search would fit these samples, not the layer
             continue
         scale = lay.weight_scale.astype(np.float64)
         w = _as_matrix(lay, lay.float_weight.astype(np.float64)) / np.where(scale == 0, 1.0, scale)
-        q, before, after = search(w, scale, mo.matrix())
+        q, before, after = search(w, scale, mo.matrix(), deadline=deadline)
         nearest = _as_matrix(lay, lay.quantized_weight(m).astype(np.float64))
         flipped = int((q != nearest).sum())
         if flipped:
@@ -273,6 +287,7 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
             _store(m, sg, lay.weight, new)
             levels[te.tensor_name(sg.tensors[lay.weight])] = (new, lay.weight_scale.copy())
         done.append(SearchedLayer(lay.op_index, lay.kind, lay.name, int(q.size), flipped, before, after))
+    done.sort(key=lambda r: r.op_index)
     return MomentRounding(te.pack(m), tuple(done), skipped, len(samples), time.monotonic() - t0, levels)
 
 

@@ -156,3 +156,15 @@ def test_needs_samples(tiny_cnn, rounded):
 
     with pytest.raises(QuantizationError, match="calibration samples"):
         round_weights(rounded[0], tiny_cnn, [])
+
+
+def test_time_runs_out_on_the_costliest_layers(tiny_cnn, calib, rounded):
+    """With no time for the search every layer keeps nearest rounding and says so; the order is
+    cheapest first, so a short budget spends itself on the small filters."""
+    from edgeq.moment_rounding import round_weights
+
+    q, full, _ = rounded
+    none = round_weights(q, tiny_cnn, calib, seconds=0.0)
+    assert none.layers == () and none.skipped == 7 and none.model == q and none.levels == {}
+    # In graph order in the report, whatever order they were searched in.
+    assert [r.op_index for r in full.layers] == sorted(r.op_index for r in full.layers)

@@ -62,8 +62,9 @@ def test_fast_keeps_the_float_model_it_quantized(tiny_cnn, calib, levels):
 
 def test_loop_requantizer_reproduces_the_level_and_moves_from_it(calib, levels):
     """The budget loop after a level quantizes its plans like the level did: the plan with nothing
-    moved is the level's model byte for byte (equalized weights, chosen ranges, bias correction), and a
-    plan with a weight layer at hybrid keeps that layer's weights int8 and the rest of the level's file."""
+    moved is the level's model byte for byte (equalized weights, chosen ranges, weight rounding, bias
+    correction), and a plan with a weight layer at hybrid keeps that layer's weights int8 and the rest
+    of the level's file."""
     from edgeq.litert_quant import OpPrecision
     from edgeq.optimize import loop_requantizer
     from edgeq.precision import Precision
@@ -71,6 +72,8 @@ def test_loop_requantizer_reproduces_the_level_and_moves_from_it(calib, levels):
 
     fast = levels["fast"]
     assert any(st.name == "bias_correction" and st.kept for st in fast.steps)
+    # The level's weight rounding too (its six searched layers): byte for byte needs it re-applied.
+    assert any(st.name == "weight_rounding" and st.kept for st in fast.steps) and len(fast.weight_levels) == 6
     rq = loop_requantizer(fast, Precision.INT8, lambda: calib)
     assert rq.quantize(()) == fast.model
     conv = next(op for op in read_model(fast.float_model).ops if op.name == "CONV_2D")

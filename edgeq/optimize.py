@@ -11,7 +11,7 @@ untouched for the fidelity report.
 - fast (default; about the bare TFLite converter's time again): measured range selection per model
   (ranges.search_ranges), cross-layer equalization (equalize.py, re-measured ranges on the equalized
   model), output-aware weight rounding (moment_rounding.py, fitted on calibration samples outside
-  `judge`) and bias correction (bias_correction.py).
+  `judge`) and bias correction (bias_correction.py), the last two chosen together.
 - best (minutes; MobileNetV2 on 2 cores within 10 minutes): fast plus per-tensor range refinement
   (before bias correction) and learned rounding (after it). Both fit many parameters, so they learn
   on the calibration samples outside `judge` and are judged on `judge`.

@@ -45,7 +45,7 @@ import numpy as np
 
 from . import tflite_edit as te
 from .errors import QuantizationError
-from .weight_layers import WeightLayer, captured, valid_pads, weight_layers
+from .weight_layers import WeightLayer, capture, valid_pads, weight_layers
 
 MAX_FAN_IN = 1024  # M is fan_in^2 float64; the search costs fan_in^2 * channels a sweep (1152: 3-5 s a layer)
 ROWS_PER_SAMPLE = 1024  # input rows (output positions) per sample and layer that enter M
@@ -258,9 +258,15 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
         on_step(f"weight rounding: input moments of {len(todo)} layers")
     rng = np.random.default_rng(seed)
     moments = [_Moments(lay, rng) for lay in todo]
-    for _, x in captured(float_model, samples, sorted({lay.float_input for lay in todo})):
-        for mo in moments:
-            mo.add(x[mo.layer.float_input])
+    by_input: dict[int, list[_Moments]] = {}
+    for mo in moments:
+        by_input.setdefault(mo.layer.float_input, []).append(mo)
+
+    def visit(_, t, v):
+        for mo in by_input[t]:
+            mo.add(v)
+
+    capture(float_model, samples, sorted(by_input), visit)
     m = te.load(quant_model)
     sg = m.subgraphs[0]
     done, skipped, levels = [], len(layers) - len(todo), {}

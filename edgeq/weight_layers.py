@@ -10,7 +10,7 @@ a layer in TensorFlow (lazily imported) with any weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -165,15 +165,6 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
             visit: Callable[[int, int, np.ndarray], None], signature_key: str | None = None) -> None:
     """Run `model` on every sample and call visit(sample number, tensor index, value as float32) for
     each wanted tensor of subgraph 0 (int8 values dequantized)."""
-    for i, values in captured(model, samples, tensors, signature_key):
-        for t, v in values.items():
-            visit(i, t, v)
-
-
-def captured(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
-             signature_key: str | None = None) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
-    """(sample number, {tensor index: value as float32}) per sample, as `model` runs on it (int8
-    values dequantized); two models' generators zipped see the same sample side by side."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
@@ -185,19 +176,17 @@ def captured(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
         runner = interp.get_signature_runner(signature_key if signature_key in keys else keys[0])
     details = {d["index"]: d for d in interp.get_tensor_details()}
     ins = runner.get_input_details()
-    for i, s in enumerate(samples):
-        with quiet_native():
+    with quiet_native():
+        for i, s in enumerate(samples):
             runner(**{n: quantize_input(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f"
                       else np.asarray(s[n]) for n, d in ins.items()})
-        values = {}
-        for t in tensors:
-            d = details[t]
-            v = interp.get_tensor(t)
-            scale, zp = d["quantization"]
-            if v.dtype.kind in "iu" and scale:
-                v = (v.astype(np.float32) - zp) * scale
-            values[t] = v.astype(np.float32, copy=False)
-        yield i, values
+            for t in tensors:
+                d = details[t]
+                v = interp.get_tensor(t)
+                scale, zp = d["quantization"]
+                if v.dtype.kind in "iu" and scale:
+                    v = (v.astype(np.float32) - zp) * scale
+                visit(i, t, v.astype(np.float32, copy=False))
 
 
 def layer_forward(layer: WeightLayer, x, w, bias=None):

@@ -393,8 +393,9 @@ class _Loop:
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "
                 f"{self.report['seconds']:.0f}s); accept less with --max-drop {_suggest_drop(fid, self.target)}, "
                 f"try {_wider_scheme(self.ctx.scheme)}another --device profile, or turn the floor off with --no-floor")
-        raise QuantizationError(f"accuracy budget not met: {reached}; raise --max-drop, use "
-                                f"{_wider_scheme(self.ctx.scheme)}or improve calibration data")
+        wider = _wider_scheme(self.ctx.scheme)  # "--scheme X or " or ""
+        raise QuantizationError(f"accuracy budget not met: {reached}; raise --max-drop, "
+                                f"{'try ' + wider if wider else ''}improve calibration data")
 
     def _kept(self, chosen: _Probe) -> list[Move]:
         return [mv for mv in chosen.moves if any(i in self.move_to for i in mv.ops)]

@@ -258,7 +258,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     # Channel maxima from the samples outside `judge` when there are enough of them: a ReLU6 channel
     # scaled by them is exact only up to a margin, and the judge has to see what happens past it
     # (EfficientNet-Lite0's late channels fire on few photos) rather than samples on which it is
-    # exact by construction. With fewer, maxima from all samples: from 16 the margin fails on others.
+    # exact by construction. With fewer (a small calibration set), from the judging ones as before.
     eq = equalize(float_model, learn if len(learn) >= STATS_SAMPLES else stat_samples, on_step=note)
     if eq.pairs:
         note(f"measuring ranges after equalizing {len(eq.pairs)} layer pairs")

@@ -48,8 +48,8 @@ def _constant_tensor_names(model: bytes) -> set[str]:
     return names
 
 
-def _activations(float_model: bytes, samples, base: dict, signature_key: str | None, flat: bool = True):
-    """Yield {tensor name: values (raveled unless flat=False)} per sample for every float activation
+def _activations(float_model: bytes, samples, base: dict, signature_key: str | None):
+    """Yield {tensor name: raveled values} per sample for every float activation
     that base calibrated."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -69,8 +69,7 @@ def _activations(float_model: bytes, samples, base: dict, signature_key: str | N
     }
     for s in samples:
         runner(**s)
-        yield {name: interp.get_tensor(idx, sg).ravel() if flat else interp.get_tensor(idx, sg)
-               for name, idx in targets.items()}
+        yield {name: interp.get_tensor(idx, sg).ravel() for name, idx in targets.items()}
 
 
 def observed_ranges(float_model: bytes, samples, base: dict, signature_key: str | None = None) -> dict:
@@ -146,13 +145,12 @@ def mse_range(hist: np.ndarray, lo: float, hi: float, num_bits: int = 8, grid: i
 class RangeStats:
     """What range choices are made from, per activation tensor (by name): its true (min, max) over the
     samples, the quantizer's moving-average min/max (litert-quantizer's rule, factor 0.95), a
-    histogram over `spans`, and per-channel (last axis) min/max."""
+    histogram over `spans`, and how many samples."""
 
     spans: dict[str, tuple[float, float]]  # the histogram's range
     extremes: dict[str, tuple[float, float]]  # true min/max (may exceed spans: see range_stats)
     moving: dict[str, tuple[float, float]]
     hists: dict[str, np.ndarray]
-    channels: dict[str, tuple[np.ndarray, np.ndarray]]
     samples: int
 
 
@@ -170,8 +168,7 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
 
     A short first pass over SPAN_SAMPLES samples sets each histogram's span (their range, widened by
     SPAN_SLACK); the main pass bins every sample's values (a fixed random subset of at most
-    HIST_VALUES per tensor) and tracks the true extremes, the moving-average min/max and per-channel
-    min/max exactly. A value beyond the span counts in the edge bin: percentile and MSE choices stay
+    HIST_VALUES per tensor) and tracks the true extremes and the moving-average min/max exactly. A value beyond the span counts in the edge bin: percentile and MSE choices stay
     within the span, min-max uses the true extremes."""
     samples = list(samples)
     if not samples:
@@ -184,13 +181,11 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
     hists = {name: np.zeros(bins, np.int64) for name in spans}
     extremes: dict[str, tuple[float, float]] = {}
     moving: dict[str, tuple[float, float]] = {}
-    channels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     picks: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     marks = {name: {"min": np.float32(0)} for name in spans}  # which tensors to read
-    for acts in _activations(float_model, samples, marks, signature_key, flat=False):
-        for name, x in acts.items():
-            flat = x.reshape(-1)
+    for acts in _activations(float_model, samples, marks, signature_key):
+        for name, flat in acts.items():
             lo, hi = float(flat.min()), float(flat.max())
             if name in extremes:
                 extremes[name] = (min(lo, extremes[name][0]), max(hi, extremes[name][1]))
@@ -198,11 +193,6 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
                 moving[name] = (0.95 * m[0] + 0.05 * lo, 0.95 * m[1] + 0.05 * hi)
             else:
                 extremes[name] = moving[name] = (lo, hi)
-            per = x.reshape(-1, x.shape[-1]) if x.ndim else flat.reshape(1, -1)
-            c_lo, c_hi = per.min(0), per.max(0)
-            if name in channels:
-                c_lo, c_hi = np.minimum(channels[name][0], c_lo), np.maximum(channels[name][1], c_hi)
-            channels[name] = (c_lo, c_hi)
             if flat.size > HIST_VALUES:
                 if name not in picks:
                     picks[name] = rng.choice(flat.size, HIST_VALUES, replace=False)
@@ -211,7 +201,7 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
             # bincount on precomputed bin indices: much faster than np.histogram per tensor.
             i = np.clip(((flat - a) * (bins / (b - a))).astype(np.int64), 0, bins - 1)
             hists[name] += np.bincount(i, minlength=bins)
-    return RangeStats(spans, extremes, moving, hists, channels, len(samples))
+    return RangeStats(spans, extremes, moving, hists, len(samples))
 
 
 def with_range(entry: dict, a: float, b: float) -> dict:

@@ -176,6 +176,9 @@ def test_range_stats_match_the_quantizers_own_statistics(tiny_model):
 
     samples = _calib(60)
     base, _ = _session(tiny_model, samples)
+    from ai_edge_litert.interpreter import Interpreter
+
+    sizes = {d["name"]: int(np.prod(d["shape"])) for d in Interpreter(model_content=tiny_model).get_tensor_details()}
     stats = range_stats(tiny_model, samples, base)
     assert stats.samples == 60 and set(stats.hists) == set(stats.extremes)
     for name, (lo, hi) in observed_ranges(tiny_model, samples, base).items():
@@ -183,10 +186,8 @@ def test_range_stats_match_the_quantizers_own_statistics(tiny_model):
         # The moving average litert-quantizer keeps (factor 0.95), recomputed in the same pass.
         assert stats.moving[name] == pytest.approx((float(np.min(base[name]["min"])), float(np.max(base[name]["max"]))),
                                                    rel=1e-4, abs=1e-5)
-        c_lo, c_hi = stats.channels[name]
-        assert c_hi.max() == pytest.approx(hi) and c_lo.min() == pytest.approx(lo)
         # The histogram holds every value of every sample (small tensors are not subsampled).
-        assert stats.hists[name].sum() == 60 * c_lo.size
+        assert stats.hists[name].sum() == 60 * sizes[name]
 
 
 def test_search_ranges_measures_every_candidate_and_keeps_the_best(tiny_model):

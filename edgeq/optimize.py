@@ -259,7 +259,8 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     # scaled by them is exact only up to a margin, and the judge has to see what happens past it
     # (EfficientNet-Lite0's late channels fire on few photos) rather than samples on which it is
     # exact by construction. With fewer (a small calibration set), from the judging ones as before.
-    eq = equalize(float_model, learn if len(learn) >= STATS_SAMPLES else stat_samples, on_step=note)
+    maxima = learn if len(learn) >= STATS_SAMPLES else stat_samples
+    eq = equalize(float_model, maxima, on_step=note)
     if eq.pairs:
         note(f"measuring ranges after equalizing {len(eq.pairs)} layer pairs")
         eq_sess = session(eq.model, samples[:STRUCTURE_SAMPLES])
@@ -274,7 +275,9 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
                                  on_step=note)
         keep = better(eq_found.best, best)
         steps.append(StepReport("equalize", keep, best, eq_found.best, time.monotonic() - ts,
-                                {**eq.to_json(), "ranges": eq_found.to_json()}))
+                                {**eq.to_json(), "maxima": {"samples": len(maxima),
+                                                            "judging": any(id(x) in judged for x in maxima)},
+                                 "ranges": eq_found.to_json()}))
         if keep:
             sess, stats, found, best = eq_sess, eq_stats, eq_found, eq_found.best
             current_float, calibration = eq.model, eq_found.calibration

@@ -45,6 +45,8 @@ def test_fast_measures_each_step_and_beats_none(tiny_cnn, calib, held_out, level
     # On this CNN equalization is what matters (channel scales 0.003..1 before a depthwise conv).
     eq = next(s for s in fast.steps if s.name == "equalize")
     assert eq.kept and eq.detail["pairs"] == 5 and eq.after.rel_l2 < 0.5 * eq.before.rel_l2
+    # 16 samples outside the judging 32 are too few for channel maxima: they come from the judging ones.
+    assert eq.detail["maxima"] == {"samples": 32, "judging": True}
     # Judged on calibration samples; the held-out ones agree that fast is much better than none.
     assert fast.judged_on == 32 and fast.samples == 48
     assert output_error(tiny_cnn, fast.model, held_out) < 0.5 * output_error(tiny_cnn, none.model, held_out)
@@ -91,6 +93,30 @@ def test_loop_requantizer_reproduces_the_level_and_moves_from_it(tiny_cnn):
         return {t.name: t.scale for op in read_model(model).ops for t in op.outputs if t.dtype == "int8" and t.scale}
     kept, level = scales(moved), scales(fast.model)
     assert len(kept) >= 3 and all(kept[n] == level[n] for n in kept if n in level)
+
+
+def test_equalization_maxima_come_from_outside_the_judging_samples(tiny_cnn, monkeypatch):
+    """With enough calibration samples, the ReLU6 channel maxima equalization scales by come from
+    the samples the level does not judge on: on its own samples equalization is exact by
+    construction, and the judge has to see what it does past them."""
+    import edgeq.equalize
+    from edgeq.optimize import optimize
+    from edgeq.range_search import spread
+
+    real, seen = edgeq.equalize.equalize, []
+
+    def recording(float_model, samples=None, **kw):
+        seen.append(list(samples))
+        return real(float_model, samples, **kw)
+
+    monkeypatch.setattr(edgeq.equalize, "equalize", recording)
+    calib = image_samples(80, CNN_SEED + 20)
+    fast = optimize(tiny_cnn, calib, int8_session(), "fast")
+    judged = {id(x) for x in spread(calib, fast.judged_on)}
+    assert fast.judged_on == 32 and len(seen) == 1
+    assert len(seen[0]) == 48 and not any(id(x) in judged for x in seen[0])
+    eq = next(s for s in fast.steps if s.name == "equalize")
+    assert eq.detail["maxima"] == {"samples": 48, "judging": False}
 
 
 @pytest.mark.slow

@@ -51,7 +51,13 @@ MAX_FAN_IN = 1024  # M is fan_in^2 float64; the search costs fan_in^2 * channels
 ROWS_PER_SAMPLE = 1024  # input rows (output positions) per sample and layer that enter M
 RIDGE = 1e-3  # of M's mean diagonal, added to its diagonal
 MAX_SWEEPS = 8
-SEARCH_SECONDS = 20.0  # MobileNetV2's 52 layers: ~7 s on 2 cores; MiniLM's 30 FCs would take ~40 s
+# The searches stop on work done (multiply-adds of the gradient updates), not on the clock: the same
+# model and samples give the same rounding on any host and under any load. Measured on 2 cores at
+# 0.8-1.2e8 a second: MobileNetV2's 52 layers 1.1e9 (~9 s), MiniLM's 30 searched FCs 2.3e9 (~20-28 s).
+# SEARCH_SECONDS only caps a host far slower than that.
+SEARCH_WORK = 2.5e9
+ROW_WORK = 20_000  # a visited row's fixed cost (numpy calls, ~1.5e-4 s), in the same units
+SEARCH_SECONDS = 120.0
 EXACT_FAN_IN = 10  # up to this many weights per channel (3x3 depthwise: 9) every floor/ceil choice is tried
 
 
@@ -76,15 +82,17 @@ class MomentRounding:
     model: bytes
     layers: tuple[SearchedLayer, ...]
     skipped: int  # layers left at round-to-nearest (fan-in above MAX_FAN_IN, fewer input rows than
-    # it, or not reached within the time)
+    # it, or not reached within the work budget)
     samples: int
     seconds: float
+    work: float = 0.0  # search work done (multiply-adds; SEARCH_WORK)
     # weight tensor name -> (int8 weights, per-channel scales) that changed: the same rounding for
     # another quantization of the same float model (apply_levels), whatever its activation ranges
     levels: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
-        return {"samples": self.samples, "seconds": round(self.seconds, 2), "layers": len(self.layers),
+        return {"samples": self.samples, "seconds": round(self.seconds, 2), "work": self.work,
+                "layers": len(self.layers),
                 "layers_skipped": self.skipped,
                 "weights_flipped": sum(r.flipped for r in self.layers),
                 "weights": sum(r.weights for r in self.layers),
@@ -155,15 +163,32 @@ class _Moments:
 
 # --- The search ------------------------------------------------------------------------------------------
 
+class Work:
+    """Search work done against a limit (see SEARCH_WORK), shared by the layers of one rounding."""
+
+    def __init__(self, limit: float = float("inf"), deadline: float = float("inf")):
+        self.limit, self.deadline, self.done = limit, deadline, 0.0
+
+    def add(self, n: float) -> None:
+        self.done += n
+
+    @property
+    def spent(self) -> bool:
+        return self.done >= self.limit or time.monotonic() > self.deadline
+
+
 def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
-           sweeps: int = MAX_SWEEPS, deadline: float = float("inf")) -> tuple[np.ndarray, float, float]:
+           sweeps: int = MAX_SWEEPS, work: Work | None = None) -> tuple[np.ndarray, float, float]:
     """(int levels, error nearest, error searched) for weights w_over_s [fan_in, channels] (W / s),
     scales [channels] and moments [fan_in, fan_in] shared by the channels, or [channels, fan_in,
     fan_in] one per channel; the error is the sum over channels of e^T M e. Each level is floor or
     ceil of W / s, within [-127, 127]: all 2^fan_in choices up to EXACT_FAN_IN weights a channel,
-    else single-weight flips from round-to-nearest until none helps (or time.monotonic() passes
-    `deadline`: every sweep leaves a valid, never worse, rounding)."""
-    if w_over_s.shape[0] <= EXACT_FAN_IN:
+    else single-weight flips from round-to-nearest until none helps (or `work` is spent: every sweep
+    leaves a valid, never worse, rounding)."""
+    work = work or Work()
+    k, channels = w_over_s.shape
+    if k <= EXACT_FAN_IN:
+        work.add((1 << k) * k * k * channels)
         return _exact(w_over_s, scale, moments)
     per_channel = moments.ndim == 3
     lo = np.clip(np.floor(w_over_s), -127, 127)
@@ -184,10 +209,14 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
         return d, step, (new >= lo[at]) & (new <= hi[at]) & (2 * step * g[at] + step * step * diag[at] < 0)
 
     for _ in range(sweeps):
+        if work.spent:
+            break
         rows = np.flatnonzero(gains(slice(None))[2].any(axis=1))
-        if not len(rows) or time.monotonic() > deadline:
+        work.add(k * channels + len(rows) * channels)
+        if not len(rows):
             break
         for i in rows:  # g changes with every move: each row is re-checked when its turn comes
+            work.add(ROW_WORK)
             d, step, go = gains(i)
             cols = np.flatnonzero(go)
             if not len(cols):
@@ -196,10 +225,13 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
             e[i, cols] += step[cols]
             if per_channel:
                 g[:, cols] += moments[cols, :, i].T * step[cols]
+                work.add(k * len(cols))
             elif 4 * len(cols) > len(go):  # many channels move: one dense update beats a column gather
                 g += np.outer(moments[:, i], np.where(go, step, 0.0))
+                work.add(k * channels)
             else:
                 g[:, cols] += np.outer(moments[:, i], step[cols])
+                work.add(k * len(cols))
     return q, before, float((e * g).sum())
 
 
@@ -240,12 +272,12 @@ def _as_matrix(layer: WeightLayer, w: np.ndarray) -> np.ndarray:
 
 
 def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict], *,
-                  seconds: float = SEARCH_SECONDS, on_step: Callable[[str], None] | None = None,
-                  seed: int = 0) -> MomentRounding:
+                  work: float = SEARCH_WORK, seconds: float = SEARCH_SECONDS,
+                  on_step: Callable[[str], None] | None = None, seed: int = 0) -> MomentRounding:
     """The int8 model with every int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED's weights rounded
     for the smallest output error on samples (CALIBRATION samples; see module doc). Scales, biases,
-    ops, dtypes and size stay as they are. The searches share `seconds`, cheapest layers first;
-    layers not reached keep nearest rounding (counted in `skipped`)."""
+    ops, dtypes and size stay as they are. The searches share `work` (and at most `seconds`), cheapest
+    layers first; layers not reached keep nearest rounding (counted in `skipped`)."""
     t0 = time.monotonic()
     samples = list(samples)
     if not samples:
@@ -270,14 +302,14 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
     m = te.load(quant_model)
     sg = m.subgraphs[0]
     done, skipped, levels = [], len(layers) - len(todo), {}
-    deadline = time.monotonic() + seconds
+    budget = Work(work, time.monotonic() + seconds)
     # Cheapest first (a sweep costs fan_in^2 * channels): the small filters, where most of a CNN's
-    # rounding error sits, are never the ones the time runs out on.
+    # rounding error sits, are never the ones the budget runs out on.
     order = sorted(zip(todo, moments), key=lambda p: fan_in(p[0]) ** 2 * p[0].channels)
     for i, (lay, mo) in enumerate(order):
         if on_step:
             on_step(f"weight rounding: layer {i + 1}/{len(todo)} ({lay.kind})")
-        if time.monotonic() > deadline:
+        if budget.spent:
             skipped += len(todo) - i
             break
         if mo.rows < fan_in(lay):  # fewer rows than weights per channel (a classifier's FC): the
@@ -285,7 +317,7 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
             continue
         scale = lay.weight_scale.astype(np.float64)
         w = _as_matrix(lay, lay.float_weight.astype(np.float64)) / np.where(scale == 0, 1.0, scale)
-        q, before, after = search(w, scale, mo.matrix(), deadline=deadline)
+        q, before, after = search(w, scale, mo.matrix(), work=budget)
         nearest = _as_matrix(lay, lay.quantized_weight(m).astype(np.float64))
         flipped = int((q != nearest).sum())
         if flipped:
@@ -294,7 +326,8 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
             levels[te.tensor_name(sg.tensors[lay.weight])] = (new, lay.weight_scale.copy())
         done.append(SearchedLayer(lay.op_index, lay.kind, lay.name, int(q.size), flipped, before, after))
     done.sort(key=lambda r: r.op_index)
-    return MomentRounding(te.pack(m), tuple(done), skipped, len(samples), time.monotonic() - t0, levels)
+    return MomentRounding(te.pack(m), tuple(done), skipped, len(samples), time.monotonic() - t0, budget.done,
+                          levels)
 
 
 def _store(m, sg, index: int, value: np.ndarray) -> None:

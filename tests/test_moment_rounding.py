@@ -158,13 +158,23 @@ def test_needs_samples(tiny_cnn, rounded):
         round_weights(rounded[0], tiny_cnn, [])
 
 
-def test_time_runs_out_on_the_costliest_layers(tiny_cnn, calib, rounded):
-    """With no time for the search every layer keeps nearest rounding and says so; the order is
-    cheapest first, so a short budget spends itself on the small filters."""
+def test_the_budget_runs_out_on_the_costliest_layers(tiny_cnn, calib, rounded):
+    """With no time or no work for the search every layer keeps nearest rounding and says so; the
+    order is cheapest first, so a short budget spends itself on the small filters. The budget is
+    work, not time: a partial search is the same on every run, whatever the machine's load."""
     from edgeq.moment_rounding import round_weights
 
     q, full, _ = rounded
-    none = round_weights(q, tiny_cnn, calib, seconds=0.0)
-    assert none.layers == () and none.skipped == 7 and none.model == q and none.levels == {}
+    for none in (round_weights(q, tiny_cnn, calib, seconds=0.0), round_weights(q, tiny_cnn, calib, work=0)):
+        assert none.layers == () and none.skipped == 7 and none.model == q and none.levels == {}
+    assert 0 < full.work < 2.5e9 and full.skipped == 0
+    half = [round_weights(q, tiny_cnn, calib, work=full.work / 2) for _ in range(2)]
+    assert 1 < len(half[0].layers) < len(full.layers) and half[0].skipped == 7 - len(half[0].layers)
+    assert half[0].model == half[1].model and half[0].work == half[1].work >= full.work / 2
+    # The layers it reached are searched as in the full run, but the one the work ran out in (fewer
+    # sweeps: never worse than nearest rounding).
+    by_op = {r.op_index: r for r in full.layers}
+    differ = [r for r in half[0].layers if r != by_op[r.op_index]]
+    assert len(differ) <= 1 and all(r.error_searched <= r.error_nearest for r in differ)
     # In graph order in the report, whatever order they were searched in.
     assert [r.op_index for r in full.layers] == sorted(r.op_index for r in full.layers)

@@ -77,6 +77,16 @@ _WEIGHT_BYTES = {Precision.FLOAT: 4.0, Precision.FP16: 2.0, Precision.HYBRID: 1.
                  Precision.INT16X8: 1.0, **{p: 0.5 for p in INT4_PRECISIONS}}
 
 
+def weight_bytes_added(op, to: Precision, before: Precision) -> float:
+    """Bytes moving op (an OpInfo of the float model) from `before` to `to` adds to the file: its
+    weights' values at the new width less the old (0 for a weight-less op)."""
+    w = weight_tensor(op)
+    if w is None:
+        return 0.0
+    n = math.prod(max(int(d), 1) for d in w.shape)
+    return n * (_WEIGHT_BYTES.get(to, 4.0) - _WEIGHT_BYTES.get(before, 4.0))
+
+
 @dataclass
 class BudgetResult:
     model: bytes
@@ -320,12 +330,9 @@ class _Loop:
         """Bytes the move adds to the file: its ops' weights at the precision moved to, less as they were."""
         total = 0.0
         for i in mv.ops:
-            w = weight_tensor(self.by_index[i]) if i in self.move_to else None
-            if w is None:
-                continue
-            n = math.prod(max(int(d), 1) for d in w.shape)
-            before = self.int4_of.get(i, self.default) if self.phase == INT4_PHASE else self.default
-            total += n * (_WEIGHT_BYTES.get(self.move_to[i], 4.0) - _WEIGHT_BYTES.get(before, 4.0))
+            if i in self.move_to:
+                before = self.int4_of.get(i, self.default) if self.phase == INT4_PHASE else self.default
+                total += weight_bytes_added(self.by_index[i], self.move_to[i], before)
         return max(0, math.ceil(total))
 
     def _search(self, moves: list[Move]) -> _Probe | None:

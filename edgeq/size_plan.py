@@ -4,12 +4,13 @@ this module quantizes and measures the candidates for convert."""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from typing import Callable
 
-from .budget import ANALYSIS_SAMPLES
+from .budget import ANALYSIS_SAMPLES, weight_bytes_added
 from .budget_moves import int4_moves, measured_int4_order
 from .convert_policy import conversion_plan
 from .fidelity import fidelity
@@ -17,7 +18,6 @@ from .litert_quant import per_op_from_plan
 from .precision import INT4_FALLBACK, INT4_PRECISIONS, IoType, Scheme
 from .quantize import QuantizeRequest, quantize
 from .size_goal import choose_for_size, size_candidates, spend_room
-from .tflite_ops import weight_tensor
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,8 @@ def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure
     by_index = {op.index: op for op in ops}
     moves = int4_moves(source.float_tflite, ops, int4, list(islice(data.calibration(), ANALYSIS_SAMPLES)))
 
-    def extra(i: int) -> int:  # int8 weights take a byte per value, int4 half of one
-        w = weight_tensor(by_index[i])
-        n = 1
-        for d in (w.shape if w is not None else ()):
-            n *= int(d)
-        return (n + 1) // 2
+    def extra(i: int) -> int:
+        return math.ceil(weight_bytes_added(by_index[i], INT4_FALLBACK[int4[i]], int4[i]))
 
     moves = [mv for mv in moves if extra(mv.ops[0]) <= room]
     if not moves:

@@ -119,6 +119,22 @@ def ln_model(tf, tmp_path_factory):
     return src, str(d / "x.npy")
 
 
+def test_weight_bytes_a_move_adds(tiny_cnn):
+    """What a move costs in file bytes, shared by the budget loop and --max-size's mix: the weights'
+    values times the change in bytes a value (int4 -> int8 half a byte; weight-only int4 falls back
+    to float: 3.5 bytes), nothing for a weight-less op."""
+    from edgeq.budget import weight_bytes_added
+    from edgeq.precision import INT4_FALLBACK
+
+    ops = read_model(tiny_cnn).ops
+    fc = next(op for op in ops if op.name == "FULLY_CONNECTED")
+    n = int(np.prod(next(t for t in fc.inputs if t.is_constant and len(t.shape) == 2).shape))
+    assert weight_bytes_added(fc, INT4_FALLBACK[Precision.INT4], Precision.INT4) == 0.5 * n
+    assert weight_bytes_added(fc, INT4_FALLBACK[Precision.INT4_WEIGHT_ONLY], Precision.INT4_WEIGHT_ONLY) == 3.5 * n
+    assert weight_bytes_added(fc, Precision.FLOAT, Precision.INT8) == 3 * n
+    assert weight_bytes_added(next(op for op in ops if op.name == "MEAN"), Precision.FLOAT, Precision.INT8) == 0
+
+
 def test_requantizer_calibrates_once_for_every_plan(ln_model):
     from edgeq.sources import load_source
     src = load_source(ln_model[0])

@@ -49,8 +49,7 @@ def _constant_tensor_names(model: bytes) -> set[str]:
 
 
 def _activations(float_model: bytes, samples, base: dict, signature_key: str | None):
-    """Yield {tensor name: raveled values} per sample for every float activation
-    that base calibrated."""
+    """Yield {tensor name: raveled values} per sample for every float activation that base calibrated."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
@@ -168,8 +167,9 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
 
     A short first pass over SPAN_SAMPLES samples sets each histogram's span (their range, widened by
     SPAN_SLACK); the main pass bins every sample's values (a fixed random subset of at most
-    HIST_VALUES per tensor) and tracks the true extremes and the moving-average min/max exactly. A value beyond the span counts in the edge bin: percentile and MSE choices stay
-    within the span, min-max uses the true extremes."""
+    HIST_VALUES per tensor) and tracks the true extremes and the moving-average min/max exactly. A
+    value beyond the span counts in the edge bin: percentile and MSE choices stay within the span,
+    min-max uses the true extremes."""
     samples = list(samples)
     if not samples:
         raise CalibrationError("range selection needs calibration samples; pass --calib data")

@@ -117,8 +117,9 @@ def _layer(m, sg, i: int, producers: dict[int, int]) -> _Layer | None:
     act = _ACT.get(getattr(op.builtinOptions, "fusedActivationFunction", 0) if op.builtinOptions else 0)
     if act is None:
         return None
-    if kind == "DEPTHWISE_CONV_2D":
-        # Channel c of the output is channel c of the input only with multiplier 1.
+    if kind in ("DEPTHWISE_CONV_2D", "CONV_2D"):
+        # Depthwise: channel c of the output is channel c of the input only with multiplier 1.
+        # CONV_2D: a grouped convolution's filters see only their group's input channels.
         cin = sg.tensors[int(op.inputs[0])].shape[-1]
         if value.shape[-1] != cin:
             return None

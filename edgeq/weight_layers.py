@@ -148,6 +148,12 @@ def weight_layers(quant_model: bytes, float_model: bytes) -> list[WeightLayer]:
         fw = _float_constant(fm, fsg, int(fop.inputs[1]), fprod)
         if fw is None or fw.shape != shape:
             continue
+        if kind == "CONV_2D" and x.shape is not None and len(x.shape) and shape[-1] != int(x.shape[-1]):
+            # A grouped convolution (each filter sees input_channels / groups channels; Keras 3's
+            # ConvNeXt writes its 7x7 depthwise so). The steps here treat CONV_2D as dense over the
+            # input channels (for ConvNeXt-T, weight rounding's input moments would have been
+            # 37632^2 float64 values; the run was killed at 24 GB), so it keeps the quantizer's weights.
+            continue
         fb = (_float_constant(fm, fsg, int(fop.inputs[2]), fprod)
               if len(fop.inputs) > 2 and fop.inputs[2] >= 0 else None)
         used.add(fi)

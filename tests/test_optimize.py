@@ -5,9 +5,10 @@ Real TFLite converter, LiteRT quantizer and interpreter.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tests.conftest import CNN_SEED, image_samples, int8_session, output_error
+from tests.conftest import CNN_SEED, image_samples, int8_session, output_error, quantize_plain
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +260,57 @@ def test_the_kl_objective_only_for_unambiguous_class_scores():
                                     "Identity_3": coords / 1000})
     assert not judges_class_scores({"landmarks": coords})  # named as what it is
     assert not judges_class_scores({"anchors": rng.normal(size=(4, 896, 1))})  # independent sigmoids
+
+
+def _grouped_conv_cnn(tf) -> bytes:
+    """conv3x3 (ReLU) -> grouped conv3x3 (4 groups of 2 input channels, ReLU) -> mean -> FC: the
+    grouped layer is a CONV_2D whose filters see 2 of its 8 input channels (as Keras 3 writes
+    ConvNeXt's depthwise convolutions, and ResNeXt / RegNet their grouped ones)."""
+    rng = np.random.default_rng(5)
+    c = {k: tf.constant(v.astype(np.float32)) for k, v in dict(
+        k1=rng.normal(0, 0.3, (3, 3, 3, 8)), b1=rng.normal(0, 0.1, 8),
+        k2=rng.normal(0, 0.3, (3, 3, 2, 8)), b2=rng.normal(0, 0.1, 8),
+        fc=rng.normal(0, 0.3, (8, 10)), fb=rng.normal(0, 0.1, 10)).items()}
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="x")])
+        def serve(self, x):
+            h = tf.nn.relu(tf.nn.conv2d(x, c["k1"], 1, "SAME") + c["b1"])
+            h = tf.nn.relu(tf.nn.conv2d(h, c["k2"], 1, "SAME") + c["b2"])
+            return {"y": tf.matmul(tf.reduce_mean(h, axis=[1, 2]), c["fc"]) + c["fb"]}
+
+    m = M()
+    return tf.lite.TFLiteConverter.from_concrete_functions([m.serve.get_concrete_function()], m).convert()
+
+
+def test_grouped_convolutions_keep_the_quantizers_weights(tf):
+    """The level's steps see a grouped CONV_2D for what it is: equalization does not pair it, weight
+    rounding, bias correction and learned rounding leave its weights as the quantizer wrote them
+    (they treat CONV_2D as dense over its input channels: on ConvNeXt-T that was a 24 GB moment
+    matrix), and the level still runs on the rest."""
+    from edgeq import tflite_edit as te
+    from edgeq.equalize import find_pairs
+    from edgeq.optimize import optimize
+    from edgeq.weight_layers import weight_layers
+
+    float_model = _grouped_conv_cnn(tf)
+    m = te.load(float_model)
+    grouped = [op for op in m.subgraphs[0].operators if te.op_name(m, op) == "CONV_2D"
+               and te.constant(m, m.subgraphs[0], int(op.inputs[1])).shape[-1] == 2]
+    assert len(grouped) == 1  # the converter wrote it as one grouped CONV_2D
+    assert find_pairs(m) == []  # conv -> ReLU -> grouped conv is not an equalizable pair
+    calib = image_samples(48, 11)
+    plain = quantize_plain(float_model, calib)
+    kinds = sorted(lay.kind for lay in weight_layers(plain, float_model))
+    assert kinds == ["CONV_2D", "FULLY_CONNECTED"]  # the ungrouped conv and the FC
+    fast = optimize(float_model, calib, int8_session(), "fast")
+    rounding = next(s for s in fast.steps if s.name == "weight_rounding")
+    assert rounding.detail["layers"] + rounding.detail["layers_skipped"] == 2
+    out = te.load(fast.model)
+    sg = out.subgraphs[0]
+    weights = [te.constant(out, sg, int(op.inputs[1])) for op in sg.operators if te.op_name(out, op) == "CONV_2D"]
+    assert [w.shape[-1] for w in weights] == [3, 2] and weights[1].dtype == np.int8
+    q = te.load(plain)
+    plain_grouped = [te.constant(q, q.subgraphs[0], int(op.inputs[1])) for op in q.subgraphs[0].operators
+                     if te.op_name(q, op) == "CONV_2D"][1]
+    assert np.array_equal(weights[1], plain_grouped)

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import tflite_edit as te
-from .weight_layers import capture
+from .weight_layers import capture, mixes_channels
 
 LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _ACT = {0: "NONE", 1: "RELU", 3: "RELU6"}  # fused activations a positive scale passes (RELU6 with care)
@@ -117,12 +117,8 @@ def _layer(m, sg, i: int, producers: dict[int, int]) -> _Layer | None:
     act = _ACT.get(getattr(op.builtinOptions, "fusedActivationFunction", 0) if op.builtinOptions else 0)
     if act is None:
         return None
-    if kind in ("DEPTHWISE_CONV_2D", "CONV_2D"):
-        # Depthwise: channel c of the output is channel c of the input only with multiplier 1.
-        # CONV_2D: a grouped convolution's filters see only their group's input channels.
-        cin = sg.tensors[int(op.inputs[0])].shape[-1]
-        if value.shape[-1] != cin:
-            return None
+    if mixes_channels(kind, value.shape, sg.tensors[int(op.inputs[0])].shape[-1]):
+        return None  # channel c's scale would not pass to channel c of the next layer
     return _Layer(i, kind, w, bias, act)
 
 

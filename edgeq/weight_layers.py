@@ -80,6 +80,17 @@ def valid_pads(layer: WeightLayer, h: int, w: int) -> tuple[tuple[int, int], tup
     return pads[0], pads[1], out[0], out[1]
 
 
+def mixes_channels(kind: str, weight_shape, input_channels) -> bool:
+    """Whether a CONV_2D / DEPTHWISE_CONV_2D is not what the steps assume: a CONV_2D dense over its
+    input channels, a depthwise layer whose output channel c is input channel c. Both hold only when
+    the weight's last dimension is the input's channel count; otherwise it is a grouped convolution
+    (filters that see input_channels / groups channels: Keras 3 writes ConvNeXt's 7x7 depthwise, ResNeXt
+    and RegNet their grouped convolutions so) or a depthwise layer with a channel multiplier."""
+    if kind not in ("CONV_2D", "DEPTHWISE_CONV_2D") or input_channels is None:
+        return False
+    return int(weight_shape[-1]) != int(input_channels)
+
+
 def quant_params(t) -> tuple[np.ndarray, np.ndarray]:
     """(scales as float32, zero points) of TensorT `t`; both empty when it is not quantized."""
     p = te.qparams(t)
@@ -148,11 +159,11 @@ def weight_layers(quant_model: bytes, float_model: bytes) -> list[WeightLayer]:
         fw = _float_constant(fm, fsg, int(fop.inputs[1]), fprod)
         if fw is None or fw.shape != shape:
             continue
-        if kind == "CONV_2D" and x.shape is not None and len(x.shape) and shape[-1] != int(x.shape[-1]):
-            # A grouped convolution (each filter sees input_channels / groups channels; Keras 3's
-            # ConvNeXt writes its 7x7 depthwise so). The steps here treat CONV_2D as dense over the
-            # input channels (for ConvNeXt-T, weight rounding's input moments would have been
-            # 37632^2 float64 values; the run was killed at 24 GB), so it keeps the quantizer's weights.
+        cin = int(x.shape[-1]) if x.shape is not None and len(x.shape) else None
+        if kind == "CONV_2D" and mixes_channels(kind, shape, cin):
+            # A grouped convolution keeps the quantizer's weights: weight rounding's input moments
+            # over all input channels would be wrong (for ConvNeXt-T, 37632^2 float64 values; the run
+            # was killed at 24 GB). A depthwise layer with a multiplier is handled per channel.
             continue
         fb = (_float_constant(fm, fsg, int(fop.inputs[2]), fprod)
               if len(fop.inputs) > 2 and fop.inputs[2] >= 0 else None)

@@ -245,7 +245,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     sess = session(float_model, samples[:STRUCTURE_SAMPLES])
     stats = range_stats(float_model, stat_samples, sess.base)
     found = search_ranges(float_model, samples, sess.base, sess.quantize, stats=stats, objective=objective,
-                          max_samples=judge_samples, on_step=note)
+                          max_samples=judge_samples, reference=reference, on_step=note)
     floor = found.baseline  # the quantizer's own ranges: no step may end below it on any output
     best = found.best
     steps.append(StepReport("ranges", found.chosen not in ("minmax-ema", OWN_RANGES), floor, best,
@@ -272,7 +272,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
         outputs = {n: found.calibration[n] for n in output_names(float_model) if n in found.calibration}
         eq_found = search_ranges(eq.model, samples, eq_sess.base, eq_sess.quantize, stats=eq_stats,
                                  objective=objective, max_samples=judge_samples, only=top, fixed=outputs,
-                                 on_step=note)
+                                 reference=reference, on_step=note)
         keep = better(eq_found.best, best)
         steps.append(StepReport("equalize", keep, best, eq_found.best, time.monotonic() - ts,
                                 {**eq.to_json(), "maxima": {"samples": len(maxima),

@@ -185,6 +185,7 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
                   refine_seconds: float = 0.0, max_samples: int = MAX_SEARCH_SAMPLES,
                   objective: Objective | str = Objective.REL_L2, signature_key: str | None = None,
                   only: Sequence[str] | None = None, fixed: dict[str, dict] | None = None,
+                  reference: dict[str, np.ndarray] | None = None,
                   on_step: Callable[[str], None] | None = None) -> RangeSearch:
     """Choose activation ranges by measuring the quantized model on CALIBRATION samples.
 
@@ -198,7 +199,9 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
     time is spent (tensors with the widest spread between candidate ranges first).
 
     `only` limits the candidates by name; `fixed` ({tensor name: entry}) pins tensors in every
-    candidate (e.g. outputs already chosen on a model with the same outputs).
+    candidate (e.g. outputs already chosen on a model with the same outputs). `reference`: the float
+    outputs on spread(samples, max_samples) when the caller has them (the levels pass the source
+    model's, for its equalized twin too); else one float run makes them.
     """
     from .fidelity import run_model
 
@@ -208,7 +211,7 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
         raise CalibrationError("range search needs calibration samples; pass --calib data")
     stats = stats or range_stats(float_model, samples, base, signature_key=signature_key)
     judge = spread(samples, max_samples)
-    reference = run_model(float_model, judge)
+    reference = reference if reference is not None else run_model(float_model, judge)
     objective = Objective(objective)
     cands = candidate_calibrations(base, stats, percentiles)
     if only:

@@ -125,3 +125,33 @@ def test_mixed_mode_amplifies_the_tensors_into_depthwise_layers(tiny_cnn, calib,
     assert 15 * evenness(tiny_cnn) < evenness(mixed.model) < 17 * evenness(tiny_cnn)
     plain = output_error(tiny_cnn, quantize_plain(tiny_cnn, calib), held_out)
     assert output_error(tiny_cnn, quantize_plain(mixed.model, calib), held_out) < 0.75 * plain
+
+
+def test_channel_ranges_are_read_only_for_the_pairs_that_use_them(tiny_cnn, calib, monkeypatch):
+    """Weights mode needs a tensor's channel maxima only behind a ReLU6 (the margin); reading the
+    others costs a float run over the samples for nothing (ConvNeXt-T, no ReLU6 pair: 14 s). The
+    real channel_ranges is wrapped to record what it is asked for."""
+    import edgeq.equalize as eqm
+
+    asked = []
+    real = eqm.channel_ranges
+
+    def recording(model, samples, tensors):
+        asked.append(sorted(tensors))
+        return real(model, samples, tensors)
+
+    monkeypatch.setattr(eqm, "channel_ranges", recording)
+    pairs = eqm.find_pairs(te.load(tiny_cnn))
+    relu6 = sorted(t for first, _, t in pairs if first.activation == "RELU6")
+    eq = eqm.equalize(tiny_cnn, calib)
+    assert asked == [relu6] and 0 < len(relu6) < len(pairs) and len(eq.pairs) == 5
+    asked.clear()
+    mixed = eqm.equalize(tiny_cnn, calib, mode=eqm.EqualizeMode.MIXED)  # amplifying: every pair's ranges
+    assert asked == [sorted(t for _, _, t in pairs)] and mixed.pairs
+    # With no pair that needs them, no float run at all; the result is the same as without samples
+    # for the non-ReLU6 pairs.
+    asked.clear()
+    monkeypatch.setattr(eqm, "find_pairs", lambda m: [p for p in pairs if p[0].activation != "RELU6"])
+    only_relu = eqm.equalize(tiny_cnn, calib)
+    assert asked == [] and len(only_relu.pairs) == len(pairs) - len(relu6)
+    assert only_relu.model == eqm.equalize(tiny_cnn).model

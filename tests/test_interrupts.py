@@ -120,6 +120,38 @@ def test_the_cli_ends_as_interrupted_when_a_command_swallowed_the_ctrl_c():
     interrupts.check()
 
 
+
+def test_the_cli_ends_as_interrupted_when_a_library_turned_the_ctrl_c_into_its_own_error():
+    """torch.export's cleanup, interrupted, raised "Attempted to unset ProxyTorchDispatchMode" over
+    the KeyboardInterrupt, and convert reported it as an incompatible model (seen in CI on MiniLM).
+    An EdgeqError that follows a Ctrl-C is the interrupt: exit 1 "interrupted"; without one it is
+    reported as itself."""
+    import os
+    import signal
+    import time
+
+    import click
+
+    from edgeq.cli import library_call
+    from edgeq.errors import IncompatibleModelError
+
+    def converting():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise IncompatibleModelError("litert-torch could not convert model: Attempted to unset "
+                                         "ProxyTorchDispatchMode") from None
+
+    with pytest.raises(click.ClickException, match="^interrupted$"):
+        library_call(converting)()
+
+    def failing():
+        raise IncompatibleModelError("litert-torch could not convert model: no Ctrl-C here")
+
+    with pytest.raises(click.ClickException, match="no Ctrl-C here"):
+        library_call(failing)()
+
 @pytest.mark.slow
 @pytest.mark.hf
 @pytest.mark.parametrize("delay", [4.0, 10.0])

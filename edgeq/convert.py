@@ -173,7 +173,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                             keep_float_io=io is IoType.FLOAT32, progress=progress)
         ctx = BudgetContext(float_info, profile, scheme, loop_requant, eval_samples, reference, class_outputs,
                             _analysis_samples(data), opts.budget.max_steps if opts.budget else MAX_PROBES, progress,
-                            size_goal["max_bytes"] if size_goal else None)
+                            size_goal["max_bytes"] if size_goal else None, size_mix or {})
         result = run_budget(ctx, target, qbytes, fid, not converter and optimized is None, plan)
         qbytes, fid, budget_report, plan = result.model, result.fidelity, result.report, result.plan
         req = dataclasses.replace(req, per_op=result.per_op)

@@ -212,7 +212,8 @@ def _outlier_mlp(tf):
         return ensure_signature(bytes(conv.convert()))[0]
 
 
-def _budget(float_model, scheme, max_drop, samples, calib=None, max_bytes=None):
+def _budget(float_model, scheme, max_drop, samples, calib=None, max_bytes=None, overrides=None):
+    """The budget loop from `scheme` (with plan `overrides`, as --max-size's mix gives it)."""
     from edgeq.accuracy_target import budget_target
     from edgeq.budget import BudgetContext, run_budget
     from edgeq.fidelity import fidelity, run_model
@@ -221,11 +222,12 @@ def _budget(float_model, scheme, max_drop, samples, calib=None, max_bytes=None):
 
     scheme = Scheme(scheme)
     rq = Requantizer(float_model, scheme.op_precision, (lambda: iter(calib)) if calib else None, len(calib or ()))
-    first = rq.quantize(())
+    first = rq.quantize(per_op_from_plan(plan_precision(list(read_model(float_model).ops), None, overrides,
+                                                        scheme=scheme, min_weight_elements=0)) if overrides else ())
     ref = run_model(float_model, samples)
     fid = fidelity(float_model, first, samples, ref)
     ctx = BudgetContext(read_model(float_model), None, scheme, rq, samples, ref, analysis_samples=lambda: samples[:8],
-                        max_bytes=max_bytes)
+                        max_bytes=max_bytes, overrides=overrides or {})
     return run_budget(ctx, budget_target(max_drop, "cosine", fid), first, fid, True, None), first
 
 
@@ -282,6 +284,27 @@ def test_budget_under_a_size_cap_moves_only_what_fits(outlier_mlp):
                           "nothing written: best Identity cosine 0.96")
     assert "(needs >= 0.98) with 1 op(s) moved at " in msg and "1 probes" in msg
     assert msg.endswith("raise --max-size, or accept less with --max-drop 0.04 --metric cosine")
+
+
+def test_budget_probes_keep_the_size_mix_they_start_from(outlier_mlp):
+    """--max-size first spends its room on int4 layers at 8 bits; the loop then starts from that file,
+    and every probe keeps those layers (they were dropped once: MiniLM's probes came out smaller and
+    worse than the first result they were measured against). Here the last FC is the mix; the loop
+    adds the damaging first FC."""
+    fm, samples = outlier_mlp
+    plain = _budget(fm, "int4", 0.5, samples)[1]
+    last = _fc_index(fm, 2)
+    mix = {last: (P.HYBRID, "--max-size: room left for 8 bits")}
+    cap = len(plain) + 4096 + 9000  # the last FC at 8 bits (+4 KB), then room for the first (+8 KB)
+    result, first = _budget(fm, "int4", 0.02, samples, max_bytes=cap, overrides=mix)
+    fcs = lambda m: [op.precision for op in read_model(m).ops if op.name == "FULLY_CONNECTED"]
+    assert fcs(first) == [P.INT4, P.INT4, P.HYBRID]
+    assert fcs(result.model) == [P.HYBRID, P.INT4, P.HYBRID] and len(result.model) <= cap
+    steps = result.report["steps"]
+    assert steps[0]["moved"] == [] and steps[0]["bytes"] == len(first)  # the mix is not the loop's move
+    assert all(s["bytes"] > len(first) for s in steps[1:])  # every probe is the mix plus its moves
+    assert result.plan.mismatches(read_model(result.model)) == []
+    assert [e.reason for e in result.plan.entries if e.index == last][0] == "--max-size: room left for 8 bits"
 
 
 def test_small_weights_stay_at_8_bits_in_int4_plans(tf, outlier_mlp):

@@ -104,6 +104,10 @@ def print_optimize(o: dict) -> None:
                        f"{d['samples']} calibration samples ({d['seconds']} s)")
         else:
             click.echo(f"optimize: {o['level']}: GPTQ rounding changed no int4 layer ({len(d['layers'])} measured)")
+        for t in d.get("tables", []):
+            if t["changed"]:
+                click.echo(f"optimize: {o['level']}: int4 table {t['shape'][0]}x{t['shape'][1]}: scales searched, "
+                           f"relative error {t['error_nearest']:.4f} -> {t['error_clipped']:.4f}")
         return
     err = o["objective"]
     rows = []

@@ -24,6 +24,10 @@ Hessian of the layer's squared output error). Here:
   the grid with the least rounding error weighted by diag(H) (max|w| / 7 wastes levels on one
   outlier weight); the file's scales then change too (same dtypes: float32 per channel, float16
   per block);
+- int4 embedding tables (EMBEDDING_LOOKUP) have no H to trade errors in: each looked-up row is used
+  as stored. With clip_grid their channel or block scales shrink by the same grid to the factor
+  with the least plain squared error, integers rounded to nearest (MiniLM's 30522x384 word table
+  at int4-b128 alone: relative error 0.118 -> 0.106, cosine to float 0.9972 -> 0.9977);
 - a GptqCache carries H and each layer's result to the next call on another mix of the same float
   model (the budget loop's probes): a layer quantized alike is solved once.
 """
@@ -66,7 +70,7 @@ class Int4Fc:
     op_index: int
     name: str  # output tensor name
     weight: int  # tensor index in the quantized model
-    float_input: int  # tensor index of the input activation in the float model
+    float_input: int  # tensor index of the input activation in the float model (-1: a table)
     float_weight: np.ndarray  # [O, I] float32
     scales: np.ndarray  # [O, I] float32: each weight's scale (per channel or per block)
     block: int  # 0: per channel
@@ -147,6 +151,34 @@ def int4_fcs(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]:
             continue
         static = qsg.tensors[int(op.inputs[0])].type != 0  # not float32: activations quantized statically
         out.append(Int4Fc(i, name, int(op.inputs[1]), int(fop.inputs[0]), fw, *sc, static=static))
+    return out
+
+
+def int4_tables(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]:
+    """The int4 EMBEDDING_LOOKUP tables of quant_model with their float values ([rows, width] as an
+    Int4Fc: float_input is -1, a table has no input activation)."""
+    from .weight_layers import _float_constant
+
+    qm = qm if qm is not None else te.load(quant_model)
+    fm = te.load(float_model)
+    qsg, fsg = qm.subgraphs[0], fm.subgraphs[0]
+    fprod = te.producers(fsg)
+    float_ops = {te.tensor_name(fsg.tensors[op.outputs[0]]): op for op in fsg.operators
+                 if te.op_name(fm, op) == "EMBEDDING_LOOKUP"}
+    out = []
+    for i, op in enumerate(qsg.operators):
+        if te.op_name(qm, op) != "EMBEDDING_LOOKUP" or len(op.inputs) < 2:
+            continue
+        w = qsg.tensors[int(op.inputs[1])]
+        if w.type != INT4 or w.shape is None or len(w.shape) != 2 or not _has_data(qm, w):
+            continue
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        name = te.tensor_name(qsg.tensors[op.outputs[0]])
+        fop = float_ops.get(name)
+        fw = None if fop is None else _float_constant(fm, fsg, int(fop.inputs[1]), fprod)
+        sc = _scales(qm, qsg, w, shape)
+        if fw is not None and fw.shape == shape and sc is not None:
+            out.append(Int4Fc(i, name, int(op.inputs[1]), -1, fw, *sc))
     return out
 
 
@@ -310,11 +342,16 @@ def gptq_int4(quantized: bytes, float_model: bytes, samples: Sequence[dict], con
     sg = qm.subgraphs[0]
     layers = int4_fcs(quantized, float_model, qm)
     report: dict = {"samples": len(samples), "layers": [], "skipped": []}
-    if not layers:
-        report["seconds"] = round(time.monotonic() - t0, 2)
-        return quantized, report
     cache = cache if cache is not None else GptqCache()
     cache.use((len(float_model), zlib.crc32(float_model), len(samples), config))
+    changed_any = False
+    if config.clip_grid:
+        report["tables"] = [_clip_table(qm, sg, tab, config.clip_grid, cache)
+                            for tab in int4_tables(quantized, float_model, qm)]
+        changed_any = any(r["changed"] for r in report["tables"])
+    if not layers:
+        report["seconds"] = round(time.monotonic() - t0, 2)
+        return (te.pack(qm) if changed_any else quantized), report
     missing = [lay.float_input for lay in layers if lay.float_input not in cache.hessians]
     if missing:
         if on_step:
@@ -323,7 +360,6 @@ def gptq_int4(quantized: bytes, float_model: bytes, samples: Sequence[dict], con
         cache.hessians.update(hs)
         cache.rows.update(rows)
     deadline = t0 + config.seconds
-    changed_any = False
     for k, lay in enumerate(layers):
         h = cache.hessians.get(lay.float_input)
         if h is None or h.shape[0] != lay.float_weight.shape[1] or not cache.rows.get(lay.float_input):
@@ -364,6 +400,33 @@ def _solve(lay: Int4Fc, near: np.ndarray, h: np.ndarray, config: GptqConfig):
     new = gptq_layer(lay.float_weight, scales, h, damp=config.damp, block=config.block, act_order=config.act_order)
     return (new, groups, output_error(lay.float_weight, near * lay.scales, h),
             output_error(lay.float_weight, new * scales, h))
+
+
+def _clip_table(m, sg, tab: Int4Fc, grid: Sequence[float], cache: GptqCache) -> dict:
+    """Shrink an int4 table's scales to the grid factor with the least squared error (nearest
+    rounding), written into the model when the error drops; the table's report row."""
+    import zlib
+
+    t1 = time.monotonic()
+    near = int4_values(m, sg, tab.weight)
+    key = ("table", tab.name, tab.block, zlib.crc32(near.tobytes()), zlib.crc32(tab.scales.tobytes()))
+    if key not in cache.results:
+        groups = clip_scales(tab.float_weight, tab.scales, tab.block, np.ones(tab.float_weight.shape[1]), grid,
+                             np.float16 if tab.block else np.float32)
+        scales = np.repeat(groups.astype(np.float32), tab.block or tab.scales.shape[1], axis=1)
+        new = np.clip(np.round(tab.float_weight / np.where(scales == 0, 1.0, scales)), QMIN, QMAX).astype(np.int8)
+        w = tab.float_weight.astype(np.float64)
+        norm = max(float(np.linalg.norm(w)), 1e-30)
+        cache.results[key] = (new, groups, float(np.linalg.norm(near * tab.scales.astype(np.float64) - w)) / norm,
+                              float(np.linalg.norm(new * scales.astype(np.float64) - w)) / norm)
+    new, groups, e0, e1 = cache.results[key]
+    changed = int((new != near).sum()) if e1 < e0 else 0
+    if changed:
+        _write(m, sg, tab.weight, new)
+        _write_scales(m, sg, tab, groups)
+    return {"op_index": tab.op_index, "tensor": tab.name, "shape": list(tab.float_weight.shape), "block": tab.block,
+            "error_nearest": round(e0, 6), "error_clipped": round(e1, 6), "changed": changed,
+            "seconds": round(time.monotonic() - t1, 2)}
 
 
 def _write_scales(m, sg, lay: Int4Fc, groups: np.ndarray) -> None:

@@ -372,7 +372,7 @@ def improves(after: Score, than: Score, floor: Score | None, objective: Objectiv
 def gptq_finisher(float_model: bytes, samples: Callable[[], Sequence[dict]], reports: dict,
                   on_step: Callable[[str], None] | None = None) -> Callable[[bytes], bytes]:
     """A litert_quant.Requantizer `finish` for int4 schemes at level fast/best: GPTQ rounding of every
-    int4 FULLY_CONNECTED (gptq.py), calibration samples loaded on first use, one GptqCache for all
+    int4 FULLY_CONNECTED and the scale search of int4 tables (gptq.py), calibration samples loaded on first use, one GptqCache for all
     the quantizations of a conversion (the budget loop's probes reuse H and solved layers);
     `reports` maps each result's model_key to its GPTQ report."""
     from .gptq import GptqCache, GptqConfig, gptq_int4
@@ -482,7 +482,8 @@ def optimize_report(level: OptimizeLevel, asked: OptimizeLevel | None, why: str 
     (`gptq`: an int4 scheme's level, gptq.gptq_int4's report for the written model)."""
     head = {"level": level.value, "asked": asked.value if asked else "default"}
     if gptq is not None:
-        return {**head, "ran": True, "steps": [{"step": "gptq", "kept": any(x["kept"] for x in gptq["layers"]),
+        return {**head, "ran": True, "steps": [{"step": "gptq", "kept": any(x["kept"] for x in gptq["layers"])
+                                                or any(t["changed"] for t in gptq.get("tables", [])),
                                                 "detail": gptq}]}
     if result is None:
         return {**head, "ran": False, "why": why or "--optimize none"}

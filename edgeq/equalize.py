@@ -156,10 +156,13 @@ def find_pairs(model) -> list[tuple[_Layer, _Layer, int]]:
         second = _layer(m, sg, nxt[0], prod)
         if second is None or int(sg.operators[nxt[0]].inputs[0]) != path[-1]:
             continue
-        if second.weight == first.weight or (first.bias is not None and first.bias in (second.weight, second.bias)):
+        # A zero bias stays zero when divided by s, so others may read it (the TFLite converter gives
+        # every bias-less convolution of a width one shared zero tensor: Keras ResNet50's 53 share one).
+        bias = first.bias if first.bias is not None and np.any(te.constant(m, sg, first.bias)) else None
+        if second.weight == first.weight or (bias is not None and bias in (second.weight, second.bias)):
             continue
         # A weight read by another op too would change that op as well.
-        if any(len(cons.get(x, [])) > 1 for x in (first.weight, first.bias, second.weight) if x is not None):
+        if any(len(cons.get(x, [])) > 1 for x in (first.weight, bias, second.weight) if x is not None):
             continue
         pairs.append((first, second, path[0]))
     return pairs
@@ -257,7 +260,7 @@ def equalize(float_model: bytes, samples: Sequence[dict] | None = None, *,
         if np.allclose(s, 1.0):
             continue
         _write(m, sg, first.weight, _scale_out(first, w1, s))
-        if first.bias is not None:
+        if first.bias is not None and np.any(te.constant(m, sg, first.bias)):
             _write(m, sg, first.bias, te.constant(m, sg, first.bias).astype(np.float64) / s)
         _write(m, sg, second.weight, _scale_in(second, w2, s))
         name = te.tensor_name(sg.tensors[t])

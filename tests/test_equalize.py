@@ -155,3 +155,44 @@ def test_channel_ranges_are_read_only_for_the_pairs_that_use_them(tiny_cnn, cali
     only_relu = eqm.equalize(tiny_cnn, calib)
     assert asked == [] and len(only_relu.pairs) == len(pairs) - len(relu6)
     assert only_relu.model == eqm.equalize(tiny_cnn).model
+
+
+def _bias_less_chain(tf) -> bytes:
+    """conv3x3 (ReLU) -> conv1x1 (ReLU) -> conv1x1, no biases: the TFLite converter gives all three
+    one shared zero bias tensor. The first conv's channels run at scales 0.003..1, undone by the next."""
+    rng = np.random.default_rng(11)
+    g = np.geomspace(3e-3, 1.0, 16).astype(np.float32)
+    k1 = tf.constant((rng.normal(0, 0.3, (3, 3, 3, 16)) * g).astype(np.float32))
+    k2 = tf.constant((rng.normal(0, 0.25, (1, 1, 16, 16)) / g[:, None]).astype(np.float32))
+    k3 = tf.constant(rng.normal(0, 0.25, (1, 1, 16, 16)).astype(np.float32))
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="x")])
+        def serve(self, x):
+            h = tf.nn.relu(tf.nn.conv2d(x, k1, 1, "SAME"))
+            h = tf.nn.relu(tf.nn.conv2d(h, k2, 1, "SAME"))
+            return {"y": tf.nn.conv2d(h, k3, 1, "SAME")}
+
+    m = M()
+    return tf.lite.TFLiteConverter.from_concrete_functions([m.serve.get_concrete_function()], m).convert()
+
+
+def test_a_shared_zero_bias_does_not_stop_equalization(tf, calib, held_out):
+    """A bias read by other ops used to refuse the pair; a zero one stays zero when divided by s, so
+    the pairs are equalized (random-weight Keras ResNet50 had none: all 53 convs share one zero bias)."""
+    from edgeq.equalize import equalization_error, equalize, find_pairs
+
+    fm = _bias_less_chain(tf)
+    m = te.load(fm)
+    sg = m.subgraphs[0]
+    biases = {int(op.inputs[2]) for op in sg.operators}
+    assert len(biases) == 1 and not np.any(te.constant(m, sg, biases.pop()))  # one shared zero tensor
+    assert len(find_pairs(m)) == 2
+    eq = equalize(fm, calib)
+    assert len(eq.pairs) == 2 and equalization_error(fm, eq.model, held_out) < 1e-5
+    after = te.load(eq.model)
+    sg2 = after.subgraphs[0]
+    shared = {int(op.inputs[2]) for op in sg2.operators}
+    assert len(shared) == 1 and not np.any(te.constant(after, sg2, shared.pop()))
+    # int8 output error, measured: 0.55 -> 0.031.
+    assert output_error(fm, quantize_plain(eq.model, calib), held_out) < 0.2 * output_error(fm, quantize_plain(fm, calib), held_out)

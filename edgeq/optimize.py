@@ -372,9 +372,9 @@ def improves(after: Score, than: Score, floor: Score | None, objective: Objectiv
 def gptq_finisher(float_model: bytes, samples: Callable[[], Sequence[dict]], reports: dict,
                   on_step: Callable[[str], None] | None = None) -> Callable[[bytes], bytes]:
     """A litert_quant.Requantizer `finish` for int4 schemes at level fast/best: GPTQ rounding of every
-    int4 FULLY_CONNECTED and the scale search of int4 tables (gptq.py), calibration samples loaded on first use, one GptqCache for all
-    the quantizations of a conversion (the budget loop's probes reuse H and solved layers);
-    `reports` maps each result's model_key to its GPTQ report."""
+    int4 FULLY_CONNECTED and the scale search of int4 tables (gptq.py), calibration samples loaded on
+    first use, one GptqCache for all the quantizations of a conversion (the budget loop's probes reuse
+    H and solved layers); `reports` maps each result's model_key to its GPTQ report."""
     from .gptq import GptqCache, GptqConfig, gptq_int4
 
     cache, loaded = GptqCache(), []

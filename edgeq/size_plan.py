@@ -17,7 +17,7 @@ from .fidelity import fidelity
 from .litert_quant import per_op_from_plan
 from .precision import INT4_FALLBACK, INT4_PRECISIONS, IoType, Scheme
 from .quantize import QuantizeRequest, quantize
-from .size_goal import choose_for_size, size_candidates, spend_room
+from .size_goal import Measured, choose_for_size, size_candidates, spend_room
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,49 @@ def plan_for_size(req: SizeRequest, source, data, profile, float_info, eval_samp
 
     choice = choose_for_size([(s.value, s) for s in candidates], req.max_bytes, measure)
     chosen = choice.chosen
-    goal = {"max_bytes": req.max_bytes, "chosen": chosen.label, "tried": [
-        {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
-        for m in choice.tried]}
-    overrides = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal, progress)
+    goal = {"max_bytes": req.max_bytes, "chosen": chosen.label, "tried": [_row(m) for m in choice.tried]}
+    overrides, reached = _size_mix(chosen, req.max_bytes, source, data, profile, float_info, measure, goal, progress)
+    # The most accurate int4 scheme that fits may barely fit, and a later one's room at 8 bits buy
+    # more (MiniLM under 13.1 MB: int4-b32 fits with 96 KB left, int4-b128 with 1.14 MB): the first
+    # later int4 scheme that leaves at least twice the room is measured the same way and the better
+    # result kept, so a larger size does not give a worse model.
+    later = candidates[candidates.index(chosen.candidate) + 1:] if chosen.candidate.is_int4 else []
+    for s in later if reached == reached else []:
+        model, fid = measure(s)
+        alt = Measured(s, s.value, len(model), fid, model)
+        goal["tried"].append(_row(alt))
+        if req.max_bytes - alt.size_bytes < 2 * max(req.max_bytes - chosen.size_bytes, 1):
+            continue
+        label = goal["chosen"]
+        goal["chosen"] = alt.label
+        alt_overrides, alt_reached = _size_mix(alt, req.max_bytes, source, data, profile, float_info, measure,
+                                               goal, progress)
+        if alt_reached > reached:
+            return alt.candidate, goal, alt_overrides
+        goal["chosen"] = label
+        break
     return chosen.candidate, goal, overrides
 
 
-def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict, progress) -> dict:
+def _row(m: Measured) -> dict:
+    return {"scheme": m.label, "bytes": m.size_bytes, "cosine": None if m.fidelity != m.fidelity else m.fidelity}
+
+
+def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure, goal: dict,
+              progress) -> tuple[dict, float]:
     """Spend the bytes an int4 choice leaves under --max-size: its layers that buy the most fidelity
     per byte at 8 bits (each measured alone, as the budget loop's int4 phase does:
-    budget_moves.measured_int4_order), as many as fit; kept if the file fits and fidelity rose. Plan
-    overrides ({} when nothing is kept); the attempt is recorded in `goal`."""
+    budget_moves.measured_int4_order), as many as fit; kept if the file fits and fidelity rose. (Plan
+    overrides, {} when nothing is kept; the fidelity reached as written); the attempt is recorded in
+    `goal`."""
     scheme, room = chosen.candidate, max_bytes - chosen.size_bytes
-    if not scheme.is_int4 or room <= 0 or chosen.fidelity != chosen.fidelity:
-        return {}
+    if not scheme.is_int4 or chosen.fidelity != chosen.fidelity:
+        return {}, chosen.fidelity
+    model, base = measure(scheme, {}, finished=True)  # as it would be written (GPTQ, when the level runs)
+    if model != chosen.model:
+        goal["tried"].append({"scheme": f"{scheme.value} + GPTQ", "bytes": len(model), "cosine": base})
+    if room <= 0:
+        return {}, base
     plan = conversion_plan(float_info, profile, scheme)
     int4 = {e.index: e.precision for e in plan.entries if e.subgraph == 0 and e.precision in INT4_PRECISIONS}
     ops = [op for op in float_info.ops if op.subgraph == 0]
@@ -81,10 +109,7 @@ def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure
 
     moves = [mv for mv in moves if extra(mv.ops[0]) <= room]
     if not moves:
-        return {}
-    model, base = measure(scheme, {}, finished=True)  # as it would be written (GPTQ, when the level runs)
-    if model != chosen.model:
-        goal["tried"].append({"scheme": f"{scheme.value} + GPTQ", "bytes": len(model), "cosine": base})
+        return {}, base
 
     why = "--max-size: at 8 bits alone it bought the most fidelity per byte, room left for 8 bits"
 
@@ -103,10 +128,10 @@ def _size_mix(chosen, max_bytes: int, source, data, profile, float_info, measure
         if len(model) <= max_bytes:
             if fid > base:
                 goal["chosen"] = row["scheme"]
-                return overrides
-            return {}
+                return overrides, fid
+            return {}, base
         picked = _shed(picked, len(model) - max_bytes, extra)
-    return {}
+    return {}, base
 
 
 def _shed(picked: list[int], over: int, extra: Callable[[int], int]) -> list[int]:

@@ -548,6 +548,26 @@ def test_max_size_picks_the_most_accurate_scheme_that_fits(int4_source, tmp_path
     assert not (tmp_path / "c.tflite").exists()
 
 
+def test_max_size_measures_a_later_int4_scheme_that_leaves_more_room(int4_source, tmp_path):
+    """The most accurate int4 scheme that fits may barely fit while a later one leaves twice the room
+    for 8-bit layers (MiniLM under 13.1 MB: int4-b32 96 KB, int4-b128 1.14 MB): the later one is
+    measured as it would be written too, and the better result is kept. Here int4-b32 fits with 200
+    bytes to spare, int4-b128 does not fit, channelwise int4 leaves 640 (no layer fits either way),
+    and int4-b32 with GPTQ stays the more faithful (cosine 0.99976 vs 0.99931)."""
+    model, cal = int4_source
+    b32 = convert(model, ConvertOptions(tmp_path / "a.tflite", scheme=Scheme.INT4_B32, calib=cal, max_size=10**9))
+    limit = b32.manifest["size_goal"]["tried"][0]["bytes"] + 200
+    r = convert(model, ConvertOptions(tmp_path / "b.tflite", calib=cal, max_size=limit))
+    g = r.manifest["size_goal"]
+    rows = {t["scheme"]: t for t in g["tried"]}
+    assert [t["scheme"] for t in g["tried"]][:3] == ["int8", "int4-b32", "int4-b32 + GPTQ"], g
+    assert rows["int4-b128"]["bytes"] > limit  # measured, does not fit: the next one is tried
+    assert limit - rows["int4"]["bytes"] >= 400 and "int4 + GPTQ" in rows, g  # twice the room: measured
+    assert rows["int4-b32 + GPTQ"]["cosine"] > rows["int4 + GPTQ"]["cosine"]
+    assert g["chosen"] == "int4-b32" and r.manifest["scheme"] == "int4-b32"
+    assert (tmp_path / "b.tflite").stat().st_size <= limit
+
+
 def test_int4_scheme_with_max_drop_runs_the_budget_loop(int4_source, tmp_path):
     """--max-drop tighter than int4 reaches: the loop moves int4 layers to 8 bits until it holds."""
     model, cal = int4_source

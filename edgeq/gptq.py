@@ -125,49 +125,34 @@ def _scales(m, sg, t, shape: tuple[int, int]) -> tuple[np.ndarray, int, int] | N
 
 def int4_fcs(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]:
     """The int4 FULLY_CONNECTEDs of quant_model with their float weights and float input tensor."""
-    from .weight_layers import _float_constant
-
     qm = qm if qm is not None else te.load(quant_model)
-    fm = te.load(float_model)
-    qsg, fsg = qm.subgraphs[0], fm.subgraphs[0]
-    fprod = te.producers(fsg)
-    float_fcs = {te.tensor_name(fsg.tensors[op.outputs[0]]): op for op in fsg.operators
-                 if te.op_name(fm, op) == "FULLY_CONNECTED"}
-    out = []
-    for i, op in enumerate(qsg.operators):
-        if te.op_name(qm, op) != "FULLY_CONNECTED" or len(op.inputs) < 2:
-            continue
-        w = qsg.tensors[int(op.inputs[1])]
-        if w.type != INT4 or w.shape is None or len(w.shape) != 2 or not _has_data(qm, w):
-            continue
-        shape = (int(w.shape[0]), int(w.shape[1]))
-        name = te.tensor_name(qsg.tensors[op.outputs[0]])
-        fop = float_fcs.get(name)
-        if fop is None:
-            continue
-        fw = _float_constant(fm, fsg, int(fop.inputs[1]), fprod)
-        sc = _scales(qm, qsg, w, shape)
-        if fw is None or fw.shape != shape or sc is None:
-            continue
-        static = qsg.tensors[int(op.inputs[0])].type != 0  # not float32: activations quantized statically
-        out.append(Int4Fc(i, name, int(op.inputs[1]), int(fop.inputs[0]), fw, *sc, static=static))
-    return out
+    qsg = qm.subgraphs[0]
+    # static: the input is not float32, so the activations are quantized statically (int4x8)
+    return [Int4Fc(i, name, int(op.inputs[1]), int(fop.inputs[0]), fw, *sc,
+                   static=qsg.tensors[int(op.inputs[0])].type != 0)
+            for i, op, fop, name, fw, sc in _int4_weights(qm, float_model, "FULLY_CONNECTED")]
 
 
 def int4_tables(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]:
     """The int4 EMBEDDING_LOOKUP tables of quant_model with their float values ([rows, width] as an
     Int4Fc: float_input is -1, a table has no input activation)."""
+    qm = qm if qm is not None else te.load(quant_model)
+    return [Int4Fc(i, name, int(op.inputs[1]), -1, fw, *sc)
+            for i, op, _, name, fw, sc in _int4_weights(qm, float_model, "EMBEDDING_LOOKUP")]
+
+
+def _int4_weights(qm, float_model: bytes, kind: str):
+    """(op index, op, float model's op, output name, float weight [O, I], scales as _scales gives them)
+    for each `kind` op of quantized model qm with a constant 2-D int4 weight (input 1), paired with the
+    float model's op by output tensor name (the LiteRT quantizer keeps names), checked by shape."""
     from .weight_layers import _float_constant
 
-    qm = qm if qm is not None else te.load(quant_model)
     fm = te.load(float_model)
     qsg, fsg = qm.subgraphs[0], fm.subgraphs[0]
     fprod = te.producers(fsg)
-    float_ops = {te.tensor_name(fsg.tensors[op.outputs[0]]): op for op in fsg.operators
-                 if te.op_name(fm, op) == "EMBEDDING_LOOKUP"}
-    out = []
+    float_ops = {te.tensor_name(fsg.tensors[op.outputs[0]]): op for op in fsg.operators if te.op_name(fm, op) == kind}
     for i, op in enumerate(qsg.operators):
-        if te.op_name(qm, op) != "EMBEDDING_LOOKUP" or len(op.inputs) < 2:
+        if te.op_name(qm, op) != kind or len(op.inputs) < 2:
             continue
         w = qsg.tensors[int(op.inputs[1])]
         if w.type != INT4 or w.shape is None or len(w.shape) != 2 or not _has_data(qm, w):
@@ -178,8 +163,7 @@ def int4_tables(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]
         fw = None if fop is None else _float_constant(fm, fsg, int(fop.inputs[1]), fprod)
         sc = _scales(qm, qsg, w, shape)
         if fw is not None and fw.shape == shape and sc is not None:
-            out.append(Int4Fc(i, name, int(op.inputs[1]), -1, fw, *sc))
-    return out
+            yield i, op, fop, name, fw, sc
 
 
 def _has_data(m, t) -> bool:

@@ -33,7 +33,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 from .accuracy_target import Metric, Requirement, Target
@@ -117,8 +117,18 @@ PRUNE_SHARE = 0.01
 def run_budget(ctx: BudgetContext, target: Target, first_model: bytes, first_fid: Fidelity, first_litert: bool,
                plan) -> BudgetResult:
     """Meet `target` starting from the first result (`first_litert`: it came from ctx.requantizer's
-    quantizer); QuantizationError, nothing written, if it cannot."""
-    return _Loop(ctx, target, first_model, first_fid, first_litert, plan).run()
+    quantizer); QuantizationError, nothing written, if it cannot. When it cannot within --max-size,
+    the loop runs again without the size, so the error names the size where the target holds."""
+    try:
+        return _Loop(ctx, target, first_model, first_fid, first_litert, plan).run()
+    except _MissedWithinSize as missed:
+        if ctx.progress is not None:
+            ctx.progress.note("Accuracy budget: not met within --max-size; finding the size where it is met")
+        try:
+            free = _Loop(replace(ctx, max_bytes=None), target, first_model, first_fid, first_litert, plan).run()
+        except QuantizationError:
+            raise QuantizationError(missed.message(None)) from None
+        raise QuantizationError(missed.message(len(free.model))) from None
 
 
 class _Loop:
@@ -395,11 +405,10 @@ class _Loop:
             if best is None:
                 left = human_size(max(0, self.ctx.max_bytes - size))
                 reached = f"{self.target.reached(fid)}, and no move fits in the {left} left{refused}"
-            raise QuantizationError(
+            raise _MissedWithinSize(
                 f"{'fidelity floor' if self.target.floor else 'accuracy budget'} not met within --max-size "
                 f"{human_size(self.ctx.max_bytes)}, nothing written: {reached} at {human_size(size)} "
-                f"({self.report['probes']} probes); raise --max-size, or accept less with --max-drop "
-                f"{_suggest_drop(fid, self.target)}")
+                f"({self.report['probes']} probes)", f"--max-drop {_suggest_drop(fid, self.target)}")
         if self.target.floor:
             raise QuantizationError(
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "
@@ -445,6 +454,21 @@ class _Loop:
                 "float": counts.get("float", 0), "hybrid": counts.get("hybrid", 0), **counts,
                 "value": self.primary.value(fid), "drop": self.primary.drop(fid), "met": self.target.met(fid),
                 "bytes": len(model), "values": {r.output: r.value(fid) for r in self.target.requirements}}
+
+
+class _MissedWithinSize(QuantizationError):
+    """The target missed within --max-size; run_budget completes the message once it knows whether
+    (and at what size) the loop meets the target without the size."""
+
+    def __init__(self, what: str, accept: str):
+        super().__init__(what)
+        self.what, self.accept = what, accept
+
+    def message(self, size: int | None) -> str:
+        if size is None:
+            return f"{self.what}; the loop does not meet it at any size either: accept less with {self.accept}"
+        return (f"{self.what}; it is met at {human_size(size)} (the loop without the size): raise --max-size, "
+                f"or accept less with {self.accept}")
 
 
 class _OutOfProbes(Exception):

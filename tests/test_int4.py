@@ -267,7 +267,8 @@ def test_budget_moves_the_damaging_int4_layer_to_int8(outlier_mlp):
 def test_budget_under_a_size_cap_moves_only_what_fits(outlier_mlp):
     """--max-size bounds the loop: the damaging first FC (64x256: +8 KB at int8 weights) moves when
     the cap leaves 9 KB; with 5 KB left only the last FC (+4 KB) fits, which cannot meet the budget
-    (0.960 < 0.98), so the loop fails naming what it reached within the size and writes nothing."""
+    (0.960 < 0.98), so the loop fails naming what it reached within the size and the size where the
+    budget is met, and writes nothing."""
     from edgeq.errors import QuantizationError
 
     fm, samples = outlier_mlp
@@ -283,7 +284,10 @@ def test_budget_under_a_size_cap_moves_only_what_fits(outlier_mlp):
     assert msg.startswith(f"accuracy budget not met within --max-size {(len(first) + 5000) / 1000:.1f} KB, "
                           "nothing written: best Identity cosine 0.96")
     assert "(needs >= 0.98) with 1 op(s) moved at " in msg and "1 probes" in msg
-    assert msg.endswith("raise --max-size, or accept less with --max-drop 0.04 --metric cosine")
+    # The size where the budget holds, from the loop run again without the cap: the first FC at 8 bits.
+    from edgeq.size_goal import human_size
+    assert msg.endswith(f"; it is met at {human_size(len(result.model))} (the loop without the size): raise "
+                        "--max-size, or accept less with --max-drop 0.04 --metric cosine"), msg
 
 
 def test_budget_probes_keep_the_size_mix_they_start_from(outlier_mlp):

@@ -123,31 +123,33 @@ def _scales(m, sg, t, shape: tuple[int, int]) -> tuple[np.ndarray, int, int] | N
     return np.broadcast_to(p[0].astype(np.float32).reshape(-1, 1), shape).copy(), 0, -1
 
 
-def int4_fcs(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]:
-    """The int4 FULLY_CONNECTEDs of quant_model with their float weights and float input tensor."""
+def int4_fcs(quant_model: bytes, float_model: bytes, qm=None, fm=None) -> list[Int4Fc]:
+    """The int4 FULLY_CONNECTEDs of quant_model with their float weights and float input tensor
+    (qm, fm: the two models already loaded)."""
     qm = qm if qm is not None else te.load(quant_model)
+    fm = fm if fm is not None else te.load(float_model)
     qsg = qm.subgraphs[0]
     # static: the input is not float32, so the activations are quantized statically (int4x8)
     return [Int4Fc(i, name, int(op.inputs[1]), int(fop.inputs[0]), fw, *sc,
                    static=qsg.tensors[int(op.inputs[0])].type != 0)
-            for i, op, fop, name, fw, sc in _int4_weights(qm, float_model, "FULLY_CONNECTED")]
+            for i, op, fop, name, fw, sc in _int4_weights(qm, fm, "FULLY_CONNECTED")]
 
 
-def int4_tables(quant_model: bytes, float_model: bytes, qm=None) -> list[Int4Fc]:
+def int4_tables(quant_model: bytes, float_model: bytes, qm=None, fm=None) -> list[Int4Fc]:
     """The int4 EMBEDDING_LOOKUP tables of quant_model with their float values ([rows, width] as an
     Int4Fc: float_input is -1, a table has no input activation)."""
     qm = qm if qm is not None else te.load(quant_model)
+    fm = fm if fm is not None else te.load(float_model)
     return [Int4Fc(i, name, int(op.inputs[1]), -1, fw, *sc)
-            for i, op, _, name, fw, sc in _int4_weights(qm, float_model, "EMBEDDING_LOOKUP")]
+            for i, op, _, name, fw, sc in _int4_weights(qm, fm, "EMBEDDING_LOOKUP")]
 
 
-def _int4_weights(qm, float_model: bytes, kind: str):
+def _int4_weights(qm, fm, kind: str):
     """(op index, op, float model's op, output name, float weight [O, I], scales as _scales gives them)
-    for each `kind` op of quantized model qm with a constant 2-D int4 weight (input 1), paired with the
-    float model's op by output tensor name (the LiteRT quantizer keeps names), checked by shape."""
+    for each `kind` op of quantized model qm with a constant 2-D int4 weight (input 1), paired with
+    float model fm's op by output tensor name (the LiteRT quantizer keeps names), checked by shape."""
     from .weight_layers import _float_constant
 
-    fm = te.load(float_model)
     qsg, fsg = qm.subgraphs[0], fm.subgraphs[0]
     fprod = te.producers(fsg)
     float_ops = {te.tensor_name(fsg.tensors[op.outputs[0]]): op for op in fsg.operators if te.op_name(fm, op) == kind}
@@ -324,14 +326,15 @@ def gptq_int4(quantized: bytes, float_model: bytes, samples: Sequence[dict], con
         raise QuantizationError("GPTQ needs calibration samples; pass --calib data")
     qm = te.load(quantized)
     sg = qm.subgraphs[0]
-    layers = int4_fcs(quantized, float_model, qm)
+    fm = te.load(float_model)  # once for the FCs and the tables
+    layers = int4_fcs(quantized, float_model, qm, fm)
     report: dict = {"samples": len(samples), "layers": [], "skipped": []}
     cache = cache if cache is not None else GptqCache()
     cache.use((len(float_model), zlib.crc32(float_model), len(samples), config))
     changed_any = False
     if config.clip_grid:
         report["tables"] = [_clip_table(qm, sg, tab, config.clip_grid, cache)
-                            for tab in int4_tables(quantized, float_model, qm)]
+                            for tab in int4_tables(quantized, float_model, qm, fm)]
         changed_any = any(r["changed"] for r in report["tables"])
     if not layers:
         report["seconds"] = round(time.monotonic() - t0, 2)

@@ -64,6 +64,9 @@ class Plan:
     # The accuracy-budget loop from this scheme: (scheme, metric, max_drop).
     budget: tuple | None = None
     gptq: bool = False  # GPTQ rounding of the int4 weights (edgeq convert's int4 level; every budget probe)
+    # A size goal as `edgeq convert --max-size BYTES --max-drop 0.01` runs it (MiniLM): the library's
+    # convert() on the calibration + judging sentences, which splits them itself.
+    max_size: int = 0
 
 
 MINILM_PLANS = (
@@ -89,6 +92,7 @@ MINILM_PLANS = (
          budget=("int4-b128", "cosine", 0.01), gptq=True),
     Plan("budget-int4-gptq", "budget loop from int4 (channelwise) with GPTQ, cosine >= 0.99",
          budget=("int4", "cosine", 0.01), gptq=True),
+    Plan("size-13mb", "edgeq convert --max-size 13MB --max-drop 0.01 (cosine >= 0.99)", max_size=13_000_000),
 )
 
 CNN_PLANS = (
@@ -184,6 +188,28 @@ def budget_mix(float_tflite: bytes, plan: Plan, calib, judge, classifier: bool, 
     return result.model, b
 
 
+def size_goal_mix(source: Path, plan: Plan, texts: list[str], n_calib: int, label: str) -> tuple[bytes, dict]:
+    """`edgeq convert SOURCE --calib TEXTS --max-size ... --max-drop 0.01` through the library, as the
+    CLI runs it (its own split: n_calib sentences calibrate, the rest judge); the written model and
+    its manifest. A size it cannot meet raises (the table then has no row, the error is printed)."""
+    import tempfile
+
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import BudgetOptions, ConvertOptions, convert
+
+    with tempfile.TemporaryDirectory() as d:
+        sentences = Path(d, "sentences.txt")
+        sentences.write_text("\n".join(texts) + "\n")
+        out = Path(d, "model.tflite")
+        calib = CalibrationConfig(str(sentences), samples=n_calib, eval_samples=len(texts) - n_calib)
+        result = convert(source, ConvertOptions(out, calib=calib, budget=BudgetOptions(0.01, "cosine"),
+                                                max_size=plan.max_size))
+        goal, budget = result.manifest.get("size_goal") or {}, result.manifest.get("budget") or {}
+        print(f"    {label}: chose {goal.get('chosen')}; budget met {budget.get('met')}, {budget.get('metric')} "
+              f"drop {budget.get('final_drop')} on the judging sentences", file=sys.stderr, flush=True)
+        return out.read_bytes(), budget
+
+
 def outputs(model: bytes, samples, key: str | None = None, threads: int = 2) -> np.ndarray:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -210,8 +236,9 @@ def weight_dtypes(model: bytes) -> str:
 
 
 def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, classifier: bool,
-            judge=None, labels=None) -> list[dict]:
-    """`judge`: the samples budget plans are judged on (never `held`); `labels`: held's true classes."""
+            judge=None, labels=None, size_goal=None) -> list[dict]:
+    """`judge`: the samples budget plans are judged on (never `held`); `labels`: held's true classes;
+    `size_goal(plan, label)`: the model and report of a max_size plan (MiniLM)."""
     from minilm import latencies_ms
 
     ref = outputs(float_tflite, held, key)
@@ -220,7 +247,11 @@ def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, 
         t0 = time.time()
         report = None
         try:
-            if plan.budget:
+            if plan.max_size:
+                if size_goal is None:
+                    continue
+                model, report = size_goal(plan, f"{name}/{plan.name}")
+            elif plan.budget:
                 model, report = budget_mix(float_tflite, plan, calib, judge, classifier, f"{name}/{plan.name}")
             else:
                 model = quantize(float_tflite, plan, calib)
@@ -240,7 +271,7 @@ def measure(name: str, float_tflite: bytes, plans, calib, held, key, runs: int, 
             row["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
         if labels is not None:
             row["accuracy"] = float((out.argmax(1) == labels).mean())
-        if report is not None:
+        if report is not None and "steps" in report:
             row["budget"] = {k: report.get(k) for k in ("met", "phases", "probes", "seconds", "moved", "chosen_step")}
             row["budget"]["steps"] = [{k: st[k] for k in ("step", "probe", "bytes", "value", "met")} | {
                 "moved": dict(Counter(m.split("-> ")[1] for m in st["moved"]))} for st in report["steps"]]
@@ -274,7 +305,8 @@ def minilm(args) -> list[dict]:
           "held-out sentences", file=sys.stderr)
     plans = [p for p in MINILM_PLANS if not args.plans or p.name in args.plans]
     return measure("MiniLM-L6", fm.tflite, plans, fm.make_samples(calib), fm.make_samples(held), "embedding",
-                   args.runs, classifier=False, judge=fm.make_samples(judge))
+                   args.runs, classifier=False, judge=fm.make_samples(judge),
+                   size_goal=lambda plan, label: size_goal_mix(model_dir, plan, calib + judge, len(calib), label))
 
 
 def cnn(args) -> list[dict]:

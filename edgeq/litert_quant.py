@@ -173,7 +173,8 @@ class Requantizer:
     `samples` returns a fresh iterator of calibration samples; `adjust_ranges` (range selection)
     is applied once to the calibration result. `ranges`: a calibration result chosen elsewhere (an
     --optimize level's), used as is instead of calibrating; `finish` post-processes every result
-    (that level's bias correction)."""
+    (that level's bias correction, GPTQ). An int4 default also stores large non-weight float32
+    constants as float16 (half_constants.py)."""
 
     def __init__(self, float_model: bytes, default: Precision, samples: Callable[[], Iterable[dict]] | None,
                  count: int = 0, *, keep_float_io: bool = True, adjust_ranges: Callable[[dict], dict] | None = None,
@@ -264,7 +265,11 @@ class Requantizer:
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
         model = bytes(result.quantized_model)
-        return self._finish(model) if self._finish else model
+        model = self._finish(model) if self._finish else model
+        if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
+            from .half_constants import halve_float_constants
+            model, _ = halve_float_constants(model)
+        return model
 
 
 def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],

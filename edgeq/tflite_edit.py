@@ -98,6 +98,27 @@ def op_name(m, op) -> str:
     return name
 
 
+# schema.fbs: builtin codes above 127 live only in builtin_code; deprecated_builtin_code says 127.
+PLACEHOLDER_FOR_GREATER_OP_CODES = 127
+
+
+def opcode_index(m, name: str, version: int = 1) -> int:
+    """Index of builtin `name`'s operator code in model `m`, added if missing; an existing code's
+    version is raised to `version` (an op version says what its kernel must support)."""
+    s = schema()
+    num = getattr(s.BuiltinOperator, name)
+    codes = m.operatorCodes
+    for i, c in enumerate(codes):
+        if max(c.builtinCode, c.deprecatedBuiltinCode) == num:
+            c.version = max(int(c.version or 1), version)
+            return i
+    code = s.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode = num, min(num, PLACEHOLDER_FOR_GREATER_OP_CODES)
+    code.version = version
+    codes.append(code)
+    return len(codes) - 1
+
+
 def ints(xs) -> list[int]:
     """An optional index vector of the object API (None, list or numpy array) as a list of ints."""
     return [] if xs is None else [int(x) for x in xs]

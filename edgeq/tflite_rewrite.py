@@ -29,8 +29,6 @@ import numpy as np
 
 from . import tflite_edit as te
 
-# schema.fbs: builtin codes above 127 live only in builtin_code; deprecated_builtin_code says 127.
-_PLACEHOLDER_FOR_GREATER_OP_CODES = 127
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def upgrade_opcodes(m) -> int:
         if code.builtinCode != num:
             code.builtinCode = num
             n += 1
-        code.deprecatedBuiltinCode = min(num, _PLACEHOLDER_FOR_GREATER_OP_CODES)
+        code.deprecatedBuiltinCode = min(num, te.PLACEHOLDER_FOR_GREATER_OP_CODES)
     return n
 
 
@@ -333,14 +331,7 @@ def _new_tensor(sg, like, suffix: str) -> int:
 def _new_op(m, name: str, inputs: list[int], output: int, activation: int = 0):
     """An ADD/SUB/MUL OperatorT (operator code added if the model has none yet)."""
     s = te.schema()
-    num = getattr(s.BuiltinOperator, name)
-    codes = m.operatorCodes
-    index = next((i for i, c in enumerate(codes) if max(c.builtinCode, c.deprecatedBuiltinCode) == num), None)
-    if index is None:
-        code = s.OperatorCodeT()
-        code.builtinCode, code.deprecatedBuiltinCode, code.version = num, min(num, _PLACEHOLDER_FOR_GREATER_OP_CODES), 1
-        codes.append(code)
-        index = len(codes) - 1
+    index = te.opcode_index(m, name)
     options = getattr(s, f"{name.title()}OptionsT")()
     options.fusedActivationFunction = activation
     op = s.OperatorT()

@@ -180,9 +180,9 @@ def test_padding_rows_stay_out_of_h(tf):
     samples = [{"x": rng.normal(size=(1, 8, 64)).astype(np.float32),
                 "attention_mask": (np.arange(8) < k).astype(np.int32)[None]} for k in (3, 5)]
     fc = int4_fcs(quantize_per_op(fm, "int4", (), None), fm)[0]
-    _, rows = hessians(fm, samples, [fc.float_input], "attention_mask")
+    _, rows, _ = hessians(fm, samples, [fc.float_input], "attention_mask")
     assert rows[fc.float_input] == 3 + 5
-    _, rows = hessians(fm, samples, [fc.float_input], None)
+    _, rows, _ = hessians(fm, samples, [fc.float_input], None)
     assert rows[fc.float_input] == 16
 
 
@@ -297,3 +297,61 @@ def _float_table(model: bytes) -> np.ndarray:
     sg = m.subgraphs[0]
     op = next(op for op in sg.operators if te.op_name(m, op) == "EMBEDDING_LOOKUP")
     return te.constant(m, sg, int(op.inputs[1]))
+
+
+def _mlp_with_biases(tf, seed: int = SEED) -> bytes:
+    """FC 64->128 + bias (ReLU), FC 128->32 + bias: the second FC's inputs (ReLU outputs) and the
+    first's (see _offset) have a mean far from 0."""
+    from edgeq.quiet import quiet_native
+    from edgeq.signature import ensure_signature
+
+    rng = np.random.default_rng(seed)
+    w1, w2 = (tf.constant(rng.normal(0, 1 / np.sqrt(i), (i, o)).astype(np.float32)) for i, o in ((64, 128), (128, 32)))
+    b1, b2 = (tf.constant(rng.normal(0, 0.5, (o,)).astype(np.float32)) for o in (128, 32))
+
+    @tf.function
+    def fn(x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, w1) + b1), w2) + b2
+
+    with quiet_native():
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(tf.TensorSpec([8, 64], tf.float32))], fn)
+        return ensure_signature(bytes(conv.convert()))[0]
+
+
+def _offset(samples: list[dict]) -> list[dict]:
+    shift = np.random.default_rng(SEED).uniform(1.0, 3.0, 64).astype(np.float32)
+    return [{"x": s["x"] + shift} for s in samples]
+
+
+def _biases(model: bytes) -> list[np.ndarray]:
+    m = te.load(model)
+    sg = m.subgraphs[0]
+    return [te.constant(m, sg, int(op.inputs[2])) for op in sg.operators if te.op_name(m, op) == "FULLY_CONNECTED"]
+
+
+def test_centred_gptq_gives_the_mean_error_to_the_bias(tf):
+    """With a float32 bias, GPTQ solves on the centred covariance and the bias in the file becomes
+    b - (Q s - W) mean (read back); the held-out output error falls below uncentred GPTQ's."""
+    fm = _mlp_with_biases(tf)
+    calib, held = _offset(_samples(32, 1)), _offset(_samples(32, 2))
+    q = quantize_per_op(fm, "int4", (), None)
+    centred, report = gptq_int4(q, fm, calib)
+    plain, plain_report = gptq_int4(q, fm, calib, GptqConfig(centre=False))
+    assert [lay["bias_corrected"] for lay in report["layers"]] == [True, True]
+    assert [lay["bias_corrected"] for lay in plain_report["layers"]] == [False, False]
+    assert all(np.array_equal(a, b) for a, b in zip(_biases(plain), _biases(q)))  # uncentred: biases as written
+    # The file's biases: the quantizer's float bias minus the mean output change of the new weights.
+    _, rows, sums = hessians(fm, calib, [lay.float_input for lay in int4_fcs(q, fm)])
+    m = te.load(centred)
+    for lay, b_before, b_after in zip(int4_fcs(centred, fm), _biases(q), _biases(centred)):
+        mean = sums[lay.float_input] / rows[lay.float_input]
+        deq = int4_values(m, m.subgraphs[0], lay.weight) * lay.scales
+        expected = b_before - (deq.astype(np.float64) - lay.float_weight) @ mean
+        assert np.allclose(b_after, expected, rtol=1e-5, atol=1e-5)
+        assert np.abs(b_after - b_before).max() > 1e-3  # a real change, not float noise
+    # Each layer's own error on the calibration rows (what GPTQ minimizes) and the held-out output
+    # error fall (here 0.0809 -> 0.0789; MiniLM all-int4-b128: held-out cosine 0.9822 -> 0.9837).
+    for c, u in zip(report["layers"], plain_report["layers"]):
+        assert c["error_gptq"] < u["error_gptq"]
+    assert _rel(fm, centred, held) < _rel(fm, plain, held) < _rel(fm, q, held)

@@ -90,7 +90,7 @@ class Target:
     def reached(self, fid: Fidelity) -> str:
         """e.g. 'embedding cosine 0.9888 (needs >= 0.99)'."""
         r = self.worst(fid)
-        return f"{r.output} {r.metric} {r.value(fid):.4f} (needs {r.text().split(' ', 2)[2]})"
+        return f"{r.output} {r.metric} {_shown(r.value(fid), r.bound)} (needs {r.text().split(' ', 2)[2]})"
 
     def describe(self) -> str:
         what = "; ".join(r.text() for r in self.requirements)
@@ -99,6 +99,16 @@ class Target:
     def to_json(self) -> dict:
         return {"floor": self.floor, "max_drop": self.max_drop,
                 "requirements": [r.to_json() for r in self.requirements]}
+
+
+def _shown(value: float, bound: float) -> str:
+    """`value` to 4 places, or more where 4 would put it on the bound's other side (0.98996 read
+    "0.9900 (needs >= 0.99)" in a refusal)."""
+    for places in range(4, 9):
+        text = f"{value:.{places}f}"
+        if value == bound or (float(text) > bound) == (value > bound) and float(text) != bound:
+            return text
+    return text
 
 
 def wilson_upper(p: float, n: int, z: float = _Z) -> float:

@@ -46,6 +46,9 @@ def test_default_floor_per_output_kind():
     assert floor.floor and not floor.met(_fid(emb, cls, box, n=8))
     assert floor.worst(_fid(emb, cls, box, n=8)).output == "embedding"
     assert "embedding cosine 0.9750 (needs >= 0.98)" == floor.reached(_fid(emb, cls, box, n=8))
+    # Just short of the bound: enough places to show the miss (4 would read "0.9800").
+    near = OutputFidelity("embedding", 0.97996, 0.1, 0.1, None, OutputKind.EMBEDDING)
+    assert "embedding cosine 0.97996 (needs >= 0.98)" == floor.reached(_fid(near, cls, box, n=8))
     # One miss in 8 judged samples is not evidence of a broken classifier; 42 of 50 is.
     ok = OutputFidelity("embedding", 0.995, 0.1, 0.1, None, OutputKind.EMBEDDING)
     assert floor.met(_fid(ok, cls, box, n=8))

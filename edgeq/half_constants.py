@@ -24,7 +24,7 @@ import numpy as np
 from . import tflite_edit as te
 from .tflite_ops import INT4_MIN_WEIGHT_ELEMENTS, WEIGHT_OPERAND
 
-FLOAT32, FLOAT16 = 0, 1  # schema TensorType
+FLOAT32 = 0  # schema TensorType
 DEQUANTIZE_FP16_VERSION = 3  # tensorflow/lite/tools/versioning/op_version.cc: float16 input
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -34,9 +34,6 @@ class HalvedConstant:
     tensor: str
     shape: tuple[int, ...]
     saved: int  # bytes
-
-    def to_json(self) -> dict:
-        return {"tensor": self.tensor, "shape": list(self.shape), "saved_bytes": self.saved}
 
 
 def halve_float_constants(model: bytes, min_elements: int = INT4_MIN_WEIGHT_ELEMENTS

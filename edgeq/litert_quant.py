@@ -265,11 +265,11 @@ class Requantizer:
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
         model = bytes(result.quantized_model)
-        model = self._finish(model) if self._finish else model
         if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
             from .half_constants import halve_float_constants
             model, _ = halve_float_constants(model)
-        return model
+        # After the halving: `finish` sees the layout that is written (its reports are keyed by its output).
+        return self._finish(model) if self._finish else model
 
 
 def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],

@@ -122,3 +122,17 @@ def test_a_float_model_halved_answers_within_float16_rounding(float_model, sampl
     assert len(float_model) - len(half) >= SEQ * WIDTH * 2 - 256
     a, b = _run(half, samples), _run(float_model, samples)
     assert 0 < np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
+
+
+def test_a_finisher_sees_the_halved_model(float_model, samples):
+    """GPTQ (the int4 level's finisher) runs on the layout that is written, so convert finds its
+    report by the written model's key (run after the halving, its report keyed a model never written)."""
+    from edgeq.litert_quant import Requantizer
+    from edgeq.optimize import gptq_finisher, model_key
+
+    reports: dict = {}
+    rq = Requantizer(float_model, P.INT4, None, finish=gptq_finisher(float_model, lambda: samples, reports))
+    plan = plan_precision(list(read_model(float_model).ops), None, None, scheme=P.INT4, min_weight_elements=0)
+    out = rq.quantize(per_op_from_plan(plan))
+    assert _constants(out)[(1, SEQ, WIDTH)] == ("float16", ["DEQUANTIZE"])
+    assert model_key(out) in reports and reports[model_key(out)]["layers"]

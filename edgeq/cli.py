@@ -124,7 +124,7 @@ def _shapes(ctx, param, values):
                    "equalization, bias correction; best = + per-tensor ranges, learned rounding (minutes) [default: "
                    "fast for int8 with real --calib data, else none].")
 @click.option("--max-size", callback=_size, metavar="SIZE",
-              help="Size goal, e.g. 12MB: the first of int8, int4-b32, int4-b128, int4 (or only the --scheme or "
+              help="Size goal, e.g. 12MB: the first of int8, int4-b32, int4-b64, int4-b128, int4 (or only the --scheme or "
                    "--device's) whose file fits, its bytes left spent on the int4 layers whose 8-bit weights "
                    "buy the most fidelity per byte; else exit 1 with the smallest size reached. The accuracy "
                    "target's loop stays within it.")

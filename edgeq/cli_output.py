@@ -32,8 +32,7 @@ def fmt(x, digits=4):
 def print_convert(result) -> None:
     m = result.manifest
     if m.get("plan"):
-        rows = [[e["index"], e["op"], e["precision"], e["placement"], e.get("reason", "")]
-                for e in m["plan"]["ops"] if e["precision"] not in ("int8", "other")]
+        rows = plan_rows(m["plan"]["ops"])
         if rows:  # an all-int8 plan is said by the summary line alone
             device = m["plan"].get("device")
             table(f"Precision plan {f'for {device}' if device else '(no device)'} (ops not int8)",
@@ -79,13 +78,28 @@ def print_convert(result) -> None:
                f"and {result.manifest_path}")
 
 
+def plan_rows(ops: list[dict]) -> list[list]:
+    """The plan table's rows (ops not int8), one per op kind with the same precision, placement and
+    reason, listing its op indices: an int4 MiniLM plan has 265 weightless ops kept float for one
+    reason each kind (40 RESHAPEs...), which as one row per op hid the 38 rows that matter."""
+    groups: dict[tuple, list[int]] = {}
+    for e in ops:
+        if e["precision"] not in ("int8", "other"):
+            groups.setdefault((e["op"], e["precision"], e["placement"], e.get("reason", "")), []).append(e["index"])
+    return [[_indices(ix), *key] for key, ix in sorted(groups.items(), key=lambda kv: kv[1][0])]
+
+
+def _indices(ix: list[int]) -> str:
+    return ", ".join(map(str, ix)) if len(ix) <= 3 else f"{ix[0]}, {ix[1]}, ... ({len(ix)} ops)"
+
+
 def print_size_goal(g: dict) -> None:
     """--max-size: each scheme tried (most accurate first), its size and held-out fidelity."""
     table(f"--max-size {g['max_bytes'] / 1e6:.2f} MB: schemes tried, most accurate first",
           ["scheme", "MB", "worst cosine (held-out)", "fits"],
           [[s["scheme"], f"{s['bytes'] / 1e6:.2f}", fmt(s["cosine"]), "yes" if s["bytes"] <= g["max_bytes"] else "no"]
            for s in g["tried"]])
-    click.echo(f"size goal: chose {g['chosen']}")
+    click.echo(f"size goal: chose {g['chosen']}" + (f" ({g['why']})" if g.get("why") else ""))
 
 
 def print_optimize(o: dict) -> None:

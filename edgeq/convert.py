@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from .accuracy_target import budget_target
 from .budget import ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, run_budget
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
@@ -120,7 +121,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     if opts.max_size is not None:  # the most accurate scheme whose file fits, before the slow steps
         scheme, size_goal, size_mix = plan_for_size(
             SizeRequest(opts.max_size, opts.scheme is not None or profile is not None, scheme, io, range_hook,
-                        gptq_finish),
+                        gptq_finish, _budget_test(opts)),
             source, data, profile, float_info, eval_samples, reference, class_outputs, progress)
     plan = conversion_plan(float_info, profile, scheme, size_mix)
     adjust = range_hook if scheme.needs_calibration else None
@@ -397,6 +398,14 @@ def _class_outputs(opts: ConvertOptions, source: SourceModel) -> frozenset[str]:
                                     "classes); use --metric cosine")
         return names
     return frozenset()
+
+
+def _budget_test(opts: ConvertOptions):
+    """--max-drop as a test of a Fidelity, or None without one. (Only the user's budget: under the
+    default floor alone --max-size keeps the most accurate mix that fits.)"""
+    if opts.budget is None:
+        return None
+    return lambda fid: budget_target(opts.budget.max_drop, opts.budget.metric, fid).met(fid)
 
 
 def _loop_can_run(scheme: Scheme, io: IoType) -> bool:

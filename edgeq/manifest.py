@@ -14,7 +14,8 @@ it instead of re-deriving the conversion. Top-level sections:
   budget       the accuracy-budget report (budget.run_budget) or null
   optimize     {level, asked, why, steps: [{step, kept, before, after, seconds, detail}], final, ...}:
                the accuracy methods that ran (optimize.OptimizeResult.to_json()) and what each bought
-  size_goal    {max_bytes, tried: [{label, bytes, fidelity, chosen}]} (--max-size) or null
+  size_goal    {max_bytes, chosen, why (when a less accurate mix was chosen), tried: [{scheme, bytes,
+               cosine}]} (--max-size) or null
   compatibility compat.CompatReport.to_json() or null; sizes {float_bytes, quantized_bytes, ratio}
 
 Readers other than convert's own tests treat every section but the schema as optional.

@@ -200,6 +200,25 @@ def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):
     assert f"plan: {plan.summary()}" in printed and "accuracy budget step 1" in printed
 
 
+def test_plan_table_groups_ops_of_a_kind_kept_for_one_reason():
+    """An int4 plan keeps hundreds of weightless ops float, each kind for one reason: one row per
+    (op, precision, placement, reason) with its indices, in plan order; int8 and other ops stay out."""
+    from edgeq.cli_output import plan_rows
+
+    why = "no constant weight to store as int8, so float instead of hybrid"
+    ops = [{"index": i, "op": "RESHAPE", "precision": "float", "placement": "cpu", "reason": why} for i in (3, 5, 8, 9)]
+    ops += [{"index": 4, "op": "FULLY_CONNECTED", "precision": "int4-b128", "placement": "cpu", "reason": "default"},
+            {"index": 6, "op": "FULLY_CONNECTED", "precision": "hybrid", "placement": "cpu", "reason": "--max-size"},
+            {"index": 7, "op": "FULLY_CONNECTED", "precision": "int4-b128", "placement": "cpu", "reason": "default"},
+            {"index": 1, "op": "ADD", "precision": "float", "placement": "cpu", "reason": why},
+            {"index": 2, "op": "CONV_2D", "precision": "int8", "placement": "cpu", "reason": "default"},
+            {"index": 0, "op": "QUANTIZE", "precision": "other", "placement": "cpu", "reason": ""}]
+    assert plan_rows(ops) == [["1", "ADD", "float", "cpu", why],
+                              ["3, 5, ... (4 ops)", "RESHAPE", "float", "cpu", why],
+                              ["4, 7", "FULLY_CONNECTED", "int4-b128", "cpu", "default"],
+                              ["6", "FULLY_CONNECTED", "hybrid", "cpu", "--max-size"]]
+
+
 def test_convert_says_how_many_samples_calibrated_and_judged(tiny_dense, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 8)).astype(np.float32))
     r = run("convert", tiny_dense, "-o", tmp_path / "o.tflite", "--calib", tmp_path / "x.npy")

@@ -30,9 +30,9 @@ class SizeRequest:
     # int4 candidates are measured as they would be written: with the conversion's GPTQ rounding
     # (optimize.gptq_finisher, shared with convert so the written plan's layers are solved once).
     finish: Callable[[bytes], bytes] | None = None
-    # The accuracy target (--max-drop or the default floor) as a test of a Fidelity. When two int4
-    # mixes both meet it, the one with larger blocks is written: its kernels are faster (MiniLM at
-    # 13 MB, 1 thread: int4-b128 + 9 layers at 8 bits 2.78x float, int4-b32 + 1 layer 2.36x).
+    # The user's --max-drop as a test of a Fidelity (None without one). When two int4 mixes both
+    # meet it, the one with larger blocks is written: its kernels are faster (MiniLM at 13 MB, 1
+    # thread: int4-b128 + 9 layers at 8 bits 2.78x float, int4-b32 + 1 layer 2.36x).
     meets: Callable[[object], bool] | None = None
 
 

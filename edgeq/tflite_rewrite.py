@@ -30,7 +30,6 @@ import numpy as np
 from . import tflite_edit as te
 
 
-
 @dataclass(frozen=True)
 class RewriteReport:
     opcodes_upgraded: int = 0  # operator codes that had only deprecated_builtin_code

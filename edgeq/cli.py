@@ -121,7 +121,7 @@ def _shapes(ctx, param, values):
               show_default=True, help="Tail kept by --calibration percentile.")
 @click.option("--optimize", type=click.Choice(["none", "fast", "best"]),
               help="Accuracy methods, each kept if it helps on calibration samples: fast = measured ranges, "
-                   "equalization, bias correction; best = + per-tensor ranges, learned rounding (minutes) [default: "
+                   "equalization, output-aware weight rounding, bias correction; best = + per-tensor ranges, learned rounding (minutes) [default: "
                    "fast for int8 with real --calib data, else none].")
 @click.option("--max-size", callback=_size, metavar="SIZE",
               help="Size goal, e.g. 12MB: the first of int8, int4-b32, int4-b64, int4-b128, int4 (or only the --scheme or "

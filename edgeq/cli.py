@@ -121,8 +121,8 @@ def _shapes(ctx, param, values):
               show_default=True, help="Tail kept by --calibration percentile.")
 @click.option("--optimize", type=click.Choice(["none", "fast", "best"]),
               help="Accuracy methods, each kept if it helps on calibration samples: fast = measured ranges, "
-                   "equalization, output-aware weight rounding, bias correction; best = + per-tensor ranges, learned rounding (minutes) [default: "
-                   "fast for int8 with real --calib data, else none].")
+                   "equalization, output-aware weight rounding, bias correction; best = + per-tensor ranges, "
+                   "learned rounding (minutes) [default: fast for int8 with real --calib data, else none].")
 @click.option("--max-size", callback=_size, metavar="SIZE",
               help="Size goal, e.g. 12MB: the first of int8, int4-b32, int4-b64, int4-b128, int4 (or only the --scheme or "
                    "--device's) whose file fits, its bytes left spent on the int4 layers whose 8-bit weights "

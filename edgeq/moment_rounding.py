@@ -23,13 +23,19 @@ share of the int8 error), 32 calibration photos for M, 131 other photos judged: 
 top-1 agreement 0.863 (softmax KL 0.060); depthwise layers searched 0.962 (KL 0.016); every conv
 0.939-0.947 (KL 0.003). With int8 activations too (levels of optimize.py), see docs/accuracy.md.
 
-Fitting W_q x_q to W x instead (x_q the int8 model's own input, so rounding also absorbs upstream
-activation rounding) was measured and is not used: done for every layer from one run of the int8
-model, the layers compensate the same shifts twice (MobileNetV2 top-1 agreement 0.48); AdaRound gets
-this right by running layers one after another (learned_rounding.py, level best).
+Sequential fit (Sequential, what level fast runs): the first layers in graph order are fitted to
+W_q x_q ~ W x instead, x_q the layer's input in the int8 model as rounded so far (one int8 run of 16
+calibration samples a layer), so a layer's rounding also takes up the activation rounding upstream.
+With e = W_q - W the mean square of W_q x_q - W x is e^T M e + 2 e^T E[x_q (x_q - x)^T] w + const,
+M = E[x_q x_q^T]: the same search with a linear term. One layer at a time matters: fitted for every
+layer from one int8 run, the layers compensated the same shifts twice (MobileNetV2 top-1 agreement
+0.48). Measured on MobileNetV2, 131 photos, the rounding alone over the float-input fit: softmax KL
+0.060 -> 0.041 on seed 0 (docs/accuracy.md). The layers share a work budget in multiply-adds of the
+int8 runs (SEQUENTIAL_WORK); the layers past it are fitted to float inputs.
 
-M comes from the FLOAT model's input of each layer (so upstream activation rounding is not chased)
-plus a small ridge (RIDGE of its mean diagonal) where rows are few for the weights a channel has.
+For the other layers M comes from the FLOAT model's input (so upstream activation rounding is not
+chased). Either way M gets a small ridge (RIDGE of its mean diagonal) where rows are few for the
+weights a channel has.
 Layers are left at round-to-nearest where there are fewer rows than that (a classifier's
 FULLY_CONNECTED sees one row per sample: the search would fit the samples) or the fan-in exceeds
 MAX_FAN_IN (the matrix and the search grow with its square).
@@ -59,6 +65,16 @@ SEARCH_WORK = 2.5e9
 ROW_WORK = 20_000  # a visited row's fixed cost (numpy calls, ~1.5e-4 s), in the same units
 SEARCH_SECONDS = 120.0
 EXACT_FAN_IN = 10  # up to this many weights per channel (3x3 depthwise: 9) every floor/ceil choice is tried
+# Sequential fit (Sequential): samples of the int8 runs, their work in multiply-adds (a run's
+# weight-layer multiply-adds x samples, per layer fitted) and input rows a sample. MobileNetV2 (0.3e9
+# a run) gets its first 31 of 52 layers, which on its 4 photo splits did as well as 49 (the classifier
+# FC cannot be: one row a sample) for 3 s less of level fast: KL on 131 photos 0.039-0.065 either way
+# (0.049-0.103 fitted to float inputs). 8 samples were too few (seed 0, 1024 rows a sample: KL 0.062
+# against 0.041).
+SEQUENTIAL_SAMPLES = 16
+SEQUENTIAL_WORK = 1.5e11
+SEQUENTIAL_ROWS = 512  # rows a sample: 8192 a layer where maps are large
+FLOAT_MAP_BYTES = 256 << 20  # float input maps of the next sequential layers held at once
 
 
 @dataclass(frozen=True)
@@ -70,11 +86,14 @@ class SearchedLayer:
     flipped: int  # weights now on the other side of round-to-nearest
     error_nearest: float  # sum over channels of e^T M e / rows, round-to-nearest
     error_searched: float  # ... after the search
+    # fitted to the int8 model's own inputs (Sequential): the errors are then E|W_q x_q - W x|^2 less
+    # E|W x_q - W x|^2 (what the float weights would leave on those inputs), negative when below it
+    sequential: bool = False
 
     def to_json(self) -> dict:
         return {"op_index": self.op_index, "op": self.op, "tensor": self.name, "weights": self.weights,
                 "flipped": self.flipped, "error_nearest": self.error_nearest,
-                "error_searched": self.error_searched}
+                "error_searched": self.error_searched, "sequential": self.sequential}
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ class MomentRounding:
     def to_json(self) -> dict:
         return {"samples": self.samples, "seconds": round(self.seconds, 2), "work": self.work,
                 "layers": len(self.layers),
+                "layers_sequential": sum(r.sequential for r in self.layers),
                 "layers_skipped": self.skipped,
                 "weights_flipped": sum(r.flipped for r in self.layers),
                 "weights": sum(r.weights for r in self.layers),
@@ -124,17 +144,17 @@ def _patches(layer: WeightLayer, x: np.ndarray, rows: int, rng: np.random.Genera
 class _Moments:
     """M = E[x x^T] over one layer's input rows (float model), accumulated sample by sample."""
 
-    def __init__(self, layer: WeightLayer, rng: np.random.Generator):
-        self.layer, self.rng = layer, rng
+    def __init__(self, layer: WeightLayer, rng: np.random.Generator, rows_per_sample: int = ROWS_PER_SAMPLE):
+        self.layer, self.rng, self.per_sample = layer, rng, rows_per_sample
         self.m: np.ndarray | None = None
         self.rows = 0
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
-        lay = self.layer
+        lay, n = self.layer, self.per_sample
         if lay.kind == "FULLY_CONNECTED":
             p = x.reshape(-1, lay.float_weight.shape[1])
-            return p[self.rng.choice(len(p), ROWS_PER_SAMPLE, replace=False)] if len(p) > ROWS_PER_SAMPLE else p
-        p = _patches(lay, x, ROWS_PER_SAMPLE, self.rng)
+            return p[self.rng.choice(len(p), n, replace=False)] if len(p) > n else p
+        p = _patches(lay, x, n, self.rng)
         if lay.kind == "DEPTHWISE_CONV_2D" and lay.channels != p.shape[-1]:  # multiplier: per output channel
             p = np.repeat(p, lay.channels // p.shape[-1], axis=-1)
         # depthwise: [rows, kh*kw, channels], one k*k matrix per channel; else [rows, kh*kw*cin] in
@@ -178,10 +198,12 @@ class Work:
 
 
 def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
-           sweeps: int = MAX_SWEEPS, work: Work | None = None) -> tuple[np.ndarray, float, float]:
+           sweeps: int = MAX_SWEEPS, work: Work | None = None,
+           linear: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """(int levels, error nearest, error searched) for weights w_over_s [fan_in, channels] (W / s),
     scales [channels] and moments [fan_in, fan_in] shared by the channels, or [channels, fan_in,
-    fan_in] one per channel; the error is the sum over channels of e^T M e. Each level is floor or
+    fan_in] one per channel; the error is the sum over channels of e^T M e (+ 2 e^T linear, linear
+    [fan_in, channels], when given: the sequential fit's cross term). Each level is floor or
     ceil of W / s, within [-127, 127]: all 2^fan_in choices up to EXACT_FAN_IN weights a channel,
     else single-weight flips from round-to-nearest until none helps (or `work` is spent: every sweep
     leaves a valid, never worse, rounding)."""
@@ -189,15 +211,16 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
     k, channels = w_over_s.shape
     if k <= EXACT_FAN_IN:
         work.add((1 << k) * k * k * channels)
-        return _exact(w_over_s, scale, moments)
+        return _exact(w_over_s, scale, moments, linear)
     per_channel = moments.ndim == 3
     lo = np.clip(np.floor(w_over_s), -127, 127)
     hi = np.clip(lo + 1, -127, 127)
     q = np.clip(np.round(w_over_s), -127, 127)
     e = (q - w_over_s) * scale  # output-scale rounding error
-    g = np.einsum("ckl,lc->kc", moments, e) if per_channel else moments @ e  # half the gradient
+    lin = np.zeros_like(e) if linear is None else linear
+    g = (np.einsum("ckl,lc->kc", moments, e) if per_channel else moments @ e) + lin  # half the gradient
     diag = np.einsum("ckk->kc", moments) if per_channel else np.diag(moments)[:, None]
-    before = float((e * g).sum())
+    before = float((e * (g + lin)).sum())  # e^T M e + 2 e^T lin, with g = M e + lin
 
     def gains(at):
         """For weights `at` (a row index, or everything): the level step that can help (against the
@@ -232,36 +255,41 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
             else:
                 g[:, cols] += np.outer(moments[:, i], step[cols])
                 work.add(k * len(cols))
-    return q, before, float((e * g).sum())
+    return q, before, float((e * (g + lin)).sum())
 
 
-def _exact(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray) -> tuple[np.ndarray, float, float]:
+def _exact(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
+           linear: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """search() by trying every floor/ceil combination, channel by channel in blocks."""
     import itertools
 
     k, channels = w_over_s.shape
     m = np.broadcast_to(moments, (channels, k, k)) if moments.ndim == 2 else moments
+    lin = np.zeros((k, channels)) if linear is None else linear
+
+    def cost(e, c):  # e [k, block] -> [block]
+        return np.einsum("kc,ckl,lc->c", e, m[c], e) + 2 * np.einsum("kc,kc->c", e, lin[:, c])
+
     bits = np.array(list(itertools.product((0.0, 1.0), repeat=k)))  # [2^k, k]
     lo = np.clip(np.floor(w_over_s), -127, 127)
     hi = np.clip(lo + 1, -127, 127)
     q = np.clip(np.round(w_over_s), -127, 127)
     e0 = (q - w_over_s) * scale
-    before = float(np.einsum("kc,ckl,lc->", e0, m, e0))
+    before = float(cost(e0, slice(None)).sum())
     block = max(1, (1 << 22) // (len(bits) * k))
     for c0 in range(0, channels, block):
         c = slice(c0, min(c0 + block, channels))
         levels = lo[None, :, c] + bits[:, :, None]  # [2^k, k, block]
         e = (levels - w_over_s[None, :, c]) * scale[None, None, c]
-        cost = np.einsum("bkc,ckl,blc->bc", e, m[c], e)
-        cost[(levels > hi[None, :, c]).any(axis=1)] = np.inf  # at +127 the ceil is not a level
-        pick = cost.argmin(axis=0)
+        costs = np.einsum("bkc,ckl,blc->bc", e, m[c], e) + 2 * np.einsum("bkc,kc->bc", e, lin[:, c])
+        costs[(levels > hi[None, :, c]).any(axis=1)] = np.inf  # at +127 the ceil is not a level
+        pick = costs.argmin(axis=0)
         best = levels[pick, :, np.arange(levels.shape[2])].T  # [k, block]
         e_best = (best - w_over_s[:, c]) * scale[c]
-        e_near = e0[:, c]
-        keep = np.einsum("kc,ckl,lc->c", e_best, m[c], e_best) < np.einsum("kc,ckl,lc->c", e_near, m[c], e_near)
+        keep = cost(e_best, c) < cost(e0[:, c], c)
         q[:, c] = np.where(keep[None], best, q[:, c])
     e = (q - w_over_s) * scale
-    return q, before, float(np.einsum("kc,ckl,lc->", e, m, e))
+    return q, before, float(cost(e, slice(None)).sum())
 
 
 def _as_matrix(layer: WeightLayer, w: np.ndarray) -> np.ndarray:
@@ -271,13 +299,90 @@ def _as_matrix(layer: WeightLayer, w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1).T
 
 
+@dataclass(frozen=True)
+class Sequential:
+    """Fit the first layers (graph order) to the int8 model's own inputs, one after another (see the
+    module doc): each costs one int8 run of `samples` calibration samples, and the layers share
+    `work` multiply-adds of those runs (the model's weight-layer multiply-adds x samples a layer);
+    the layers past it are fitted to float inputs as without it. Work, not time: the same layers on
+    any host."""
+
+    samples: int = SEQUENTIAL_SAMPLES
+    work: float = SEQUENTIAL_WORK
+
+
+class _PairedMoments(_Moments):
+    """For the sequential fit: over the same input rows of the int8 model's input x_q and the float
+    model's x, M = E[x_q x_q^T] and C = E[x_q x^T]."""
+
+    def __init__(self, layer: WeightLayer, rng: np.random.Generator):
+        super().__init__(layer, rng, SEQUENTIAL_ROWS)
+        self.c: np.ndarray | None = None
+
+    def add_pair(self, xq: np.ndarray, x: np.ndarray) -> None:
+        state = self.rng.bit_generator.state
+        pq = self._rows(xq)
+        self.rng.bit_generator.state = state  # the same rows of both
+        pf = self._rows(x)
+        if self.layer.kind == "DEPTHWISE_CONV_2D":
+            a, b = (np.ascontiguousarray(p.transpose(2, 0, 1)) for p in (pq, pf))  # [channels, rows, k]
+            at = a.transpose(0, 2, 1)
+            m, c = at @ a, at @ b
+        else:
+            m, c = pq.T @ pq, pq.T @ pf
+        self.m = m.astype(np.float64) if self.m is None else self.m + m
+        self.c = c.astype(np.float64) if self.c is None else self.c + c
+        self.rows += len(pq)
+
+    def linear(self, w: np.ndarray) -> np.ndarray:
+        """The search's linear term E[x_q (x_q - x)^T] w, per channel: with it e^T M e + 2 e^T lin is
+        the mean square of W_q x_q - W x less that of W x_q - W x (e = W_q - W), so negative where the
+        rounding does better on x_q than the float weights would."""
+        d = (self.m - self.c) / max(self.rows, 1)
+        return np.einsum("ckl,lc->kc", d, w) if self.layer.kind == "DEPTHWISE_CONV_2D" else d @ w
+
+
+def _macs(layers: Sequence[WeightLayer], m) -> float:
+    """Multiply-adds of one run of the weight layers (output elements x weights a channel)."""
+    sg = m.subgraphs[0]
+    return sum(_elements(sg.tensors[lay.output].shape) * fan_in(lay) for lay in layers)
+
+
+def _elements(shape) -> float:
+    return float(np.prod([max(int(d), 1) for d in shape])) if shape is not None else 0.0
+
+
+def _float_inputs(float_model: bytes, fsg, samples: Sequence[dict], layers: Sequence[WeightLayer]) -> dict:
+    """The float model's input maps of `layers` on samples, {tensor index: [per sample]}, the
+    layers taken from the front while they fit in FLOAT_MAP_BYTES (at least one); fsg: the float
+    model's subgraph 0."""
+    want, size = [], 0
+    for lay in layers:
+        if lay.float_input in want:
+            continue
+        n = 4 * len(samples) * _elements(fsg.tensors[lay.float_input].shape)
+        if want and size + n > FLOAT_MAP_BYTES:
+            break
+        want.append(lay.float_input)
+        size += n
+    maps: dict = {t: [None] * len(samples) for t in want}
+
+    def keep(i, t, v):
+        maps[t][i] = v.copy()
+
+    capture(float_model, samples, want, keep)
+    return maps
+
+
 def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict], *,
                   work: float = SEARCH_WORK, seconds: float = SEARCH_SECONDS,
-                  on_step: Callable[[str], None] | None = None, seed: int = 0) -> MomentRounding:
+                  on_step: Callable[[str], None] | None = None, seed: int = 0,
+                  sequential: Sequential | None = None) -> MomentRounding:
     """The int8 model with every int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED's weights rounded
     for the smallest output error on samples (CALIBRATION samples; see module doc). Scales, biases,
     ops, dtypes and size stay as they are. The searches share `work` (and at most `seconds`), cheapest
-    layers first; layers not reached keep nearest rounding (counted in `skipped`)."""
+    layers first; layers not reached keep nearest rounding (counted in `skipped`). With `sequential`,
+    the first layers in graph order are fitted to the int8 model's own inputs first (Sequential)."""
     t0 = time.monotonic()
     samples = list(samples)
     if not samples:
@@ -286,48 +391,96 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
     todo = [lay for lay in layers if fan_in(lay) <= MAX_FAN_IN]
     if not todo:
         return MomentRounding(quant_model, (), len(layers), len(samples), time.monotonic() - t0)
-    if on_step:
-        on_step(f"weight rounding: input moments of {len(todo)} layers")
-    rng = np.random.default_rng(seed)
-    moments = [_Moments(lay, rng) for lay in todo]
-    by_input: dict[int, list[_Moments]] = {}
-    for mo in moments:
-        by_input.setdefault(mo.layer.float_input, []).append(mo)
-
-    def visit(_, t, v):
-        for mo in by_input[t]:
-            mo.add(v)
-
-    capture(float_model, samples, sorted(by_input), visit)
     m = te.load(quant_model)
     sg = m.subgraphs[0]
+    in_order = sorted(todo, key=lambda lay: lay.op_index)
+    seq_samples = samples[:: max(1, len(samples) // sequential.samples)][:sequential.samples] if sequential else []
+    run = _macs(layers, m) * len(seq_samples)
+    # Sequential layers: those that fit the work, whose rows can fit them (a classifier's FC cannot).
+    n_seq = min(len(in_order), int(sequential.work // run)) if sequential and run > 0 else 0
+    fsg = te.load(float_model).subgraphs[0] if n_seq else None
+    seq = [lay for lay in in_order[:n_seq] if _rows_per_sample(lay, fsg) * len(seq_samples) >= fan_in(lay)]
+    rest = [lay for lay in todo if lay not in seq]
+    rng = np.random.default_rng(seed)
+    moments = [_Moments(lay, rng) for lay in rest]
+    if rest:
+        if on_step:
+            on_step(f"weight rounding: input moments of {len(rest)} layers")
+        by_input: dict[int, list[_Moments]] = {}
+        for mo in moments:
+            by_input.setdefault(mo.layer.float_input, []).append(mo)
+
+        def visit(_, t, v):
+            for mo in by_input[t]:
+                mo.add(v)
+
+        capture(float_model, samples, sorted(by_input), visit)
     done, skipped, levels = [], len(layers) - len(todo), {}
     budget = Work(work, time.monotonic() + seconds)
-    # Cheapest first (a sweep costs fan_in^2 * channels): the small filters, where most of a CNN's
-    # rounding error sits, are never the ones the budget runs out on.
-    order = sorted(zip(todo, moments), key=lambda p: fan_in(p[0]) ** 2 * p[0].channels)
-    for i, (lay, mo) in enumerate(order):
-        if on_step:
-            on_step(f"weight rounding: layer {i + 1}/{len(todo)} ({lay.kind})")
-        if budget.spent:
-            skipped += len(todo) - i
-            break
-        if mo.rows < fan_in(lay):  # fewer rows than weights per channel (a classifier's FC): the
-            skipped += 1            # search would fit these samples, not the layer
-            continue
+
+    def fit(lay: WeightLayer, matrix: np.ndarray, linear=None) -> None:
         scale = lay.weight_scale.astype(np.float64)
         w = _as_matrix(lay, lay.float_weight.astype(np.float64)) / np.where(scale == 0, 1.0, scale)
-        q, before, after = search(w, scale, mo.matrix(), work=budget)
+        q, before, after = search(w, scale, matrix, work=budget, linear=linear)
         nearest = _as_matrix(lay, lay.quantized_weight(m).astype(np.float64))
         flipped = int((q != nearest).sum())
         if flipped:
             new = (q.T if lay.kind != "DEPTHWISE_CONV_2D" else q).reshape(lay.float_weight.shape).astype(np.int8)
             _store(m, sg, lay.weight, new)
             levels[te.tensor_name(sg.tensors[lay.weight])] = (new, lay.weight_scale.copy())
-        done.append(SearchedLayer(lay.op_index, lay.kind, lay.name, int(q.size), flipped, before, after))
+        done.append(SearchedLayer(lay.op_index, lay.kind, lay.name, int(q.size), flipped, before, after,
+                                  sequential=linear is not None))
+
+    # Sequential: each layer's input from the int8 model as rounded so far, in graph order.
+    current, maps = bytearray(quant_model), {}
+    for i, lay in enumerate(seq):
+        if on_step:
+            on_step(f"weight rounding: layer {i + 1}/{len(todo)} ({lay.kind}, on the int8 model's inputs)")
+        if budget.spent:
+            break
+        if lay.float_input not in maps:
+            maps = _float_inputs(float_model, fsg, seq_samples, seq[i:])
+        pm = _PairedMoments(lay, rng)
+
+        def pair(j, _, v, lay=lay, pm=pm):
+            pm.add_pair(v, maps[lay.float_input][j])
+
+        capture(bytes(current), seq_samples, [lay.input], pair)
+        name = te.tensor_name(sg.tensors[lay.weight])
+        fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
+        if name in levels and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, levels[name][0]):
+            current = bytearray(te.pack(m))  # e.g. a buffer shared with another tensor: _store gave it its own
+    maps = {}
+    skipped += len(seq) - sum(1 for r in done if r.sequential)
+    # The rest on float inputs, cheapest first (a sweep costs fan_in^2 * channels): the small filters,
+    # where most of a CNN's rounding error sits, are never the ones the budget runs out on.
+    order = sorted(zip(rest, moments), key=lambda p: fan_in(p[0]) ** 2 * p[0].channels)
+    for i, (lay, mo) in enumerate(order):
+        if on_step:
+            on_step(f"weight rounding: layer {len(seq) + i + 1}/{len(todo)} ({lay.kind})")
+        if budget.spent:
+            skipped += len(order) - i
+            break
+        if mo.rows < fan_in(lay):  # fewer rows than weights per channel (a classifier's FC): the
+            skipped += 1            # search would fit these samples, not the layer
+            continue
+        fit(lay, mo.matrix())
     done.sort(key=lambda r: r.op_index)
     return MomentRounding(te.pack(m), tuple(done), skipped, len(samples), time.monotonic() - t0, budget.done,
                           levels)
+
+
+def _rows_per_sample(lay: WeightLayer, fsg) -> int:
+    """Input rows one sample gives the layer (output positions, at most SEQUENTIAL_ROWS); fsg: the
+    float model's subgraph 0."""
+    shape = fsg.tensors[lay.float_input].shape
+    if shape is None or not len(shape):
+        return 1
+    if lay.kind == "FULLY_CONNECTED":
+        n = int(_elements(shape)) // lay.float_weight.shape[1]
+    else:
+        n = int(np.prod(valid_pads(lay, int(shape[-3]), int(shape[-2]))[2:]))
+    return min(max(n, 1), SEQUENTIAL_ROWS)
 
 
 def _store(m, sg, index: int, value: np.ndarray) -> None:

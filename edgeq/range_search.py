@@ -45,6 +45,10 @@ class Score:
     kl: float | None  # mean KL(softmax(f) || softmax(q)) over score-vector outputs (is_score_vector)
     samples: int
     cosines: tuple[float, ...] = ()  # mean cosine of each output, in the reference's order
+    # top-1 agreement on the samples float is sure about (top softmax >= SURE) of score-vector
+    # outputs; None when there are none
+    top1_sure: float | None = None
+    sure: int = 0  # how many samples top1_sure is over
 
     def error(self, objective: Objective | str = Objective.REL_L2) -> float:
         if Objective(objective) is Objective.KL and self.kl is not None:
@@ -61,7 +65,8 @@ class Score:
 
     def to_json(self) -> dict:
         return {"rel_l2": self.rel_l2, "cosine": self.cosine, "top1_agreement": self.top1, "kl": self.kl,
-                "samples": self.samples, "cosines": list(self.cosines)}
+                "samples": self.samples, "cosines": list(self.cosines), "top1_agreement_sure": self.top1_sure,
+                "sure_samples": self.sure}
 
 
 def is_score_vector(ref: np.ndarray) -> bool:
@@ -69,6 +74,10 @@ def is_score_vector(ref: np.ndarray) -> bool:
     taken over. [N, anchors, 1] (one sigmoid logit per anchor) or [N, anchors, 16] are not."""
     return ref.ndim >= 2 and ref.shape[-1] >= 2 and all(d == 1 for d in ref.shape[1:-1])
 
+
+# Float's top softmax probability from which a sample's top-1 counts as sure (Score.top1_sure): below
+# it float hesitates between classes, and int8 flips its answer there by chance (docs/accuracy.md).
+SURE = 0.5
 
 # Floor for probabilities an output already holds: int8 softmax outputs step by 1/256, so small
 # probabilities come out as exactly 0 and would make KL infinite (dominated by classes nobody picks).
@@ -84,7 +93,7 @@ def _softmax(z: np.ndarray, probabilities: bool) -> np.ndarray:
 
 
 def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> Score:
-    rel, cos, top1, kl, n, cosines = 0.0, 1.0, None, None, 0, []
+    rel, cos, top1, kl, n, cosines, sure, n_sure = 0.0, 1.0, None, None, 0, [], None, 0
     for ref, cand in zip(reference.values(), got.values()):
         r = ref.reshape(len(ref), -1).astype(np.float64)
         c = cand.reshape(len(cand), -1).astype(np.float64)
@@ -101,7 +110,12 @@ def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
             p, q = _softmax(r, probs), _softmax(c, probs)
             d = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
             kl = d if kl is None else max(kl, d)
-    return Score(rel, cos, top1, kl, n, tuple(cosines))
+            confident = p.max(1) >= SURE
+            if confident.any():
+                agree = float((r.argmax(1) == c.argmax(1))[confident].mean())
+                if sure is None or agree < sure:
+                    sure, n_sure = agree, int(confident.sum())
+    return Score(rel, cos, top1, kl, n, tuple(cosines), sure, n_sure)
 
 
 def score(reference: dict[str, np.ndarray], model: bytes, samples: Sequence[dict]) -> Score:

@@ -170,6 +170,25 @@ def set_constant(m, sg, index: int, value: np.ndarray, *, new_buffer: bool = Fal
         t.shapeSignature = None
 
 
+def overwrite_buffer(model: bytearray, buffer: int, value: np.ndarray) -> bool:
+    """Write `value` over buffer `buffer`'s bytes in packed `model`, in place, when it has exactly that
+    many bytes (the same dtype and shape as before); False (nothing written) otherwise. Much cheaper
+    than load()/pack() for a model edited again and again (sequential weight rounding)."""
+    data = np.ascontiguousarray(value).view(np.uint8).reshape(-1)
+    root = schema().Model.GetRootAs(model, 0)
+    if not 0 < buffer < root.BuffersLength():
+        return False
+    b = root.Buffers(buffer)
+    if b.Offset() > 1 and b.Size() == data.size and b.Offset() + data.size <= len(model):
+        model[b.Offset():b.Offset() + data.size] = data.tobytes()
+        return True
+    view = b.DataAsNumpy()
+    if isinstance(view, np.ndarray) and view.size == data.size and view.size:
+        view[:] = data  # a view into `model`
+        return True
+    return False
+
+
 def buffer_shared(m, buffer: int) -> bool:
     """True when more than one tensor (any subgraph) uses `buffer`, or it is the empty sentinel 0:
     writing a constant there needs set_constant(..., new_buffer=True)."""

@@ -178,3 +178,103 @@ def test_the_budget_runs_out_on_the_costliest_layers(tiny_cnn, calib, rounded):
     assert len(differ) <= 1 and all(r.error_searched <= r.error_nearest for r in differ)
     # In graph order in the report, whatever order they were searched in.
     assert [r.op_index for r in full.layers] == sorted(r.op_index for r in full.layers)
+
+
+# --- Sequential fit: each layer to the int8 model's own inputs (Sequential) ------------------------------
+
+def _objective(q, w, scale, m, lin):
+    e = (q - w / scale) * scale
+    return e @ m @ e + 2 * e @ lin
+
+
+def test_the_search_with_a_linear_term_is_exact_on_3x3_filters_and_never_above_nearest():
+    from edgeq.moment_rounding import search
+
+    rng = np.random.default_rng(5)
+    w, moments, scale = _filters(rng, 9, 10)
+    lin = rng.normal(0, 0.5, (9, 10))  # a cross term: the optimum is no longer near round-to-nearest
+    q, before, after = search(w / scale, scale, moments, linear=lin)
+    bits = np.array(list(itertools.product((0, 1), repeat=9)), float)
+    nearest = np.round(w / scale)
+    for c in range(10):
+        every = np.floor(w[:, c] / scale[c])[None] + bits
+        best = min(_objective(levels, w[:, c], scale[c], moments[c], lin[:, c]) for levels in every)
+        assert _objective(q[:, c], w[:, c], scale[c], moments[c], lin[:, c]) == pytest.approx(best)
+    assert before == pytest.approx(sum(_objective(nearest[:, c], w[:, c], scale[c], moments[c], lin[:, c])
+                                       for c in range(10)))
+    # The term moves the choice: without it the search picks other levels.
+    assert not np.array_equal(q, search(w / scale, scale, moments)[0])
+    w, moments, scale = _filters(rng, 25, 8)  # local search: never above nearest on its objective
+    lin = rng.normal(0, 0.5, (25, 8))
+    q, before, after = search(w / scale, scale, moments, linear=lin)
+    nearest = np.round(w / scale)
+    for c in range(8):
+        assert (_objective(q[:, c], w[:, c], scale[c], moments[c], lin[:, c])
+                <= _objective(nearest[:, c], w[:, c], scale[c], moments[c], lin[:, c]) + 1e-9)
+    assert after < before
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_cnn, calib):
+    from edgeq.moment_rounding import Sequential, round_weights
+
+    q = quantize_plain(tiny_cnn, calib)
+    steps = []
+    return q, round_weights(q, tiny_cnn, calib, on_step=steps.append, sequential=Sequential(samples=16)), steps
+
+
+def test_sequential_fit_lowers_the_int8_models_error_below_the_float_input_fit(tiny_cnn, calib, held_out,
+                                                                               rounded, sequential):
+    """Fitted to the int8 model's own inputs, layer after layer, the rounding also takes up the
+    activation rounding upstream: the int8 model's error on samples neither fit saw falls below the
+    float-input fit's (activation rounding is most of a tiny CNN's int8 error)."""
+    q, result, steps = sequential
+    plain = rounded[1]
+    err_q, err_plain, err_seq = (output_error(tiny_cnn, m, held_out) for m in (q, plain.model, result.model))
+    assert err_seq < err_plain < err_q
+    seq = [r for r in result.layers if r.sequential]
+    # The convolutions and the FC of the tiny CNN are fitted sequentially, but the classifier FC (16
+    # sequential samples give one row each, fewer than its 24 weights a channel): float inputs.
+    assert len(seq) == 6 and len(result.layers) == 7 and result.skipped == 0
+    # The error of W_q x_q - W x against that of the float weights on x_q: lower after the search,
+    # and below the float weights' own somewhere (the rounding takes up the inputs' rounding).
+    assert all(r.error_searched <= r.error_nearest for r in seq)
+    assert any(r.error_searched < 0 for r in seq)
+    assert any("on the int8 model's inputs" in s for s in steps)
+    assert result.to_json()["per_layer"][0]["sequential"] is True and result.to_json()["layers_sequential"] == 6
+
+
+def test_the_sequential_file_carries_the_weights_and_is_the_same_each_run(tiny_cnn, calib, sequential):
+    from edgeq.moment_rounding import Sequential, round_weights
+    from edgeq.weight_layers import weight_layers
+
+    q, result, _ = sequential
+    qm, rm = te.load(q), te.load(result.model)
+    changed = 0
+    for lay in weight_layers(q, tiny_cnn):
+        a, b = lay.quantized_weight(qm), lay.quantized_weight(rm)
+        assert np.all(np.abs(a.astype(int) - b.astype(int)) <= 1)
+        changed += int((a != b).sum())
+        name = te.tensor_name(rm.subgraphs[0].tensors[lay.weight])
+        if name in result.levels:
+            assert np.array_equal(result.levels[name][0], b)
+    assert changed == sum(r.flipped for r in result.layers) > 0
+    again = round_weights(q, tiny_cnn, calib, sequential=Sequential(samples=16))
+    assert again.model == result.model
+
+
+def test_the_sequential_work_takes_the_first_layers_in_graph_order(tiny_cnn, calib, sequential):
+    """The work is the int8 runs' multiply-adds: two runs' worth fits exactly the first two layers;
+    the others are fitted to float inputs as without it. No work: the plain fit."""
+    from edgeq.moment_rounding import Sequential, _macs, round_weights
+    from edgeq.weight_layers import weight_layers
+
+    q, full, _ = sequential
+    run = _macs(weight_layers(q, tiny_cnn), te.load(q)) * 16
+    two = round_weights(q, tiny_cnn, calib, sequential=Sequential(samples=16, work=2.5 * run))
+    in_order = sorted(full.layers, key=lambda r: r.op_index)
+    assert [r.op_index for r in two.layers if r.sequential] == [r.op_index for r in in_order[:2]]
+    assert len(two.layers) == 7 and two.skipped == 0
+    assert [r for r in two.layers if r.sequential] == [r for r in in_order[:2]]  # the same first two fits
+    none = round_weights(q, tiny_cnn, calib, sequential=Sequential(samples=16, work=0))
+    assert not any(r.sequential for r in none.layers)

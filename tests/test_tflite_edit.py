@@ -132,3 +132,23 @@ def test_signature_added_to_a_model_with_offset_buffers(wide_int8):
     got = run_model(signed, [{spec.name: s["x"]} for s in held])
     assert len(want) == len(got) == 1
     assert np.array_equal(next(iter(want.values())), next(iter(got.values())))
+
+
+def test_overwrite_buffer_writes_in_place_only_what_fits(tiny_cnn):
+    """Sequential weight rounding rewrites one layer's weights at a time: in the packed bytes, without
+    a load/pack of the whole model; a value of another size is refused and nothing is written."""
+    m = te.load(tiny_cnn)
+    sg = m.subgraphs[0]
+    i = next(i for i, t in enumerate(sg.tensors) if te.constant(m, sg, i) is not None
+             and te.constant(m, sg, i).dtype == np.float32 and te.constant(m, sg, i).size > 8)
+    old = te.constant(m, sg, i)
+    buf = bytearray(tiny_cnn)
+    new = (old + 1.0).astype(np.float32)
+    assert te.overwrite_buffer(buf, sg.tensors[i].buffer, new)
+    nm = te.load(bytes(buf))
+    assert np.array_equal(te.constant(nm, nm.subgraphs[0], i), new)
+    assert len(buf) == len(tiny_cnn)
+    before = bytes(buf)
+    assert not te.overwrite_buffer(buf, sg.tensors[i].buffer, new[:-1])
+    assert not te.overwrite_buffer(buf, 10 ** 6, new)
+    assert bytes(buf) == before

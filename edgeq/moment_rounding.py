@@ -106,7 +106,9 @@ class MomentRounding:
     seconds: float
     work: float = 0.0  # search work done (multiply-adds; SEARCH_WORK)
     # weight tensor name -> (int8 weights, per-channel scales) that changed: the same rounding for
-    # another quantization of the same float model (apply_levels), whatever its activation ranges
+    # another quantization of the same float model (apply_levels). Sequential layers' rounding was
+    # fitted to THIS quantization's activations: on another one (refined ranges, a budget-loop plan)
+    # it is an approximation, which the callers judge again.
     levels: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
@@ -310,6 +312,10 @@ class Sequential:
     samples: int = SEQUENTIAL_SAMPLES
     work: float = SEQUENTIAL_WORK
 
+    def __post_init__(self):
+        if self.samples < 1 or self.work < 0:
+            raise ValueError(f"Sequential needs samples >= 1 and work >= 0 (got {self.samples}, {self.work})")
+
 
 class _PairedMoments(_Moments):
     """For the sequential fit: over the same input rows of the int8 model's input x_q and the float
@@ -416,20 +422,25 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
 
         capture(float_model, samples, sorted(by_input), visit)
     done, skipped, levels = [], len(layers) - len(todo), {}
-    budget = Work(work, time.monotonic() + seconds)
+    # The clock cap starts after the sequential part (bounded by its work): its int8 runs must not
+    # take the float-input layers' time on a slow host.
+    budget = Work(work)
 
-    def fit(lay: WeightLayer, matrix: np.ndarray, linear=None) -> None:
+    def fit(lay: WeightLayer, matrix: np.ndarray, linear=None) -> np.ndarray | None:
+        """Search the layer's rounding, store it in `m`; the new int8 weights (None: none flipped)."""
         scale = lay.weight_scale.astype(np.float64)
         w = _as_matrix(lay, lay.float_weight.astype(np.float64)) / np.where(scale == 0, 1.0, scale)
         q, before, after = search(w, scale, matrix, work=budget, linear=linear)
         nearest = _as_matrix(lay, lay.quantized_weight(m).astype(np.float64))
         flipped = int((q != nearest).sum())
+        new = None
         if flipped:
             new = (q.T if lay.kind != "DEPTHWISE_CONV_2D" else q).reshape(lay.float_weight.shape).astype(np.int8)
             _store(m, sg, lay.weight, new)
             levels[te.tensor_name(sg.tensors[lay.weight])] = (new, lay.weight_scale.copy())
         done.append(SearchedLayer(lay.op_index, lay.kind, lay.name, int(q.size), flipped, before, after,
                                   sequential=linear is not None))
+        return new
 
     # Sequential: each layer's input from the int8 model as rounded so far, in graph order.
     current, maps = bytearray(quant_model), {}
@@ -446,11 +457,11 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
             pm.add_pair(v, maps[lay.float_input][j])
 
         capture(bytes(current), seq_samples, [lay.input], pair)
-        name = te.tensor_name(sg.tensors[lay.weight])
-        fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
-        if name in levels and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, levels[name][0]):
+        new = fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
+        if new is not None and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, new):
             current = bytearray(te.pack(m))  # e.g. a buffer shared with another tensor: _store gave it its own
     maps = {}
+    budget.deadline = time.monotonic() + seconds
     skipped += len(seq) - sum(1 for r in done if r.sequential)
     # The rest on float inputs, cheapest first (a sweep costs fan_in^2 * channels): the small filters,
     # where most of a CNN's rounding error sits, are never the ones the budget runs out on.

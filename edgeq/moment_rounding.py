@@ -404,7 +404,8 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
     run = _macs(layers, m) * len(seq_samples)
     # Sequential layers: those that fit the work, whose rows can fit them (a classifier's FC cannot).
     n_seq = min(len(in_order), int(sequential.work // run)) if sequential and run > 0 else 0
-    fsg = te.load(float_model).subgraphs[0] if n_seq else None
+    fm = te.load(float_model) if n_seq else None
+    fsg = fm.subgraphs[0] if n_seq else None
     seq = [lay for lay in in_order[:n_seq] if _rows_per_sample(lay, fsg) * len(seq_samples) >= fan_in(lay)]
     rest = [lay for lay in todo if lay not in seq]
     rng = np.random.default_rng(seed)
@@ -442,24 +443,35 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
                                   sequential=linear is not None))
         return new
 
-    # Sequential: each layer's input from the int8 model as rounded so far, in graph order.
-    current, maps = bytearray(quant_model), {}
+    # Sequential: each layer's input from the int8 model as rounded so far, in graph order. Both
+    # models are run cut after the last sequential layer's input (te.prefix; whole when they cannot
+    # be cut): ConvNeXt-T's three sequential layers lie in its first stage (rounding 54 s -> 41 s).
+    wanted = [lay.input for lay in seq]
+    needed = te.ancestors(sg, wanted)
+    current = bytearray((te.prefix(m, wanted) if seq else None) or quant_model)
+    float_prefix = (te.prefix(fm, [lay.float_input for lay in seq]) if seq else None) or float_model
+    maps = {}
     for i, lay in enumerate(seq):
         if on_step:
             on_step(f"weight rounding: layer {i + 1}/{len(todo)} ({lay.kind}, on the int8 model's inputs)")
         if budget.spent:
             break
         if lay.float_input not in maps:
-            maps = _float_inputs(float_model, fsg, seq_samples, seq[i:])
-        pm = _PairedMoments(lay, rng)
+            maps = _float_inputs(float_prefix, fsg, seq_samples, seq[i:])
+        # Its own generator per layer: the rows it samples do not depend on how many layers the
+        # work budget left to the float-input fit (which draws from `rng`).
+        pm = _PairedMoments(lay, np.random.default_rng([seed, lay.op_index]))
 
         def pair(j, _, v, lay=lay, pm=pm):
             pm.add_pair(v, maps[lay.float_input][j])
 
         capture(bytes(current), seq_samples, [lay.input], pair)
         new = fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
-        if new is not None and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, new):
-            current = bytearray(te.pack(m))  # e.g. a buffer shared with another tensor: _store gave it its own
+        # Written into the cut model when a later sequential layer's input depends on it; when the
+        # write cannot land (a buffer shared with another tensor: _store gave it its own), cut again.
+        if (new is not None and lay.op_index in needed
+                and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, new)):
+            current = bytearray(te.prefix(m, wanted) or te.pack(m))
     maps = {}
     budget.deadline = time.monotonic() + seconds
     skipped += len(seq) - sum(1 for r in done if r.sequential)

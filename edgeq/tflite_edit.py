@@ -12,6 +12,8 @@ inline, or after the flatbuffer again when inline they would pass the flatbuffer
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from .errors import ModelFormatError
@@ -213,3 +215,61 @@ def consumers(sg) -> dict[int, list[int]]:
 def producers(sg) -> dict[int, int]:
     """tensor index -> index of the op that writes it."""
     return {t: i for i, op in enumerate(sg.operators) for t in ints(op.outputs)}
+
+
+def ancestors(sg, tensors) -> set[int]:
+    """Indices of the ops of subgraph `sg` that computing `tensors` needs (their producers, and
+    theirs, back to the inputs and constants)."""
+    prod, ops, todo, seen = producers(sg), set(), list(tensors), set()
+    while todo:
+        t = todo.pop()
+        if t in seen or t < 0:
+            continue
+        seen.add(t)
+        i = prod.get(t)
+        if i is not None and i not in ops:
+            ops.add(i)
+            todo.extend(ints(sg.operators[i].inputs))
+    return ops
+
+
+# Ops whose effects reach other ops outside their tensors (resource variables, other subgraphs): a
+# model holding one is not cut (prefix() returns None).
+_NOT_CUT = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE", "WHILE", "IF", "CALL",
+            "STABLEHLO_COMPOSITE", "HASHTABLE", "HASHTABLE_FIND", "HASHTABLE_IMPORT", "HASHTABLE_SIZE"}
+
+
+def prefix(m, tensors: Sequence[int]) -> bytes | None:
+    """The model cut down to what computing `tensors` (of subgraph 0) needs: those ops, in order,
+    with `tensors` as its outputs, the signature's inputs kept and its outputs replaced by them
+    (named "t<index>"). Buffers no kept op reads are emptied but keep their indices, so
+    overwrite_buffer() of a kept weight still lands. Much cheaper to run than the whole model when
+    the tensors lie early in it (sequential weight rounding). None when the model cannot be cut (more
+    than one subgraph, no signature, resource variables). `m` (a load()ed ModelT) is kept."""
+    s = schema()
+    if len(m.subgraphs) != 1 or len(m.signatureDefs or []) != 1:
+        return None
+    sg = m.subgraphs[0]
+    if any(op_name(m, op) in _NOT_CUT for op in sg.operators):
+        return None
+    keep = ancestors(sg, tensors)
+    ops = [op for i, op in enumerate(sg.operators) if i in keep]
+    used = {t for op in ops for t in (*ints(op.inputs), *ints(op.outputs)) if t >= 0} | set(ints(sg.inputs))
+    live = {int(sg.tensors[t].buffer) for t in used}
+    sig = m.signatureDefs[0]
+    outs = []
+    for t in dict.fromkeys(int(t) for t in tensors):
+        tm = s.TensorMapT()
+        tm.name, tm.tensorIndex = f"t{t}", t
+        outs.append(tm)
+    saved = sg.operators, sg.outputs, sig.outputs, [(b, b.data, b.offset, b.size) for b in m.buffers or []]
+    try:
+        sg.operators, sg.outputs, sig.outputs = ops, np.asarray([tm.tensorIndex for tm in outs], np.int32), outs
+        for i, b in enumerate(m.buffers or []):
+            if i and i not in live:
+                b.data, b.offset, b.size = None, 0, 0
+        return pack(m)
+    finally:
+        sg.operators, sg.outputs, sig.outputs = saved[:3]
+        for b, data, offset, size in saved[3]:
+            b.data, b.offset, b.size = data, offset, size

@@ -305,3 +305,21 @@ def test_the_sequential_moments_pair_the_same_rows_of_both_inputs(tiny_cnn, cali
     assert not np.allclose(shifted.m, shifted.c)
     with pytest.raises(ValueError, match="samples >= 1"):
         mr.Sequential(samples=0)
+
+
+def test_a_sequential_layers_fit_does_not_depend_on_how_many_others_the_work_reaches(tiny_cnn, calib,
+                                                                                  monkeypatch):
+    """Row subsets are drawn at random where maps are large; a sequential layer draws its own (seeded
+    by its op), so the first two layers' fits are the same whether the work reaches two layers or
+    all of them, and whatever the float-input layers drew before."""
+    import edgeq.moment_rounding as mr
+    from edgeq.weight_layers import weight_layers
+
+    monkeypatch.setattr(mr, "SEQUENTIAL_ROWS", 8)  # the tiny CNN's maps have 256 positions: draw
+    monkeypatch.setattr(mr._Moments.__init__, "__defaults__", (8,))  # and so do the float-input fits
+    q = quantize_plain(tiny_cnn, calib)
+    run = mr._macs(weight_layers(q, tiny_cnn), te.load(q)) * 16
+    full = mr.round_weights(q, tiny_cnn, calib, sequential=mr.Sequential(samples=16))
+    two = mr.round_weights(q, tiny_cnn, calib, sequential=mr.Sequential(samples=16, work=2.5 * run))
+    first = sorted((r for r in full.layers if r.sequential), key=lambda r: r.op_index)[:2]
+    assert [r for r in two.layers if r.sequential] == first and first[0].flipped > 0

@@ -244,6 +244,14 @@ def test_a_step_that_flips_sure_judging_top1s_is_not_kept_for_class_scores():
                     None, Objective.KL)
     # The floor still holds: no output's cosine below the quantizer's own ranges.
     assert not improves(same, before, Score(0.2, 0.999, 1.0, 0.03, 32, (0.999,)), Objective.KL)
+    # The tolerance is for all steps after the range selection together (`anchor`): a step one sure
+    # photo below a best that was itself one below the ranges' result is refused, though within one
+    # of that best.
+    two_below = Score(0.05, 0.997, 0.9, 0.005, 32, (0.997,), top1_sure=0.9, sure=20)
+    assert improves(two_below, one, None, Objective.KL)
+    assert not improves(two_below, one, None, Objective.KL, anchor=before)
+    assert improves(Score(0.05, 0.997, 0.95, 0.005, 32, (0.997,), top1_sure=0.95, sure=20), one, None,
+                    Objective.KL, anchor=before)
 
 
 def test_top1_on_sure_samples_counts_only_where_float_is_confident():

@@ -152,3 +152,65 @@ def test_overwrite_buffer_writes_in_place_only_what_fits(tiny_cnn):
     assert not te.overwrite_buffer(buf, sg.tensors[i].buffer, new[:-1])
     assert not te.overwrite_buffer(buf, 10 ** 6, new)
     assert bytes(buf) == before
+
+
+def test_overwrite_buffer_writes_an_offset_buffer_in_place(wide_int8):
+    """A model with buffers after the flatbuffer (the quantizer's layout for big weights, a model
+    over 2 GB's only layout): the in-place write lands at the buffer's offset, the file's layout
+    and length stay, and the interpreter runs the new weights (channel 0 zeroed -> output 0 zero)."""
+    _, q, held = wide_int8
+    m = te.load(q)
+    sg = m.subgraphs[0]
+    fc = [op for op in sg.operators if te.op_name(m, op) == "FULLY_CONNECTED"][1]
+    t = int(fc.inputs[1])
+    buffer = sg.tensors[t].buffer
+    assert any(size == 640 * 512 for _, size in _offset_buffers(q))  # the premise: an offset buffer
+    w = te.constant(m, sg, t).copy()
+    w[0] = 0
+    buf = bytearray(q)
+    assert te.overwrite_buffer(buf, buffer, w)
+    assert len(buf) == len(q) and _offset_buffers(bytes(buf)) == _offset_buffers(q)
+    assert np.array_equal(_weights(bytes(buf))[1], w)
+    before, after = run_model(q, held)["y"], run_model(bytes(buf), held)["y"]
+    assert np.abs(before[..., 0]).max() > 0.01 and np.abs(after[..., 0]).max() < 1e-6
+    assert np.array_equal(before[..., 1:], after[..., 1:])
+    assert not te.overwrite_buffer(buf, buffer, w[:-1])
+
+
+def test_prefix_runs_only_what_the_wanted_tensors_need_and_takes_weight_writes(tiny_cnn, calib):
+    """Sequential weight rounding runs the int8 model cut after the layer inputs it reads: the cut
+    model gives those tensors bit for bit, holds fewer ops and fewer bytes, and a weight written
+    into it in place (overwrite_buffer, same buffer index) changes what follows that layer exactly
+    as in the whole model."""
+    from edgeq.weight_layers import capture, weight_layers
+
+    q = quantize_plain(tiny_cnn, calib[:16])
+    lays = sorted(weight_layers(q, tiny_cnn), key=lambda lay: lay.op_index)
+    m = te.load(q)
+    sg = m.subgraphs[0]
+    wanted = [lays[1].input, lays[2].input]
+    cut = te.prefix(m, wanted)
+    cm = te.load(cut)
+    assert len(cm.subgraphs[0].operators) == len(te.ancestors(sg, wanted)) < len(sg.operators)
+    assert len(cut) < len(q) and te.pack(m) == te.pack(te.load(q))  # `m` is kept as it was
+
+    def values(model):
+        out = {}
+        capture(bytes(model), calib[:4], wanted, lambda i, t, v: out.setdefault((i, t), v.copy()))
+        return out
+
+    whole, part = values(q), values(cut)
+    assert whole.keys() == part.keys() and all(np.array_equal(whole[k], part[k]) for k in whole)
+    # The first layer's weights flipped in sign, in both: the second layer's input moves, the same way.
+    w = lays[0].quantized_weight(m)
+    flipped = np.clip(-w.astype(np.int16), -127, 127).astype(np.int8)
+    buf = sg.tensors[lays[0].weight].buffer
+    q2, cut2 = bytearray(q), bytearray(cut)
+    assert te.overwrite_buffer(q2, buf, flipped) and te.overwrite_buffer(cut2, buf, flipped)
+    whole2, part2 = values(q2), values(cut2)
+    assert not np.array_equal(whole2[(0, wanted[0])], whole[(0, wanted[0])])
+    assert all(np.array_equal(whole2[k], part2[k]) for k in whole2)
+    # The last layer's weights are not needed to reach its input: emptied in the cut model.
+    assert lays[-1].op_index not in te.ancestors(sg, wanted)
+    assert not te.overwrite_buffer(bytearray(cut), sg.tensors[lays[-1].weight].buffer,
+                                   lays[-1].quantized_weight(m))

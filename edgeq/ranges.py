@@ -48,14 +48,21 @@ def _constant_tensor_names(model: bytes) -> set[str]:
     return names
 
 
-def _activations(float_model: bytes, samples, base: dict, signature_key: str | None):
-    """Yield {tensor name: raveled values} per sample for every float activation that base calibrated."""
+def _interpreter(float_model: bytes):
+    """An interpreter that keeps every tensor. Its first run packs the weights for XNNPACK (4 s for
+    ConvNeXt-T's 114 MB), so passes over the same model share one."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
 
     with quiet_native():  # the interpreter warns about preserve_all_tensors on stderr (one-line errors)
-        interp = Interpreter(model_content=float_model, experimental_preserve_all_tensors=True)
+        return Interpreter(model_content=float_model, experimental_preserve_all_tensors=True, num_threads=2)
+
+
+def _activations(float_model: bytes, samples, base: dict, signature_key: str | None, interp=None):
+    """Yield {tensor name: raveled values} per sample for every float activation that base calibrated
+    (`interp`: an _interpreter() of float_model to reuse)."""
+    interp = interp or _interpreter(float_model)
     key = signature_key or next(iter(interp.get_signature_list()))
     runner = interp.get_signature_runner(key)
     sg = runner._subgraph_index  # the signature's subgraph; tensor indices are per subgraph
@@ -71,14 +78,15 @@ def _activations(float_model: bytes, samples, base: dict, signature_key: str | N
         yield {name: interp.get_tensor(idx, sg).ravel() for name, idx in targets.items()}
 
 
-def observed_ranges(float_model: bytes, samples, base: dict, signature_key: str | None = None) -> dict:
+def observed_ranges(float_model: bytes, samples, base: dict, signature_key: str | None = None, *,
+                    interp=None) -> dict:
     """True {name: (min, max)} over all samples.
 
     Needed because litert-quantizer's calibrate() keeps an exponential moving average (0.95) of
     each sample's min/max, not the overall extremes, so base can be narrower than the data.
     """
     spans = {}
-    for acts in _activations(float_model, samples, base, signature_key):
+    for acts in _activations(float_model, samples, base, signature_key, interp):
         for name, x in acts.items():
             lo, hi = float(x.min()), float(x.max())
             if name in spans:
@@ -173,7 +181,8 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
     samples = list(samples)
     if not samples:
         raise CalibrationError("range selection needs calibration samples; pass --calib data")
-    first = observed_ranges(float_model, samples[:SPAN_SAMPLES], base, signature_key)
+    interp = _interpreter(float_model)
+    first = observed_ranges(float_model, samples[:SPAN_SAMPLES], base, signature_key, interp=interp)
     spans = {}
     for name, (lo, hi) in first.items():
         pad = SPAN_SLACK * (hi - lo)
@@ -184,7 +193,7 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
     picks: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     marks = {name: {"min": np.float32(0)} for name in spans}  # which tensors to read
-    for acts in _activations(float_model, samples, marks, signature_key):
+    for acts in _activations(float_model, samples, marks, signature_key, interp):
         for name, flat in acts.items():
             lo, hi = float(flat.min()), float(flat.max())
             if name in extremes:

@@ -447,7 +447,7 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
     # models are run cut after the last sequential layer's input (te.prefix; whole when they cannot
     # be cut): ConvNeXt-T's three sequential layers lie in its first stage (rounding 54 s -> 41 s).
     wanted = [lay.input for lay in seq]
-    needed = te.ancestors(sg, wanted)
+    needed = {t for i in te.ancestors(sg, wanted) for t in te.ints(sg.operators[i].inputs)}  # tensors the cut reads
     current = bytearray((te.prefix(m, wanted) if seq else None) or quant_model)
     float_prefix = (te.prefix(fm, [lay.float_input for lay in seq]) if seq else None) or float_model
     maps = {}
@@ -467,9 +467,10 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
 
         capture(bytes(current), seq_samples, [lay.input], pair)
         new = fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
-        # Written into the cut model when a later sequential layer's input depends on it; when the
-        # write cannot land (a buffer shared with another tensor: _store gave it its own), cut again.
-        if (new is not None and lay.op_index in needed
+        # Written into the cut model when it reads the weights (a later sequential layer's input
+        # depends on them); when the write cannot land (a buffer shared with another tensor: _store
+        # gave it its own), cut again.
+        if (new is not None and lay.weight in needed
                 and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, new)):
             current = bytearray(te.prefix(m, wanted) or te.pack(m))
     maps = {}

@@ -62,7 +62,10 @@ def _interpreter(float_model: bytes):
 def _activations(float_model: bytes, samples, base: dict, signature_key: str | None, interp=None):
     """Yield {tensor name: raveled values} per sample for every float activation that base calibrated
     (`interp`: an _interpreter() of float_model to reuse)."""
-    interp = interp or _interpreter(float_model)
+    if interp is None:
+        interp = _interpreter(float_model)
+    else:
+        interp.reset_all_variables()  # a pass starts from the model's initial state, as a new one does
     key = signature_key or next(iter(interp.get_signature_list()))
     runner = interp.get_signature_runner(key)
     sg = runner._subgraph_index  # the signature's subgraph; tensor indices are per subgraph

@@ -255,7 +255,7 @@ def prefix(m, tensors: Sequence[int]) -> bytes | None:
     keep = ancestors(sg, tensors)
     ops = [op for i, op in enumerate(sg.operators) if i in keep]
     used = {t for op in ops for t in (*ints(op.inputs), *ints(op.outputs)) if t >= 0} | set(ints(sg.inputs))
-    live = {int(sg.tensors[t].buffer) for t in used}
+    live = {int(sg.tensors[t].buffer) for t in used} | {int(md.buffer) for md in m.metadata or []}
     sig = m.signatureDefs[0]
     outs = []
     for t in dict.fromkeys(int(t) for t in tensors):

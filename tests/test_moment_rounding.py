@@ -323,3 +323,16 @@ def test_a_sequential_layers_fit_does_not_depend_on_how_many_others_the_work_rea
     two = mr.round_weights(q, tiny_cnn, calib, sequential=mr.Sequential(samples=16, work=2.5 * run))
     first = sorted((r for r in full.layers if r.sequential), key=lambda r: r.op_index)[:2]
     assert [r for r in two.layers if r.sequential] == first and first[0].flipped > 0
+
+
+def test_the_cut_models_give_the_same_rounding_as_the_whole_ones(tiny_cnn, calib, monkeypatch, sequential):
+    """The sequential part runs the int8 and float models cut after the layer inputs it reads
+    (tflite_edit.prefix), writing each fitted layer into the cut int8 model: the result is the
+    whole models' byte for byte, so every write a later layer depends on landed."""
+    import edgeq.moment_rounding as mr
+
+    q, result, _ = sequential
+    assert sum(r.sequential for r in result.layers) >= 3 and sum(r.flipped for r in result.layers if r.sequential)
+    monkeypatch.setattr(mr.te, "prefix", lambda *a, **k: None)  # no cut: the whole models
+    whole = mr.round_weights(q, tiny_cnn, calib, sequential=mr.Sequential(samples=16))
+    assert whole.model == result.model

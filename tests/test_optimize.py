@@ -254,6 +254,23 @@ def test_a_step_that_flips_sure_judging_top1s_is_not_kept_for_class_scores():
                     Objective.KL, anchor=before)
 
 
+def test_every_step_after_the_ranges_is_checked_against_the_ranges_result(tiny_cnn, calib, monkeypatch):
+    """The sure-photo tolerance is for all the later steps together: every keep/drop decision of the
+    level passes the range selection's result as `anchor`."""
+    import edgeq.optimize as opt
+
+    real, calls = opt.improves, []
+
+    def recording(after, than, floor, objective, **kw):
+        calls.append(kw.get("anchor"))
+        return real(after, than, floor, objective, **kw)
+
+    monkeypatch.setattr(opt, "improves", recording)
+    fast = opt.optimize(tiny_cnn, calib, int8_session(), "fast")
+    assert fast.steps[0].name == "ranges" and len(calls) >= 3  # equalization, rounding, bias options
+    assert all(a is fast.steps[0].after for a in calls)
+
+
 def test_top1_on_sure_samples_counts_only_where_float_is_confident():
     from edgeq.range_search import compare_outputs
 

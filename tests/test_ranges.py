@@ -234,3 +234,48 @@ def test_kl_objective_for_class_scores(tiny_model):
     kls = {c.name: c.score.kl for c in found.candidates}
     assert all(k is not None and k >= 0 for k in kls.values())
     assert found.chosen == min(kls, key=kls.get) and found.objective is Objective.KL
+
+
+def test_a_model_is_judged_once_however_many_candidates_quantize_to_it(tf, monkeypatch):
+    """An int8 SOFTMAX output's range is fixed at [0, 1], so the output-range trials of a softmax
+    classifier quantize to its chosen model again: each distinct model is run on the judging samples
+    once (ConvNeXt-T: 4 judging runs, 34 s), and the trials carry its score."""
+    import hashlib
+
+    import edgeq.range_search as rs
+    from edgeq.signature import ensure_signature
+    from tests.conftest import int8_session
+
+    rng = np.random.default_rng(SEED + 5)
+    w = tf.constant(rng.normal(0, 0.4, (16, 10)).astype(np.float32))
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 16], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.nn.softmax(tf.matmul(x, w))}
+
+    m = M()
+    model = ensure_signature(bytes(tf.lite.TFLiteConverter.from_concrete_functions(
+        [m.serve.get_concrete_function()], m).convert()))[0]
+    samples = _calib(64)
+    s = int8_session()(model, samples[:8])
+    made, runs, real = [], [], rs.score
+
+    def quantize(cal):
+        out = s.quantize(cal)
+        made.append(hashlib.sha256(out).digest())
+        return out
+
+    def counting(reference, q, judge):
+        runs.append(hashlib.sha256(q).digest())
+        return real(reference, q, judge)
+
+    monkeypatch.setattr(rs, "score", counting)
+    found = rs.search_ranges(model, samples, s.base, quantize, objective=rs.Objective.KL)
+    # 6 range rules, the quantizer's own ranges (the floor) and 4 output-range trials quantized ...
+    assert len(made) == 11
+    # ... each distinct model judged once; the trials (the chosen model again) cost no run and, tied
+    # with it, do not replace it.
+    assert sorted(runs) == sorted(set(made)) and len(runs) <= len(made) - 4
+    assert "+outputs-" not in found.chosen and found.best == next(c.score for c in found.candidates
+                                                                  if c.name == found.chosen)

@@ -32,8 +32,8 @@ from enum import Enum
 from typing import Callable, Sequence
 
 from .moment_rounding import Sequential, apply_levels, round_weights
-from .range_search import (OWN_RANGES, Objective, Score, is_score_vector, output_names, refine_ranges, score,
-                           search_ranges, spread)
+from .range_search import (OWN_RANGES, Objective, Score, is_score_vector, model_key, output_names, refine_ranges,
+                           score, search_ranges, spread)
 from .ranges import range_stats
 
 
@@ -413,13 +413,6 @@ def gptq_finisher(float_model: bytes, samples: Callable[[], Sequence[dict]], rep
 
     return finish
 
-
-def model_key(model: bytes) -> bytes:
-    """A small key for a model's bytes (a budget loop's probes of MiniLM are ~15 MB each: keyed by
-    the bytes themselves, every probe would stay in memory until convert ends)."""
-    import hashlib
-
-    return hashlib.sha256(model).digest()
 
 
 # Scale search of GPTQ (per channel or block: scale x a, a from 0.98 down to 0.70): MiniLM all-int4

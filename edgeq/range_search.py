@@ -7,7 +7,6 @@ so the fidelity reported on them stays honest.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -272,6 +271,14 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
                          percentiles=percentiles, max_samples=max_samples, on_step=on_step)
 
 
+def model_key(model: bytes) -> bytes:
+    """A small key for a model's bytes (a budget loop's probes of MiniLM are ~15 MB each: keyed by
+    the bytes themselves, every probe would stay in memory until convert ends)."""
+    import hashlib
+
+    return hashlib.sha256(model).digest()
+
+
 class _Measure:
     """score() of a quantized model on the judging samples, once per distinct model: candidates can
     quantize to the same bytes (an int8 SOFTMAX output's range is fixed at [0, 1], so the output
@@ -282,7 +289,7 @@ class _Measure:
         self.reference, self.judge, self.seen = reference, judge, {}
 
     def __call__(self, model: bytes) -> Score:
-        key = hashlib.blake2b(model, digest_size=16).digest()
+        key = model_key(model)
         if key not in self.seen:
             self.seen[key] = score(self.reference, model, self.judge)
         return self.seen[key]

@@ -236,11 +236,17 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
 
 # --------------------------------------------------------------------------- photos
 
-def photo_files(cache: Path, seed: int = 0) -> list[Path]:
-    from zoo import photo_data
+PHOTO_SETS = ("stamps", "commons", "both")
 
-    data = photo_data(cache)
-    files = sorted(data.calib.iterdir()) + sorted(data.held_out.iterdir())
+
+def photo_files(cache: Path, seed: int = 0, photos: str = "stamps") -> list[Path]:
+    from zoo import commons_photo_data, photo_data
+
+    sets = {"stamps": [photo_data], "commons": [commons_photo_data], "both": [photo_data, commons_photo_data]}
+    files = []
+    for get in sets[photos]:
+        data = get(cache)
+        files += sorted(data.calib.iterdir()) + sorted(data.held_out.iterdir())
     return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
 
 
@@ -492,6 +498,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--calib", type=int, default=100, help="calibration photos (the rest judge) [100]")
     ap.add_argument("--seed", type=int, default=0, help="photo shuffle seed: which photos calibrate and which judge [0]")
+    ap.add_argument("--photos", choices=PHOTO_SETS, default="stamps",
+                    help="stamps: tuxpaint cut-outs + interiors (231); commons: GCompris' Wikimedia Commons "
+                         "photos; both [stamps]")
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--skip", default="", help=f"comma-separated rows to skip of {','.join(ROWS)}")
     ap.add_argument("--refine-seconds", type=float, default=Budget().refine_seconds)
@@ -514,7 +523,7 @@ def main(argv=None) -> int:
 
     only = {s for s in args.only.split(",") if s} or None
     skip = {s for s in args.skip.split(",") if s}
-    files = photo_files(args.cache, args.seed)
+    files = photo_files(args.cache, args.seed, args.photos)
     if args.convert:
         levels = [s for s in args.levels.split(",") if s]
         crows = [r for m in load_models(args.cache, only) for r in convert_rows(m, files, args.calib, levels, log)]

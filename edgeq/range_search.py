@@ -152,6 +152,15 @@ class RangeSearch:
     def best(self) -> Score:
         return self.refined_score or next(c.score for c in self.candidates if c.name == self.chosen)
 
+    @property
+    def improved(self) -> bool:
+        """Whether the chosen calibration measured better than the quantizer's own ranges. Not the same
+        as choosing another rule: for class scores even `minmax-ema` keeps the outputs' true maximum
+        (torchvision MobileNetV2 on Commons photos: KL 0.197 -> 0.026 with no other change)."""
+        if self.chosen == OWN_RANGES or self.baseline is None:
+            return self.chosen not in ("minmax-ema", OWN_RANGES)
+        return self.best.error(self.objective) < self.baseline.error(self.objective)
+
     def to_json(self) -> dict:
         return {"chosen": self.chosen, "objective": self.objective.value, "candidates": [c.to_json() for c in self.candidates],
                 "tensors_refined": self.tensors_refined,

@@ -435,8 +435,8 @@ def test_budget_loop_after_fast_keeps_the_levels_ranges(cnn_source, tmp_path):
     fast = convert(model, ConvertOptions(tmp_path / "fast.tflite", calib=cal, floor=False))
     convert(model, ConvertOptions(tmp_path / "none.tflite", calib=cal, floor=False, optimize=OptimizeLevel.NONE))
     # A budget just below what fast reaches: the loop has to move some op out of int8 (moving ops
-    # buys little on this model once fast ran: 1-2 %).
-    budget = 0.99 * fast.manifest["fidelity"]["outputs"][0]["rel_l2"]
+    # buys little on this model once fast ran: 0.5-2 %).
+    budget = 0.995 * fast.manifest["fidelity"]["outputs"][0]["rel_l2"]
     loop = convert(model, ConvertOptions(tmp_path / "loop.tflite", calib=cal, budget=BudgetOptions(budget, "rel_l2")))
     o, b = loop.manifest["optimize"], loop.manifest["budget"]
     assert o["ran"] and b["loop"] and b["moved"], b

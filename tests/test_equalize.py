@@ -196,3 +196,86 @@ def test_a_shared_zero_bias_does_not_stop_equalization(tf, calib, held_out):
     assert len(shared) == 1 and not np.any(te.constant(after, sg2, shared.pop()))
     # int8 output error, measured: 0.55 -> 0.031.
     assert output_error(fm, quantize_plain(eq.model, calib), held_out) < 0.2 * output_error(fm, quantize_plain(fm, calib), held_out)
+
+
+def _residual_stream(tf, mean_reads_stream: bool = False) -> bytes:
+    """conv3x3 (ReLU6) -> conv1x1 p1 = P1; P1 -> conv1x1 (ReLU6) -> dw3x3 (ReLU6) -> conv1x1 p2 = P2;
+    A = P1 + P2 -> conv1x1 (ReLU6) -> mean -> FC: one residual stream {P1, P2, A}, written by p1 and p2
+    (linear), read by the expand conv and the conv after the sum. Its channels run at scales
+    0.03..3 (MobileNetV2's 160-wide stream: 1.4..35). With `mean_reads_stream`, MEAN also reads A."""
+    rng = np.random.default_rng(12)
+    g = np.geomspace(0.03, 3.0, 16).astype(np.float32)
+
+    def w(*shape, scale=0.3):
+        return tf.constant(rng.normal(0, scale, shape).astype(np.float32))
+
+    def c(a):
+        return tf.constant(a.astype(np.float32))
+
+    # the stream's channel c runs at scale g_c and its readers undo it: an ordinary float function
+    k0, p1 = w(3, 3, 3, 16), c(rng.normal(0, 0.3, (1, 1, 16, 16)) * g)
+    e1, d1 = c(rng.normal(0, 0.3, (1, 1, 16, 32)) / g[:, None]), w(3, 3, 32, 1, scale=0.4)
+    p2 = c(rng.normal(0, 0.2, (1, 1, 32, 16)) * g)
+    b1, b2 = (c(rng.normal(0, 0.1, 16) * g) for _ in range(2))
+    k3, fc = c(rng.normal(0, 0.3, (1, 1, 16, 24)) / g[:, None]), w(24, 10)
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="x")])
+        def serve(self, x):
+            h = tf.nn.relu6(tf.nn.conv2d(x, k0, 1, "SAME"))
+            s1 = tf.nn.conv2d(h, p1, 1, "SAME") + b1
+            h = tf.nn.relu6(tf.nn.conv2d(s1, e1, 1, "SAME"))
+            h = tf.nn.relu6(tf.nn.depthwise_conv2d(h, d1, [1, 1, 1, 1], "SAME"))
+            a = s1 + (tf.nn.conv2d(h, p2, 1, "SAME") + b2)
+            h = tf.reduce_mean(tf.nn.relu6(tf.nn.conv2d(a, k3, 1, "SAME")), axis=[1, 2])
+            if mean_reads_stream:
+                h = tf.concat([h, tf.reduce_mean(a, axis=[1, 2])], axis=1)[:, :24]
+            return {"y": tf.matmul(h, fc)}
+
+    m = M()
+    return tf.lite.TFLiteConverter.from_concrete_functions([m.serve.get_concrete_function()], m).convert()
+
+
+def test_a_residual_stream_is_smoothed_exactly_and_lowers_int8_error(tf, calib, held_out):
+    """The stream's channels get one scale everywhere (its producers' output channels and biases
+    divided, its consumers' input channels multiplied), exact in float through the ADD, and the
+    per-tensor int8 grid no longer starves its small channels."""
+    from edgeq.equalize import STREAM_ALPHA, equalization_error, equalize, find_streams
+
+    fm = _residual_stream(tf)
+    m = te.load(fm)
+    sg = m.subgraphs[0]
+    (st,) = find_streams(m)
+    assert len(st.tensors) == 3 and len(st.producers) == 2 and len(st.consumers) == 2
+    assert {te.op_name(m, sg.operators[x.index]) for x in st.producers + st.consumers} == {"CONV_2D"}
+    off = equalize(fm, calib, streams=None)
+    on = equalize(fm, calib)
+    assert not off.streams and len(on.streams) == 1 and on.streams[0].channels == 16
+    assert equalization_error(fm, on.model, held_out) < 1e-5
+    ratio = on.to_json()["streams"][0]["channel_range_ratio"]
+    assert ratio[0] > 20 and ratio[1] < ratio[0] ** (1 - STREAM_ALPHA) * 1.5  # range moved into the weights
+    # Read back: every producer's output channel c shrank by the factor its consumers' input channel grew.
+    m2 = te.load(on.model)
+    sg2 = m2.subgraphs[0]
+    off_m = te.load(off.model)
+    shrink = [te.constant(m2, sg2, p.weight).reshape(16, -1)[:, 0] / te.constant(off_m, off_m.subgraphs[0], p.weight)
+              .reshape(16, -1)[:, 0] for p in st.producers]
+    grow = [te.constant(m2, sg2, c.weight)[0, 0, 0] / te.constant(off_m, off_m.subgraphs[0], c.weight)[0, 0, 0]
+            for c in st.consumers]
+    np.testing.assert_allclose(shrink[0], shrink[1], rtol=1e-5)
+    np.testing.assert_allclose(grow[0], grow[1], rtol=1e-5)
+    np.testing.assert_allclose(shrink[0] * grow[0], 1.0, rtol=1e-5)
+    assert shrink[0].max() / shrink[0].min() > 5
+    before = output_error(fm, quantize_plain(off.model, calib), held_out)
+    after = output_error(fm, quantize_plain(on.model, calib), held_out)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_a_stream_read_by_another_op_is_left_alone(tf, calib, held_out):
+    """MEAN reads the sum too: scaling its channels would change what MEAN gives the FC."""
+    from edgeq.equalize import equalization_error, equalize, find_streams
+
+    fm = _residual_stream(tf, mean_reads_stream=True)
+    assert find_streams(te.load(fm)) == []
+    eq = equalize(fm, calib)
+    assert not eq.streams and equalization_error(fm, eq.model, held_out) < 1e-5

@@ -413,6 +413,8 @@ def equalize(float_model: bytes, samples: Sequence[dict] | None = None, *,
                                   float(s.min()), float(s.max()), clipped))
     smoothed = []
     for x in found:  # after the pairs: a layer may be both (its other axis), so read values afresh
+        if any(t not in ranges for t in x.tensors):
+            continue
         lo = np.min([ranges[t][0] for t in x.tensors], axis=0)
         hi = np.max([ranges[t][1] for t in x.tensors], axis=0)
         got = _smooth(m, sg, x, lo, hi, streams)

@@ -132,7 +132,7 @@ class _Layer:
     activation: str
 
 
-def _layer(m, sg, i: int, producers: dict[int, int]) -> _Layer | None:
+def _layer(m, sg, i: int, producers: dict[int, int], consumers: dict[int, list[int]]) -> _Layer | None:
     op = sg.operators[i]
     kind = te.op_name(m, op)
     if kind not in LAYER_OPS or len(op.inputs) < 2:
@@ -141,6 +141,8 @@ def _layer(m, sg, i: int, producers: dict[int, int]) -> _Layer | None:
     if te.constant(m, sg, w) is None and w in producers:
         dq = sg.operators[producers[w]]
         if te.op_name(m, dq) == "DEQUANTIZE" and te.constant(m, sg, int(dq.inputs[0])) is not None:
+            if len(consumers.get(w, [])) > 1:
+                return None  # tied fp16 weights: the other reader would be rescaled too
             w = int(dq.inputs[0])
     value = te.constant(m, sg, w)
     if value is None or value.dtype.kind != "f":
@@ -174,7 +176,7 @@ def find_pairs(model) -> list[tuple[_Layer, _Layer, int]]:
     outputs = {int(t) for t in sg.outputs}
     pairs = []
     for i in range(len(sg.operators)):
-        first = _layer(m, sg, i, prod)
+        first = _layer(m, sg, i, prod, cons)
         if first is None:
             continue
         t = int(sg.operators[i].outputs[0])
@@ -187,7 +189,7 @@ def find_pairs(model) -> list[tuple[_Layer, _Layer, int]]:
             nxt = cons.get(t2, [])
         if len(nxt) != 1 or any(p in outputs for p in path):
             continue
-        second = _layer(m, sg, nxt[0], prod)
+        second = _layer(m, sg, nxt[0], prod, cons)
         if second is None or int(sg.operators[nxt[0]].inputs[0]) != path[-1]:
             continue
         # A zero bias stays zero when divided by s, so others may read it (the TFLite converter gives
@@ -229,8 +231,9 @@ def find_streams(model, skip: set[int] = frozenset()) -> list[_Stream]:
         if name in _STREAM_OPS:
             act = getattr(op.builtinOptions, "fusedActivationFunction", 0) if op.builtinOptions else 0
             ins = [int(x) for x in op.inputs]
+            shapes = [te.ints(sg.tensors[x].shape) for x in ins]
             return act == 0 and len(ins) == 2 and all(te.constant(m, sg, x) is None for x in ins) and \
-                sg.tensors[ins[0]].shape.tolist() == sg.tensors[ins[1]].shape.tolist()
+                bool(shapes[0]) and shapes[0] == shapes[1]  # no broadcasting, no unknown shapes
         return _is_zero_pad(m, sg, op)
 
     joining = set()
@@ -240,7 +243,7 @@ def find_streams(model, skip: set[int] = frozenset()) -> list[_Stream]:
             out = int(op.outputs[0])
             for x in op.inputs[:1] if te.op_name(m, op) != "ADD" else op.inputs:
                 parent[find(int(x))] = find(out)
-    layers = {i: _layer(m, sg, i, prod) for i in range(len(sg.operators))}
+    layers = {i: _layer(m, sg, i, prod, cons) for i in range(len(sg.operators))}
     for i, lay in layers.items():  # every weight layer's output may start a stream of its own
         if lay is not None and lay.activation in ("NONE", "RELU"):
             find(int(sg.operators[i].outputs[0]))
@@ -285,19 +288,28 @@ def find_streams(model, skip: set[int] = frozenset()) -> list[_Stream]:
 def _smooth(m, sg, stream: _Stream, lo: np.ndarray, hi: np.ndarray, alpha: float) -> SmoothedStream | None:
     a = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
     w = np.max([_in_axis(c, te.constant(m, sg, c.weight).astype(np.float64)) for c in stream.consumers], axis=0)
-    good = (a > 0) & (w > 0)
+    good = (a > 0) & (w > 0) & np.isfinite(a) & np.isfinite(w)
     if good.sum() < 2:
         return None
     s = np.ones_like(a)
     s[good] = a[good] ** alpha / w[good] ** (1.0 - alpha)
     s[good] /= np.exp(np.mean(np.log(s[good])))  # only ratios matter; keep the stream's scale
     s = np.clip(s, 1e-3, 1e3)
-    for lay in stream.producers:
-        _write(m, sg, lay.weight, _scale_out(lay, te.constant(m, sg, lay.weight).astype(np.float64), s))
-        if lay.bias is not None and np.any(te.constant(m, sg, lay.bias)):
-            _write(m, sg, lay.bias, te.constant(m, sg, lay.bias).astype(np.float64) / s)
-    for lay in stream.consumers:
-        _write(m, sg, lay.weight, _scale_in(lay, te.constant(m, sg, lay.weight).astype(np.float64), s))
+
+    def value(x):
+        return te.constant(m, sg, x).astype(np.float64)
+
+    writes = [(lay.weight, _scale_out(lay, value(lay.weight), s)) for lay in stream.producers]
+    writes += [(lay.bias, value(lay.bias) / s) for lay in stream.producers
+               if lay.bias is not None and np.any(te.constant(m, sg, lay.bias))]
+    writes += [(lay.weight, _scale_in(lay, value(lay.weight), s)) for lay in stream.consumers]
+    # Stored in each tensor's own type: fp16 weights must stay finite and keep their non-zeros.
+    for x, v in writes:
+        stored = v.astype(te.constant(m, sg, x).dtype)
+        if not np.all(np.isfinite(stored)) or np.count_nonzero(stored) < np.count_nonzero(v):
+            return None
+    for x, v in writes:
+        _write(m, sg, x, v)
 
     def ratio(x):
         x = x[good]

@@ -272,6 +272,9 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
         chosen, best = _class_score_ranges(chosen, best, outputs, base, stats, quantize, measure, on_step, floor)
         if best.name not in cands:
             scored.append(best)
+        if best.score.error(objective) >= floor.error(objective):  # the outputs' true max did not pay here
+            best, chosen = RangeCandidate(OWN_RANGES, floor), own
+            scored.append(best)
     result = RangeSearch(chosen, best.name, tuple(scored), objective, seconds=time.monotonic() - t0,
                          baseline=floor)
     if refine_seconds <= 0:

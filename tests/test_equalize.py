@@ -279,3 +279,4 @@ def test_a_stream_read_by_another_op_is_left_alone(tf, calib, held_out):
     assert find_streams(te.load(fm)) == []
     eq = equalize(fm, calib)
     assert not eq.streams and equalization_error(fm, eq.model, held_out) < 1e-5
+

@@ -238,6 +238,25 @@ def test_kl_objective_for_class_scores(tiny_model):
     assert found.improved == (found.best.kl < found.baseline.kl)
 
 
+def test_class_score_ranges_worse_than_the_quantizers_own_fall_back_to_it(tiny_model, monkeypatch):
+    """For class scores every candidate keeps the outputs' true maximum; where that ends with a higher
+    KL than the quantizer's own ranges on the judging samples, the search takes the quantizer's own:
+    a level never starts below it, and 'not improved' always means the quantizer's ranges."""
+    from dataclasses import replace
+
+    import edgeq.range_search as rs
+
+    samples = _calib(100)
+    base, quantize = _session(tiny_model, samples)
+
+    def worse(cal, best, outputs, base, stats, quantize, measure, on_step, floor):
+        return cal, rs.RangeCandidate(best.name + "+outputs-worse", replace(floor, kl=floor.kl + 1.0))
+
+    monkeypatch.setattr(rs, "_class_score_ranges", worse)
+    found = rs.search_ranges(tiny_model, samples, base, quantize, objective=rs.Objective.KL)
+    assert found.chosen == rs.OWN_RANGES and found.best == found.baseline and not found.improved
+
+
 def test_ranges_are_reported_kept_when_they_beat_the_quantizers_own():
     """With class scores every candidate keeps the outputs' true maximum, `minmax-ema` included: on
     torchvision MobileNetV2 (Commons photos) that alone took KL from 0.197 to 0.026, and the level's

@@ -124,13 +124,16 @@ def print_optimize(o: dict) -> None:
                            f"relative error {t['error_nearest']:.4f} -> {t['error_clipped']:.4f}")
         return
     err = o["objective"]
+    classes = err == "kl"  # top-1 means something for class scores only (StepReport.line)
     rows = []
     for s in o["steps"]:
         before, after = s.get("before"), s["after"]
+        top1 = [fmt(after.get("top1_agreement"), 3)] if classes else []
         rows.append([s["step"], _step_change(s), fmt(before.get(err)) if before else "", fmt(after.get(err)),
-                     fmt(after.get("top1_agreement"), 3), "kept" if s["kept"] else "dropped (no gain)", s["seconds"]])
+                     *top1, "kept" if s["kept"] else "dropped (no gain)", s["seconds"]])
     table(f"--optimize {o['level']}: each step judged on {o['judged_on_calibration_samples']} calibration samples "
-          f"({err} to float)", ["step", "what it changed", "before", "after", "top-1 agree", "verdict", "s"], rows)
+          f"({err} to float)", ["step", "what it changed", "before", "after", *(["top-1 agree"] if classes else []),
+                                "verdict", "s"], rows)
     line = f"optimize: {o['level']} in {o['seconds']} s"
     if o.get("superseded"):
         line += f"; not in the written model: {o['superseded']}"

@@ -163,8 +163,11 @@ class StepReport:
     def line(self, objective: Objective) -> str:
         """One human line: what the step did and what it bought on calibration samples."""
         b = f"{self.before.error(objective):.4g} -> " if self.before else ""
-        top = f", top-1 {self.after.top1:.3f}" if self.after.top1 is not None else ""
-        if self.after.top1_sure is not None:  # what a class-score step is judged by (improves)
+        # Top-1 only for class scores: Score.top1 is an argmax over any output's values (a pose
+        # model's landmarks read "top-1 0.000"), which means nothing for maps, boxes or embeddings.
+        classes = objective is Objective.KL and self.after.top1 is not None
+        top = f", top-1 {self.after.top1:.3f}" if classes else ""
+        if classes and self.after.top1_sure is not None:  # what a class-score step is judged by (improves)
             top += f" ({self.after.top1_sure:.3f} where float is sure)"
         verdict = "kept" if self.kept else "dropped (no gain)"
         return f"{self.name}: {objective.value} {b}{self.after.error(objective):.4g}{top} [{verdict}, {self.seconds:.1f} s]"

@@ -24,6 +24,25 @@ def test_none_is_the_quantizers_own_ranges(levels):
     assert none.steps[0].detail == {"ranges": "minmax-ema"}
 
 
+
+def test_top1_is_shown_for_class_scores_only(levels, capsys):
+    """Score.top1 is an argmax over any output's values: a pose model's landmarks printed "top-1 0.000"
+    in the step lines and table. Shown only when the level judges class scores (Objective.KL)."""
+    from dataclasses import replace
+
+    from edgeq.cli_output import print_optimize
+    from edgeq.optimize import optimize_report
+    from edgeq.range_search import Objective
+
+    fast = levels["fast"]
+    assert fast.objective is Objective.REL_L2 and all(s.after.top1 is not None for s in fast.steps)
+    assert not any("top-1" in s.line(Objective.REL_L2) for s in fast.steps)
+    assert all(f"top-1 {s.after.top1:.3f}" in s.line(Objective.KL) for s in fast.steps)
+    for result, shown in ((fast, False), (replace(fast, objective=Objective.KL), True)):
+        print_optimize(optimize_report(result.level, None, None, result, None))  # as the manifest has it
+        out = capsys.readouterr().out
+        assert "ranges" in out and ("top-1 agree" in out) is shown
+
 def test_fast_measures_each_step_and_beats_none(tiny_cnn, calib, held_out, levels):
     none, fast = levels["none"], levels["fast"]
     assert [s.name for s in fast.steps] == ["ranges", "equalize", "weight_rounding", "bias_correction"]

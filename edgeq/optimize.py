@@ -340,6 +340,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
                (plain[0], plain[1], False, plain[2].kept), (both[0], both[1], True, both[2].kept)]
     f_model, f_best, use_rounding, use_bias = min(
         (o for o in options if o[1] is start or better(o[1], start)), key=lambda o: err(o[1]))
+    f_levels = rounded.levels if use_rounding else {}
     f_steps = [replace(r_report, kept=use_rounding),
                replace(both[2] if use_rounding else plain[2], kept=use_bias, seconds=plain[2].seconds + both[2].seconds)]
 
@@ -351,6 +352,8 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
         keep = better(r_score, best)
         steps.append(replace(r_report, kept=keep))
         levels = rounded.levels if keep else {}
+        # bias correction of the unrefined model: computed above with the same arguments
+        unrefined = both if keep else plain
         if keep:
             model, best = rounded.model, r_score
         ts = time.monotonic()
@@ -364,25 +367,22 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
                                  {"tensors_refined": refined.tensors_refined})
         steps.append(refine_step)
         if keep:
-            plain = bias_corrected(model, best)
             model, best, report = bias_corrected(refined_model, after)
             calibration = refined.calibration
-            if err(plain[1]) < err(best):  # both keep the floor: bias_corrected() checked it
+            if err(unrefined[1]) < err(best):  # both keep the floor: bias_corrected() checked it
                 calibration = f_calibration
-                model, best, report = plain[0], plain[1], StepReport(
-                    "bias_correction", True, best, plain[1], report.seconds + plain[2].seconds,
-                    {**plain[2].detail, "note": "on the unrefined ranges: better than on the refined ones"})
+                model, best, report = unrefined[0], unrefined[1], StepReport(
+                    "bias_correction", True, best, unrefined[1], report.seconds + unrefined[2].seconds,
+                    {**unrefined[2].detail, "note": "on the unrefined ranges: better than on the refined ones"})
         else:
-            model, best, report = bias_corrected(model, best)
+            model, best, report = unrefined
         steps.append(report)
         if err(f_best) < err(best):
-            model, best, calibration = f_model, f_best, f_calibration
-            levels = rounded.levels if use_rounding else {}
+            model, best, calibration, levels = f_model, f_best, f_calibration, f_levels
             steps[-3:] = [f_steps[0], replace(refine_step, kept=False, detail={
                 **refine_step.detail, "note": "fast's weight rounding and bias correction measured better"}), f_steps[1]]
     else:
-        model, best = f_model, f_best
-        levels = rounded.levels if use_rounding else {}
+        model, best, levels = f_model, f_best, f_levels
         steps.extend(f_steps)
 
     # 5. (best) Learned rounding, learned on calibration samples outside `judge`.

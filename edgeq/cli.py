@@ -85,7 +85,7 @@ def _size(ctx, param, value):
 
 
 def _shapes(ctx, param, values):
-    from .sources.torch_export import parse_shape
+    from .sources.shapes import parse_shape
     try:
         return tuple(parse_shape(v) for v in values)
     except ValueError as e:
@@ -148,8 +148,8 @@ def _shapes(ctx, param, values):
                    "0.95 for other outputs, top-1 agreement 0.90 for class scores), which otherwise runs the "
                    "budget loop and refuses what it cannot fix.")
 @click.option("--input-shape", "input_shapes", multiple=True, callback=_shapes, metavar="SHAPE",
-              help="torch.export programs with dynamic dimensions: static shape per input, in order "
-                   "(e.g. 1,3,224,224).")
+              help="Keras, SavedModel and torch.export models with dynamic dimensions: static shape per "
+                   "input, in order (e.g. 1,224,224,3) [default: .npy/.npz calibration data's shape].")
 @click.option("--strict", is_flag=True, help="Fail if any op stayed float under --scheme int8.")
 @force_option
 @json_option

@@ -32,6 +32,7 @@ from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
 from .size_plan import SizeRequest, plan_for_size
 from .sources import SourceModel, detect_format, for_int8_activations, load_source
+from .sources.shapes import dims, dynamic_inputs_error, is_dynamic, pin_tflite
 from .tflite_model import read_model
 
 
@@ -63,7 +64,7 @@ class ConvertOptions:
     smoothquant: float | None = None
     floor: bool = True  # without --max-drop: refuse a result below the default fidelity floor (--no-floor)
     class_outputs: tuple[str, ...] = ()  # outputs the user says are class scores (--class-output)
-    input_shapes: tuple[tuple[int, ...], ...] = ()  # torch.export programs: static shape per input (--input-shape)
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # Keras, SavedModel, torch.export: static shape per input
     # --optimize: None = fast where the methods apply (static int8 on real calibration data with the
     # quantizer's own min-max ranges), else none; edgeq/optimize.py
     optimize: OptimizeLevel | None = None
@@ -91,6 +92,10 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     check_output(spath, inputs, opts.force)
 
     fmt = detect_format(model)  # a wrong file fails before any slow work
+    if opts.input_shapes and fmt not in PINNABLE:
+        how = "--seq-len sets its sequence length" if fmt == "hf" else "its shapes were fixed when it was exported"
+        raise CalibrationError(f"--input-shape applies to Keras, SavedModel and torch.export sources; "
+                               f"{model.name} is a {fmt} model ({how})")
     profile = _load_profile(opts) if opts.device else None
     scheme = opts.scheme or default_scheme(profile, fmt)
     io = opts.io or (profile_io(profile, scheme) if profile else IoType.FLOAT32)
@@ -101,6 +106,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         # make the budget loop's regions large: group only for an all-int8 target without --max-drop.
         all_int8 = integer_only(profile, scheme) and opts.budget is None
         source = load_source(model, **_source_options(opts, scheme, fmt, all_int8))
+        if any(is_dynamic(s.shape) for s in source.inputs):
+            source = _static_source(model, source, fmt, opts, _source_options(opts, scheme, fmt, all_int8))
         if scheme in (Scheme.INT8, Scheme.INT4X8) and int8_accelerator(profile):
             source = for_int8_activations(source)
     class_outputs = _class_outputs(opts, source)
@@ -318,7 +325,7 @@ DEFAULT_GROUP_OUTLIERS = 2.0
 def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
     if fmt == "tflite":  # control flow is refused up front only for static-int8 schemes
         return {"scheme": scheme.value}
-    if fmt == "torch_export":
+    if fmt in PINNABLE:
         return {"input_shapes": opts.input_shapes}
     if fmt != "hf":
         return {}
@@ -335,6 +342,42 @@ def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only
     group = DEFAULT_GROUP_OUTLIERS if split and integer_only and opts.smoothquant is None else None
     return {"seq_len": opts.seq_len, "pooling": opts.pooling, "split_outliers": split or None,
             "group_outliers": group, "smoothquant": opts.smoothquant, "calib_texts": texts}
+
+
+# Formats whose loaders pin dynamic input dimensions (--input-shape); .tflite shapes are fixed at export.
+PINNABLE = ("keras", "saved_model", "torch_export")
+ARRAYS = (".npy", ".npz")
+
+
+def _static_source(model: Path, source: SourceModel, fmt: str, opts: ConvertOptions, options: dict) -> SourceModel:
+    """A Keras / SavedModel / .tflite source with inputs dynamic beyond the batch, pinned to the shape
+    of its .npy/.npz calibration samples (one shape for all of them); any other case fails naming
+    --input-shape (Keras, SavedModel) or a static re-export (.tflite). The converters' calibrators cannot size a convolution of unknown height and
+    width (XNNPACK fails to prepare), and devices run static shapes."""
+    cfg = opts.calib
+    arrays = cfg is not None and cfg.source != "random" and Path(cfg.source).suffix.lower() in ARRAYS
+    if fmt not in ("keras", "saved_model", "tflite") or not arrays:
+        images = cfg is not None and cfg.source != "random" and Path(cfg.source).is_dir()
+        message = dynamic_inputs_error(source, model, images)
+        if fmt == "tflite":
+            message = message.split("; pass --input-shape")[0] + "; re-export the .tflite with static shapes"
+        raise CalibrationError(message)
+    first = next(load_calibration(cfg, source.inputs).calibration())
+    shapes = tuple(tuple(first[s.name].shape) for s in source.inputs)
+    if fmt == "tflite":  # LiteRT's shape inference writes the shapes into the file
+        from .signature import signature_specs
+
+        data = pin_tflite(source.float_tflite, first)
+        pinned = dataclasses.replace(source, float_tflite=data, inputs=signature_specs(data)[0],
+                                     outputs=signature_specs(data)[1])
+    else:
+        pinned = load_source(model, **{**options, "input_shapes": shapes})
+    fixed = ", ".join(f"{s.name} ({dims(s.shape)}) to {','.join(map(str, shape))}"
+                      for s, shape in zip(source.inputs, shapes) if is_dynamic(s.shape))
+    notes = tuple(n for n in pinned.notes if not n.startswith("dynamic dimensions of "))
+    return dataclasses.replace(pinned, notes=notes + (
+        f"dynamic input dimensions pinned to the calibration data's shape: {fixed}"
+        + ("" if fmt == "tflite" else "; pass --input-shape to choose another"),))
 
 
 def usage_mistake(opts: ConvertOptions) -> str | None:

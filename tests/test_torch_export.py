@@ -21,7 +21,7 @@ from edgeq.calibration import CalibrationConfig, Layout, load_calibration  # noq
 from edgeq.convert import ConvertOptions, convert  # noqa: E402
 from edgeq.errors import CalibrationError, ModelFormatError  # noqa: E402
 from edgeq.sources import detect_format, load_source  # noqa: E402
-from edgeq.sources.torch_export import parse_shape  # noqa: E402
+from edgeq.sources.shapes import parse_shape  # noqa: E402
 from edgeq.tflite_model import read_model  # noqa: E402
 from edgeq.fidelity import compare, run_model  # noqa: E402
 
@@ -150,7 +150,7 @@ def test_dynamic_dimensions_refused_with_the_fix_or_pinned(tmp_path):
     assert "\n" not in str(e.value)
     src = load_source(path, input_shapes=((1, 3, 24, 24),))
     assert src.inputs[0].shape == (1, 3, 24, 24)
-    assert any("pinned by --input-shape" in n for n in src.notes)
+    assert any("pinned to 1,3,24,24 by --input-shape" in n for n in src.notes)
     with pytest.raises(ModelFormatError, match="does not fit input args_0"):
         load_source(path, input_shapes=((1, 1, 24, 24),))  # channels are static: 3
     # A dynamic batch alone is pinned to 1 and says so; the rows come from the saved example.

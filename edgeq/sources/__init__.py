@@ -84,14 +84,14 @@ def for_int8_activations(source: SourceModel) -> SourceModel:
     return replace(source, float_tflite=data, notes=source.notes + report.notes())
 
 
-def _keras(path: Path, **_) -> SourceModel:
+def _keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), **_) -> SourceModel:
     from .keras import load_keras
-    return load_keras(path)
+    return load_keras(path, input_shapes)
 
 
-def _saved_model(path: Path, **_) -> SourceModel:
+def _saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), **_) -> SourceModel:
     from .keras import load_saved_model
-    return load_saved_model(path)
+    return load_saved_model(path, input_shapes)
 
 
 def _tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:

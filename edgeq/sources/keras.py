@@ -9,6 +9,7 @@ from ..signature import ensure_signature, signature_specs
 from ..quiet import quiet_native
 from ..files import sha256_file
 from . import SourceModel
+from .shapes import check_given
 
 
 def _tf():
@@ -25,7 +26,9 @@ def _float_tflite(make_converter, path: Path) -> bytes:
                                f"{first_line(e)}") from None
 
 
-def load_keras(path: Path) -> SourceModel:
+def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> SourceModel:
+    """`input_shapes` (one per input, in order) pins dynamic dimensions: the model is called on
+    fixed-shape inputs (a new functional model around it), so its float and int8 .tflite are static."""
     tf = _tf()
     try:
         with quiet_native():
@@ -33,17 +36,45 @@ def load_keras(path: Path) -> SourceModel:
     except Exception as e:  # Keras raises ValueError/OSError/zipfile errors for bad files
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
+    notes: list[str] = []
+    if input_shapes:
+        model, notes = _pinned_keras(tf, model, input_shapes, path)
 
     def make_converter():
         return tf.lite.TFLiteConverter.from_keras_model(model)
 
     float_model = _float_tflite(make_converter, path)
     ins, outs = signature_specs(float_model)
-    return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter)
+    return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes))
 
 
-def load_saved_model(path: Path) -> SourceModel:
+def _pinned_keras(tf, model, given, path: Path):
+    try:
+        inputs = list(model.inputs)
+    except (AttributeError, ValueError):  # a subclassed model that was never built on an input
+        inputs = []
+    if not inputs:
+        raise ModelFormatError(f"{path}: --input-shape needs a functional or Sequential Keras model with "
+                               "declared inputs; save the model after building it on keras.Input(...)")
+    declared = [(t.name, tuple(t.shape)) for t in inputs]
+    notes = check_given(declared, given, path)
+    keras = tf.keras
+    fixed = [keras.Input(batch_shape=shape, dtype=t.dtype, name=t.name) for t, shape in zip(inputs, given)]
+    try:
+        with quiet_native():
+            outputs = model(fixed if len(fixed) > 1 else fixed[0])
+            return keras.Model(fixed, outputs, name=f"{model.name}_static"), notes
+    except Exception as e:  # a layer that cannot take the size (too small for its pooling, ...)
+        raise ModelFormatError(f"{path}: the model does not run at --input-shape "
+                               f"{' '.join(','.join(map(str, g)) for g in given)} ({first_line(e, 160)})") from None
+
+
+def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> SourceModel:
+    """`input_shapes` pins dynamic dimensions of the serving signature's inputs (in the signature's
+    input order, by name): the converter gets a concrete function traced at those shapes."""
     tf = _tf()
+    if input_shapes:
+        return _pinned_saved_model(tf, path, input_shapes)
 
     def make_converter():
         return tf.lite.TFLiteConverter.from_saved_model(str(path))
@@ -77,3 +108,32 @@ def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:
             "graph with the TF1 loader and quantizes it with the LiteRT quantizer")
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, None,
                        notes=(note,))
+
+
+def _pinned_saved_model(tf, path: Path, given) -> SourceModel:
+    try:
+        with quiet_native():
+            loaded = tf.saved_model.load(str(path))
+        fn = loaded.signatures["serving_default"]
+    except Exception as e:  # no serving signature, objects TF 2 cannot restore
+        raise ModelFormatError(f"{path}: --input-shape needs a SavedModel with a serving_default signature "
+                               f"that TF 2 loads ({first_line(e, 160)})") from None
+    specs = sorted(fn.structured_input_signature[1].items())
+    declared = [(name, tuple(spec.shape.as_list())) for name, spec in specs]
+    notes = check_given(declared, given, path)
+    fixed = {name: tf.TensorSpec(shape, spec.dtype, name=name) for (name, spec), shape in zip(specs, given)}
+    try:
+        with quiet_native():
+            concrete = tf.function(lambda **kw: fn(**kw)).get_concrete_function(**fixed)
+    except Exception as e:
+        raise ModelFormatError(f"{path}: the model does not run at --input-shape "
+                               f"{' '.join(','.join(map(str, g)) for g in given)} ({first_line(e, 160)})") from None
+
+    def make_converter():
+        return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)
+
+    float_model, _ = ensure_signature(_float_tflite(make_converter, path))
+    ins, outs = signature_specs(float_model)
+    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter,
+                       notes=tuple(notes))
+

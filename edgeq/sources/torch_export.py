@@ -27,6 +27,7 @@ from ..files import sha256_file
 from ..signature import signature_specs
 from ..quiet import quiet_native
 from . import SourceModel
+from .shapes import check_given, dims, parse_shape, suggestion  # noqa: F401 (parse_shape: re-exported)
 from .torch_util import litert_convert, require_modules
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -165,31 +166,16 @@ def _program_inputs(ep, args: tuple, kwargs: dict, path: Path) -> list[ProgramIn
                          tuple(x.shape)) for name, v, x in zip(names, user, flat)]
 
 
-def _dims(shape) -> str:
-    return ",".join("?" if d is None else str(d) for d in shape)
-
-
 def _static_shapes(inputs: list[ProgramInput], given: tuple[tuple[int, ...], ...],
                    path: Path) -> tuple[list[tuple[int, ...]], list[str]]:
     """One static shape per input, and notes saying what was pinned."""
     if given:
-        if len(given) != len(inputs):
-            raise ModelFormatError(f"{path}: the program has {len(inputs)} input(s); --input-shape was given "
-                                   f"{len(given)} time(s) (one per input, in order)")
-        for spec, shape in zip(inputs, given):
-            if len(shape) != len(spec.shape) or any(d is not None and d != g for d, g in zip(spec.shape, shape)):
-                raise ModelFormatError(f"{path}: --input-shape {','.join(map(str, shape))} does not fit input "
-                                       f"{spec.name} ({_dims(spec.shape)}, ? = dynamic)")
-            if any(g < 1 for g in shape):
-                raise ModelFormatError(f"{path}: --input-shape {','.join(map(str, shape))} has a dimension < 1")
-        pinned = [s.name for s in inputs if None in s.shape]
-        return list(given), ([f"dynamic dimensions of {', '.join(pinned)} pinned by --input-shape"]
-                             if pinned else [])
+        return list(given), check_given([(s.name, s.shape) for s in inputs], given, path)
     shapes, pinned = [], []
     for spec in inputs:
         if None in spec.shape[1:]:
-            suggest = ",".join(map(str, (1, *spec.example_shape[1:])))
-            raise ModelFormatError(f"{path}: input {spec.name} has dynamic dimensions ({_dims(spec.shape)}); "
+            suggest = suggestion(spec.shape, spec.example_shape)
+            raise ModelFormatError(f"{path}: input {spec.name} has dynamic dimensions ({dims(spec.shape)}); "
                                    f"export with static shapes, or pass --input-shape (e.g. {suggest})")
         if spec.shape and spec.shape[0] is None:
             pinned.append(spec.name)
@@ -246,11 +232,3 @@ def _reference(module, inputs: list[ProgramInput], output_names: list[str]
                 for name, v in collected.items()}
 
     return reference
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' (or 1x3x224x224) -> (1, 3, 224, 224); ValueError naming the expected form."""
-    parts = [p.strip() for p in re.split(r"[,x]", text.strip()) if p.strip()]
-    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"{text!r} is not a shape; give positive sizes like 1,3,224,224")
-    return tuple(int(p) for p in parts)

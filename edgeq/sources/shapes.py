@@ -1,0 +1,111 @@
+"""Static input shapes: `--input-shape` parsing and pinning a source's dynamic dimensions.
+
+LiteRT models on devices run static shapes, and the quantizers' calibrators cannot size a
+convolution whose height and width are unknown (XNNPACK fails to prepare). Keras, SavedModel and
+torch.export sources may declare dynamic dimensions (keras.applications.MobileNetV3 takes any
+image size); these helpers check the shapes a user (or the calibration data) gives against them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ModelFormatError
+
+Shape = tuple  # dimensions, None where the source leaves one dynamic
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' (or 1x3x224x224) -> (1, 3, 224, 224); ValueError naming the expected form."""
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip()) if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{text!r} is not a shape; give positive sizes like 1,3,224,224")
+    return tuple(int(p) for p in parts)
+
+
+def dims(shape: Shape) -> str:
+    return ",".join("?" if d is None or d < 0 else str(d) for d in shape)
+
+
+def is_dynamic(shape: Shape) -> bool:
+    """Dynamic beyond the batch dimension (a dynamic batch is pinned to 1 everywhere)."""
+    return any(d is None or d < 0 for d in shape[1:])
+
+
+def check_given(inputs: Sequence[tuple[str, Shape]], given: Sequence[tuple[int, ...]], path: Path,
+                origin: str = "--input-shape") -> list[str]:
+    """Check one given shape per input (in order) against the declared ones; the notes say what was
+    pinned. Raises ModelFormatError naming the input that does not fit."""
+    if len(given) != len(inputs):
+        raise ModelFormatError(f"{path}: the model has {len(inputs)} input(s); {origin} was given "
+                               f"{len(given)} time(s) (one per input, in order)")
+    for (name, declared), shape in zip(inputs, given):
+        text = ",".join(map(str, shape))
+        if len(shape) != len(declared) or any(d is not None and d >= 0 and d != g for d, g in zip(declared, shape)):
+            raise ModelFormatError(f"{path}: {origin} {text} does not fit input {name} "
+                                   f"({dims(declared)}, ? = dynamic)")
+        if any(g < 1 for g in shape):
+            raise ModelFormatError(f"{path}: {origin} {text} has a dimension < 1")
+    return [f"dynamic dimensions of {name} ({dims(declared)}) pinned to {','.join(map(str, shape))} by {origin}"
+            for (name, declared), shape in zip(inputs, given) if is_dynamic(declared)]
+
+
+def suggestion(shape: Shape, example: Sequence[int] | None = None) -> str:
+    """An --input-shape value for a dynamic input: its example's sizes, else 224 for an image's
+    height and width (the common ImageNet size) and 128 for other dimensions."""
+    if example is not None:
+        return ",".join(map(str, (1, *example[1:])))
+    image = len(shape) == 4 and (shape[3] in (1, 3, 4) or shape[1] in (1, 3, 4))
+    fill = 224 if image else 128
+    return ",".join(["1"] + [str(fill if d is None or d < 0 else d) for d in shape[1:]])
+
+
+def dynamic_inputs_error(source, path: Path, images: bool) -> str | None:
+    """The message for a source whose inputs stay dynamic beyond the batch, or None."""
+    bad = [s for s in source.inputs if is_dynamic(s.shape)]
+    if not bad:
+        return None
+    s = bad[0]
+    why = "image calibration resizes photos to the input's size" if images else "devices run static shapes"
+    return (f"{path}: input {s.name!r} has dynamic dimensions ({dims(s.shape)}) and {why}; pass "
+            f"--input-shape {suggestion(s.shape)} (the size the model is meant to run at)")
+
+
+
+def pin_tflite(model: bytes, sample: dict) -> bytes:
+    """A .tflite with dynamic dimensions written static at the shapes of `sample` (one input sample,
+    batch 1, keyed by signature input name): LiteRT's own shape inference (inputs resized, one run
+    for tensors sized at run time) gives every tensor of the main graph its shape, and the file
+    stores those in place of its -1s. The ops are untouched: they compute the same shapes again
+    when the model runs."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from .. import tflite_edit as te
+    from ..quiet import quiet_native
+
+    m = te.load(model)
+    sg = m.subgraphs[0]
+    by_name = {te.tensor_name(sg.tensors[i]): int(i) for i in sg.inputs}
+    if m.signatureDefs:
+        by_name.update({(t.name.decode() if isinstance(t.name, bytes) else t.name): int(t.tensorIndex)
+                        for t in m.signatureDefs[0].inputs})
+    feed = {by_name[name]: np.asarray(x) for name, x in sample.items() if name in by_name}
+    with quiet_native():  # XNNPACK cannot prepare some resized graphs: the builtin kernels infer shapes
+        interp = Interpreter(model_content=model,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        for index, x in feed.items():
+            interp.resize_tensor_input(index, list(x.shape), strict=False)
+        interp.allocate_tensors()
+        for d in interp.get_input_details():
+            if d["index"] in feed:
+                interp.set_tensor(d["index"], feed[d["index"]].astype(d["dtype"], copy=False))
+        interp.invoke()
+        runtime = {d["index"]: [int(v) for v in d["shape"]] for d in interp.get_tensor_details()}
+    for i, t in enumerate(sg.tensors):
+        if t.shapeSignature is not None and i in runtime and len(runtime[i]) == len(t.shapeSignature):
+            t.shape = runtime[i]
+            t.shapeSignature = None
+    return te.pack(m)

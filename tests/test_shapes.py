@@ -182,3 +182,42 @@ def test_shape_helpers():
     assert check_given([("a", (None, 10, 8))], [(1, 10, 8)], "m") == []  # only a batch: nothing to say
     with pytest.raises(ModelFormatError, match="dimension < 1|does not fit"):
         check_given([("a", (None, None))], [(1, 0)], "m")
+
+
+def _squeeze_excite(tf):
+    """A Keras squeeze-excite block (EfficientNet's, MobileNetV3's): Reshape after global pooling,
+    which the converter computes at run time (SHAPE -> STRIDED_SLICE -> PACK) for a dynamic batch."""
+    tf.keras.utils.set_random_seed(4)
+    L = tf.keras.layers
+    x = tf.keras.Input((16, 16, 3))
+    h = L.Conv2D(8, 3, padding="same", activation="relu")(x)
+    s = L.Reshape((1, 1, 8))(L.GlobalAveragePooling2D()(h))
+    h = L.Multiply()([h, L.Conv2D(8, 1, activation="sigmoid")(s)])
+    return tf.keras.Model(x, L.Dense(3)(L.GlobalAveragePooling2D()(h)))
+
+
+def test_dynamic_batch_is_pinned_where_it_costs_shape_ops(tf, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+    from edgeq.tflite_model import read_model
+
+    model = _squeeze_excite(tf)
+    model.save(tmp_path / "se.keras")
+    model.export(str(tmp_path / "se_sm"), verbose=False)
+    bare = [op.name for op in read_model(tf.lite.TFLiteConverter.from_keras_model(model).convert()).ops]
+    assert "SHAPE" in bare  # what a dynamic batch costs, written by the converter itself
+    x = np.random.default_rng(0).normal(size=(1, 16, 16, 3)).astype(np.float32)
+    for path in (tmp_path / "se.keras", tmp_path / "se_sm"):
+        src = load_source(path)
+        ops = [op.name for op in read_model(src.float_tflite).ops]
+        assert not {"SHAPE", "STRIDED_SLICE", "PACK"} & set(ops) and len(ops) < len(bare), ops
+        assert [tuple(s.shape) for s in src.inputs] == [(1, 16, 16, 3)]
+        assert any(f"pinned to 1: kept dynamic it costs {len(bare) - len(ops)} op(s)" in n for n in src.notes)
+        it = Interpreter(model_content=src.float_tflite)
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        assert np.allclose(it.get_tensor(it.get_output_details()[0]["index"]), model.predict(x, verbose=0), atol=1e-5)
+    # Without SHAPE ops the batch stays as the model declares it (nothing to gain, nothing changed).
+    tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(2)]).save(tmp_path / "plain.keras")
+    plain = load_source(tmp_path / "plain.keras")
+    assert plain.inputs[0].shape[0] == -1 and not plain.notes

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ModelFormatError, first_line
 from ..signature import ensure_signature, signature_specs
+from ..tflite_model import read_model
 from ..quiet import quiet_native
 from ..files import sha256_file
 from . import SourceModel
@@ -40,12 +41,47 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> So
     if input_shapes:
         model, notes = _pinned_keras(tf, model, input_shapes, path)
 
-    def make_converter():
-        return tf.lite.TFLiteConverter.from_keras_model(model)
+    def converter_for(m):
+        return lambda: tf.lite.TFLiteConverter.from_keras_model(m)
 
+    make_converter = converter_for(model)
     float_model = _float_tflite(make_converter, path)
+    if not input_shapes and _batch_ops(float_model):
+        batch1 = _batch_one([tuple(t.shape) for t in getattr(model, "inputs", None) or []])
+        if batch1:
+            try:
+                pinned, _ = _pinned_keras(tf, model, batch1, path)
+                make_pinned = converter_for(pinned)
+                float_model, make_converter, note = _with_static_batch(float_model, make_pinned, path)
+                notes.append(note)
+            except ModelFormatError:  # the model cannot be called on a fixed batch: keep it dynamic
+                pass
     ins, outs = signature_specs(float_model)
     return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes))
+
+
+def _batch_ops(float_model: bytes) -> int:
+    """SHAPE ops: where the converter kept a dynamic batch it computes Reshape targets at run time
+    (SHAPE -> STRIDED_SLICE -> PACK; keras.applications' MobileNet head and EfficientNet's
+    squeeze-excite blocks). XNNPACK runs none of them nor the RESHAPE they feed (a cut in the
+    delegated graph per Reshape, measured on LiteRT 2.3), and the Edge TPU has no SHAPE op."""
+    return sum(op.name == "SHAPE" for op in read_model(float_model).ops)
+
+
+def _batch_one(shapes: list[tuple]) -> tuple[tuple[int, ...], ...] | None:
+    """Each input with its batch set to 1, when the batch is all that is dynamic; else None."""
+    if not shapes or any(len(s) == 0 or any(d is None or d < 0 for d in s[1:]) for s in shapes):
+        return None
+    return tuple((1, *s[1:]) for s in shapes)
+
+
+def _with_static_batch(float_model: bytes, make_pinned, path: Path):
+    """The float model converted again at batch 1, its converter, and the note saying what it saved."""
+    pinned = _float_tflite(make_pinned, path)
+    before, after = len(read_model(float_model).ops), len(read_model(pinned).ops)
+    return pinned, make_pinned, (f"the dynamic batch is pinned to 1: kept dynamic it costs {before - after} op(s) "
+                                 "computing Reshape targets at run time (SHAPE, STRIDED_SLICE, PACK), which XNNPACK "
+                                 "and the Edge TPU do not run, and XNNPACK leaves the RESHAPEs they feed outside too")
 
 
 def _pinned_keras(tf, model, given, path: Path):
@@ -84,8 +120,18 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
     except Exception as e:  # corrupt saved_model.pb, missing variables, objects TF 2 cannot restore
         return _saved_model_graph(tf, path, first_line(e, 160))
     float_model = _float_tflite(make_converter, path)
+    notes: tuple[str, ...] = ()
+    if _batch_ops(float_model):
+        try:
+            pinned = _pinned_saved_model(tf, path, None)
+        except ModelFormatError:  # no serving signature TF 2 can trace at batch 1: keep it dynamic
+            pass
+        else:
+            if pinned is not None:
+                float_model, make_converter, note = _with_static_batch(float_model, pinned.converter, path)
+                notes = (note,)
     ins, outs = signature_specs(float_model)
-    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter)
+    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter, notes=notes)
 
 
 def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:
@@ -110,7 +156,7 @@ def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:
                        notes=(note,))
 
 
-def _pinned_saved_model(tf, path: Path, given) -> SourceModel:
+def _pinned_saved_model(tf, path: Path, given) -> SourceModel | None:
     try:
         with quiet_native():
             loaded = tf.saved_model.load(str(path))
@@ -120,6 +166,10 @@ def _pinned_saved_model(tf, path: Path, given) -> SourceModel:
                                f"that TF 2 loads ({first_line(e, 160)})") from None
     specs = sorted(fn.structured_input_signature[1].items())
     declared = [(name, tuple(spec.shape.as_list())) for name, spec in specs]
+    if given is None:  # the dynamic batch alone, pinned to 1
+        given = _batch_one([shape for _, shape in declared])
+        if given is None:
+            return None
     notes = check_given(declared, given, path)
     fixed = {name: tf.TensorSpec(shape, spec.dtype, name=name) for (name, spec), shape in zip(specs, given)}
     try:

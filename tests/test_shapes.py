@@ -211,7 +211,10 @@ def test_dynamic_batch_is_pinned_where_it_costs_shape_ops(tf, tmp_path):
         ops = [op.name for op in read_model(src.float_tflite).ops]
         assert not {"SHAPE", "STRIDED_SLICE", "PACK"} & set(ops) and len(ops) < len(bare), ops
         assert [tuple(s.shape) for s in src.inputs] == [(1, 16, 16, 3)]
-        assert any(f"pinned to 1: kept dynamic it costs {len(bare) - len(ops)} op(s)" in n for n in src.notes)
+        # Keras: predicted from its Reshape layer, converted once; SavedModel: converted again, counted.
+        said = (["the dynamic batch is pinned to 1: with it the converter computes the Reshape layers' targets"]
+                if path.suffix == ".keras" else [f"pinned to 1: kept dynamic it costs {len(bare) - len(ops)} op(s)"])
+        assert any(said[0] in n for n in src.notes), src.notes
         it = Interpreter(model_content=src.float_tflite)
         it.allocate_tensors()
         it.set_tensor(it.get_input_details()[0]["index"], x)

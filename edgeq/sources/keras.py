@@ -44,20 +44,48 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> So
     def converter_for(m):
         return lambda: tf.lite.TFLiteConverter.from_keras_model(m)
 
+    batch1 = None if input_shapes else _batch_one([tuple(t.shape) for t in _inputs(model)])
+    if batch1 and _has_reshape(tf, model):  # predicted SHAPE ops: convert once, at batch 1
+        try:
+            model, _ = _pinned_keras(tf, model, batch1, path)
+            notes.append(BATCH_NOTE)
+            batch1 = None
+        except ModelFormatError:  # the model cannot be called on a fixed batch: keep it dynamic
+            pass
     make_converter = converter_for(model)
     float_model = _float_tflite(make_converter, path)
-    if not input_shapes and _batch_ops(float_model):
-        batch1 = _batch_one([tuple(t.shape) for t in getattr(model, "inputs", None) or []])
-        if batch1:
-            try:
-                pinned, _ = _pinned_keras(tf, model, batch1, path)
-                make_pinned = converter_for(pinned)
-                float_model, make_converter, note = _with_static_batch(float_model, make_pinned, path)
-                notes.append(note)
-            except ModelFormatError:  # the model cannot be called on a fixed batch: keep it dynamic
-                pass
+    if batch1 and _batch_ops(float_model):  # SHAPE ops nobody predicted: convert again at batch 1
+        try:
+            pinned, _ = _pinned_keras(tf, model, batch1, path)
+        except ModelFormatError:
+            pass
+        else:
+            float_model, make_converter, note = _with_static_batch(float_model, converter_for(pinned), path)
+            notes.append(note)
     ins, outs = signature_specs(float_model)
     return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes))
+
+
+BATCH_NOTE = ("the dynamic batch is pinned to 1: with it the converter computes the Reshape layers' targets at "
+              "run time (SHAPE, STRIDED_SLICE, PACK), which XNNPACK and the Edge TPU do not run, and XNNPACK "
+              "leaves those RESHAPEs outside too")
+
+
+def _inputs(model) -> list:
+    try:
+        return list(model.inputs or [])
+    except (AttributeError, ValueError):  # a subclassed model never built on an input
+        return []
+
+
+def _has_reshape(tf, model) -> bool:
+    """A Reshape layer anywhere in the model (nested models included): with a dynamic batch Keras
+    reshapes to (batch, *target), which the converter writes as SHAPE ops."""
+    try:
+        layers = model._flatten_layers(include_self=False, recursive=True)
+    except (AttributeError, TypeError):
+        layers = getattr(model, "layers", [])
+    return any(isinstance(layer, tf.keras.layers.Reshape) for layer in layers)
 
 
 def _batch_ops(float_model: bytes) -> int:
@@ -80,15 +108,12 @@ def _with_static_batch(float_model: bytes, make_pinned, path: Path):
     pinned = _float_tflite(make_pinned, path)
     before, after = len(read_model(float_model).ops), len(read_model(pinned).ops)
     return pinned, make_pinned, (f"the dynamic batch is pinned to 1: kept dynamic it costs {before - after} op(s) "
-                                 "computing Reshape targets at run time (SHAPE, STRIDED_SLICE, PACK), which XNNPACK "
-                                 "and the Edge TPU do not run, and XNNPACK leaves the RESHAPEs they feed outside too")
+                                 "computing shapes at run time (SHAPE, STRIDED_SLICE, PACK), which XNNPACK and the "
+                                 "Edge TPU do not run, and XNNPACK leaves the RESHAPEs they feed outside too")
 
 
 def _pinned_keras(tf, model, given, path: Path):
-    try:
-        inputs = list(model.inputs)
-    except (AttributeError, ValueError):  # a subclassed model that was never built on an input
-        inputs = []
+    inputs = _inputs(model)
     if not inputs:
         raise ModelFormatError(f"{path}: --input-shape needs a functional or Sequential Keras model with "
                                "declared inputs; save the model after building it on keras.Input(...)")

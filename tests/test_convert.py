@@ -229,12 +229,13 @@ def test_option_combinations_fail_before_work(tiny_dense, tmp_path):
 @pytest.fixture(scope="module")
 def embedding_model(tf, tmp_path_factory):
     """The LayerNorm/attention block with its output named "embedding" (floor: cosine 0.98), and
-    inputs with one 40x outlier channel: plain int8 lands near cosine 0.95."""
+    inputs with one 60x outlier channel: plain int8 lands near cosine 0.97 (40x gave 0.979 at a
+    dynamic batch and 0.980 since the batch is pinned to 1: too close to the floor to test it)."""
     d = tmp_path_factory.mktemp("emb")
     base = build_tiny(tf, "ln")
     src = save_keras(tf, tf.keras.Model(base.inputs, {"embedding": base.outputs[0]}), d / "emb.keras")
     x = np.random.default_rng(0).normal(size=(260, 16, 32)).astype(np.float32)
-    x[:, :, 3] *= 40
+    x[:, :, 3] *= 60
     np.save(d / "x.npy", x)
     return src, str(d / "x.npy")
 

@@ -212,9 +212,10 @@ def test_dynamic_batch_is_pinned_where_it_costs_shape_ops(tf, tmp_path):
         assert not {"SHAPE", "STRIDED_SLICE", "PACK"} & set(ops) and len(ops) < len(bare), ops
         assert [tuple(s.shape) for s in src.inputs] == [(1, 16, 16, 3)]
         # Keras: predicted from its Reshape layer, converted once; SavedModel: converted again, counted.
-        said = (["the dynamic batch is pinned to 1: with it the converter computes the Reshape layers' targets"]
-                if path.suffix == ".keras" else [f"pinned to 1: kept dynamic it costs {len(bare) - len(ops)} op(s)"])
-        assert any(said[0] in n for n in src.notes), src.notes
+        said = ("converted at batch 1: a dynamic batch makes the Reshape/Flatten targets run-time ops"
+                if path.suffix == ".keras" else f"converted at batch 1: a dynamic batch costs {len(bare) - len(ops)} "
+                "run-time shape op(s)")
+        assert said in src.description and not src.notes, (src.description, src.notes)
         it = Interpreter(model_content=src.float_tflite)
         it.allocate_tensors()
         it.set_tensor(it.get_input_details()[0]["index"], x)
@@ -223,4 +224,4 @@ def test_dynamic_batch_is_pinned_where_it_costs_shape_ops(tf, tmp_path):
     # Without SHAPE ops the batch stays as the model declares it (nothing to gain, nothing changed).
     tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(2)]).save(tmp_path / "plain.keras")
     plain = load_source(tmp_path / "plain.keras")
-    assert plain.inputs[0].shape[0] == -1 and not plain.notes
+    assert plain.inputs[0].shape[0] == -1 and not plain.notes and not plain.description

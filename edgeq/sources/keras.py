@@ -38,6 +38,7 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> So
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
     notes: list[str] = []
+    described = ""  # the batch pinned: no change of numbers or contract (edgeq runs batch 1), not a warning
     if input_shapes:
         model, notes = _pinned_keras(tf, model, input_shapes, path)
 
@@ -48,7 +49,7 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> So
     if batch1 and _has_reshape(tf, model):  # predicted SHAPE ops: convert once, at batch 1
         try:
             model, _ = _pinned_keras(tf, model, batch1, path)
-            notes.append(BATCH_NOTE)
+            described = BATCH_NOTE
             batch1 = None
         except ModelFormatError:  # the model cannot be called on a fixed batch: keep it dynamic
             pass
@@ -60,15 +61,14 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> So
         except ModelFormatError:
             pass
         else:
-            float_model, make_converter, note = _with_static_batch(float_model, converter_for(pinned), path)
-            notes.append(note)
+            float_model, make_converter, described = _with_static_batch(float_model, converter_for(pinned), path)
     ins, outs = signature_specs(float_model)
-    return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes))
+    return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes),
+                       description=described)
 
 
-BATCH_NOTE = ("the dynamic batch is pinned to 1: with it the converter computes the Reshape layers' targets at "
-              "run time (SHAPE, STRIDED_SLICE, PACK), which XNNPACK and the Edge TPU do not run, and XNNPACK "
-              "leaves those RESHAPEs outside too")
+BATCH_NOTE = ("converted at batch 1: a dynamic batch makes the Reshape/Flatten targets run-time ops (SHAPE, "
+              "STRIDED_SLICE, PACK) that XNNPACK and the Edge TPU do not run")
 
 
 def _inputs(model) -> list:
@@ -79,13 +79,13 @@ def _inputs(model) -> list:
 
 
 def _has_reshape(tf, model) -> bool:
-    """A Reshape layer anywhere in the model (nested models included): with a dynamic batch Keras
-    reshapes to (batch, *target), which the converter writes as SHAPE ops."""
+    """A Reshape or Flatten layer anywhere in the model (nested models included): with a dynamic batch
+    Keras reshapes to (batch, *target), which the converter writes as SHAPE ops."""
     try:
         layers = model._flatten_layers(include_self=False, recursive=True)
     except (AttributeError, TypeError):
         layers = getattr(model, "layers", [])
-    return any(isinstance(layer, tf.keras.layers.Reshape) for layer in layers)
+    return any(isinstance(layer, (tf.keras.layers.Reshape, tf.keras.layers.Flatten)) for layer in layers)
 
 
 def _batch_ops(float_model: bytes) -> int:
@@ -104,12 +104,12 @@ def _batch_one(shapes: list[tuple]) -> tuple[tuple[int, ...], ...] | None:
 
 
 def _with_static_batch(float_model: bytes, make_pinned, path: Path):
-    """The float model converted again at batch 1, its converter, and the note saying what it saved."""
+    """The float model converted again at batch 1, its converter, and what it saved (the source's
+    description)."""
     pinned = _float_tflite(make_pinned, path)
     before, after = len(read_model(float_model).ops), len(read_model(pinned).ops)
-    return pinned, make_pinned, (f"the dynamic batch is pinned to 1: kept dynamic it costs {before - after} op(s) "
-                                 "computing shapes at run time (SHAPE, STRIDED_SLICE, PACK), which XNNPACK and the "
-                                 "Edge TPU do not run, and XNNPACK leaves the RESHAPEs they feed outside too")
+    return pinned, make_pinned, (f"converted at batch 1: a dynamic batch costs {before - after} run-time shape op(s) "
+                                 "(SHAPE, STRIDED_SLICE, PACK) that XNNPACK and the Edge TPU do not run")
 
 
 def _pinned_keras(tf, model, given, path: Path):
@@ -145,7 +145,7 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
     except Exception as e:  # corrupt saved_model.pb, missing variables, objects TF 2 cannot restore
         return _saved_model_graph(tf, path, first_line(e, 160))
     float_model = _float_tflite(make_converter, path)
-    notes: tuple[str, ...] = ()
+    described = ""
     if _batch_ops(float_model):
         try:
             pinned = _pinned_saved_model(tf, path, None)
@@ -153,10 +153,10 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
             pass
         else:
             if pinned is not None:
-                float_model, make_converter, note = _with_static_batch(float_model, pinned.converter, path)
-                notes = (note,)
+                float_model, make_converter, described = _with_static_batch(float_model, pinned.converter, path)
     ins, outs = signature_specs(float_model)
-    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter, notes=notes)
+    return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter,
+                       description=described)
 
 
 def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:

@@ -249,6 +249,14 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
     if h <= 0 or w <= 0:
         raise CalibrationError(f"{path}: the model input has a dynamic size {spec.shape}; "
                                "export it with a fixed height and width")
+    kind = np.dtype(spec.dtype)
+    if kind.kind in "iu" and kind != np.uint8:
+        raise CalibrationError(f"{path}: input {spec.name!r} is {spec.dtype}; photos feed float or uint8 image "
+                               "inputs: give .npy/.npz data of that dtype instead")
+    if kind == np.uint8 and (cfg.mean is not None or cfg.std is not None
+                             or cfg.preprocess not in (None, Preprocess.RAW)):
+        raise CalibrationError(f"{path}: input {spec.name!r} takes uint8 pixels (0..255, scaled inside the "
+                               "model): drop --preprocess/--mean/--std")
     mean, std = _norm(cfg, c)
     for what, v in (("--mean", cfg.mean), ("--std", cfg.std)):
         if v is not None and len(v) not in (1, c):
@@ -267,8 +275,10 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
         except (UnidentifiedImageError, OSError) as e:
             raise CalibrationError(f"{f}: cannot decode image ({e}); remove or replace it") from None
         x = x.reshape(h, w, c)
-        if np.dtype(spec.dtype).kind == "f":
+        if kind.kind == "f":
             x = (x - mean) / std
+        else:  # uint8 pixels as decoded: the model scales them itself (e.g. a Keras Rescaling layer)
+            x = x.astype(np.uint8)
         if layout is Layout.NCHW:
             x = np.ascontiguousarray(x.transpose(2, 0, 1))
         return _check({spec.name: x}, specs, str(f))

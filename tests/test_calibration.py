@@ -46,6 +46,44 @@ def test_explicit_mean_std(tmp_path):
     assert x.min() >= -1 and x.max() <= 1 and x.min() < 0
 
 
+def test_uint8_image_input_gets_the_decoded_pixels(tmp_path):
+    """A model that scales its own pixels (Keras Input(dtype="uint8") + Rescaling) gets them as decoded,
+    uint8; before, photos were float32 and refused as "integer data (e.g. token ids) expected"."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    px = np.random.default_rng(1).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    Image.fromarray(px).save(d / "a.png")  # already the input's size: no resampling
+    spec = (InputSpec("img", (-1, 8, 8, 3), "uint8"),)
+    x = next(load_calibration(CalibrationConfig(str(d), samples=1, eval_samples=0), spec).calibration())["img"]
+    assert x.dtype == np.uint8 and np.array_equal(x[0], px)
+    raw = CalibrationConfig(str(d), samples=1, eval_samples=0, preprocess=Preprocess.RAW)
+    assert np.array_equal(next(load_calibration(raw, spec).calibration())["img"][0], px)
+    for bad in (CalibrationConfig(str(d), samples=1, eval_samples=0, preprocess=Preprocess.IMAGENET),
+                CalibrationConfig(str(d), samples=1, eval_samples=0, mean=(127.5,))):
+        with pytest.raises(CalibrationError, match="takes uint8 pixels .* drop --preprocess/--mean/--std"):
+            load_calibration(bad, spec)
+    with pytest.raises(CalibrationError, match="is int32; photos feed float or uint8 image inputs"):
+        load_calibration(raw, (InputSpec("img", (-1, 8, 8, 3), "int32"),))
+
+
+def test_uint8_image_model_converts_from_photos(tf, tmp_path):
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.tflite_model import read_model
+
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    x = tf.keras.Input((16, 16, 3), dtype="uint8")
+    h = L.Conv2D(8, 3, activation="relu")(L.Rescaling(1 / 255.0)(x))
+    model = tf.keras.Model(x, L.Dense(4)(L.GlobalAveragePooling2D()(h)))
+    model.save(tmp_path / "u8.keras")
+    d = _images(tmp_path, 30, size=(16, 16))
+    r = convert(tmp_path / "u8.keras", ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(
+        str(d), samples=24, eval_samples=6), floor=False))
+    info = read_model(r.output.read_bytes())
+    assert [op.name for op in info.ops if op.precision == "int8"].count("CONV_2D") == 1
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99  # int8 against float on the held-out photos
+
+
 def test_image_layout_from_the_shape_and_when_ambiguous_from_the_override():
     assert image_layout((1, 3, 224, 224)) is Layout.NCHW and image_layout((-1, 1, 28, 28)) is Layout.NCHW
     assert image_layout((1, 224, 224, 3)) is Layout.NHWC and image_layout((-1, -1, -1, 3)) is Layout.NHWC

@@ -150,6 +150,9 @@ def _shapes(ctx, param, values):
 @click.option("--input-shape", "input_shapes", multiple=True, callback=_shapes, metavar="SHAPE",
               help="Keras, SavedModel and torch.export models with dynamic dimensions: static shape per "
                    "input, in order (e.g. 1,224,224,3) [default: .npy/.npz calibration data's shape].")
+@click.option("--trust-model", is_flag=True,
+              help="Keras: load Lambda layers, Python code stored in the file (Keras' safe_mode=False); only "
+                   "for files you trust.")
 @click.option("--strict", is_flag=True, help="Fail if any op stayed float under --scheme int8.")
 @force_option
 @json_option
@@ -158,7 +161,7 @@ def _shapes(ctx, param, values):
 def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess, mean, std, layout, tokenizer,
             seq_len, pooling, scheme, io_type, range_method, percentile, optimize, max_size, split_outliers,
             smoothquant, device, devices_dir, allow_incompatible, max_drop, metric, class_outputs, no_floor,
-            input_shapes, strict, force, as_json, quiet):
+            input_shapes, trust_model, strict, force, as_json, quiet):
     """Quantize MODEL (Keras, SavedModel, HF dir, torch.export .pt2 or float .tflite) into OUTPUT .tflite
     + manifest (+ OUTPUT.samples.npz: a few real held-out inputs that bench/profile use by default).
 
@@ -182,7 +185,8 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
                           BudgetOptions(max_drop, metric) if max_drop is not None else None, range_method,
                           percentile, seq_len, pooling, split_outliers, smoothquant, floor=not no_floor,
                           class_outputs=tuple(class_outputs), input_shapes=tuple(input_shapes),
-                          optimize=OptimizeLevel(optimize) if optimize else None, max_size=max_size)
+                          optimize=OptimizeLevel(optimize) if optimize else None, max_size=max_size,
+                          trust_model=trust_model)
     mistake = usage_mistake(opts)  # options that cannot go together: a usage error, before any work
     if mistake:
         raise click.UsageError(mistake)

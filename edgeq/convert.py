@@ -19,7 +19,7 @@ from .accuracy_target import budget_target
 from .budget import ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, run_budget
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
-from .errors import CalibrationError, EdgeqError, IncompatibleModelError, QuantizationError
+from .errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError, QuantizationError
 from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
 from .litert_quant import Requantizer, per_op_from_plan
@@ -69,6 +69,7 @@ class ConvertOptions:
     # quantizer's own min-max ranges), else none; edgeq/optimize.py
     optimize: OptimizeLevel | None = None
     max_size: int | None = None  # --max-size in bytes: the most accurate scheme whose file fits (size_goal.py)
+    trust_model: bool = False  # Keras: load Lambda layers (Python code in the file; Keras' safe_mode=False)
 
 
 @dataclass
@@ -92,6 +93,9 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     check_output(spath, inputs, opts.force)
 
     fmt = detect_format(model)  # a wrong file fails before any slow work
+    if opts.trust_model and fmt != "keras":
+        raise ModelFormatError(f"--trust-model applies to Keras .keras/.h5 files (their Lambda layers); "
+                               f"{model.name} is a {fmt} model")
     if opts.input_shapes and fmt not in PINNABLE:
         how = "--seq-len sets its sequence length" if fmt == "hf" else "its shapes were fixed when it was exported"
         raise CalibrationError(f"--input-shape applies to Keras, SavedModel and torch.export sources; "
@@ -325,6 +329,8 @@ DEFAULT_GROUP_OUTLIERS = 2.0
 def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
     if fmt == "tflite":  # control flow is refused up front only for static-int8 schemes
         return {"scheme": scheme.value}
+    if fmt == "keras":
+        return {"input_shapes": opts.input_shapes, "trust_model": opts.trust_model}
     if fmt in PINNABLE:
         return {"input_shapes": opts.input_shapes}
     if fmt != "hf":

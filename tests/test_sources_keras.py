@@ -71,3 +71,33 @@ def test_savedmodel_tf2_cannot_restore_falls_back_to_the_serving_graph():
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=2e-3)  # XNNPACK vs TF kernels: measured 4e-4
+
+
+def test_lambda_layers_load_only_when_trusted(tf, tmp_path):
+    """Keras 3 refuses to deserialize a Python lambda unless safe_mode=False. Before --trust-model a user
+    who trusts their own file could not convert it (and the error was cut mid-sentence)."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    x = tf.keras.Input((6,))
+    model = tf.keras.Model(x, L.Dense(3)(L.Lambda(lambda t: t * 2.0 - 1.0)(x)))
+    for name in ("lam.keras", "lam.h5"):
+        model.save(tmp_path / name)
+        with pytest.raises(ModelFormatError, match="has a Lambda layer, .*if you trust this file, pass --trust-model") as e:
+            load_source(tmp_path / name)
+        assert "\n" not in str(e.value)
+        src = load_source(tmp_path / name, trust_model=True)
+        v = np.linspace(0, 1, 6, dtype=np.float32)[None]
+        got = signature_runner(src.float_tflite)(**{src.inputs[0].name: v})
+        np.testing.assert_allclose(next(iter(got.values())), model.predict(v, verbose=0), rtol=1e-5, atol=1e-6)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(30, 6)).astype(np.float32))
+    out = tmp_path / "o.tflite"
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "lam.keras"), "-o", str(out), "--calib",
+                                  str(tmp_path / "x.npy"), "--trust-model", "--no-floor"])
+    assert r.exit_code == 0 and out.exists(), r.output
+    r = CliRunner().invoke(main, ["convert", str(out), "-o", str(tmp_path / "p.tflite"), "--calib",
+                                  str(tmp_path / "x.npy"), "--trust-model"])
+    assert r.exit_code == 1 and "--trust-model applies to Keras .keras/.h5 files" in r.output

@@ -84,9 +84,10 @@ def for_int8_activations(source: SourceModel) -> SourceModel:
     return replace(source, float_tflite=data, notes=source.notes + report.notes())
 
 
-def _keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), **_) -> SourceModel:
+def _keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust_model: bool = False,
+           **_) -> SourceModel:
     from .keras import load_keras
-    return load_keras(path, input_shapes)
+    return load_keras(path, input_shapes, trust_model)
 
 
 def _saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), **_) -> SourceModel:

@@ -27,14 +27,20 @@ def _float_tflite(make_converter, path: Path) -> bytes:
                                f"{first_line(e)}") from None
 
 
-def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ()) -> SourceModel:
+def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust_model: bool = False) -> SourceModel:
     """`input_shapes` (one per input, in order) pins dynamic dimensions: the model is called on
-    fixed-shape inputs (a new functional model around it), so its float and int8 .tflite are static."""
+    fixed-shape inputs (a new functional model around it), so its float and int8 .tflite are static.
+    `trust_model` lets Keras load Lambda layers (Python code stored in the file: safe_mode=False)."""
     tf = _tf()
     try:
         with quiet_native():
-            model = tf.keras.models.load_model(path, compile=False)
+            model = tf.keras.models.load_model(path, compile=False, safe_mode=not trust_model)
     except Exception as e:  # Keras raises ValueError/OSError/zipfile errors for bad files
+        text = str(e)
+        if "Lambda" in text and "safe_mode" in text:
+            raise ModelFormatError(f"{path}: the model has a Lambda layer, Python code that Keras does not load "
+                                   "by default (it could run anything); if you trust this file, pass "
+                                   "--trust-model") from None
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
     notes: list[str] = []

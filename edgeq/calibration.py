@@ -237,18 +237,21 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise CalibrationError(f"{path}: no images (jpg/png/bmp/gif/webp) in this directory")
-    if len(specs) != 1 or len(specs[0].shape) != 4:
-        raise CalibrationError(f"{path}: image calibration needs a model with one image input (NCHW or "
-                               f"NHWC); this model has {[(s.name, s.shape) for s in specs]}")
+    if len(specs) != 1 or len(specs[0].shape) not in (3, 4):
+        raise CalibrationError(f"{path}: image calibration needs a model with one image input (NCHW, NHWC, "
+                               f"or NHW for grayscale); this model has {[(s.name, s.shape) for s in specs]}")
     spec = specs[0]
-    layout = image_layout(spec.shape, cfg.layout, f"input {spec.name!r}")
-    if layout is Layout.NCHW:
-        _, c, h, w = spec.shape
+    if len(spec.shape) == 3:  # grayscale without a channel axis (Keras MNIST models: Input((28, 28)))
+        layout, (_, h, w), c = None, spec.shape, 1
     else:
-        _, h, w, c = spec.shape
+        layout = image_layout(spec.shape, cfg.layout, f"input {spec.name!r}")
+        if layout is Layout.NCHW:
+            _, c, h, w = spec.shape
+        else:
+            _, h, w, c = spec.shape
     if h <= 0 or w <= 0:
-        raise CalibrationError(f"{path}: the model input has a dynamic size {spec.shape}; "
-                               "export it with a fixed height and width")
+        raise CalibrationError(f"{path}: the model input has a dynamic size {spec.shape}; pass --input-shape "
+                               "or export it with a fixed height and width")
     kind = np.dtype(spec.dtype)
     if kind.kind in "iu" and kind != np.uint8:
         raise CalibrationError(f"{path}: input {spec.name!r} is {spec.dtype}; photos feed float or uint8 image "
@@ -274,7 +277,7 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
                 x = np.asarray(im, dtype=np.float32)
         except (UnidentifiedImageError, OSError) as e:
             raise CalibrationError(f"{f}: cannot decode image ({e}); remove or replace it") from None
-        x = x.reshape(h, w, c)
+        x = x.reshape((h, w) if layout is None else (h, w, c))
         if kind.kind == "f":
             x = (x - mean) / std
         else:  # uint8 pixels as decoded: the model scales them itself (e.g. a Keras Rescaling layer)

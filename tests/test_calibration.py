@@ -66,6 +66,23 @@ def test_uint8_image_input_gets_the_decoded_pixels(tmp_path):
         load_calibration(raw, (InputSpec("img", (-1, 8, 8, 3), "int32"),))
 
 
+def test_grayscale_input_without_a_channel_axis(tmp_path):
+    """Keras MNIST-style models take (28, 28) images, no channel axis; a folder of digit PNGs was
+    refused ("needs a model with one image input (NCHW or NHWC)")."""
+    d = tmp_path / "digits"
+    d.mkdir()
+    px = np.random.default_rng(2).integers(0, 256, size=(12, 10), dtype=np.uint8)
+    Image.fromarray(px).save(d / "a.png")
+    Image.fromarray(np.stack([px] * 3, -1)).save(d / "b.png")  # an RGB file is read as luminance
+    data = load_calibration(CalibrationConfig(str(d), samples=2, eval_samples=0),
+                            (InputSpec("x", (-1, 12, 10), "float32"),))
+    xs = [s["x"] for s in data.calibration()]
+    assert all(x.shape == (1, 12, 10) and x.dtype == np.float32 for x in xs)
+    for x in xs:
+        np.testing.assert_allclose(x[0], px / 255.0, atol=1 / 255)
+    assert "layout" not in data.describe()
+
+
 def test_uint8_image_model_converts_from_photos(tf, tmp_path):
     from edgeq.convert import ConvertOptions, convert
     from edgeq.tflite_model import read_model

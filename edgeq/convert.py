@@ -116,6 +116,9 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             source = for_int8_activations(source)
     class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
+    calib_cfg, pixel_note = _pixel_scale(calib_cfg, source)
+    if pixel_note:
+        source = dataclasses.replace(source, notes=source.notes + (pixel_note,))
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
@@ -384,6 +387,30 @@ def _static_source(model: Path, source: SourceModel, fmt: str, opts: ConvertOpti
     return dataclasses.replace(pinned, notes=notes + (
         f"dynamic input dimensions pinned to the calibration data's shape: {fixed}"
         + ("" if fmt == "tflite" else "; pass --input-shape to choose another"),))
+
+
+def _pixel_scale(cfg: CalibrationConfig, source: SourceModel) -> tuple[CalibrationConfig, str | None]:
+    """Photos for a float image input of a model that scales its own pixels (pixel_scale.py) are fed
+    as 0..255 unless the user chose a scale, and a chosen other scale is warned about."""
+    if cfg.source == "random" or not Path(cfg.source).is_dir() or len(source.inputs) != 1:
+        return cfg, None
+    from .calibration import Preprocess
+    from .pixel_scale import own_pixel_scaling
+
+    if not str(source.inputs[0].dtype).startswith("float"):
+        return cfg, None
+    how = source.pixel_scaling or own_pixel_scaling(source.float_tflite, source.inputs[0].name)
+    if how is None:
+        return cfg, None
+    if cfg.preprocess is None and cfg.mean is None and cfg.std is None:
+        return dataclasses.replace(cfg, preprocess=Preprocess.RAW), (
+            f"the model scales its own pixels ({how}): photos are fed as 0..255 (--preprocess raw); "
+            "pass --preprocess to choose another scale")
+    if cfg.preprocess is Preprocess.RAW and cfg.mean is None and cfg.std is None:
+        return cfg, None
+    given = "--mean/--std" if cfg.mean is not None or cfg.std is not None else f"--preprocess {cfg.preprocess.value}"
+    return cfg, (f"the model scales its own pixels ({how}), yet {given} scales them first: if it was "
+                 "trained on 0..255 pixels, --preprocess raw is what it meets on the device")
 
 
 def usage_mistake(opts: ConvertOptions) -> str | None:

@@ -40,6 +40,9 @@ class SourceModel:
     # names; returns outputs stacked on axis 0, keyed and ordered as the .tflite's signature outputs
     # (fidelity.compare pairs outputs by order). None: the float .tflite is the only reference.
     reference: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]] | None = None
+    # How the model scales its own image pixels, when it expects 0..255 (pixel_scale.py); Keras sources
+    # read it from their layers, which the converter may fold into the first convolution.
+    pixel_scaling: str | None = None
 
 
 def detect_format(path: Path) -> str:

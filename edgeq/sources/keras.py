@@ -43,6 +43,9 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
                                    "--trust-model") from None
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
+    from ..pixel_scale import keras_pixel_scaling
+
+    scaling = keras_pixel_scaling(tf, model)  # before any wrapping: the user's own layers
     notes: list[str] = []
     described = ""  # the batch pinned: no change of numbers or contract (edgeq runs batch 1), not a warning
     if input_shapes:
@@ -70,7 +73,7 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
             float_model, make_converter, described = _with_static_batch(float_model, converter_for(pinned), path)
     ins, outs = signature_specs(float_model)
     return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes),
-                       description=described)
+                       description=described, pixel_scaling=scaling)
 
 
 BATCH_NOTE = ("converted at batch 1: a dynamic batch makes the Reshape/Flatten targets run-time ops (SHAPE, "

@@ -1,0 +1,111 @@
+"""Models that scale their own pixels: read from the op that first touches an image input.
+
+keras.applications' EfficientNet (B0-B7, V2), MobileNetV3 and ConvNeXt carry their preprocessing
+inside the model (a Rescaling layer, 1/255 or 1/127.5, or a Normalization by ImageNet's mean on
+0..255) and expect raw 0..255 pixels. Calibrated on photos scaled to [0, 1], edgeq's default, such a
+model is quantized for inputs 255x smaller than the ones it meets on the device, and its held-out
+fidelity, judged on the same wrong scale, does not show it. The converter writes those layers as
+the input's first op: MUL by a small constant, DIV by a large one, or SUB/ADD of a mean in the tens
+or hundreds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import tflite_edit as te
+
+# A multiplier at most this (1/255 = 0.0039, 1/127.5 = 0.0078) or a subtracted mean at least this
+# means the model's input is on the 0..255 scale; [0, 1] or [-1, 1] inputs are never scaled so.
+MAX_PIXEL_MULTIPLIER = 0.02
+MIN_PIXEL_MEAN = 20.0
+
+
+def own_pixel_scaling(float_model: bytes, input_name: str) -> str | None:
+    """How the model scales input `input_name` (signature name) itself, when that says it expects
+    0..255 pixels, e.g. "its first op multiplies pixels by 0.003922 (1/255)"; else None."""
+    m = te.load(float_model)
+    sg = m.subgraphs[0]
+    index = None
+    for sig in m.signatureDefs or []:
+        for t in sig.inputs or []:
+            name = t.name.decode() if isinstance(t.name, bytes) else t.name
+            if name == input_name:
+                index = int(t.tensorIndex)
+    if index is None:
+        named = [int(i) for i in te.ints(sg.inputs) if te.tensor_name(sg.tensors[i]) == input_name]
+        index = named[0] if named else (int(sg.inputs[0]) if len(te.ints(sg.inputs)) == 1 else None)
+    if index is None:
+        return None
+    readers = te.consumers(sg).get(index, [])
+    if len(readers) != 1:
+        return None
+    op = sg.operators[readers[0]]
+    name = te.op_name(m, op)
+    others = [i for i in te.ints(op.inputs) if i != index]
+    if name not in ("MUL", "DIV", "SUB", "ADD") or len(others) != 1:
+        return None
+    value = _constant(m, sg, others[0])
+    if value is None or value.size == 0 or not np.all(np.isfinite(value)):
+        return None
+    v = value.astype(np.float64).ravel()
+    first = te.ints(op.inputs)[0] == index  # SUB/DIV: the input must be the left operand
+    if name == "MUL" and np.all((np.abs(v) > 0) & (np.abs(v) <= MAX_PIXEL_MULTIPLIER)):
+        return f"its first op multiplies pixels by {_values(v)}{_fraction(v)}"
+    if name == "DIV" and first and np.all(np.abs(v) >= 1 / MAX_PIXEL_MULTIPLIER):
+        return f"its first op divides pixels by {_values(v)}"
+    if name == "SUB" and first and np.all(v >= MIN_PIXEL_MEAN):
+        return f"its first op subtracts {_values(v)} from pixels"
+    if name == "ADD" and np.all(v <= -MIN_PIXEL_MEAN):
+        return f"its first op adds {_values(v)} to pixels"
+    return None
+
+
+def _constant(m, sg, index: int) -> np.ndarray | None:
+    value = te.constant(m, sg, index)
+    if value is not None:
+        return value
+    producer = te.producers(sg).get(index)  # fp16 files: DEQUANTIZE of a float16 constant
+    if producer is not None and te.op_name(m, sg.operators[producer]) == "DEQUANTIZE":
+        return te.constant(m, sg, te.ints(sg.operators[producer].inputs)[0])
+    return None
+
+
+def _values(v: np.ndarray) -> str:
+    shown = ", ".join(f"{x:.4g}" for x in v[:3])
+    return shown if v.size == 1 else f"[{shown}{', ...' if v.size > 3 else ''}]"
+
+
+def _fraction(v: np.ndarray) -> str:
+    inv = 1 / float(np.abs(v).mean())
+    return f" (1/{inv:.4g})" if np.allclose(np.abs(v), np.abs(v[0])) else ""
+
+
+def keras_pixel_scaling(tf, model) -> str | None:
+    """The same, read from a Keras model's layers before its first layer with weights: a Rescaling by
+    at most MAX_PIXEL_MULTIPLIER or a Normalization by a mean of at least MIN_PIXEL_MEAN. The
+    converter folds these into the first convolution (EfficientNet), leaving no trace in the graph."""
+    try:
+        layers = list(model._flatten_layers(include_self=False, recursive=True))
+    except (AttributeError, TypeError):
+        layers = list(getattr(model, "layers", []))
+    L = tf.keras.layers
+    for layer in layers:
+        if isinstance(layer, tf.keras.Model):  # a nested model: its own layers follow it
+            continue
+        if isinstance(layer, L.Rescaling):
+            v = np.abs(np.asarray(layer.scale, np.float64)).ravel()
+            if v.size and np.all((v > 0) & (v <= MAX_PIXEL_MULTIPLIER)):
+                return f"Rescaling layer {layer.name!r} multiplies pixels by {_values(v)}{_fraction(v)}"
+            return None
+        if isinstance(layer, L.Normalization):
+            mean = getattr(layer, "mean", None)
+            if mean is None:
+                return None
+            v = np.asarray(mean, np.float64).ravel()
+            if v.size and np.all(v >= MIN_PIXEL_MEAN):
+                return f"Normalization layer {layer.name!r} subtracts {_values(v)} from pixels"
+            return None
+        if layer.weights and not isinstance(layer, (L.Rescaling, L.Normalization)):
+            return None  # a layer with weights came first: the model takes scaled input
+    return None

@@ -101,3 +101,31 @@ def test_lambda_layers_load_only_when_trusted(tf, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(out), "-o", str(tmp_path / "p.tflite"), "--calib",
                                   str(tmp_path / "x.npy"), "--trust-model"])
     assert r.exit_code == 1 and "--trust-model applies to Keras .keras/.h5 files" in r.output
+
+
+def test_custom_classes_name_the_savedmodel_route(tf, tmp_path):
+    """A model with a custom layer class: the file names the class but the code lives in its author's
+    module. Keras' own error buried the name after its config dump; edgeq names the class and the
+    route that works without the code (a SavedModel export, which then converts)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="edgeq_test")
+    class Twice(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    x = tf.keras.Input((6,))
+    model = tf.keras.Model(x, tf.keras.layers.Dense(3)(Twice()(x)))
+    model.save(tmp_path / "c.keras")
+    model.save(tmp_path / "c.h5")
+    model.export(str(tmp_path / "c_sm"), verbose=False)
+    keras.saving.get_custom_objects().pop("edgeq_test>Twice")  # as in a fresh process without the code
+    for name, shown in (("c.keras", "'Twice'"), ("c.h5", "'edgeq_test>Twice'")):
+        with pytest.raises(ModelFormatError, match=f"uses {shown}, a custom class .* export it as a SavedModel "
+                                                   r"\(model.export\(DIR\)\) and convert the directory") as e:
+            load_source(tmp_path / name)
+        assert "\n" not in str(e.value)
+    src = load_source(tmp_path / "c_sm")  # the route the message names
+    v = np.linspace(-1, 1, 6, dtype=np.float32)[None]
+    got = signature_runner(src.float_tflite)(**{src.inputs[0].name: v})
+    np.testing.assert_allclose(next(iter(got.values())), model.predict(v, verbose=0), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import ModelFormatError, first_line
@@ -41,6 +42,11 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
             raise ModelFormatError(f"{path}: the model has a Lambda layer, Python code that Keras does not load "
                                    "by default (it could run anything); if you trust this file, pass "
                                    "--trust-model") from None
+        custom = re.search(r"(?:Could not locate (?:class|function)|Unknown (?:layer|object)):? '?([\w.>]+)", text)
+        if custom:  # a class from its author's Python code, which the file names but does not hold
+            raise ModelFormatError(f"{path}: the model uses {custom.group(1)!r}, a custom class from its author's "
+                                   "Python code that edgeq cannot import; in that code, export it as a SavedModel "
+                                   "(model.export(DIR)) and convert the directory") from None
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
     from ..pixel_scale import keras_pixel_scaling

@@ -28,6 +28,7 @@ from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, model_key, 
                        optimize_report, resolve_level)
 from .plan import default_scheme, int8_accelerator, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
+from .pixel_scale import photo_scale
 from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
 from .size_plan import SizeRequest, plan_for_size
@@ -116,7 +117,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             source = for_int8_activations(source)
     class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
-    calib_cfg, pixel_note = _pixel_scale(calib_cfg, source)
+    calib_cfg, pixel_note = photo_scale(calib_cfg, source)
     if pixel_note:
         source = dataclasses.replace(source, notes=source.notes + (pixel_note,))
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
@@ -361,24 +362,23 @@ ARRAYS = (".npy", ".npz")
 def _static_source(model: Path, source: SourceModel, fmt: str, opts: ConvertOptions, options: dict) -> SourceModel:
     """A Keras / SavedModel / .tflite source with inputs dynamic beyond the batch, pinned to the shape
     of its .npy/.npz calibration samples (one shape for all of them); any other case fails naming
-    --input-shape (Keras, SavedModel) or a static re-export (.tflite). The converters' calibrators cannot size a convolution of unknown height and
-    width (XNNPACK fails to prepare), and devices run static shapes."""
+    --input-shape (Keras, SavedModel) or a static re-export (.tflite). The converters' calibrators
+    cannot size a convolution of unknown height and width (XNNPACK fails to prepare), and devices
+    run static shapes."""
     cfg = opts.calib
     arrays = cfg is not None and cfg.source != "random" and Path(cfg.source).suffix.lower() in ARRAYS
     if fmt not in ("keras", "saved_model", "tflite") or not arrays:
         images = cfg is not None and cfg.source != "random" and Path(cfg.source).is_dir()
-        message = dynamic_inputs_error(source, model, images)
-        if fmt == "tflite":
-            message = message.split("; pass --input-shape")[0] + "; re-export the .tflite with static shapes"
-        raise CalibrationError(message)
+        fix = "re-export the .tflite with static shapes" if fmt == "tflite" else None
+        raise CalibrationError(dynamic_inputs_error(source, model, images, fix))
     first = next(load_calibration(cfg, source.inputs).calibration())
     shapes = tuple(tuple(first[s.name].shape) for s in source.inputs)
     if fmt == "tflite":  # LiteRT's shape inference writes the shapes into the file
         from .signature import signature_specs
 
         data = pin_tflite(source.float_tflite, first)
-        pinned = dataclasses.replace(source, float_tflite=data, inputs=signature_specs(data)[0],
-                                     outputs=signature_specs(data)[1])
+        ins, outs = signature_specs(data)
+        pinned = dataclasses.replace(source, float_tflite=data, inputs=ins, outputs=outs)
     else:
         pinned = load_source(model, **{**options, "input_shapes": shapes})
     fixed = ", ".join(f"{s.name} ({dims(s.shape)}) to {','.join(map(str, shape))}"
@@ -387,30 +387,6 @@ def _static_source(model: Path, source: SourceModel, fmt: str, opts: ConvertOpti
     return dataclasses.replace(pinned, notes=notes + (
         f"dynamic input dimensions pinned to the calibration data's shape: {fixed}"
         + ("" if fmt == "tflite" else "; pass --input-shape to choose another"),))
-
-
-def _pixel_scale(cfg: CalibrationConfig, source: SourceModel) -> tuple[CalibrationConfig, str | None]:
-    """Photos for a float image input of a model that scales its own pixels (pixel_scale.py) are fed
-    as 0..255 unless the user chose a scale, and a chosen other scale is warned about."""
-    if cfg.source == "random" or not Path(cfg.source).is_dir() or len(source.inputs) != 1:
-        return cfg, None
-    from .calibration import Preprocess
-    from .pixel_scale import own_pixel_scaling
-
-    if not str(source.inputs[0].dtype).startswith("float"):
-        return cfg, None
-    how = source.pixel_scaling or own_pixel_scaling(source.float_tflite, source.inputs[0].name)
-    if how is None:
-        return cfg, None
-    if cfg.preprocess is None and cfg.mean is None and cfg.std is None:
-        return dataclasses.replace(cfg, preprocess=Preprocess.RAW), (
-            f"the model scales its own pixels ({how}): photos are fed as 0..255 (--preprocess raw); "
-            "pass --preprocess to choose another scale")
-    if cfg.preprocess is Preprocess.RAW and cfg.mean is None and cfg.std is None:
-        return cfg, None
-    given = "--mean/--std" if cfg.mean is not None or cfg.std is not None else f"--preprocess {cfg.preprocess.value}"
-    return cfg, (f"the model scales its own pixels ({how}), yet {given} scales them first: if it was "
-                 "trained on 0..255 pixels, --preprocess raw is what it meets on the device")
 
 
 def usage_mistake(opts: ConvertOptions) -> str | None:

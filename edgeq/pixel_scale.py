@@ -11,9 +11,13 @@ or hundreds.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 
 from . import tflite_edit as te
+from .calibration import CalibrationConfig, Preprocess
 
 # A multiplier at most this (1/255 = 0.0039, 1/127.5 = 0.0078) or a subtracted mean at least this
 # means the model's input is on the 0..255 scale; [0, 1] or [-1, 1] inputs are never scaled so.
@@ -109,3 +113,25 @@ def keras_pixel_scaling(tf, model) -> str | None:
         if layer.weights and not isinstance(layer, (L.Rescaling, L.Normalization)):
             return None  # a layer with weights came first: the model takes scaled input
     return None
+
+
+def photo_scale(cfg: CalibrationConfig, source) -> tuple[CalibrationConfig, str | None]:
+    """(CalibrationConfig, note or None) for `source` (a SourceModel): photos for a float image input
+    of a model that scales its own pixels are fed as 0..255 unless the user chose a scale, and a
+    chosen other scale is warned about."""
+    if cfg.source == "random" or not Path(cfg.source).is_dir() or len(source.inputs) != 1:
+        return cfg, None
+    if not str(source.inputs[0].dtype).startswith("float"):
+        return cfg, None
+    how = source.pixel_scaling or own_pixel_scaling(source.float_tflite, source.inputs[0].name)
+    if how is None:
+        return cfg, None
+    if cfg.preprocess is None and cfg.mean is None and cfg.std is None:
+        return replace(cfg, preprocess=Preprocess.RAW), (
+            f"the model scales its own pixels ({how}): photos are fed as 0..255 (--preprocess raw); "
+            "pass --preprocess to choose another scale")
+    if cfg.preprocess is Preprocess.RAW and cfg.mean is None and cfg.std is None:
+        return cfg, None
+    given = "--mean/--std" if cfg.mean is not None or cfg.std is not None else f"--preprocess {cfg.preprocess.value}"
+    return cfg, (f"the model scales its own pixels ({how}), yet {given} scales them first: if it was "
+                 "trained on 0..255 pixels, --preprocess raw is what it meets on the device")

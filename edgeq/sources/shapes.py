@@ -62,15 +62,16 @@ def suggestion(shape: Shape, example: Sequence[int] | None = None) -> str:
     return ",".join(["1"] + [str(fill if d is None or d < 0 else d) for d in shape[1:]])
 
 
-def dynamic_inputs_error(source, path: Path, images: bool) -> str | None:
-    """The message for a source whose inputs stay dynamic beyond the batch, or None."""
+def dynamic_inputs_error(source, path: Path, images: bool, fix: str | None = None) -> str | None:
+    """The message for a source whose inputs stay dynamic beyond the batch, or None; `fix` replaces
+    the default advice (an --input-shape for that input)."""
     bad = [s for s in source.inputs if is_dynamic(s.shape)]
     if not bad:
         return None
     s = bad[0]
     why = "image calibration resizes photos to the input's size" if images else "devices run static shapes"
-    return (f"{path}: input {s.name!r} has dynamic dimensions ({dims(s.shape)}) and {why}; pass "
-            f"--input-shape {suggestion(s.shape)} (the size the model is meant to run at)")
+    fix = fix or f"pass --input-shape {suggestion(s.shape)} (the size the model is meant to run at)"
+    return f"{path}: input {s.name!r} has dynamic dimensions ({dims(s.shape)}) and {why}; {fix}"
 
 
 

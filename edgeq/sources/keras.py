@@ -76,7 +76,10 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
         except ModelFormatError:
             pass
         else:
-            float_model, make_converter, described = _with_static_batch(float_model, converter_for(pinned), path)
+            make_converter = converter_for(pinned)
+            pinned_model = _float_tflite(make_converter, path)
+            described = _batch_note(float_model, pinned_model)
+            float_model = pinned_model
     ins, outs = signature_specs(float_model)
     return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes),
                        description=described, pixel_scaling=scaling)
@@ -118,13 +121,11 @@ def _batch_one(shapes: list[tuple]) -> tuple[tuple[int, ...], ...] | None:
     return tuple((1, *s[1:]) for s in shapes)
 
 
-def _with_static_batch(float_model: bytes, make_pinned, path: Path):
-    """The float model converted again at batch 1, its converter, and what it saved (the source's
-    description)."""
-    pinned = _float_tflite(make_pinned, path)
-    before, after = len(read_model(float_model).ops), len(read_model(pinned).ops)
-    return pinned, make_pinned, (f"converted at batch 1: a dynamic batch costs {before - after} run-time shape op(s) "
-                                 "(SHAPE, STRIDED_SLICE, PACK) that XNNPACK and the Edge TPU do not run")
+def _batch_note(dynamic: bytes, pinned: bytes) -> str:
+    """What converting at batch 1 saved (the source's description)."""
+    saved = len(read_model(dynamic).ops) - len(read_model(pinned).ops)
+    return (f"converted at batch 1: a dynamic batch costs {saved} run-time shape op(s) (SHAPE, STRIDED_SLICE, "
+            "PACK) that XNNPACK and the Edge TPU do not run")
 
 
 def _pinned_keras(tf, model, given, path: Path):
@@ -167,8 +168,9 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
         except ModelFormatError:  # no serving signature TF 2 can trace at batch 1: keep it dynamic
             pass
         else:
-            if pinned is not None:
-                float_model, make_converter, described = _with_static_batch(float_model, pinned.converter, path)
+            if pinned is not None:  # its float model is already converted: no third conversion
+                described = _batch_note(float_model, pinned.float_tflite)
+                float_model, make_converter = pinned.float_tflite, pinned.converter
     ins, outs = signature_specs(float_model)
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter,
                        description=described)

@@ -6,7 +6,9 @@ inside the model (a Rescaling layer, 1/255 or 1/127.5, or a Normalization by Ima
 model is quantized for inputs 255x smaller than the ones it meets on the device, and its held-out
 fidelity, judged on the same wrong scale, does not show it. The converter writes those layers as
 the input's first op: MUL by a small constant, DIV by a large one, or SUB/ADD of a mean in the tens
-or hundreds.
+or hundreds. Where the converter folded them into the first convolution (EfficientNet exported as
+a SavedModel or .tflite) the graph has no trace of them; there the model's response tells: fed [0, 1]
+photos, such a network's outputs barely differ from one photo to the next.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from .calibration import CalibrationConfig, Preprocess
 # means the model's input is on the 0..255 scale; [0, 1] or [-1, 1] inputs are never scaled so.
 MAX_PIXEL_MULTIPLIER = 0.02
 MIN_PIXEL_MEAN = 20.0
+# Outputs that differ between photos by less than FLAT_SPREAD of their size, where 0..255 pixels
+# make them differ SPREAD_GAIN times more: the model expects 0..255. Measured on 8 photos: exported
+# EfficientNetB0 / V2B0 0.013-0.018 at [0, 1] against 0.83 at 0..255; 30 published and zoo models
+# that take scaled input 0.06-0.91 at [0, 1], none of them 10x more at 0..255.
+FLAT_SPREAD = 0.03
+SPREAD_GAIN = 10.0
+RESPONSE_PHOTOS = 8
 
 
 def own_pixel_scaling(float_model: bytes, input_name: str) -> str | None:
@@ -115,23 +124,64 @@ def keras_pixel_scaling(tf, model) -> str | None:
     return None
 
 
+def output_spread(outputs: dict[str, np.ndarray]) -> float:
+    """How much a model's outputs (stacked on axis 0, one row a sample) differ between samples, as a
+    share of their size: 0 when every sample gets the same output, up to 1. The largest over outputs."""
+    spreads = [0.0]
+    for y in outputs.values():
+        y = y.reshape(len(y), -1).astype(np.float64)
+        size = np.sqrt((y ** 2).sum(1).mean())
+        if len(y) > 1 and size > 0:
+            spreads.append(float(np.sqrt(((y - y.mean(0)) ** 2).sum(1).mean()) / size))
+    return max(spreads)
+
+
+def flat_response(cfg: CalibrationConfig, source) -> tuple[float, float] | None:
+    """(spread at cfg's scale, spread at 0..255) of the float model's outputs over a few calibration
+    photos, when they say the model expects 0..255 pixels; else None."""
+    from .calibration import load_calibration
+    from .fidelity import run_model
+
+    def spread(data) -> float:
+        return output_spread(run_model(source.float_tflite, list(data.calibration())))
+
+    def photos(c: CalibrationConfig):
+        return load_calibration(replace(c, samples=RESPONSE_PHOTOS, eval_samples=0), source.inputs)
+
+    raw_photos = photos(replace(cfg, preprocess=Preprocess.RAW, mean=None, std=None))
+    if raw_photos.total < 4:
+        return None  # too few photos to tell
+    at = spread(photos(cfg))
+    if at >= FLAT_SPREAD:
+        return None
+    raw = spread(raw_photos)
+    return (at, raw) if raw >= SPREAD_GAIN * at else None
+
+
 def photo_scale(cfg: CalibrationConfig, source) -> tuple[CalibrationConfig, str | None]:
     """(CalibrationConfig, note or None) for `source` (a SourceModel): photos for a float image input
-    of a model that scales its own pixels are fed as 0..255 unless the user chose a scale, and a
-    chosen other scale is warned about."""
+    of a model that scales its own pixels, or barely responds to them unless they are 0..255, are fed
+    as 0..255 unless the user chose a scale, and a chosen other scale is warned about."""
     if cfg.source == "random" or not Path(cfg.source).is_dir() or len(source.inputs) != 1:
         return cfg, None
     if not str(source.inputs[0].dtype).startswith("float"):
         return cfg, None
-    how = source.pixel_scaling or own_pixel_scaling(source.float_tflite, source.inputs[0].name)
-    if how is None:
-        return cfg, None
-    if cfg.preprocess is None and cfg.mean is None and cfg.std is None:
-        return replace(cfg, preprocess=Preprocess.RAW), (
-            f"the model scales its own pixels ({how}): photos are fed as 0..255 (--preprocess raw); "
-            "pass --preprocess to choose another scale")
+    default = cfg.preprocess is None and cfg.mean is None and cfg.std is None
     if cfg.preprocess is Preprocess.RAW and cfg.mean is None and cfg.std is None:
         return cfg, None
-    given = "--mean/--std" if cfg.mean is not None or cfg.std is not None else f"--preprocess {cfg.preprocess.value}"
-    return cfg, (f"the model scales its own pixels ({how}), yet {given} scales them first: if it was "
-                 "trained on 0..255 pixels, --preprocess raw is what it meets on the device")
+    given = ("--mean/--std" if cfg.mean is not None or cfg.std is not None
+             else f"--preprocess {Preprocess(cfg.preprocess or Preprocess.UNIT).value}")
+    how = source.pixel_scaling or own_pixel_scaling(source.float_tflite, source.inputs[0].name)
+    if how is not None:
+        why, but = f"the model scales its own pixels ({how})", f", yet {given} scales them first"
+    else:
+        flat = flat_response(cfg, source)
+        if flat is None:
+            return cfg, None
+        why = (f"the model expects 0..255 pixels: its outputs differ between {RESPONSE_PHOTOS} photos by "
+               f"{flat[0]:.1%} at {'[0, 1]' if default else given} and by {flat[1]:.0%} at 0..255")
+        but = ""
+    if default:
+        return replace(cfg, preprocess=Preprocess.RAW), (
+            f"{why}: photos are fed as 0..255 (--preprocess raw); pass --preprocess to choose another scale")
+    return cfg, f"{why}{but}: if it was trained on 0..255 pixels, --preprocess raw is what it meets on the device"

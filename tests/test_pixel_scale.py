@@ -14,7 +14,8 @@ from PIL import Image
 
 from edgeq.calibration import CalibrationConfig, Preprocess
 from edgeq.convert import ConvertOptions, convert
-from edgeq.pixel_scale import keras_pixel_scaling, own_pixel_scaling
+from edgeq.pixel_scale import (FLAT_SPREAD, SPREAD_GAIN, flat_response, keras_pixel_scaling, output_spread,
+                               own_pixel_scaling)
 from edgeq.sources import load_source
 from edgeq.tflite_model import read_model
 
@@ -92,3 +93,71 @@ def test_photos_are_fed_raw_to_a_model_that_scales_them(tf, tmp_path, photos):
     plain = _save(tf, _model(tf, None), tmp_path / "p.keras")
     r = convert(plain, ConvertOptions(tmp_path / "c.tflite", calib=cfg, floor=False))
     assert not any("pixels" in w for w in r.warnings) and _input_scale(r.output) < 0.01
+
+
+def _trained_on(tf, photos_dir, scale):
+    """Conv + BatchNorm whose statistics come from photos at `scale`, as training leaves them: on that
+    scale its activations are standardized. The converter folds the BatchNorm into the convolution,
+    so nothing in the graph says which scale that was."""
+    tf.keras.utils.set_random_seed(1)
+    L = tf.keras.layers
+    x = tf.keras.Input((12, 12, 3))
+    bn = L.BatchNormalization(momentum=0.0)
+    h = L.ReLU()(bn(L.Conv2D(8, 3)(x)))
+    model = tf.keras.Model(x, L.Dense(4)(L.GlobalAveragePooling2D()(h)))
+    pixels = np.stack([np.asarray(Image.open(p), np.float32) for p in sorted(photos_dir.glob("*.png"))])
+    model(pixels * scale, training=True)  # moving statistics := these photos' (momentum 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def colour_photos(tmp_path_factory):
+    """Photos that differ as photos do: each its own colour and brightness, with texture."""
+    d = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(2)
+    for i in range(20):
+        base = rng.uniform(20, 235, 3)
+        img = np.clip(base + rng.normal(0, 25, (12, 12, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"c{i}.png")
+    return d
+
+
+def test_output_spread():
+    same = {"y": np.tile(np.array([[1.0, -2.0, 3.0]]), (5, 1))}
+    assert output_spread(same) == 0.0
+    rng = np.random.default_rng(0)
+    assert output_spread({"y": rng.normal(size=(8, 10))}) > 0.9  # zero-mean rows differ by all they are
+    assert output_spread({"a": same["y"], "b": rng.normal(size=(5, 3))}) > 0.9  # the largest output counts
+
+
+def test_a_model_that_barely_responds_to_unit_photos_gets_0_255(tf, tmp_path, colour_photos):
+    """The EfficientNet case as a SavedModel/.tflite: the scaling folded away, the response tells."""
+    path = _save(tf, _trained_on(tf, colour_photos, 1.0), tmp_path / "raw.keras")
+    src = load_source(path)
+    assert src.pixel_scaling is None and own_pixel_scaling(src.float_tflite, src.inputs[0].name) is None
+    at, raw = flat_response(CalibrationConfig(str(colour_photos)), src)
+    assert at < FLAT_SPREAD and raw > SPREAD_GAIN * at
+
+    cfg = CalibrationConfig(str(colour_photos), samples=16, eval_samples=4)
+    r = convert(path, ConvertOptions(tmp_path / "a.tflite", calib=cfg, floor=False))
+    assert any("expects 0..255 pixels" in w and "fed as 0..255" in w for w in r.warnings)
+    assert _input_scale(r.output) > 0.5
+    unit = CalibrationConfig(str(colour_photos), samples=16, eval_samples=4, preprocess=Preprocess.UNIT)
+    r = convert(path, ConvertOptions(tmp_path / "b.tflite", calib=unit, floor=False))
+    assert any("at --preprocess unit" in w and "--preprocess raw is what it meets" in w for w in r.warnings)
+    assert _input_scale(r.output) < 0.01
+
+    # The same network trained on [0, 1] photos responds to them: no note, the default kept.
+    path = _save(tf, _trained_on(tf, colour_photos, 1 / 255), tmp_path / "unit.keras")
+    assert flat_response(CalibrationConfig(str(colour_photos)), load_source(path)) is None
+    r = convert(path, ConvertOptions(tmp_path / "c.tflite", calib=cfg, floor=False))
+    assert not any("pixels" in w for w in r.warnings) and _input_scale(r.output) < 0.01
+
+
+def test_too_few_photos_to_tell(tf, tmp_path, colour_photos):
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(colour_photos.glob("*.png"))[:3]:
+        (few / p.name).write_bytes(p.read_bytes())
+    path = _save(tf, _trained_on(tf, colour_photos, 1.0), tmp_path / "raw.keras")
+    assert flat_response(CalibrationConfig(str(few)), load_source(path)) is None

@@ -225,3 +225,57 @@ def test_dynamic_batch_is_pinned_where_it_costs_shape_ops(tf, tmp_path):
     tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(2)]).save(tmp_path / "plain.keras")
     plain = load_source(tmp_path / "plain.keras")
     assert plain.inputs[0].shape[0] == -1 and not plain.notes and not plain.description
+
+
+def test_a_float_tflite_with_a_dynamic_batch_is_pinned_and_its_shape_ops_folded(tf, tmp_path):
+    """The same block as a float .tflite made by the converter (as users export them): edgeq cannot
+    re-convert it, so the SHAPE -> STRIDED_SLICE -> PACK chain is replaced by the constant it computes
+    at batch 1, the RESHAPE then reads a constant target, and XNNPACK takes the whole int8 graph."""
+    from edgeq.tflite_model import read_model
+    from edgeq.fidelity import run_model
+
+    model = _squeeze_excite(tf)
+    path = tmp_path / "se.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    bare = [op.name for op in read_model(path.read_bytes()).ops]
+    assert {"SHAPE", "STRIDED_SLICE", "PACK"} <= set(bare)
+    src = load_source(path)
+    ops = [op.name for op in read_model(src.float_tflite).ops]
+    assert not {"SHAPE", "STRIDED_SLICE", "PACK"} & set(ops) and "RESHAPE" in ops
+    assert len(bare) - len(ops) == 3 and "pinned to batch 1: 3 op(s)" in src.description
+    assert [tuple(s.shape) for s in src.inputs] == [(1, 16, 16, 3)]
+    x = np.random.default_rng(1).normal(size=(4, 1, 16, 16, 3)).astype(np.float32)
+    samples = [{src.inputs[0].name: s} for s in x]
+    got = run_model(src.float_tflite, samples)
+    from edgeq.signature import ensure_signature
+    ref = run_model(ensure_signature(path.read_bytes())[0], samples)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)  # the same function, bit for bit
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(40, 16, 16, 3)).astype(np.float32))
+    r = run("convert", path, "-o", tmp_path / "q.tflite", "--calib", tmp_path / "x.npy", "--calib-samples", 30,
+            "--eval-samples", 10, "--optimize", "none", "--no-floor")
+    assert r.exit_code == 0, r.output
+    assert "source: pinned to batch 1" in r.output
+    assert "SHAPE" not in {op.name for op in read_model((tmp_path / "q.tflite").read_bytes()).ops}
+    assert "RESHAPE" not in r.output  # XNNPACK ran it (a run-time target left it to the builtin kernels)
+
+
+def test_shapes_that_data_decides_are_not_folded(tf, tmp_path):
+    """A SHAPE of what WHERE writes is data: pinning must leave it computed at run time."""
+    class Counted(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32, name="x")])
+        def __call__(self, x):
+            n = tf.cast(tf.shape(tf.where(x > 0))[0], tf.float32)
+            return {"y": tf.reshape(x, [tf.shape(x)[0], 6]) * n}
+
+    m = Counted()
+    tf.saved_model.save(m, str(tmp_path / "sm"), signatures=m.__call__)
+    data = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm")).convert()
+    a = np.array([[1, -1, 1, -1, 1, -1]], np.float32)
+    pinned = pin_tflite(data, {"x": a})
+    from edgeq.fidelity import run_model
+    from edgeq.signature import ensure_signature
+
+    for x in (a, np.array([[1, 1, 1, 1, 1, -1]], np.float32)):  # 3, then 5 positives
+        got = run_model(ensure_signature(pinned)[0], [{"x": x}])["y"]
+        assert np.array_equal(got.reshape(x.shape), x * (x > 0).sum())

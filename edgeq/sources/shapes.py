@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import ModelFormatError
 
 Shape = tuple  # dimensions, None where the source leaves one dynamic
@@ -79,9 +81,10 @@ def pin_tflite(model: bytes, sample: dict) -> bytes:
     """A .tflite with dynamic dimensions written static at the shapes of `sample` (one input sample,
     batch 1, keyed by signature input name): LiteRT's own shape inference (inputs resized, one run
     for tensors sized at run time) gives every tensor of the main graph its shape, and the file
-    stores those in place of its -1s. The ops are untouched: they compute the same shapes again
-    when the model runs."""
-    import numpy as np
+    stores those in place of its -1s. The ops that computed shapes at run time (SHAPE and what
+    derives a value from it alone: STRIDED_SLICE, PACK, ... feeding a RESHAPE) are then replaced by
+    the constants they computed (fold_shape_ops): XNNPACK runs none of them, nor a RESHAPE whose
+    target is not a constant, and the Edge TPU has no SHAPE op."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from .. import tflite_edit as te
@@ -95,7 +98,7 @@ def pin_tflite(model: bytes, sample: dict) -> bytes:
                         for t in m.signatureDefs[0].inputs})
     feed = {by_name[name]: np.asarray(x) for name, x in sample.items() if name in by_name}
     with quiet_native():  # XNNPACK cannot prepare some resized graphs: the builtin kernels infer shapes
-        interp = Interpreter(model_content=model,
+        interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         for index, x in feed.items():
             interp.resize_tensor_input(index, list(x.shape), strict=False)
@@ -105,8 +108,71 @@ def pin_tflite(model: bytes, sample: dict) -> bytes:
                 interp.set_tensor(d["index"], feed[d["index"]].astype(d["dtype"], copy=False))
         interp.invoke()
         runtime = {d["index"]: [int(v) for v in d["shape"]] for d in interp.get_tensor_details()}
-    for i, t in enumerate(sg.tensors):
-        if t.shapeSignature is not None and i in runtime and len(runtime[i]) == len(t.shapeSignature):
-            t.shape = runtime[i]
-            t.shapeSignature = None
+        for i, t in enumerate(sg.tensors):
+            if t.shapeSignature is not None and i in runtime and len(runtime[i]) == len(t.shapeSignature):
+                t.shape = runtime[i]
+                t.shapeSignature = None
+        fold_shape_ops(m, interp.get_tensor)
     return te.pack(m)
+
+
+# Ops whose output shape follows from their inputs' values, not only their shapes: a SHAPE of what
+# they write is data, not a constant.
+_DATA_SHAPED = {"WHERE", "NON_MAX_SUPPRESSION_V4", "NON_MAX_SUPPRESSION_V5", "UNIQUE", "SPARSE_TO_DENSE",
+                "RANGE"}
+# Inputs (by position) that give an op its output shape: where one is neither a constant nor computed
+# from shapes, the output's shape depends on data.
+_SHAPE_ARGS = {"RESHAPE": (1,), "FILL": (0,), "BROADCAST_TO": (1,), "SLICE": (1, 2), "STRIDED_SLICE": (1, 2, 3),
+               "TILE": (1,), "PAD": (1,), "PADV2": (1,), "MIRROR_PAD": (1,), "RESIZE_BILINEAR": (1,),
+               "RESIZE_NEAREST_NEIGHBOR": (1,), "EXPAND_DIMS": (1,), "TRANSPOSE": (1,), "SPLIT": (0,),
+               "SPLIT_V": (1, 2), "SUM": (1,), "MEAN": (1,), "REDUCE_MAX": (1,), "REDUCE_MIN": (1,),
+               "REDUCE_PROD": (1,), "REDUCE_ANY": (1,), "ONE_HOT": (1,), "TRANSPOSE_CONV": (0,), "ARG_MAX": (1,),
+               "ARG_MIN": (1,), "TOPK_V2": (1,), "SPACE_TO_BATCH_ND": (1, 2), "BATCH_TO_SPACE_ND": (1, 2)}
+# A computed value larger than this stays computed (a FILL of a shape would bloat the file).
+_MAX_FOLDED = 1024
+
+
+def fold_shape_ops(m, value) -> int:
+    """Replace the ops of subgraph 0 that compute values from static shapes alone (SHAPE of a tensor
+    whose shape no data decides, and ops of such values and constants) by constants read with
+    value(tensor index) from a run; the ops removed (dead tensors pruned). `m` is changed in place."""
+    from .. import tflite_edit as te
+    from ..tflite_rewrite import prune
+
+    sg = m.subgraphs[0]
+    const = {i for i, t in enumerate(sg.tensors) if te.constant(m, sg, i) is not None}
+    outputs = set(te.ints(sg.outputs))
+    known: set[int] = set()  # values computed from shapes alone
+    data_shaped: set[int] = set()  # tensors whose shape depends on data
+    folded: list[int] = []
+    for k, op in enumerate(sg.operators):
+        name = te.op_name(m, op)
+        ins = te.ints(op.inputs)
+        outs = te.ints(op.outputs)
+        small = all(int(np.prod(te.ints(sg.tensors[o].shape))) <= _MAX_FOLDED
+                    and sg.tensors[o].shapeSignature is None for o in outs)
+        if name == "SHAPE":
+            static = sg.tensors[ins[0]].shapeSignature is None and ins[0] not in data_shaped
+            if static and small and not set(outs) & outputs:
+                known.update(outs)
+                folded.append(k)
+            continue
+        used = [i for i in ins if i >= 0]
+        if (used and all(i in known or i in const for i in used) and any(i in known for i in used) and small
+                and not set(outs) & outputs and not name.startswith("CUSTOM") and name not in _DATA_SHAPED):
+            known.update(outs)
+            folded.append(k)
+            continue
+        shape_args = [ins[j] for j in _SHAPE_ARGS.get(name, ()) if j < len(ins) and ins[j] >= 0]
+        if (name in _DATA_SHAPED or name.startswith("CUSTOM") or any(i in data_shaped for i in used)
+                or any(i not in known and i not in const for i in shape_args)):
+            data_shaped.update(outs)
+    if not folded:
+        return 0
+    drop = set(folded)
+    read = {i for k, op in enumerate(sg.operators) if k not in drop for i in te.ints(op.inputs)}
+    for t in known & read:  # the values the remaining ops read become constants
+        te.set_constant(m, sg, t, np.asarray(value(t)), new_buffer=True)
+    sg.operators = [op for k, op in enumerate(sg.operators) if k not in drop]
+    prune(m)
+    return len(folded)

@@ -39,7 +39,33 @@ def load_tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:
     if added:
         notes.append("the input had no SignatureDef; edgeq added 'serving_default' (graph unchanged)")
     ins, outs = signature_specs(data)
-    return SourceModel("tflite", path, sha256_file(path), data, ins, outs, None, None, tuple(notes))
+    data, description = _batch_one(data, ins)
+    if description:
+        ins, outs = signature_specs(data)
+    return SourceModel("tflite", path, sha256_file(path), data, ins, outs, None, None, tuple(notes),
+                       description)
+
+
+def _batch_one(data: bytes, ins) -> tuple[bytes, str]:
+    """A model whose inputs are dynamic in the batch alone, with ops that compute shapes at run time
+    (a Keras Reshape/Flatten converted with a dynamic batch: SHAPE -> STRIDED_SLICE -> PACK ->
+    RESHAPE), pinned to batch 1 with those ops folded into constants (shapes.pin_tflite); edgeq runs
+    batch 1 everywhere, so no number changes. (model, description) or (data, "")."""
+    import numpy as np
+
+    from .shapes import is_dynamic, pin_tflite
+
+    if not any(s.shape and s.shape[0] < 0 for s in ins) or any(is_dynamic(s.shape) for s in ins):
+        return data, ""
+    before = read_model(data).ops
+    if not any(op.name == "SHAPE" for op in before):
+        return data, ""
+    pinned = pin_tflite(data, {s.name: np.zeros((1, *s.shape[1:]), s.dtype) for s in ins})
+    folded = len(before) - len(read_model(pinned).ops)
+    if not folded:
+        return data, ""
+    return pinned, (f"pinned to batch 1: {folded} op(s) that computed shapes of the dynamic batch at run time "
+                    "(SHAPE, STRIDED_SLICE, PACK, ...) are constants now; XNNPACK and the Edge TPU do not run them")
 
 
 def check_supported(info: ModelInfo, name: str, scheme: str = "int8", data: bytes = b"") -> None:

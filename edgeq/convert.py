@@ -31,6 +31,7 @@ from .precision import IoType, Scheme, check_io
 from .pixel_scale import photo_scale
 from .progress import SILENT, Progress
 from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
+from .signature import rename_signature
 from .size_plan import SizeRequest, plan_for_size
 from .sources import SourceModel, detect_format, for_int8_activations, load_source
 from .sources.shapes import dims, dynamic_inputs_error, is_dynamic, pin_tflite
@@ -220,6 +221,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
     # backend produced it, and must have run under the target's runtime options.
     gptq = gptq_reports.get(model_key(qbytes)) if finish is not None else None  # the written model's GPTQ
+    qbytes = rename_signature(qbytes, source.signature_key)  # the user's own name for it, back
     qbytes, verification, fid = _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid,
                                                     class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)

@@ -38,6 +38,31 @@ def ensure_signature(model: bytes) -> tuple[bytes, bool]:
     return te.pack(m), True
 
 
+def default_signature(model: bytes, what: str) -> tuple[bytes, str]:
+    """(model, the key its signature had): edgeq runs and quantizes the `serving_default` signature,
+    so a model whose one signature has another name (a SavedModel exported with signatures={"predict":
+    ...}) gets it renamed; convert writes the original name back (rename_signature). Several
+    signatures, none of them serving_default, are refused naming them."""
+    keys = read_model(model).signature_keys
+    if not keys or SIGNATURE_KEY in keys:
+        return model, SIGNATURE_KEY
+    if len(keys) > 1:
+        raise ModelFormatError(f"{what}: {len(keys)} signatures ({', '.join(keys)}) and none is "
+                               f"{SIGNATURE_KEY}; edgeq converts one: save the one you want as {SIGNATURE_KEY}")
+    return rename_signature(model, SIGNATURE_KEY), keys[0]
+
+
+def rename_signature(model: bytes, key: str) -> bytes:
+    """The model with its (first) SignatureDef named `key`; `model` itself when it already is."""
+    if read_model(model).signature_keys[:1] == (key,):
+        return model
+    from . import tflite_edit as te
+
+    m = te.load(model)
+    m.signatureDefs[0].signatureKey = key
+    return te.pack(m)
+
+
 def signature_specs(model: bytes, key: str = SIGNATURE_KEY) -> tuple[tuple[InputSpec, ...], tuple[InputSpec, ...]]:
     """Input and output specs of a signature, in signature order, read by the LiteRT interpreter."""
     runner = signature_runner(model, key)

@@ -129,3 +129,64 @@ def test_custom_classes_name_the_savedmodel_route(tf, tmp_path):
     v = np.linspace(-1, 1, 6, dtype=np.float32)[None]
     got = signature_runner(src.float_tflite)(**{src.inputs[0].name: v})
     np.testing.assert_allclose(next(iter(got.values())), model.predict(v, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def _signed_module(tf):
+    """A tf.Module with two signature functions, as SavedModels from outside Keras carry them."""
+    class Scorer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="pixels")])
+        def predict(self, pixels):
+            return {"scores": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(pixels, self.w, 1, "SAME")), [1, 2])}
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="pixels")])
+        def features(self, pixels):
+            return {"f": tf.nn.relu(tf.nn.conv2d(pixels, self.w, 1, "SAME"))}
+
+    return Scorer()
+
+
+def test_savedmodel_signatures_other_than_serving_default(tf, tmp_path):
+    """One signature under another name converts and keeps its name in the written file (it crashed
+    in the quantizer, which calibrated serving_default); with serving_default among others, that one
+    alone is converted (the others' subgraph crashed the quantizer); several without it, or none, are
+    refused in one line naming the fix."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+    from edgeq.tflite_model import read_model
+
+    m = _signed_module(tf)
+    tf.saved_model.save(m, str(tmp_path / "one"), signatures={"predict": m.predict})
+    tf.saved_model.save(m, str(tmp_path / "plus"), signatures={"serving_default": m.predict, "features": m.features})
+    tf.saved_model.save(m, str(tmp_path / "two"), signatures={"predict": m.predict, "features": m.features})
+    tf.saved_model.save(m, str(tmp_path / "none"))
+    x = np.random.default_rng(1).uniform(0, 1, (30, 16, 16, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ref = m.predict(tf.constant(x[:1]))["scores"].numpy()
+
+    def convert(name):
+        return CliRunner().invoke(main, ["convert", str(tmp_path / name), "-o", str(tmp_path / f"{name}.tflite"),
+                                         "--calib", str(tmp_path / "x.npy"), "--calib-samples", "20",
+                                         "--eval-samples", "10", "--no-floor"])
+
+    for name, key in (("one", "predict"), ("plus", "serving_default")):
+        src = load_source(tmp_path / name)
+        assert src.signature_key == key and read_model(src.float_tflite).signature_keys == ("serving_default",)
+        assert np.allclose(signature_runner(src.float_tflite)(pixels=x[:1])["scores"], ref, atol=1e-5)
+        r = convert(name)
+        assert r.exit_code == 0, r.output
+        written = (tmp_path / f"{name}.tflite").read_bytes()
+        info = read_model(written)
+        assert info.signature_keys == (key,) and len({op.subgraph for op in info.ops}) == 1
+        assert {op.precision for op in info.ops if op.name == "CONV_2D"} == {"int8"}
+        got = signature_runner(written)(pixels=x[:1])["scores"]
+        assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.99
+    r = convert("two")
+    assert r.exit_code == 1 and "2 signatures (features, predict) and none is serving_default" in r.output
+    r = convert("none")
+    assert r.exit_code == 1 and "the SavedModel has no signatures" in r.output and "signatures=" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "two.tflite").exists()

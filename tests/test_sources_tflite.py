@@ -156,3 +156,45 @@ def test_control_flow_refused_for_int8_loads_for_dynamic(tf, tmp_path):
     held = [{"x": np.random.default_rng(1).normal(size=(1, 8)).astype(np.float32)}]
     run = check_runs(q, held, reference=run_model(src.float_tflite, held))
     assert run.fidelity.worst("cosine") > 0.99
+
+
+def test_signatures_other_than_serving_default(tf, tmp_path):
+    """A float .tflite whose one signature is named otherwise is quantized and keeps its name; one
+    with a subgraph per signature is refused in one line naming the fix."""
+    from edgeq.signature import signature_runner
+
+    class Scorer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
+        def predict(self, image):
+            return {"scores": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(image, self.w, 1, "SAME")), [1, 2])}
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
+        def features(self, image):
+            return {"f": tf.nn.relu(tf.nn.conv2d(image, self.w, 1, "SAME"))}
+
+    m = Scorer()
+    tf.saved_model.save(m, str(tmp_path / "one"), signatures={"predict": m.predict})
+    tf.saved_model.save(m, str(tmp_path / "two"), signatures={"predict": m.predict, "features": m.features})
+    one, two = tmp_path / "one.tflite", tmp_path / "two.tflite"
+    with quiet_native():
+        one.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "one")).convert())
+        two.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "two")).convert())
+    src = load_source(one)
+    assert src.signature_key == "predict" and read_model(src.float_tflite).signature_keys == ("serving_default",)
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.calibration import CalibrationConfig
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).uniform(0, 1, (30, 16, 16, 3)).astype(np.float32))
+    r = convert(one, ConvertOptions(tmp_path / "q.tflite", calib=CalibrationConfig(str(tmp_path / "x.npy"), 20, 10),
+                                    floor=False))
+    written = r.output.read_bytes()
+    assert read_model(written).signature_keys == ("predict",)
+    x = np.random.default_rng(4).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
+    ref = m.predict(tf.constant(x))["scores"].numpy()
+    assert np.corrcoef(signature_runner(written)(image=x)["scores"].ravel(), ref.ravel())[0, 1] > 0.99
+    with pytest.raises(ModelFormatError, match=r"2 signatures \(features, predict\), each its own subgraph"):
+        load_tflite(two)

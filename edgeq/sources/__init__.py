@@ -43,6 +43,9 @@ class SourceModel:
     # How the model scales its own image pixels, when it expects 0..255 (pixel_scale.py); Keras sources
     # read it from their layers, which the converter may fold into the first convolution.
     pixel_scaling: str | None = None
+    # The name of the user's model's signature; float_tflite's is always serving_default, and the
+    # written model gets this one back.
+    signature_key: str = "serving_default"
 
 
 def detect_format(path: Path) -> str:

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from ..errors import ModelFormatError, first_line
-from ..signature import ensure_signature, signature_specs
-from ..tflite_model import read_model
+from ..signature import ensure_signature, rename_signature, signature_specs
+from ..tflite_model import SIGNATURE_KEY, read_model
 from ..quiet import quiet_native
 from ..files import sha256_file
 from . import SourceModel
@@ -150,21 +150,23 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
     """`input_shapes` pins dynamic dimensions of the serving signature's inputs (in the signature's
     input order, by name): the converter gets a concrete function traced at those shapes."""
     tf = _tf()
+    key = _signature_key(path)
     if input_shapes:
-        return _pinned_saved_model(tf, path, input_shapes)
+        return _pinned_saved_model(tf, path, input_shapes, key)
 
-    def make_converter():
-        return tf.lite.TFLiteConverter.from_saved_model(str(path))
+    def make_converter():  # that signature alone: the quantizer calibrates one
+        return tf.lite.TFLiteConverter.from_saved_model(str(path), signature_keys=[key])
 
     try:
         make_converter()
     except Exception as e:  # corrupt saved_model.pb, missing variables, objects TF 2 cannot restore
-        return _saved_model_graph(tf, path, first_line(e, 160))
-    float_model = _float_tflite(make_converter, path)
+        return _saved_model_graph(tf, path, first_line(e, 160), key)
+    # The converter names the signature after the SavedModel's: edgeq's is serving_default.
+    float_model = rename_signature(_float_tflite(make_converter, path), SIGNATURE_KEY)
     described = ""
     if _batch_ops(float_model):
         try:
-            pinned = _pinned_saved_model(tf, path, None)
+            pinned = _pinned_saved_model(tf, path, None, key)
         except ModelFormatError:  # no serving signature TF 2 can trace at batch 1: keep it dynamic
             pass
         else:
@@ -173,17 +175,39 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
                 float_model, make_converter = pinned.float_tflite, pinned.converter
     ins, outs = signature_specs(float_model)
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter,
-                       description=described)
+                       description=described, signature_key=key)
 
 
-def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:
+def _signature_key(path: Path) -> str:
+    """The signature to convert: serving_default, or the SavedModel's only one (read from
+    saved_model.pb, no load); refused in one line when there is none, or several without it."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    try:
+        sm.ParseFromString((path / "saved_model.pb").read_bytes())
+        keys = [k for g in sm.meta_graphs[:1] for k in g.signature_def if not k.startswith("__")]
+    except Exception:  # no saved_model.pb (a .pbtxt), or a corrupt one: the converter reports it
+        return SIGNATURE_KEY
+    if SIGNATURE_KEY in keys or len(keys) == 1:
+        return SIGNATURE_KEY if SIGNATURE_KEY in keys else keys[0]
+    if not keys:
+        raise ModelFormatError(f"{path}: the SavedModel has no signatures (a tf.Module saved without "
+                               "signatures=); save it with tf.saved_model.save(obj, DIR, signatures="
+                               "obj.__call__.get_concrete_function(tf.TensorSpec(SHAPE, tf.float32)))")
+    raise ModelFormatError(f"{path}: {len(keys)} signatures ({', '.join(sorted(keys))}) and none is "
+                           f"{SIGNATURE_KEY}; edgeq converts one: save the one you want as {SIGNATURE_KEY} "
+                           "(tf.saved_model.save(obj, DIR, signatures={'serving_default': ...}))")
+
+
+def _saved_model_graph(tf, path: Path, why: str, key: str = SIGNATURE_KEY) -> SourceModel:
     """TF 2's object loader fails on some SavedModels that still hold a valid serving graph (Keras 2
     optimizer slots saved with the model: "'_UserObject' object has no attribute 'add_slot'"). The
     TF1 graph loader reads only the serving signature's graph and variables, so convert from that;
     its file has no SignatureDef (one is added) and, lacking a TF2 converter to re-run, the float
     .tflite is quantized by the LiteRT quantizer like any float .tflite source."""
     def make_v1():
-        return tf.compat.v1.lite.TFLiteConverter.from_saved_model(str(path))
+        return tf.compat.v1.lite.TFLiteConverter.from_saved_model(str(path), signature_key=key)
 
     try:
         with quiet_native():
@@ -191,21 +215,22 @@ def _saved_model_graph(tf, path: Path, why: str) -> SourceModel:
     except Exception:  # neither loader: report the TF 2 loader's reason, the usual one
         raise ModelFormatError(f"{path}: not a loadable SavedModel ({why})") from None
     float_model, _ = ensure_signature(_float_tflite(make_v1, path))
+    float_model = rename_signature(float_model, SIGNATURE_KEY)
     ins, outs = signature_specs(float_model)
     note = (f"TF 2 could not restore this SavedModel's objects ({why}); edgeq converted its serving "
             "graph with the TF1 loader and quantizes it with the LiteRT quantizer")
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, None,
-                       notes=(note,))
+                       notes=(note,), signature_key=key)
 
 
-def _pinned_saved_model(tf, path: Path, given) -> SourceModel | None:
+def _pinned_saved_model(tf, path: Path, given, key: str = SIGNATURE_KEY) -> SourceModel | None:
     try:
         with quiet_native():
             loaded = tf.saved_model.load(str(path))
-        fn = loaded.signatures["serving_default"]
-    except Exception as e:  # no serving signature, objects TF 2 cannot restore
-        raise ModelFormatError(f"{path}: --input-shape needs a SavedModel with a serving_default signature "
-                               f"that TF 2 loads ({first_line(e, 160)})") from None
+        fn = loaded.signatures[key]
+    except Exception as e:  # no such signature, objects TF 2 cannot restore
+        raise ModelFormatError(f"{path}: --input-shape needs a SavedModel whose {key} signature TF 2 loads "
+                               f"({first_line(e, 160)})") from None
     specs = sorted(fn.structured_input_signature[1].items())
     declared = [(name, tuple(spec.shape.as_list())) for name, spec in specs]
     if given is None:  # the dynamic batch alone, pinned to 1
@@ -225,7 +250,8 @@ def _pinned_saved_model(tf, path: Path, given) -> SourceModel | None:
         return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)
 
     float_model, _ = ensure_signature(_float_tflite(make_converter, path))
+    float_model = rename_signature(float_model, SIGNATURE_KEY)
     ins, outs = signature_specs(float_model)
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter,
-                       notes=tuple(notes))
+                       notes=tuple(notes), signature_key=key)
 

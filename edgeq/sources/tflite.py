@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ModelFormatError
 from ..files import sha256_file
-from ..signature import ensure_signature, signature_specs
+from ..signature import default_signature, ensure_signature, signature_specs
 from ..tflite_model import ModelInfo, read_model
 from ..tflite_rewrite import rewrite_float_model
 from . import SourceModel
@@ -38,12 +38,13 @@ def load_tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:
     data, added = ensure_signature(data)
     if added:
         notes.append("the input had no SignatureDef; edgeq added 'serving_default' (graph unchanged)")
+    data, key = default_signature(data, str(path))
     ins, outs = signature_specs(data)
     data, description = _batch_one(data, ins)
     if description:
         ins, outs = signature_specs(data)
     return SourceModel("tflite", path, sha256_file(path), data, ins, outs, None, None, tuple(notes),
-                       description)
+                       description, signature_key=key)
 
 
 def _batch_one(data: bytes, ins) -> tuple[bytes, str]:
@@ -87,6 +88,11 @@ def check_supported(info: ModelInfo, name: str, scheme: str = "int8", data: byte
         return
     flow = [op for op in info.ops if op.name in CONTROL_FLOW_OPS]
     subgraphs = len({op.subgraph for op in info.ops})
+    if not flow and len(info.signature_keys) > 1 and subgraphs > 1:  # one graph per signature
+        raise ModelFormatError(
+            f"{name}: {len(info.signature_keys)} signatures ({', '.join(info.signature_keys)}), each its own "
+            "subgraph; edgeq quantizes one: export it alone (TFLiteConverter.from_saved_model(DIR, "
+            "signature_keys=[KEY])), or convert the SavedModel (its serving_default)")
     if flow or subgraphs > 1:
         what = f"control flow ({_names(flow)})" if flow else f"{subgraphs} subgraphs"
         raise ModelFormatError(

@@ -190,3 +190,18 @@ def test_savedmodel_signatures_other_than_serving_default(tf, tmp_path):
     r = convert("none")
     assert r.exit_code == 1 and "the SavedModel has no signatures" in r.output and "signatures=" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "two.tflite").exists()
+
+
+def test_ops_without_a_tflite_kernel_are_named(tf, tmp_path):
+    """The converter's own message starts "Could not translate MLIR to FlatBuffer." and a location
+    that filled the line; the op names it gives further down are what the user needs."""
+    class Decoder(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="jpeg")])
+        def serve(self, jpeg):
+            return {"mean": tf.reduce_mean(tf.cast(tf.image.decode_jpeg(jpeg, channels=3), tf.float32), [0, 1])}
+
+    m = Decoder()
+    tf.saved_model.save(m, str(tmp_path / "sm"), signatures=m.serve)
+    with pytest.raises(ModelFormatError, match=r"1 TensorFlow op\(s\) with no TFLite builtin kernel \(DecodeJpeg\); "
+                                               r".*decode images before it"):
+        load_source(tmp_path / "sm")

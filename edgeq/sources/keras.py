@@ -24,6 +24,13 @@ def _float_tflite(make_converter, path: Path) -> bytes:
         with quiet_native():
             return bytes(make_converter().convert())
     except Exception as e:  # the converter raises ConverterError, ValueError, ... with long logs
+        ops = list(dict.fromkeys(re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", str(e))))
+        if ops:  # its first line is "Could not translate MLIR to FlatBuffer." and a location
+            raise ModelFormatError(
+                f"{path}: the TFLite converter found {len(ops)} TensorFlow op(s) with no TFLite builtin kernel "
+                f"({', '.join(ops[:6])}{', ...' if len(ops) > 6 else ''}); edgeq quantizes builtin ops only "
+                "(TF Select ops run neither in int8 nor on delegates): compute them outside the model (e.g. "
+                "decode images before it) or replace them with supported ops") from None
         raise ModelFormatError(f"{path}: the TFLite converter could not convert this model: "
                                f"{first_line(e)}") from None
 

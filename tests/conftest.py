@@ -262,3 +262,26 @@ def build_int4_graph(tf, seed: int = 0):
         conv = tf.lite.TFLiteConverter.from_concrete_functions(
             [fn.get_concrete_function(tf.TensorSpec([1, 8, 8, 16], tf.float32))], fn)
         return ensure_signature(bytes(conv.convert()))[0]
+
+
+def signed_module(tf, input_name: str):
+    """A tf.Module with two signature functions (`predict`: class scores, `features`: a feature map)
+    reading one [1, 16, 16, 3] input, as SavedModels made outside Keras carry them; seeded weights."""
+    import numpy as np
+
+    spec = tf.TensorSpec([1, 16, 16, 3], tf.float32, name=input_name)
+
+    class Scorer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32))
+
+        @tf.function(input_signature=[spec])
+        def predict(self, x):
+            return {"scores": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME")), [1, 2])}
+
+        @tf.function(input_signature=[spec])
+        def features(self, x):
+            return {"f": tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME"))}
+
+    return Scorer()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import missing_part
+from tests.conftest import missing_part, signed_module
 
 from edgeq.errors import ModelFormatError
 from edgeq.signature import signature_runner
@@ -131,24 +131,6 @@ def test_custom_classes_name_the_savedmodel_route(tf, tmp_path):
     np.testing.assert_allclose(next(iter(got.values())), model.predict(v, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-def _signed_module(tf):
-    """A tf.Module with two signature functions, as SavedModels from outside Keras carry them."""
-    class Scorer(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = tf.Variable(np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32))
-
-        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="pixels")])
-        def predict(self, pixels):
-            return {"scores": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(pixels, self.w, 1, "SAME")), [1, 2])}
-
-        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="pixels")])
-        def features(self, pixels):
-            return {"f": tf.nn.relu(tf.nn.conv2d(pixels, self.w, 1, "SAME"))}
-
-    return Scorer()
-
-
 def test_savedmodel_signatures_other_than_serving_default(tf, tmp_path):
     """One signature under another name converts and keeps its name in the written file (it crashed
     in the quantizer, which calibrated serving_default); with serving_default among others, that one
@@ -159,7 +141,7 @@ def test_savedmodel_signatures_other_than_serving_default(tf, tmp_path):
     from edgeq.cli import main
     from edgeq.tflite_model import read_model
 
-    m = _signed_module(tf)
+    m = signed_module(tf, "pixels")
     tf.saved_model.save(m, str(tmp_path / "one"), signatures={"predict": m.predict})
     tf.saved_model.save(m, str(tmp_path / "plus"), signatures={"serving_default": m.predict, "features": m.features})
     tf.saved_model.save(m, str(tmp_path / "two"), signatures={"predict": m.predict, "features": m.features})

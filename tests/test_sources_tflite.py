@@ -18,6 +18,7 @@ from edgeq.quiet import quiet_native
 from edgeq.tflite_model import read_model
 from edgeq.fidelity import run_model
 from edgeq.verify import check_runs
+from tests.conftest import signed_module
 
 
 def _keras(tf):
@@ -163,20 +164,7 @@ def test_signatures_other_than_serving_default(tf, tmp_path):
     with a subgraph per signature is refused in one line naming the fix."""
     from edgeq.signature import signature_runner
 
-    class Scorer(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = tf.Variable(np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32))
-
-        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
-        def predict(self, image):
-            return {"scores": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(image, self.w, 1, "SAME")), [1, 2])}
-
-        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
-        def features(self, image):
-            return {"f": tf.nn.relu(tf.nn.conv2d(image, self.w, 1, "SAME"))}
-
-    m = Scorer()
+    m = signed_module(tf, "image")
     tf.saved_model.save(m, str(tmp_path / "one"), signatures={"predict": m.predict})
     tf.saved_model.save(m, str(tmp_path / "two"), signatures={"predict": m.predict, "features": m.features})
     one, two = tmp_path / "one.tflite", tmp_path / "two.tflite"

@@ -32,6 +32,11 @@ MIN_PIXEL_MEAN = 20.0
 FLAT_SPREAD = 0.03
 SPREAD_GAIN = 10.0
 RESPONSE_PHOTOS = 8
+# ... and whose first weighted layer barely responds either: its output moves from its value on a
+# black image by less than this share. A network trained on [0, 1] whose outputs carry a large offset
+# (a regression head: 300 +- 5) is flat at the output too, but its first layer responds (~0.5).
+FLAT_STEM = 0.05
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 
 
 def own_pixel_scaling(float_model: bytes, input_name: str) -> str | None:
@@ -155,7 +160,42 @@ def flat_response(cfg: CalibrationConfig, source) -> tuple[float, float] | None:
     if at >= FLAT_SPREAD:
         return None
     raw = spread(raw_photos)
-    return (at, raw) if raw >= SPREAD_GAIN * at else None
+    if raw < SPREAD_GAIN * at:
+        return None
+    stem = stem_response(source.float_tflite, list(photos(cfg).calibration()))
+    return (at, raw) if stem is not None and stem < FLAT_STEM else None
+
+
+def stem_response(float_model: bytes, samples: list[dict[str, np.ndarray]]) -> float | None:
+    """How much the first weighted layer's output (a convolution, with its folded BatchNorm) moves
+    between a black image and `samples`, as a share of its size: ~0.5 for inputs on the scale the
+    network was trained on, ~1/255 of that for 255x smaller ones. None without such a layer."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from .quiet import quiet_native
+
+    m = te.load(float_model)
+    sg = m.subgraphs[0]
+    stem = next((op for op in sg.operators if te.op_name(m, op) in _WEIGHTED
+                 and len(te.ints(op.inputs)) > 1 and te.constant(m, sg, te.ints(op.inputs)[1]) is not None), None)
+    if stem is None or len(te.ints(sg.inputs)) != 1 or not samples:
+        return None
+    index, out = te.ints(sg.inputs)[0], te.ints(stem.outputs)[0]
+    with quiet_native():
+        interp = Interpreter(model_content=float_model, experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interp.allocate_tensors()
+
+        def first_layer(x: np.ndarray) -> np.ndarray:
+            interp.set_tensor(index, x)
+            interp.invoke()
+            return interp.get_tensor(out).astype(np.float64)
+
+        x0 = next(iter(samples[0].values()))
+        black = first_layer(np.zeros_like(x0))
+        moved = np.stack([first_layer(next(iter(s.values()))) - black for s in samples])
+    size = np.sqrt(np.mean(black ** 2) + np.mean(moved ** 2))
+    return float(np.sqrt(np.mean(moved ** 2)) / size) if size > 0 else None
 
 
 def photo_scale(cfg: CalibrationConfig, source) -> tuple[CalibrationConfig, str | None]:

@@ -14,8 +14,10 @@ from PIL import Image
 
 from edgeq.calibration import CalibrationConfig, Preprocess
 from edgeq.convert import ConvertOptions, convert
-from edgeq.pixel_scale import (FLAT_SPREAD, SPREAD_GAIN, flat_response, keras_pixel_scaling, output_spread,
-                               own_pixel_scaling)
+from edgeq.calibration import load_calibration
+from edgeq.fidelity import run_model
+from edgeq.pixel_scale import (FLAT_SPREAD, FLAT_STEM, SPREAD_GAIN, flat_response, keras_pixel_scaling, output_spread,
+                               own_pixel_scaling, stem_response)
 from edgeq.sources import load_source
 from edgeq.tflite_model import read_model
 
@@ -150,6 +152,17 @@ def test_a_model_that_barely_responds_to_unit_photos_gets_0_255(tf, tmp_path, co
     # The same network trained on [0, 1] photos responds to them: no note, the default kept.
     path = _save(tf, _trained_on(tf, colour_photos, 1 / 255), tmp_path / "unit.keras")
     assert flat_response(CalibrationConfig(str(colour_photos)), load_source(path)) is None
+
+    # Trained on [0, 1] with a large output offset (a regression head, 300 +- a little): its outputs
+    # are flat at [0, 1] and wild at 0..255 too, but its first layer responds: not mistaken for it.
+    offset = _trained_on(tf, colour_photos, 1 / 255)
+    w, b = offset.layers[-1].get_weights()
+    offset.layers[-1].set_weights([w, b + 300.0])
+    src = load_source(_save(tf, offset, tmp_path / "offset.keras"))
+    photos8 = load_calibration(CalibrationConfig(str(colour_photos), samples=8, eval_samples=0), src.inputs)
+    assert output_spread(run_model(src.float_tflite, list(photos8.calibration()))) < FLAT_SPREAD
+    assert stem_response(src.float_tflite, list(photos8.calibration())) > 10 * FLAT_STEM
+    assert flat_response(CalibrationConfig(str(colour_photos)), src) is None
     r = convert(path, ConvertOptions(tmp_path / "c.tflite", calib=cfg, floor=False))
     assert not any("pixels" in w for w in r.warnings) and _input_scale(r.output) < 0.01
 

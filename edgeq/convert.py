@@ -114,8 +114,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         source = load_source(model, **_source_options(opts, scheme, fmt, all_int8))
         if any(is_dynamic(s.shape) for s in source.inputs):
             source = _static_source(model, source, fmt, opts, _source_options(opts, scheme, fmt, all_int8))
-        if scheme in (Scheme.INT8, Scheme.INT4X8) and int8_accelerator(profile):
-            source = for_int8_activations(source)
+        if scheme in (Scheme.INT8, Scheme.INT4X8):
+            source = for_int8_activations(source, int8_accelerator(profile))
     class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     calib_cfg, pixel_note = photo_scale(calib_cfg, source)

@@ -17,7 +17,9 @@ Published files are float, but not always plain float32 graphs:
   fidelity. Not for XNNPACK CPUs: there the four int8 ops cost more than one float PRELU and its
   converts (face_landmark 3.8 -> 4.6 ms, iris_landmark 1.6 -> 2.4 ms, 1 thread, interleaved runs).
 `rewrite_float_model` handles the first four (folds the constants into float32, fixes the codes,
-fuses the activations); `split_prelu_model` (edgeq convert, int8 accelerators only) splits PRELU. Both remove
+fuses the activations); `int8_activation_model` (edgeq convert, int8 activations) writes the
+standalone activations it could not fuse as MUL by 1 with the activation fused, and on int8
+accelerators splits PRELU. Both remove
 the ops, tensors, buffers and operator codes that became dead; the graph computes the same function.
 """
 
@@ -37,7 +39,8 @@ class RewriteReport:
     fp16_folded: int = 0  # DEQUANTIZE of float16 constants folded into float32 constants
     int8_folded: int = 0  # DEQUANTIZE of int8/uint8 constants (weight-only files) folded
     activations_fused: int = 0  # standalone RELU-family ops fused into their producer
-    prelu_split: int = 0  # PRELU ops written as MUL(+RELU)/SUB/MUL/ADD for int8 (split_prelu_model)
+    prelu_split: int = 0  # PRELU ops written as MUL(+RELU)/SUB/MUL/ADD for int8 (int8_activation_model)
+    relu_as_mul: int = 0  # standalone RELU-family ops written as MUL by 1 with the activation fused (int8)
     removed_ops: int = 0
     removed_tensors: int = 0
     removed_buffers: int = 0
@@ -45,7 +48,7 @@ class RewriteReport:
     @property
     def changed(self) -> bool:
         return bool(self.opcodes_upgraded or self.densified or self.fp16_folded or self.int8_folded
-                    or self.activations_fused or self.prelu_split)
+                    or self.activations_fused or self.prelu_split or self.relu_as_mul)
 
     def notes(self) -> tuple[str, ...]:
         said = ((self.fp16_folded, "float16 weight(s) behind DEQUANTIZE were folded into float32 constants "
@@ -58,6 +61,9 @@ class RewriteReport:
                  "has no int8 kernel for them alone)"),
                 (self.prelu_split, "PRELU op(s) were written as relu(x) + alpha * (x - relu(x)) (MUL, SUB, MUL, "
                  "ADD; the same function) so they run int8: the LiteRT quantizer and XNNPACK have no int8 PRELU"),
+                (self.relu_as_mul, "standalone RELU/RELU6 op(s) whose input other ops also read were written as "
+                 "MUL by 1 with the activation fused (the same function): XNNPACK has no int8 kernel for them "
+                 "alone, so each one cut the delegated graph"),
                 (self.opcodes_upgraded, "operator code(s) in the old deprecated_builtin_code form were "
                  "rewritten to the current schema"))
         return tuple(f"{n} {text}" for n, text in said if n)
@@ -82,16 +88,18 @@ def rewrite_float_model(model: bytes) -> tuple[bytes, RewriteReport]:
                                      removed_tensors=tensors, removed_buffers=buffers)
 
 
-def split_prelu_model(model: bytes) -> tuple[bytes, RewriteReport]:
-    """split_prelus on a float .tflite (any source's, for int8 activations on an int8 accelerator:
-    sources.for_int8_activations); `model` itself if it has none."""
+def int8_activation_model(model: bytes, accelerator: bool) -> tuple[bytes, RewriteReport]:
+    """A float .tflite (any source's) for int8 activations (sources.for_int8_activations): standalone
+    RELU-family ops as MUL by 1 with the activation fused (relus_as_mul), and on an int8 accelerator
+    PRELU split (split_prelus); `model` itself if there was nothing to do."""
     m = te.load(model)
-    split = split_prelus(m)
-    if not split:
+    relus = relus_as_mul(m)
+    split = split_prelus(m) if accelerator else 0
+    if not relus and not split:
         return model, RewriteReport()
     tensors, buffers = prune(m)
-    return te.pack(m), RewriteReport(prelu_split=split, removed_ops=split, removed_tensors=tensors,
-                                     removed_buffers=buffers)
+    return te.pack(m), RewriteReport(prelu_split=split, relu_as_mul=relus, removed_ops=split + relus,
+                                     removed_tensors=tensors, removed_buffers=buffers)
 
 
 def upgrade_opcodes(m) -> int:
@@ -311,6 +319,28 @@ def split_prelus(m) -> int:
             relu = _ACTIVATIONS["RELU"]
             ops += [_new_op(m, "MUL", [x, one], r, relu), _new_op(m, "SUB", [x, r], neg),
                     _new_op(m, "MUL", [neg, alpha], scaled), _new_op(m, "ADD", [r, scaled], y)]
+            n += 1
+        sg.operators = ops
+    return n
+
+
+def relus_as_mul(m) -> int:
+    """Write each standalone RELU / RELU6 / RELU_N1_TO_1 as MUL(x, 1) with that activation fused: the
+    same function, but XNNPACK runs an int8 MUL and has no int8 kernel for these alone, so each cut
+    the delegated graph (NASNetMobile: 48 RELUs whose input a residual branch also reads; int8 on this
+    x86 host 100 -> 79 ms, 1 thread). fuse_activations takes the ones it can first (.tflite sources)."""
+    n = 0
+    for sg in m.subgraphs or []:
+        ops = []
+        for op in sg.operators or []:
+            act = _ACTIVATIONS.get(te.op_name(m, op))
+            ins, outs = te.ints(op.inputs), te.ints(op.outputs)
+            if act is None or len(ins) != 1 or len(outs) != 1 or sg.tensors[ins[0]].type != 0:  # 0: FLOAT32
+                ops.append(op)
+                continue
+            one = _new_tensor(sg, sg.tensors[ins[0]], "relu_one")
+            te.set_constant(m, sg, one, np.ones([1], np.float32), new_buffer=True)
+            ops.append(_new_op(m, "MUL", [ins[0], one], outs[0], act))
             n += 1
         sg.operators = ops
     return n

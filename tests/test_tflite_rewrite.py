@@ -14,7 +14,7 @@ from edgeq.litert_quant import quantize_per_op
 from edgeq.signature import ensure_signature
 from edgeq.quiet import quiet_native
 from edgeq.tflite_model import read_model
-from edgeq.tflite_rewrite import densify, rewrite_float_model, split_prelu_model
+from edgeq.tflite_rewrite import densify, int8_activation_model, rewrite_float_model
 from edgeq.fidelity import fidelity, run_model
 from edgeq.verify import check_runs
 from tests.conftest import old_opcodes
@@ -354,13 +354,15 @@ def _prelu_cnn(tf):
 
 def test_prelu_split_for_int8(tf):
     """The LiteRT quantizer has no int8 PRELU (it stays float, with converts around it; XNNPACK has no
-    int8 PRELU either). split_prelu_model writes it as MUL(+RELU)/SUB/MUL/ADD: bit-exact in float, then a
+    int8 PRELU either). int8_activation_model writes it as MUL(+RELU)/SUB/MUL/ADD for an int8 accelerator:
+    bit-exact in float, then a
     full int8 graph in one delegated partition, as close to float as the int8 convolutions allow."""
     src, _ = ensure_signature(_convert(tf, _prelu_cnn(tf)))
     assert _op_names(src).count("PRELU") == 2
     kept, report = rewrite_float_model(src)  # not asked: PRELU stays (one float op, XNNPACK runs it)
     assert kept is src and report.prelu_split == 0
-    out, report = split_prelu_model(src)
+    assert int8_activation_model(src, accelerator=False)[0] is src  # a CPU: PRELU stays (below)
+    out, report = int8_activation_model(src, accelerator=True)
     assert report.prelu_split == 2 and "PRELU" not in _op_names(out)
     assert _op_names(out).count("MUL") == 4 and _op_names(out).count("SUB") == 2
     assert any("PRELU" in n for n in report.notes())
@@ -382,7 +384,7 @@ def test_prelu_split_for_int8(tf):
     split_cos, whole_cos = fidelity(src, q, held).worst("cosine"), fidelity(src, whole, held).worst("cosine")
     # measured 0.9698 split, 0.9695 with float PRELUs (random weights, 48 random calibration images)
     assert split_cos >= whole_cos - 0.01 and split_cos > 0.95, (split_cos, whole_cos)
-    assert split_prelu_model(out)[0] is out  # nothing left to split
+    assert int8_activation_model(out, accelerator=True)[0] is out  # nothing left to split
 
 
 @pytest.mark.parametrize("fmt", ["keras", "tflite"])
@@ -412,3 +414,57 @@ def test_convert_splits_prelu_for_int8_accelerators_only(tf, tmp_path, fmt):
         convert(src, ConvertOptions(tmp_path / f"{name}.tflite", calib=calib, **opts))
         prelus = [op for op in read_model(tmp_path / f"{name}.tflite").ops if op.name == "PRELU"]
         assert [str(op.precision) for op in prelus] == ["float", "float"], name
+
+
+def _shared_relu_cnn(tf):
+    """A ReLU whose input a residual branch also reads (NASNet's cells): the converter cannot fuse it
+    into the convolution before it, so it stays a standalone RELU op."""
+    tf.keras.utils.set_random_seed(5)
+    L = tf.keras.layers
+    x = tf.keras.Input((8, 8, 3), name="image")
+    h = L.Conv2D(8, 3, padding="same")(x)
+    r = L.Conv2D(8, 3, padding="same")(L.ReLU()(h))
+    y = L.Add()([r, h])
+    return tf.keras.Model(x, L.Dense(4)(L.GlobalAveragePooling2D()(y)))
+
+
+def test_standalone_relu_as_mul_for_int8(tf):
+    """XNNPACK has no int8 kernel for a standalone RELU: each one runs on the builtin kernels and cuts
+    the delegated graph. Written as MUL by 1 with the RELU fused it is the same function (bit-exact in
+    float) and the whole int8 graph runs in one XNNPACK partition, as close to float as before."""
+    src, _ = ensure_signature(_convert(tf, _shared_relu_cnn(tf)))
+    assert _op_names(src).count("RELU") == 1
+    assert rewrite_float_model(src)[1].activations_fused == 0  # its input has two readers: not fusable
+    out, report = int8_activation_model(src, accelerator=False)
+    assert report.relu_as_mul == 1 and "RELU" not in _op_names(out) and _op_names(out).count("MUL") == 1
+    assert any("MUL by 1" in n for n in report.notes())
+    _same_outputs(src, out, _images(4, seed=3), atol=0.0)
+    calib, held = _images(48, seed=1), _images(16, seed=2)
+    before, after = quantize_per_op(src, "int8", (), calib), quantize_per_op(out, "int8", (), calib)
+    assert [str(op.precision) for op in read_model(after).ops if op.name == "MUL"] == ["int8"]
+    run_before, run_after = check_runs(before, held[:2]), check_runs(after, held[:2])
+    assert "RELU" in run_before.delegation.builtin_ops and run_before.delegation.partitions == 2
+    assert run_after.delegation.partitions == 1 and not run_after.delegation.builtin_ops
+    cos_before, cos_after = fidelity(src, before, held).worst("cosine"), fidelity(src, after, held).worst("cosine")
+    # measured 0.9737 both ways (random weights, 48 random calibration images)
+    assert abs(cos_after - cos_before) < 0.005 and cos_after > 0.95, (cos_before, cos_after)
+    assert int8_activation_model(out, accelerator=False)[0] is out  # nothing left
+
+
+def test_convert_writes_standalone_relus_as_mul_for_int8_only(tf, tmp_path):
+    """edgeq convert, CPU default: the int8 model has no standalone RELU; --scheme dynamic (float
+    activations, XNNPACK runs a float RELU) keeps the graph as converted."""
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.precision import Scheme
+
+    src = tmp_path / "m.keras"
+    _shared_relu_cnn(tf).save(src)
+    np.save(tmp_path / "x.npy", np.random.default_rng(4).normal(size=(64, 8, 8, 3)).astype(np.float32))
+    calib = CalibrationConfig(tmp_path / "x.npy", samples=48, eval_samples=16)
+    r = convert(src, ConvertOptions(tmp_path / "i8.tflite", calib=calib, floor=False))
+    ops = read_model(tmp_path / "i8.tflite").ops
+    assert "RELU" not in {op.name for op in ops} and [str(op.precision) for op in ops if op.name == "MUL"] == ["int8"]
+    assert any("MUL by 1" in w for w in r.manifest["warnings"])
+    convert(src, ConvertOptions(tmp_path / "dyn.tflite", calib=calib, scheme=Scheme.DYNAMIC))
+    assert "RELU" in {op.name for op in read_model(tmp_path / "dyn.tflite").ops}

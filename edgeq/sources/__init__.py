@@ -78,13 +78,14 @@ def load_source(path: Path | str, **options) -> SourceModel:
     return SOURCES[fmt](path, **options)
 
 
-def for_int8_activations(source: SourceModel) -> SourceModel:
-    """The source with its PRELU ops written in ops the LiteRT quantizer and XNNPACK run in int8
-    (tflite_rewrite.split_prelus; the same function), for int8 activations on an int8 accelerator
-    (plan.int8_accelerator). Any format: Keras' PReLU layers meet the same quantizer."""
-    from ..tflite_rewrite import split_prelu_model
+def for_int8_activations(source: SourceModel, accelerator: bool) -> SourceModel:
+    """The source for int8 activations (tflite_rewrite.int8_activation_model; the same function):
+    standalone RELU/RELU6 ops as MUL by 1 with the activation fused, which XNNPACK runs in int8, and
+    on an int8 accelerator (plan.int8_accelerator) PRELU ops in ops the LiteRT quantizer and XNNPACK
+    run in int8. Any format: Keras' PReLU layers meet the same quantizer."""
+    from ..tflite_rewrite import int8_activation_model
 
-    data, report = split_prelu_model(source.float_tflite)
+    data, report = int8_activation_model(source.float_tflite, accelerator)
     if data is source.float_tflite:
         return source
     return replace(source, float_tflite=data, notes=source.notes + report.notes())

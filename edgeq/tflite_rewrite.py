@@ -9,6 +9,9 @@ Published files are float, but not always plain float32 graphs:
 - standalone RELU/RELU6/RELU_N1_TO_1 after an op that can fuse them (old converters left them):
   XNNPACK has no int8 kernel for a standalone RELU, so each one cut the delegated graph
   (face_detection_short_range: 18 partitions, 17 RELUs on the builtin kernels);
+- standalone RELUs whose input other ops read too (NASNet, Xception) and HARD_SWISH (MobileNetV3):
+  XNNPACK has no int8 kernel for either, so int8 graphs ran them on the builtin kernels between
+  delegated partitions; written as MUL by 1 with the RELU fused, and as ADD(+RELU6)/MUL/MUL;
 - PRELU (MediaPipe's face mesh, iris and hand models): the LiteRT quantizer has no int8 PRELU, and
   XNNPACK no int8 PRELU kernel, so each one stays float between int8 convolutions: off an int8
   accelerator (Edge TPU: the compiler stops at the first float op). `split_prelu_model` writes it as
@@ -41,6 +44,7 @@ class RewriteReport:
     activations_fused: int = 0  # standalone RELU-family ops fused into their producer
     prelu_split: int = 0  # PRELU ops written as MUL(+RELU)/SUB/MUL/ADD for int8 (int8_activation_model)
     relu_as_mul: int = 0  # standalone RELU-family ops written as MUL by 1 with the activation fused (int8)
+    hard_swish_split: int = 0  # HARD_SWISH written as x * (relu6(x + 3) / 6) in ADD/MUL ops (int8)
     removed_ops: int = 0
     removed_tensors: int = 0
     removed_buffers: int = 0
@@ -48,7 +52,8 @@ class RewriteReport:
     @property
     def changed(self) -> bool:
         return bool(self.opcodes_upgraded or self.densified or self.fp16_folded or self.int8_folded
-                    or self.activations_fused or self.prelu_split or self.relu_as_mul)
+                    or self.activations_fused or self.prelu_split or self.relu_as_mul
+                    or self.hard_swish_split)
 
     def notes(self) -> tuple[str, ...]:
         said = ((self.fp16_folded, "float16 weight(s) behind DEQUANTIZE were folded into float32 constants "
@@ -64,6 +69,8 @@ class RewriteReport:
                 (self.relu_as_mul, "standalone RELU/RELU6 op(s) whose input other ops also read were written as "
                  "MUL by 1 with the activation fused (the same function): XNNPACK has no int8 kernel for them "
                  "alone, so each one cut the delegated graph"),
+                (self.hard_swish_split, "HARD_SWISH op(s) were written as x * (relu6(x + 3) / 6) (ADD with RELU6, "
+                 "MUL, MUL; the same function): XNNPACK has no int8 HARD_SWISH, so each one cut the delegated graph"),
                 (self.opcodes_upgraded, "operator code(s) in the old deprecated_builtin_code form were "
                  "rewritten to the current schema"))
         return tuple(f"{n} {text}" for n, text in said if n)
@@ -90,16 +97,19 @@ def rewrite_float_model(model: bytes) -> tuple[bytes, RewriteReport]:
 
 def int8_activation_model(model: bytes, accelerator: bool) -> tuple[bytes, RewriteReport]:
     """A float .tflite (any source's) for int8 activations (sources.for_int8_activations): standalone
-    RELU-family ops as MUL by 1 with the activation fused (relus_as_mul), and on an int8 accelerator
-    PRELU split (split_prelus); `model` itself if there was nothing to do."""
+    RELU-family ops as MUL by 1 with the activation fused (relus_as_mul), HARD_SWISH in ADD/MUL ops
+    (split_hard_swish), and on an int8 accelerator PRELU split (split_prelus); `model` itself if there
+    was nothing to do."""
     m = te.load(model)
     relus = relus_as_mul(m)
+    swish = split_hard_swish(m)
     split = split_prelus(m) if accelerator else 0
-    if not relus and not split:
+    if not relus and not split and not swish:
         return model, RewriteReport()
     tensors, buffers = prune(m)
-    return te.pack(m), RewriteReport(prelu_split=split, relu_as_mul=relus, removed_ops=split + relus,
-                                     removed_tensors=tensors, removed_buffers=buffers)
+    return te.pack(m), RewriteReport(prelu_split=split, relu_as_mul=relus, hard_swish_split=swish,
+                                     removed_ops=split + relus + swish, removed_tensors=tensors,
+                                     removed_buffers=buffers)
 
 
 def upgrade_opcodes(m) -> int:
@@ -341,6 +351,32 @@ def relus_as_mul(m) -> int:
             one = _new_tensor(sg, sg.tensors[ins[0]], "relu_one")
             te.set_constant(m, sg, one, np.ones([1], np.float32), new_buffer=True)
             ops.append(_new_op(m, "MUL", [ins[0], one], outs[0], act))
+            n += 1
+        sg.operators = ops
+    return n
+
+
+def split_hard_swish(m) -> int:
+    """Write each HARD_SWISH as g = ADD(x, 3) with a fused RELU6, h = MUL(g, 1/6), y = MUL(x, h): the
+    same function (to float rounding), in ops XNNPACK runs in int8; it has no int8 HARD_SWISH, so
+    MobileNetV3's 21 ran on the builtin kernels in 23 delegated partitions. g and h have fixed ranges
+    ([0, 6], [0, 1]), so their int8 steps are fine."""
+    n = 0
+    relu6 = _ACTIVATIONS["RELU6"]
+    for sg in m.subgraphs or []:
+        ops = []
+        for op in sg.operators or []:
+            ins, outs = te.ints(op.inputs), te.ints(op.outputs)
+            if te.op_name(m, op) != "HARD_SWISH" or len(ins) != 1 or sg.tensors[ins[0]].type != 0:  # FLOAT32
+                ops.append(op)
+                continue
+            x, like = ins[0], sg.tensors[ins[0]]
+            three, sixth = _new_tensor(sg, like, "hswish_three"), _new_tensor(sg, like, "hswish_sixth")
+            te.set_constant(m, sg, three, np.full([1], 3.0, np.float32), new_buffer=True)
+            te.set_constant(m, sg, sixth, np.full([1], 1 / 6, np.float32), new_buffer=True)
+            gate, scaled = _new_tensor(sg, like, "hswish_gate"), _new_tensor(sg, like, "hswish_gate6")
+            ops += [_new_op(m, "ADD", [x, three], gate, relu6), _new_op(m, "MUL", [gate, sixth], scaled),
+                    _new_op(m, "MUL", [x, scaled], outs[0])]
             n += 1
         sg.operators = ops
     return n

@@ -43,6 +43,10 @@ class SourceModel:
     # How the model scales its own image pixels, when it expects 0..255 (pixel_scale.py); Keras sources
     # read it from their layers, which the converter may fold into the first convolution.
     pixel_scaling: str | None = None
+    # What for_int8_activations rewrote in float_tflite: it reaches the written model only where the
+    # LiteRT quantizer writes it from float_tflite, not where the TFLite converter re-converts the
+    # Keras/SavedModel itself (convert reports these notes then only).
+    int8_rewrites: tuple[str, ...] = ()
     # The name of the user's model's signature; float_tflite's is always serving_default, and the
     # written model gets this one back.
     signature_key: str = "serving_default"
@@ -88,7 +92,7 @@ def for_int8_activations(source: SourceModel, accelerator: bool) -> SourceModel:
     data, report = int8_activation_model(source.float_tflite, accelerator)
     if data is source.float_tflite:
         return source
-    return replace(source, float_tflite=data, notes=source.notes + report.notes())
+    return replace(source, float_tflite=data, int8_rewrites=report.notes())
 
 
 def _keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust_model: bool = False,

@@ -218,12 +218,12 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         elif optimized is not None and superseded is None and optimized_all is not None:
             optimized = optimized_all
 
-    # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
-    # backend produced it, and must have run under the target's runtime options.
     if not converter:  # written by the LiteRT quantizer from the rewritten float model
         warnings += source.int8_rewrites
     gptq = gptq_reports.get(model_key(qbytes)) if finish is not None else None  # the written model's GPTQ
     qbytes = rename_signature(qbytes, source.signature_key)  # the user's own name for it, back
+    # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
+    # backend produced it, and must have run under the target's runtime options.
     qbytes, verification, fid = _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid,
                                                     class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)

@@ -147,8 +147,8 @@ def flat_response(cfg: CalibrationConfig, source) -> tuple[float, float] | None:
     from .calibration import load_calibration
     from .fidelity import run_model
 
-    def spread(data) -> float:
-        return output_spread(run_model(source.float_tflite, list(data.calibration())))
+    def spread(samples) -> float:
+        return output_spread(run_model(source.float_tflite, samples))
 
     def photos(c: CalibrationConfig):
         return load_calibration(replace(c, samples=RESPONSE_PHOTOS, eval_samples=0), source.inputs)
@@ -156,13 +156,14 @@ def flat_response(cfg: CalibrationConfig, source) -> tuple[float, float] | None:
     raw_photos = photos(replace(cfg, preprocess=Preprocess.RAW, mean=None, std=None))
     if raw_photos.total < 4:
         return None  # too few photos to tell
-    at = spread(photos(cfg))
+    scaled = list(photos(cfg).calibration())
+    at = spread(scaled)
     if at >= FLAT_SPREAD:
         return None
-    raw = spread(raw_photos)
+    raw = spread(list(raw_photos.calibration()))
     if raw < SPREAD_GAIN * at:
         return None
-    stem = stem_response(source.float_tflite, list(photos(cfg).calibration()))
+    stem = stem_response(source.float_tflite, scaled)
     return (at, raw) if stem is not None and stem < FLAT_STEM else None
 
 

@@ -234,8 +234,8 @@ def ancestors(sg, tensors) -> set[int]:
 
 
 # Ops whose effects reach other ops outside their tensors (resource variables, other subgraphs): a
-# model holding one is not cut (prefix() returns None).
-_NOT_CUT = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE", "WHILE", "IF", "CALL",
+# model holding one is not cut (prefix() returns None), nor are they replaced by their value.
+STATEFUL_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE", "WHILE", "IF", "CALL",
             "STABLEHLO_COMPOSITE", "HASHTABLE", "HASHTABLE_FIND", "HASHTABLE_IMPORT", "HASHTABLE_SIZE"}
 
 
@@ -250,7 +250,7 @@ def prefix(m, tensors: Sequence[int]) -> bytes | None:
     if len(m.subgraphs) != 1 or len(m.signatureDefs or []) != 1:
         return None
     sg = m.subgraphs[0]
-    if any(op_name(m, op) in _NOT_CUT for op in sg.operators):
+    if any(op_name(m, op) in STATEFUL_OPS for op in sg.operators):
         return None
     keep = ancestors(sg, tensors)
     ops = [op for i, op in enumerate(sg.operators) if i in keep]

@@ -21,8 +21,8 @@ Published files are float, but not always plain float32 graphs:
   converts (face_landmark 3.8 -> 4.6 ms, iris_landmark 1.6 -> 2.4 ms, 1 thread, interleaved runs).
 `rewrite_float_model` handles the first four (folds the constants into float32, fixes the codes,
 fuses the activations); `int8_activation_model` (edgeq convert, int8 activations) writes the
-standalone activations it could not fuse as MUL by 1 with the activation fused, and on int8
-accelerators splits PRELU. Both remove
+standalone activations it could not fuse as MUL by 1 with the activation fused, splits HARD_SWISH,
+and on int8 accelerators splits PRELU. Both remove
 the ops, tensors, buffers and operator codes that became dead; the graph computes the same function.
 """
 

@@ -84,8 +84,8 @@ def load_source(path: Path | str, **options) -> SourceModel:
 
 def for_int8_activations(source: SourceModel, accelerator: bool) -> SourceModel:
     """The source for int8 activations (tflite_rewrite.int8_activation_model; the same function):
-    standalone RELU/RELU6 ops as MUL by 1 with the activation fused, which XNNPACK runs in int8, and
-    on an int8 accelerator (plan.int8_accelerator) PRELU ops in ops the LiteRT quantizer and XNNPACK
+    standalone RELU/RELU6 ops as MUL by 1 with the activation fused and HARD_SWISH as ADD/MUL ops,
+    which XNNPACK runs in int8, and on an int8 accelerator (plan.int8_accelerator) PRELU ops in ops the LiteRT quantizer and XNNPACK
     run in int8. Any format: Keras' PReLU layers meet the same quantizer."""
     from ..tflite_rewrite import int8_activation_model
 

@@ -196,8 +196,10 @@ def _signature_key(path: Path) -> str:
         keys = [k for g in sm.meta_graphs[:1] for k in g.signature_def if not k.startswith("__")]
     except Exception:  # no saved_model.pb (a .pbtxt), or a corrupt one: the converter reports it
         return SIGNATURE_KEY
-    if SIGNATURE_KEY in keys or len(keys) == 1:
-        return SIGNATURE_KEY if SIGNATURE_KEY in keys else keys[0]
+    if SIGNATURE_KEY in keys:
+        return SIGNATURE_KEY
+    if len(keys) == 1:
+        return keys[0]
     if not keys:
         raise ModelFormatError(f"{path}: the SavedModel has no signatures (a tf.Module saved without "
                                "signatures=); save it with tf.saved_model.save(obj, DIR, signatures="

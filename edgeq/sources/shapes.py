@@ -128,10 +128,8 @@ _SHAPE_ARGS = {"RESHAPE": (1,), "FILL": (0,), "BROADCAST_TO": (1,), "SLICE": (1,
                "SPLIT_V": (1, 2), "SUM": (1,), "MEAN": (1,), "REDUCE_MAX": (1,), "REDUCE_MIN": (1,),
                "REDUCE_PROD": (1,), "REDUCE_ANY": (1,), "ONE_HOT": (1,), "TRANSPOSE_CONV": (0,), "ARG_MAX": (1,),
                "ARG_MIN": (1,), "TOPK_V2": (1,), "SPACE_TO_BATCH_ND": (1, 2), "BATCH_TO_SPACE_ND": (1, 2)}
-# Ops never replaced by their value: state, other subgraphs, randomness.
-_NEVER_FOLDED = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE", "WHILE", "IF", "CALL",
-                 "STABLEHLO_COMPOSITE", "HASHTABLE", "HASHTABLE_FIND", "HASHTABLE_IMPORT", "HASHTABLE_SIZE",
-                 "RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL"}
+# Random ops are never replaced by their value (nor tflite_edit.STATEFUL_OPS).
+_RANDOM = {"RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL"}
 # A computed value larger than this stays computed (a FILL of a shape would bloat the file).
 _MAX_FOLDED = 1024
 
@@ -164,7 +162,7 @@ def fold_shape_ops(m, value) -> int:
         used = [i for i in ins if i >= 0]
         if (used and all(i in known or i in const for i in used) and any(i in known for i in used) and small
                 and not set(outs) & outputs and not name.startswith("CUSTOM")
-                and name not in _DATA_SHAPED and name not in _NEVER_FOLDED):
+                and name not in _DATA_SHAPED and name not in _RANDOM and name not in te.STATEFUL_OPS):
             known.update(outs)
             folded.append(k)
             continue

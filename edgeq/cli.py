@@ -35,9 +35,10 @@ def library_call(fn):
             with recording():
                 try:
                     result = fn(*args, **kwargs)
-                except EdgeqError:
-                    # A library that turned the Ctrl-C into its own error (torch.export's cleanup
-                    # raised "Attempted to unset ProxyTorchDispatchMode" over it): still interrupted.
+                except Exception:
+                    # Code that turned the Ctrl-C into its own error is still interrupted: torch.export's
+                    # cleanup raised "Attempted to unset ProxyTorchDispatchMode" over it, and a Ctrl-C in
+                    # a lazy import's class body comes out as "RuntimeError: Error calling __set_name__".
                     check()
                     raise
                 check()  # a Ctrl-C something swallowed still ends the command as interrupted

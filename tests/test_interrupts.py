@@ -123,8 +123,9 @@ def test_the_cli_ends_as_interrupted_when_a_command_swallowed_the_ctrl_c():
 
 def test_the_cli_ends_as_interrupted_when_a_library_turned_the_ctrl_c_into_its_own_error():
     """torch.export's cleanup, interrupted, raised "Attempted to unset ProxyTorchDispatchMode" over
-    the KeyboardInterrupt, and convert reported it as an incompatible model (seen in CI on MiniLM).
-    An EdgeqError that follows a Ctrl-C is the interrupt: exit 1 "interrupted"; without one it is
+    the KeyboardInterrupt, and convert reported it as an incompatible model (seen in CI on MiniLM);
+    a Ctrl-C in `edgeq devices list`'s lazy import came out as a RuntimeError with a traceback.
+    Any error that follows a Ctrl-C is the interrupt: exit 1 "interrupted"; without one it is
     reported as itself."""
     import os
     import signal
@@ -145,6 +146,16 @@ def test_the_cli_ends_as_interrupted_when_a_library_turned_the_ctrl_c_into_its_o
 
     with pytest.raises(click.ClickException, match="^interrupted$"):
         library_call(converting)()
+
+    def importing():  # a Ctrl-C in a lazy import's class body surfaces as this RuntimeError (seen)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'ops' in 'DeviceProfile'") from None
+
+    with pytest.raises(click.ClickException, match="^interrupted$"):
+        library_call(importing)()
 
     def failing():
         raise IncompatibleModelError("litert-torch could not convert model: no Ctrl-C here")

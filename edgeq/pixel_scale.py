@@ -103,12 +103,10 @@ def keras_pixel_scaling(tf, model) -> str | None:
     """The same, read from a Keras model's layers before its first layer with weights: a Rescaling by
     at most MAX_PIXEL_MULTIPLIER or a Normalization by a mean of at least MIN_PIXEL_MEAN. The
     converter folds these into the first convolution (EfficientNet), leaving no trace in the graph."""
-    try:
-        layers = list(model._flatten_layers(include_self=False, recursive=True))
-    except (AttributeError, TypeError):
-        layers = list(getattr(model, "layers", []))
+    from .sources.keras import all_layers
+
     L = tf.keras.layers
-    for layer in layers:
+    for layer in all_layers(model):
         if isinstance(layer, tf.keras.Model):  # a nested model: its own layers follow it
             continue
         if isinstance(layer, L.Rescaling):

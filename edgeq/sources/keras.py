@@ -103,14 +103,19 @@ def _inputs(model) -> list:
         return []
 
 
+def all_layers(model) -> list:
+    """Every layer in graph order, nested models' own layers included (each right after its model);
+    a model without Keras' private walk (another Keras version) gives its top-level layers."""
+    try:
+        return list(model._flatten_layers(include_self=False, recursive=True))
+    except (AttributeError, TypeError):
+        return list(getattr(model, "layers", []))
+
+
 def _has_reshape(tf, model) -> bool:
     """A Reshape or Flatten layer anywhere in the model (nested models included): with a dynamic batch
     Keras reshapes to (batch, *target), which the converter writes as SHAPE ops."""
-    try:
-        layers = model._flatten_layers(include_self=False, recursive=True)
-    except (AttributeError, TypeError):
-        layers = getattr(model, "layers", [])
-    return any(isinstance(layer, (tf.keras.layers.Reshape, tf.keras.layers.Flatten)) for layer in layers)
+    return any(isinstance(layer, (tf.keras.layers.Reshape, tf.keras.layers.Flatten)) for layer in all_layers(model))
 
 
 def _batch_ops(float_model: bytes) -> int:

@@ -2,7 +2,7 @@
 
 Every step is measured on CALIBRATION samples (an evenly spread subset, `judge`), against the user's
 float model, and kept only if it lowers the output error there AND leaves every output's cosine
-within range_search.COSINE_TOLERANCE of the quantizer's own ranges (level none) AND, for class
+near the quantizer's own ranges' (level none; range_search.Score.keeps) AND, for class
 scores, does not lower top-1 agreement on the judging samples float is sure about by more than one
 (SURE_FLIPS, all the steps after the range selection together); so a level can only match or beat
 the one below it by its error on those samples, on every output, and the held-out samples stay

@@ -279,6 +279,24 @@ def test_ranges_are_reported_kept_when_they_beat_the_quantizers_own():
     assert not RangeSearch({}, "minmax-ema", (RangeCandidate("minmax-ema", own),), baseline=own).improved
 
 
+def test_an_outputs_cosine_floor_allows_noise_not_a_sacrifice():
+    """Score.keeps: no output may end far below the quantizer's own ranges. Near cosine 1 that is
+    0.002; where those ranges already leave an output far from float, a tenth of that distance.
+    Measured: MediaPipe's hand landmarks (world landmarks 0.808 -> 0.800 with equalization, which
+    lowered the error over all four outputs: kept, 0.969 on held-out photos after rounding, 0.925
+    without it) and BlazeFace (anchor logits 0.976 -> 0.659 for a lower KL: refused)."""
+    from edgeq.range_search import Score
+
+    def sc(*cosines):
+        return Score(rel_l2=0.1, cosine=min(cosines), top1=None, kl=None, samples=32, cosines=cosines)
+
+    assert sc(0.9984, 1.0, 1.0, 0.8003).keeps(sc(0.9982, 1.0, 1.0, 0.8080))  # hand landmarks
+    assert not sc(0.659, 0.99).keeps(sc(0.976, 0.99))  # BlazeFace
+    assert sc(0.9975, 0.9).keeps(sc(0.9990, 0.9)) and not sc(0.9965, 0.9).keeps(sc(0.9990, 0.9))
+    assert sc(0.61).keeps(sc(0.64)) and not sc(0.60).keeps(sc(0.64))  # error 0.39 vs 0.36 < a tenth more; 0.40 >
+    assert sc(0.5).keeps(None)
+
+
 def test_a_model_is_judged_once_however_many_candidates_quantize_to_it(tf, monkeypatch):
     """An int8 SOFTMAX output's range is fixed at [0, 1], so the output-range trials of a softmax
     classifier quantize to its chosen model again: each distinct model is run on the judging samples

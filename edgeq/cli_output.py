@@ -74,8 +74,10 @@ def print_convert(result) -> None:
     s = m["sizes"]
     for w in result.warnings:
         click.secho(f"warning: {w}", fg="yellow", err=True)
-    click.echo(f"wrote {result.output} ({s['quantized_bytes']:,} bytes, {s['ratio']:.2f}x smaller than float) "
-               f"and {result.manifest_path}")
+    # below 1 (a tiny model's quantization overhead, a source already stored small) it is larger
+    size = (f"{s['ratio']:.2f}x smaller than float" if s["ratio"] >= 1
+            else f"{1 / s['ratio']:.2f}x larger than float")
+    click.echo(f"wrote {result.output} ({s['quantized_bytes']:,} bytes, {size}) and {result.manifest_path}")
 
 
 def plan_rows(ops: list[dict]) -> list[list]:

@@ -198,6 +198,12 @@ def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Precision plan (no device) (ops not int8)" in printed and "None" not in printed
     assert f"plan: {plan.summary()}" in printed and "accuracy budget step 1" in printed
+    # The size line: a model this small grows with quantization's overhead, said as such
+    # (it read "0.94x smaller than float").
+    ratio = r.manifest["sizes"]["ratio"]
+    assert ratio < 1 and f"{1 / ratio:.2f}x larger than float" in printed and "smaller" not in printed
+    print_convert(replace(r, manifest={**r.manifest, "sizes": {**r.manifest["sizes"], "ratio": 3.6}}))
+    assert "3.60x smaller than float" in capsys.readouterr().out
 
 
 def test_plan_table_groups_ops_of_a_kind_kept_for_one_reason():

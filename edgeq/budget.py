@@ -395,8 +395,13 @@ class _Loop:
         self.report["met"] = False
         best = max((p for p in self.probes.values() if self._fits(p.model)),
                    key=lambda p: _margin(p.fid, self.target), default=None)
-        fid = best.fid if best else self.first_fid
         moved = f"{len(best.step['moved'])} op(s) moved" if best else "no op could move"
+        if best is not None and self._fits(self.first_model) and \
+                _margin(self.first_fid, self.target) >= _margin(best.fid, self.target):
+            # Moving ops read lower than the model as converted (the level's weights and biases were
+            # fitted to int8 inputs): say what was reached, not the best of the worse plans.
+            best, moved = None, f"no op moved (the {len(self.probes)} plan(s) that moved ops read lower)"
+        fid = best.fid if best else self.first_fid
         n = self.report["refused_count"]
         refused = f"; {n} op(s) the device cannot move" if n else ""
         reached = f"best {self.target.reached(fid)} with {moved}{refused}"

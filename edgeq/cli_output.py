@@ -82,17 +82,12 @@ def print_convert(result) -> None:
 
 def plan_rows(ops: list[dict]) -> list[list]:
     """The plan table's rows (ops not int8), one per op kind with the same precision, placement and
-    reason, listing its op indices: an int4 MiniLM plan has 265 weightless ops kept float for one
-    reason each kind (40 RESHAPEs...), which as one row per op hid the 38 rows that matter."""
-    groups: dict[tuple, list[int]] = {}
-    for e in ops:
-        if e["precision"] not in ("int8", "other"):
-            groups.setdefault((e["op"], e["precision"], e["placement"], e.get("reason", "")), []).append(e["index"])
-    return [[_indices(ix), *key] for key, ix in sorted(groups.items(), key=lambda kv: kv[1][0])]
+    reason, listing its op indices (plan.grouped_entries)."""
+    from .plan import grouped_entries, index_list
 
-
-def _indices(ix: list[int]) -> str:
-    return ", ".join(map(str, ix)) if len(ix) <= 3 else f"{ix[0]}, {ix[1]}, ... ({len(ix)} ops)"
+    off = [e for e in ops if e["precision"] not in ("int8", "other")]
+    return [[index_list([e["index"] for e in es]), *key]
+            for key, es in grouped_entries(off, ("op", "precision", "placement", "reason"))]
 
 
 def print_size_goal(g: dict) -> None:

@@ -424,3 +424,22 @@ def test_import_is_light():
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def test_a_long_plan_is_one_row_per_op_kind_precision_and_reason():
+    """MiniLM int8 has 1272 ops: one row each hid the few that were not int8. Past PLAN_OPS_LISTED
+    ops the plan table has a row per (op, precision, reason, decider), naming its op indices."""
+    from pathlib import Path
+
+    from edgeq.report.inputs import Manifest
+    from edgeq.report.sections import PLAN_OPS_LISTED, _plan_section
+
+    ops = [{"index": i, "op": "FULLY_CONNECTED" if i % 2 else "ADD", "output": f"t{i}", "precision": "int8",
+            "reason": "profile default scheme", "source": "profile"} for i in range(PLAN_OPS_LISTED + 20)]
+    ops[7] = {**ops[7], "precision": "float", "reason": "budget: cosine drop < 0.01 needs it", "source": "budget"}
+    m = Manifest(Path("m.edgeq.json"), {"plan": {"summary": "x", "ops": ops}})
+    (kind, heads, rows), = [b for b in _plan_section(m).blocks if b[0] == "table"]
+    assert heads[:4] == ("#", "op", "output tensor", "precision")
+    assert rows == [("0, 2, ... (50 ops)", "ADD", "50 tensors", "int8", "profile default scheme", "profile"),
+                    ("1, 3, ... (49 ops)", "FULLY_CONNECTED", "49 tensors", "int8", "profile default scheme", "profile"),
+                    ("7", "FULLY_CONNECTED", "t7", "float", "budget: cosine drop < 0.01 needs it", "budget")]

@@ -15,6 +15,7 @@ from .. import __version__
 from .charts import budget_figure, budget_steps, latency_figure, png_b64, speed_size_figure
 from .fields import NA, as_list, fmt_bytes, fmt_ms, fmt_num, get, num, text
 from .inputs import Inputs, Manifest, Run, SpeedUp
+from ..plan import grouped_entries, index_list
 
 MODEL_PREFIX = "Model: "  # render.py frames a model's sections (up to the next level-2 heading) together
 
@@ -66,6 +67,11 @@ def _model_section(m: Manifest) -> Section:
     return Section(f"{MODEL_PREFIX}{m.name} ({m.scheme})", (_kv(info),) + tuple(("p", f"Warning: {w}") for w in warns))
 
 
+# Plans up to this long list every op; longer ones a row per op kind, precision and reason (MiniLM
+# int8 has 1272 ops: 1272 rows hid the few that were not int8).
+PLAN_OPS_LISTED = 80
+
+
 def _plan_section(m: Manifest) -> Section:
     plan_d = _dict(m.data, "plan")  # plan.Plan.to_json(): {"summary", "accelerator", "ops": [...], ...}
     plan = [r for r in as_list(plan_d.get("ops")) if isinstance(r, dict)]
@@ -74,8 +80,16 @@ def _plan_section(m: Manifest) -> Section:
                        (("p", "No precision plan recorded (the converter applied one scheme to every op)."),), 3)
     heads = ("#", "op", "output tensor", "precision", "reason", "decided by")
     placed = bool(plan_d.get("accelerator"))  # CPU vs accelerator only matters when there is one
-    rows = [tuple(text(r.get(k)) for k in ("index", "op", "output", "precision", "reason", "source"))
-            + ((text(r.get("placement")),) if placed else ()) for r in plan]
+    if len(plan) <= PLAN_OPS_LISTED:
+        rows = [tuple(text(r.get(k)) for k in ("index", "op", "output", "precision", "reason", "source"))
+                + ((text(r.get("placement")),) if placed else ()) for r in plan]
+    else:  # one row per op kind with the same precision, reason and decider
+        keys = ("op", "precision", "reason", "source") + (("placement",) if placed else ())
+        rows = []
+        for key, entries in grouped_entries(plan, keys):
+            index = index_list([e["index"] for e in entries if isinstance(e.get("index"), int)])
+            output = text(entries[0].get("output")) if len(entries) == 1 else f"{len(entries)} tensors"
+            rows.append((index, text(key[0]), output) + tuple(text(k) for k in key[1:]))
     blocks = [("table", heads + (("placement",) if placed else ()), rows)]
     if plan_d.get("summary"):
         blocks.insert(0, ("p", f"{plan_d['summary']}" + (f" (target: {text(plan_d.get('device'))}, "

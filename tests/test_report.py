@@ -328,10 +328,11 @@ def test_fidelity_floor_titles_and_skipped_floor(inputs):
 
     m = inputs["data"]["manifest"]
     moved = [f"#{i} ADD -> float" for i in range(10)]
-    floor = dict(m, budget={**m["budget"], "floor": True,
+    # the floor's drop as convert writes it, 1 - 0.98 (it read "max cosine drop 0.020000000000000018")
+    floor = dict(m, budget={**m["budget"], "floor": True, "max_drop": 1 - 0.98,
                             "steps": [*m["budget"]["steps"], {"step": 2, "moved": moved, "value": 0.999, "drop": 0.001}]})
     sec = _budget_section(Manifest(inputs["paths"]["manifest"], floor))
-    assert sec.title == "Fidelity floor" and sec.blocks[0][1].startswith("Fidelity floor: max cosine drop 0.01 — met")
+    assert sec.title == "Fidelity floor" and sec.blocks[0][1].startswith("Fidelity floor: max cosine drop 0.02 — met")
     rows = next(b for b in sec.blocks if b[0] == "table")[2]
     assert rows[2][1] == "10: #0 ADD -> float; #1 ADD -> float; #2 ADD -> float; #3 ADD -> float; … 6 more"
     skipped = dict(m, budget={"floor": True, "applied": False, "why": "--no-floor"})

@@ -112,7 +112,7 @@ def _budget_section(m: Manifest) -> Section | None:
     met = {"True": "met", "False": "NOT met"}.get(str(budget.get("met")), NA)
     final = budget.get("final_drop")
     metric = text(budget.get("metric"))
-    blocks: list = [("p", f"{title}: max {metric} drop {text(budget.get('max_drop'))} — {met}"
+    blocks: list = [("p", f"{title}: max {metric} drop {fmt_num(budget.get('max_drop'), '.4g')} — {met}"
                           + (f" (final drop {fmt_num(final, '.4f')})." if num(final) is not None else "."))]
     fig = budget_figure(m)
     if fig is not None:  # the alt text carries the drops the chart draws

@@ -101,52 +101,13 @@ def print_size_goal(g: dict) -> None:
 
 def print_optimize(o: dict) -> None:
     """The accuracy level: each step, what it changed and its error before/after on calibration samples."""
-    if not o.get("ran"):
-        if o.get("why") != "--optimize none":  # asked for none: nothing to say
-            click.echo(f"optimize: none ({o.get('why')})")
-        return
-    if o["steps"] and o["steps"][0]["step"] == "gptq":  # int4 weights: GPTQ rounding per layer
-        d = o["steps"][0]["detail"]
-        kept = [x for x in d["layers"] if x["kept"]]
-        if kept:
-            mean = sum(x["error_nearest"] for x in kept) / len(kept), sum(x["error_gptq"] for x in kept) / len(kept)
-            click.echo(f"optimize: {o['level']}: GPTQ rounding of {len(kept)} of {len(d['layers'])} int4 "
-                       f"FULLY_CONNECTED layers, their own output error {mean[0]:.4f} -> {mean[1]:.4f} on "
-                       f"{d['samples']} calibration samples ({d['seconds']} s)")
-        else:
-            click.echo(f"optimize: {o['level']}: GPTQ rounding changed no int4 layer ({len(d['layers'])} measured)")
-        for t in d.get("tables", []):
-            if t["changed"]:
-                click.echo(f"optimize: {o['level']}: int4 table {t['shape'][0]}x{t['shape'][1]}: scales searched, "
-                           f"relative error {t['error_nearest']:.4f} -> {t['error_clipped']:.4f}")
-        return
-    err = o["objective"]
-    classes = err == "kl"  # top-1 means something for class scores only (StepReport.line)
-    rows = []
-    for s in o["steps"]:
-        before, after = s.get("before"), s["after"]
-        top1 = [fmt(after.get("top1_agreement"), 3)] if classes else []
-        rows.append([s["step"], _step_change(s), fmt(before.get(err)) if before else "", fmt(after.get(err)),
-                     *top1, "kept" if s["kept"] else "dropped (no gain)", s["seconds"]])
-    table(f"--optimize {o['level']}: each step judged on {o['judged_on_calibration_samples']} calibration samples "
-          f"({err} to float)", ["step", "what it changed", "before", "after", *(["top-1 agree"] if classes else []),
-                                "verdict", "s"], rows)
-    line = f"optimize: {o['level']} in {o['seconds']} s"
-    if o.get("superseded"):
-        line += f"; not in the written model: {o['superseded']}"
-    click.echo(line)
+    from .level_summary import level_lines, level_table
 
-
-def _step_change(s: dict) -> str:
-    d = s.get("detail") or {}
-    return {"quantize": "the quantizer's own ranges",
-            "ranges": f"activation ranges: {d.get('chosen')}",
-            "equalize": f"{d.get('pairs', 0)} layer pairs rescaled",
-            "weight_rounding": f"{d.get('weights_flipped', 0)} weights rounded the other way in {d.get('layers', 0)} layers",
-            "bias_correction": f"{d.get('channels_changed', 0)} bias channels in {d.get('layers_corrected', 0)} layers",
-            "refine_ranges": f"{d.get('tensors_refined', 0)} tensor ranges refined",
-            "learned_rounding": f"{d.get('weights_flipped', 0)} weights re-rounded in {d.get('layers', 0)} layers",
-            }.get(s["step"], "")
+    steps = level_table(o)
+    if steps is not None:
+        table(*steps)
+    for line in level_lines(o):
+        click.echo(line)
 
 
 def print_budget(b: dict) -> None:

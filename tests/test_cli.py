@@ -274,6 +274,23 @@ def test_convert_prints_what_each_optimize_step_bought(tiny_conv, tmp_path):
     assert r.exit_code == 0 and "optimize" not in r.output
     r = run("convert", tiny_conv, "-o", tmp_path / "d.tflite", "--calib", tmp_path / "x.npy", "--scheme", "dynamic")
     assert r.exit_code == 0 and "optimize: none (--scheme dynamic: the methods tune static int8" in r.output
+    # The report shows the same level (issue 13: every method reported in the manifest and the report).
+    r = run("report", tmp_path / "o.edgeq.json", tmp_path / "n.edgeq.json", tmp_path / "d.edgeq.json",
+            "-o", tmp_path / "r.html")
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "r.md").read_text()
+    assert md.count("### Accuracy level") == 3
+    assert "--optimize fast: each step judged on 30 calibration samples (kl to float)." in md
+    for s in m["optimize"]["steps"]:
+        verdict = "kept" if s["kept"] else "dropped (no gain)"
+        assert f"| {s['step']} | " in md and f" | {s['after']['kl']:.4f} | " in md, s["step"]
+        assert any(line.startswith(f"| {s['step']} |") and f"| {verdict} |" in line for line in md.splitlines())
+    assert "No accuracy level ran (--optimize none)." in md
+    assert "optimize: none (--scheme dynamic: the methods tune static int8" in md
+    assert (tmp_path / "r.html").read_text().count("Accuracy level") >= 3
+    # Where the level chose the ranges the calibration row says so, not --calibration's default rule.
+    chosen = m["optimize"]["steps"][0]["detail"]["chosen"]
+    assert f"ranges={chosen} (measured, --optimize fast) |" in md and md.count("range_method=minmax") == 2
 
 
 def test_convert_max_size_prints_what_it_tried(tf, tmp_path):

@@ -444,3 +444,15 @@ def test_a_long_plan_is_one_row_per_op_kind_precision_and_reason():
     assert rows == [("0, 2, ... (50 ops)", "ADD", "50 tensors", "int8", "profile default scheme", "profile"),
                     ("1, 3, ... (49 ops)", "FULLY_CONNECTED", "49 tensors", "int8", "profile default scheme", "profile"),
                     ("7", "FULLY_CONNECTED", "t7", "float", "budget: cosine drop < 0.01 needs it", "budget")]
+
+
+def test_a_model_larger_than_its_float_source_is_said_larger():
+    """A tiny model grows with quantization's overhead: its size ratio read "0.94× smaller"."""
+    from pathlib import Path
+
+    from edgeq.report.inputs import Manifest
+    from edgeq.report.sections import _model_section
+
+    m = Manifest(Path("m.edgeq.json"), {"output": {"path": "m.tflite", "bytes": 3400}, "source": {"float_bytes": 3200}})
+    rows = dict(_model_section(m).blocks[0][2])
+    assert rows["size ratio"] == "1.06× larger"

@@ -44,6 +44,17 @@ def _dict(d: dict, key: str) -> dict:
     return d.get(key) if isinstance(d.get(key), dict) else {}
 
 
+def _measured_ranges(d: dict) -> str | None:
+    """'ranges=RULE (measured, --optimize LEVEL)' when the level's range selection is in the written model."""
+    o = d.get("optimize")
+    if not isinstance(o, dict) or not o.get("ran"):  # superseded by the budget loop: still its ranges
+        return None
+    for s in as_list(o.get("steps")):
+        if isinstance(s, dict) and s.get("step") == "ranges" and s.get("kept"):
+            return f"ranges={text(_dict(s, 'detail').get('chosen'))} (measured, --optimize {text(o.get('level'))})"
+    return None
+
+
 def _model_section(m: Manifest) -> Section:
     d = m.data
     cal = _dict(d, "calibration")
@@ -54,10 +65,13 @@ def _model_section(m: Manifest) -> Section:
         ("output sha256", str(get(d, "output", "sha256") or NA)[:16]),
         ("source", get(d, "source", "path")), ("source format", get(d, "source", "format")),
         ("float size", fmt_bytes(f)), ("scheme", d.get("scheme")), ("device profile", d.get("device")),
-        ("size ratio", f"{f / q:.2f}× smaller" if f and q else NA),
+        ("size ratio", (f"{f / q:.2f}× smaller" if f >= q else f"{q / f:.2f}× larger") if f and q else NA),
         ("calibration", ", ".join(f"{k}={text(cal.get(k))}" for k in
                                   ("kind", "source", "count", "seed", "range_method") if k in cal) or NA),
     ]
+    chosen = _measured_ranges(d)
+    if chosen:  # --calibration's rule (range_method) was not what the written model's ranges came from
+        info[-1] = ("calibration", info[-1][1].replace(f"range_method={text(cal.get('range_method'))}", chosen))
     for side in ("inputs", "outputs"):
         info.append((side, "; ".join(_io_row(t) for t in as_list(get(d, "io", side)) if isinstance(t, dict)) or NA))
     summ = d.get("op_summary")
@@ -151,8 +165,29 @@ def _fidelity_section(m: Manifest) -> Section:
            fmt_num(o.get("max_abs"), ".4g"), fmt_num(o.get("top1_agreement"), ".3f")) for o in outs])), 3)
 
 
+def _level_section(m: Manifest) -> Section | None:
+    """The accuracy level (--optimize): each step, what it changed, its error before/after on the judging
+    calibration samples and whether it was kept; the same table convert prints."""
+    o = m.data.get("optimize")
+    if not isinstance(o, dict):
+        return None
+    from ..level_summary import level_lines, level_table
+
+    try:
+        steps, lines = level_table(o), level_lines(o)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a manifest edgeq did not write this way
+        return Section("Accuracy level", (("p", "Recorded, but not in a form this report reads."),), 3)
+    blocks: list = []
+    if steps is not None:
+        title, heads, rows = steps
+        blocks += [("p", title + "."), ("table", tuple(heads), [tuple(text(v) for v in r) for r in rows])]
+    blocks += [("p", line) for line in lines]
+    return Section("Accuracy level", tuple(blocks or [("p", "No accuracy level ran (--optimize none).")]), 3)
+
+
 def manifest_sections(m: Manifest) -> list[Section]:
-    return [s for s in (_model_section(m), _plan_section(m), _budget_section(m), _fidelity_section(m)) if s]
+    return [s for s in (_model_section(m), _plan_section(m), _level_section(m), _budget_section(m),
+                        _fidelity_section(m)) if s]
 
 
 RUN_HEADERS = ("device", "precision", "runner · runtime", "threads · delegate",

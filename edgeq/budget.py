@@ -393,21 +393,22 @@ class _Loop:
 
     def _fail(self) -> None:
         self.report["met"] = False
-        best = max((p for p in self.probes.values() if self._fits(p.model)),
-                   key=lambda p: _margin(p.fid, self.target), default=None)
+        fitting = [p for p in self.probes.values() if self._fits(p.model)]
+        best = max(fitting, key=lambda p: _margin(p.fid, self.target), default=None)
         moved = f"{len(best.step['moved'])} op(s) moved" if best else "no op could move"
-        if best is not None and self._fits(self.first_model) and \
-                _margin(self.first_fid, self.target) >= _margin(best.fid, self.target):
-            # Moving ops read lower than the model as converted (the level's weights and biases were
-            # fitted to int8 inputs): say what was reached, not the best of the worse plans.
-            best, moved = None, f"no op moved (the {len(self.probes)} plan(s) that moved ops read lower)"
+        no_better = (best is not None and self._fits(self.first_model)
+                     and _margin(self.first_fid, self.target) >= _margin(best.fid, self.target))
+        if no_better:
+            # Moving ops read no better than the model as converted (the level's weights and biases
+            # were fitted to int8 inputs): say what was reached, not the best of the other plans.
+            best, moved = None, f"no op moved (the {len(fitting)} plan(s) that moved ops read no better)"
         fid = best.fid if best else self.first_fid
         n = self.report["refused_count"]
         refused = f"; {n} op(s) the device cannot move" if n else ""
         reached = f"best {self.target.reached(fid)} with {moved}{refused}"
         if self.ctx.max_bytes is not None:
             size = len(best.model if best else self.first_model)
-            if best is None:
+            if best is None and not no_better:
                 left = human_size(max(0, self.ctx.max_bytes - size))
                 reached = f"{self.target.reached(fid)}, and no move fits in the {left} left{refused}"
             raise _MissedWithinSize(

@@ -5,8 +5,8 @@ float model, and kept only if it lowers the output error there AND leaves every 
 near the quantizer's own ranges' (level none; range_search.Score.keeps) AND, for class
 scores, does not lower top-1 agreement on the judging samples float is sure about by more than one
 (SURE_FLIPS, all the steps after the range selection together); so a level can only match or beat
-the one below it by its error on those samples, on every output, and the held-out samples stay
-untouched for the fidelity report.
+the one below it by its error on those samples, no output ends further below level none than
+Score.keeps allows, and the held-out samples stay untouched for the fidelity report.
 
 - none: the quantizer's own ranges (litert-quantizer's moving-average min-max), nothing else.
 - fast (default; about the bare TFLite converter's time again): measured range selection per model

@@ -285,10 +285,10 @@ def test_a_missed_floor_reports_the_model_as_converted_when_moves_read_lower():
     def fid(cos):
         return Fidelity(32, (OutputFidelity("Identity_3", cos, 0.4, 0.05, None),))
 
-    def failing(first, probes):
+    def failing(first, probes, max_bytes=None):
         loop = _Loop.__new__(_Loop)
         loop.target, loop.first_fid, loop.first_model = default_floor(fid(first)), fid(first), b"m"
-        loop.ctx = SimpleNamespace(max_bytes=None, scheme=Scheme.INT8)
+        loop.ctx = SimpleNamespace(max_bytes=max_bytes, scheme=Scheme.INT8)
         loop.report = {"refused_count": 0, "probes": len(probes), "seconds": 5.0}
         loop.probes = {(i,): _Probe((), b"p", fid(c), False, {"moved": list(range(n))})
                        for i, (c, n) in enumerate(probes)}
@@ -297,7 +297,10 @@ def test_a_missed_floor_reports_the_model_as_converted_when_moves_read_lower():
         return str(e.value)
 
     said = failing(0.925, [(0.9146, 9), (0.90, 5)])
-    assert "Identity_3 cosine 0.9250" in said and "no op moved (the 2 plan(s) that moved ops read lower)" in said
+    assert "Identity_3 cosine 0.9250" in said and "no op moved (the 2 plan(s) that moved ops read no better)" in said
     assert "--max-drop 0.08 " in said
     said = failing(0.925, [(0.94, 9)])
     assert "Identity_3 cosine 0.9400" in said and "with 9 op(s) moved" in said
+    # Under --max-size the moves fitted, they were just no better: not "no move fits".
+    said = failing(0.925, [(0.9146, 9)], max_bytes=100)
+    assert "no op moved (the 1 plan(s) that moved ops read no better)" in said and "no move fits" not in said

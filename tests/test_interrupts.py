@@ -211,7 +211,8 @@ def test_a_ctrl_c_while_the_cli_imports_ends_in_one_line(monkeypatch, capsys):
     """The `edgeq` script's entry point (edgeq.entry) imports the CLI inside a handler: a Ctrl-C in
     those ~0.1 s (click, the command modules) printed a KeyboardInterrupt traceback through the
     import machinery (seen in 1 of 150 `edgeq devices list` runs interrupted in their first 0.14 s).
-    Now: "Error: interrupted", exit 1. The script itself runs the CLI through it."""
+    Now: "Error: interrupted", exit 1. The script itself runs the CLI through it (an install older
+    than pyproject's entry point fails here: `make test` reinstalls when pyproject.toml changes)."""
     import types
 
     from edgeq import entry

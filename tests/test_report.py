@@ -456,3 +456,39 @@ def test_a_model_larger_than_its_float_source_is_said_larger():
     m = Manifest(Path("m.edgeq.json"), {"output": {"path": "m.tflite", "bytes": 3400}, "source": {"float_bytes": 3200}})
     rows = dict(_model_section(m).blocks[0][2])
     assert rows["size ratio"] == "1.06× larger"
+
+
+def test_level_and_plan_sections_read_what_the_manifest_says_and_survive_what_it_should_not():
+    """The calibration row names the ranges of the last kept step that chose them (equalization
+    measures them again on the equalized model); a level or a long plan edgeq did not write this
+    way is shown as far as it can be, never a crash of the whole report."""
+    from pathlib import Path
+
+    from edgeq.report.inputs import Manifest
+    from edgeq.report.sections import PLAN_OPS_LISTED, _level_section, _model_section, _plan_section
+
+    def cal_row(optimize, calibration=None):
+        m = Manifest(Path("m.edgeq.json"), {"calibration": calibration or {"kind": "npy", "range_method": "minmax"},
+                                            "optimize": optimize})
+        return dict(_model_section(m).blocks[0][2])["calibration"]
+
+    def step(name, kept, **detail):
+        return {"step": name, "kept": kept, "detail": detail, "before": {}, "after": {}, "seconds": 1}
+
+    o = {"level": "fast", "ran": True, "objective": "kl", "judged_on_calibration_samples": 20, "seconds": 3,
+         "steps": [step("ranges", True, chosen="mse"), step("equalize", True, ranges={"chosen": "minmax-ema"})]}
+    assert cal_row(o) == "kind=npy, ranges=minmax-ema (measured, --optimize fast)"
+    o["steps"][1]["kept"] = False
+    assert cal_row(o) == "kind=npy, ranges=mse (measured, --optimize fast)"
+    best = {**o, "level": "best", "steps": [*o["steps"], step("refine_ranges", True, tensors_refined=4)]}
+    assert cal_row(best) == "kind=npy, ranges=mse, refined per tensor (measured, --optimize best)"
+    assert cal_row({"level": "none", "ran": False, "why": "--optimize none"}) == "kind=npy, range_method=minmax"
+    refit = {"kind": "npy", "range_method": "minmax", "judged_model_count": 30}  # recalibrated on every sample
+    assert cal_row({**o, "superseded": "missed the fidelity floor"}, refit) == "kind=npy, range_method=minmax"
+
+    odd = Manifest(Path("m.edgeq.json"), {"optimize": {"level": "fast", "ran": True, "steps": ["x"]}})
+    assert _level_section(odd).blocks == (("p", "Recorded, but not in a form this report reads."),)
+    ops = [{"index": str(i), "op": ["ADD"], "precision": "int8"} for i in range(PLAN_OPS_LISTED + 1)]
+    (kind, heads, rows), = [b for b in _plan_section(Manifest(Path("m"), {"plan": {"ops": ops}})).blocks
+                            if b[0] == "table"]
+    assert len(rows) == 1 and rows[0][0] == f"0, 1, 2, ... ({PLAN_OPS_LISTED + 1} ops)" and rows[0][2] == f"{PLAN_OPS_LISTED + 1} tensors"

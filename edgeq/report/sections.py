@@ -45,14 +45,29 @@ def _dict(d: dict, key: str) -> dict:
 
 
 def _measured_ranges(d: dict) -> str | None:
-    """'ranges=RULE (measured, --optimize LEVEL)' when the level's range selection is in the written model."""
+    """'ranges=RULE (measured, --optimize LEVEL)' when the level's range selection is in the written
+    model: the rule of the last kept step that chose one (`ranges`, or `equalize`, which measures
+    them again on the equalized model), refined per tensor if `refine_ranges` was kept."""
     o = d.get("optimize")
-    if not isinstance(o, dict) or not o.get("ran"):  # superseded by the budget loop: still its ranges
+    if not isinstance(o, dict) or not o.get("ran"):
         return None
+    if o.get("superseded") and "judged_model_count" in _dict(d, "calibration"):
+        return None  # the budget loop's model, recalibrated on every sample: not the level's ranges
+    rule, refined = None, False
     for s in as_list(o.get("steps")):
-        if isinstance(s, dict) and s.get("step") == "ranges" and s.get("kept"):
-            return f"ranges={text(_dict(s, 'detail').get('chosen'))} (measured, --optimize {text(o.get('level'))})"
-    return None
+        if not isinstance(s, dict) or not s.get("kept"):
+            continue
+        detail = _dict(s, "detail")
+        if s.get("step") == "ranges":
+            rule = detail.get("chosen") or rule
+        elif s.get("step") == "equalize":
+            rule = _dict(detail, "ranges").get("chosen") or rule
+        elif s.get("step") == "refine_ranges":
+            refined = True
+    if rule is None and not refined:
+        return None
+    what = (text(rule) if rule else "the quantizer's own") + (", refined per tensor" if refined else "")
+    return f"ranges={what} (measured, --optimize {text(o.get('level'))})"
 
 
 def _model_section(m: Manifest) -> Section:
@@ -100,8 +115,11 @@ def _plan_section(m: Manifest) -> Section:
     else:  # one row per op kind with the same precision, reason and decider
         keys = ("op", "precision", "reason", "source") + (("placement",) if placed else ())
         rows = []
-        for key, entries in grouped_entries(plan, keys):
-            index = index_list([e["index"] for e in entries if isinstance(e.get("index"), int)])
+        shown = [{**e, **{k: text(e.get(k)) for k in keys}} for e in plan]  # hashable, as the cells show them
+        for key, entries in grouped_entries(shown, keys):
+            ix = [e.get("index") for e in entries]
+            index = (index_list(ix) if all(isinstance(i, int) for i in ix) else
+                     ", ".join(text(i) for i in ix[:3]) + (f", ... ({len(ix)} ops)" if len(ix) > 3 else ""))
             output = text(entries[0].get("output")) if len(entries) == 1 else f"{len(entries)} tensors"
             rows.append((index, text(key[0]), output) + tuple(text(k) for k in key[1:]))
     blocks = [("table", heads + (("placement",) if placed else ()), rows)]
@@ -175,7 +193,7 @@ def _level_section(m: Manifest) -> Section | None:
 
     try:
         steps, lines = level_table(o), level_lines(o)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a manifest edgeq did not write this way
+    except Exception:  # a manifest edgeq did not write this way: say so rather than fail the whole report
         return Section("Accuracy level", (("p", "Recorded, but not in a form this report reads."),), 3)
     blocks: list = []
     if steps is not None:

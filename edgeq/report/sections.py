@@ -70,6 +70,14 @@ def _measured_ranges(d: dict) -> str | None:
     return f"ranges={what} (measured, --optimize {text(o.get('level'))})"
 
 
+def _calibration_fields(d: dict, cal: dict) -> list[str]:
+    """kind, source, count, seed and the ranges: where the level measured them, its rule instead of
+    --calibration's (range_method), which was not what the written model's ranges came from."""
+    chosen = _measured_ranges(d)
+    return [chosen if k == "range_method" and chosen else f"{k}={text(cal.get(k))}"
+            for k in ("kind", "source", "count", "seed", "range_method") if k in cal]
+
+
 def _model_section(m: Manifest) -> Section:
     d = m.data
     cal = _dict(d, "calibration")
@@ -81,12 +89,8 @@ def _model_section(m: Manifest) -> Section:
         ("source", get(d, "source", "path")), ("source format", get(d, "source", "format")),
         ("float size", fmt_bytes(f)), ("scheme", d.get("scheme")), ("device profile", d.get("device")),
         ("size ratio", (f"{f / q:.2f}× smaller" if f >= q else f"{q / f:.2f}× larger") if f and q else NA),
-        ("calibration", ", ".join(f"{k}={text(cal.get(k))}" for k in
-                                  ("kind", "source", "count", "seed", "range_method") if k in cal) or NA),
+        ("calibration", ", ".join(_calibration_fields(d, cal)) or NA),
     ]
-    chosen = _measured_ranges(d)
-    if chosen:  # --calibration's rule (range_method) was not what the written model's ranges came from
-        info[-1] = ("calibration", info[-1][1].replace(f"range_method={text(cal.get('range_method'))}", chosen))
     for side in ("inputs", "outputs"):
         info.append((side, "; ".join(_io_row(t) for t in as_list(get(d, "io", side)) if isinstance(t, dict)) or NA))
     summ = d.get("op_summary")

@@ -58,7 +58,8 @@ def _progress(quiet: bool, as_json: bool):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="No progress output (shown on a terminal; EDGEQ_PROGRESS=plain: as lines in logs).")
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 
 

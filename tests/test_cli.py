@@ -4,6 +4,8 @@ one-line errors without tracebacks, --json printing one document, and fast start
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -130,6 +132,36 @@ def test_real_process_errors_are_one_line_and_json_is_one_document(tiny_dense, t
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["schema"] == "edgeq.manifest/1"
     assert "XNNPACK" not in p.stderr and "Saved artifact" not in p.stderr
+
+
+def test_plain_progress_lines_for_logs(tiny_conv, tmp_path):
+    """EDGEQ_PROGRESS=plain in a real process whose stderr is a pipe (a CI log, ssh without a
+    terminal): a line as each step starts and ends, the level's own steps included (they run while
+    converter chatter is silenced), and still no chatter; without it, nothing; a bad value is a
+    one-line error."""
+    exe = [sys.executable, "-m", "edgeq.cli", "convert", str(tiny_conv), "--calib", str(tmp_path / "x.npy"),
+           "--calib-samples", "60", "--eval-samples", "30"]
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((90, 8, 8, 3)).astype(np.float32))
+    env = dict(os.environ, EDGEQ_PROGRESS="plain")
+    p = subprocess.run(exe + ["-o", str(tmp_path / "p.tflite")], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert "Loading calibration samples ..." in lines
+    assert any(re.fullmatch(r"Loading calibration samples: done \(60/60, \d+\.\d s\)", x) for x in lines), lines
+    start = lines.index("Optimizing accuracy (--optimize fast, 60 calibration samples) ...")
+    end = next(i for i, x in enumerate(lines) if x.startswith("Optimizing accuracy (--optimize fast, 60 calibration "
+                                                                  "samples): done ("))
+    assert any(x.startswith("measuring activation ranges") for x in lines[start:end]), lines
+    assert "Created TensorFlow Lite" not in p.stderr and "Traceback" not in p.stderr
+    assert "activation ranges: " in p.stdout  # the summary stays on stdout
+    quiet = subprocess.run(exe + ["-o", str(tmp_path / "q.tflite")], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "EDGEQ_PROGRESS"})
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.splitlines() == [x for x in lines if x.startswith("warning: ")]  # warnings only
+    bad = subprocess.run(exe + ["-o", str(tmp_path / "b.tflite")], capture_output=True, text=True,
+                         env=dict(os.environ, EDGEQ_PROGRESS="loud"))
+    assert bad.returncode == 1 and not (tmp_path / "b.tflite").exists()
+    assert bad.stderr.strip() == "Error: EDGEQ_PROGRESS='loud': use one of auto, bar, plain, off"
 
 
 def test_result_files_never_replace_inputs(tiny_dense, tmp_path):

@@ -41,6 +41,13 @@ def _int4_weights(precision: Precision) -> dict:
 SYMMETRIC_INT8_OPS = frozenset({"BATCH_MATMUL"})
 
 
+# Ops whose constant weights are quantized per tensor under static int8 / int16x8: LiteRT's
+# quantized BATCH_MATMUL (builtin and XNNPACK) reads one scale for its right-hand side; given
+# per-channel scales it outputs zeros (openWakeWord's melspectrogram.tflite, a [257, 32] constant
+# filter bank: cosine 0.0000 to float). Hybrid BATCH_MATMUL runs per-channel weights correctly.
+PER_TENSOR_WEIGHT_OPS = frozenset({"BATCH_MATMUL"})
+
+
 # Recipe precisions with calibrated activation ranges (int4x8: int4 weights, int8 activations).
 STATIC_PRECISIONS = frozenset({Precision.INT8, Precision.INT16X8, Precision.INT4X8})
 
@@ -66,13 +73,17 @@ def op_config(precision: Precision | str, op: str = "*") -> tuple[str, dict]:
                                                 "compute_precision": "FLOAT", **base, "explicit_dequantize": True}
         return "min_max_uniform_quantize", {"weight_tensor_config": _int4_weights(p), "compute_precision": "INTEGER",
                                             **base}
-    weights = _int4_weights(Precision.INT4X8) if precision == Precision.INT4X8 else _WEIGHTS
+    weights = _int4_weights(Precision.INT4X8) if precision == Precision.INT4X8 else _weights_of(op)
     precision = Precision.INT8 if precision == Precision.INT4X8 else precision  # int8 activations
     bits = _ACTIVATION_BITS[Precision(precision)]
     symmetric = bits == 16 or op in SYMMETRIC_INT8_OPS  # int16 kernels are symmetric-only
     act = {"num_bits": bits, "symmetric": symmetric, "granularity": "TENSORWISE", "dtype": "INT"}
     return "min_max_uniform_quantize", {"activation_tensor_config": act, "weight_tensor_config": weights,
                                         "compute_precision": "INTEGER", **base}
+
+
+def _weights_of(op: str) -> dict:
+    return {**_WEIGHTS, "granularity": "TENSORWISE"} if op in PER_TENSOR_WEIGHT_OPS else _WEIGHTS
 
 
 def int4_ops(precision: Precision | str) -> frozenset[str]:
@@ -98,7 +109,8 @@ def _plain_lines(regex: str, op: str, precision: Precision | str) -> list[dict]:
 
 def recipe_lines(regex: str, op: str, precision: Precision | str) -> list[dict]:
     """Recipe line(s) putting ops matching `regex` and `op` ("*" = any) at `precision`. An int8
-    line for any op adds the SYMMETRIC_INT8_OPS lines after it (later lines win). An int4 line for
+    line for any op adds the SYMMETRIC_INT8_OPS lines after it, and an int8 or int16x8 line the
+    PER_TENSOR_WEIGHT_OPS lines (later lines win). An int4 line for
     any op is the 8-bit fallback for every op, then int4 lines for the ops the quantizer has int4 for
     (later lines win); for one op without int4 it is the fallback line."""
     if precision in INT4_PRECISIONS:
@@ -107,8 +119,9 @@ def recipe_lines(regex: str, op: str, precision: Precision | str) -> list[dict]:
         lines = recipe_lines(regex, "*", INT4_FALLBACK[Precision(precision)])
         return lines + [line for o in sorted(int4_ops(precision)) for line in _plain_lines(regex, o, precision)]
     lines = _plain_lines(regex, op, precision)
-    if op == "*" and precision == Precision.INT8:
-        lines += [line for sym in sorted(SYMMETRIC_INT8_OPS) for line in _plain_lines(regex, sym, precision)]
+    if op == "*" and precision in (Precision.INT8, Precision.INT16X8):
+        own = SYMMETRIC_INT8_OPS | PER_TENSOR_WEIGHT_OPS if precision == Precision.INT8 else PER_TENSOR_WEIGHT_OPS
+        lines += [line for o in sorted(own) for line in _plain_lines(regex, o, precision)]
     return lines
 
 

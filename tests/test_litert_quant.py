@@ -3,11 +3,13 @@ the LiteRT quantizer is given. The quantized files themselves are checked in tes
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgeq.errors import QuantizationError
 from edgeq.litert_quant import OpPrecision, build_recipe, effective_precision, int4_ops, op_config, recipe_lines
 from edgeq.precision import INT4_BLOCK_SIZE, INT4_PRECISIONS, RECIPE_PRECISIONS, Precision
+from edgeq.tflite_model import read_model
 
 P = Precision
 
@@ -59,7 +61,7 @@ def test_int4_for_every_op_is_the_8bit_fallback_then_int4_where_the_quantizer_ha
         ("*", (8, "CHANNELWISE")), ("EMBEDDING_LOOKUP", (4, "BLOCKWISE_32")), ("FULLY_CONNECTED", (4, "BLOCKWISE_32"))]
     static = recipe_lines(".*", "*", P.INT4X8)
     assert [(l["operation"], _w(l["op_config"])) for l in static] == [
-        ("*", (8, "CHANNELWISE")), ("BATCH_MATMUL", (8, "CHANNELWISE")),  # int8's symmetric BMM line
+        ("*", (8, "CHANNELWISE")), ("BATCH_MATMUL", (8, "TENSORWISE")),  # int8's BMM line
         ("CONV_2D", (4, "CHANNELWISE")), ("FULLY_CONNECTED", (4, "CHANNELWISE"))]
     assert all("activation_tensor_config" in l["op_config"] for l in static)
     # One op without an int4 recipe gets its fallback, not a line the quantizer would ignore.
@@ -93,3 +95,45 @@ def test_build_recipe_mixes_int4_and_int8_per_op():
     per_op = [(l["regex"], _w(l["op_config"])) for l in recipe[4:]]
     assert per_op == [("^fc2;$", (8, "CHANNELWISE")), ("^conv;$", (8, "CHANNELWISE"))]
     assert INT4_BLOCK_SIZE[P.INT4_B32] == 32
+
+
+def _bmm_graph(tf):
+    """x [1, 2, 4, 8] @ a batched constant [2, 8, 16] (channel scales 0.01-3): the converter keeps it a
+    BATCH_MATMUL with a constant right-hand side (a 2-D constant would become FULLY_CONNECTED)."""
+    from edgeq.quiet import quiet_native
+    from edgeq.signature import ensure_signature
+
+    rng = np.random.default_rng(0)
+    w = tf.constant((rng.normal(size=(2, 8, 16)) * rng.uniform(0.01, 3, size=(1, 1, 16))).astype(np.float32))
+
+    @tf.function
+    def fn(x):
+        return tf.nn.relu(tf.matmul(x, w))
+
+    with quiet_native():
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(tf.TensorSpec([1, 2, 4, 8], tf.float32))], fn)
+        return ensure_signature(bytes(conv.convert()))[0]
+
+
+@pytest.mark.parametrize("precision,scales", [(P.INT8, 1), (P.INT16X8, 1), (P.HYBRID, 16)])
+def test_batch_matmul_constant_weights_are_per_tensor_and_answer(tf, precision, scales):
+    """With per-channel scales on its constant right-hand side, LiteRT's int8 and int16x8
+    BATCH_MATMUL output zeros (cosine 0.0 here under both kernels; openWakeWord's melspectrogram
+    filter bank: 0.0000 to float). Read back: one scale for those (hybrid keeps its per-channel
+    scales, which it runs right); under XNNPACK and the builtin kernels: the float answer."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from edgeq.litert_quant import quantize_per_op
+
+    fm = _bmm_graph(tf)
+    rng = np.random.default_rng(1)
+    key = next(iter(Interpreter(model_content=fm).get_signature_runner().get_input_details()))
+    samples = [{key: rng.normal(size=(1, 2, 4, 8)).astype(np.float32)} for _ in range(16)]
+    q = quantize_per_op(fm, precision, [], samples)
+    (bmm,) = [op for op in read_model(q).ops if op.name == "BATCH_MATMUL"]
+    assert bmm.inputs[1].dtype == "int8" and bmm.inputs[1].is_constant
+    assert len(bmm.inputs[1].scale) == scales
+    for kw in ({}, {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}):
+        f, g = (np.concatenate([next(iter(Interpreter(model_content=m, **kw).get_signature_runner()(**s).values()))
+                                .ravel() for s in samples]) for m in (fm, q))
+        assert float(f @ g / (np.linalg.norm(f) * np.linalg.norm(g))) > 0.98, (precision, kw)  # 0.991-0.99998

@@ -414,11 +414,14 @@ class _Loop:
             raise _MissedWithinSize(
                 f"{'fidelity floor' if self.target.floor else 'accuracy budget'} not met within --max-size "
                 f"{human_size(self.ctx.max_bytes)}, nothing written: {reached} at {human_size(size)} "
-                f"({self.report['probes']} probes)", f"--max-drop {_suggest_drop(fid, self.target)}")
+                f"({self.report['probes']} probes)",
+                f"--max-drop {drop}" if (drop := _suggest_drop(fid, self.target)) else "--no-floor (it does not follow float)")
         if self.target.floor:
+            drop = _suggest_drop(fid, self.target)
+            accept = f"accept less with --max-drop {drop}, " if drop else ""
             raise QuantizationError(
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "
-                f"{self.report['seconds']:.0f}s); accept less with --max-drop {_suggest_drop(fid, self.target)}, "
+                f"{self.report['seconds']:.0f}s); {accept}"
                 f"try {_wider_scheme(self.ctx.scheme)}another --device profile, or turn the floor off with --no-floor")
         wider = _wider_scheme(self.ctx.scheme)  # "--scheme X or " or ""
         raise QuantizationError(f"accuracy budget not met: {reached}; raise --max-drop, "
@@ -506,11 +509,16 @@ def _why(mv: Move, phase: str, measured: bool = False) -> str:
     return f"{what} whose int8 rounding adds noise {math.sqrt(mv.noise):.3f}"
 
 
-def _suggest_drop(fid: Fidelity, target: Target) -> str:
-    """A --max-drop (on the worst requirement's metric) that the best plan found would meet."""
+def _suggest_drop(fid: Fidelity, target: Target) -> str | None:
+    """A --max-drop (on the worst requirement's metric) that the best plan found would meet; None
+    where that would accept an output that no longer follows float (a cosine at or below 0)."""
     r = target.worst(fid)
     d = r.drop(fid)
-    return f"{math.ceil(d * 100 + 1e-9) / 100:g} --metric {r.metric}" if d == d else "0.1"
+    if d != d:
+        return "0.1"
+    if r.metric == "cosine" and r.value(fid) <= 0:
+        return None
+    return f"{math.ceil(d * 100 + 1e-9) / 100:g} --metric {r.metric}"
 
 
 def _refusal(profile, make_plan, index: int, target: Precision) -> str | None:

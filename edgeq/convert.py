@@ -228,7 +228,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                                                     class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)
     info = read_model(qbytes)
-    warnings += data_warnings(data_written, scheme, opts)
+    warnings += data_warnings(data_written, scheme, opts) + (fid.notes() if fid else [])
     mismatches = plan.mismatches(info) if plan else []
     stayed_float = [op for op in info.float_ops() if not (plan and plan.planned_off_int8(op))]
     if scheme is Scheme.INT8 and stayed_float:

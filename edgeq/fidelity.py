@@ -35,6 +35,17 @@ EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
 # Outputs with fewer values per sample (flags, a few scores) are compared as one vector over all
 # samples: a per-sample cosine of one number is only its sign (benchmarks/zoo.py does the same).
 _MIN_COSINE_VALUES = 16
+# Where a sample's float values share an offset of at least OFFSET_RATIO times their spread (median
+# over samples), a plain cosine cannot tell a working output from a broken one: one stuck at that
+# offset reads r / sqrt(1 + r^2), 0.949 at 3x, the default floor's 0.95. There the cosine is taken
+# around float's per-sample mean. BirdNET's 6522 sigmoid logits (all near -15, 6.5x their spread)
+# read 0.990 plain with top-1 agreement 5 %, 0.387 around the mean; the zoo's outputs sit at
+# 0.02-1.45x, except the palm detectors' anchor logits (3.0-3.3x: 0.996 -> 0.946-0.963) and
+# Objectron's box (3.3x: 0.999 -> 0.992).
+OFFSET_RATIO = 3.0
+# A float output this close to 0 everywhere has no direction: an int8 output of exact zeros there
+# matches it (a wake-word score of 3e-8 on audio without the word), and cosine reads it as 1.
+NEGLIGIBLE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -45,10 +56,32 @@ class OutputFidelity:
     max_abs: float
     top1_agreement: float | None  # only for (maybe) class scores
     kind: OutputKind = OutputKind.OTHER
+    # the float values' shared offset (median per-sample mean) when `cosine` is taken around float's
+    # mean (OFFSET_RATIO), and the plain cosine it replaces; None otherwise
+    offset: float | None = None
+    plain_cosine: float | None = None
+    reference_max_abs: float | None = None  # the float output's largest |value| on these samples
 
     def to_json(self) -> dict:
-        return {"name": self.name, "kind": str(self.kind), "cosine": self.cosine, "rel_l2": self.rel_l2,
-                "max_abs": self.max_abs, "top1_agreement": self.top1_agreement}
+        d = {"name": self.name, "kind": str(self.kind), "cosine": self.cosine, "rel_l2": self.rel_l2,
+             "max_abs": self.max_abs, "top1_agreement": self.top1_agreement}
+        if self.offset is not None:
+            d.update(cosine_around_mean=True, offset=self.offset, plain_cosine=self.plain_cosine)
+        return d
+
+    def notes(self) -> list[str]:
+        """What a reader of the cosine must know: taken around an offset, or of an output that is 0."""
+        out = []
+        if self.offset is not None:
+            out.append(f"output {self.name}: its float values share an offset ({self.offset:.4g}, at least "
+                       f"{OFFSET_RATIO:g}x their spread), so its cosine is taken around float's mean: "
+                       f"{self.cosine:.4f} ({self.plain_cosine:.4f} plain, which an output stuck at the offset "
+                       "would also reach)")
+        if self.reference_max_abs is not None and self.reference_max_abs <= NEGLIGIBLE:
+            out.append(f"output {self.name} is 0 on every held-out sample (float's largest value "
+                       f"{self.reference_max_abs:.1g}): fidelity cannot show how the int8 model treats it; "
+                       "calibrate and judge on data where it responds (a detector's positive examples)")
+        return out
 
 
 @dataclass(frozen=True)
@@ -68,6 +101,9 @@ class Fidelity:
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "outputs": [o.to_json() for o in self.outputs]}
+
+    def notes(self) -> list[str]:
+        return [line for o in self.outputs for line in o.notes()]
 
 
 def run_model(model: bytes, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -126,8 +162,17 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
         # has 256 levels: its top two tie often). Counting ties as 1/k was measured: in the levels'
         # judge it cost MobileNetV2 8 photos over the benchmark's 4 splits (docs/accuracy.md).
         top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if kind.has_top1 and n else None
-        outs.append(OutputFidelity(name, _cosine(ref, cand), float(rel), float(np.abs(ref - cand).max()) if n else 0.0,
-                                   top1, kind))
+        cos, offset, plain = _cosine(ref, cand), None, None
+        if n and ref.shape[1] >= _MIN_COSINE_VALUES:
+            mean = ref.mean(axis=1, keepdims=True)
+            spread = ref.std(axis=1, keepdims=True)
+            # an output constant within a sample has no spread to judge around: plain cosine there
+            flat = spread <= 1e-6 * np.abs(mean)  # float32 rounding of a constant
+            ratio = np.where(flat, 0.0, np.abs(mean) / np.maximum(spread, 1e-30))
+            if np.median(ratio) >= OFFSET_RATIO:
+                offset, plain, cos = float(np.median(mean)), cos, _cosine(ref - mean, cand - mean)
+        outs.append(OutputFidelity(name, cos, float(rel), float(np.abs(ref - cand).max()) if n else 0.0,
+                                   top1, kind, offset, plain, float(np.abs(ref).max()) if n else None))
     return Fidelity(n, tuple(outs))
 
 
@@ -137,7 +182,8 @@ def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
         ref, cand = ref.reshape(1, -1), cand.reshape(1, -1)
     num = (ref * cand).sum(axis=1)
     den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    same = np.linalg.norm(ref - cand, axis=1) == 0
+    # Exact zeros against a float output that is 0 to within NEGLIGIBLE match it (no direction to miss).
+    same = np.abs(ref - cand).max(axis=1, initial=0.0) <= np.where(den > 0, 0.0, NEGLIGIBLE)
     cos = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(same, 1.0, 0.0))
     return float(cos.mean()) if cos.size else 1.0
 

@@ -304,3 +304,7 @@ def test_a_missed_floor_reports_the_model_as_converted_when_moves_read_lower():
     # Under --max-size the moves fitted, they were just no better: not "no move fits".
     said = failing(0.925, [(0.9146, 9)], max_bytes=100)
     assert "no op moved (the 1 plan(s) that moved ops read no better)" in said and "no move fits" not in said
+    # An output that no longer follows float (openWakeWord's melspectrogram read cosine 0.0000) is not
+    # offered as "--max-drop 1.01": that would accept anything.
+    said = failing(0.0, [(-0.01, 3)])
+    assert "cosine 0.0000" in said and "--max-drop" not in said and "try --scheme dynamic or another --device" in said

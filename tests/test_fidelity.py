@@ -68,3 +68,42 @@ def test_short_outputs_are_compared_as_one_vector():
     cand = ref.copy()
     cand[0] = -cand[0]
     assert compare({"e": ref}, {"e": cand}).outputs[0].cosine == pytest.approx(0.8, abs=1e-6)
+
+
+def test_an_output_on_a_shared_offset_is_judged_around_floats_mean():
+    """BirdNET's 6522 sigmoid logits sit near -15 (6.5x their spread): its int8 output read cosine
+    0.990 with top-1 agreement 5 %. An output stuck at the offset reads high plainly and near 0
+    around float's mean; a faithful one stays high either way; small offsets keep the plain cosine."""
+    from edgeq.fidelity import OFFSET_RATIO
+
+    rng = np.random.default_rng(0)
+    ref = -15.0 + rng.normal(size=(20, 600))  # offset 15x the spread
+    stuck = np.full_like(ref, -15.0) + rng.normal(scale=0.05, size=ref.shape)
+    faithful = ref + rng.normal(scale=0.05, size=ref.shape)
+    (o,) = compare({"Identity": ref}, {"Identity": stuck}).outputs
+    assert o.plain_cosine > 0.99 and abs(o.cosine) < 0.1 and o.offset == pytest.approx(-15, abs=0.1)
+    assert "taken around float's mean" in o.notes()[0] and o.to_json()["cosine_around_mean"] is True
+    (o,) = compare({"Identity": ref}, {"Identity": faithful}).outputs
+    assert o.cosine > 0.99 and o.offset is not None
+    # A spread of half the offset: a stuck output already reads low plainly (0.45); left as it is.
+    small = 0.5 + rng.normal(size=(20, 600))
+    (o,) = compare({"y": small}, {"y": np.full_like(small, 0.5)}).outputs
+    assert o.offset is None and o.plain_cosine is None and o.cosine < 0.6 and OFFSET_RATIO > 0.5
+    # Constant within each sample (no spread to judge around): the plain cosine.
+    const = np.repeat(rng.uniform(1, 2, size=(20, 1)), 600, axis=1)
+    (o,) = compare({"y": const}, {"y": const + 1e-3}).outputs
+    assert o.offset is None and o.cosine > 0.999
+
+
+def test_exact_zeros_match_a_float_output_that_is_zero():
+    """openWakeWord's hey_mycroft scores 3e-8 on audio without the word; int8 outputs exact zeros.
+    Cosine read 0.0000 and the floor refused a faithful model; now 1, with a note that the data never
+    made the output respond. A float output of 1e-3 against zeros is still a miss."""
+    ref = np.abs(np.random.default_rng(0).normal(scale=3e-8, size=(19, 1)))
+    (o,) = compare({"39": ref}, {"39": np.zeros_like(ref)}).outputs
+    assert o.cosine == 1.0 and o.max_abs < 1e-6
+    assert o.notes() == [f"output 39 is 0 on every held-out sample (float's largest value {ref.max():.1g}): "
+                         "fidelity cannot show how the int8 model treats it; calibrate and judge on data where "
+                         "it responds (a detector's positive examples)"]
+    (o,) = compare({"39": ref + 1e-3}, {"39": np.zeros_like(ref)}).outputs
+    assert o.cosine == 0.0 and o.notes() == []

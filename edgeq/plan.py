@@ -169,7 +169,12 @@ class Plan:
                    for e in self.entries)
 
     def mismatches(self, info: ModelInfo) -> list[str]:
-        """Planned ops whose precision in the produced model (found by output tensor name) differs."""
+        """Planned ops whose precision in the produced model (found by output tensor name) differs,
+        numbered as in the produced model (as the "stayed float" warning next to it is). Hybrid on an
+        op without weights is float (litert_quant.effective_precision): --scheme dynamic plans every
+        op hybrid, and its REDUCE_MIN, SUB, ... are float by design, not a disagreement."""
+        from .litert_quant import effective_precision
+
         by_output = {op.outputs[0].name: op for op in info.ops if op.outputs}
         bad = []
         for e in self.entries:
@@ -177,8 +182,9 @@ class Plan:
             op = by_output.get(e.output)
             if op is None or op.precision is Precision.OTHER or want is None:
                 continue
+            want = effective_precision(want, e.op)
             if op.precision != want:
-                bad.append(f"#{e.index} {e.op} planned {want}, file has {op.precision}")
+                bad.append(f"#{op.index} {e.op} planned {want}, file has {op.precision}")
         return bad
 
 

@@ -260,3 +260,28 @@ def test_user_scheme_replaces_the_profiles_default_but_not_its_op_table(cnn):
     assert by["CONV_2D"].precision is Precision.HYBRID and "--scheme hybrid" in by["CONV_2D"].reason
     assert by["EXP"].precision is Precision.FLOAT and by["EXP"].reason == plain["EXP"].reason
     assert str(mine.scheme) == "hybrid"
+
+
+def test_hybrid_plans_weightless_ops_float_without_a_disagreement(tf):
+    """A hybrid plan (--scheme dynamic's budget loop makes one) says hybrid for every op; ops without
+    weights (a MEAN here; BirdNET's REDUCE_MIN, SUB, ...) have no hybrid kernel and stay float by
+    design. BirdNET warned "the produced model disagrees with the plan: #0 REDUCE_MIN planned
+    hybrid, file has float" for six of them. A real disagreement still shows, numbered as in the file."""
+    import numpy as np
+
+    from edgeq.litert_quant import per_op_from_plan, quantize_per_op
+    from edgeq.precision import Precision
+    from edgeq.tflite_model import read_model
+    from tests.conftest import build_int4_graph
+
+    fm = build_int4_graph(tf)
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.normal(size=(1, 8, 8, 16)).astype(np.float32)} for _ in range(4)]
+    plan = plan_precision(list(read_model(fm).ops), None, None, scheme=Precision.HYBRID, min_weight_elements=0)
+    assert [str(e.precision) for e in plan.entries if e.op == "MEAN"] == ["hybrid"]
+    info = read_model(quantize_per_op(fm, Precision.HYBRID, per_op_from_plan(plan), samples))
+    assert [str(op.precision) for op in info.ops if op.name == "MEAN"] == ["float"]
+    assert plan.mismatches(info) == []
+    floated = read_model(quantize_per_op(fm, Precision.FLOAT, [], samples))
+    assert plan.mismatches(floated) == [f"#{op.index} {op.name} planned hybrid, file has float"
+                                        for op in floated.ops if op.has_weights]  # MEAN not among them

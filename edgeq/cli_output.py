@@ -74,10 +74,15 @@ def print_convert(result) -> None:
     s = m["sizes"]
     for w in result.warnings:
         click.secho(f"warning: {w}", fg="yellow", err=True)
-    # below 1 (a tiny model's quantization overhead, a source already stored small) it is larger
-    size = (f"{s['ratio']:.2f}x smaller than float" if s["ratio"] >= 1
-            else f"{1 / s['ratio']:.2f}x larger than float")
+    size = _size_ratio(s["ratio"], "float")
+    if s.get("source_bytes"):  # a float16 or sparse .tflite: against the file given too
+        size += f"; {_size_ratio(s['source_bytes'] / max(s['quantized_bytes'], 1), 'the file given')}"
     click.echo(f"wrote {result.output} ({s['quantized_bytes']:,} bytes, {size}) and {result.manifest_path}")
+
+
+def _size_ratio(ratio: float, than: str) -> str:
+    # below 1 (a tiny model's quantization overhead, a source already stored small) it is larger
+    return f"{ratio:.2f}x smaller than {than}" if ratio >= 1 else f"{1 / ratio:.2f}x larger than {than}"
 
 
 def plan_rows(ops: list[dict]) -> list[list]:

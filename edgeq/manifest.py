@@ -16,7 +16,7 @@ it instead of re-deriving the conversion. Top-level sections:
                the accuracy methods that ran (optimize.OptimizeResult.to_json()) and what each bought
   size_goal    {max_bytes, chosen, why (when a less accurate mix was chosen), tried: [{scheme, bytes,
                cosine}]} (--max-size) or null
-  compatibility compat.CompatReport.to_json() or null; sizes {float_bytes, quantized_bytes, ratio}
+  compatibility compat.CompatReport.to_json() or null; sizes {float_bytes, quantized_bytes, ratio[, source_bytes]}
 
 Readers other than convert's own tests treat every section but the schema as optional.
 """
@@ -136,7 +136,7 @@ def build_manifest(p: ManifestParts) -> dict[str, Any]:
         "size_goal": p.size_goal,
         "compatibility": p.compatibility.to_json() if p.compatibility is not None else None,
         "sizes": {"float_bytes": len(src.float_tflite), "quantized_bytes": len(q),
-                  "ratio": len(src.float_tflite) / max(len(q), 1)},
+                  "ratio": len(src.float_tflite) / max(len(q), 1), **_source_bytes(p.model, src)},
         "verification": p.verification,
         "fidelity_source": p.fidelity_source,
         "samples": p.samples,
@@ -159,6 +159,16 @@ def read_manifest(path: Path | str) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EdgeqError(f"{path}: cannot read manifest ({e}); re-run edgeq convert") from None
     return check_manifest(data, str(path))
+
+
+def _source_bytes(model, src) -> dict:
+    """The given .tflite's own size where it is smaller than its float32 form (float16 or sparse weights):
+    "3.88x smaller than float" would read as against the file the user has, which is half that."""
+    path = Path(model)
+    # (a signature edgeq added or a pinned batch changes a float32 file's size by a little, not by 10 %)
+    if src.format == "tflite" and path.is_file() and path.stat().st_size < 0.9 * len(src.float_tflite):
+        return {"source_bytes": path.stat().st_size}
+    return {}
 
 
 def check_manifest(data: Any, where: str) -> dict:

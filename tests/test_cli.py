@@ -339,3 +339,39 @@ def test_convert_max_size_prints_what_it_tried(tf, tmp_path):
             "--max-size", "1KB")
     assert r.exit_code == 1 and "cannot be reached: the smallest plan tried (int4) is" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "p.tflite").exists()
+
+
+def test_a_float16_file_is_also_compared_with_itself(tf, tmp_path, capsys):
+    """A published .tflite stores its weights as float16: "3.88x smaller than float" (its float32
+    form) read as against the file the user has, which was half that (BirdNET's metadata model).
+    The size line names both; a float32 file only the first."""
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.cli_output import print_convert
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.quiet import quiet_native
+
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    model = tf.keras.Sequential([tf.keras.Input((64,)), L.Dense(256, activation="relu"), L.Dense(256, activation="relu"),
+                                 L.Dense(10)])
+    for name, fp16 in (("h.tflite", True), ("f.tflite", False)):
+        with quiet_native():
+            c = tf.lite.TFLiteConverter.from_keras_model(model)
+            if fp16:
+                c.optimizations = [tf.lite.Optimize.DEFAULT]
+                c.target_spec.supported_types = [tf.float16]
+            (tmp_path / name).write_bytes(c.convert())
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(60, 64)).astype(np.float32))
+    calib = CalibrationConfig(str(tmp_path / "x.npy"))
+    r = convert(tmp_path / "h.tflite", ConvertOptions(tmp_path / "hq.tflite", calib=calib))
+    s = r.manifest["sizes"]
+    assert s["source_bytes"] == (tmp_path / "h.tflite").stat().st_size < 0.6 * s["float_bytes"]
+    capsys.readouterr()
+    print_convert(r)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("wrote "))
+    assert f"{s['ratio']:.2f}x smaller than float; {s['source_bytes'] / s['quantized_bytes']:.2f}x smaller than " \
+           "the file given)" in line
+    r = convert(tmp_path / "f.tflite", ConvertOptions(tmp_path / "fq.tflite", calib=calib))
+    assert "source_bytes" not in r.manifest["sizes"]
+    print_convert(r)
+    assert "the file given" not in capsys.readouterr().out

@@ -233,7 +233,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     stayed_float = [op for op in info.float_ops() if not (plan and plan.planned_off_int8(op))]
     if scheme is Scheme.INT8 and stayed_float:
         names = ", ".join(f"#{op.index} {op.name}" for op in stayed_float[:8])
-        msg = f"{len(stayed_float)} op(s) stayed float under --scheme int8: {names}"
+        msg = (f"{len(stayed_float)} op(s) stayed float under --scheme int8: {names}"
+               + ("" if converter else _why_float(stayed_float)))
         if opts.strict:
             raise QuantizationError(msg + " (--strict); plan them float/hybrid with --device, or drop --strict")
         warnings.append(msg)
@@ -298,6 +299,18 @@ def samples_npz(model: bytes, samples: list[dict]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{tensor_names.get(k, k): np.stack([s[k] for s in samples]) for k in samples[0]})
     return buf.getvalue()
+
+
+def _why_float(ops) -> str:
+    """Why ops stayed float, where the quantizer says: it has no int8 recipe for them."""
+    from .litert_quant import quantizer_int8_ops
+
+    try:
+        known = quantizer_int8_ops()
+    except Exception:  # noqa: BLE001 - a quantizer without this policy table: say nothing rather than fail
+        return ""
+    kinds = sorted({op.name for op in ops if op.name not in known and not op.is_custom})
+    return f" ({', '.join(kinds)}: the LiteRT quantizer has no int8 recipe for them)" if kinds else ""
 
 
 def _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid, class_outputs, warnings, progress):

@@ -12,6 +12,8 @@ It needs a float .tflite with a SignatureDef (see `signature.ensure_signature`).
 
 from __future__ import annotations
 
+import functools
+
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -84,6 +86,18 @@ def op_config(precision: Precision | str, op: str = "*") -> tuple[str, dict]:
 
 def _weights_of(op: str) -> dict:
     return {**_WEIGHTS, "granularity": "TENSORWISE"} if op in PER_TENSOR_WEIGHT_OPS else _WEIGHTS
+
+
+@functools.lru_cache(maxsize=None)
+def quantizer_int8_ops() -> frozenset[str]:
+    """Ops the LiteRT quantizer has a static int8 recipe for (its policy's static_wi8_ai8 list); it
+    leaves any other op float between int8 ops (LEAKY_RELU, PRELU, LOG, CAST, ...)."""
+    import json
+
+    from ai_edge_quantizer import default_policy
+
+    ops = json.loads(default_policy.DEFAULT_JSON_POLICY)["ops_per_config"]["static_wi8_ai8"]
+    return frozenset(ops) - {"INPUT", "OUTPUT"}
 
 
 def int4_ops(precision: Precision | str) -> frozenset[str]:

@@ -375,3 +375,24 @@ def test_a_float16_file_is_also_compared_with_itself(tf, tmp_path, capsys):
     assert "source_bytes" not in r.manifest["sizes"]
     print_convert(r)
     assert "the file given" not in capsys.readouterr().out
+
+
+def test_a_floor_met_within_sampling_error_says_so(capsys):
+    """BirdNET with --class-output: "fidelity floor ... met" printed beside top-1 0.842 on 19 held-out
+    clips, met by the agreement's upper confidence bound with no word of it. Now a line says so; a
+    top-1 at or above the bound, or a cosine requirement, adds nothing."""
+    from edgeq.accuracy_target import wilson_upper
+    from edgeq.cli_output import print_budget
+
+    req = {"output": "Identity", "kind": "class_scores", "metric": "top1", "bound": 0.9, "upper_confidence_bound": True}
+    assert wilson_upper(16 / 19, 19) >= 0.9  # what made it met
+    b = {"floor": True, "met": True, "loop": False, "metric": "top1", "requirements": [req],
+         "steps": [{"step": 0, "value": 16 / 19, "values": {"Identity": 16 / 19}, "bytes": 1}]}
+    print_budget(b)
+    out = capsys.readouterr().out
+    assert "Identity top1 0.842 is below 0.9, met within sampling error (its 95% upper confidence bound" in out
+    print_budget({**b, "steps": [{"step": 0, "value": 0.95, "values": {"Identity": 0.95}, "bytes": 1}]})
+    assert "sampling error" not in capsys.readouterr().out
+    cos = {**req, "metric": "cosine", "bound": 0.95, "upper_confidence_bound": False}
+    print_budget({**b, "requirements": [cos], "steps": [{"step": 0, "value": 0.96, "values": {"Identity": 0.96}}]})
+    assert "sampling error" not in capsys.readouterr().out

@@ -150,6 +150,7 @@ class _Moments:
         self.layer, self.rng, self.per_sample = layer, rng, rows_per_sample
         self.m: np.ndarray | None = None
         self.rows = 0
+        self.multiplier = 1  # depthwise: output channels per input channel (they share one M)
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
         lay, n = self.layer, self.per_sample
@@ -157,10 +158,13 @@ class _Moments:
             p = x.reshape(-1, lay.float_weight.shape[1])
             return p[self.rng.choice(len(p), n, replace=False)] if len(p) > n else p
         p = _patches(lay, x, n, self.rng)
-        if lay.kind == "DEPTHWISE_CONV_2D" and lay.channels != p.shape[-1]:  # multiplier: per output channel
-            p = np.repeat(p, lay.channels // p.shape[-1], axis=-1)
-        # depthwise: [rows, kh*kw, channels], one k*k matrix per channel; else [rows, kh*kw*cin] in
-        # TFLite's [O, KH, KW, I] order
+        if lay.kind == "DEPTHWISE_CONV_2D":
+            # Output channel c reads input channel c // multiplier: one M per INPUT channel, repeated
+            # for its outputs when read (_per_output). torchcrepe's first layer (1 input, 128 outputs,
+            # 512 taps) took 106 s computing the same 512x512 matrix 128 times a sample.
+            self.multiplier = lay.channels // p.shape[-1]
+        # depthwise: [rows, kh*kw, input channels], one k*k matrix per channel; else [rows, kh*kw*cin]
+        # in TFLite's [O, KH, KW, I] order
         return p.reshape(len(p), -1, p.shape[-1]) if lay.kind == "DEPTHWISE_CONV_2D" else p.reshape(len(p), -1)
 
     def add(self, x: np.ndarray) -> None:
@@ -174,13 +178,16 @@ class _Moments:
         self.m = m.astype(np.float64) if self.m is None else self.m + m
         self.rows += len(p)
 
+    def _per_output(self, m: np.ndarray) -> np.ndarray:
+        return np.repeat(m, self.multiplier, axis=0) if self.multiplier > 1 else m
+
     def matrix(self) -> np.ndarray:
         m = self.m / max(self.rows, 1)
         n = m.shape[-1]
         if self.rows < 4 * n:  # few rows for this many directions: lean towards nearest rounding
             diag = np.einsum("...kk->...k", m).mean(axis=-1)
             m = m + RIDGE * np.asarray(diag)[..., None, None] * np.eye(n)
-        return m
+        return self._per_output(m)
 
 
 # --- The search ------------------------------------------------------------------------------------------
@@ -344,7 +351,7 @@ class _PairedMoments(_Moments):
         """The search's linear term E[x_q (x_q - x)^T] w, per channel: with it e^T M e + 2 e^T lin is
         the mean square of W_q x_q - W x less that of W x_q - W x (e = W_q - W), so negative where the
         rounding does better on x_q than the float weights would."""
-        d = (self.m - self.c) / max(self.rows, 1)
+        d = self._per_output((self.m - self.c) / max(self.rows, 1))
         return np.einsum("ckl,lc->kc", d, w) if self.layer.kind == "DEPTHWISE_CONV_2D" else d @ w
 
 

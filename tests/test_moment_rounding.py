@@ -336,3 +336,43 @@ def test_the_cut_models_give_the_same_rounding_as_the_whole_ones(tiny_cnn, calib
     monkeypatch.setattr(mr.te, "prefix", lambda *a, **k: None)  # no cut: the whole models
     whole = mr.round_weights(q, tiny_cnn, calib, sequential=mr.Sequential(samples=16))
     assert whole.model == result.model
+
+
+def test_depthwise_multiplier_outputs_share_their_input_channels_moments():
+    """A depthwise layer with a channel multiplier (torchcrepe's first layer: 1 input, 128 outputs,
+    512 taps) took 106 s computing the same k x k matrix for every output a sample; the moments are
+    now taken per input channel and repeated for its outputs. They equal the per-output computation
+    (output c reads input c // multiplier), for M and for the sequential fit's linear term."""
+    import edgeq.moment_rounding as mr
+    from edgeq.weight_layers import WeightLayer
+
+    rng = np.random.default_rng(0)
+    cin, mult, k = 2, 3, 5
+    w = rng.normal(size=(1, k, 1, cin * mult)).astype(np.float32)
+    lay = WeightLayer(0, "DEPTHWISE_CONV_2D", "dw", 0, 1, None, 2, 0, w, None, np.ones(cin * mult, np.float32),
+                      0.1, 0, multiplier=mult)
+    xs = [rng.normal(size=(1, 12, 1, cin)).astype(np.float32) for _ in range(3)]
+    mo, pm = mr._Moments(lay, np.random.default_rng(1)), mr._PairedMoments(lay, np.random.default_rng(1))
+    for x in xs:
+        mo.add(x)
+        pm.add_pair(x, x + 0.1)
+    want = np.zeros((cin * mult, k, k))
+    cross = np.zeros((cin * mult, k, k))
+    rows = 0
+    r1, r2 = np.random.default_rng(1), np.random.default_rng(1)
+    for x in xs:
+        p = mr._patches(lay, x, mr.ROWS_PER_SAMPLE, r1).reshape(-1, k, cin)
+        state = r2.bit_generator.state
+        pq = mr._patches(lay, x, mr.SEQUENTIAL_ROWS, r2).reshape(-1, k, cin)
+        r2.bit_generator.state = state
+        pf = mr._patches(lay, x + 0.1, mr.SEQUENTIAL_ROWS, r2).reshape(-1, k, cin)
+        for c in range(cin * mult):
+            a, b = p[:, :, c // mult].astype(np.float64), pq[:, :, c // mult].astype(np.float64)
+            want[c] += a.T @ a
+            cross[c] += b.T @ (b - pf[:, :, c // mult])
+        rows += len(p)
+    assert mo.m.shape == (cin, k, k) and mo.multiplier == mult  # one matrix per input channel
+    ridge = mr.RIDGE * np.einsum("ckk->ck", want / rows).mean(-1)[:, None, None] * np.eye(k)
+    assert np.allclose(mo.matrix(), want / rows + (ridge if rows < 4 * k else 0), rtol=1e-5)
+    wm = w.reshape(k, cin * mult).astype(np.float64)
+    assert np.allclose(pm.linear(wm), np.einsum("ckl,lc->kc", cross / rows, wm), rtol=1e-4, atol=1e-6)

@@ -159,16 +159,23 @@ def build_recipe(default: Precision | str, per_op: Sequence[OpPrecision],
     """Default for every op first; later entries win, so per-op lines override it.
 
     Each line matches its op's whole scope: tensor names may themselves contain ';' (litert-torch
-    writes "...SelfAttention_self;1"), so a prefix match would also catch other ops."""
+    writes "...SelfAttention_self;1"), so a prefix match would also catch other ops. The ops of one
+    kind at one precision share a line (one alternation of their scopes): the quantizer tries every
+    line's regex on every op, and Python's regex cache holds 512 patterns, so a plan with a line per
+    op recompiled them all for every op (a CRNN with 511 unrolled LSTM layers: one budget probe ran
+    for over 15 minutes). A scope belongs to one op, so grouping changes no op's line."""
     recipe = recipe_lines(".*", "*", default)
-    for p in per_op:
+    last = {p.output: p for p in per_op}  # later entries win
+    groups: dict[tuple[str, Precision], list[str]] = {}
+    for p in last.values():
         precision = effective_precision(p.precision, p.op)
         if precision == effective_precision(default, p.op):
             continue
-        algo, cfg = op_config(precision, p.op)
-        scope = (scopes or {}).get(p.output, p.output + ";")
-        recipe.append({"regex": "^" + re.escape(scope) + "$", "operation": p.op,
-                       "algorithm_key": algo, "op_config": cfg})
+        groups.setdefault((p.op, precision), []).append(re.escape((scopes or {}).get(p.output, p.output + ";")))
+    for (op, precision), scoped in groups.items():
+        algo, cfg = op_config(precision, op)
+        regex = "^" + scoped[0] + "$" if len(scoped) == 1 else "^(?:" + "|".join(scoped) + ")$"
+        recipe.append({"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg})
     return recipe
 
 

@@ -137,3 +137,31 @@ def test_batch_matmul_constant_weights_are_per_tensor_and_answer(tf, precision, 
         f, g = (np.concatenate([next(iter(Interpreter(model_content=m, **kw).get_signature_runner()(**s).values()))
                                 .ravel() for s in samples]) for m in (fm, q))
         assert float(f @ g / (np.linalg.norm(f) * np.linalg.norm(g))) > 0.98, (precision, kw)  # 0.991-0.99998
+
+
+def test_ops_of_one_kind_at_one_precision_share_a_recipe_line(tf):
+    """A budget probe of a CRNN with 511 unrolled LSTM layers wrote a recipe line per moved op; the
+    quantizer tries every line's regex on every op and Python caches 512 patterns, so one probe ran
+    for over 15 minutes. One line per (op kind, precision): both FCs moved to hybrid share a line, the
+    conv moved to float has its own, a later entry for an op wins, and the file read back has each op
+    at its planned precision."""
+    from ai_edge_litert.interpreter import Interpreter
+    from edgeq.litert_quant import op_scopes, quantize_per_op
+    from tests.conftest import build_int4_graph
+
+    fm = build_int4_graph(tf)
+    ops = read_model(fm).ops
+    out = {op.name: [o.outputs[0].name for o in ops if o.name == op.name] for op in ops}
+    per_op = [OpPrecision("CONV_2D", out["CONV_2D"][0], P.HYBRID),  # overridden below: later wins
+              *(OpPrecision("FULLY_CONNECTED", o, P.HYBRID) for o in out["FULLY_CONNECTED"]),
+              OpPrecision("CONV_2D", out["CONV_2D"][0], P.FLOAT)]
+    recipe = build_recipe(P.INT8, per_op, op_scopes(fm))
+    fc_lines = [l for l in recipe if l["operation"] == "FULLY_CONNECTED"]
+    assert len(fc_lines) == 1 and fc_lines[0]["regex"].startswith("^(?:") and fc_lines[0]["regex"].count("|") == 1
+    assert [l["algorithm_key"] for l in recipe if l["operation"] == "CONV_2D"] == ["no_quantize"]
+    rng = np.random.default_rng(1)
+    key = next(iter(Interpreter(model_content=fm).get_signature_runner().get_input_details()))
+    samples = [{key: rng.normal(size=(1, 8, 8, 16)).astype(np.float32)} for _ in range(4)]
+    info = read_model(quantize_per_op(fm, P.INT8, per_op, samples))
+    assert {op.name: str(op.precision) for op in info.ops if op.name in out} == {
+        "CONV_2D": "float", "DEPTHWISE_CONV_2D": "int8", "MEAN": "int8", "FULLY_CONNECTED": "hybrid"}

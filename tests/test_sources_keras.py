@@ -187,3 +187,24 @@ def test_ops_without_a_tflite_kernel_are_named(tf, tmp_path):
     with pytest.raises(ModelFormatError, match=r"1 TensorFlow op\(s\) with no TFLite builtin kernel \(DecodeJpeg\); "
                                                r".*decode images before it"):
         load_source(tmp_path / "sm")
+
+
+def test_a_converter_failure_names_the_error_not_the_script_location(tmp_path):
+    """The TFLite converter's MLIR errors start with a source location, which is the Python script
+    that ran it: SOUP-GAN's refusal read "could not convert this model: /venv/bin/edgeq:6:1: error:
+    'tfl.batch_matmul' op failed to verify ...". The message is that error, without the location.
+    The text below is the converter's, as it raised it on that model."""
+    from edgeq.errors import ModelFormatError
+    from edgeq.sources.keras import _float_tflite
+
+    text = ("/work/main/.venv/bin/edgeq:6:1: error: 'tfl.batch_matmul' op failed to verify that lhs and rhs of "
+            "this op must have rank between [2, 5]\n<unknown>:0: note: loc(fused[...]): called from\n")
+
+    class Converter:
+        def convert(self):
+            raise RuntimeError(text)
+
+    with pytest.raises(ModelFormatError) as e:
+        _float_tflite(Converter, tmp_path / "sm")
+    assert str(e.value) == (f"{tmp_path / 'sm'}: the TFLite converter could not convert this model: 'tfl.batch_matmul' "
+                            "op failed to verify that lhs and rhs of this op must have rank between [2, 5]")

@@ -32,7 +32,17 @@ def _float_tflite(make_converter, path: Path) -> bytes:
                 "(TF Select ops run neither in int8 nor on delegates): compute them outside the model (e.g. "
                 "decode images before it) or replace them with supported ops") from None
         raise ModelFormatError(f"{path}: the TFLite converter could not convert this model: "
-                               f"{first_line(e)}") from None
+                               f"{_converter_error(e)}") from None
+
+
+def _converter_error(e: BaseException) -> str:
+    """The converter's own error line without its MLIR source location ("/venv/bin/edgeq:6:1: error:
+    'tfl.batch_matmul' op failed to verify ...": the location is the Python script that ran it)."""
+    for line in str(e).splitlines():
+        m = re.match(r"\s*(?:loc\(.*?\)|\S+:\d+:\d+):\s*error:\s*(.+)", line)
+        if m:
+            return m.group(1).strip()[:200]
+    return first_line(e)
 
 
 def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust_model: bool = False) -> SourceModel:

@@ -13,7 +13,6 @@ It needs a float .tflite with a SignatureDef (see `signature.ensure_signature`).
 from __future__ import annotations
 
 import functools
-
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -94,7 +93,7 @@ def quantizer_int8_ops() -> frozenset[str]:
     leaves any other op float between int8 ops (LEAKY_RELU, PRELU, LOG, CAST, ...)."""
     import json
 
-    from ai_edge_quantizer import default_policy
+    from litert_quantizer import default_policy
 
     ops = json.loads(default_policy.DEFAULT_JSON_POLICY)["ops_per_config"]["static_wi8_ai8"]
     return frozenset(ops) - {"INPUT", "OUTPUT"}

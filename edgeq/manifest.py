@@ -165,10 +165,11 @@ def _source_bytes(model, src) -> dict:
     """The given .tflite's own size where it is smaller than its float32 form (float16 or sparse weights):
     "3.88x smaller than float" would read as against the file the user has, which is half that."""
     path = Path(model)
+    if src.format != "tflite" or not path.is_file():
+        return {}
+    size = path.stat().st_size
     # (a signature edgeq added or a pinned batch changes a float32 file's size by a little, not by 10 %)
-    if src.format == "tflite" and path.is_file() and path.stat().st_size < 0.9 * len(src.float_tflite):
-        return {"source_bytes": path.stat().st_size}
-    return {}
+    return {"source_bytes": size} if size < 0.9 * len(src.float_tflite) else {}
 
 
 def check_manifest(data: Any, where: str) -> dict:

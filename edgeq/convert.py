@@ -22,6 +22,7 @@ from .convert_policy import choose_target, conversion_plan, data_warnings, int4_
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError, QuantizationError
 from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
+from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards, note as hazard_note
 from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
 from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, model_key, loop_requantizer, optimize_mistake,
@@ -30,7 +31,8 @@ from .plan import default_scheme, int8_accelerator, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .pixel_scale import photo_scale
 from .progress import SILENT, Progress
-from .quantize import LITERT_IO, QuantizeRequest, check_litert, check_litert_io, quantize, uses_converter
+from .quantize import (LITERT_IO, QuantizeRequest, check_litert, check_litert_io, int8_hazard, quantize,
+                       uses_converter)
 from .signature import rename_signature
 from .size_plan import SizeRequest, plan_for_size
 from .sources import SourceModel, detect_format, for_int8_activations, load_source
@@ -144,7 +146,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
     converter = uses_converter(source, req)
     if not converter:
-        check_litert(source, req, "--calibration " + opts.range_method if adjust else "")
+        check_litert(source, req, "--calibration " + opts.range_method if adjust else
+                     "a DIV kept float (its divisor is computed from the input)" if int8_hazard(source, req) else "")
     level, level_why = resolve_level(opts.optimize, scheme, io, data.calibrated, opts.range_method)
     finish = gptq_finish if scheme.is_int4 and level is not OptimizeLevel.NONE else None
     # The LiteRT path calibrates once for the first result, the budget loop and a little-data refit.
@@ -229,8 +232,15 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)
     info = read_model(qbytes)
     warnings += data_warnings(data_written, scheme, opts) + (fid.notes() if fid else [])
-    mismatches = plan.mismatches(info) if plan else []
-    stayed_float = [op for op in info.float_ops() if not (plan and plan.planned_off_int8(op))]
+    hazards = divisor_hazards(source.float_tflite) if scheme.op_precision in INT8_ACTIVATIONS else {}
+    kept_float = [op for op in info.float_ops() if op.outputs and op.outputs[0].name in hazards]
+    if kept_float:
+        if opts.strict and scheme is Scheme.INT8:
+            raise QuantizationError(hazard_note(kept_float) + " (--strict); drop --strict to write them float")
+        warnings.append(hazard_note(kept_float))
+    stayed_float = [op for op in info.float_ops()
+                    if not (plan and plan.planned_off_int8(op)) and op not in kept_float]
+    mismatches = plan.mismatches(info, excused=frozenset(hazards)) if plan else []
     if scheme is Scheme.INT8 and stayed_float:
         names = ", ".join(f"#{op.index} {op.name}" for op in stayed_float[:8])
         msg = (f"{len(stayed_float)} op(s) stayed float under --scheme int8: {names}"

@@ -11,8 +11,14 @@ from typing import Collection, Sequence
 
 import numpy as np
 
+from .errors import QuantizationError, first_line
 from .signature import signature_runner
 from .quiet import quiet_native
+
+
+class ModelRunError(QuantizationError):
+    """LiteRT failed to invoke a model on a sample (a kernel's run-time check, e.g. int8 DIV by a
+    divisor that rounds to zero): a one-line error, or a candidate a search drops."""
 
 
 class OutputKind(StrEnum):
@@ -117,12 +123,15 @@ def run_signature(runner, samples: Sequence[dict[str, np.ndarray]]) -> dict[str,
     out_details = runner.get_output_details()
     collected: dict[str, list[np.ndarray]] = {name: [] for name in out_details}
     with quiet_native():  # the first invoke announces the XNNPACK delegate on stderr
-        for s in samples:
+        for i, s in enumerate(samples):
             feed = {}
             for name, d in in_details.items():
                 x = np.asarray(s[name])
                 feed[name] = quantize_input(x, d) if x.dtype.kind == "f" else x.astype(d["dtype"])
-            outs = runner(**feed)
+            try:
+                outs = runner(**feed)
+            except RuntimeError as e:  # a kernel refusing this input (int8_hazards.py), not a bug of the caller
+                raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)}") from None
             for name, d in out_details.items():
                 collected[name].append(dequantize_output(np.asarray(outs[name]), d))
     return {k: np.concatenate(v, axis=0) if v else np.zeros(0) for k, v in collected.items()}

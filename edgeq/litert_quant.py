@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import QuantizationError, first_line
+from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
 from .tflite_ops import WEIGHT_OPERAND, quantizer_int4_ops
@@ -154,8 +155,10 @@ def op_scopes(float_model: bytes) -> dict[str, str]:
 
 
 def build_recipe(default: Precision | str, per_op: Sequence[OpPrecision],
-                 scopes: dict[str, str] | None = None) -> list[dict]:
-    """Default for every op first; later entries win, so per-op lines override it.
+                 scopes: dict[str, str] | None = None, hazards: Mapping[str, str] | None = None) -> list[dict]:
+    """Default for every op first; later entries win, so per-op lines override it. `hazards`
+    ({first output: op}, int8_hazards.divisor_hazards) stay float wherever they would get int8
+    activations, whatever the plan says.
 
     Each line matches its op's whole scope: tensor names may themselves contain ';' (litert-torch
     writes "...SelfAttention_self;1"), so a prefix match would also catch other ops. The ops of one
@@ -165,6 +168,9 @@ def build_recipe(default: Precision | str, per_op: Sequence[OpPrecision],
     for over 15 minutes). A scope belongs to one op, so grouping changes no op's line."""
     recipe = recipe_lines(".*", "*", default)
     last = {p.output: p for p in per_op}  # later entries win
+    for output, op in (hazards or {}).items():
+        if effective_precision(last[output].precision if output in last else default, op) in INT8_ACTIVATIONS:
+            last[output] = OpPrecision(op, output, Precision.FLOAT)
     groups: dict[tuple[str, Precision], list[str]] = {}
     for p in last.values():
         precision = effective_precision(p.precision, p.op)
@@ -222,6 +228,7 @@ class Requantizer:
         self._adjust = adjust_ranges
         self._progress = progress or SILENT
         self._scopes = op_scopes(float_model)
+        self._hazards = divisor_hazards(float_model)
         self._raw: dict | None = None  # the quantizer's min/max result
         self._ranges: dict | None = ranges  # after range selection: what every plan is quantized with
         self._finish = finish
@@ -234,7 +241,7 @@ class Requantizer:
         return self.default in STATIC_PRECISIONS
 
     def _recipe(self, per_op, default: Precision | None = None) -> list[dict]:
-        recipe = build_recipe(default or self.default, per_op, self._scopes)
+        recipe = build_recipe(default or self.default, per_op, self._scopes, self._hazards)
         if self.keep_float_io:  # model inputs/outputs stay float32 (a QUANTIZE/DEQUANTIZE at the edges)
             recipe += [{"regex": ".*", "operation": io, "algorithm_key": "no_quantize", "op_config": {}}
                        for io in ("INPUT", "OUTPUT")]

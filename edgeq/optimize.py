@@ -126,9 +126,11 @@ _FLOAT_IO = [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize", "o
 def plan_recipe(float_model: bytes, default, per_op, float_io: bool = True) -> list[dict]:
     """The litert-quantizer recipe edgeq quantizes a plan with (litert_quant.quantize_per_op's): the
     default precision, per-op lines (litert_quant.OpPrecision), model I/O float when float_io."""
+    from .int8_hazards import divisor_hazards
     from .litert_quant import build_recipe, op_scopes
 
-    return build_recipe(default, per_op, op_scopes(float_model)) + (_FLOAT_IO if float_io else [])
+    return (build_recipe(default, per_op, op_scopes(float_model), divisor_hazards(float_model))
+            + (_FLOAT_IO if float_io else []))
 
 
 def uniform_recipe(precision: str = "int8", float_io: bool = True) -> list[dict]:

@@ -168,11 +168,12 @@ class Plan:
         return any(e.output == out and RECIPE_PRECISION.get(e.precision) in FLOAT_ACTIVATION_PRECISIONS
                    for e in self.entries)
 
-    def mismatches(self, info: ModelInfo) -> list[str]:
+    def mismatches(self, info: ModelInfo, excused: frozenset[str] = frozenset()) -> list[str]:
         """Planned ops whose precision in the produced model (found by output tensor name) differs,
         numbered as in the produced model (as the "stayed float" warning next to it is). Hybrid on an
         op without weights is float (litert_quant.effective_precision): --scheme dynamic plans every
-        op hybrid, and its REDUCE_MIN, SUB, ... are float by design, not a disagreement."""
+        op hybrid, and its REDUCE_MIN, SUB, ... are float by design, not a disagreement. `excused`:
+        output names kept float on purpose whatever the plan said (int8_hazards.py; warned apart)."""
         from .litert_quant import effective_precision
 
         by_output = {op.outputs[0].name: op for op in info.ops if op.outputs}
@@ -180,7 +181,7 @@ class Plan:
         for e in self.entries:
             want = RECIPE_PRECISION.get(e.precision)  # None: "other", nothing was planned
             op = by_output.get(e.output)
-            if op is None or op.precision is Precision.OTHER or want is None:
+            if op is None or op.precision is Precision.OTHER or want is None or e.output in excused:
                 continue
             want = effective_precision(want, e.op)
             if op.precision != want:

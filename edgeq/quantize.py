@@ -42,9 +42,18 @@ def quantize(source: SourceModel, req: QuantizeRequest,
 
 def uses_converter(source: SourceModel, req: QuantizeRequest) -> bool:
     """Uniform schemes on Keras/SavedModel take the TFLite converter; the rest (and int4, which the
-    converter cannot write) the LiteRT quantizer."""
+    converter cannot write) the LiteRT quantizer, as do int8 models with a DIV by a computed divisor
+    (the quantizer keeps it float: int8_hazards.py)."""
     mixed = any(p.precision != req.scheme.op_precision for p in req.per_op)
-    return source.converter is not None and not mixed and req.adjust_ranges is None and not req.scheme.is_int4
+    return (source.converter is not None and not mixed and req.adjust_ranges is None and not req.scheme.is_int4
+            and not int8_hazard(source, req))
+
+
+def int8_hazard(source: SourceModel, req: QuantizeRequest) -> bool:
+    """The model has ops that must not get int8 activations under this scheme (int8_hazards.py)."""
+    from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
+
+    return req.scheme.op_precision in INT8_ACTIVATIONS and bool(divisor_hazards(source.float_tflite))
 
 
 def check_litert(source: SourceModel, req: QuantizeRequest, why: str = "") -> None:

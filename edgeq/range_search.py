@@ -54,8 +54,15 @@ class Score:
     # outputs; None when there are none
     top1_sure: float | None = None
     sure: int = 0  # how many samples top1_sure is over
+    failed: str = ""  # LiteRT could not run the model (fidelity.ModelRunError): worse than any score
+
+    @classmethod
+    def run_failed(cls, why: str, samples: int) -> Score:
+        return cls(float("inf"), -1.0, None, None, samples, failed=why)
 
     def error(self, objective: Objective | str = Objective.REL_L2) -> float:
+        if self.failed:
+            return float("inf")
         if Objective(objective) is Objective.KL and self.kl is not None:
             return self.kl
         return self.rel_l2
@@ -64,11 +71,13 @@ class Score:
         """No output's cosine more than `tolerance`, or FLOOR_SHARE of its distance from 1, below
         floor's (the quantizer's own ranges): a lower KL or L2 must not be bought with another output
         (BlazeFace: the KL choice took its anchor logits from cosine 0.976 to 0.659)."""
-        if floor is None:
-            return True
+        if floor is None or self.failed:
+            return not self.failed
         return all(c >= f - max(tolerance, FLOOR_SHARE * (1 - f)) for c, f in zip(self.cosines, floor.cosines))
 
     def to_json(self) -> dict:
+        if self.failed:  # no numbers (and no Infinity in the manifest's JSON)
+            return {"failed": self.failed, "samples": self.samples}
         return {"rel_l2": self.rel_l2, "cosine": self.cosine, "top1_agreement": self.top1, "kl": self.kl,
                 "samples": self.samples, "cosines": list(self.cosines), "top1_agreement_sure": self.top1_sure,
                 "sure_samples": self.sure}
@@ -124,10 +133,15 @@ def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
 
 
 def score(reference: dict[str, np.ndarray], model: bytes, samples: Sequence[dict]) -> Score:
-    """Run `model` on samples and compare with the float outputs `reference` (fidelity.run_model)."""
-    from .fidelity import run_model
+    """Run `model` on samples and compare with the float outputs `reference` (fidelity.run_model);
+    a model LiteRT cannot run on them scores worse than any other (Score.run_failed): a range
+    candidate or step that makes one is dropped, not the conversion."""
+    from .fidelity import ModelRunError, run_model
 
-    return compare_outputs(reference, run_model(model, samples))
+    try:
+        return compare_outputs(reference, run_model(model, samples))
+    except ModelRunError as e:
+        return Score.run_failed(str(e), len(samples))
 
 
 @dataclass(frozen=True)

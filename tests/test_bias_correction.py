@@ -116,3 +116,28 @@ def test_needs_samples(wide_fc):
     q = quantize_plain(wide_fc, _fc_samples(4, SEED))
     with pytest.raises(QuantizationError, match="calibration samples"):
         correct_bias(q, wide_fc, [])
+
+
+@pytest.mark.parametrize("kind,shape,cin,stride,dilation,padding", [
+    ("CONV_2D", (8, 3, 3, 5), 5, (2, 2), (1, 1), "SAME"),
+    ("CONV_2D", (6, 3, 1, 4), 4, (1, 2), (1, 1), "VALID"),
+    ("CONV_2D", (6, 3, 3, 2), 6, (1, 1), (2, 2), "SAME"),  # grouped: 3 groups of 2 input channels
+    ("DEPTHWISE_CONV_2D", (1, 3, 3, 5), 5, (2, 2), (1, 1), "SAME"),
+    ("DEPTHWISE_CONV_2D", (1, 5, 5, 8), 4, (1, 1), (2, 1), "VALID"),  # multiplier 2
+    ("FULLY_CONNECTED", (7, 12), 12, (1, 1), (1, 1), "VALID"),
+])
+def test_channel_mean_equals_the_layer_run_on_the_mean_input(tf, kind, shape, cin, stride, dilation, padding):
+    """The per-channel mean output of a layer on one input map, taken from each tap's mean input in
+    numpy (no TensorFlow import for a .tflite source), equals the layer run in TensorFlow
+    (weight_layers.layer_forward) and averaged over positions: odd sizes, strides, dilation, both
+    paddings, a channel multiplier and grouped filters."""
+    from edgeq.bias_correction import _channel_mean
+    from edgeq.weight_layers import WeightLayer, layer_forward
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=shape).astype(np.float32)
+    lay = WeightLayer(0, kind, "y", 0, 1, None, 2, 0, w, None, np.ones(1), 1.0, 0, stride, dilation, padding)
+    x = rng.normal(size=(1, 12) if kind == "FULLY_CONNECTED" else (1, 11, 9, cin)).astype(np.float32)
+    y = np.asarray(layer_forward(lay, x, w), np.float64)
+    want = y.reshape(-1, y.shape[-1]).mean(axis=0)
+    np.testing.assert_allclose(_channel_mean(lay, x, w), want, rtol=1e-5, atol=1e-5)

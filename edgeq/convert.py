@@ -529,6 +529,7 @@ def _recalibrate(source, req, refit: CalibrationData, data: CalibrationData, req
 def _optimize(source: SourceModel, data: CalibrationData, req: QuantizeRequest, level: OptimizeLevel,
               class_outputs: frozenset[str], profile, progress: Progress) -> tuple[OptimizeResult | None, str]:
     """Quantize at an accuracy level on the calibration samples (optimize.optimize_conversion)."""
+    from .int8_islands import kept_float
     from .optimize import optimize_conversion, plan_recipe
     from .verify import runtime_options
 
@@ -536,7 +537,7 @@ def _optimize(source: SourceModel, data: CalibrationData, req: QuantizeRequest, 
     recipe = plan_recipe(source.float_tflite, req.scheme.op_precision, req.per_op, req.io is IoType.FLOAT32)
     with progress.task(f"Optimizing accuracy (--optimize {level.value}, {len(samples)} calibration samples)"):
         return optimize_conversion(source.float_tflite, samples, recipe, level, class_outputs,
-                                   runtime_options(profile), progress.note)
+                                   runtime_options(profile), progress.note, kept_float(req.per_op))
 
 
 def _load_profile(opts: ConvertOptions):

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import QuantizationError, first_line
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
+from .int8_islands import fold_islands, kept_float
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
 from .tflite_ops import WEIGHT_OPERAND, quantizer_int4_ops
@@ -91,7 +92,8 @@ def _weights_of(op: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def quantizer_int8_ops() -> frozenset[str]:
     """Ops the LiteRT quantizer has a static int8 recipe for (its policy's static_wi8_ai8 list); it
-    leaves any other op float between int8 ops (LEAKY_RELU, PRELU, LOG, CAST, ...)."""
+    leaves any other op float between int8 ops (PRELU, LOG, CAST, ...; LEAKY_RELU too, which
+    int8_islands.fold_islands then runs in int8)."""
     import json
 
     from litert_quantizer import default_policy
@@ -304,7 +306,8 @@ class Requantizer:
                 result = qt.quantize(ranges if qt.need_calibration else None, enable_progress_report=False)
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
-        model = bytes(result.quantized_model)
+        # Ops the quantizer leaves float that the int8 kernels run (LEAKY_RELU): int8, as the converter writes them.
+        model, _ = fold_islands(bytes(result.quantized_model), kept_float(per_op))
         if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
             from .half_constants import halve_float_constants
             model, _ = halve_float_constants(model)

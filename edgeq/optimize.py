@@ -96,8 +96,11 @@ class QuantSession:
 SessionFactory = Callable[[bytes, Sequence[dict]], QuantSession]
 
 
-def litert_session(recipe: list[dict], signature_key: str = "serving_default") -> SessionFactory:
-    """A SessionFactory for litert-quantizer with `recipe` (litert_quant.build_recipe + I/O lines)."""
+def litert_session(recipe: list[dict], signature_key: str = "serving_default",
+                   keep_float: frozenset[str] = frozenset()) -> SessionFactory:
+    """A SessionFactory for litert-quantizer with `recipe` (litert_quant.build_recipe + I/O lines);
+    the float islands it leaves around ops the int8 kernels run are folded (int8_islands.py), except
+    `keep_float` (int8_islands.kept_float of the plan)."""
 
     def make(float_model: bytes, samples: Sequence[dict]) -> QuantSession:
         from litert_quantizer import Quantizer
@@ -110,8 +113,11 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default") -
             base = qt.calibrate({signature_key: list(samples)}, num_threads=2) if qt.need_calibration else {}
 
         def quantize(calibration: dict) -> bytes:
+            from .int8_islands import fold_islands
+
             with quiet_native():
-                return bytes(qt.quantize(calibration, enable_progress_report=False).quantized_model)
+                model = bytes(qt.quantize(calibration, enable_progress_report=False).quantized_model)
+            return fold_islands(model, keep_float)[0]
 
         return QuantSession(base, quantize)
 
@@ -489,7 +495,8 @@ def loop_requantizer(result: OptimizeResult, default, samples: Callable[[], Sequ
 
 def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: list[dict], level: OptimizeLevel,
                         class_outputs=frozenset(), runtime=None,
-                        on_step: Callable[[str], None] | None = None) -> tuple[OptimizeResult | None, str]:
+                        on_step: Callable[[str], None] | None = None,
+                        keep_float: frozenset[str] = frozenset()) -> tuple[OptimizeResult | None, str]:
     """edgeq convert's first result at `level`: the objective from the outputs (softmax KL for class
     scores, whose top-1 follows it; rel. L2 otherwise), and the result prepared and run once under
     the target's `runtime` options (verify.RuntimeOptions). (None, why) when it cannot run there;
@@ -501,7 +508,7 @@ def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: lis
     from .verify import RuntimeOptions, check_runs
 
     ref = run_model(float_model, samples[:2])
-    res = optimize(float_model, samples, litert_session(recipe, SIGNATURE_KEY), level,
+    res = optimize(float_model, samples, litert_session(recipe, SIGNATURE_KEY, keep_float), level,
                    objective=Objective.KL if judges_class_scores(ref, class_outputs) else Objective.REL_L2,
                    on_step=on_step)
     try:

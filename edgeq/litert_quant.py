@@ -269,10 +269,13 @@ class Requantizer:
                     yield s
                     advance(1)
             try:
-                return qt.calibrate({SIGNATURE_KEY: Reiterable(streamed)}, previous_calibration_result=previous,
+                base = qt.calibrate({SIGNATURE_KEY: Reiterable(streamed)}, previous_calibration_result=previous,
                                     num_threads=2)
             except (ValueError, KeyError) as e:
                 raise QuantizationError(f"calibration failed in the LiteRT quantizer: {first_line(e)}") from None
+        from .ranges import finite_calibration
+
+        return finite_calibration(self.float_model, Reiterable(samples), base, SIGNATURE_KEY)
 
     def ranges(self) -> dict:
         """The calibration result every plan is quantized with."""

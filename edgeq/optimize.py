@@ -106,11 +106,13 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         from litert_quantizer import Quantizer
 
         from .quiet import quiet_native
+        from .ranges import finite_calibration
 
         qt = Quantizer(bytearray(float_model))
         qt.load_quantization_recipe(recipe)
         with quiet_native():
             base = qt.calibrate({signature_key: list(samples)}, num_threads=2) if qt.need_calibration else {}
+        base = finite_calibration(float_model, samples, base, signature_key)
 
         def quantize(calibration: dict) -> bytes:
             from .int8_islands import fold_islands

@@ -78,7 +78,14 @@ def _activations(float_model: bytes, samples, base: dict, signature_key: str | N
     }
     for s in samples:
         runner(**s)
-        yield {name: interp.get_tensor(idx, sg).ravel() for name, idx in targets.items()}
+        acts = {}
+        for name, idx in targets.items():
+            x = interp.get_tensor(idx, sg).ravel()
+            if not (np.abs(x) < SENTINEL).all():  # a PAD by -inf before a max-pool: the values around it
+                x = x[np.abs(x) < SENTINEL]
+            if x.size:
+                acts[name] = x
+        yield acts
 
 
 def observed_ranges(float_model: bytes, samples, base: dict, signature_key: str | None = None, *,
@@ -96,6 +103,29 @@ def observed_ranges(float_model: bytes, samples, base: dict, signature_key: str 
                 lo, hi = min(lo, spans[name][0]), max(hi, spans[name][1])
             spans[name] = (lo, hi)
     return {n: r for n, r in spans.items() if r[1] > r[0]}
+
+
+# Values this large are padding sentinels, not activations: ONNX exports pad by -inf before a
+# max-pool (open_nsfw through onnx2torch), and the TFLite converter writes -inf as -FLT_MAX. Range
+# statistics skip them (with them edgeq's MSE rule read NaN, and the range trial it fed LiteRT crashed
+# with a segmentation fault); in int8 they saturate to the lowest step, which a max-pool ignores.
+SENTINEL = 1e30
+
+
+def finite_calibration(float_model: bytes, samples, base: dict, signature_key: str | None = None) -> dict:
+    """`base` (a litert-quantizer calibration result) with every min/max that is infinite or a
+    SENTINEL replaced by the tensor's extremes without them over `samples` (0 kept in range)."""
+    bad = {n: e for n, e in base.items() if isinstance(e, dict) and "min" in e and "max" in e
+           and not ((np.abs(e["min"]) < SENTINEL).all() and (np.abs(e["max"]) < SENTINEL).all())}
+    if not bad:
+        return base
+    seen = observed_ranges(float_model, samples, bad, signature_key)
+    fixed = dict(base)
+    for name, entry in bad.items():
+        lo, hi = seen.get(name, (0.0, 0.0))
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # the quantizer keeps 0 in every range
+        fixed[name] = with_range(entry, lo, hi if hi > lo else lo + 1e-6)
+    return fixed
 
 
 def collect_histograms(float_model: bytes, samples, spans: dict, *, bins: int = 2048,

@@ -340,3 +340,58 @@ def test_a_model_is_judged_once_however_many_candidates_quantize_to_it(tf, monke
     assert sorted(runs) == sorted(set(made)) and len(runs) <= len(made) - 4
     assert "+outputs-" not in found.chosen and found.best == next(c.score for c in found.candidates
                                                                   if c.name == found.chosen)
+
+
+def _minus_inf_pad_model(tf) -> bytes:
+    """conv -> ReLU -> PADV2 by -inf -> VALID max-pool -> dense: how ONNX exports (onnx2torch's
+    OnnxPadStatic, open_nsfw) write a padded max-pool."""
+    from edgeq.quiet import quiet_native
+    from edgeq.signature import ensure_signature
+
+    rng = np.random.default_rng(0)
+    k = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype(np.float32) * 0.3)
+    w = tf.constant(rng.normal(size=(8 * 8 * 8, 4)).astype(np.float32) * 0.1)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32)])
+    def f(x):
+        h = tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))
+        h = tf.pad(h, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=-np.inf)
+        h = tf.nn.max_pool2d(h, 3, 2, "VALID")
+        return tf.matmul(tf.reshape(h, [1, -1]), w)
+
+    with quiet_native():
+        return ensure_signature(tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+                                .convert())[0]
+
+
+def test_a_pad_by_minus_infinity_gets_finite_ranges_and_converts(tf, tmp_path):
+    """open_nsfw (ONNX -> torch.export) pads by -inf before its max-pool. edgeq's statistics of that
+    tensor read min -inf, its MSE rule NaN, and the range trial quantized with it crashed LiteRT with
+    a segmentation fault. (The TFLite converter writes the -inf as -FLT_MAX: the same sentinel.)
+    Statistics skip the sentinels, a calibration result's sentinel ends become the extremes without
+    them, and the model converts with the float answer."""
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.ranges import finite_calibration, range_stats
+    from edgeq.tflite_model import read_model
+
+    fm = _minus_inf_pad_model(tf)
+    from ai_edge_litert.interpreter import Interpreter
+    key = next(iter(Interpreter(model_content=fm).get_signature_runner().get_input_details()))
+    x = np.random.default_rng(1).random((40, 16, 16, 3)).astype(np.float32)
+    samples = [{key: s[None]} for s in x[:16]]
+    pad_out = next(op.outputs[0].name for op in read_model(fm).ops if op.name == "PADV2")
+    base = {pad_out: {"min": np.array(-np.inf, np.float32), "max": np.array(3.0, np.float32)}}
+    stats = range_stats(fm, samples, base)
+    lo, hi = stats.extremes[pad_out]
+    assert np.isfinite([lo, hi]).all() and lo >= 0 and all(np.isfinite(v).all() for v in stats.spans.values())
+    fixed = finite_calibration(fm, samples, base)
+    assert finite_calibration(fm, samples, {pad_out: {"min": np.float32(-3.4e38), "max": np.float32(1.0)}})[
+        pad_out]["min"] == 0.0
+    assert float(fixed[pad_out]["min"]) == 0.0 and 0 < float(fixed[pad_out]["max"]) == pytest.approx(hi)
+    (tmp_path / "pad.tflite").write_bytes(fm)
+    np.save(tmp_path / "x.npy", x)
+    r = convert(tmp_path / "pad.tflite", ConvertOptions(tmp_path / "q.tflite",
+                                                       calib=CalibrationConfig(str(tmp_path / "x.npy"))))
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+    assert [str(op.precision) for op in read_model(tmp_path / "q.tflite").ops if op.name == "MAX_POOL_2D"] == ["int8"]

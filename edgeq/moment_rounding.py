@@ -131,15 +131,19 @@ def fan_in(layer: WeightLayer) -> int:
 
 def _patches(layer: WeightLayer, x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
     """[positions, kh, kw, cin]: the input values that output positions of a convolution see, for at
-    most `rows` positions (an unbiased random subset when the map has more)."""
-    x = x.reshape(x.shape[-3:])
+    most `rows` positions (an unbiased random subset when the map has more). A batch of maps counts
+    as more positions: the converter writes a dilated Keras Conv2D as SPACE_TO_BATCH_ND, a CONV_2D
+    on a batch of 2-16 maps and BATCH_TO_SPACE_ND (tempocnn's fcn.h5 failed on a reshape here)."""
+    x = x.reshape((-1,) + x.shape[-3:])
     kh, kw = layer.float_weight.shape[1:3]
-    ph, pw, oh, ow = valid_pads(layer, x.shape[0], x.shape[1])
-    xp = np.pad(x, (ph, pw, (0, 0)))
+    ph, pw, oh, ow = valid_pads(layer, x.shape[1], x.shape[2])
+    xp = np.pad(x, ((0, 0), ph, pw, (0, 0)))
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
-    pos = np.arange(oh * ow) if oh * ow <= rows else rng.choice(oh * ow, rows, replace=False)
-    r, c = (pos // ow) * sh, (pos % ow) * sw
-    return np.stack([xp[r + i * dh, c + j * dw] for i in range(kh) for j in range(kw)], axis=1).reshape(
+    total = len(x) * oh * ow
+    pos = np.arange(total) if total <= rows else rng.choice(total, rows, replace=False)
+    b, at = pos // (oh * ow), pos % (oh * ow)
+    r, c = (at // ow) * sh, (at % ow) * sw
+    return np.stack([xp[b, r + i * dh, c + j * dw] for i in range(kh) for j in range(kw)], axis=1).reshape(
         len(pos), kh, kw, x.shape[-1])
 
 

@@ -103,3 +103,31 @@ def test_convert_default_is_all_int8_in_one_partition_and_not_worse_than_the_con
     assert runs["fast"].manifest["verification"]["delegation"]["partitions"] == 1
     rel = {level: r.manifest["fidelity"]["outputs"][0]["rel_l2"] for level, r in runs.items()}
     assert rel["fast"] <= rel["none"], rel
+
+
+def test_dilated_convolutions_and_elu_convert_all_int8(tf, tmp_path):
+    """The converter writes a dilated Conv2D as SPACE_TO_BATCH_ND -> CONV_2D (a batch of 4-16 maps)
+    -> BATCH_TO_SPACE_ND. Before: the default level's weight rounding died on the batched input
+    (tempocnn's fcn.h5: "cannot reshape array of size 25344 into shape (8,132,12)"), and with
+    --optimize none the moves and the ELU stayed float islands. Now every op is int8 (the moves at
+    one scale in and out, as their int8 kernels need), weight rounding ran on the dilated layers,
+    and the answer is float's."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    x = inp = tf.keras.Input((40, 24, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="elu")(x)
+    x = L.Conv2D(8, 3, padding="same", dilation_rate=2, activation="relu")(x)
+    x = L.Conv2D(8, 3, padding="same", dilation_rate=4, activation="relu")(x)
+    model = save_keras(tf, tf.keras.Model(inp, L.Dense(5)(L.GlobalAveragePooling2D()(x))), tmp_path / "d.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((100, 40, 24, 1)).astype(np.float32))
+    r = convert(model, ConvertOptions(tmp_path / "q.tflite", calib=CalibrationConfig(str(tmp_path / "x.npy"))))
+    info = read_model(tmp_path / "q.tflite")
+    moves = [op for op in info.ops if op.name in ("SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND")]
+    assert len(moves) == 4 and all(str(op.precision) == "int8" and op.version == 2 for op in moves)
+    assert all(op.inputs[0].scale == op.outputs[0].scale and op.inputs[0].zero_point == op.outputs[0].zero_point
+               for op in moves)
+    assert [str(op.precision) for op in info.ops if op.name == "ELU"] == ["int8"] and not info.float_ops()
+    assert [op.name for op in info.ops].count("QUANTIZE") == 1
+    steps = {s["step"]: s for s in r.manifest["optimize"]["steps"]}
+    assert steps["weight_rounding"]["detail"]["layers"] >= 3  # the dilated layers included
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99

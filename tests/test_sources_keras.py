@@ -208,3 +208,24 @@ def test_a_converter_failure_names_the_error_not_the_script_location(tmp_path):
         _float_tflite(Converter, tmp_path / "sm")
     assert str(e.value) == (f"{tmp_path / 'sm'}: the TFLite converter could not convert this model: 'tfl.batch_matmul' "
                             "op failed to verify that lhs and rhs of this op must have rank between [2, 5]")
+
+
+def test_an_lstm_the_converter_cannot_lower_is_named_with_what_to_do(tf, tmp_path):
+    """A Keras LSTM over a loop, exported as a SavedModel (textgenrnn's model, as edgeq's own advice
+    for custom layers says): the converter's error starts "<unknown>:0: error: loc(callsite(fused[...]
+    at ...))" and the refusal printed that location cut at 200 characters. Now it is the converter's
+    reason and the way out."""
+    from edgeq.errors import ModelFormatError
+    from edgeq.quiet import quiet_native
+    from edgeq.sources import load_source
+
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((40,), dtype="int32")
+    x = tf.keras.layers.LSTM(16)(tf.keras.layers.Embedding(50, 8)(inp))
+    with quiet_native():
+        tf.keras.Model(inp, tf.keras.layers.Dense(50)(x)).export(str(tmp_path / "rnn"))
+    with pytest.raises(ModelFormatError) as e:
+        load_source(tmp_path / "rnn")
+    msg = str(e.value)
+    assert "loc(" not in msg and "\n" not in msg
+    assert "'tf.TensorListReserve' op requires element_shape to be static" in msg and "unroll=True" in msg

@@ -37,12 +37,31 @@ def _float_tflite(make_converter, path: Path) -> bytes:
 
 def _converter_error(e: BaseException) -> str:
     """The converter's own error line without its MLIR source location ("/venv/bin/edgeq:6:1: error:
-    'tfl.batch_matmul' op failed to verify ...": the location is the Python script that ran it)."""
+    'tfl.batch_matmul' op failed to verify ...": the location is the Python script that ran it;
+    "<unknown>:0: error: loc(callsite(fused[...] at ...)): 'tf.TensorListReserve' op requires ...":
+    a nested loc(...) longer than the message), and what to do where the error is a known one."""
     for line in str(e).splitlines():
-        m = re.match(r"\s*(?:loc\(.*?\)|\S+:\d+:\d+):\s*error:\s*(.+)", line)
+        m = re.match(r"\s*(?:\S+:\d+:\d+|<unknown>:\d+):\s*error:\s*(.+)", line)
         if m:
-            return m.group(1).strip()[:200]
+            text = _without_loc(m.group(1))
+            if "TensorList" in text:  # a Keras LSTM/GRU over a loop the converter cannot lower
+                text += ("; a recurrent layer (LSTM/GRU) the converter cannot lower: rebuild it with unroll=True "
+                         "and a fixed sequence length, then export it again")
+            return text[:300]
     return first_line(e)
+
+
+def _without_loc(text: str) -> str:
+    """`text` without a leading MLIR location, loc(...) with nested parentheses, and its colon."""
+    text = text.strip()
+    if not text.startswith("loc("):
+        return text
+    depth = 0
+    for i, ch in enumerate(text[3:], 3):  # from loc's "("
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return text[i + 1:].lstrip(": ").strip() or text
+    return text
 
 
 def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust_model: bool = False) -> SourceModel:

@@ -79,7 +79,11 @@ def detect_format(path: Path) -> str:
 def load_source(path: Path | str, **options) -> SourceModel:
     path = Path(path)
     fmt = detect_format(path)
-    return SOURCES[fmt](path, **options)
+    source = SOURCES[fmt](path, **options)
+    from ..dead_outputs import slice_dead_splits
+
+    data, n = slice_dead_splits(source.float_tflite)  # unread SPLIT outputs stop the quantizer's calibration
+    return source if not n else replace(source, float_tflite=data)
 
 
 def for_int8_activations(source: SourceModel, accelerator: bool) -> SourceModel:

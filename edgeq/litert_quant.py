@@ -102,6 +102,18 @@ def quantizer_int8_ops() -> frozenset[str]:
     return frozenset(ops) - {"INPUT", "OUTPUT"}
 
 
+@functools.lru_cache(maxsize=None)
+def quantizer_hybrid_ops() -> frozenset[str]:
+    """Ops the LiteRT quantizer has a dynamic-range (hybrid) recipe for (dynamic_wi8_afp32). It
+    refuses a hybrid line for any other op ("Unsupported op for INTEGER: GATHER": an accuracy-budget
+    probe that moved a text model's embedding GATHER to hybrid ended the conversion)."""
+    import json
+
+    from litert_quantizer import default_policy
+
+    return frozenset(json.loads(default_policy.DEFAULT_JSON_POLICY)["ops_per_config"]["dynamic_wi8_afp32"])
+
+
 def int4_ops(precision: Precision | str) -> frozenset[str]:
     """Ops the LiteRT quantizer writes at this int4 precision (empty for other precisions)."""
     return quantizer_int4_ops(str(precision))
@@ -113,8 +125,8 @@ def effective_precision(precision: Precision | str, op: str) -> Precision:
     p = Precision(precision)
     if p in INT4_PRECISIONS and op not in int4_ops(p):
         p = INT4_FALLBACK[p]
-    if p is Precision.HYBRID and op not in WEIGHT_OPERAND:
-        p = Precision.FLOAT  # no weight to store as int8: the quantizer has no hybrid kernel for it
+    if p is Precision.HYBRID and (op not in WEIGHT_OPERAND or op not in quantizer_hybrid_ops()):
+        p = Precision.FLOAT  # no weight to store as int8, or no hybrid recipe for it in the quantizer
     return p
 
 

@@ -165,3 +165,27 @@ def test_ops_of_one_kind_at_one_precision_share_a_recipe_line(tf):
     info = read_model(quantize_per_op(fm, P.INT8, per_op, samples))
     assert {op.name: str(op.precision) for op in info.ops if op.name in out} == {
         "CONV_2D": "float", "DEPTHWISE_CONV_2D": "int8", "MEAN": "int8", "FULLY_CONNECTED": "hybrid"}
+
+
+def test_hybrid_on_an_op_the_quantizer_has_no_hybrid_recipe_for_is_float(tf, tmp_path):
+    """The accuracy-budget loop moved a text model's embedding GATHER to hybrid (the TFLite
+    converter can store a GATHER table as int8) and the LiteRT quantizer refused the plan, "Unsupported
+    op for INTEGER: GATHER", which ended the conversion. Its hybrid ops are its dynamic_wi8_afp32
+    list; elsewhere hybrid means float, and the plan quantizes: GATHER float, the Dense int8."""
+    from ai_edge_litert.interpreter import Interpreter
+    from edgeq.litert_quant import effective_precision, quantize_per_op, quantizer_hybrid_ops
+    from edgeq.sources import load_source
+    from tests.conftest import save_keras
+
+    assert "GATHER" not in quantizer_hybrid_ops() and "FULLY_CONNECTED" in quantizer_hybrid_ops()
+    assert effective_precision(P.HYBRID, "GATHER") is P.FLOAT
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((10,), dtype="int32")
+    x = tf.keras.layers.Flatten()(tf.keras.layers.Embedding(30, 4)(inp))
+    fm = load_source(save_keras(tf, tf.keras.Model(inp, tf.keras.layers.Dense(3)(x)), tmp_path / "e.keras")).float_tflite
+    gather = next(op for op in read_model(fm).ops if op.name == "GATHER")
+    key = next(iter(Interpreter(model_content=fm).get_signature_runner().get_input_details()))
+    samples = [{key: np.random.default_rng(i).integers(0, 30, (1, 10)).astype(np.int32)} for i in range(8)]
+    q = quantize_per_op(fm, P.INT8, [OpPrecision("GATHER", gather.outputs[0].name, P.HYBRID)], samples)
+    got = {op.name: str(op.precision) for op in read_model(q).ops if op.name in ("GATHER", "FULLY_CONNECTED")}
+    assert got == {"GATHER": "float", "FULLY_CONNECTED": "int8"}

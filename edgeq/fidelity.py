@@ -219,11 +219,18 @@ def output_kind(name: str, ref: np.ndarray, declared_class_scores: bool = False)
         return OutputKind.CLASS_SCORES
     if is_vector_output(ref) and _probabilities(ref.reshape(ref.shape[0], -1)):
         return OutputKind.CLASS_SCORES
-    if any(w in name.lower() for w in EMBEDDING_WORDS):
+    if any(w in name.lower() for w in EMBEDDING_WORDS) or (is_vector_output(ref) and _unit_rows(ref)):
         return OutputKind.EMBEDDING
     if looks_like_class_scores(name, ref):
         return OutputKind.MAYBE_CLASS_SCORES
     return OutputKind.OTHER
+
+
+def _unit_rows(ref: np.ndarray) -> bool:
+    """Every sample's vector has L2 norm 1: an L2-normalised embedding (efficientword-net's wake-word
+    vectors, named "Identity", were judged as class scores by a softmax KL that read 0 throughout)."""
+    rows = ref.reshape(ref.shape[0], -1).astype(np.float64)
+    return rows.size > 0 and rows.shape[1] >= 2 and bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3))
 
 
 def _probabilities(rows: np.ndarray) -> bool:

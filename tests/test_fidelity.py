@@ -107,3 +107,25 @@ def test_exact_zeros_match_a_float_output_that_is_zero():
                          "it responds (a detector's positive examples)"]
     (o,) = compare({"39": ref + 1e-3}, {"39": np.zeros_like(ref)}).outputs
     assert o.cosine == 0.0 and o.notes() == []
+
+
+def test_an_l2_normalised_vector_is_an_embedding_whatever_its_name(tf):
+    """efficientword-net's wake-word model ends in L2_NORMALIZATION, output "Identity": judged as
+    class scores, its level compared softmax KLs that read 0.0000 at every step and its floor was
+    0.95, not an embedding's. Unit-norm rows are an embedding (a softmax's rows sum to 1 instead), and
+    the level judges it by rel. L2."""
+    from edgeq.optimize import judges_class_scores
+
+    x = _rows(20, 128)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert output_kind("Identity", unit) is OutputKind.EMBEDDING
+    assert output_kind("Identity", x) is OutputKind.MAYBE_CLASS_SCORES
+    assert not judges_class_scores({"Identity": unit}) and judges_class_scores({"Identity": x})
+    onehot = np.eye(10, dtype=np.float32)[np.arange(20) % 10]  # probabilities too: still class scores
+    assert output_kind("Identity", onehot) is OutputKind.CLASS_SCORES
+    # the real op: a Keras model ending in an L2 normalisation, its float .tflite output
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((16,))
+    out = tf.keras.layers.UnitNormalization()(tf.keras.layers.Dense(32)(inp))
+    y = tf.keras.Model(inp, out)(x[:, :16]).numpy()
+    assert output_kind("Identity", y) is OutputKind.EMBEDDING

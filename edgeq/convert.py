@@ -243,6 +243,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     mismatches = plan.mismatches(info, excused=frozenset(hazards)) if plan else []
     if scheme is Scheme.INT8 and stayed_float:
         names = ", ".join(f"#{op.index} {op.name}" for op in stayed_float[:8])
+        names += f" and {len(stayed_float) - 8} more" if len(stayed_float) > 8 else ""
         msg = (f"{len(stayed_float)} op(s) stayed float under --scheme int8: {names}"
                + ("" if converter else _why_float(stayed_float)))
         if opts.strict:

@@ -38,5 +38,5 @@ def note(ops) -> str | None:
     """convert's warning for the hazard ops left float in the written model (OpInfo list), or None."""
     if not ops:
         return None
-    names = ", ".join(f"#{op.index} {op.name}" for op in ops[:8])
+    names = ", ".join(f"#{op.index} {op.name}" for op in ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
     return f"{len(ops)} op(s) kept float ({names}): {REASON}"

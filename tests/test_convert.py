@@ -686,3 +686,16 @@ def test_ops_left_float_say_the_quantizer_has_no_int8_recipe(tf, tmp_path):
         "PRELU": "float", "FULLY_CONNECTED": "int8"}
     (w,) = [w for w in r.warnings if "stayed float" in w]
     assert w.endswith("PRELU (PRELU: the LiteRT quantizer has no int8 recipe for them)"), w
+
+
+def test_a_long_stayed_float_list_says_how_many_it_leaves_out(tf, tmp_path):
+    """tempocnn's warning read "13 op(s) stayed float: " and named 8 of them, nothing about the rest."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    x = inp = tf.keras.Input((8,))
+    for _ in range(10):
+        x = L.Dense(8)(tf.keras.ops.sin(x))
+    model = save_keras(tf, tf.keras.Model(inp, x), tmp_path / "sins.keras")
+    r = convert(model, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(_npy(tmp_path, (8,)))))
+    (w,) = [w for w in r.warnings if "stayed float" in w]
+    assert w.startswith("10 op(s) stayed float") and w.count("SIN") >= 8 and " and 2 more" in w, w

@@ -377,3 +377,36 @@ def test_grouped_convolutions_keep_the_quantizers_weights(tf):
     plain_grouped = [te.constant(q, q.subgraphs[0], int(op.inputs[1])) for op in q.subgraphs[0].operators
                      if te.op_name(q, op) == "CONV_2D"][1]
     assert np.array_equal(weights[1], plain_grouped)
+
+
+def test_replay_applies_fasts_choices_to_more_samples(tiny_cnn, calib, held_out, levels):
+    """convert's little-data refit: fast's choices made on part of the samples, applied to all of
+    them without measuring again. The float model as chosen, the chosen rule's ranges from all
+    samples' statistics (the model outputs' ranges as chosen), the same weight rounding, bias
+    correction from all samples; the result runs and answers like fast's own. Level best is not
+    replayed (None: its refined ranges and learned rounding are not a rule)."""
+    from dataclasses import replace
+
+    from edgeq.optimize import STATS_SAMPLES, replay
+    from edgeq.range_search import candidate_calibrations, output_names, spread
+    from edgeq.ranges import range_stats
+
+    fast = levels["fast"]
+    more = list(calib) + list(held_out[:16])
+    r = replay(fast, more, int8_session())
+    assert r is not None and r.samples == len(more) and r.float_model == fast.float_model
+    assert r.weight_levels == fast.weight_levels and r.model != fast.model
+    chosen = next((st.detail["ranges"] for st in fast.steps if st.name == "equalize" and st.kept),
+                  fast.steps[0].detail)["chosen"]
+    rule = "minmax-ema" if chosen.startswith("quantizer-own") else chosen.split("+")[0]
+    base = int8_session()(fast.float_model, more[:2]).base
+    want = candidate_calibrations(base, range_stats(fast.float_model, spread(more, STATS_SAMPLES), base))[rule]
+    outs = set(output_names(fast.float_model))
+    for name, entry in want.items():
+        got = r.calibration[name]
+        expect = fast.calibration[name] if name in outs else entry
+        if "min" in entry:
+            np.testing.assert_allclose(got["min"], expect["min"], rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(got["max"], expect["max"], rtol=1e-6, err_msg=name)
+    assert output_error(tiny_cnn, r.model, held_out[16:]) < 1.5 * output_error(tiny_cnn, fast.model, held_out[16:])
+    assert replay(replace(fast, level=type(fast.level)("best")), more, int8_session()) is None

@@ -18,6 +18,8 @@ from . import tflite_edit as te
 def slice_dead_splits(model: bytes) -> tuple[bytes, int]:
     """(model with each SPLIT that has an unread output written as SLICEs, how many); `model` itself
     if there are none. SPLITs whose axis or input shape is not known stay as they are."""
+    if not te.has_ops(model, ("SPLIT",)):
+        return model, 0
     m = te.load(model)
     n = 0
     for sg_i, sg in enumerate(m.subgraphs or []):

@@ -36,6 +36,8 @@ _INT8 = 9  # schema TensorType.INT8
 def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
     """(model with each foldable float island run in int8, how many); `model` itself if none.
     `keep`: first-output names of ops to leave as they are."""
+    if not te.has_ops(model, FOLDABLE):
+        return model, 0
     m = te.load(model)
     n = 0
     for sg_i, sg in enumerate(m.subgraphs or []):

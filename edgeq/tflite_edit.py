@@ -104,6 +104,19 @@ def op_name(m, op) -> str:
 PLACEHOLDER_FOR_GREATER_OP_CODES = 127
 
 
+def has_ops(model: bytes, names) -> bool:
+    """Whether packed `model` has an operator code for any builtin in `names`: read from its
+    operator code table alone, so a rewrite with nothing to do skips load() (its object tree)."""
+    s = schema()
+    wanted = {getattr(s.BuiltinOperator, n) for n in names}
+    root = s.Model.GetRootAs(model, 0)
+    for i in range(root.OperatorCodesLength()):
+        c = root.OperatorCodes(i)
+        if max(c.BuiltinCode(), c.DeprecatedBuiltinCode()) in wanted:
+            return True
+    return False
+
+
 def opcode_index(m, name: str, version: int = 1) -> int:
     """Index of builtin `name`'s operator code in model `m`, added if missing; an existing code's
     version is raised to `version` (an op version says what its kernel must support)."""

@@ -15,6 +15,8 @@ recipe, and convert says which and why.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .precision import Precision
 
 # What the float DIVs cost the user is one line of text; why they are float is this.
@@ -25,13 +27,28 @@ REASON = ("their divisor is computed from the input, and LiteRT's int8 DIV stops
 INT8_ACTIVATIONS = frozenset({Precision.INT8, Precision.INT4X8})
 
 
-def divisor_hazards(float_model) -> dict[str, str]:
-    """{first output name: op name} of the DIV ops whose divisor is not a constant (bytes or ModelInfo)."""
-    from .tflite_model import ModelInfo, read_model
+def divisor_hazards(float_model: bytes) -> dict[str, str]:
+    """{first output name: op name} of the DIV ops whose divisor is computed, except a divisor clamped
+    by MAXIMUM(x, c > 0): the pooling idiom `sum(mask).clamp(min=eps)`, a token count of at least 1
+    in practice (MiniLM's mean pooling: its all-int8 model needs that DIV in int8, and a count of
+    1..seq_len stays 8+ steps above zero). BirdNET's `max - min + 1e-6` (an ADD) is what falls to
+    zero on a quiet window."""
+    from . import tflite_edit as te
+    from .tflite_model import read_model
 
-    info = float_model if isinstance(float_model, ModelInfo) else read_model(float_model)
-    return {op.outputs[0].name: op.name for op in info.ops
-            if op.name == "DIV" and len(op.inputs) == 2 and op.outputs and not op.inputs[1].is_constant}
+    info = read_model(float_model)
+    producer = {(op.subgraph, t.index): op for op in info.ops for t in op.outputs}
+    divs = [(op, producer.get((op.subgraph, op.inputs[1].index))) for op in info.ops
+            if op.name == "DIV" and len(op.inputs) == 2 and op.outputs and not op.inputs[1].is_constant]
+    m = te.load(float_model) if any(p is not None and p.name == "MAXIMUM" for _, p in divs) else None
+
+    def clamped(p) -> bool:
+        if m is None or p is None or p.name != "MAXIMUM":
+            return False
+        values = [te.constant(m, m.subgraphs[p.subgraph], t.index) for t in p.inputs if t.is_constant]
+        return any(v is not None and v.size and float(np.min(v)) > 0 for v in values)
+
+    return {op.outputs[0].name: op.name for op, p in divs if not clamped(p)}
 
 
 def note(ops) -> str | None:

@@ -129,3 +129,26 @@ def test_convert_keeps_the_divide_float_and_the_model_runs_on_silence(tf, normal
     with pytest.raises(QuantizationError, match=r"kept float \(#\d+ DIV\).*--strict"):
         convert(src, ConvertOptions(tmp_path / "s.tflite", calib=calib, strict=True))
     assert not (tmp_path / "s.tflite").exists()
+
+
+def test_a_divisor_clamped_by_maximum_is_not_a_hazard(tf):
+    """Mean pooling divides by `sum(mask).clamp(min=eps)`: a token count, at least 1 in practice.
+    MiniLM's all-int8 model (int8-only devices) needs that DIV in int8; an epsilon ADD (BirdNET) is
+    still a hazard."""
+    from edgeq.quiet import quiet_native
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 4], tf.float32), tf.TensorSpec([1, 8, 1], tf.float32)])
+    def pools(h, mask):
+        total = tf.reduce_sum(h * mask, axis=1)
+        count = tf.reduce_sum(mask, axis=1)
+        return {"clamped": total / tf.maximum(count, 1e-9), "eps": total / (count + 1e-6)}
+
+    with quiet_native():
+        fm = tf.lite.TFLiteConverter.from_concrete_functions([pools.get_concrete_function()], pools).convert()
+    divs = [op for op in read_model(fm).ops if op.name == "DIV"]
+    assert len(divs) == 2
+    hazards = divisor_hazards(fm)
+    assert len(hazards) == 1 and set(hazards.values()) == {"DIV"}
+    by_add = next(op for op in divs if op.outputs[0].name in hazards)
+    producer = next(op for op in read_model(fm).ops if by_add.inputs[1].index in [t.index for t in op.outputs])
+    assert producer.name == "ADD"

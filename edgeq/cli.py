@@ -7,6 +7,7 @@ inside commands so `edgeq --help` and `edgeq devices list` stay instant.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +54,11 @@ def library_call(fn):
 
 
 def _progress(quiet: bool, as_json: bool):
-    from .progress import Progress
-    return Progress(False if (quiet or as_json) else None)
+    """No progress with --quiet; with --json only when EDGEQ_PROGRESS=plain asks for it (its lines go
+    to stderr: stdout stays the one JSON document; a helper's logged --json runs showed nothing)."""
+    from .progress import ENV, Progress
+    plain = os.environ.get(ENV, "").strip().lower() == "plain"
+    return Progress(False if quiet or (as_json and not plain) else None)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")

@@ -154,6 +154,9 @@ def test_plain_progress_lines_for_logs(tiny_conv, tmp_path):
     assert any(x.startswith("measuring activation ranges") for x in lines[start:end]), lines
     assert "Created TensorFlow Lite" not in p.stderr and "Traceback" not in p.stderr
     assert "activation ranges: " in p.stdout  # the summary stays on stdout
+    js = subprocess.run(exe + ["-o", str(tmp_path / "j.tflite"), "--json"], capture_output=True, text=True, env=env)
+    assert js.returncode == 0 and json.loads(js.stdout)["calibration"]["count"] == 60  # stdout: the JSON only
+    assert "Loading calibration samples ..." in js.stderr.splitlines()  # plain asked for: lines on stderr
     quiet = subprocess.run(exe + ["-o", str(tmp_path / "q.tflite")], capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if k != "EDGEQ_PROGRESS"})
     assert quiet.returncode == 0, quiet.stderr

@@ -3,7 +3,8 @@
 The quantizer's policy has no static int8 entry for some ops, so each one stays float between int8
 layers: DEQUANTIZE -> op -> QUANTIZE. TFLite's builtin kernels (and XNNPACK for most) run them in
 int8, and the bare TFLite converter writes several so:
-- LEAKY_RELU and ELU compute with scales of their own: a Keras CNN with LeakyReLU after every
+- LEAKY_RELU, ELU and RELU_0_TO_1 (where int8_activation_model has not split it) compute with
+  scales of their own: a Keras CNN with LeakyReLU after every
   convolution (YOLO / Darknet backbones, GAN discriminators) came out of edgeq's default level with
   a float island per layer where the converter's file was all int8. The op reads the int8 tensor the
   DEQUANTIZE read and writes the one the QUANTIZE wrote (its scale and zero point came from
@@ -27,7 +28,7 @@ import numpy as np
 from . import tflite_edit as te
 
 # op -> its int8 op version (tensorflow/lite/tools/versioning/op_version.cc)
-OWN_SCALE = {"LEAKY_RELU": 1, "ELU": 1}
+OWN_SCALE = {"LEAKY_RELU": 1, "ELU": 1, "RELU_0_TO_1": 1}
 SAME_SCALE = {"SPACE_TO_BATCH_ND": 2, "BATCH_TO_SPACE_ND": 2}
 FOLDABLE = frozenset(OWN_SCALE) | frozenset(SAME_SCALE)
 _INT8 = 9  # schema TensorType.INT8

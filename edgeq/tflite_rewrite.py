@@ -69,8 +69,9 @@ class RewriteReport:
                 (self.relu_as_mul, "standalone RELU/RELU6 op(s) whose input other ops also read were written as "
                  "MUL by 1 with the activation fused (the same function): XNNPACK has no int8 kernel for them "
                  "alone, so each one cut the delegated graph"),
-                (self.hard_swish_split, "HARD_SWISH op(s) were written as x * (relu6(x + 3) / 6) (ADD with RELU6, "
-                 "MUL, MUL; the same function): XNNPACK has no int8 HARD_SWISH, so each one cut the delegated graph"),
+                (self.hard_swish_split, "HARD_SWISH / RELU_0_TO_1 op(s) were written as x * (relu6(x + 3) / 6) "
+                 "and relu6(6x) / 6 (ADD or MUL with RELU6, then MULs; the same functions): XNNPACK has no int8 "
+                 "kernel for either, so each one cut the delegated graph"),
                 (self.opcodes_upgraded, "operator code(s) in the old deprecated_builtin_code form were "
                  "rewritten to the current schema"))
         return tuple(f"{n} {text}" for n, text in said if n)
@@ -102,7 +103,7 @@ def int8_activation_model(model: bytes, accelerator: bool) -> tuple[bytes, Rewri
     was nothing to do."""
     m = te.load(model)
     relus = relus_as_mul(m)
-    swish = split_hard_swish(m)
+    swish = split_hard_swish(m) + split_relu_0_to_1(m)
     split = split_prelus(m) if accelerator else 0
     if not relus and not split and not swish:
         return model, RewriteReport()
@@ -377,6 +378,32 @@ def split_hard_swish(m) -> int:
             gate, scaled = _new_tensor(sg, like, "hswish_gate"), _new_tensor(sg, like, "hswish_gate6")
             ops += [_new_op(m, "ADD", [x, three], gate, relu6), _new_op(m, "MUL", [gate, sixth], scaled),
                     _new_op(m, "MUL", [x, scaled], outs[0])]
+            n += 1
+        sg.operators = ops
+    return n
+
+
+def split_relu_0_to_1(m) -> int:
+    """Write each RELU_0_TO_1 (a hard sigmoid's clamp: onnx2torch's HardSigmoid, the squeeze-excite
+    gates of PP-LCNet and MobileNetV3) as g = MUL(x, 6) with a fused RELU6, y = MUL(g, 1/6): the same
+    function, in ops XNNPACK runs in int8. The LiteRT quantizer has no int8 RELU_0_TO_1 and XNNPACK no
+    int8 kernel for it, so each one cut the delegated graph (PaddleOCR's direction classifier: 9 in
+    11 partitions)."""
+    n = 0
+    relu6 = _ACTIVATIONS["RELU6"]
+    for sg in m.subgraphs or []:
+        ops = []
+        for op in sg.operators or []:
+            ins, outs = te.ints(op.inputs), te.ints(op.outputs)
+            if te.op_name(m, op) != "RELU_0_TO_1" or len(ins) != 1 or sg.tensors[ins[0]].type != 0:  # FLOAT32
+                ops.append(op)
+                continue
+            like = sg.tensors[ins[0]]
+            six, sixth = _new_tensor(sg, like, "relu01_six"), _new_tensor(sg, like, "relu01_sixth")
+            te.set_constant(m, sg, six, np.full([1], 6.0, np.float32), new_buffer=True)
+            te.set_constant(m, sg, sixth, np.full([1], 1 / 6, np.float32), new_buffer=True)
+            scaled = _new_tensor(sg, like, "relu01_x6")
+            ops += [_new_op(m, "MUL", [ins[0], six], scaled, relu6), _new_op(m, "MUL", [scaled, sixth], outs[0])]
             n += 1
         sg.operators = ops
     return n

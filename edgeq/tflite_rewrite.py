@@ -362,25 +362,13 @@ def split_hard_swish(m) -> int:
     same function (to float rounding), in ops XNNPACK runs in int8; it has no int8 HARD_SWISH, so
     MobileNetV3's 21 ran on the builtin kernels in 23 delegated partitions. g and h have fixed ranges
     ([0, 6], [0, 1]), so their int8 steps are fine."""
-    n = 0
-    relu6 = _ACTIVATIONS["RELU6"]
-    for sg in m.subgraphs or []:
-        ops = []
-        for op in sg.operators or []:
-            ins, outs = te.ints(op.inputs), te.ints(op.outputs)
-            if te.op_name(m, op) != "HARD_SWISH" or len(ins) != 1 or sg.tensors[ins[0]].type != 0:  # FLOAT32
-                ops.append(op)
-                continue
-            x, like = ins[0], sg.tensors[ins[0]]
-            three, sixth = _new_tensor(sg, like, "hswish_three"), _new_tensor(sg, like, "hswish_sixth")
-            te.set_constant(m, sg, three, np.full([1], 3.0, np.float32), new_buffer=True)
-            te.set_constant(m, sg, sixth, np.full([1], 1 / 6, np.float32), new_buffer=True)
-            gate, scaled = _new_tensor(sg, like, "hswish_gate"), _new_tensor(sg, like, "hswish_gate6")
-            ops += [_new_op(m, "ADD", [x, three], gate, relu6), _new_op(m, "MUL", [gate, sixth], scaled),
-                    _new_op(m, "MUL", [x, scaled], outs[0])]
-            n += 1
-        sg.operators = ops
-    return n
+    def ops(m, sg, x: int, y: int) -> list:
+        three, sixth = _float_scalar(m, sg, x, "hswish_three", 3.0), _float_scalar(m, sg, x, "hswish_sixth", 1 / 6)
+        gate, scaled = _new_tensor(sg, sg.tensors[x], "hswish_gate"), _new_tensor(sg, sg.tensors[x], "hswish_gate6")
+        return [_new_op(m, "ADD", [x, three], gate, _ACTIVATIONS["RELU6"]), _new_op(m, "MUL", [gate, sixth], scaled),
+                _new_op(m, "MUL", [x, scaled], y)]
+
+    return _split_unary(m, "HARD_SWISH", ops)
 
 
 def split_relu_0_to_1(m) -> int:
@@ -389,24 +377,36 @@ def split_relu_0_to_1(m) -> int:
     function, in ops XNNPACK runs in int8. The LiteRT quantizer has no int8 RELU_0_TO_1 and XNNPACK no
     int8 kernel for it, so each one cut the delegated graph (PaddleOCR's direction classifier: 9 in
     11 partitions)."""
+    def ops(m, sg, x: int, y: int) -> list:
+        six, sixth = _float_scalar(m, sg, x, "relu01_six", 6.0), _float_scalar(m, sg, x, "relu01_sixth", 1 / 6)
+        scaled = _new_tensor(sg, sg.tensors[x], "relu01_x6")
+        return [_new_op(m, "MUL", [x, six], scaled, _ACTIVATIONS["RELU6"]), _new_op(m, "MUL", [scaled, sixth], y)]
+
+    return _split_unary(m, "RELU_0_TO_1", ops)
+
+
+def _split_unary(m, name: str, ops) -> int:
+    """Replace every float op `name` of one input and one output by ops(m, sg, x, y) (its input and
+    output tensor indices); how many were replaced."""
     n = 0
-    relu6 = _ACTIVATIONS["RELU6"]
     for sg in m.subgraphs or []:
-        ops = []
+        new = []
         for op in sg.operators or []:
             ins, outs = te.ints(op.inputs), te.ints(op.outputs)
-            if te.op_name(m, op) != "RELU_0_TO_1" or len(ins) != 1 or sg.tensors[ins[0]].type != 0:  # FLOAT32
-                ops.append(op)
+            if te.op_name(m, op) != name or len(ins) != 1 or len(outs) != 1 or sg.tensors[ins[0]].type != 0:  # FLOAT32
+                new.append(op)
                 continue
-            like = sg.tensors[ins[0]]
-            six, sixth = _new_tensor(sg, like, "relu01_six"), _new_tensor(sg, like, "relu01_sixth")
-            te.set_constant(m, sg, six, np.full([1], 6.0, np.float32), new_buffer=True)
-            te.set_constant(m, sg, sixth, np.full([1], 1 / 6, np.float32), new_buffer=True)
-            scaled = _new_tensor(sg, like, "relu01_x6")
-            ops += [_new_op(m, "MUL", [ins[0], six], scaled, relu6), _new_op(m, "MUL", [scaled, sixth], outs[0])]
+            new += ops(m, sg, ins[0], outs[0])
             n += 1
-        sg.operators = ops
+        sg.operators = new
     return n
+
+
+def _float_scalar(m, sg, like: int, suffix: str, value: float) -> int:
+    """A new [1] float32 constant named after tensor `like`; its index."""
+    t = _new_tensor(sg, sg.tensors[like], suffix)
+    te.set_constant(m, sg, t, np.full([1], value, np.float32), new_buffer=True)
+    return t
 
 
 def _new_tensor(sg, like, suffix: str) -> int:

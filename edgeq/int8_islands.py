@@ -47,7 +47,6 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
         readers, producer = te.consumers(sg), te.producers(sg)
         ops = list(sg.operators or [])
         drop: set[int] = set()
-        requantize: dict[int, int] = {}  # island op index -> its QUANTIZE, kept as an int8 requantize
         for i, op in enumerate(ops):
             name = te.op_name(m, op)
             ins, outs = te.ints(op.inputs), te.ints(op.outputs)
@@ -77,13 +76,11 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
                 ops[mover].opcodeIndex = te.opcode_index(m, te.op_name(m, ops[mover]),
                                                          SAME_SCALE[te.op_name(m, ops[mover])])
                 drop.add(q)
-                n += 1
             elif name in SAME_SCALE and not _same_params(sg.tensors[source], sg.tensors[target]):
                 # the op keeps its input's scale; the QUANTIZE requantizes int8 -> int8 to calibration's
                 moved = _int8_like(sg, outs[0], sg.tensors[source])
                 op.outputs = [moved]
-                ops[q].inputs = [moved]
-                requantize[i] = q
+                ops[q].inputs = [moved]  # kept: an int8 -> int8 requantize
             else:
                 op.outputs = [target]
                 drop.add(q)

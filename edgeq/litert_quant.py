@@ -94,12 +94,7 @@ def quantizer_int8_ops() -> frozenset[str]:
     """Ops the LiteRT quantizer has a static int8 recipe for (its policy's static_wi8_ai8 list); it
     leaves any other op float between int8 ops (PRELU, LOG, CAST, ...; LEAKY_RELU too, which
     int8_islands.fold_islands then runs in int8)."""
-    import json
-
-    from litert_quantizer import default_policy
-
-    ops = json.loads(default_policy.DEFAULT_JSON_POLICY)["ops_per_config"]["static_wi8_ai8"]
-    return frozenset(ops) - {"INPUT", "OUTPUT"}
+    return _policy_ops("static_wi8_ai8") - {"INPUT", "OUTPUT"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,11 +102,16 @@ def quantizer_hybrid_ops() -> frozenset[str]:
     """Ops the LiteRT quantizer has a dynamic-range (hybrid) recipe for (dynamic_wi8_afp32). It
     refuses a hybrid line for any other op ("Unsupported op for INTEGER: GATHER": an accuracy-budget
     probe that moved a text model's embedding GATHER to hybrid ended the conversion)."""
+    return _policy_ops("dynamic_wi8_afp32")
+
+
+def _policy_ops(config: str) -> frozenset[str]:
+    """The ops of one entry of the LiteRT quantizer's default policy (its ops_per_config table)."""
     import json
 
     from litert_quantizer import default_policy
 
-    return frozenset(json.loads(default_policy.DEFAULT_JSON_POLICY)["ops_per_config"]["dynamic_wi8_afp32"])
+    return frozenset(json.loads(default_policy.DEFAULT_JSON_POLICY)["ops_per_config"][config])
 
 
 def int4_ops(precision: Precision | str) -> frozenset[str]:

@@ -41,7 +41,7 @@ def _converter_error(e: BaseException) -> str:
     "<unknown>:0: error: loc(callsite(fused[...] at ...)): 'tf.TensorListReserve' op requires ...":
     a nested loc(...) longer than the message), and what to do where the error is a known one."""
     for line in str(e).splitlines():
-        m = re.match(r"\s*(?:\S+:\d+:\d+|<unknown>:\d+):\s*error:\s*(.+)", line)
+        m = re.match(r"\s*(?:loc\(.*?\)|\S+:\d+:\d+|<unknown>:\d+):\s*error:\s*(.+)", line)
         if m:
             text = _without_loc(m.group(1))
             if "TensorList" in text:  # a Keras LSTM/GRU over a loop the converter cannot lower

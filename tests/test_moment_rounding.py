@@ -187,6 +187,37 @@ def _objective(q, w, scale, m, lin):
     return e @ m @ e + 2 * e @ lin
 
 
+def test_the_exact_search_keeps_the_int8_limits():
+    """A weight past +-127 / scale has one level left (the clip): the search tries only the choices
+    that exist and still finds the best of them."""
+    from edgeq.moment_rounding import search
+
+    rng = np.random.default_rng(8)
+    w, moments, scale = _filters(rng, 9, 6)
+    w[0] = 127.4 * scale  # ceil would be 128
+    w[1, :3] = -127.6 * scale[:3]  # floor would be -128
+    q, _, _ = search(w / scale, scale, moments)
+    assert q.max() <= 127 and q.min() >= -127
+    bits = np.array(list(itertools.product((0, 1), repeat=9)), float)
+    for c in range(6):
+        lo = np.clip(np.floor(w[:, c] / scale[c]), -127, 127)
+        every = [lv for lv in lo[None] + bits if lv.max() <= 127]
+        best = min(_cost(levels, w[:, c], scale[c], moments[c]) for levels in every)
+        assert _cost(q[:, c], w[:, c], scale[c], moments[c]) == pytest.approx(best)
+
+
+def test_depthwise_moments_match_a_per_channel_product():
+    from edgeq.moment_rounding import _channel_gram
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(2, 300, 9, 40)).astype(np.float32)
+    want = np.einsum("rkc,rlc->ckl", a.astype(np.float64), b.astype(np.float64))
+    assert np.allclose(_channel_gram(a, b), want, rtol=1e-4, atol=1e-3)
+    sym = _channel_gram(a, a)
+    assert np.allclose(sym, np.einsum("rkc,rlc->ckl", a.astype(np.float64), a.astype(np.float64)), rtol=1e-4, atol=1e-3)
+    assert np.array_equal(sym, sym.transpose(0, 2, 1))
+
+
 def test_the_search_with_a_linear_term_is_exact_on_3x3_filters_and_never_above_nearest():
     from edgeq.moment_rounding import search
 

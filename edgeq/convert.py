@@ -22,6 +22,7 @@ from .convert_policy import choose_target, conversion_plan, data_warnings, int4_
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError, QuantizationError
 from .fidelity import fidelity, run_model
 from .files import atomic_write, check_output
+from .float_joins import note as joins_note, written as float_joins_written
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards, note as hazard_note
 from .litert_quant import Requantizer, per_op_from_plan
 from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
@@ -236,12 +237,14 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     warnings += data_warnings(data_written, scheme, opts) + (fid.notes() if fid else [])
     hazards = divisor_hazards(source.float_tflite) if scheme.op_precision in INT8_ACTIVATIONS else {}
     kept_float = [op for op in info.float_ops() if op.outputs and op.outputs[0].name in hazards]
-    if kept_float:
-        if opts.strict and scheme is Scheme.INT8:
-            raise QuantizationError(hazard_note(kept_float) + " (--strict); drop --strict to write them float")
-        warnings.append(hazard_note(kept_float))
+    joins = float_joins_written(info)
+    for kept, text in ((kept_float, hazard_note(kept_float)), (joins, joins_note(joins))):
+        if kept and opts.strict and scheme is Scheme.INT8:
+            raise QuantizationError(text + " (--strict); drop --strict to write them float")
+        if kept:
+            warnings.append(text)
     stayed_float = [op for op in info.float_ops()
-                    if not (plan and plan.planned_off_int8(op)) and op not in kept_float]
+                    if not (plan and plan.planned_off_int8(op)) and op not in kept_float and op not in joins]
     mismatches = plan.mismatches(info, excused=frozenset(hazards)) if plan else []
     if scheme is Scheme.INT8 and stayed_float:
         names = ", ".join(f"#{op.index} {op.name}" for op in stayed_float[:8])

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import QuantizationError, first_line
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
+from .float_joins import float_joins
 from .int8_islands import fold_islands, kept_float
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
@@ -323,6 +324,7 @@ class Requantizer:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
         # Ops the quantizer leaves float that the int8 kernels run (LEAKY_RELU): int8, as the converter writes them.
         model, _ = fold_islands(bytes(result.quantized_model), kept_float(per_op))
+        model, _ = float_joins(model)  # a detector's boxes and scores joined at the output: in float
         if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
             from .half_constants import halve_float_constants
             model, _ = halve_float_constants(model)

@@ -117,11 +117,12 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         base = finite_calibration(float_model, samples, base, signature_key)
 
         def quantize(calibration: dict) -> bytes:
+            from .float_joins import float_joins
             from .int8_islands import fold_islands
 
             with quiet_native():
                 model = bytes(qt.quantize(calibration, enable_progress_report=False).quantized_model)
-            return fold_islands(model, keep_float)[0]
+            return float_joins(fold_islands(model, keep_float)[0])[0]
 
         return QuantSession(base, quantize)
 

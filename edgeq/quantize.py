@@ -104,8 +104,11 @@ def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> b
         conv.inference_output_type = dt
     try:
         with quiet_native():
-            return bytes(conv.convert())
+            model = bytes(conv.convert())
     except EdgeqError:
         raise  # e.g. a calibration sample failed its checks inside the representative dataset
     except Exception as e:  # ConverterError carries the MLIR log; keep the first useful line
         raise QuantizationError(f"TFLite converter failed: {first_line(e)}") from None
+    from .float_joins import float_joins
+
+    return float_joins(model)[0]  # the converter joins a detector's boxes and scores in int8 too

@@ -113,6 +113,44 @@ def int8_activation_model(model: bytes, accelerator: bool) -> tuple[bytes, Rewri
                                      removed_buffers=buffers)
 
 
+# Ops whose bias (input 2, TRANSPOSE_CONV's input 3) the quantizer stores per output channel.
+_BIAS_INPUT = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 3}
+
+
+def flat_biases(model: bytes) -> tuple[bytes, int]:
+    """(model with every constant bias shaped [1, 1, 1, C] reshaped [C], how many); `model` itself
+    if none. litert-torch folds a ConvTranspose's separate bias ADD and BatchNorm into the
+    TRANSPOSE_CONV with the ADD's broadcast shape (PaddleOCR v4's text detector); float kernels read
+    it flat, but the LiteRT quantizer then gives it C int32 scales along its first axis, of size 1,
+    and LiteRT refuses the model ("num_scales must be 1 ... but got 24"). The same values, flat."""
+    if not te.has_ops(model, _BIAS_INPUT):
+        return model, 0
+    m = te.load(model)
+    n = 0
+    for sg in m.subgraphs or []:
+        readers = te.consumers(sg)
+        for op in sg.operators or []:
+            k = _BIAS_INPUT.get(te.op_name(m, op))
+            ins = te.ints(op.inputs)
+            if k is None or len(ins) <= k or ins[k] < 0:
+                continue
+            t = sg.tensors[ins[k]]
+            shape = [int(d) for d in (t.shape if t.shape is not None else [])]
+            value = te.constant(m, sg, ins[k])
+            if len(shape) < 2 or value is None or sorted(shape)[:-1] != [1] * (len(shape) - 1):
+                continue
+            if len(readers.get(ins[k], [])) > 1:  # another op reads it at that shape: a copy of its own
+                b = _new_tensor(sg, t, "flat")
+                sg.tensors[b].type = t.type
+                op.inputs = [b if j == k else x for j, x in enumerate(ins)]
+                te.set_constant(m, sg, b, value.reshape(-1), new_buffer=True)
+            else:
+                t.shape = np.asarray([value.size], np.int32)
+                t.shapeSignature = None
+            n += 1
+    return (te.pack(m), n) if n else (model, 0)
+
+
 def upgrade_opcodes(m) -> int:
     """Fill builtin_code from deprecated_builtin_code (files written before schema v3a)."""
     n = 0

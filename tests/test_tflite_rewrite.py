@@ -530,3 +530,37 @@ def test_relu_0_to_1_split_for_int8(tf, models):
     assert "RELU_0_TO_1" in run_before.builtin_ops and run_after.partitions < run_before.partitions
     assert not {"MUL", "RELU_0_TO_1"} & set(run_after.builtin_ops)  # (the Flatten's shape ops stay builtin)
     assert fidelity(src, after, held).worst("cosine") > 0.95
+
+
+def test_a_broadcast_shaped_bias_is_flattened_and_the_int8_model_loads(tf):
+    """litert-torch folds a ConvTranspose's bias ADD into the TRANSPOSE_CONV with the ADD's shape
+    [1, 1, 1, C] (PaddleOCR v4's text detector). The LiteRT quantizer then gave that bias C scales
+    along an axis of 1 and LiteRT refused the int8 model ("num_scales must be 1 ..."): an edgeq
+    traceback-free error, but no model. Reshaped [C], the float outputs are the same and the int8
+    model loads and runs."""
+    from edgeq.litert_quant import quantize_per_op
+    from edgeq.precision import Precision
+    from edgeq.tflite_rewrite import flat_biases
+
+    tf.keras.utils.set_random_seed(4)
+    L = tf.keras.layers
+    x = tf.keras.Input((8, 8, 3), batch_size=1, name="image")
+    up = L.Conv2DTranspose(6, 2, strides=2, bias_initializer="random_normal")
+    m = tf.keras.Model(x, up(L.Conv2D(4, 3, padding="same", activation="relu")(x)))
+    e = te.load(ensure_signature(_convert(tf, m))[0])
+    sg = e.subgraphs[0]
+    (tc,) = [op for op in sg.operators if te.op_name(e, op) == "TRANSPOSE_CONV"]
+    bias = te.ints(tc.inputs)[3]  # the converter fuses the bias in, shaped [6]
+    sg.tensors[bias].shape = np.asarray([1, 1, 1, 6], np.int32)  # as litert-torch writes it
+    broadcast = te.pack(e)
+    samples = _images(8)
+    with pytest.raises(Exception, match="num_scales"):
+        check_runs(quantize_per_op(broadcast, Precision.INT8, (), samples), samples)
+    flat, n = flat_biases(broadcast)
+    assert n == 1 and flat_biases(flat) == (flat, 0)
+    (tc,) = [op for op in read_model(flat).ops if op.name == "TRANSPOSE_CONV"]
+    assert tc.inputs[3].shape == (6,)
+    _same_outputs(broadcast, flat, samples)
+    q = quantize_per_op(flat, Precision.INT8, (), samples)
+    check_runs(q, samples)
+    assert fidelity(flat, q, samples).outputs[0].cosine > 0.99

@@ -50,7 +50,10 @@ class Requirement:
     lenient: bool = False  # default floor on top-1: judged by the upper confidence bound
 
     def value(self, fid: Fidelity) -> float:
-        v = getattr(fid.output(self.output), _FIELD[self.metric])
+        o = fid.output(self.output)
+        # An output joined from parts of very different size (a detector's boxes and scores) is as
+        # good as its worst part: the larger part alone decides the whole output's cosine.
+        v = o.worst_part_cosine if self.metric is Metric.COSINE else getattr(o, _FIELD[self.metric])
         return float("nan") if v is None else float(v)
 
     def margin(self, fid: Fidelity) -> float:
@@ -90,7 +93,9 @@ class Target:
     def reached(self, fid: Fidelity) -> str:
         """e.g. 'embedding cosine 0.9888 (needs >= 0.99)'."""
         r = self.worst(fid)
-        return f"{r.output} {r.metric} {_shown(r.value(fid), r.bound)} (needs {r.text().split(' ', 2)[2]})"
+        part = fid.output(r.output).worst_part if r.metric is Metric.COSINE else None
+        where = f"{r.output}[{part.start}:{part.stop}] (axis {part.axis})" if part else r.output
+        return f"{where} {r.metric} {_shown(r.value(fid), r.bound)} (needs {r.text().split(' ', 2)[2]})"
 
     def describe(self) -> str:
         what = "; ".join(r.text() for r in self.requirements)

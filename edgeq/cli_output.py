@@ -51,8 +51,10 @@ def print_convert(result) -> None:
     if m.get("fidelity"):
         table(f"Fidelity vs float ({m['fidelity']['samples']} {m['fidelity'].get('inputs', 'held-out')} samples)",
               ["output", "cosine", "rel L2", "max abs", "top-1 agree"],
-              [[o["name"], fmt(o["cosine"]), fmt(o["rel_l2"]), fmt(o["max_abs"]), fmt(o["top1_agreement"], 3)]
-               for o in m["fidelity"]["outputs"]])
+              [row for o in m["fidelity"]["outputs"] for row in
+               [[o["name"], fmt(o["cosine"]), fmt(o["rel_l2"]), fmt(o["max_abs"]), fmt(o["top1_agreement"], 3)]]
+               + [[f"  {o['name']}[{p['start']}:{p['stop']}]", fmt(p["cosine"]), fmt(p["rel_l2"]), "", ""]
+                  for p in o.get("parts", ())]])
     fs = m.get("fidelity_source")
     if fs:
         table(f"Fidelity vs the {fs['reference']} model ({fs['quantized']['samples']} samples)",

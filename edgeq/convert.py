@@ -230,8 +230,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     qbytes = rename_signature(qbytes, source.signature_key)  # the user's own name for it, back
     # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever
     # backend produced it, and must have run under the target's runtime options.
-    qbytes, verification, fid = _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid,
-                                                    class_outputs, warnings, progress)
+    qbytes, verification, fid = _enforce_and_verify(qbytes, source.float_tflite, profile, eval_samples, data,
+                                                    reference, fid, class_outputs, warnings, progress)
     fidelity_source = _source_fidelity(source, eval_samples, reference, verification)
     info = read_model(qbytes)
     warnings += data_warnings(data_written, scheme, opts) + (fid.notes() if fid else [])
@@ -329,9 +329,10 @@ def _why_float(ops) -> str:
     return f" ({', '.join(kinds)}: the LiteRT quantizer has no int8 recipe for them)" if kinds else ""
 
 
-def _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid, class_outputs, warnings, progress):
+def _enforce_and_verify(qbytes, float_model, profile, eval_samples, data, reference, fid, class_outputs, warnings,
+                        progress):
     from .int8_constraints import enforce
-    from .fidelity import compare
+    from .fidelity import compare, join_parts
     from .verify import check_runs, runtime_options
 
     qbytes, enforced = enforce(qbytes)
@@ -342,7 +343,7 @@ def _enforce_and_verify(qbytes, profile, eval_samples, data, reference, fid, cla
         run = check_runs(qbytes, samples, options, reference if eval_samples else None)
     warnings.extend(run.warnings())
     if enforced.changed and eval_samples:  # the parameters moved: judge what is written
-        fid = compare(reference, run.outputs, class_outputs)
+        fid = compare(reference, run.outputs, class_outputs, join_parts(float_model))
     return qbytes, run, fid
 
 

@@ -5,6 +5,7 @@ the default fidelity floor asks of it (budget.default_floor)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Collection, Sequence
@@ -52,6 +53,24 @@ OFFSET_RATIO = 3.0
 # A float output this close to 0 everywhere has no direction: an int8 output of exact zeros there
 # matches it (a wake-word score of 3e-8 on audio without the word), and cosine reads it as 1.
 NEGLIGIBLE = 1e-6
+# An output joined from parts whose float values differ in size this much (a detector's pixel boxes
+# and 0..1 scores, float_joins.py) gets each part judged too: the larger part carries the whole
+# output's cosine (NudeNet 320n: 0.9998 with every score lost).
+PART_RATIO = 16.0
+
+
+@dataclass(frozen=True)
+class PartFidelity:
+    axis: int
+    start: int
+    stop: int
+    cosine: float
+    rel_l2: float
+    reference_max_abs: float
+
+    def to_json(self) -> dict:
+        return {"axis": self.axis, "start": self.start, "stop": self.stop, "cosine": self.cosine,
+                "rel_l2": self.rel_l2, "reference_max_abs": self.reference_max_abs}
 
 
 @dataclass(frozen=True)
@@ -67,13 +86,27 @@ class OutputFidelity:
     offset: float | None = None
     plain_cosine: float | None = None
     reference_max_abs: float | None = None  # the float output's largest |value| on these samples
+    # An output joined from parts of very different size (PART_RATIO): each part's own fidelity
+    parts: tuple[PartFidelity, ...] = ()
 
     def to_json(self) -> dict:
         d = {"name": self.name, "kind": str(self.kind), "cosine": self.cosine, "rel_l2": self.rel_l2,
              "max_abs": self.max_abs, "top1_agreement": self.top1_agreement}
         if self.offset is not None:
             d.update(cosine_around_mean=True, offset=self.offset, plain_cosine=self.plain_cosine)
+        if self.parts:
+            d["parts"] = [p.to_json() for p in self.parts]
         return d
+
+    @property
+    def worst_part(self) -> PartFidelity | None:
+        """The part with the lowest cosine, when it is below the whole output's."""
+        worst = min(self.parts, key=lambda p: p.cosine, default=None)
+        return worst if worst is not None and worst.cosine < self.cosine else None
+
+    @property
+    def worst_part_cosine(self) -> float:
+        return self.worst_part.cosine if self.worst_part else self.cosine
 
     def notes(self) -> list[str]:
         """What a reader of the cosine must know: taken around an offset, or of an output that is 0."""
@@ -83,6 +116,12 @@ class OutputFidelity:
                        f"{OFFSET_RATIO:g}x their spread), so its cosine is taken around float's mean: "
                        f"{self.cosine:.4f} ({self.plain_cosine:.4f} plain, which an output stuck at the offset "
                        "would also reach)")
+        if self.parts and self.worst_part_cosine < self.cosine - 0.02:
+            each = ", ".join(f"[{p.start}:{p.stop}] {p.cosine:.4f} (float up to {p.reference_max_abs:.3g})"
+                             for p in self.parts)
+            out.append(f"output {self.name} joins parts of very different size on axis {self.parts[0].axis}; "
+                       f"cosine per part: {each}. Its cosine {self.cosine:.4f} is the larger part's: judge the "
+                       "small part before deploying (a detector's scores)")
         if self.reference_max_abs is not None and self.reference_max_abs <= NEGLIGIBLE:
             out.append(f"output {self.name} is 0 on every held-out sample (float's largest value "
                        f"{self.reference_max_abs:.1g}): fidelity cannot show how the int8 model treats it; "
@@ -154,14 +193,16 @@ def dequantize_output(y: np.ndarray, d: dict) -> np.ndarray:
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            class_outputs: Collection[str] = ()) -> Fidelity:
+            class_outputs: Collection[str] = (), parts: dict | None = None) -> Fidelity:
     """Per output: cosine, relative L2, max abs error, and top-1 agreement for (maybe) class scores.
 
-    `class_outputs`: reference output names the user says are class scores (any per-sample vector)."""
+    `class_outputs`: reference output names the user says are class scores (any per-sample vector).
+    `parts`: {output name: (axis, ((start, stop), ...))} of outputs joined from parts (join_parts)."""
     outs = []
     n = 0
     # Output names can differ between converters (keras float vs int8); pair them by order.
     for (name, ref), cand in zip(reference.items(), candidate.values()):
+        split = _parts(ref, cand, *(parts or {}).get(name, (0, ())))
         kind = output_kind(name, ref, name in class_outputs)
         ref = ref.reshape(ref.shape[0], -1).astype(np.float64)
         cand = cand.reshape(cand.shape[0], -1).astype(np.float64)
@@ -181,8 +222,55 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
             if np.median(ratio) >= OFFSET_RATIO:
                 offset, plain, cos = float(np.median(mean)), cos, _cosine(ref - mean, cand - mean)
         outs.append(OutputFidelity(name, cos, float(rel), float(np.abs(ref - cand).max()) if n else 0.0,
-                                   top1, kind, offset, plain, float(np.abs(ref).max()) if n else None))
+                                   top1, kind, offset, plain, float(np.abs(ref).max()) if n else None, split))
     return Fidelity(n, tuple(outs))
+
+
+def _parts(ref: np.ndarray, cand: np.ndarray, axis: int, bounds) -> tuple[PartFidelity, ...]:
+    """Each part's fidelity when the parts' float values differ in size by PART_RATIO or more."""
+    if len(bounds) < 2 or not len(ref) or ref.ndim <= axis or cand.shape != ref.shape:
+        return ()
+    if bounds[-1][1] != ref.shape[axis]:
+        return ()
+    pieces = [(a, b, np.take(ref, range(a, b), axis=axis), np.take(cand, range(a, b), axis=axis)) for a, b in bounds]
+    sizes = [float(np.abs(r).max()) for _, _, r, _ in pieces]
+    if min(sizes) <= NEGLIGIBLE or max(sizes) / min(sizes) < PART_RATIO:
+        return ()
+    out = []
+    for (a, b, r, c), size in zip(pieces, sizes):
+        r, c = r.reshape(len(r), -1).astype(np.float64), c.reshape(len(c), -1).astype(np.float64)
+        out.append(PartFidelity(axis, a, b, _cosine(r, c), float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)),
+                                size))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4)  # a budget loop judges dozens of models of one float model
+def join_parts(float_model: bytes) -> dict:
+    """{signature output name: (axis, ((start, stop), ...))} for outputs a CONCATENATION writes,
+    axis counted in the output's own shape (batch first); {} when there are none."""
+    from . import tflite_edit as te
+
+    if not te.has_ops(float_model, {"CONCATENATION"}):
+        return {}
+    from .tflite_model import read_model
+
+    info = read_model(float_model)
+    producer = {t.index: op for op in info.ops if op.subgraph == 0 for t in op.outputs}
+    out = {}
+    for name, d in signature_runner(float_model).get_output_details().items():
+        op = producer.get(d["index"])
+        if op is None or op.name != "CONCATENATION" or len(op.inputs) < 2:
+            continue
+        shapes = [tuple(t.shape) for t in op.inputs]
+        whole = tuple(op.outputs[0].shape)
+        axes = [a for a in range(len(whole)) if all(len(s) == len(whole) for s in shapes)
+                and sum(s[a] for s in shapes) == whole[a]
+                and all(s[k] == whole[k] for s in shapes for k in range(len(whole)) if k != a)]
+        if len(axes) != 1 or min(min(s) for s in shapes) < 1:
+            continue
+        stops = np.cumsum([s[axes[0]] for s in shapes])
+        out[name] = (axes[0], tuple((int(b - s[axes[0]]), int(b)) for b, s in zip(stops, shapes)))
+    return out
 
 
 def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
@@ -240,4 +328,4 @@ def _probabilities(rows: np.ndarray) -> bool:
 def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str, np.ndarray]],
              reference: dict[str, np.ndarray] | None = None, class_outputs: Collection[str] = ()) -> Fidelity:
     ref = reference if reference is not None else run_model(float_model, samples)
-    return compare(ref, run_model(quant_model, samples), class_outputs)
+    return compare(ref, run_model(quant_model, samples), class_outputs, join_parts(float_model))

@@ -129,3 +129,46 @@ def test_an_l2_normalised_vector_is_an_embedding_whatever_its_name(tf):
     out = tf.keras.layers.UnitNormalization()(tf.keras.layers.Dense(32)(inp))
     y = tf.keras.Model(inp, out)(x[:, :16]).numpy()
     assert output_kind("Identity", y) is OutputKind.EMBEDDING
+
+
+def test_an_output_joined_from_parts_of_very_different_size_is_judged_per_part():
+    """A detector's [boxes in pixels, scores in 0..1] output: noise that wipes out the scores leaves
+    the whole output's cosine at ~1 (the boxes carry it). Each part is reported, the note names the
+    weak one, and a cosine floor judges the output by its worst part (accuracy_target)."""
+    from edgeq.accuracy_target import default_floor
+
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(0, 320, (10, 4, 50)), rng.uniform(0, 0.5, (10, 3, 50))], axis=1)
+    cand = ref + np.concatenate([rng.normal(0, 1.0, (10, 4, 50)), rng.normal(0, 0.5, (10, 3, 50))], axis=1)
+    parts = {"out": (1, ((0, 4), (4, 7)))}
+    fid = compare({"out": ref}, {"out": cand}, parts=parts)
+    o = fid.output("out")
+    assert o.cosine > 0.999 and [(p.start, p.stop) for p in o.parts] == [(0, 4), (4, 7)]
+    assert o.parts[0].cosine > 0.999 and o.parts[1].cosine < 0.8 and o.worst_part is o.parts[1]
+    assert o.to_json()["parts"][1]["stop"] == 7 and o.parts[1].reference_max_abs <= 0.5
+    assert any("[4:7]" in n and "joins parts" in n for n in fid.notes())
+    floor = default_floor(fid)
+    assert not floor.met(fid) and "out[4:7] (axis 1) cosine" in floor.reached(fid)
+    # Without the parts (or with parts of one size) the whole output is all there is.
+    assert compare({"out": ref}, {"out": cand}).output("out").parts == ()
+    same = np.concatenate([ref[:, :4], ref[:, :3]], axis=1)
+    assert compare({"out": same}, {"out": same + 1}, parts=parts).output("out").parts == ()
+    assert default_floor(fid).met(compare({"out": ref}, {"out": ref + 1e-4}, parts=parts))
+
+
+def test_join_parts_reads_the_concatenation_that_writes_an_output(tf):
+    from edgeq.fidelity import join_parts
+    from edgeq.sources.keras import load_keras
+    from tests.conftest import save_keras
+    import tempfile
+    from pathlib import Path
+
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((8,), batch_size=1)
+    joined = L.Concatenate()([L.Dense(4)(inp), L.Dense(3)(inp) * 0.01])
+    model = tf.keras.Model(inp, [joined, L.Dense(2)(inp)])
+    with tempfile.TemporaryDirectory() as d:
+        fm = load_keras(save_keras(tf, model, Path(d) / "m.keras")).float_tflite
+    parts = join_parts(fm)
+    assert list(parts.values()) == [(1, ((0, 4), (4, 7)))]

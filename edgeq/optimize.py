@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .moment_rounding import Sequential, apply_levels, round_weights
-from .range_search import (OWN_RANGES, Objective, Score, is_score_vector, model_key, output_names,
-                           refine_ranges, score, search_ranges, spread)
+from .range_search import (OWN_RANGES, Objective, Score, is_score_vector, judge_reference, model_key,
+                           output_names, refine_ranges, score, search_ranges, spread)
 from .ranges import range_stats
 
 
@@ -278,7 +278,6 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
 
     objective: Objective.KL for classifiers (their top-1 follows it), REL_L2 otherwise.
     stop_when_settled: level fast stops after the ranges when settled_error() (the default)."""
-    from .fidelity import run_model
 
     t0 = time.monotonic()
     level, objective = OptimizeLevel(level), Objective(objective)
@@ -292,7 +291,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     learn = [x for x in samples if id(x) not in judged]
     learn = learn if len(learn) >= 8 else samples
     note = on_step or (lambda _: None)
-    reference = run_model(float_model, judge)
+    reference = judge_reference(float_model, judge)  # a detector's boxes and scores judged apart
     steps: list[StepReport] = []
 
     if level is OptimizeLevel.NONE:

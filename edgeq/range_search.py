@@ -132,16 +132,58 @@ def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
     return Score(rel, cos, top1, kl, n, tuple(cosines), sure, n_sure)
 
 
+class PartedReference(dict):
+    """Float outputs with each output joined from parts of very different size (fidelity.join_parts:
+    a detector's pixel boxes and 0..1 scores) split into its parts, judged as outputs of their own:
+    NudeNet's scores were 0.03 of the error a level minimised, the boxes the rest."""
+
+    def __init__(self, values: dict, parts: dict):
+        super().__init__(values)
+        self.parts = parts
+
+
+def judge_reference(float_model: bytes, judge: Sequence[dict]) -> dict[str, np.ndarray]:
+    """The float outputs the judging samples are compared with (split into parts where needed)."""
+    from .fidelity import join_parts, run_model
+
+    return split_parts(run_model(float_model, judge), join_parts(float_model))
+
+
+def split_parts(outputs: dict[str, np.ndarray], parts: dict) -> dict[str, np.ndarray]:
+    """`outputs` with each output in `parts` whose parts differ in size by fidelity.PART_RATIO or more
+    replaced by its parts ("name[a:b]"); a PartedReference when any was split."""
+    from .fidelity import NEGLIGIBLE, PART_RATIO
+
+    out, used = {}, {}
+    for name, v in outputs.items():
+        axis, bounds = parts.get(name, (0, ()))
+        pieces = ([(a, b, np.take(v, range(a, b), axis=axis)) for a, b in bounds]
+                  if len(bounds) > 1 and v.ndim > axis and bounds[-1][1] == v.shape[axis] else [])
+        sizes = [float(np.abs(p).max()) if p.size else 0.0 for _, _, p in pieces]
+        if pieces and min(sizes) > NEGLIGIBLE and max(sizes) / min(sizes) >= PART_RATIO:
+            out.update({f"{name}[{a}:{b}]": p for a, b, p in pieces})
+            used[name] = (axis, bounds)
+        else:
+            out[name] = v
+    return PartedReference(out, used) if used else out
+
+
 def score(reference: dict[str, np.ndarray], model: bytes, samples: Sequence[dict]) -> Score:
-    """Run `model` on samples and compare with the float outputs `reference` (fidelity.run_model);
-    a model LiteRT cannot run on them scores worse than any other (Score.run_failed): a range
-    candidate or step that makes one is dropped, not the conversion."""
+    """Run `model` on samples and compare with the float outputs `reference` (fidelity.run_model, or
+    judge_reference); a model LiteRT cannot run on them scores worse than any other
+    (Score.run_failed): a range candidate or step that makes one is dropped, not the conversion."""
     from .fidelity import ModelRunError, run_model
 
     try:
-        return compare_outputs(reference, run_model(model, samples))
+        got = run_model(model, samples)
     except ModelRunError as e:
         return Score.run_failed(str(e), len(samples))
+    if isinstance(reference, PartedReference):  # the same parts of the same outputs
+        got = {f"{name}[{a}:{b}]" if name in reference.parts else name: part
+               for name, v in got.items()
+               for a, b, part in ([(a, b, np.take(v, range(a, b), axis=reference.parts[name][0]))
+                                   for a, b in reference.parts[name][1]] if name in reference.parts else [(0, 0, v)])}
+    return compare_outputs(reference, got)
 
 
 @dataclass(frozen=True)
@@ -244,7 +286,6 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
     outputs on spread(samples, max_samples) when the caller has them (the levels pass the source
     model's, for its equalized twin too); else one float run makes them.
     """
-    from .fidelity import run_model
 
     t0 = time.monotonic()
     samples = list(samples)
@@ -252,7 +293,7 @@ def search_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
         raise CalibrationError("range search needs calibration samples; pass --calib data")
     stats = stats or range_stats(float_model, samples, base, signature_key=signature_key)
     judge = spread(samples, max_samples)
-    reference = reference if reference is not None else run_model(float_model, judge)
+    reference = reference if reference is not None else judge_reference(float_model, judge)
     objective = Objective(objective)
     cands = candidate_calibrations(base, stats, percentiles)
     if only:
@@ -382,11 +423,9 @@ def refine_ranges(float_model: bytes, samples: Sequence[dict], base: dict, quant
                   on_step: Callable[[str], None] | None = None) -> RangeSearch:
     """Per-tensor coordinate descent from a search_ranges() result: each tensor in turn tries the
     other candidates' range for it alone, keeping what lowers the error, until `seconds` are spent."""
-    from .fidelity import run_model
-
     t0 = time.monotonic()
     judge = spread(list(samples), max_samples)
-    reference = run_model(float_model, judge)
+    reference = judge_reference(float_model, judge)
     cands = candidate_calibrations(base, stats, percentiles)
     start = dict(found.calibration)
     cands[found.chosen] = start

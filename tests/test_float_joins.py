@@ -114,3 +114,32 @@ def test_the_pass_changes_only_what_loses_levels(tf, detector):
     fm2 = load_source(save_keras(tf, same, data.parent / "same.keras")).float_tflite
     q2 = _quantizer_model(fm2, _feed(fm2, x[:20]))
     assert float_joins(q2) == (q2, ())
+
+
+def test_the_levels_judge_splits_a_joined_output_into_its_parts(tf, detector):
+    """The level's steps are judged on each part of a joined output as an output of its own: its error
+    (the largest over outputs) is the scores' error, not the boxes' (320x larger values, which alone
+    decided it before). Outputs of one size stay whole."""
+    from edgeq.range_search import PartedReference, compare_outputs, judge_reference, score, split_parts
+    from edgeq.sources import load_source
+
+    model, data, _ = detector
+    L = tf.keras.layers
+    inp = tf.keras.Input((16, 16, 3), batch_size=1)
+    x = L.GlobalAveragePooling2D()(L.Conv2D(8, 3, activation="relu")(inp))
+    head = tf.keras.Model(inp, L.Concatenate()([L.Dense(4, activation="sigmoid")(x) * 320.0,
+                                                L.Dense(3, activation="sigmoid")(x)]))
+    fm = load_source(save_keras(tf, head, data.parent / "head.keras")).float_tflite
+    x = np.load(data)
+    feed = _feed(fm, x[:16])
+    ref = judge_reference(fm, feed)
+    assert isinstance(ref, PartedReference) and len(ref) == 2 and all(v.shape[1] in (4, 3) for v in ref.values())
+    q = _quantizer_model(fm, _feed(fm, x[:40]))  # the int8 join: scores flattened
+    from edgeq.fidelity import run_model
+
+    whole = compare_outputs(run_model(fm, feed), run_model(q, feed))
+    parted = score(ref, q, feed)
+    assert parted.rel_l2 > 0.3 > 10 * whole.rel_l2 and len(parted.cosines) == 2
+    assert score(ref, float_joins(q)[0], feed).rel_l2 < 0.1
+    same = {"a": np.ones((2, 6)), "b": np.ones((2, 3))}
+    assert type(split_parts(same, {"a": (1, ((0, 3), (3, 6)))})) is dict

@@ -240,13 +240,17 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
             else:
                 extremes[name] = moving[name] = (lo, hi)
             if flat.size > HIST_VALUES:
-                if name not in picks:
-                    picks[name] = rng.choice(flat.size, HIST_VALUES, replace=False)
+                if name not in picks:  # sorted: the same values, gathered in memory order
+                    picks[name] = np.sort(rng.choice(flat.size, HIST_VALUES, replace=False))
                 flat = flat[picks[name]]
+            else:
+                flat = flat.copy()  # binned in place below
             a, b = spans[name]
             # bincount on precomputed bin indices: much faster than np.histogram per tensor.
-            i = np.clip(((flat - a) * (bins / (b - a))).astype(np.int64), 0, bins - 1)
-            hists[name] += np.bincount(i, minlength=bins)
+            flat -= np.float32(a)
+            flat *= np.float32(bins / (b - a))
+            np.clip(flat, 0, bins - 1, out=flat)
+            hists[name] += np.bincount(flat.astype(np.intp), minlength=bins)
     return RangeStats(spans, extremes, moving, hists, len(samples))
 
 

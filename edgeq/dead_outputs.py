@@ -23,9 +23,7 @@ def slice_dead_splits(model: bytes) -> tuple[bytes, int]:
     m = te.load(model)
     n = 0
     for sg_i, sg in enumerate(m.subgraphs or []):
-        read = {t for op in sg.operators or [] for t in te.ints(op.inputs)} | set(te.ints(sg.outputs))
-        read |= {int(tm.tensorIndex) for sig in m.signatureDefs or [] if sig.subgraphIndex == sg_i
-                 for tm in sig.outputs or []}
+        read = {t for op in sg.operators or [] for t in te.ints(op.inputs)} | te.visible_outputs(m, sg_i)
         ops = []
         for op in sg.operators or []:
             outs, ins = te.ints(op.outputs), te.ints(op.inputs)

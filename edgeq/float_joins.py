@@ -45,8 +45,7 @@ def float_joins(model: bytes) -> tuple[bytes, tuple[FloatJoin, ...]]:
     m = te.load(model)
     done: list[FloatJoin] = []
     for sg_i, sg in enumerate(m.subgraphs or []):
-        visible = set(te.ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
-                                            if sig.subgraphIndex == sg_i for tm in sig.outputs or []}
+        visible = te.visible_outputs(m, sg_i)
         readers, producer = te.consumers(sg), te.producers(sg)
         ops = list(sg.operators or [])
         drop: set[int] = set()

@@ -42,8 +42,7 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
     m = te.load(model)
     n = 0
     for sg_i, sg in enumerate(m.subgraphs or []):
-        visible = set(te.ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
-                                            if sig.subgraphIndex == sg_i for tm in sig.outputs or []}
+        visible = te.visible_outputs(m, sg_i)
         readers, producer = te.consumers(sg), te.producers(sg)
         ops = list(sg.operators or [])
         drop: set[int] = set()

@@ -215,6 +215,13 @@ def numpy_dtype(t) -> type:
     return _NP[t.type]
 
 
+def visible_outputs(m, sg_i: int) -> set[int]:
+    """Tensors of subgraph `sg_i` a caller reads: its outputs and its signatures' outputs."""
+    sg = m.subgraphs[sg_i]
+    return set(ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
+                                    if sig.subgraphIndex == sg_i for tm in sig.outputs or []}
+
+
 def consumers(sg) -> dict[int, list[int]]:
     """tensor index -> indices of the ops that read it."""
     out: dict[int, list[int]] = {}

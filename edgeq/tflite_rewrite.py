@@ -319,8 +319,7 @@ def fuse_activations(m) -> int:
     activation, has none yet, and nothing else reads the intermediate tensor."""
     n = 0
     for sg_i, sg in enumerate(m.subgraphs or []):
-        keep_visible = set(te.ints(sg.outputs)) | {int(tm.tensorIndex) for sig in m.signatureDefs or []
-                                                 if sig.subgraphIndex == sg_i for tm in sig.outputs or []}
+        keep_visible = te.visible_outputs(m, sg_i)
         readers = te.consumers(sg)
         producer = te.producers(sg)
         drop: set[int] = set()

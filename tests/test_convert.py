@@ -716,3 +716,18 @@ def test_a_long_stayed_float_list_says_how_many_it_leaves_out(tf, tmp_path):
     r = convert(model, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(_npy(tmp_path, (8,)))))
     (w,) = [w for w in r.warnings if "stayed float" in w]
     assert w.startswith("10 op(s) stayed float") and w.count("SIN") >= 8 and " and 2 more" in w, w
+
+
+def test_a_float_tflite_far_from_its_source_model_is_warned():
+    """PaddleOCR v4's recognizer through litert-torch: the float .tflite at cosine 0.929 to PyTorch on
+    one conversion (the int8 model met the floor against that float file): warned per output."""
+    from edgeq.convert import _source_drift
+
+    def out(name, cos):
+        return {"name": name, "cosine": cos}
+
+    fs = {"reference": "torch_export", "float": {"outputs": [out("logits", 0.929), out("aux", 0.9999)]},
+          "quantized": {"outputs": [out("logits", 0.90), out("aux", 0.998)]}}
+    (w,) = _source_drift(fs)
+    assert "output logits" in w and "0.9290" in w and "torch_export" in w and "0.9000" in w
+    assert _source_drift(None) == [] and _source_drift({**fs, "float": {"outputs": [out("logits", 0.995)]}}) == []

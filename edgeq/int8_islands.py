@@ -11,10 +11,13 @@ int8, and the bare TFLite converter writes several so:
   calibration): the same values up to one rounding.
 - SPACE_TO_BATCH_ND / BATCH_TO_SPACE_ND only move values, and their int8 kernels need one scale in
   and out: the converter writes every dilated Keras Conv2D as SPACE_TO_BATCH_ND -> CONV_2D ->
-  BATCH_TO_SPACE_ND, so each dilated layer had two islands. The op writes a tensor with its input's
-  scale, and an int8 QUANTIZE requantizes it to the one calibration gave, where they differ.
+  BATCH_TO_SPACE_ND, so each dilated layer had two islands. TILE too (ESRGAN-slim repeats its
+  input image to add it to the upsampled one: two islands where the converter wrote int8). The op
+  writes a tensor with its input's scale, and an int8 QUANTIZE requantizes it to the one
+  calibration gave, where they differ.
 
-Only when the island is exactly that: an int8 per-tensor input behind a DEQUANTIZE, one float output
+Only when the island is exactly that: an int8 per-tensor input behind a DEQUANTIZE (or a float
+tensor, a model input, that an earlier QUANTIZE writes in int8 for other readers), one float output
 read by one int8 QUANTIZE and by nothing else (not a model output), any other input a constant.
 `keep` names ops a plan put off int8 on purpose.
 """
@@ -29,7 +32,7 @@ from . import tflite_edit as te
 
 # op -> its int8 op version (tensorflow/lite/tools/versioning/op_version.cc)
 OWN_SCALE = {"LEAKY_RELU": 1, "ELU": 1, "RELU_0_TO_1": 1}
-SAME_SCALE = {"SPACE_TO_BATCH_ND": 2, "BATCH_TO_SPACE_ND": 2}
+SAME_SCALE = {"SPACE_TO_BATCH_ND": 2, "BATCH_TO_SPACE_ND": 2, "TILE": 3}
 FOLDABLE = frozenset(OWN_SCALE) | frozenset(SAME_SCALE)
 _INT8 = 9  # schema TensorType.INT8
 
@@ -46,6 +49,7 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
         readers, producer = te.consumers(sg), te.producers(sg)
         ops = list(sg.operators or [])
         drop: set[int] = set()
+        early: dict[int, list[int]] = {}  # op -> QUANTIZEs moved to run just before it
         for i, op in enumerate(ops):
             name = te.op_name(m, op)
             ins, outs = te.ints(op.inputs), te.ints(op.outputs)
@@ -54,8 +58,18 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
             if te.tensor_name(sg.tensors[outs[0]]) in keep or any(te.constant(m, sg, t) is None for t in ins[1:]):
                 continue
             d, after = producer.get(ins[0]), readers.get(outs[0], [])
-            if d is None or d in drop or te.op_name(m, ops[d]) != "DEQUANTIZE" or len(after) != 1:
+            if len(after) != 1:
                 continue
+            if d is not None and d not in drop and te.op_name(m, ops[d]) == "DEQUANTIZE":
+                source = te.ints(ops[d].inputs)[0]
+            else:  # a float tensor (a model input) that a QUANTIZE also writes in int8 for others
+                d = None
+                qs = [r for r in readers.get(ins[0], []) if r != i and te.op_name(m, ops[r]) == "QUANTIZE"]
+                if not qs:
+                    continue
+                source = te.ints(ops[qs[0]].outputs)[0]
+                if qs[0] > i and not any(qs[0] in js for js in early.values()):
+                    early.setdefault(i, []).append(qs[0])  # it reads only what this op reads: run it first
             q, mover = after[0], None
             if name in OWN_SCALE and te.op_name(m, ops[q]) in SAME_SCALE and q not in drop:
                 # ELU -> SPACE_TO_BATCH_ND -> QUANTIZE (a dilated conv after an ELU): both, at the QUANTIZE's scale
@@ -64,7 +78,7 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
                 if (len(further) == 1 and x_outs[0] not in visible
                         and all(te.constant(m, sg, t) is not None for t in te.ints(ops[q].inputs)[1:])):
                     mover, q = q, further[0]
-            source, target = te.ints(ops[d].inputs)[0], te.ints(ops[q].outputs)[0]
+            target = te.ints(ops[q].outputs)[0]
             if te.op_name(m, ops[q]) != "QUANTIZE" or not (_per_tensor_int8(sg.tensors[source])
                                                           and _per_tensor_int8(sg.tensors[target])):
                 continue
@@ -84,10 +98,12 @@ def fold_islands(model: bytes, keep: Collection[str] = ()) -> tuple[bytes, int]:
                 op.outputs = [target]
                 drop.add(q)
             op.opcodeIndex = te.opcode_index(m, name, {**OWN_SCALE, **SAME_SCALE}[name])
-            if readers.get(ins[0]) == [i] and ins[0] not in visible:  # nothing else reads the float copy
+            if d is not None and readers.get(ins[0]) == [i] and ins[0] not in visible:  # nothing else reads the float copy
                 drop.add(d)
             n += 1
-        sg.operators = [op for i, op in enumerate(ops) if i not in drop]
+        moved = {j for js in early.values() for j in js}
+        sg.operators = [ops[j] for i in range(len(ops)) if i not in drop and i not in moved
+                        for j in (*early.get(i, ()), i)]
     if not n:
         return model, 0
     from .tflite_rewrite import prune

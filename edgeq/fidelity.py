@@ -12,7 +12,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 
-from .errors import QuantizationError, first_line
+from .errors import EdgeqError, QuantizationError, first_line
 from .signature import signature_runner
 from .quiet import quiet_native
 
@@ -256,8 +256,12 @@ def join_parts(float_model: bytes) -> dict:
 
     info = read_model(float_model)
     producer = {t.index: op for op in info.ops if op.subgraph == 0 for t in op.outputs}
+    try:
+        details = signature_runner(float_model).get_output_details()
+    except EdgeqError:  # an interpreter without the model's custom ops: judged whole, as before
+        return {}
     out = {}
-    for name, d in signature_runner(float_model).get_output_details().items():
+    for name, d in details.items():
         op = producer.get(d["index"])
         if op is None or op.name != "CONCATENATION" or len(op.inputs) < 2:
             continue

@@ -222,10 +222,10 @@ JUDGE_SAMPLES = 32
 # splits, top-1 +62 photos in all (MobileNetV2 +31, dog breeds +29, EfficientNet-Lite0 +2).
 MIN_SPLIT = 40
 # Channel maxima for equalization come from the samples outside the judge when there are this many,
-# at most MAXIMA_SAMPLES of them (evenly spread): with the default 200 calibration samples all 168
-# were run, and an ESRGAN (512x512 outputs) spent 23 s of its 45 s equalization step there.
+# all of them: taken from 64 of the 96 (128 calibration photos), MediaPipe's hand landmarks ended
+# below the fidelity floor (a ReLU6 channel scaled by lower maxima clips past them), where with all
+# 96 the model is written; an ESRGAN spends 23 s of its 45 s equalization step on 168 of them.
 MIN_LEARN_MAXIMA = 16
-MAXIMA_SAMPLES = 64
 
 
 def judge_count(n: int, most: int = JUDGE_SAMPLES) -> int:
@@ -341,7 +341,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     # scaled by them is exact only up to a margin, and the judge has to see what happens past it
     # (EfficientNet-Lite0's late channels fire on few photos) rather than samples on which it is
     # exact by construction. With fewer (a small calibration set), from the judging ones as before.
-    maxima = spread(learn, MAXIMA_SAMPLES) if len(learn) >= MIN_LEARN_MAXIMA else stat_samples
+    maxima = learn if len(learn) >= MIN_LEARN_MAXIMA else stat_samples
     eq = equalize(float_model, maxima, mode=EqualizeMode.MIXED, on_step=note)
     if eq.changed:
         note(f"measuring ranges after equalizing {len(eq.pairs)} layer pairs and {len(eq.streams)} residual streams")

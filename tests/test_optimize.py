@@ -136,16 +136,6 @@ def test_equalization_maxima_come_from_outside_the_judging_samples(tiny_cnn, mon
     assert len(seen[0]) == 48 and not any(id(x) in judged for x in seen[0])
     eq = next(s for s in fast.steps if s.name == "equalize")
     assert eq.detail["maxima"] == {"samples": 48, "judging": False}
-    # Many samples: at most MAXIMA_SAMPLES of the others, spread over them (the maxima's float runs
-    # were a large model's costliest part of equalization).
-    from edgeq.optimize import MAXIMA_SAMPLES
-
-    more = image_samples(130, CNN_SEED + 21)
-    fast = optimize(tiny_cnn, more, int8_session(), "fast")
-    judged = {id(x) for x in spread(more, fast.judged_on)}
-    assert len(seen[1]) == MAXIMA_SAMPLES and not any(id(x) in judged for x in seen[1])
-    learn = [x for x in more if id(x) not in judged]
-    assert seen[1][0] is learn[0] and seen[1][-1] is learn[-1]
 
 
 @pytest.mark.slow

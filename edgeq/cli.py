@@ -7,7 +7,6 @@ inside commands so `edgeq --help` and `edgeq devices list` stay instant.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -47,20 +46,11 @@ def library_call(fn):
                 return result
         except EdgeqError as e:
             cls = DeviceFailure if e.exit_code == 3 else click.ClickException
-            _json_error(kwargs, str(e), cls.exit_code)
             raise cls(str(e)) from None
         except KeyboardInterrupt:
-            _json_error(kwargs, "interrupted", click.ClickException.exit_code)
             raise click.ClickException("interrupted") from None
 
     return wrapper
-
-
-def _json_error(kwargs: dict, message: str, exit_code: int) -> None:
-    """With --json, a refusal is a JSON document on stdout too (the one line still goes to stderr):
-    a script reading stdout got nothing."""
-    if kwargs.get("as_json"):
-        click.echo(json.dumps({"error": message, "exit_code": exit_code}))
 
 
 def _progress(quiet: bool, as_json: bool):

@@ -44,10 +44,6 @@ def test_convert_json_and_exit_codes(tiny_dense, tmp_path):
     r = run("convert", tiny_dense, "-o", out, "--calib", tmp_path / "x.npy")
     assert r.exit_code == 1 and "--force" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
-    # ... and with --json a JSON document on stdout says it too (a script reading stdout got nothing).
-    r = run("convert", tiny_dense, "-o", out, "--calib", tmp_path / "x.npy", "--json")
-    assert r.exit_code == 1 and json.loads(r.stdout) == {"error": r.stderr.strip().removeprefix("Error: "),
-                                                          "exit_code": 1}
     # Usage error (unknown choice): exit 2.
     assert run("convert", tiny_dense, "-o", out, "--scheme", "int2").exit_code == 2
     # Missing calibration for int8: exit 1 naming the fix.

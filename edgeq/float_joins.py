@@ -7,9 +7,10 @@ requantized to 0 or 1 step: every detection is lost, while the output's cosine t
 0.9998 (the boxes carry it). The TFLite converter and the LiteRT quantizer both write it so.
 
 Where such a CONCATENATION's int8 output is read only by the DEQUANTIZE of a float model output
-(through RESHAPE / TRANSPOSE / SQUEEZE / EXPAND_DIMS at most), it is written in float: each input dequantized from its own int8 tensor (from before an int8 ->
-int8 QUANTIZE that only fed the join), the join float, writing the output itself. Each input keeps
-its own scale; the float work moves from one DEQUANTIZE of the output to one per input.
+(through RESHAPE / TRANSPOSE / SQUEEZE / EXPAND_DIMS at most), it is written in float: each input
+dequantized from its own int8 tensor (from before an int8 -> int8 QUANTIZE that only fed the
+join), the join float, writing the output itself. Each input keeps its own scale; the float work
+moves from one DEQUANTIZE of the output to one per input.
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ class FloatJoin:
     output: str  # the model output it writes
     inputs: int
     finer: float  # the largest ratio of the join's step to an input's own
-
-    def describe(self) -> str:
-        return f"{self.output} ({self.inputs} inputs, one {self.finer:.0f}x finer than the int8 join)"
 
 
 def float_joins(model: bytes) -> tuple[bytes, tuple[FloatJoin, ...]]:

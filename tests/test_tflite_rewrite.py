@@ -554,8 +554,15 @@ def test_a_broadcast_shaped_bias_is_flattened_and_the_int8_model_loads(tf):
     sg.tensors[bias].shape = np.asarray([1, 1, 1, 6], np.int32)  # as litert-torch writes it
     broadcast = te.pack(e)
     samples = _images(8)
+    bad = quantize_per_op(broadcast, Precision.INT8, (), samples)
     with pytest.raises(Exception, match="num_scales"):
-        check_runs(quantize_per_op(broadcast, Precision.INT8, (), samples), samples)
+        check_runs(bad, samples)
+    from edgeq.errors import ModelFormatError
+    from edgeq.signature import signature_runner
+
+    with pytest.raises(ModelFormatError, match="num_scales") as e:  # no custom op: no custom-op hint
+        signature_runner(bad)
+    assert "Custom ops" not in str(e.value)
     flat, n = flat_biases(broadcast)
     assert n == 1 and flat_biases(flat) == (flat, 0)
     (tc,) = [op for op in read_model(flat).ops if op.name == "TRANSPOSE_CONV"]

@@ -226,18 +226,27 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     return Fidelity(n, tuple(outs))
 
 
+def slices(v: np.ndarray, axis: int, bounds) -> list[tuple[int, int, np.ndarray]]:
+    """(start, stop, v[start:stop] along axis) for each of bounds."""
+    return [(a, b, np.take(v, range(a, b), axis=axis)) for a, b in bounds]
+
+
+def uneven_parts(ref: np.ndarray, axis: int, bounds) -> list[tuple[int, int, np.ndarray]] | None:
+    """slices() of float values `ref` when there are 2+ parts covering the axis and their largest
+    |values| differ by PART_RATIO or more; None otherwise (the output is judged whole)."""
+    if len(bounds) < 2 or not len(ref) or ref.ndim <= axis or bounds[-1][1] != ref.shape[axis]:
+        return None
+    pieces = slices(ref, axis, bounds)
+    sizes = [float(np.abs(p).max()) if p.size else 0.0 for *_, p in pieces]
+    return pieces if min(sizes) > NEGLIGIBLE and max(sizes) / min(sizes) >= PART_RATIO else None
+
+
 def _parts(ref: np.ndarray, cand: np.ndarray, axis: int, bounds) -> tuple[PartFidelity, ...]:
     """Each part's fidelity when the parts' float values differ in size by PART_RATIO or more."""
-    if len(bounds) < 2 or not len(ref) or ref.ndim <= axis or cand.shape != ref.shape:
-        return ()
-    if bounds[-1][1] != ref.shape[axis]:
-        return ()
-    pieces = [(a, b, np.take(ref, range(a, b), axis=axis), np.take(cand, range(a, b), axis=axis)) for a, b in bounds]
-    sizes = [float(np.abs(r).max()) for _, _, r, _ in pieces]
-    if min(sizes) <= NEGLIGIBLE or max(sizes) / min(sizes) < PART_RATIO:
-        return ()
+    pieces = uneven_parts(ref, axis, bounds) if cand.shape == ref.shape else None
     out = []
-    for (a, b, r, c), size in zip(pieces, sizes):
+    for (a, b, r), (_, _, c) in zip(pieces or (), slices(cand, axis, bounds)):
+        size = float(np.abs(r).max())
         r, c = r.reshape(len(r), -1).astype(np.float64), c.reshape(len(c), -1).astype(np.float64)
         out.append(PartFidelity(axis, a, b, _cosine(r, c), float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)),
                                 size))

@@ -152,15 +152,13 @@ def judge_reference(float_model: bytes, judge: Sequence[dict]) -> dict[str, np.n
 def split_parts(outputs: dict[str, np.ndarray], parts: dict) -> dict[str, np.ndarray]:
     """`outputs` with each output in `parts` whose parts differ in size by fidelity.PART_RATIO or more
     replaced by its parts ("name[a:b]"); a PartedReference when any was split."""
-    from .fidelity import NEGLIGIBLE, PART_RATIO
+    from .fidelity import uneven_parts
 
     out, used = {}, {}
     for name, v in outputs.items():
         axis, bounds = parts.get(name, (0, ()))
-        pieces = ([(a, b, np.take(v, range(a, b), axis=axis)) for a, b in bounds]
-                  if len(bounds) > 1 and v.ndim > axis and bounds[-1][1] == v.shape[axis] else [])
-        sizes = [float(np.abs(p).max()) if p.size else 0.0 for _, _, p in pieces]
-        if pieces and min(sizes) > NEGLIGIBLE and max(sizes) / min(sizes) >= PART_RATIO:
+        pieces = uneven_parts(v, axis, bounds)
+        if pieces:
             out.update({f"{name}[{a}:{b}]": p for a, b, p in pieces})
             used[name] = (axis, bounds)
         else:
@@ -179,10 +177,11 @@ def score(reference: dict[str, np.ndarray], model: bytes, samples: Sequence[dict
     except ModelRunError as e:
         return Score.run_failed(str(e), len(samples))
     if isinstance(reference, PartedReference):  # the same parts of the same outputs
-        got = {f"{name}[{a}:{b}]" if name in reference.parts else name: part
-               for name, v in got.items()
-               for a, b, part in ([(a, b, np.take(v, range(a, b), axis=reference.parts[name][0]))
-                                   for a, b in reference.parts[name][1]] if name in reference.parts else [(0, 0, v)])}
+        from .fidelity import slices
+
+        got = {key: part for name, v in got.items() for key, part in
+               ([(f"{name}[{a}:{b}]", p) for a, b, p in slices(v, *reference.parts[name])]
+                if name in reference.parts else [(name, v)])}
     return compare_outputs(reference, got)
 
 

@@ -211,7 +211,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     refit = refit_data(data, opts.calib) if scheme.needs_calibration else None
     if refit is not None:  # little data: the written model is calibrated on every sample
         if optimized is not None and superseded is None:  # the level's choices on every sample
-            optimized_all = _replay(source, refit, req, optimized, progress)
+            optimized_all = _replay(source, refit, req, optimized, progress, len(data.calib_indices))
             if optimized_all is None:  # level best: the level again, measured on every sample
                 optimized_all, _ = _optimize(source, refit, req, level, class_outputs, profile, progress)
             refit_model = optimized_all.model if optimized_all else judged_first
@@ -568,8 +568,9 @@ def _optimize(source: SourceModel, data: CalibrationData, req: QuantizeRequest, 
 
 
 def _replay(source: SourceModel, data: CalibrationData, req: QuantizeRequest, optimized: OptimizeResult,
-            progress: Progress) -> OptimizeResult | None:
-    """The level's choices applied to every sample (optimize.replay), or None where it cannot replay."""
+            progress: Progress, seen: int) -> OptimizeResult | None:
+    """The level's choices applied to every sample (optimize.replay; the level ran on the first
+    `seen`), or None where it cannot replay."""
     from .int8_islands import kept_float
     from .optimize import litert_session, plan_recipe, replay
     from .signature import SIGNATURE_KEY
@@ -577,7 +578,8 @@ def _replay(source: SourceModel, data: CalibrationData, req: QuantizeRequest, op
     samples = list(progress.iter(data.calibration(), "Loading calibration samples", len(data.calib_indices)))
     recipe = plan_recipe(optimized.float_model, req.scheme.op_precision, req.per_op, req.io is IoType.FLOAT32)
     with progress.task(f"Applying the level's choices to all {len(samples)} samples"):
-        return replay(optimized, samples, litert_session(recipe, SIGNATURE_KEY, kept_float(req.per_op)), progress.note)
+        return replay(optimized, samples, litert_session(recipe, SIGNATURE_KEY, kept_float(req.per_op)), progress.note,
+                      seen=seen)
 
 
 def _load_profile(opts: ConvertOptions):

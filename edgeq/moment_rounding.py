@@ -137,7 +137,7 @@ def _patches(layer: WeightLayer, x: np.ndarray, rows: int, rng: np.random.Genera
     x = x.reshape((-1,) + x.shape[-3:])
     kh, kw = layer.float_weight.shape[1:3]
     ph, pw, oh, ow = valid_pads(layer, x.shape[1], x.shape[2])
-    xp = np.pad(x, ((0, 0), ph, pw, (0, 0)))
+    xp = np.pad(x, ((0, 0), ph, pw, (0, 0))) if any(ph) or any(pw) else x  # a 1x1 layer: no copy
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
     total = len(x) * oh * ow
     pos = np.arange(total) if total <= rows else rng.choice(total, rows, replace=False)
@@ -248,40 +248,67 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
     diag = np.einsum("ckk->kc", moments) if per_channel else np.diag(moments)[:, None]
     before = float((e * (g + lin)).sum())  # e^T M e + 2 e^T lin, with g = M e + lin
 
-    def gains(at):
-        """For weights `at` (a row index, or everything): the level step that can help (against the
-        gradient) and whether it does: moving weight i of channel c by `step` changes e^T M e by
-        2 step g_i + step^2 M_ii."""
-        d = -np.sign(g[at])
+    def gains(at, g_at):
+        """For weights `at` (a row index, or everything) whose gradient rows are g_at: the level step
+        that can help (against the gradient) and whether it does: moving weight i of channel c by
+        `step` changes e^T M e by 2 step g_i + step^2 M_ii."""
+        d = -np.sign(g_at)
         step = d * scale
         new = q[at] + d
-        return d, step, (new >= lo[at]) & (new <= hi[at]) & (2 * step * g[at] + step * step * diag[at] < 0)
+        return d, step, (new >= lo[at]) & (new <= hi[at]) & (2 * step * g_at + step * step * diag[at] < 0)
 
     for _ in range(sweeps):
         if work.spent:
             break
-        rows = np.flatnonzero(gains(slice(None))[2].any(axis=1))
+        rows = np.flatnonzero(gains(slice(None), g)[2].any(axis=1))
         work.add(k * channels + len(rows) * channels)
         if not len(rows):
             break
+        if not per_channel:
+            _sweep_blocks(rows, q, e, g, moments, gains, work)
+            continue
         for i in rows:  # g changes with every move: each row is re-checked when its turn comes
             work.add(ROW_WORK)
-            d, step, go = gains(i)
+            d, step, go = gains(i, g[i])
             cols = np.flatnonzero(go)
             if not len(cols):
                 continue
             q[i, cols] += d[cols]
             e[i, cols] += step[cols]
-            if per_channel:
-                g[:, cols] += moments[cols, :, i].T * step[cols]
-                work.add(k * len(cols))
-            elif 4 * len(cols) > len(go):  # many channels move: one dense update beats a column gather
-                g += np.outer(moments[:, i], np.where(go, step, 0.0))
-                work.add(k * channels)
-            else:
-                g[:, cols] += np.outer(moments[:, i], step[cols])
-                work.add(k * len(cols))
+            g[:, cols] += moments[cols, :, i].T * step[cols]
+            work.add(k * len(cols))
     return q, before, float((e * (g + lin)).sum())
+
+
+# Rows of a sweep whose moves reach the whole gradient through one matrix product (_sweep_blocks).
+BLOCK_ROWS = 32
+
+
+def _sweep_blocks(rows, q, e, g, moments, gains, work: Work) -> None:
+    """One sweep of search() over `rows` with moments shared by the channels, in place: row by row,
+    each moving the channels where a step helps, as search() does, but a move updates only the
+    gradient rows of its block of BLOCK_ROWS (which decide the next moves there); the block's moves
+    reach the rest of g in one matrix product after it. The same decisions up to float summation
+    order, for a fraction of the memory traffic: a move's rank-1 update of all fan_in rows was most
+    of MobileNetV2's 1x1 convolutions' search (fan-in up to 960)."""
+    k, channels = g.shape
+    for b0 in range(0, len(rows), BLOCK_ROWS):
+        block = rows[b0:b0 + BLOCK_ROWS]
+        gb = g[block]  # kept current move by move
+        mb = moments[np.ix_(block, block)]
+        delta = np.zeros((len(block), channels))
+        for j, i in enumerate(block):  # g changes with every move: each row is re-checked when its turn comes
+            work.add(ROW_WORK)
+            d, step, go = gains(i, gb[j])
+            cols = np.flatnonzero(go)
+            if not len(cols):
+                continue
+            q[i, cols] += d[cols]
+            e[i, cols] += step[cols]
+            delta[j, cols] = step[cols]
+            gb[:, cols] += np.outer(mb[:, j], step[cols])
+            work.add(k * channels if 4 * len(cols) > channels else k * len(cols))
+        g += moments[:, block] @ delta
 
 
 def _exact(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
@@ -470,12 +497,12 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
                                   sequential=linear is not None))
         return new
 
-    # Sequential: each layer's input from the int8 model as rounded so far, in graph order. Both
-    # models are run cut after the last sequential layer's input (te.prefix; whole when they cannot
-    # be cut): ConvNeXt-T's three sequential layers lie in its first stage (rounding 54 s -> 41 s).
-    wanted = [lay.input for lay in seq]
-    needed = {t for i in te.ancestors(sg, wanted) for t in te.ints(sg.operators[i].inputs)}  # tensors the cut reads
-    current = bytearray((te.prefix(m, wanted) if seq else None) or quant_model)
+    # Sequential: each layer's input from the int8 model as rounded so far, in graph order. The int8
+    # model is run cut after that layer's input (te.prefix: 1.2 s -> 0.9 s of MobileNetV2's runs), the
+    # float one after the last sequential layer's; whole when they cannot be cut (rounded weights then
+    # written into the int8 bytes in place): ConvNeXt-T's three sequential layers lie in its first
+    # stage (rounding 54 s -> 41 s).
+    whole = bytearray(quant_model) if seq and te.prefix(m, [seq[0].input]) is None else None
     float_prefix = (te.prefix(fm, [lay.float_input for lay in seq]) if seq else None) or float_model
     maps = {}
     for i, lay in enumerate(seq):
@@ -492,14 +519,12 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
         def pair(j, _, v, lay=lay, pm=pm):
             pm.add_pair(v, maps[lay.float_input][j])
 
-        capture(bytes(current), seq_samples, [lay.input], pair)
+        capture(te.prefix(m, [lay.input]) if whole is None else bytes(whole), seq_samples, [lay.input], pair)
         new = fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
-        # Written into the cut model when it reads the weights (a later sequential layer's input
-        # depends on them); when the write cannot land (a buffer shared with another tensor: _store
-        # gave it its own), cut again.
-        if (new is not None and lay.weight in needed
-                and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, new)):
-            current = bytearray(te.prefix(m, wanted) or te.pack(m))
+        # when the write cannot land (a buffer shared with another tensor: _store gave it its own), pack again
+        if (whole is not None and new is not None
+                and not te.overwrite_buffer(whole, sg.tensors[lay.weight].buffer, new)):
+            whole = bytearray(te.pack(m))
     maps = {}
     budget.deadline = time.monotonic() + seconds
     skipped += len(seq) - sum(1 for r in done if r.sequential)

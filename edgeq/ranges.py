@@ -62,7 +62,9 @@ def _interpreter(float_model: bytes):
 def _activations(float_model: bytes, samples, base: dict, signature_key: str | None, interp=None):
     """Yield {tensor name: (raveled values, their min, their max)} per sample for every float
     activation that base calibrated (`interp`: an _interpreter() of float_model to reuse). The
-    extremes come with the values: one pass over a CNN's maps each instead of three."""
+    extremes come with the values: one pass over a CNN's maps each instead of three. The values are
+    views of the interpreter's buffers (no copy: MobileNetV2's 28 MB a sample), valid until the next
+    sample runs: a caller copies what it keeps."""
     if interp is None:
         interp = _interpreter(float_model)
     else:
@@ -78,10 +80,11 @@ def _activations(float_model: bytes, samples, base: dict, signature_key: str | N
         and np.issubdtype(d["dtype"], np.floating)
     }
     for s in samples:
+        acts = x = None  # the previous sample's views are not read past here
         runner(**s)
         acts = {}
         for name, idx in targets.items():
-            x = interp.get_tensor(idx, sg).ravel()
+            x = (interp.tensor(idx)() if sg == 0 else interp.get_tensor(idx, sg)).ravel()  # tensor(): subgraph 0
             if not x.size:
                 continue
             lo, hi = float(x.min()), float(x.max())
@@ -208,26 +211,32 @@ SPAN_SLACK = 0.5  # the histogram spans the first samples' range widened by 50 %
 
 
 def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
-                signature_key: str | None = None) -> RangeStats:
+                signature_key: str | None = None, prior: RangeStats | None = None) -> RangeStats:
     """Statistics of every float activation base calibrated, over samples, in about one pass.
 
     A short first pass over SPAN_SAMPLES samples sets each histogram's span (their range, widened by
     SPAN_SLACK); the main pass bins every sample's values (a fixed random subset of at most
     HIST_VALUES per tensor) and tracks the true extremes and the moving-average min/max exactly. A
     value beyond the span counts in the edge bin: percentile and MSE choices stay within the span,
-    min-max uses the true extremes."""
+    min-max uses the true extremes. With `prior` (statistics of the same float model over other
+    samples) the pass continues it: its spans and tensors, `samples` added to its counts."""
     samples = list(samples)
     if not samples:
         raise CalibrationError("range selection needs calibration samples; pass --calib data")
     interp = _interpreter(float_model)
-    first = observed_ranges(float_model, samples[:SPAN_SAMPLES], base, signature_key, interp=interp)
-    spans = {}
-    for name, (lo, hi) in first.items():
-        pad = SPAN_SLACK * (hi - lo)
-        spans[name] = (lo - pad if lo < 0 else lo, hi + pad if hi > 0 else hi)
-    hists = {name: np.zeros(bins, np.int64) for name in spans}
-    extremes: dict[str, tuple[float, float]] = {}
-    moving: dict[str, tuple[float, float]] = {}
+    if prior is not None:
+        spans = dict(prior.spans)
+        bins = len(next(iter(prior.hists.values()))) if prior.hists else bins
+        hists = {name: h.copy() for name, h in prior.hists.items()}
+    else:
+        first = observed_ranges(float_model, samples[:SPAN_SAMPLES], base, signature_key, interp=interp)
+        spans = {}
+        for name, (lo, hi) in first.items():
+            pad = SPAN_SLACK * (hi - lo)
+            spans[name] = (lo - pad if lo < 0 else lo, hi + pad if hi > 0 else hi)
+        hists = {name: np.zeros(bins, np.int64) for name in spans}
+    extremes: dict[str, tuple[float, float]] = dict(prior.extremes) if prior else {}
+    moving: dict[str, tuple[float, float]] = dict(prior.moving) if prior else {}
     picks: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     marks = {name: {"min": np.float32(0)} for name in spans}  # which tensors to read
@@ -251,7 +260,7 @@ def range_stats(float_model: bytes, samples, base: dict, *, bins: int = 2048,
             flat *= np.float32(bins / (b - a))
             np.clip(flat, 0, bins - 1, out=flat)
             hists[name] += np.bincount(flat.astype(np.intp), minlength=bins)
-    return RangeStats(spans, extremes, moving, hists, len(samples))
+    return RangeStats(spans, extremes, moving, hists, len(samples) + (prior.samples if prior else 0))
 
 
 def with_range(entry: dict, a: float, b: float) -> dict:

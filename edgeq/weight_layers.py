@@ -179,16 +179,24 @@ def weight_layers(quant_model: bytes, float_model: bytes) -> list[WeightLayer]:
 
 
 def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
-            visit: Callable[[int, int, np.ndarray], None], signature_key: str | None = None) -> None:
+            visit: Callable[[int, int, np.ndarray], None], signature_key: str | None = None, *,
+            dequantize: bool = True) -> dict[int, tuple]:
     """Run `model` on every sample and call visit(sample number, tensor index, value as float32) for
-    each wanted tensor of subgraph 0 (int8 values dequantized)."""
+    each wanted tensor of subgraph 0 (int8 values dequantized; with dequantize=False as stored, for a
+    caller that reduces them first). Returns {tensor index: (scale, zero point)}."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
     from .fidelity import quantize_input
 
+    from .tflite_edit import schema
+
+    # Tensors that are the model's outputs (a cut model's) are read without keeping every tensor,
+    # which lets XNNPACK run it (sequential rounding's int8 runs: ~20 % faster)
+    outputs = set(int(t) for t in schema().Model.GetRootAs(model, 0).Subgraphs(0).OutputsAsNumpy())
     with quiet_native():  # preserve_all_tensors warns that it is a debugging aid: it is used as one
-        interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True, num_threads=2)
+        interp = Interpreter(model_content=model, experimental_preserve_all_tensors=not set(tensors) <= outputs,
+                             num_threads=2)
         keys = list(interp.get_signature_list())
         ins = interp.get_signature_runner(signature_key if signature_key in keys else keys[0]).get_input_details()
     # The interpreter itself, not the signature runner: that re-allocates on every call and copies
@@ -211,9 +219,13 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
             for t in tensors:
                 v = interp.get_tensor(t)
                 scale, zp = quant[t]
+                if not dequantize:
+                    visit(i, t, v)
+                    continue
                 if v.dtype.kind in "iu" and scale:
                     v = (v.astype(np.float32) - zp) * scale
                 visit(i, t, v.astype(np.float32, copy=False))
+    return quant
 
 
 def layer_forward(layer: WeightLayer, x, w, bias=None):

@@ -141,3 +141,25 @@ def test_channel_mean_equals_the_layer_run_on_the_mean_input(tf, kind, shape, ci
     y = np.asarray(layer_forward(lay, x, w), np.float64)
     want = y.reshape(-1, y.shape[-1]).mean(axis=0)
     np.testing.assert_allclose(_channel_mean(lay, x, w), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_inputs_of_int8_maps_are_their_dequantized_means(tiny_cnn, calib):
+    """The layer inputs' means are summed from the int8 values as stored and dequantized once
+    (mean_inputs): the same as the mean of each sample's dequantized map, for every layer input of
+    the tiny CNN's int8 model, int8 maps and the float model input alike."""
+    from edgeq.bias_correction import mean_inputs
+    from edgeq.weight_layers import capture, weight_layers
+
+    q = quantize_plain(tiny_cnn, calib)
+    tensors = sorted({lay.input for lay in weight_layers(q, tiny_cnn)})
+    got = mean_inputs(q, calib[:12], tensors)
+    sums = {}
+
+    def visit(_, t, v):
+        sums[t] = sums.get(t, 0.0) + v.astype(np.float64)
+
+    quant = capture(q, calib[:12], tensors, visit)
+    assert len(tensors) >= 3 and sum(1 for t in tensors if quant[t][0]) >= 2  # int8 maps among them
+    for t in tensors:
+        assert got[t].dtype == np.float32
+        np.testing.assert_allclose(got[t], sums[t] / 12, rtol=1e-5, atol=1e-6 * np.abs(sums[t]).max() / 12)

@@ -407,3 +407,46 @@ def test_depthwise_multiplier_outputs_share_their_input_channels_moments():
     assert np.allclose(mo.matrix(), want / rows + (ridge if rows < 4 * k else 0), rtol=1e-5)
     wm = w.reshape(k, cin * mult).astype(np.float64)
     assert np.allclose(pm.linear(wm), np.einsum("ckl,lc->kc", cross / rows, wm), rtol=1e-4, atol=1e-6)
+
+
+def _sweep_row_by_row(w_over_s, scale, m, sweeps=8):
+    """search()'s local search as first written: every move updates the whole gradient at once."""
+    lo = np.clip(np.floor(w_over_s), -127, 127)
+    hi = np.clip(lo + 1, -127, 127)
+    q = np.clip(np.round(w_over_s), -127, 127)
+    g = m @ ((q - w_over_s) * scale)
+    diag = np.diag(m)[:, None]
+
+    def gains(at):
+        d = -np.sign(g[at])
+        step = d * scale
+        return d, step, (q[at] + d >= lo[at]) & (q[at] + d <= hi[at]) & (2 * step * g[at] + step * step * diag[at] < 0)
+
+    for _ in range(sweeps):
+        rows = np.flatnonzero(gains(slice(None))[2].any(axis=1))  # the rows a sweep visits
+        if not len(rows):
+            break
+        for i in rows:
+            d, step, go = gains(i)
+            q[i, go] += d[go]
+            g += np.outer(m[:, i], np.where(go, step, 0.0))
+    return q
+
+
+def test_the_blocked_sweep_makes_the_row_by_row_sweeps_moves():
+    """A 1x1 convolution's search (moments shared by the channels, fan-in past the exact search)
+    updates the gradient a block of rows at a time (_sweep_blocks): the same moves as updating all
+    of it after every row, on correlated inputs where moves interact."""
+    from edgeq.moment_rounding import BLOCK_ROWS, search
+
+    rng = np.random.default_rng(11)
+    k, channels = 3 * BLOCK_ROWS + 7, 48
+    x = rng.normal(size=(4000, k)) @ rng.normal(size=(k, k)) * 0.2  # correlated inputs
+    m = x.T @ x / len(x)
+    w = rng.normal(0, 0.05, (k, channels))
+    scale = np.abs(w).max(axis=0) / 127
+    q, before, after = search(w / scale, scale, m)
+    reference = _sweep_row_by_row(w / scale, scale, m)
+    assert (reference != np.round(w / scale)).sum() > 100  # the sweeps moved many weights
+    np.testing.assert_array_equal(q, reference)
+    assert after < before

@@ -412,6 +412,34 @@ def test_replay_applies_fasts_choices_to_more_samples(tiny_cnn, calib, held_out,
     assert replay(replace(fast, level=type(fast.level)("best")), more, int8_session()) is None
 
 
+def test_replay_extends_the_levels_statistics_by_the_samples_it_did_not_see(tiny_cnn, calib, held_out, levels):
+    """With `seen` (convert: the level ran on the twin's calibration samples) the level's own
+    statistics are extended by the held-out ones instead of measured again: the replay's counts and
+    true extremes are those of all the samples together, and its ranges are the chosen rule's on
+    them."""
+    from edgeq.optimize import STATS_SAMPLES, replay
+    from edgeq.range_search import candidate_calibrations, output_names, spread
+    from edgeq.ranges import observed_ranges
+
+    fast = levels["fast"]
+    new = list(held_out[:16])
+    r = replay(fast, list(calib) + new, int8_session(), seen=len(calib))
+    assert fast.stats is not None and fast.stats.samples == min(len(calib), STATS_SAMPLES)
+    assert r.stats.samples == fast.stats.samples + len(new)
+    base = int8_session()(fast.float_model, calib[:2]).base
+    union = spread(calib, STATS_SAMPLES) + new
+    for name, (lo, hi) in observed_ranges(fast.float_model, union, base).items():
+        assert r.stats.extremes[name] == pytest.approx((lo, hi)), name
+    chosen = next((st.detail["ranges"] for st in fast.steps if st.name == "equalize" and st.kept),
+                  fast.steps[0].detail)["chosen"]
+    rule = "minmax-ema" if chosen.startswith("quantizer-own") else chosen.split("+")[0]
+    want = candidate_calibrations(base, r.stats)[rule]
+    outs = set(output_names(fast.float_model))
+    for name in (n for n, e in want.items() if "min" in e and n not in outs):
+        np.testing.assert_allclose(r.calibration[name]["max"], want[name]["max"], rtol=1e-6, err_msg=name)
+    assert output_error(tiny_cnn, r.model, held_out[16:]) < 1.5 * output_error(tiny_cnn, fast.model, held_out[16:])
+
+
 def test_fast_stops_after_the_ranges_when_a_large_model_has_settled(tf):
     """nsfwjs' InceptionV3 read softmax KL 0.0003 after its ranges, and the later steps took 60 s more
     (the conversion 3.1x the bare converter's time) for moves of 1e-4. A model of 1M+ weights whose

@@ -190,6 +190,25 @@ def test_range_stats_match_the_quantizers_own_statistics(tiny_model):
         assert stats.hists[name].sum() == 60 * sizes[name]
 
 
+def test_range_stats_continue_a_prior_pass_as_one_pass_over_all_samples(tiny_model):
+    """A pass given `prior` (the same model's statistics over earlier samples) continues it: its
+    spans, histograms, true extremes and moving averages are those of one pass over all the samples
+    in order (tensors this small are binned whole, so exactly)."""
+    from edgeq.ranges import range_stats
+
+    samples = _calib(60)
+    base, _ = _session(tiny_model, samples)
+    whole = range_stats(tiny_model, samples, base)
+    first = range_stats(tiny_model, samples[:40], base)
+    both = range_stats(tiny_model, samples[40:], base, prior=first)
+    assert both.samples == 60 and both.spans == whole.spans and both.hists.keys() == whole.hists.keys()
+    for name in whole.hists:
+        np.testing.assert_array_equal(both.hists[name], whole.hists[name], err_msg=name)
+        assert both.extremes[name] == whole.extremes[name]
+        assert both.moving[name] == pytest.approx(whole.moving[name], rel=1e-12)
+    assert any(first.hists[n].sum() < whole.hists[n].sum() for n in whole.hists)  # prior itself is not changed
+
+
 def test_search_ranges_measures_every_candidate_and_keeps_the_best(tiny_model):
     from edgeq.range_search import search_ranges
 

@@ -75,6 +75,7 @@ SEQUENTIAL_SAMPLES = 16
 SEQUENTIAL_WORK = 1.5e11
 SEQUENTIAL_ROWS = 512  # rows a sample: 8192 a layer where maps are large
 FLOAT_MAP_BYTES = 256 << 20  # float input maps of the next sequential layers held at once
+CUT_GROUP = 4  # sequential layers run on one cut of the int8 model (a cut packs the model: ~14 ms)
 
 
 @dataclass(frozen=True)
@@ -498,11 +499,12 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
         return new
 
     # Sequential: each layer's input from the int8 model as rounded so far, in graph order. The int8
-    # model is run cut after that layer's input (te.prefix: 1.2 s -> 0.9 s of MobileNetV2's runs), the
-    # float one after the last sequential layer's; whole when they cannot be cut (rounded weights then
-    # written into the int8 bytes in place): ConvNeXt-T's three sequential layers lie in its first
-    # stage (rounding 54 s -> 41 s).
-    whole = bytearray(quant_model) if seq and te.prefix(m, [seq[0].input]) is None else None
+    # model is run cut after the inputs of the next CUT_GROUP layers (te.prefix; a fitted layer's
+    # weights are written into the cut in place when it reads them), the float one after the last
+    # sequential layer's; whole when they cannot be cut. MobileNetV2: its runs 1.2 s -> 0.9 s;
+    # ConvNeXt-T's three sequential layers lie in its first stage (rounding 54 s -> 41 s).
+    current: bytearray | None = None
+    reads: set[int] | None = None  # tensors the cut reads (None: the whole model)
     float_prefix = (te.prefix(fm, [lay.float_input for lay in seq]) if seq else None) or float_model
     maps = {}
     for i, lay in enumerate(seq):
@@ -512,6 +514,11 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
             break
         if lay.float_input not in maps:
             maps = _float_inputs(float_prefix, fsg, seq_samples, seq[i:])
+        if current is None or i % CUT_GROUP == 0:
+            group = [g.input for g in seq[i:i + CUT_GROUP]]
+            cut = te.prefix(m, group)
+            current = bytearray(cut or te.pack(m))
+            reads = {t for o in te.ancestors(sg, group) for t in te.ints(sg.operators[o].inputs)} if cut else None
         # Its own generator per layer: the rows it samples do not depend on how many layers the
         # work budget left to the float-input fit (which draws from `rng`).
         pm = _PairedMoments(lay, np.random.default_rng([seed, lay.op_index]))
@@ -519,12 +526,12 @@ def round_weights(quant_model: bytes, float_model: bytes, samples: Sequence[dict
         def pair(j, _, v, lay=lay, pm=pm):
             pm.add_pair(v, maps[lay.float_input][j])
 
-        capture(te.prefix(m, [lay.input]) if whole is None else bytes(whole), seq_samples, [lay.input], pair)
+        capture(bytes(current), seq_samples, [lay.input], pair)
         new = fit(lay, pm.matrix(), pm.linear(_as_matrix(lay, lay.float_weight.astype(np.float64))))
-        # when the write cannot land (a buffer shared with another tensor: _store gave it its own), pack again
-        if (whole is not None and new is not None
-                and not te.overwrite_buffer(whole, sg.tensors[lay.weight].buffer, new)):
-            whole = bytearray(te.pack(m))
+        # when the write cannot land (a buffer shared with another tensor: _store gave it its own), cut again
+        if (new is not None and (reads is None or lay.weight in reads)
+                and not te.overwrite_buffer(current, sg.tensors[lay.weight].buffer, new)):
+            current = None
     maps = {}
     budget.deadline = time.monotonic() + seconds
     skipped += len(seq) - sum(1 for r in done if r.sequential)

@@ -160,7 +160,7 @@ def run_signature(runner, samples: Sequence[dict[str, np.ndarray]]) -> dict[str,
     """run_model on an already prepared signature runner (float data quantized for integer inputs)."""
     in_details = runner.get_input_details()
     out_details = runner.get_output_details()
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in out_details}
+    collected = {name: _Stack(len(samples)) for name in out_details}
     with quiet_native():  # the first invoke announces the XNNPACK delegate on stderr
         for i, s in enumerate(samples):
             feed = {}
@@ -172,8 +172,33 @@ def run_signature(runner, samples: Sequence[dict[str, np.ndarray]]) -> dict[str,
             except RuntimeError as e:  # a kernel refusing this input (int8_hazards.py), not a bug of the caller
                 raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)}") from None
             for name, d in out_details.items():
-                collected[name].append(dequantize_output(np.asarray(outs[name]), d))
-    return {k: np.concatenate(v, axis=0) if v else np.zeros(0) for k, v in collected.items()}
+                collected[name].add(dequantize_output(np.asarray(outs[name]), d))
+    return {k: v.result() for k, v in collected.items()}
+
+
+class _Stack:
+    """Outputs of n samples stacked on axis 0, written into one array as they come: a list and a
+    concatenate held them twice (EfficientPose's heatmaps, 50 samples: 0.87 GB instead of 0.43).
+    Outputs whose shape varies between samples are concatenated at the end."""
+
+    def __init__(self, n: int):
+        self.n, self.out, self.at, self.parts = n, None, 0, []
+
+    def add(self, y: np.ndarray) -> None:
+        if self.out is None and not self.parts and y.ndim:
+            self.out = np.empty((self.n * y.shape[0],) + y.shape[1:], y.dtype)
+        if self.out is not None and y.shape[1:] == self.out.shape[1:] and self.at + len(y) <= len(self.out):
+            self.out[self.at:self.at + len(y)] = y
+            self.at += len(y)
+            return
+        if self.out is not None:  # a shape the first sample did not have: back to a list
+            self.parts, self.out = [self.out[:self.at]], None
+        self.parts.append(y)
+
+    def result(self) -> np.ndarray:
+        if self.out is not None:
+            return self.out[:self.at] if self.at < len(self.out) else self.out
+        return np.concatenate(self.parts, axis=0) if self.parts else np.zeros(0)
 
 
 def quantize_input(x: np.ndarray, d: dict) -> np.ndarray:

@@ -172,3 +172,26 @@ def test_join_parts_reads_the_concatenation_that_writes_an_output(tf):
         fm = load_keras(save_keras(tf, model, Path(d) / "m.keras")).float_tflite
     parts = join_parts(fm)
     assert list(parts.values()) == [(1, ((0, 4), (4, 7)))]
+
+
+def test_outputs_are_stacked_as_they_come_whatever_their_shapes():
+    """run_signature writes each sample's outputs into one array (no list held beside it). Samples
+    whose batch differs from the first one's are concatenated as np.concatenate does; outputs that
+    cannot be stacked on axis 0 fail as they did with it."""
+    from edgeq.fidelity import _Stack
+
+    rng = np.random.default_rng(3)
+
+    def stacked(ys):
+        s = _Stack(len(ys))
+        for y in ys:
+            s.add(y)
+        return s.result()
+
+    same = [rng.normal(size=(1, 5, 4)).astype(np.float32) for _ in range(6)]
+    np.testing.assert_array_equal(stacked(same), np.concatenate(same))
+    batches = [rng.normal(size=(b, 5)).astype(np.float32) for b in (1, 2, 1, 3, 1)]
+    np.testing.assert_array_equal(stacked(batches), np.concatenate(batches))
+    assert stacked(batches).shape == (8, 5)
+    with pytest.raises(ValueError):
+        stacked(same[:2] + [rng.normal(size=(1, 7, 4)).astype(np.float32)])

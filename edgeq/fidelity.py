@@ -229,26 +229,76 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     for (name, ref), cand in zip(reference.items(), candidate.values()):
         split = _parts(ref, cand, *(parts or {}).get(name, (0, ())))
         kind = output_kind(name, ref, name in class_outputs)
-        ref = ref.reshape(ref.shape[0], -1).astype(np.float64)
-        cand = cand.reshape(cand.shape[0], -1).astype(np.float64)
+        ref, cand = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
         n = ref.shape[0]
-        rel = np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)
         # Ties go to the first index, as the deployed model's argmax resolves them (an int8 softmax
         # has 256 levels: its top two tie often). Counting ties as 1/k was measured: in the levels'
-        # judge it cost MobileNetV2 8 photos over the benchmark's 4 splits (docs/accuracy.md).
+        # judge it cost MobileNetV2 8 photos over the benchmark's 4 splits (docs/accuracy.md). (On
+        # the float32 values: the same order as in float64.)
         top1 = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean()) if kind.has_top1 and n else None
-        cos, offset, plain = _cosine(ref, cand), None, None
+        m = _RowMetrics(ref, cand)
+        cos, offset, plain = m.cosine, None, None
         if n and ref.shape[1] >= _MIN_COSINE_VALUES:
-            mean = ref.mean(axis=1, keepdims=True)
-            spread = ref.std(axis=1, keepdims=True)
             # an output constant within a sample has no spread to judge around: plain cosine there
-            flat = spread <= 1e-6 * np.abs(mean)  # float32 rounding of a constant
-            ratio = np.where(flat, 0.0, np.abs(mean) / np.maximum(spread, 1e-30))
+            flat = m.spread <= 1e-6 * np.abs(m.mean)  # float32 rounding of a constant
+            ratio = np.where(flat, 0.0, np.abs(m.mean) / np.maximum(m.spread, 1e-30))
             if np.median(ratio) >= OFFSET_RATIO:
-                offset, plain, cos = float(np.median(mean)), cos, _cosine(ref - mean, cand - mean)
-        outs.append(OutputFidelity(name, cos, float(rel), float(np.abs(ref - cand).max()) if n else 0.0,
-                                   top1, kind, offset, plain, float(np.abs(ref).max()) if n else None, split))
+                offset, plain, cos = float(np.median(m.mean)), cos, m.centered_cosine
+        outs.append(OutputFidelity(name, cos, m.rel_l2, m.max_abs if n else 0.0,
+                                   top1, kind, offset, plain, m.ref_max_abs if n else None, split))
     return Fidelity(n, tuple(outs))
+
+
+# Values (float64) of one block of samples compared at once: EfficientPose's 50 heatmap outputs
+# (2.2M values a sample) compared whole took ~3.5 GB of temporaries, a block of them 0.25 GB.
+BLOCK_BYTES = 64 << 20
+
+
+def row_blocks(n: int, per_row: int) -> list[slice]:
+    """Slices of n rows of per_row values each, BLOCK_BYTES of float64 at most (one row at least)."""
+    step = max(1, BLOCK_BYTES // max(8 * per_row, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+class _RowMetrics:
+    """compare()'s per-sample statistics of ref and cand ([samples, values] float32), computed in
+    float64 a block of samples at a time: the same values row by row as on the whole arrays (and
+    the same relative L2 when they fit one block), in bounded memory."""
+
+    def __init__(self, ref: np.ndarray, cand: np.ndarray):
+        blocks = row_blocks(len(ref), ref.shape[1])
+        self._whole = None
+        if ref.shape[1] < _MIN_COSINE_VALUES or len(blocks) == 1:  # short ones: one vector (_cosine)
+            r, c = ref.astype(np.float64), cand.astype(np.float64)
+            self.rel_l2 = float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12))
+            self.cosine = _cosine(r, c)
+            self.mean, self.spread = r.mean(axis=1, keepdims=True), r.std(axis=1, keepdims=True)
+            self.max_abs = float(np.abs(r - c).max()) if r.size else 0.0
+            self.ref_max_abs = float(np.abs(r).max()) if r.size else 0.0
+            self._whole = (r, c)
+            return
+        diff2 = ref2 = 0.0
+        parts = []
+        for b in blocks:
+            r, c = ref[b].astype(np.float64), cand[b].astype(np.float64)
+            diff2 += float(np.linalg.norm(r - c)) ** 2
+            ref2 += float(np.linalg.norm(r)) ** 2
+            mean, spread = r.mean(axis=1, keepdims=True), r.std(axis=1, keepdims=True)
+            parts.append((_row_cosines(r, c), _row_cosines(r - mean, c - mean), mean, spread,
+                          float(np.abs(r - c).max()), float(np.abs(r).max())))
+        self.rel_l2 = float(np.sqrt(diff2) / max(np.sqrt(ref2), 1e-12))
+        cos, centered, mean, spread, max_abs, ref_max_abs = zip(*parts)
+        self.cosine, self._centered = float(np.concatenate(cos).mean()), float(np.concatenate(centered).mean())
+        self.mean, self.spread = np.concatenate(mean), np.concatenate(spread)
+        self.max_abs, self.ref_max_abs = max(max_abs), max(ref_max_abs)
+
+    @property
+    def centered_cosine(self) -> float:
+        """The mean per-sample cosine around each sample's float mean."""
+        if self._whole is None:
+            return self._centered
+        r, c = self._whole
+        return _cosine(r - self.mean, c - self.mean)
 
 
 def slices(v: np.ndarray, axis: int, bounds) -> list[tuple[int, int, np.ndarray]]:
@@ -315,12 +365,16 @@ def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
     """Mean per-sample cosine; short outputs (< 16 values a sample) as one vector over all samples."""
     if ref.shape[1] < _MIN_COSINE_VALUES:
         ref, cand = ref.reshape(1, -1), cand.reshape(1, -1)
+    cos = _row_cosines(ref, cand)
+    return float(cos.mean()) if cos.size else 1.0
+
+
+def _row_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     num = (ref * cand).sum(axis=1)
     den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     # Exact zeros against a float output that is 0 to within NEGLIGIBLE match it (no direction to miss).
     same = np.abs(ref - cand).max(axis=1, initial=0.0) <= np.where(den > 0, 0.0, NEGLIGIBLE)
-    cos = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(same, 1.0, 0.0))
-    return float(cos.mean()) if cos.size else 1.0
+    return np.where(den > 0, num / np.maximum(den, 1e-30), np.where(same, 1.0, 0.0))
 
 
 def is_vector_output(ref: np.ndarray) -> bool:

@@ -108,18 +108,29 @@ def _softmax(z: np.ndarray, probabilities: bool) -> np.ndarray:
 
 def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> Score:
     rel, cos, top1, kl, n, cosines, sure, n_sure = 0.0, 1.0, None, None, 0, [], None, 0
+    from .fidelity import row_blocks
+
     for ref, cand in zip(reference.values(), got.values()):
-        r = ref.reshape(len(ref), -1).astype(np.float64)
-        c = cand.reshape(len(cand), -1).astype(np.float64)
-        n = len(r)
-        rel = max(rel, float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)))
-        den = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
-        cosines.append(float(np.mean(np.where(den > 0, (r * c).sum(1) / np.maximum(den, 1e-30), 1.0))))
+        r32, c32 = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
+        n = len(r32)
+        blocks = row_blocks(n, r32.shape[1])  # float64 a block of samples at a time (fidelity.BLOCK_BYTES)
+        diff2, ref2, row_cos = [], [], []
+        for b in blocks:
+            r, c = r32[b].astype(np.float64), c32[b].astype(np.float64)
+            diff2.append(float(np.linalg.norm(r - c)))
+            ref2.append(float(np.linalg.norm(r)))
+            den = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+            row_cos.append(np.where(den > 0, (r * c).sum(1) / np.maximum(den, 1e-30), 1.0))
+        if len(blocks) > 1:
+            diff2, ref2 = [float(np.sqrt(np.sum(np.square(diff2))))], [float(np.sqrt(np.sum(np.square(ref2))))]
+        rel = max(rel, diff2[0] / max(ref2[0], 1e-12))
+        cosines.append(float(np.mean(np.concatenate(row_cos))))
         cos = min(cos, cosines[-1])
-        if r.shape[1] >= 2:
-            agree = float((r.argmax(1) == c.argmax(1)).mean())
+        if r32.shape[1] >= 2:  # argmax of the float32 values: the same as of their float64 copies
+            agree = float((r32.argmax(1) == c32.argmax(1)).mean())
             top1 = agree if top1 is None else min(top1, agree)
-        if is_score_vector(ref):
+        if is_score_vector(ref):  # a class-score vector: small
+            r, c = r32.astype(np.float64), c32.astype(np.float64)
             probs = bool((r >= 0).all() and np.allclose(r.sum(1), 1.0, atol=1e-3))
             p, q = _softmax(r, probs), _softmax(c, probs)
             d = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))

@@ -195,3 +195,29 @@ def test_outputs_are_stacked_as_they_come_whatever_their_shapes():
     assert stacked(batches).shape == (8, 5)
     with pytest.raises(ValueError):
         stacked(same[:2] + [rng.normal(size=(1, 7, 4)).astype(np.float32)])
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])  # 50: the offset rule's cosine around the mean
+def test_large_outputs_are_compared_a_block_of_samples_at_a_time(monkeypatch, offset):
+    """compare() and the levels' judge (range_search.compare_outputs) take float64 copies of a block
+    of samples at a time (fidelity.BLOCK_BYTES): with blocks of 3 samples they give what one block of
+    all 10 gives, every metric, so a heatmap model's outputs no longer need gigabytes of copies."""
+    import edgeq.fidelity as fidelity
+    from edgeq.range_search import compare_outputs
+
+    rng = np.random.default_rng(5)
+    ref = {"heat": (rng.normal(size=(10, 20, 20, 4)) + offset).astype(np.float32)}
+    cand = {"heat": (ref["heat"] + rng.normal(0, 0.05, ref["heat"].shape)).astype(np.float32)}
+    cand["heat"][3] = rng.normal(size=ref["heat"][3].shape) + offset  # one sample far off
+    whole_fid, whole_score = fidelity.compare(ref, cand), compare_outputs(ref, cand)
+    monkeypatch.setattr(fidelity, "BLOCK_BYTES", 3 * 8 * 20 * 20 * 4)
+    assert len(fidelity.row_blocks(10, 20 * 20 * 4)) == 4
+    blocked_fid, blocked_score = fidelity.compare(ref, cand), compare_outputs(ref, cand)
+    a, b = whole_fid.outputs[0], blocked_fid.outputs[0]
+    assert (a.offset is None) == (offset == 0.0) and (b.offset is None) == (offset == 0.0)
+    for field in ("cosine", "rel_l2", "max_abs", "top1_agreement", "offset", "plain_cosine", "reference_max_abs"):
+        want = getattr(a, field)
+        assert getattr(b, field) == (None if want is None else pytest.approx(want, rel=1e-12)), field
+    assert blocked_score.cosine == pytest.approx(whole_score.cosine, rel=1e-12)
+    assert blocked_score.rel_l2 == pytest.approx(whole_score.rel_l2, rel=1e-12)
+    assert blocked_score.top1 == whole_score.top1 and a.cosine < 0.99

@@ -95,7 +95,7 @@ class _Crops:
     def cut(self, x: np.ndarray, sample: int) -> list[np.ndarray]:
         lay = self.layer
         if lay.kind == "FULLY_CONNECTED":
-            return [x.reshape(-1, x.shape[-1])]
+            return [x.reshape(-1, x.shape[-1]).copy()]  # x is the interpreter's buffer (capture)
         x = x.reshape(x.shape[-3:])
         ph, pw, oh, ow = valid_pads(lay, x.shape[0], x.shape[1])
         xp = np.pad(x, (ph, pw, (0, 0)))

@@ -183,7 +183,8 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
             dequantize: bool = True) -> dict[int, tuple]:
     """Run `model` on every sample and call visit(sample number, tensor index, value as float32) for
     each wanted tensor of subgraph 0 (int8 values dequantized; with dequantize=False as stored, for a
-    caller that reduces them first). Returns {tensor index: (scale, zero point)}."""
+    caller that reduces them first). A float value is a view of the interpreter's buffer, valid
+    during the call: visit copies what it keeps. Returns {tensor index: (scale, zero point)}."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
@@ -217,7 +218,7 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
                 interp.set_tensor(k, v)
             interp.invoke()
             for t in tensors:
-                v = interp.get_tensor(t)
+                v = interp.tensor(t)()  # a view, valid until the next run: visit copies what it keeps
                 scale, zp = quant[t]
                 if not dequantize:
                     visit(i, t, v)
@@ -225,6 +226,7 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
                 if v.dtype.kind in "iu" and scale:
                     v = (v.astype(np.float32) - zp) * scale
                 visit(i, t, v.astype(np.float32, copy=False))
+            v = None  # no view of the interpreter's buffers outlives the run (invoke() refuses to run then)
     return quant
 
 

@@ -260,45 +260,45 @@ def row_blocks(n: int, per_row: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
 
 
+def float64_blocks(ref: np.ndarray, cand: np.ndarray):
+    """Yield float64 copies of the rows of ref and cand ([samples, values]), a block at a time
+    (row_blocks); one (empty) block when there are no rows."""
+    for b in row_blocks(len(ref), ref.shape[1]):
+        yield ref[b].astype(np.float64), cand[b].astype(np.float64)
+
+
+def joined_norm(norms: Sequence[float]) -> float:
+    """The L2 norm of all the rows from their blocks' norms (one block's own, exactly)."""
+    return float(norms[0]) if len(norms) == 1 else float(np.sqrt(np.sum(np.square(norms))))
+
+
 class _RowMetrics:
     """compare()'s per-sample statistics of ref and cand ([samples, values] float32), computed in
     float64 a block of samples at a time: the same values row by row as on the whole arrays (and
     the same relative L2 when they fit one block), in bounded memory."""
 
     def __init__(self, ref: np.ndarray, cand: np.ndarray):
-        blocks = row_blocks(len(ref), ref.shape[1])
-        self._whole = None
-        if ref.shape[1] < _MIN_COSINE_VALUES or len(blocks) == 1:  # short ones: one vector (_cosine)
-            r, c = ref.astype(np.float64), cand.astype(np.float64)
-            self.rel_l2 = float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12))
-            self.cosine = _cosine(r, c)
-            self.mean, self.spread = r.mean(axis=1, keepdims=True), r.std(axis=1, keepdims=True)
-            self.max_abs = float(np.abs(r - c).max()) if r.size else 0.0
-            self.ref_max_abs = float(np.abs(r).max()) if r.size else 0.0
-            self._whole = (r, c)
-            return
-        diff2 = ref2 = 0.0
-        parts = []
-        for b in blocks:
-            r, c = ref[b].astype(np.float64), cand[b].astype(np.float64)
-            diff2 += float(np.linalg.norm(r - c)) ** 2
-            ref2 += float(np.linalg.norm(r)) ** 2
-            mean, spread = r.mean(axis=1, keepdims=True), r.std(axis=1, keepdims=True)
-            parts.append((_row_cosines(r, c), _row_cosines(r - mean, c - mean), mean, spread,
-                          float(np.abs(r - c).max()), float(np.abs(r).max())))
-        self.rel_l2 = float(np.sqrt(diff2) / max(np.sqrt(ref2), 1e-12))
-        cos, centered, mean, spread, max_abs, ref_max_abs = zip(*parts)
-        self.cosine, self._centered = float(np.concatenate(cos).mean()), float(np.concatenate(centered).mean())
+        diff, size, cos, centered, mean, spread, max_abs, ref_max_abs = [], [], [], [], [], [], [], []
+        for r, c in float64_blocks(ref, cand):
+            diff.append(np.linalg.norm(r - c))
+            size.append(np.linalg.norm(r))
+            m, sd = r.mean(axis=1, keepdims=True), r.std(axis=1, keepdims=True)
+            cos.append(_row_cosines(r, c))
+            centered.append(_row_cosines(r - m, c - m))
+            mean.append(m)
+            spread.append(sd)
+            if r.size:
+                max_abs.append(float(np.abs(r - c).max()))
+                ref_max_abs.append(float(np.abs(r).max()))
+        self.rel_l2 = joined_norm(diff) / max(joined_norm(size), 1e-12)
         self.mean, self.spread = np.concatenate(mean), np.concatenate(spread)
-        self.max_abs, self.ref_max_abs = max(max_abs), max(ref_max_abs)
-
-    @property
-    def centered_cosine(self) -> float:
-        """The mean per-sample cosine around each sample's float mean."""
-        if self._whole is None:
-            return self._centered
-        r, c = self._whole
-        return _cosine(r - self.mean, c - self.mean)
+        self.max_abs, self.ref_max_abs = max(max_abs, default=0.0), max(ref_max_abs, default=0.0)
+        if ref.shape[1] < _MIN_COSINE_VALUES:  # one vector over all samples (_cosine): few values
+            self.cosine = _cosine(ref.astype(np.float64), cand.astype(np.float64))
+        else:
+            self.cosine = _mean_cosine(np.concatenate(cos))
+        # around each sample's float mean (compare() uses it only for outputs of 16+ values a sample)
+        self.centered_cosine = _mean_cosine(np.concatenate(centered))
 
 
 def slices(v: np.ndarray, axis: int, bounds) -> list[tuple[int, int, np.ndarray]]:
@@ -365,7 +365,10 @@ def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
     """Mean per-sample cosine; short outputs (< 16 values a sample) as one vector over all samples."""
     if ref.shape[1] < _MIN_COSINE_VALUES:
         ref, cand = ref.reshape(1, -1), cand.reshape(1, -1)
-    cos = _row_cosines(ref, cand)
+    return _mean_cosine(_row_cosines(ref, cand))
+
+
+def _mean_cosine(cos: np.ndarray) -> float:
     return float(cos.mean()) if cos.size else 1.0
 
 

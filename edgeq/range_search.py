@@ -108,22 +108,18 @@ def _softmax(z: np.ndarray, probabilities: bool) -> np.ndarray:
 
 def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> Score:
     rel, cos, top1, kl, n, cosines, sure, n_sure = 0.0, 1.0, None, None, 0, [], None, 0
-    from .fidelity import row_blocks
+    from .fidelity import float64_blocks, joined_norm
 
     for ref, cand in zip(reference.values(), got.values()):
         r32, c32 = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
         n = len(r32)
-        blocks = row_blocks(n, r32.shape[1])  # float64 a block of samples at a time (fidelity.BLOCK_BYTES)
-        diff2, ref2, row_cos = [], [], []
-        for b in blocks:
-            r, c = r32[b].astype(np.float64), c32[b].astype(np.float64)
-            diff2.append(float(np.linalg.norm(r - c)))
-            ref2.append(float(np.linalg.norm(r)))
+        diff, size, row_cos = [], [], []
+        for r, c in float64_blocks(r32, c32):  # a block of samples at a time (fidelity.BLOCK_BYTES)
+            diff.append(np.linalg.norm(r - c))
+            size.append(np.linalg.norm(r))
             den = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
             row_cos.append(np.where(den > 0, (r * c).sum(1) / np.maximum(den, 1e-30), 1.0))
-        if len(blocks) > 1:
-            diff2, ref2 = [float(np.sqrt(np.sum(np.square(diff2))))], [float(np.sqrt(np.sum(np.square(ref2))))]
-        rel = max(rel, diff2[0] / max(ref2[0], 1e-12))
+        rel = max(rel, joined_norm(diff) / max(joined_norm(size), 1e-12))
         cosines.append(float(np.mean(np.concatenate(row_cos))))
         cos = min(cos, cosines[-1])
         if r32.shape[1] >= 2:  # argmax of the float32 values: the same as of their float64 copies

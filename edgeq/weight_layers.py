@@ -183,13 +183,13 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
             dequantize: bool = True) -> dict[int, tuple]:
     """Run `model` on every sample and call visit(sample number, tensor index, value as float32) for
     each wanted tensor of subgraph 0 (int8 values dequantized; with dequantize=False as stored, for a
-    caller that reduces them first). A float value is a view of the interpreter's buffer, valid
-    during the call: visit copies what it keeps. Returns {tensor index: (scale, zero point)}."""
+    caller that reduces them first). A value not converted (float, or int8 with dequantize=False) is
+    a view of the interpreter's buffer, valid during the call: visit copies what it keeps. Returns
+    {tensor index: (scale, zero point)}."""
     from ai_edge_litert.interpreter import Interpreter
 
     from .quiet import quiet_native
     from .fidelity import quantize_input
-
     from .tflite_edit import schema
 
     # Tensors that are the model's outputs (a cut model's) are read without keeping every tensor,

@@ -30,7 +30,7 @@ def library_call(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .interrupts import check, install, recording
+        from .interrupts import check, install, reason, recording
         install()  # a Ctrl-C that lands in a gc callback (JAX's, during HF loading) still stops us
         try:
             with recording():
@@ -48,7 +48,7 @@ def library_call(fn):
             cls = DeviceFailure if e.exit_code == 3 else click.ClickException
             raise cls(str(e)) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
+            raise click.ClickException(reason()) from None
 
     return wrapper
 

@@ -12,6 +12,10 @@ swallow the KeyboardInterrupt itself: seen once in 9 tries with MiniLM interrupt
 loaded host, which then wrote its output and exited 0. So install() also records that a Ctrl-C
 arrived while a command runs (`recording()`), and `check()` raises it again: files.atomic_write
 calls it before writing anything, and the CLI after the command returns.
+
+SIGTERM (`timeout`, a CI job cancelled, `kill`) and SIGHUP (the terminal closed) end a command the
+same way while it runs: Python's default for them is to die on the spot, which left a conversion's
+temporary files and a flash's bundle behind and skipped the device-side cleanup a Ctrl-C gets.
 """
 
 from __future__ import annotations
@@ -23,17 +27,26 @@ import threading
 from contextlib import contextmanager
 
 _installed = False
-_pending = False  # a Ctrl-C arrived during recording() (it may have been swallowed on its way up)
+_pending = 0  # the signal that arrived during recording() (it may have been swallowed on its way up)
+_last = 0  # the signal that stopped the last recording(), kept after it for reason()
+_STOPPING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-def _on_sigint(signum, frame):
-    global _pending
-    _pending = True
+def _on_signal(signum, frame):
+    global _pending, _last
+    _pending = _last = signum
     raise KeyboardInterrupt
 
 
 def pending() -> bool:
-    return _pending
+    return bool(_pending)
+
+
+def reason() -> str:
+    """What to tell the user a stopped command ended by: "interrupted" (Ctrl-C) or the signal's name."""
+    if _last and _last != signal.SIGINT:
+        return f"terminated by {signal.Signals(_last).name}"
+    return "interrupted"
 
 
 def check() -> None:
@@ -102,17 +115,21 @@ def install() -> None:
 @contextmanager
 def recording():
     """While a command runs: record every Ctrl-C (check()), keeping Python's behaviour of raising
-    KeyboardInterrupt; the previous handler comes back after. Nothing changes off the main thread
-    or when someone else installed a SIGINT handler."""
-    global _pending
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    KeyboardInterrupt, and stop on SIGTERM / SIGHUP the same way; the previous handlers come back
+    after. Nothing changes off the main thread, nor for a signal someone else handles (or ignores:
+    SIGHUP under nohup)."""
+    global _pending, _last
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _pending = False
-    signal.signal(signal.SIGINT, _on_sigint)
+    defaults = {signal.SIGINT: signal.default_int_handler}
+    ours = {s: signal.getsignal(s) for s in _STOPPING if signal.getsignal(s) is defaults.get(s, signal.SIG_DFL)}
+    _pending = _last = 0
+    for s in ours:
+        signal.signal(s, _on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _pending = False
+        for s, handler in ours.items():
+            signal.signal(s, handler)
+        _pending = 0

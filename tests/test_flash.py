@@ -339,8 +339,10 @@ def test_model_update_keeps_runtime_and_rollback_restores_pairs(sshd, models, tm
 
 
 # --------------------------------------------------------------------------- faults
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
+    """Ctrl-C and SIGTERM (`timeout`, a cancelled CI job) clean up behind themselves on the device;
+    kill -9 cannot, and the next flash takes the dead flash's lock over."""
     kh = sshd.known_hosts(tmp_path / "kh")
     dev = Device(sshd, slot)
     old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
@@ -353,7 +355,7 @@ def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
         assert (staged / "model.tflite").stat().st_size < big_model.stat().st_size  # really mid-upload
         assert dev.lock()["pid"] == proc.pid
         proc.send_signal(sig)
-        if sig == signal.SIGINT:
+        if sig != signal.SIGKILL:
             time.sleep(0.5)
             proxy.resume()  # the link is fine: the interrupted flash cleans up behind itself
         else:
@@ -366,8 +368,9 @@ def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
             proc.kill()
             proc.wait()
     assert dev.link("current") == old.version and dev.releases() == [old.version]
-    if sig == signal.SIGINT:
-        assert proc.returncode == 1 and err.strip() == "Error: interrupted" and out == ""
+    if sig != signal.SIGKILL:
+        said = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
+        assert proc.returncode == 1 and err.strip() == f"Error: {said}" and out == ""
         assert_serves(sshd, kh, slot, models[0])
     else:
         assert proc.returncode == -signal.SIGKILL

@@ -231,3 +231,57 @@ def test_a_ctrl_c_while_the_cli_imports_ends_in_one_line(monkeypatch, capsys):
     assert "edgeq.entry" in script.read_text()
     r = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "edgeq, version" in r.stdout
+
+
+def test_sigterm_mid_conversion_cleans_up_and_says_so(tf, tiny_dense, tmp_path):
+    """`timeout`, a cancelled CI job or `kill` send SIGTERM, whose Python default is to die on the
+    spot: a conversion stopped that way left TensorFlow's SavedModel export (~0.7 MB for a tiny
+    model, hundreds for a real one) and autograph files in $TMPDIR. The real `edgeq convert`, stopped
+    once its float conversion has files in a private TMPDIR: it ends like a Ctrl-C, one line, exit 1,
+    nothing left behind and nothing written."""
+    import os
+    import signal
+    import time
+
+    import numpy as np
+
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(64, 8)).astype("float32"))  # tiny_dense takes 8 values
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out" / "m.tflite"
+    out.parent.mkdir()
+    edgeq = Path(sys.executable).with_name("edgeq")
+    p = subprocess.Popen([str(edgeq), "convert", str(tiny_dense), "--calib", str(data), "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, TMPDIR=str(tmp)))
+    try:
+        deadline = time.monotonic() + 120
+        while not any(tmp.iterdir()) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(tmp.iterdir()), "the conversion made no temporary files to clean up"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1 and err.strip().splitlines()[-1] == "Error: terminated by SIGTERM"
+    assert list(tmp.iterdir()) == [] and list(out.parent.iterdir()) == []
+
+
+def test_recording_restores_handlers_and_leaves_ignored_signals_alone():
+    """SIGHUP ignored (nohup) stays ignored; every handler comes back after the command."""
+    import signal
+
+    from edgeq.interrupts import recording
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with recording():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -97,6 +97,10 @@ class Target:
         where = f"{r.output}[{part.start}:{part.stop}] (axis {part.axis})" if part else r.output
         return f"{where} {r.metric} {_shown(r.value(fid), r.bound)} (needs {r.text().split(' ', 2)[2]})"
 
+    def silence(self, fid: Fidelity) -> str:
+        """"" or why the worst output's numbers say little: the samples barely make it respond."""
+        return fid.output(self.worst(fid).output).silence()
+
     def describe(self) -> str:
         what = "; ".join(r.text() for r in self.requirements)
         return f"fidelity floor: {what}" if self.floor else f"accuracy budget: {what}"

@@ -395,7 +395,7 @@ class _Loop:
         self.report["met"] = False
         fitting = [p for p in self.probes.values() if self._fits(p.model)]
         best = max(fitting, key=lambda p: _margin(p.fid, self.target), default=None)
-        moved = f"{len(best.step['moved'])} op(s) moved" if best else "no op could move"
+        moved = f"{len(best.step['moved'])} op(s) moved" if best else "no op that could move"
         no_better = (best is not None and self._fits(self.first_model)
                      and _margin(self.first_fid, self.target) >= _margin(best.fid, self.target))
         if no_better:
@@ -416,16 +416,17 @@ class _Loop:
                 f"{human_size(self.ctx.max_bytes)}, nothing written: {reached} at {human_size(size)} "
                 f"({self.report['probes']} probes)",
                 f"--max-drop {drop}" if (drop := _suggest_drop(fid, self.target)) else "--no-floor (it does not follow float)")
+        silence = self.target.silence(fid)
         if self.target.floor:
             drop = _suggest_drop(fid, self.target)
             accept = f"accept less with --max-drop {drop}, " if drop else ""
             raise QuantizationError(
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "
-                f"{self.report['seconds']:.0f}s); {accept}"
+                f"{self.report['seconds']:.0f}s); {silence + '; or ' if silence else ''}{accept}"
                 f"try {_wider_scheme(self.ctx.scheme)}another --device profile, or turn the floor off with --no-floor")
         wider = _wider_scheme(self.ctx.scheme)  # "--scheme X or " or ""
-        raise QuantizationError(f"accuracy budget not met: {reached}; raise --max-drop, "
-                                f"{'try ' + wider if wider else ''}improve calibration data")
+        raise QuantizationError(f"accuracy budget not met: {reached}; {silence + '; or ' if silence else ''}"
+                                f"raise --max-drop, {'try ' + wider if wider else ''}improve calibration data")
 
     def _kept(self, chosen: _Probe) -> list[Move]:
         return [mv for mv in chosen.moves if any(i in self.move_to for i in mv.ops)]

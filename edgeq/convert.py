@@ -185,7 +185,9 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     if target is not None:
         if requant is None and not target.met(fid):
             raise QuantizationError(f"{'fidelity floor' if target.floor else 'accuracy budget'} not met, nothing "
-                                    f"written: {target.reached(fid)}; the budget loop that would move ops out of "
+                                    f"written: {target.reached(fid)}; "
+                                    + (f"{silence}; " if (silence := target.silence(fid)) else "")
+                                    + f"the budget loop that would move ops out of "
                                     f"{scheme.value} needs --scheme int8/int16x8/dynamic and --io float32/int8"
                                     + ("; or turn the floor off with --no-floor" if target.floor else ""))
         loop_requant = requant

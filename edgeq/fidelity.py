@@ -57,6 +57,11 @@ NEGLIGIBLE = 1e-6
 # and 0..1 scores, float_joins.py) gets each part judged too: the larger part carries the whole
 # output's cosine (NudeNet 320n: 0.9998 with every score lost).
 PART_RATIO = 16.0
+# An output whose float values are exactly 0 this often on the samples barely responds to them: a
+# face descriptor on photos without faces (FaceRes: 1 of 1024 values non-zero, cosine 0.46) is
+# judged on noise, and a refusal should say the data is the thing to change. (Exact zeros: a ReLU's;
+# a confident softmax holds many values under 1e-6, and class scores are never called silent.)
+SILENT_SHARE = 0.95
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,21 @@ class OutputFidelity:
     reference_max_abs: float | None = None  # the float output's largest |value| on these samples
     # An output joined from parts of very different size (PART_RATIO): each part's own fidelity
     parts: tuple[PartFidelity, ...] = ()
+    reference_zero_share: float | None = None  # share of the float output's values that are exactly 0
+
+    @property
+    def silent(self) -> bool:
+        """The samples barely make this output respond (SILENT_SHARE of its float values are 0)."""
+        return (self.kind is not OutputKind.CLASS_SCORES and self.reference_zero_share is not None
+                and self.reference_zero_share >= SILENT_SHARE)
+
+    def silence(self) -> str:
+        """Why this output's numbers say little, for a refusal or a note ("" when it responds)."""
+        if not self.silent:
+            return ""
+        return (f"on these samples float's {self.name} is 0 in {self.reference_zero_share:.1%} of its values: "
+                "the data barely makes it respond, so calibrate and judge on the inputs the model is made for "
+                "(faces for a face model, a detector's positive examples)")
 
     def to_json(self) -> dict:
         d = {"name": self.name, "kind": str(self.kind), "cosine": self.cosine, "rel_l2": self.rel_l2,
@@ -96,6 +116,8 @@ class OutputFidelity:
             d.update(cosine_around_mean=True, offset=self.offset, plain_cosine=self.plain_cosine)
         if self.parts:
             d["parts"] = [p.to_json() for p in self.parts]
+        if self.silent:
+            d["reference_zero_share"] = round(self.reference_zero_share, 4)
         return d
 
     @property
@@ -126,6 +148,8 @@ class OutputFidelity:
             out.append(f"output {self.name} is 0 on every held-out sample (float's largest value "
                        f"{self.reference_max_abs:.1g}): fidelity cannot show how the int8 model treats it; "
                        "calibrate and judge on data where it responds (a detector's positive examples)")
+        elif self.silent:
+            out.append(f"output {self.name}: {self.silence()}")
         return out
 
 
@@ -245,7 +269,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
             if np.median(ratio) >= OFFSET_RATIO:
                 offset, plain, cos = float(np.median(m.mean)), cos, m.centered_cosine
         outs.append(OutputFidelity(name, cos, m.rel_l2, m.max_abs if n else 0.0,
-                                   top1, kind, offset, plain, m.ref_max_abs if n else None, split))
+                                   top1, kind, offset, plain, m.ref_max_abs if n else None, split,
+                                   m.zeros / ref.size if ref.size else None))
     return Fidelity(n, tuple(outs))
 
 
@@ -279,7 +304,9 @@ class _RowMetrics:
 
     def __init__(self, ref: np.ndarray, cand: np.ndarray):
         diff, size, cos, centered, mean, spread, max_abs, ref_max_abs = [], [], [], [], [], [], [], []
+        self.zeros = 0  # values of ref that are exactly 0
         for r, c in float64_blocks(ref, cand):
+            self.zeros += r.size - int(np.count_nonzero(r))
             diff.append(np.linalg.norm(r - c))
             size.append(np.linalg.norm(r))
             m, sd = r.mean(axis=1, keepdims=True), r.std(axis=1, keepdims=True)

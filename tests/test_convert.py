@@ -270,6 +270,28 @@ def test_floor_that_cannot_be_met_writes_nothing(embedding_model, tmp_path):
     assert not (tmp_path / "o.tflite").exists() and not (tmp_path / "o.edgeq.json").exists()
 
 
+def test_a_refusal_on_an_output_the_data_barely_moves_names_the_data(tf, tmp_path):
+    """A descriptor that is 0 in 98.5 % of its float values on the user's data (a face model fed
+    photos without faces) refused by the floor: the refusal says the data is what to change first,
+    then what else to try. Nothing is written."""
+    from tests.conftest import build_tiny, save_keras
+
+    base = build_tiny(tf, "ln")
+    x = np.random.default_rng(0).normal(size=(150, 16, 32)).astype(np.float32)
+    x[:, :, 3] *= 40
+    cut = float(np.quantile(base.predict(x, verbose=0), 0.985))
+    out = tf.keras.layers.ReLU()(base.outputs[0] - cut)
+    src = save_keras(tf, tf.keras.Model(base.inputs, {"descriptor": out}), tmp_path / "d.keras")
+    np.save(tmp_path / "x.npy", x)
+    calib = CalibrationConfig(str(tmp_path / "x.npy"), samples=100)
+    with pytest.raises(QuantizationError, match=r"fidelity floor not met, nothing written: best descriptor cosine "
+                                                r"0\.\d+ \(needs >= 0\.95\) with no op that could move.*; on these "
+                                                r"samples float's descriptor is 0 in 9\d\.\d% of its values: the data "
+                                                r"barely makes it respond.*; or accept less with --max-drop"):
+        convert(src, ConvertOptions(tmp_path / "o.tflite", calib=calib, device="coral-edgetpu"))
+    assert list(tmp_path.glob("o.*")) == []
+
+
 def test_floor_is_not_applied_to_random_data(embedding_model, tmp_path):
     src, _ = embedding_model
     r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig("random", samples=20,

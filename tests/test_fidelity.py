@@ -109,6 +109,30 @@ def test_exact_zeros_match_a_float_output_that_is_zero():
     assert o.cosine == 0.0 and o.notes() == []
 
 
+def test_an_output_the_samples_barely_make_respond_says_so():
+    """FaceRes's descriptor on photos without faces: 1 of 1024 float values non-zero, cosine 0.46.
+    Its numbers say more about the data than about the int8 model, and the note says so; an output
+    that responds (a ReLU output with a third of its values 0) gets no such note."""
+    rng = np.random.default_rng(0)
+    ref = np.maximum(rng.normal(size=(20, 1024)) - 2.9, 0)  # ~0.2 % of values above 0
+    (o,) = compare({"descriptor": ref}, {"descriptor": ref + rng.normal(scale=0.05, size=ref.shape)}).outputs
+    assert o.silent and o.reference_zero_share == (ref == 0).mean() > 0.99
+    assert o.to_json()["reference_zero_share"] == round((ref == 0).mean(), 4)
+    assert o.notes() == [f"output descriptor: on these samples float's descriptor is 0 in "
+                         f"{(ref == 0).mean():.1%} of its values: the data barely makes it respond, so calibrate "
+                         "and judge on the inputs the model is made for (faces for a face model, a detector's "
+                         "positive examples)"]
+    relu = np.maximum(rng.normal(size=(20, 1024)) + 0.4, 0)
+    (o,) = compare({"y": relu}, {"y": relu}).outputs
+    assert 0.2 < o.reference_zero_share < 0.5 and not o.silent and o.notes() == []
+    assert "reference_zero_share" not in o.to_json()
+    # Class probabilities: a confident softmax is mostly ~0, which says nothing about the data.
+    probs = np.zeros((20, 1000))
+    probs[np.arange(20), rng.integers(0, 1000, 20)] = 1.0
+    (o,) = compare({"probs": probs}, {"probs": probs}).outputs
+    assert o.kind == "class_scores" and o.reference_zero_share > 0.99 and not o.silent
+
+
 def test_an_l2_normalised_vector_is_an_embedding_whatever_its_name(tf):
     """efficientword-net's wake-word model ends in L2_NORMALIZATION, output "Identity": judged as
     class scores, its level compared softmax KLs that read 0.0000 at every step and its floor was

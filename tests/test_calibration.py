@@ -219,6 +219,59 @@ def test_corrupt_image_named(tmp_path):
         list(data.calibration())
 
 
+def test_hidden_files_and_folders_are_not_photos(tmp_path):
+    """macOS's AppleDouble "._x.jpg" (copying from a Mac leaves one beside each photo, and it is not
+    an image) stopped a conversion with "cannot decode"; Jupyter's .ipynb_checkpoints holds copies."""
+    d = _images(tmp_path, 3)
+    (d / "._im0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (d / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(d / ".ipynb_checkpoints" / "im0-checkpoint.png")
+    data = load_calibration(CalibrationConfig(str(d), 3, 0), IMG)
+    assert data.total == 3 and len(list(data.calibration())) == 3
+    # a hidden folder named as --calib itself is the user's choice: its photos count
+    assert load_calibration(CalibrationConfig(str(d / ".ipynb_checkpoints"), 1, 0), IMG).total == 1
+
+
+def test_each_photo_is_decoded_once_however_many_passes(tmp_path, monkeypatch):
+    """A conversion passes over its photos about five times; a 12 MP JPEG takes ~0.1 s to decode.
+    The resized pixels are kept (up to PIXEL_CACHE_BYTES) and every pass gives the same arrays."""
+    import edgeq.calibration as calibration
+
+    d = _images(tmp_path, 6)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda f, *a, **k: opened.append(f) or real_open(f, *a, **k))
+    data = load_calibration(CalibrationConfig(str(d), 4, 2), IMG)
+    first = [s["img"].copy() for s in data.calibration()] + [s["img"].copy() for s in data.evaluation()]
+    again = [s["img"] for s in data.calibration()] + [s["img"] for s in data.evaluation()]
+    assert len(opened) == 6 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    # past the byte limit photos are decoded again, with the same result
+    monkeypatch.setattr(calibration, "PIXEL_CACHE_BYTES", 2 * 8 * 8 * 3)
+    opened.clear()
+    data = load_calibration(CalibrationConfig(str(d), 4, 2), IMG)
+    twice = [s["img"] for s in data.calibration()] + [s["img"] for s in data.calibration()]
+    assert len(opened) == 4 + 2 and all(np.array_equal(a, b) for a, b in zip(first[:4], twice[4:]))
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_to_nearly_the_same_pixels(tmp_path):
+    """A phone photo (4032x3024) for a 224x224 model: the JPEG decoder's DCT scaling (1/4 here,
+    still twice the model's size) instead of a full decode, pixels within ~1 of 255 of the full one."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)  # smooth when upscaled, like a photo
+    d = tmp_path / "photos"
+    d.mkdir()
+    Image.fromarray(small).resize((4032, 3024), Image.BICUBIC).save(d / "IMG_0001.jpg", quality=92)
+    spec = (InputSpec("img", (-1, 224, 224, 3), "float32"),)
+    x = next(load_calibration(CalibrationConfig(str(d), 1, 0, preprocess=Preprocess.RAW), spec).calibration())["img"]
+    with Image.open(d / "IMG_0001.jpg") as im:
+        full = np.asarray(im.convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)
+    with Image.open(d / "IMG_0001.jpg") as im:
+        im.draft("RGB", (448, 448))
+        assert im.size == (1008, 756)  # the decoder really scales (1/4)
+    diff = np.abs(x[0] - full)
+    assert 0 < diff.mean() < 1.0 and diff.max() <= 4  # not the full decode's pixels, but close to them
+
+
 def test_random_is_marked_uncalibrated():
     data = load_calibration(CalibrationConfig("random", 5, 2), VEC)
     assert data.calibrated is False and data.describe()["calibrated"] is False

@@ -10,6 +10,7 @@ sample.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -246,7 +247,11 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise CalibrationError(f"{path}: no images (jpg/png/bmp/gif/webp) in this directory")
+        others = Counter(p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix
+                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = f"; it holds {', '.join(f'{n} {ext}' for ext, n in others.most_common(3))} file(s): convert " \
+                "them to JPEG or PNG (HEIC, TIFF and raw photos are not read)" if others else ""
+        raise CalibrationError(f"{path}: no images (jpg/png/bmp/gif/webp) in this directory{found}")
     if len(specs) != 1 or len(specs[0].shape) not in (3, 4):
         raise CalibrationError(f"{path}: image calibration needs a model with one image input (NCHW, NHWC, "
                                f"or NHW for grayscale); this model has {[(s.name, s.shape) for s in specs]}")

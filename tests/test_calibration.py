@@ -205,7 +205,13 @@ def test_nan_and_inf_rejected_with_sample_name(tmp_path, bad, word):
 
 def test_empty_dir_and_missing_path(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CalibrationError, match="no images"):
+    with pytest.raises(CalibrationError, match="no images") as e:
+        load_calibration(CalibrationConfig(str(tmp_path / "empty")), IMG)
+    assert str(e.value).endswith("no images (jpg/png/bmp/gif/webp) in this directory")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "notes.txt", "._IMG_3.jpg"):  # an iPhone's photos, copied on a Mac
+        (tmp_path / "empty" / name).write_bytes(b"x")
+    with pytest.raises(CalibrationError, match=r"no images \(jpg/png/bmp/gif/webp\) in this directory; it holds "
+                                               r"2 \.heic, 1 \.txt file\(s\): convert them to JPEG or PNG"):
         load_calibration(CalibrationConfig(str(tmp_path / "empty")), IMG)
     with pytest.raises(CalibrationError, match="not found"):
         load_calibration(CalibrationConfig(str(tmp_path / "nope")), IMG)

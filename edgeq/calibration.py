@@ -294,6 +294,8 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
                 # A JPEG decodes at 1/2..1/8 scale in its DCT when that still leaves twice the model's
                 # size (5x faster for a 12 MP photo; the resized pixels differ by ~0.2 of 255 on average).
                 im.draft("L" if c == 1 else "RGB", (2 * w, 2 * h))
+                if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # a 16-bit PNG: convert() clips 0..65535 at 255
+                    im = Image.fromarray(np.rint(np.asarray(im, np.float64).clip(0, 65535) / 257).astype(np.uint8))
                 x = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR))
         except (UnidentifiedImageError, OSError) as e:
             raise CalibrationError(f"{f}: cannot decode image ({e}); remove or replace it") from None

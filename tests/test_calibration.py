@@ -278,6 +278,21 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_to_nearly_the_same_pixels(tmp_p
     assert 0 < diff.mean() < 1.0 and diff.max() <= 4  # not the full decode's pixels, but close to them
 
 
+def test_a_16_bit_png_keeps_its_intensities(tmp_path):
+    """A 16-bit grayscale PNG (microscopy, X-ray, depth) opens as mode I;16; Pillow's convert("RGB")
+    clipped every value above 255, so calibration saw an almost white image. It is 0..65535 mapped
+    onto 0..255 now, the same image as its 8-bit version."""
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+    d = tmp_path / "scans"
+    d.mkdir()
+    Image.fromarray(eight.astype(np.uint16) * 257).save(d / "scan16.png")
+    with Image.open(d / "scan16.png") as im:
+        assert im.mode.startswith("I")
+    x = next(load_calibration(CalibrationConfig(str(d), 1, 0, preprocess=Preprocess.RAW), IMG).calibration())["img"]
+    assert np.array_equal(x[0], np.repeat(eight[:, :, None], 3, axis=2).astype(np.float32))
+
+
 def test_random_is_marked_uncalibrated():
     data = load_calibration(CalibrationConfig("random", 5, 2), VEC)
     assert data.calibrated is False and data.describe()["calibrated"] is False

@@ -334,12 +334,14 @@ def _why_float(ops) -> str:
 
 def _enforce_and_verify(qbytes, float_model, profile, eval_samples, data, reference, fid, class_outputs, warnings,
                         progress):
-    from .int8_constraints import enforce
     from .fidelity import compare, join_parts
+    from .int8_clamps import drop_noop_clamps
+    from .int8_constraints import enforce
     from .verify import check_runs, runtime_options
 
     qbytes, enforced = enforce(qbytes)
     warnings.extend(enforced.notes())
+    qbytes, _ = drop_noop_clamps(qbytes)  # the same integers, fewer XNNPACK partitions
     samples = eval_samples or list(islice(data.calibration(), 1))
     options = runtime_options(profile)
     with progress.task(f"Running the model under {options.label}"):

@@ -27,6 +27,7 @@ from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_P
 from .signature import SIGNATURE_KEY
 from .tflite_ops import WEIGHT_OPERAND, quantizer_int4_ops
 from .quiet import quiet_native
+from .ranges import live_ranges
 from .tflite_model import read_model
 
 _WEIGHTS = {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"}
@@ -319,7 +320,7 @@ class Requantizer:
         self.quantizations += 1
         with quiet_native():  # the quantizer prints its own reports
             try:
-                result = qt.quantize(ranges if qt.need_calibration else None, enable_progress_report=False)
+                result = qt.quantize(live_ranges(ranges) if qt.need_calibration else None, enable_progress_report=False)
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
         # Ops the quantizer leaves float that the int8 kernels run (LEAKY_RELU): int8, as the converter writes them.

@@ -108,7 +108,7 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         from litert_quantizer import Quantizer
 
         from .quiet import quiet_native
-        from .ranges import finite_calibration
+        from .ranges import finite_calibration, live_ranges
 
         qt = Quantizer(bytearray(float_model))
         qt.load_quantization_recipe(recipe)
@@ -121,7 +121,7 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
             from .int8_islands import fold_islands
 
             with quiet_native():
-                model = bytes(qt.quantize(calibration, enable_progress_report=False).quantized_model)
+                model = bytes(qt.quantize(live_ranges(calibration), enable_progress_report=False).quantized_model)
             return float_joins(fold_islands(model, keep_float)[0])[0]
 
         return QuantSession(base, quantize)

@@ -136,6 +136,29 @@ def finite_calibration(float_model: bytes, samples, base: dict, signature_key: s
     return fixed
 
 
+# A tensor calibration never saw move (a ReLU unit dead on every sample: SSR-Net's age heads) has the
+# range [0, 0], which the quantizer writes as scale 3.9e-12. 0 is exact at any scale, but XNNPACK
+# refuses a FULLY_CONNECTED or MUL whose input * weight / output scale ratio passes 256 (2.4e6 there),
+# so the whole int8 model could not run; the TFLite converter's file could not either. Such ranges
+# are written [0, DEAD_WIDTH] (scale 1/255): 0 stays exact, the ratios stay ordinary, and a unit
+# that wakes up on other data still has levels.
+DEAD_WIDTH = 1.0
+
+
+def live_ranges(calibration: dict) -> dict:
+    """`calibration` (a litert-quantizer calibration result) with every activation range narrower
+    than 1e-6 widened to DEAD_WIDTH from its low end (0 kept in range); itself if there is none."""
+    dead = {n for n, e in calibration.items() if isinstance(e, dict) and "min" in e and "max" in e
+            and np.all(np.asarray(e["max"], np.float64) - np.asarray(e["min"], np.float64) < 1e-6)}
+    if not dead:
+        return calibration
+    out = dict(calibration)
+    for name in dead:
+        lo = min(float(np.min(calibration[name]["min"])), 0.0)
+        out[name] = with_range(calibration[name], lo, lo + DEAD_WIDTH)
+    return out
+
+
 def collect_histograms(float_model: bytes, samples, spans: dict, *, bins: int = 2048,
                        signature_key: str | None = None) -> dict[str, np.ndarray]:
     """{name: histogram with bins over spans[name]} for each tensor in spans."""

@@ -188,8 +188,9 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
     {tensor index: (scale, zero point)}."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from .errors import first_line
+    from .fidelity import ModelRunError, quantize_input
     from .quiet import quiet_native
-    from .fidelity import quantize_input
     from .tflite_edit import schema
 
     # Tensors that are the model's outputs (a cut model's) are read without keeping every tensor,
@@ -209,14 +210,17 @@ def capture(model: bytes, samples: Sequence[dict], tensors: Sequence[int],
         for i, s in enumerate(samples):
             feed = {d["index"]: quantize_input(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f"
                     else np.asarray(s[n]) for n, d in ins.items()}
-            if shapes != (now := {k: v.shape for k, v in feed.items()}):
-                for k, shape in now.items():
-                    interp.resize_tensor_input(k, shape)
-                interp.allocate_tensors()
-                shapes = now
-            for k, v in feed.items():
-                interp.set_tensor(k, v)
-            interp.invoke()
+            try:  # XNNPACK refusing a node at prepare, a kernel refusing an input: one line, not a traceback
+                if shapes != (now := {k: v.shape for k, v in feed.items()}):
+                    for k, shape in now.items():
+                        interp.resize_tensor_input(k, shape)
+                    interp.allocate_tensors()
+                    shapes = now
+                for k, v in feed.items():
+                    interp.set_tensor(k, v)
+                interp.invoke()
+            except RuntimeError as e:
+                raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)}") from None
             for t in tensors:
                 v = interp.tensor(t)()  # a view, valid until the next run: visit copies what it keeps
                 scale, zp = quant[t]

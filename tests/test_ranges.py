@@ -414,3 +414,55 @@ def test_a_pad_by_minus_infinity_gets_finite_ranges_and_converts(tf, tmp_path):
                                                        calib=CalibrationConfig(str(tmp_path / "x.npy"))))
     assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
     assert [str(op.precision) for op in read_model(tmp_path / "q.tflite").ops if op.name == "MAX_POOL_2D"] == ["int8"]
+
+
+def test_a_tensor_calibration_never_saw_move_gets_a_usable_scale(tf, tmp_path):
+    """A ReLU layer dead on every calibration sample (SSR-Net's age heads) had the range [0, 0], which
+    the quantizer wrote as scale 3.9e-12: XNNPACK refused the FULLY_CONNECTED writing it (its input
+    x weight / output scale ratio was millions), so level fast's weight rounding crashed with a
+    traceback, and every bias reading it had scale ~1e-14, clipped at the int32 limit. Now its range
+    is [0, DEAD_WIDTH]: the model is written, runs under XNNPACK in one partition, and matches float."""
+    from edgeq import tflite_edit as te
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.ranges import DEAD_WIDTH
+    from tests.conftest import save_keras
+
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    x = tf.keras.Input((16,))
+    live = L.Dense(16, activation="relu")(x)
+    dead = L.Dense(8, activation="relu", bias_initializer=tf.keras.initializers.Constant(-100.0))(x)
+    y = L.Dense(4)(L.Concatenate()([live, L.Dense(8)(dead)]))
+    src = save_keras(tf, tf.keras.Model(x, y), tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(120, 16)).astype(np.float32))
+    from edgeq.optimize import OptimizeLevel
+    from edgeq.verify import check_runs
+
+    data = np.load(tmp_path / "x.npy")
+    for level in (OptimizeLevel.FAST,):  # the LiteRT quantizer's paths (the TFLite converter's: not yet)
+        out = tmp_path / f"{level.value}.tflite"
+        r = convert(src, ConvertOptions(out, calib=CalibrationConfig(str(tmp_path / "x.npy"), samples=100,
+                                                                     eval_samples=20), optimize=level))
+        assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+        run = check_runs(out.read_bytes(), [{"input_layer": data[i:i + 1]} for i in range(3)])
+        assert run.delegation.delegated == run.delegation.nodes and run.delegation.partitions == 1
+        m = te.load(out.read_bytes())
+        sg = m.subgraphs[0]
+        scales = sorted(float(te.qparams(t)[0][0]) for t in sg.tensors
+                        if t.type == 9 and te.qparams(t) is not None and len(te.qparams(t)[0]) == 1)
+        assert scales[0] == pytest.approx(DEAD_WIDTH / 255, rel=1e-6) or scales[0] > 1e-4
+        assert scales[0] > 1e-6
+
+    # The written file with the quantizer's old scale put back on the dead layer's output: XNNPACK
+    # refuses it, and the level's captures say so in one line (they raised a RuntimeError traceback).
+    from edgeq.fidelity import ModelRunError
+    from edgeq.weight_layers import capture
+
+    m = te.load(out.read_bytes())
+    sg = m.subgraphs[0]
+    dead_out = next(i for i, t in enumerate(sg.tensors) if t.type == 9 and te.qparams(t) is not None
+                    and len(te.qparams(t)[0]) == 1 and abs(te.qparams(t)[0][0] - DEAD_WIDTH / 255) < 1e-9)
+    sg.tensors[dead_out].quantization.scale = [1e-9 / 255]
+    with pytest.raises(ModelRunError, match="LiteRT could not run the model on sample 1: .*XNNPACK"):
+        capture(te.pack(m), [{"input_layer": data[:1]}], [dead_out], lambda *a: None)

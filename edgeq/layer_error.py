@@ -36,8 +36,10 @@ class LayerError:
                 "damage": self.damage}
 
 
-def capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: Collection[str]) -> dict[str, np.ndarray]:
-    """Values of the named tensors for every sample, as float64 rows (-1, channels), stacked."""
+def _rows(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: Collection[str]):
+    """Per sample, {name: the named tensor's values as float64 rows (-1, channels)} (tensors without
+    data, e.g. scratch, left out). One sample's values at a time: every activation of a 512x512
+    detector over 8 samples, stacked, took 8 GB (CenterNet's budget analysis, 10.7 GB peak)."""
     from ai_edge_litert.interpreter import Interpreter
 
     with quiet_native():  # preserve_all_tensors warns that it is a debugging aid: it is, here
@@ -46,20 +48,50 @@ def capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: Colle
     details = {d["name"]: d for d in interp.get_tensor_details()}
     wanted = {n: details[n] for n in names if n in details}
     ins = runner.get_input_details()
-    out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
-    with quiet_native():
-        for s in samples:
+    for s in samples:
+        with quiet_native():
             runner(**{n: quantize_input(np.asarray(s[n]), d) if np.asarray(s[n]).dtype.kind == "f" else s[n]
                       for n, d in ins.items()})
-            for n, d in wanted.items():
-                try:
-                    t = interp.get_tensor(d["index"])
-                except ValueError:
-                    continue  # tensors without data (e.g. scratch) cannot be read
-                t = dequantize_output(np.asarray(t), d).astype(np.float64)
-                out[n].append(t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1))
+        row = {}
+        for n, d in wanted.items():
+            try:
+                t = interp.get_tensor(d["index"])
+            except ValueError:
+                continue  # tensors without data (e.g. scratch) cannot be read
+            t = dequantize_output(np.asarray(t), d).astype(np.float64)
+            row[n] = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+        yield row
+
+
+def capture(model: bytes, samples: Sequence[dict[str, np.ndarray]], names: Collection[str]) -> dict[str, np.ndarray]:
+    """Values of the named tensors for every sample, as float64 rows (-1, channels), stacked."""
+    out: dict[str, list[np.ndarray]] = {}
+    for row in _rows(model, samples, names):
+        for n, v in row.items():
+            out.setdefault(n, []).append(v)
     return {n: np.concatenate(v) for n, v in out.items() if v and len(v) == len(samples)
             and len({a.shape[1] for a in v}) == 1}
+
+
+class _ChannelSums:
+    """channel_error accumulated a sample at a time, per tensor: its per-channel sums of squares."""
+
+    def __init__(self):
+        self.num: dict[str, np.ndarray] = {}
+        self.den: dict[str, np.ndarray] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, name: str, ref: np.ndarray, got: np.ndarray) -> None:
+        if name in self.num and self.num[name].shape != ref.shape[1:]:
+            self.count[name] = -1 << 30  # channels that change from one sample to the next: not compared
+            return
+        self.num[name] = self.num.get(name, 0.0) + ((ref - got) ** 2).sum(axis=0)
+        self.den[name] = self.den.get(name, 0.0) + (ref ** 2).sum(axis=0)
+        self.count[name] = self.count.get(name, 0) + 1
+
+    def errors(self, samples: int) -> dict[str, float]:
+        return {n: _channel_error(np.sqrt(self.num[n]), np.sqrt(self.den[n]))
+                for n in self.num if self.count[n] == samples}
 
 
 def channel_error(ref: np.ndarray, got: np.ndarray) -> float:
@@ -68,8 +100,11 @@ def channel_error(ref: np.ndarray, got: np.ndarray) -> float:
     Per channel, because transformer activations carry a few huge channels (MiniLM: ~190 where
     the rest stay < 1.5): a whole-tensor norm is dominated by them and hides that int8 rounded
     every normal channel away. The floor keeps near-zero channels (e.g. a mean) from exploding."""
-    num = np.sqrt(((ref - got) ** 2).sum(axis=0))
-    den = np.sqrt((ref ** 2).sum(axis=0))
+    return _channel_error(np.sqrt(((ref - got) ** 2).sum(axis=0)), np.sqrt((ref ** 2).sum(axis=0)))
+
+
+def _channel_error(num: np.ndarray, den: np.ndarray) -> float:
+    """channel_error from each channel's error norm and value norm."""
     floor = 1e-3 * max(float(den.max()), 1e-12)
     return float(np.minimum(num / np.maximum(den, floor), 1.0).mean())
 
@@ -95,12 +130,12 @@ def rounding_noise(float_model: bytes, samples: Sequence[dict[str, np.ndarray]],
     name -> {"min", "max"}): channel_error of its float values against themselves rounded to that
     range. `symmetric`: tensors quantized with zero point 0 (half the grid for one-sided values)."""
     names = [n for n, r in ranges.items() if isinstance(r, Mapping) and "min" in r and "max" in r]
-    values = capture(float_model, samples, names)
-    noise = {}
-    for n, x in values.items():
-        lo, hi = float(np.min(ranges[n]["min"])), float(np.max(ranges[n]["max"]))
-        noise[n] = channel_error(x, fake_quantize(x, lo, hi, bits, n in symmetric))
-    return noise
+    sums = _ChannelSums()
+    for row in _rows(float_model, samples, names):
+        for n, x in row.items():
+            lo, hi = float(np.min(ranges[n]["min"])), float(np.max(ranges[n]["max"]))
+            sums.add(n, x, fake_quantize(x, lo, hi, bits, n in symmetric))
+    return sums.errors(len(samples))
 
 
 def layer_errors(float_model: bytes, quant_model: bytes, float_info: ModelInfo,
@@ -108,9 +143,12 @@ def layer_errors(float_model: bytes, quant_model: bytes, float_info: ModelInfo,
     """Errors for every float-model op whose output exists in both models, most damaging first."""
     ops = [op for op in float_info.ops if op.subgraph == 0 and op.outputs]
     names = {op.outputs[0].name for op in ops} | {t.name for op in ops for t in op.inputs if not t.is_constant}
-    f = capture(float_model, samples, names)
-    q = capture(quant_model, samples, names)
-    rel = {n: channel_error(f[n], q[n]) for n in names if n in f and n in q and f[n].shape == q[n].shape}
+    sums = _ChannelSums()
+    for f, q in zip(_rows(float_model, samples, names), _rows(quant_model, samples, names)):
+        for n in f.keys() & q.keys():
+            if f[n].shape == q[n].shape:
+                sums.add(n, f[n], q[n])
+    rel = sums.errors(len(samples))
     result = []
     for op in ops:
         out = op.outputs[0].name

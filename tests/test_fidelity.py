@@ -70,28 +70,28 @@ def test_short_outputs_are_compared_as_one_vector():
     assert compare({"e": ref}, {"e": cand}).outputs[0].cosine == pytest.approx(0.8, abs=1e-6)
 
 
-def test_a_short_output_on_an_offset_over_samples_is_judged_around_floats_mean():
+def test_a_short_output_on_an_offset_over_samples_is_capped_by_its_relative_error():
     """SSR-Net's age (one value a photo, 39 +- 5.5) came out of int8 at 0.56x float's and read cosine
-    0.9995 over the samples; around float's mean over the samples it reads far below the floor. A
-    faithful age stays high; a presence score saturated near 1 on every sample (offset 300x its
-    spread: nothing int8 could keep) and short outputs near 0 keep the plain cosine."""
-    from edgeq.fidelity import OFFSET_MAX_RATIO, OFFSET_RATIO
+    0.9995 over the samples: a cosine cannot see a scale error. On an offset (3x the spread or more)
+    a short output's cosine is capped at 1 - rel_l2^2 / 2, below the floor there. A faithful age, and
+    a face flag at -8 +- 1.5 with int8-sized noise on it, keep their cosine; outputs near 0 too."""
+    from edgeq.fidelity import OFFSET_RATIO
 
     rng = np.random.default_rng(0)
     age = 39.0 + 5.5 * rng.normal(size=(40, 1))
     (o,) = compare({"Identity": age}, {"Identity": 0.56 * age}).outputs
-    assert o.plain_cosine > 0.99 and o.cosine < 0.4 and o.offset == pytest.approx(39, abs=2)
-    assert "taken around float's mean" in o.notes()[0]
+    assert o.plain_cosine > 0.99 and o.cosine == pytest.approx(1 - o.rel_l2 ** 2 / 2) and o.cosine < 0.92
+    assert o.capped_by_rel_l2 and o.offset == pytest.approx(39, abs=2)
+    assert "a cosine cannot see a scale error" in o.notes()[0]
     (o,) = compare({"Identity": age}, {"Identity": age + rng.normal(scale=0.3, size=age.shape)}).outputs
-    assert o.cosine > 0.99 and o.offset is not None
-    sure = 0.99 + 0.0033 * rng.normal(size=(40, 1))
-    assert np.abs(sure.mean()) / sure.std() > OFFSET_MAX_RATIO
-    (o,) = compare({"flag": sure}, {"flag": np.round(sure * 256) / 256}).outputs
-    assert o.offset is None and o.cosine > 0.999
+    assert o.cosine > 0.999 and not o.capped_by_rel_l2 and o.notes() == []
+    flag = -8.0 + 1.5 * rng.normal(size=(40, 1))
+    (o,) = compare({"flag": flag}, {"flag": flag + rng.normal(scale=0.5, size=flag.shape)}).outputs
+    assert o.cosine > 0.99
     low = np.abs(0.01 * rng.normal(size=(40, 2)))
     assert np.median(np.abs(low.mean(axis=0)) / low.std(axis=0)) < OFFSET_RATIO
-    (o,) = compare({"flag": low}, {"flag": low * 0.9}).outputs
-    assert o.offset is None and o.cosine > 0.999
+    (o,) = compare({"flag": low}, {"flag": low * 0.5}).outputs
+    assert o.offset is None and o.cosine > 0.999 and not o.capped_by_rel_l2
 
 
 def test_an_output_on_a_shared_offset_is_judged_around_floats_mean():

@@ -146,10 +146,13 @@ DEAD_WIDTH = 1.0
 
 
 def live_ranges(calibration: dict) -> dict:
-    """`calibration` (a litert-quantizer calibration result) with every activation range narrower
-    than 1e-6 widened to DEAD_WIDTH from its low end (0 kept in range); itself if there is none."""
+    """`calibration` (a litert-quantizer calibration result) with every activation range within
+    1e-6 of 0 at both ends widened to DEAD_WIDTH from its low end; itself if there is none. (A range
+    of one value away from 0, a per-window minimum a candidate rule collapsed, is left to the
+    quantizer, which stretches it to 0: widening it from its low end lost 0 from the range.)"""
     dead = {n for n, e in calibration.items() if isinstance(e, dict) and "min" in e and "max" in e
-            and np.all(np.asarray(e["max"], np.float64) - np.asarray(e["min"], np.float64) < 1e-6)}
+            and np.all(np.abs(np.asarray(e["min"], np.float64)) < 1e-6)
+            and np.all(np.abs(np.asarray(e["max"], np.float64)) < 1e-6)}
     if not dead:
         return calibration
     out = dict(calibration)

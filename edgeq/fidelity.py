@@ -51,8 +51,9 @@ _MIN_COSINE_VALUES = 16
 # held-out photos) and Objectron's box (3.3x: 0.998 -> 0.980), which still meet the floor.
 OFFSET_RATIO = 3.0
 # Short outputs (compared as one vector over all samples) whose values share an offset over the
-# samples: SSR-Net's age (one value, 39 +- 5.5 years on photos) came out of int8 at 0.56x float's
-# and read cosine 0.9995 while the floor asked 0.95: a cosine cannot see a scale error. There the
+# samples: SSR-Net's age (one value, 39 +- 5.5 years on photos), written at 0.56x float's by a broken
+# draft of ranges.live_ranges, read cosine 0.9995 against the floor's 0.95: a cosine cannot see a
+# scale error. There the
 # cosine is capped at what the relative L2 error would give at the right scale, 1 - rel_l2^2 / 2
 # (0.90 for the age's 0.44). Judging around float's mean instead, as for long outputs, also failed
 # faithful models: a face flag at -8 +- 1.5 on photos without faces moved 73 ops of a face-landmark
@@ -120,7 +121,9 @@ class OutputFidelity:
     def to_json(self) -> dict:
         d = {"name": self.name, "kind": str(self.kind), "cosine": self.cosine, "rel_l2": self.rel_l2,
              "max_abs": self.max_abs, "top1_agreement": self.top1_agreement}
-        if self.offset is not None:
+        if self.capped_by_rel_l2:
+            d.update(capped_by_rel_l2=True, offset=self.offset, plain_cosine=self.plain_cosine)
+        elif self.offset is not None:
             d.update(cosine_around_mean=True, offset=self.offset, plain_cosine=self.plain_cosine)
         if self.parts:
             d["parts"] = [p.to_json() for p in self.parts]

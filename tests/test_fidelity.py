@@ -83,6 +83,7 @@ def test_a_short_output_on_an_offset_over_samples_is_capped_by_its_relative_erro
     assert o.plain_cosine > 0.99 and o.cosine == pytest.approx(1 - o.rel_l2 ** 2 / 2) and o.cosine < 0.92
     assert o.capped_by_rel_l2 and o.offset == pytest.approx(39, abs=2)
     assert "a cosine cannot see a scale error" in o.notes()[0]
+    assert o.to_json()["capped_by_rel_l2"] is True and "cosine_around_mean" not in o.to_json()
     (o,) = compare({"Identity": age}, {"Identity": age + rng.normal(scale=0.3, size=age.shape)}).outputs
     assert o.cosine > 0.999 and not o.capped_by_rel_l2 and o.notes() == []
     flag = -8.0 + 1.5 * rng.normal(size=(40, 1))

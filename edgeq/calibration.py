@@ -244,11 +244,11 @@ def _random(cfg: CalibrationConfig, specs) -> CalibrationData:
 def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
     # Hidden files and folders are not photos of the set: macOS's "._IMG_1.jpg" resource forks (not
     # images at all, left by copying from a Mac) and Jupyter's .ipynb_checkpoints copies.
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    visible = [p for p in path.rglob("*") if p.is_file()
+               and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    files = sorted(p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        others = Counter(p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix
-                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        others = Counter(p.suffix.lower() for p in visible if p.suffix)
         found = f"; it holds {', '.join(f'{n} {ext}' for ext, n in others.most_common(3))} file(s): convert " \
                 "them to JPEG or PNG (HEIC, TIFF and raw photos are not read)" if others else ""
         raise CalibrationError(f"{path}: no images (jpg/png/bmp/gif/webp) in this directory{found}")

@@ -26,7 +26,6 @@ so an interrupted flash leaves the old version running. Releases beyond `keep` a
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import posixpath
@@ -196,7 +195,7 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                         options.lock_stale_after, say)
         staging = posixpath.join(slot.staging, uuid.uuid4().hex)
         release = posixpath.join(slot.releases, version)
-        switched, step, need, sent = False, "preparing the upload", 0, [0]
+        switched, interrupted, step, need, sent = False, False, "preparing the upload", 0, [0]
         try:
             remote.makedirs(slot.base)
             notes = lock.acquire(options.slot)
@@ -255,6 +254,9 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                                None if runtime in (None, "") else runtime)
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise _link_error(remote, target, step, e, switched, slot.base, need - sent[0], need) from None
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (interrupts.py)
+            interrupted = True
+            raise
         finally:
             # An interrupted or failed flash removes what it uploaded; `current` is untouched.
             q = shlex.quote
@@ -264,7 +266,7 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                 cmds.append(f"rm -rf {q(staging)}; [ \"$(readlink {q(slot.current)})\" = "
                             f"{q('releases/' + version)} ] || rm -rf {q(release)}")
             cmds.append(lock.release_cmd())
-            _cleanup(remote, target, "; ".join(cmds))
+            _cleanup(remote, target, "; ".join(cmds), interrupted)
             lock.forget()
             remote.close()
 
@@ -313,16 +315,22 @@ def _alive(remote: Remote) -> bool:
     return transport is not None and transport.is_active()
 
 
-def _cleanup(remote: Remote, target: SshTarget, cmd: str) -> None:
+def _cleanup(remote: Remote, target: SshTarget, cmd: str, interrupted: bool = False) -> None:
     """Run cmd on the device over the flash's connection or, when that one is dead or broken (a
-    dropped link; a Ctrl-C inside a half-sent SSH packet garbles the whole stream), over a new one."""
-    try:
-        remote.run(cmd, 60)
-        return
-    except Exception:  # noqa: BLE001 - any failure here: try a fresh connection
-        pass
-    with contextlib.suppress(Exception), Remote(replace(target, connect_timeout=min(target.connect_timeout, 10.0))) as again:
-        again.run(cmd, 60)
+    dropped link), over a new one. After an interrupt a new connection goes first: a Ctrl-C inside
+    a half-sent SSH packet garbles the whole stream, and the server then waits for the rest of that
+    packet, so a command sent on it gets no answer until the timeout."""
+    def fresh() -> None:
+        with Remote(replace(target, connect_timeout=min(target.connect_timeout, 10.0))) as again:
+            again.run(cmd, 60)
+
+    tries = [fresh, lambda: remote.run(cmd, 10)] if interrupted else [lambda: remote.run(cmd, 60), fresh]
+    for attempt in tries:
+        try:
+            attempt()
+            return
+        except Exception:  # noqa: BLE001 - any failure here: try the other connection
+            continue
 
 
 def _attach_runtime(remote: Remote, slot: _Slot, release: str, old: str | None, info: dict,

@@ -138,11 +138,11 @@ def pip_wheel() -> Path:
     return Path(found[-1])
 
 
-def cli_flash(server, known_hosts, port, slot, model) -> subprocess.Popen:
+def cli_flash(server, known_hosts, port, slot, model, *more: str) -> subprocess.Popen:
     """`edgeq flash` as a user runs it, in its own process (so it can be killed like one)."""
     argv = [sys.executable, "-c", "from edgeq.cli import main; main()", "flash", str(model), "--device", "rpi4",
             "--host", f"{server.user}@127.0.0.1:{port}", "--identity", str(server.client_key),
-            "--known-hosts", str(known_hosts), "--slot", slot, "--json"]
+            "--known-hosts", str(known_hosts), "--slot", slot, "--json", *more]
     return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -384,6 +384,35 @@ def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
         assert new.notes == ()
     assert new.previous == old.version
     assert_serves(sshd, kh, slot, models[1])
+
+
+def test_flash_interrupted_on_a_frozen_link(sshd, models, big_model, tmp_path, slot):
+    """Ctrl-C while the link is frozen mid-upload: the flash's own connection cannot carry the
+    cleanup (the server is still waiting for the rest of a half-sent packet; here nothing gets
+    through at all), so it cleans up over a new connection at once instead of waiting its 60 s
+    timeout on the old one first (which outlasted this test's limit once in CI). With
+    --connect-timeout 40 a command on the frozen connection waits 40 s for its channel to open."""
+    kh = sshd.known_hosts(tmp_path / "kh")
+    dev = Device(sshd, slot)
+    old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    proxy, proc = LinkProxy(sshd.port), None
+    try:
+        proxy.stall_after(STALL_AT)
+        proc = cli_flash(sshd, sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), proxy.port, slot, big_model,
+                         "--connect-timeout", "40")
+        assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGINT)  # the frozen connection stays frozen; new ones pass
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proxy.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and err.strip() == "Error: interrupted" and out == ""
+    assert dev.link("current") == old.version and dev.releases() == [old.version] and dev.staging() == []
+    assert dev.lock() is None
+    assert_serves(sshd, kh, slot, models[0])
+    assert flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot)).notes == ()
 
 
 @pytest.mark.parametrize("board_back", [True, False], ids=["link-back", "board-unreachable"])

@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import FLASH_ROOT, MODEL_NAME, RUNTIME_MODULES, build_bundle
@@ -266,7 +266,7 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                 cmds.append(f"rm -rf {q(staging)}; [ \"$(readlink {q(slot.current)})\" = "
                             f"{q('releases/' + version)} ] || rm -rf {q(release)}")
             cmds.append(lock.release_cmd())
-            _cleanup(remote, target, "; ".join(cmds), interrupted)
+            remote.cleanup("; ".join(cmds), interrupted)
             lock.forget()
             remote.close()
 
@@ -313,24 +313,6 @@ def _link_error(remote: Remote, target: SshTarget, step: str, e: BaseException, 
 def _alive(remote: Remote) -> bool:
     transport = remote.client.get_transport()
     return transport is not None and transport.is_active()
-
-
-def _cleanup(remote: Remote, target: SshTarget, cmd: str, interrupted: bool = False) -> None:
-    """Run cmd on the device over the flash's connection or, when that one is dead or broken (a
-    dropped link), over a new one. After an interrupt a new connection goes first: a Ctrl-C inside
-    a half-sent SSH packet garbles the whole stream, and the server then waits for the rest of that
-    packet, so a command sent on it gets no answer until the timeout."""
-    def fresh() -> None:
-        with Remote(replace(target, connect_timeout=min(target.connect_timeout, 10.0))) as again:
-            again.run(cmd, 60)
-
-    tries = [fresh, lambda: remote.run(cmd, 10)] if interrupted else [lambda: remote.run(cmd, 60), fresh]
-    for attempt in tries:
-        try:
-            attempt()
-            return
-        except Exception:  # noqa: BLE001 - any failure here: try the other connection
-            continue
 
 
 def _attach_runtime(remote: Remote, slot: _Slot, release: str, old: str | None, info: dict,
@@ -478,7 +460,7 @@ def rollback(profile, target: SshTarget, options: FlashOptions | None = None,
             if cur:
                 slot.set_link(remote, slot.previous, cur)
         finally:
-            _cleanup(remote, target, lock.release_cmd())
+            remote.cleanup(lock.release_cmd())
             lock.forget()
         release = posixpath.join(slot.releases, prev)
         unit = f"edgeq-{options.slot}.service"

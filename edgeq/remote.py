@@ -16,7 +16,7 @@ import re
 import shlex
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -162,6 +162,25 @@ class Remote:
 
     def __exit__(self, *exc):
         self.close()
+
+    def cleanup(self, cmd: str, interrupted: bool = False, timeout: float = 60.0) -> None:
+        """Run a cleanup command, never raising: over this connection or, when it is dead or
+        broken (a dropped link), over a new one. After an interrupt a new connection goes first:
+        a Ctrl-C inside a half-sent SSH packet garbles the whole stream, and the server then waits
+        for the rest of that packet, so a command sent on it gets no answer until the timeout."""
+        def fresh() -> None:
+            with Remote(replace(self.target, connect_timeout=min(self.target.connect_timeout, 10.0))) as again:
+                again.run(cmd, timeout)
+
+        def here() -> None:
+            self.run(cmd, 10 if interrupted else timeout)
+
+        for attempt in ((fresh, here) if interrupted else (here, fresh)):
+            try:
+                attempt()
+                return
+            except Exception:  # noqa: BLE001 - cleanup must never replace the original error
+                continue
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.home, rel)

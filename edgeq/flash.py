@@ -195,7 +195,7 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                         options.lock_stale_after, say)
         staging = posixpath.join(slot.staging, uuid.uuid4().hex)
         release = posixpath.join(slot.releases, version)
-        switched, interrupted, step, need, sent = False, False, "preparing the upload", 0, [0]
+        switched, step, need, sent = False, "preparing the upload", 0, [0]
         try:
             remote.makedirs(slot.base)
             notes = lock.acquire(options.slot)
@@ -254,9 +254,6 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                                None if runtime in (None, "") else runtime)
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise _link_error(remote, target, step, e, switched, slot.base, need - sent[0], need) from None
-        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (interrupts.py)
-            interrupted = True
-            raise
         finally:
             # An interrupted or failed flash removes what it uploaded; `current` is untouched.
             q = shlex.quote
@@ -266,15 +263,16 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                 cmds.append(f"rm -rf {q(staging)}; [ \"$(readlink {q(slot.current)})\" = "
                             f"{q('releases/' + version)} ] || rm -rf {q(release)}")
             cmds.append(lock.release_cmd())
-            remote.cleanup("; ".join(cmds), interrupted)
+            remote.cleanup("; ".join(cmds))
             lock.forget()
             remote.close()
 
 
 def _upload_file(remote: Remote, local: Path, rpath: str, beat) -> None:
-    """sftp.put with pipelined writes, except that an interruption (Ctrl-C lands inside a half-sent
-    packet) closes the SFTP channel instead of waiting forever for the answer to a close the server
-    can no longer parse. The size check catches writes the server refused (a full disk)."""
+    """sftp.put with pipelined writes, except that a failure closes the SFTP channel (on a link gone
+    silent, the whole connection after 10 s: Remote.guarded) and an interruption the connection,
+    instead of waiting forever for the answer to a close the server can no longer parse. The size
+    check catches writes the server refused (a full disk)."""
     size = local.stat().st_size
     beat()
     try:
@@ -285,8 +283,14 @@ def _upload_file(remote: Remote, local: Path, rpath: str, beat) -> None:
                 f.write(chunk)
                 beat()
             f.close()
+    except KeyboardInterrupt:  # nothing more goes over this connection (Remote.cleanup says why)
+        remote.close()
+        raise
     except BaseException:
-        remote.sftp.close()  # the flash goes on with exec channels only (cleanup, df)
+        try:  # the flash goes on with exec channels only (cleanup, df)
+            remote.guarded(remote.sftp.close, 10)
+        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+            pass
         raise
     got = remote.sftp.stat(rpath).st_size
     if got != size:

@@ -15,6 +15,7 @@ import posixpath
 import re
 import shlex
 import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -163,24 +164,41 @@ class Remote:
     def __exit__(self, *exc):
         self.close()
 
-    def cleanup(self, cmd: str, interrupted: bool = False, timeout: float = 60.0) -> None:
+    def cleanup(self, cmd: str, timeout: float = 60.0) -> None:
         """Run a cleanup command, never raising: over this connection or, when it is dead or
-        broken (a dropped link), over a new one. After an interrupt a new connection goes first:
-        a Ctrl-C inside a half-sent SSH packet garbles the whole stream, and the server then waits
-        for the rest of that packet, so a command sent on it gets no answer until the timeout."""
+        broken (a dropped link), over a new one. Called while a Ctrl-C (or SIGTERM, interrupts.py)
+        unwinds the stack, it uses a new connection only: an interrupt inside paramiko's send path
+        can leave the old one's send lock held (Transport._send_user_message acquires it outside its
+        try), after which any message sent on it waits forever; and one inside a half-sent packet
+        garbles the stream, so the server waits for the rest of that packet."""
         def fresh() -> None:
             with Remote(replace(self.target, connect_timeout=min(self.target.connect_timeout, 10.0))) as again:
                 again.run(cmd, timeout)
 
         def here() -> None:
-            self.run(cmd, 10 if interrupted else timeout)
+            self.guarded(lambda: self.run(cmd, timeout), timeout + self.target.connect_timeout)
 
-        for attempt in ((fresh, here) if interrupted else (here, fresh)):
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+        for attempt in ((fresh,) if interrupted else (here, fresh)):
             try:
                 attempt()
                 return
             except Exception:  # noqa: BLE001 - cleanup must never replace the original error
                 continue
+
+    def guarded(self, fn: Callable[[], object], seconds: float):
+        """fn() with a watchdog that closes this connection after `seconds`. On a link gone silent
+        with the socket's send buffer full, paramiko's write loop retries forever (it ends only when
+        the transport closes), so any message sent then (an SFTP close, a channel open) hangs."""
+        import threading
+
+        watchdog = threading.Timer(seconds, self.close)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return fn()
+        finally:
+            watchdog.cancel()
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.home, rel)

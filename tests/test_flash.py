@@ -401,6 +401,7 @@ def test_flash_interrupted_on_a_frozen_link(sshd, models, big_model, tmp_path, s
         proc = cli_flash(sshd, sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), proxy.port, slot, big_model,
                          "--connect-timeout", "40")
         assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+        time.sleep(2)  # the flash fills its socket's send buffer and waits there
         proc.send_signal(signal.SIGINT)  # the frozen connection stays frozen; new ones pass
         out, err = proc.communicate(timeout=30)
     finally:

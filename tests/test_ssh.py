@@ -256,6 +256,43 @@ def test_ctrl_c_mid_run_cleans_up(sshd, tiny_int8_model, tmp_path):
     assert leftover_runs(sshd) == []
 
 
+def test_cleanup_after_an_interrupt_never_uses_the_old_connection(sshd, tmp_path):
+    """A Ctrl-C inside paramiko's send path can leave the connection's send lock held
+    (Transport._send_user_message takes it outside its try): every later send on it then waits
+    forever. Here the lock is held by another thread, as the interrupt leaves it; Remote.cleanup,
+    called while the interrupt unwinds, runs its command over a new connection and returns."""
+    from edgeq.remote import Remote
+
+    marker = Path(sshd.home) / f"cleanup-{os.getpid()}"
+    marker.write_text("x")
+    remote = Remote(sshd.target(sshd.known_hosts(tmp_path / "kh")))
+    held = threading.Event()
+
+    def hold():
+        remote.client.get_transport().clear_to_send_lock.acquire()
+        held.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(10)
+    done = threading.Event()
+
+    def interrupted():  # in a thread of its own, so a cleanup that hangs fails the test instead
+        try:
+            try:
+                raise KeyboardInterrupt
+            finally:
+                remote.cleanup(f"rm -f {marker}")
+        except KeyboardInterrupt:
+            done.set()
+
+    threading.Thread(target=interrupted, daemon=True).start()
+    try:
+        assert done.wait(15) and not marker.exists()
+    finally:
+        remote.close()
+        marker.unlink(missing_ok=True)
+
+
 def test_disconnect_mid_run(sshd, tiny_int8_model, tmp_path):
     """Killing the sshd session mid-run (a dropped link) is a DeviceError, not a hang, and the
     benchmark and its run directory are removed over a new connection."""

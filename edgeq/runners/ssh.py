@@ -59,7 +59,7 @@ def run(model: Path, profile, opts: BenchOptions, request: ProfileRequest, progr
     say(f"connecting to {target.label}")
     remote = Remote(target)
     run_dir = remote.path(f"{RUNS_DIR}/{uuid.uuid4().hex}")
-    started = finished = interrupted = False
+    started = finished = False
     try:
         remote.makedirs(run_dir)
         python = settings.remote_python or flashed_python(remote, settings.flash_slot) or "python3"
@@ -90,22 +90,19 @@ def run(model: Path, profile, opts: BenchOptions, request: ProfileRequest, progr
         if settings.emulated:
             result["emulated"] = True
         return result
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (interrupts.py)
-        interrupted = True
-        raise
     finally:
         # Also on Ctrl-C/timeout: stop a still-running benchmark, then remove the run directory.
         say(f"cleaning up {run_dir}")
-        _cleanup(remote, run_dir, started and not finished, interrupted)
+        _cleanup(remote, run_dir, started and not finished)
         remote.close()
 
 
-def _cleanup(remote: Remote, run_dir: str, kill: bool, interrupted: bool) -> None:
+def _cleanup(remote: Remote, run_dir: str, kill: bool) -> None:
     q = shlex.quote
     cmd = f"rm -rf {q(run_dir)}"
     if kill:
         cmd = f"kill $(cat {q(run_dir + '/pid')}) 2>/dev/null; sleep 0.2; " + cmd
-    remote.cleanup(cmd, interrupted, timeout=30)
+    remote.cleanup(cmd, timeout=30)
 
 
 def _temperature(remote: Remote) -> float | None:

@@ -262,12 +262,12 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     """Per output: cosine, relative L2, max abs error, and top-1 agreement for (maybe) class scores.
 
     `class_outputs`: reference output names the user says are class scores (any per-sample vector).
-    `parts`: {output name: (axis, ((start, stop), ...))} of outputs joined from parts (join_parts)."""
+    `parts`: {output name: ((axis, ((start, stop), ...)), ...)} of outputs joined from parts (join_parts)."""
     outs = []
     n = 0
     # Output names can differ between converters (keras float vs int8); pair them by order.
     for (name, ref), cand in zip(reference.items(), candidate.values()):
-        split = _parts(ref, cand, *(parts or {}).get(name, (0, ())))
+        split = _parts(ref, cand, (parts or {}).get(name, ()))
         kind = output_kind(name, ref, name in class_outputs)
         ref, cand = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
         n = ref.shape[0]
@@ -365,11 +365,22 @@ def uneven_parts(ref: np.ndarray, axis: int, bounds) -> list[tuple[int, int, np.
     return pieces if min(sizes) > NEGLIGIBLE and max(sizes) / min(sizes) >= PART_RATIO else None
 
 
-def _parts(ref: np.ndarray, cand: np.ndarray, axis: int, bounds) -> tuple[PartFidelity, ...]:
+def first_uneven(ref: np.ndarray, joins) -> tuple[int, tuple, list] | None:
+    """(axis, bounds, pieces) of the first of an output's joins (join_parts) whose parts are uneven."""
+    for axis, bounds in joins:
+        if pieces := uneven_parts(ref, axis, bounds):
+            return axis, bounds, pieces
+    return None
+
+
+def _parts(ref: np.ndarray, cand: np.ndarray, joins) -> tuple[PartFidelity, ...]:
     """Each part's fidelity when the parts' float values differ in size by PART_RATIO or more."""
-    pieces = uneven_parts(ref, axis, bounds) if cand.shape == ref.shape else None
+    found = first_uneven(ref, joins) if cand.shape == ref.shape else None
+    if found is None:
+        return ()
+    axis, bounds, pieces = found
     out = []
-    for (a, b, r), (_, _, c) in zip(pieces or (), slices(cand, axis, bounds)):
+    for (a, b, r), (_, _, c) in zip(pieces, slices(cand, axis, bounds)):
         size = float(np.abs(r).max())
         r, c = r.reshape(len(r), -1).astype(np.float64), c.reshape(len(c), -1).astype(np.float64)
         out.append(PartFidelity(axis, a, b, _cosine(r, c), float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-12)),
@@ -379,8 +390,11 @@ def _parts(ref: np.ndarray, cand: np.ndarray, axis: int, bounds) -> tuple[PartFi
 
 @functools.lru_cache(maxsize=4)  # a budget loop judges dozens of models of one float model
 def join_parts(float_model: bytes) -> dict:
-    """{signature output name: (axis, ((start, stop), ...))} for outputs a CONCATENATION writes,
-    axis counted in the output's own shape (batch first); {} when there are none."""
+    """{signature output name: ((axis, ((start, stop), ...)), ...)}: for each output, the axes
+    (counted in the output's own shape, batch first) a CONCATENATION joins from parts, the join that
+    writes the output first, then those found through the layout ops after it (a YOLO head joins
+    its columns [boxes, scores] per level, then reshapes, joins the levels on the anchor axis and
+    transposes). Which of them, if any, splits is up to the values (first_uneven). {} when none."""
     from . import tflite_edit as te
 
     if not te.has_ops(float_model, {"CONCATENATION"}):
@@ -390,24 +404,75 @@ def join_parts(float_model: bytes) -> dict:
     info = read_model(float_model)
     producer = {t.index: op for op in info.ops if op.subgraph == 0 for t in op.outputs}
     try:
-        details = signature_runner(float_model).get_output_details()
+        runner = signature_runner(float_model)
+        details = runner.get_output_details()
     except EdgeqError:  # an interpreter without the model's custom ops: judged whole, as before
         return {}
     out = {}
     for name, d in details.items():
-        op = producer.get(d["index"])
-        if op is None or op.name != "CONCATENATION" or len(op.inputs) < 2:
-            continue
-        shapes = [tuple(t.shape) for t in op.inputs]
-        whole = tuple(op.outputs[0].shape)
-        axes = [a for a in range(len(whole)) if all(len(s) == len(whole) for s in shapes)
-                and sum(s[a] for s in shapes) == whole[a]
-                and all(s[k] == whole[k] for s in shapes for k in range(len(whole)) if k != a)]
-        if len(axes) != 1 or min(min(s) for s in shapes) < 1:
-            continue
-        stops = np.cumsum([s[axes[0]] for s in shapes])
-        out[name] = (axes[0], tuple((int(b - s[axes[0]]), int(b)) for b, s in zip(stops, shapes)))
+        joins = {}
+        direct = _joined_axis(producer, d["index"], None, runner)
+        if direct:
+            joins[direct[0]] = direct[1]
+        for axis in range(1, len(d["shape"])):
+            if axis not in joins and (found := _joined_axis(producer, d["index"], axis, runner)):
+                joins[axis] = found[1]
+        if joins:
+            out[name] = tuple(joins.items())
     return out
+
+
+def _concat_axis(op) -> int | None:
+    """The axis a CONCATENATION joins on, from its shapes (None when they do not tell)."""
+    shapes = [tuple(t.shape) for t in op.inputs]
+    whole = tuple(op.outputs[0].shape)
+    axes = [a for a in range(len(whole)) if all(len(s) == len(whole) for s in shapes)
+            and sum(s[a] for s in shapes) == whole[a]
+            and all(s[k] == whole[k] for s in shapes for k in range(len(whole)) if k != a)]
+    return axes[0] if len(axes) == 1 and len(shapes) >= 2 and min(min(s) for s in shapes) >= 1 else None
+
+
+_MAX_LAYOUT_STEPS = 8
+
+
+def _joined_axis(producer: dict, tensor: int, axis: int | None, runner) -> tuple | None:
+    """(axis, bounds) of the CONCATENATION joining `tensor`'s axis `axis` (None: the one its writer
+    joins on), followed back through TRANSPOSE, RESHAPE (where the axis keeps its size and place)
+    and CONCATENATIONs on other axes; the axis is the CONCATENATION's own."""
+    for _ in range(_MAX_LAYOUT_STEPS):
+        op = producer.get(tensor)
+        if op is None or not op.outputs or not op.inputs:
+            return None
+        if op.name == "CONCATENATION":
+            joined = _concat_axis(op)
+            if joined is None:
+                return None
+            if axis is None or joined == axis:
+                stops = np.cumsum([t.shape[joined] for t in op.inputs])
+                return joined, tuple((int(b - t.shape[joined]), int(b)) for b, t in zip(stops, op.inputs))
+            tensor = op.inputs[0].index  # every input has the same layout on `axis`
+        elif axis is not None and op.name == "TRANSPOSE":
+            perm = _constant(runner, op.inputs[1].index)
+            if perm is None or axis >= len(perm):
+                return None
+            axis, tensor = int(perm[axis]), op.inputs[0].index
+        elif axis is not None and op.name == "RESHAPE":
+            src, dst = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
+            lead = int(np.prod(dst[:axis]))
+            same = [b for b in range(len(src)) if src[b] == dst[axis] and int(np.prod(src[:b])) == lead]
+            if not same:
+                return None
+            axis, tensor = same[0], op.inputs[0].index
+        else:
+            return None
+    return None
+
+
+def _constant(runner, index: int):
+    try:
+        return runner._interpreter.get_tensor(index)  # noqa: SLF001 - the runner's own interpreter
+    except (AttributeError, ValueError):
+        return None
 
 
 def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:

@@ -159,13 +159,13 @@ def judge_reference(float_model: bytes, judge: Sequence[dict]) -> dict[str, np.n
 def split_parts(outputs: dict[str, np.ndarray], parts: dict) -> dict[str, np.ndarray]:
     """`outputs` with each output in `parts` whose parts differ in size by fidelity.PART_RATIO or more
     replaced by its parts ("name[a:b]"); a PartedReference when any was split."""
-    from .fidelity import uneven_parts
+    from .fidelity import first_uneven
 
     out, used = {}, {}
     for name, v in outputs.items():
-        axis, bounds = parts.get(name, (0, ()))
-        pieces = uneven_parts(v, axis, bounds)
-        if pieces:
+        found = first_uneven(v, parts.get(name, ()))
+        if found:
+            axis, bounds, pieces = found
             out.update({f"{name}[{a}:{b}]": p for a, b, p in pieces})
             used[name] = (axis, bounds)
         else:

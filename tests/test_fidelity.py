@@ -189,7 +189,7 @@ def test_an_output_joined_from_parts_of_very_different_size_is_judged_per_part()
     rng = np.random.default_rng(0)
     ref = np.concatenate([rng.uniform(0, 320, (10, 4, 50)), rng.uniform(0, 0.5, (10, 3, 50))], axis=1)
     cand = ref + np.concatenate([rng.normal(0, 1.0, (10, 4, 50)), rng.normal(0, 0.5, (10, 3, 50))], axis=1)
-    parts = {"out": (1, ((0, 4), (4, 7)))}
+    parts = {"out": ((1, ((0, 4), (4, 7))),)}
     fid = compare({"out": ref}, {"out": cand}, parts=parts)
     o = fid.output("out")
     assert o.cosine > 0.999 and [(p.start, p.stop) for p in o.parts] == [(0, 4), (4, 7)]
@@ -220,7 +220,54 @@ def test_join_parts_reads_the_concatenation_that_writes_an_output(tf):
     with tempfile.TemporaryDirectory() as d:
         fm = load_keras(save_keras(tf, model, Path(d) / "m.keras")).float_tflite
     parts = join_parts(fm)
-    assert list(parts.values()) == [(1, ((0, 4), (4, 7)))]
+    assert list(parts.values()) == [((1, ((0, 4), (4, 7))),)]
+
+
+def test_join_parts_finds_a_heads_columns_behind_its_layout_ops(tf):
+    """A YOLO head joins its columns [boxes in pixels, scores] per level, then reshapes, joins the
+    levels on the anchor axis and transposes (YOLOX in ddddocr: [1, 6, anchors] levels, then
+    [1, anchors, 6]): the output's writer is a TRANSPOSE, and the join its writer makes (the levels)
+    has parts of one size. join_parts follows each axis back through the layout ops, and the column
+    join, whose boxes are 100x the scores, is what the output is judged by, part by part: noise on
+    the scores that the whole output's error cannot see is the parted error."""
+    from edgeq.fidelity import first_uneven, join_parts, run_model
+    from edgeq.range_search import PartedReference, compare_outputs, judge_reference
+    from edgeq.signature import signature_runner
+    from edgeq.sources.keras import load_keras
+    from tests.conftest import save_keras
+    import tempfile
+    from pathlib import Path
+
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((16, 16, 3), batch_size=1)
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    levels = []
+    for stride in (2, 4):
+        f = L.Conv2D(8, 3, strides=stride, padding="same", activation="relu")(x)
+        cols = L.Concatenate()([L.Conv2D(4, 1, activation="sigmoid")(f) * 100.0,
+                                L.Conv2D(2, 1, activation="sigmoid")(f)])
+        levels.append(L.Reshape((6, -1))(L.Permute((3, 1, 2))(cols)))  # [1, 6, anchors], as exported
+    head = tf.keras.Model(inp, L.Permute((2, 1))(L.Concatenate(axis=2)(levels)))  # [1, anchors, 6]
+    with tempfile.TemporaryDirectory() as d:
+        fm = load_keras(save_keras(tf, head, Path(d) / "m.keras")).float_tflite
+    (joins,) = join_parts(fm).values()
+    assert dict(joins) == {1: ((0, 64), (64, 80)), 2: ((0, 4), (4, 6))}  # levels, columns
+    name = next(iter(signature_runner(fm).get_input_details()))
+    feed = [{name: np.random.default_rng(i).random((1, 16, 16, 3), np.float32)} for i in range(6)]
+    ref = run_model(fm, feed)
+    (r,) = ref.values()
+    axis, bounds, _ = first_uneven(r, joins)
+    assert (axis, bounds) == (2, ((0, 4), (4, 6)))
+    judged = judge_reference(fm, feed)
+    assert isinstance(judged, PartedReference) and [v.shape[-1] for v in judged.values()] == [4, 2]
+    noisy = r.copy()
+    noisy[..., 4:] += np.random.default_rng(9).normal(0, 0.05, noisy[..., 4:].shape)
+    whole = compare_outputs(ref, {"y": noisy})
+    parted = compare_outputs(judged, {k: noisy[..., a:b] for k, (a, b) in zip(judged, bounds)})
+    assert parted.rel_l2 > 0.05 > 10 * whole.rel_l2
+    o = compare(ref, {"y": noisy}, parts=join_parts(fm)).outputs[0]
+    assert o.cosine > 0.9999 > 0.999 > o.worst_part.cosine and (o.worst_part.start, o.worst_part.stop) == (4, 6)
 
 
 def test_outputs_are_stacked_as_they_come_whatever_their_shapes():

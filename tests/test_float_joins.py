@@ -142,4 +142,4 @@ def test_the_levels_judge_splits_a_joined_output_into_its_parts(tf, detector):
     assert parted.rel_l2 > 0.3 > 10 * whole.rel_l2 and len(parted.cosines) == 2
     assert score(ref, float_joins(q)[0], feed).rel_l2 < 0.1
     same = {"a": np.ones((2, 6)), "b": np.ones((2, 3))}
-    assert type(split_parts(same, {"a": (1, ((0, 3), (3, 6)))})) is dict
+    assert type(split_parts(same, {"a": ((1, ((0, 3), (3, 6))),)})) is dict

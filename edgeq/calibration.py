@@ -127,13 +127,15 @@ def _check(sample: dict[str, np.ndarray], specs: Sequence[InputSpec], label: str
                                    f"inputs are {', '.join(s.name for s in specs)}")
         x = np.asarray(sample[spec.name])
         want = tuple(spec.shape)
-        if x.ndim == len(want) - 1:
+        # A first axis of 1 (or dynamic) is a batch, fed one sample at a time; any other size is
+        # the model's own (Silero VAD's sequence model takes 16 audio chunks as (16, 576)).
+        batched = bool(want) and want[0] in (1, -1, None)
+        if batched and x.ndim == len(want) - 1:
             x = x[None]
-        if x.ndim != len(want) or x.shape[0] != 1 or any(
-                w not in (-1, None) and w != g for w, g in zip(want[1:], x.shape[1:])):
+        if not _fits(want, x.shape) or (batched and x.shape[0] != 1):
             _check_layout(x.shape, spec, label)
             raise CalibrationError(f"{label}: shape {tuple(x.shape)} does not match input {spec.name!r} "
-                                   f"{want} (batch 1); reshape the data or fix --calib")
+                                   f"{want}{' (batch 1)' if batched else ''}; reshape the data or fix --calib")
         target = np.dtype(spec.dtype)
         if target.kind == "f":
             if x.dtype.kind not in "fiub":
@@ -231,7 +233,7 @@ def _random(cfg: CalibrationConfig, specs) -> CalibrationData:
         rng = np.random.default_rng([cfg.seed, i])
         out = {}
         for s in specs:
-            shape = [1] + [d if d > 0 else 1 for d in s.shape[1:]]
+            shape = [d if d > 0 else 1 for d in s.shape]  # a dynamic batch: 1
             dt = np.dtype(s.dtype)
             out[s.name] = (rng.integers(0, 2, shape) if dt.kind in "iub" else rng.random(shape)).astype(dt)
         return out

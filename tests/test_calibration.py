@@ -299,3 +299,28 @@ def test_text_with_tokenizer_from_a_local_dir(tmp_path, minilm_dir):
     assert {k: v.shape for k, v in s.items()} == {n: (1, 16) for n in ("input_ids", "attention_mask",
                                                                          "token_type_ids")}
     assert s["input_ids"][0, 0] == 101 and s["attention_mask"][0].sum() < 16  # [CLS], padded
+
+
+def test_an_input_whose_first_axis_is_not_a_batch_takes_samples_of_its_own_shape(tmp_path):
+    """Silero VAD's sequence model takes (16, 576): 16 audio chunks, no batch axis. Each sample of an
+    .npy is fed as it is (it used to be refused as "shape (16, 576) does not match (16, 576) (batch
+    1)"), random data has the input's shape, and a sample with an extra axis is refused without the
+    batch wording. A batched input still takes samples with or without their batch axis."""
+    seq = (InputSpec("x", (16, 6), "float32"),)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "seq.npy", rng.random((12, 16, 6)).astype(np.float32))
+    data = load_calibration(CalibrationConfig(str(tmp_path / "seq.npy"), samples=8, eval_samples=4), seq)
+    assert [s["x"].shape for s in data.calibration()] == [(16, 6)] * 8
+    data = load_calibration(CalibrationConfig("random", samples=2, eval_samples=0), seq)
+    assert [s["x"].shape for s in data.calibration()] == [(16, 6)] * 2
+    np.save(tmp_path / "extra.npy", rng.random((12, 1, 16, 6)).astype(np.float32))
+    with pytest.raises(CalibrationError, match=r"shape \(1, 16, 6\) does not match input 'x' \(16, 6\); reshape") as e:
+        list(load_calibration(CalibrationConfig(str(tmp_path / "extra.npy"), samples=8, eval_samples=4), seq).calibration())
+    assert "batch" not in str(e.value)
+    for spec in ((InputSpec("x", (1, 16, 6), "float32"),), (InputSpec("x", (-1, 16, 6), "float32"),)):
+        for f in ("seq.npy", "extra.npy"):
+            got = load_calibration(CalibrationConfig(str(tmp_path / f), samples=8, eval_samples=4), spec)
+            assert [s["x"].shape for s in got.calibration()] == [(1, 16, 6)] * 8
+    with pytest.raises(CalibrationError, match=r"\(batch 1\)"):
+        list(load_calibration(CalibrationConfig(str(tmp_path / "seq.npy"), samples=8, eval_samples=4),
+                              (InputSpec("x", (1, 8, 6), "float32"),)).calibration())

@@ -627,7 +627,15 @@ def judges_class_scores(reference: dict, class_outputs=frozenset()) -> bool:
         return True
     vectors = [n for n, v in reference.items() if is_vector_output(v)]
     return (len(vectors) == 1 and kinds[vectors[0]] is OutputKind.MAYBE_CLASS_SCORES
-            and is_score_vector(reference[vectors[0]]))
+            and is_score_vector(reference[vectors[0]]) and not _independent_sigmoids(reference[vectors[0]]))
+
+
+def _independent_sigmoids(ref) -> bool:
+    """Values all in 0..1 whose rows do not sum to 1: one sigmoid per position or label (Silero
+    VAD's speech probability for each of 16 audio chunks), which a softmax over them would squash
+    to near-uniform and a KL of it could not tell apart."""
+    rows = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    return bool(rows.size and rows.min() >= 0 and rows.max() <= 1 and not np.allclose(rows.sum(1), 1.0, atol=1e-3))
 
 
 def optimize_report(level: OptimizeLevel, asked: OptimizeLevel | None, why: str | None,

@@ -323,6 +323,9 @@ def test_the_kl_objective_only_for_unambiguous_class_scores():
                                     "Identity_3": coords / 1000})
     assert not judges_class_scores({"landmarks": coords})  # named as what it is
     assert not judges_class_scores({"anchors": rng.normal(size=(4, 896, 1))})  # independent sigmoids
+    # ... and one [1, 16] vector of them (Silero VAD: speech in each of 16 audio chunks)
+    speech = 1 / (1 + np.exp(-rng.normal(0, 3, size=(4, 16))))
+    assert not judges_class_scores({"Identity": speech}) and judges_class_scores({"Identity": np.log(speech)})
 
 
 def _grouped_conv_cnn(tf) -> bytes:

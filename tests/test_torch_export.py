@@ -4,6 +4,7 @@ real LiteRT interpreter; fidelity against PyTorch's own output."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 
 from edgeq.calibration import CalibrationConfig, Layout, load_calibration  # noqa: E402
 from edgeq.convert import ConvertOptions, convert  # noqa: E402
-from edgeq.errors import CalibrationError, ModelFormatError  # noqa: E402
+from edgeq.errors import CalibrationError, ModelFormatError, QuantizationError  # noqa: E402
 from edgeq.sources import detect_format, load_source  # noqa: E402
 from edgeq.sources.shapes import parse_shape  # noqa: E402
 from edgeq.tflite_model import read_model  # noqa: E402
@@ -223,3 +224,38 @@ def test_parse_shape():
     for bad in ("", "1,a", "1,0,3", "-1,3"):
         with pytest.raises(ValueError, match="1,3,224,224"):
             parse_shape(bad)
+
+
+def test_a_float_tflite_that_already_misses_the_floor_against_pytorch_is_refused_first(cnn_pt2, images, tmp_path,
+                                                                                       monkeypatch):
+    """TesseraNet through litert-torch: the float .tflite was at cosine 0.49 to PyTorch, so every int8
+    model missed the floor; the level and the budget loop spent 297 s and the refusal suggested
+    --no-floor, naming nothing about the conversion. Now the float .tflite is checked against the
+    PyTorch model first and refused in one line that says the conversion lost the accuracy.
+    Stand-in for a broken converter (which cannot be produced on demand): the source's reference is
+    the same network with other weights, as if the float .tflite had been made from another model."""
+    import edgeq.convert as convert_module
+
+    real = convert_module.load_source
+    other = _cnn(seed=1).eval()
+
+    def load_other(*a, **k):
+        src = real(*a, **k)
+
+        def reference(samples):
+            with torch.no_grad():
+                x = torch.from_numpy(np.concatenate([s["args_0"] for s in samples]))
+                return {"output_0": other(x).numpy()}
+        return dataclasses.replace(src, reference=reference)
+
+    monkeypatch.setattr(convert_module, "load_source", load_other)
+    out = tmp_path / "o.tflite"
+    calib = CalibrationConfig(str(images), samples=30, eval_samples=10, preprocess="imagenet")
+    with pytest.raises(QuantizationError, match=r"^the float \.tflite converted from the torch_export model already "
+                                                r"misses the fidelity floor against it, before quantizing: .* on 10 "
+                                                r"held-out samples; .*convert again .*--no-floor") as e:
+        convert(cnn_pt2, ConvertOptions(out, calib=calib))
+    assert "\n" not in str(e.value) and not out.exists()
+    # --no-floor quantizes it anyway and says so in a warning, as before
+    r = convert(cnn_pt2, ConvertOptions(out, calib=calib, floor=False))
+    assert out.exists() and any("the float .tflite already differs from the torch_export model" in w for w in r.warnings)

@@ -93,7 +93,7 @@ def run(model: Path, profile, opts: BenchOptions, request: ProfileRequest, progr
     finally:
         # Also on Ctrl-C/timeout: stop a still-running benchmark, then remove the run directory.
         say(f"cleaning up {run_dir}")
-        _cleanup(remote, run_dir, started and not finished)
+        _cleanup(remote, run_dir, kill=started and not finished)
         remote.close()
 
 

@@ -235,7 +235,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     # backend produced it, and must have run under the target's runtime options.
     qbytes, verification, fid = _enforce_and_verify(qbytes, source.float_tflite, profile, eval_samples, data,
                                                     reference, fid, class_outputs, warnings, progress)
-    fidelity_source = _source_fidelity(source, source_outputs, reference, verification)
+    fidelity_source = _source_fidelity(source, source_outputs, verification)
     warnings += _source_drift(fidelity_source)
     info = read_model(qbytes)
     warnings += data_warnings(data_written, scheme, opts) + (fid.notes() if fid else [])
@@ -353,8 +353,9 @@ def _enforce_and_verify(qbytes, float_model, profile, eval_samples, data, refere
     return qbytes, run, fid
 
 
-def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_samples, reference) -> dict | None:
-    """The source framework's own outputs on the held-out samples (PyTorch programs), or None.
+def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_samples, reference) -> tuple | None:
+    """(the source framework's own outputs on the held-out samples, the float .tflite's fidelity to
+    them) for PyTorch programs, or None.
 
     Where the fidelity floor applies and the float .tflite already misses it against them, the
     conversion to TFLite lost the accuracy, not quantization: refused before quantizing. (TesseraNet,
@@ -362,29 +363,28 @@ def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_sa
     297 s, and the refusal then suggested --no-floor.)"""
     if source.reference is None or not eval_samples:
         return None
+    from .fidelity import compare
+
     src = source.reference(eval_samples)
-    if opts.budget is None and opts.floor and opts.calib is not None and data.calibrated:
-        from .accuracy_target import default_floor
-        from .fidelity import compare
-
-        fid = compare(src, reference)
-        floor = default_floor(fid)
-        if not floor.met(fid):
-            raise QuantizationError(
-                f"the float .tflite converted from the {source.format} model already misses the fidelity floor "
-                f"against it, before quantizing: {floor.reached(fid)} on {fid.samples} held-out samples; the "
-                "conversion to TFLite lost the accuracy: convert again or export the model differently, or "
-                "pass --no-floor to quantize it anyway")
-    return src
+    fid = compare(src, reference)
+    floor, _ = choose_target(opts, fid, data)  # the floor the int8 model would be held to
+    if floor is not None and floor.floor and not floor.met(fid):
+        raise QuantizationError(
+            f"the float .tflite converted from the {source.format} model already misses the fidelity floor "
+            f"against it, before quantizing: {floor.reached(fid)} on {fid.samples} held-out samples; the "
+            "conversion to TFLite lost the accuracy: convert again or export the model differently, or "
+            "pass --no-floor to quantize it anyway")
+    return src, fid
 
 
-def _source_fidelity(source, src, reference, run) -> dict | None:
+def _source_fidelity(source, source_outputs, run) -> dict | None:
     """Fidelity against the source framework's own model (PyTorch programs), float and quantized."""
-    if src is None:
+    if source_outputs is None:
         return None
     from .fidelity import compare
-    return {"reference": source.format, "float": compare(src, reference).to_json(),
-            "quantized": compare(src, run.outputs).to_json()}
+
+    src, float_fid = source_outputs
+    return {"reference": source.format, "float": float_fid.to_json(), "quantized": compare(src, run.outputs).to_json()}
 
 
 # The float .tflite itself this far from the source framework's model is a conversion problem, not a

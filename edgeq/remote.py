@@ -16,6 +16,7 @@ import re
 import shlex
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -190,8 +191,6 @@ class Remote:
         """fn() with a watchdog that closes this connection after `seconds`. On a link gone silent
         with the socket's send buffer full, paramiko's write loop retries forever (it ends only when
         the transport closes), so any message sent then (an SFTP close, a channel open) hangs."""
-        import threading
-
         watchdog = threading.Timer(seconds, self.close)
         watchdog.daemon = True
         watchdog.start()

@@ -9,6 +9,7 @@ runner reports are the flash's own.)
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -339,6 +340,23 @@ def test_model_update_keeps_runtime_and_rollback_restores_pairs(sshd, models, tm
 
 
 # --------------------------------------------------------------------------- faults
+@contextlib.contextmanager
+def stalled_cli_flash(sshd, tmp_path, slot, model, *more: str):
+    """(proxy, process) of an `edgeq flash` through a LinkProxy that froze mid-upload; on leaving,
+    the proxy is closed and a flash still running is killed (a failed test leaves none behind)."""
+    proxy, proc = LinkProxy(sshd.port), None
+    try:
+        proxy.stall_after(STALL_AT)
+        proc = cli_flash(sshd, sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), proxy.port, slot, model, *more)
+        assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+        yield proxy, proc
+    finally:
+        proxy.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
     """Ctrl-C and SIGTERM (`timeout`, a cancelled CI job) clean up behind themselves on the device;
@@ -346,11 +364,7 @@ def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
     kh = sshd.known_hosts(tmp_path / "kh")
     dev = Device(sshd, slot)
     old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
-    proxy, proc = LinkProxy(sshd.port), None
-    try:
-        proxy.stall_after(STALL_AT)
-        proc = cli_flash(sshd, sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), proxy.port, slot, big_model)
-        assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+    with stalled_cli_flash(sshd, tmp_path, slot, big_model) as (proxy, proc):
         (staged,) = dev.staging()
         assert (staged / "model.tflite").stat().st_size < big_model.stat().st_size  # really mid-upload
         assert dev.lock()["pid"] == proc.pid
@@ -362,11 +376,6 @@ def test_flash_killed_mid_upload(sshd, models, big_model, tmp_path, slot, sig):
             proc.wait(30)
             proxy.cut()  # the laptop is gone, and its connection with it
         out, err = proc.communicate(timeout=60)
-    finally:
-        proxy.close()
-        if proc is not None and proc.poll() is None:  # a failed test leaves no flash running
-            proc.kill()
-            proc.wait()
     assert dev.link("current") == old.version and dev.releases() == [old.version]
     if sig != signal.SIGKILL:
         said = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
@@ -395,20 +404,10 @@ def test_flash_interrupted_on_a_frozen_link(sshd, models, big_model, tmp_path, s
     kh = sshd.known_hosts(tmp_path / "kh")
     dev = Device(sshd, slot)
     old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
-    proxy, proc = LinkProxy(sshd.port), None
-    try:
-        proxy.stall_after(STALL_AT)
-        proc = cli_flash(sshd, sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), proxy.port, slot, big_model,
-                         "--connect-timeout", "40")
-        assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+    with stalled_cli_flash(sshd, tmp_path, slot, big_model, "--connect-timeout", "40") as (_, proc):
         time.sleep(2)  # the flash fills its socket's send buffer and waits there
         proc.send_signal(signal.SIGINT)  # the frozen connection stays frozen; new ones pass
         out, err = proc.communicate(timeout=30)
-    finally:
-        proxy.close()
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1 and err.strip() == "Error: interrupted" and out == ""
     assert dev.link("current") == old.version and dev.releases() == [old.version] and dev.staging() == []
     assert dev.lock() is None

@@ -16,6 +16,7 @@ from itertools import islice
 from pathlib import Path
 
 from .accuracy_target import budget_target
+from .blas import one_blas_thread
 from .budget import ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, run_budget
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
@@ -86,6 +87,7 @@ class ConvertResult:
     source: SourceModel | None = None
 
 
+@one_blas_thread
 def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT) -> ConvertResult:
     model = Path(model)
     out = Path(opts.output)
@@ -127,7 +129,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
-    source_outputs = _source_outputs(source, opts, data, eval_samples, reference)
+    source_outputs = _source_outputs(source, opts, data, eval_samples, reference, class_outputs)
     float_info = read_model(source.float_tflite)
 
     # int4 weights: the level is GPTQ rounding, applied to every quantization of the LiteRT path
@@ -353,7 +355,8 @@ def _enforce_and_verify(qbytes, float_model, profile, eval_samples, data, refere
     return qbytes, run, fid
 
 
-def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_samples, reference) -> tuple | None:
+def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_samples, reference,
+                    class_outputs: frozenset[str]) -> tuple | None:
     """(the source framework's own outputs on the held-out samples, the float .tflite's fidelity to
     them) for PyTorch programs, or None.
 
@@ -366,8 +369,10 @@ def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_sa
     from .fidelity import compare
 
     src = source.reference(eval_samples)
-    fid = compare(src, reference)
-    floor, _ = choose_target(opts, fid, data)  # the floor the int8 model would be held to
+    fid = compare(src, reference, class_outputs)
+    # The floor the int8 model would be held to (a --max-drop budget is the user's own target: the
+    # budget loop and its refusal judge that one against the float .tflite).
+    floor = choose_target(opts, fid, data)[0] if opts.budget is None else None
     if floor is not None and floor.floor and not floor.met(fid):
         raise QuantizationError(
             f"the float .tflite converted from the {source.format} model already misses the fidelity floor "

@@ -259,3 +259,18 @@ def test_a_float_tflite_that_already_misses_the_floor_against_pytorch_is_refused
     # --no-floor quantizes it anyway and says so in a warning, as before
     r = convert(cnn_pt2, ConvertOptions(out, calib=calib, floor=False))
     assert out.exists() and any("the float .tflite already differs from the torch_export model" in w for w in r.warnings)
+
+
+def test_a_top1_budget_on_pytorch_logits_is_judged_on_the_class_outputs(cnn_pt2, images, tmp_path):
+    """The float-vs-PyTorch check ran the budget's target without the class outputs: a PyTorch
+    classifier's logits under `--max-drop 0.2 --metric top1` (with or without --class-output) were
+    refused before quantizing with "--metric top1 needs an output with one score vector per sample"."""
+    from edgeq.convert import BudgetOptions
+
+    calib = CalibrationConfig(str(images), samples=30, eval_samples=10, preprocess="imagenet")
+    for i, names in enumerate([(), ("output_0",)]):
+        out = tmp_path / f"b{i}.tflite"
+        r = convert(cnn_pt2, ConvertOptions(out, calib=calib, budget=BudgetOptions(0.2, "top1"), class_outputs=names))
+        fo = r.manifest["fidelity"]["outputs"][0]
+        assert out.exists() and fo["kind"] == "class_scores" and fo["top1_agreement"] >= 0.8
+        assert r.manifest["fidelity_source"]["float"]["outputs"][0]["kind"] == "class_scores"

@@ -127,15 +127,19 @@ def _check(sample: dict[str, np.ndarray], specs: Sequence[InputSpec], label: str
                                    f"inputs are {', '.join(s.name for s in specs)}")
         x = np.asarray(sample[spec.name])
         want = tuple(spec.shape)
-        # A first axis of 1 (or dynamic) is a batch, fed one sample at a time; any other size is
-        # the model's own (Silero VAD's sequence model takes 16 audio chunks as (16, 576)).
+        # A first axis of 1 (or dynamic) is a batch, fed one sample at a time. A sample of exactly
+        # the input's shape with another first axis is fed whole: the axis may be the model's own
+        # (Silero VAD's sequence model takes 16 audio chunks as (16, 576)). Anything else is one
+        # item of that axis, fed as batch 1 (a Keras model saved with batch_size=4 resizes to it;
+        # an image folder has no other way to feed it).
         batched = bool(want) and want[0] in (1, -1, None)
-        if batched and x.ndim == len(want) - 1:
-            x = x[None]
-        if not _fits(want, x.shape) or (batched and x.shape[0] != 1):
-            _check_layout(x.shape, spec, label)
-            raise CalibrationError(f"{label}: shape {tuple(x.shape)} does not match input {spec.name!r} "
-                                   f"{want}{' (batch 1)' if batched else ''}; reshape the data or fix --calib")
+        if batched or not _fits(want, x.shape):
+            if x.ndim == len(want) - 1:
+                x = x[None]
+            if x.ndim != len(want) or x.shape[0] != 1 or not _fits(want[1:], x.shape[1:]):
+                _check_layout(x.shape, spec, label)
+                raise CalibrationError(f"{label}: shape {tuple(x.shape)} does not match input {spec.name!r} "
+                                       f"{want}{' (batch 1)' if batched else ''}; reshape the data or fix --calib")
         target = np.dtype(spec.dtype)
         if target.kind == "f":
             if x.dtype.kind not in "fiub":

@@ -324,3 +324,27 @@ def test_an_input_whose_first_axis_is_not_a_batch_takes_samples_of_its_own_shape
     with pytest.raises(CalibrationError, match=r"\(batch 1\)"):
         list(load_calibration(CalibrationConfig(str(tmp_path / "seq.npy"), samples=8, eval_samples=4),
                               (InputSpec("x", (1, 8, 6), "float32"),)).calibration())
+
+
+def test_an_input_with_a_fixed_batch_takes_single_samples_as_before(tmp_path):
+    """A model saved with a fixed batch of 4 (Keras Input(..., batch_size=4)) took one image or one
+    .npy row at a time, fed as batch 1; treating every first axis other than 1 as the model's own
+    refused both ("shape (8, 8, 3) does not match (4, 8, 8, 3)"), and an image folder cannot be
+    reshaped. A sample of the whole input's shape is still fed whole."""
+    from PIL import Image
+
+    spec = (InputSpec("x", (4, 8, 8, 3), "float32"),)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "one.npy", rng.random((10, 8, 8, 3)).astype(np.float32))
+    np.save(tmp_path / "whole.npy", rng.random((10, 4, 8, 8, 3)).astype(np.float32))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    for src, shape in (("one.npy", (1, 8, 8, 3)), ("whole.npy", (4, 8, 8, 3)), ("imgs", (1, 8, 8, 3))):
+        data = load_calibration(CalibrationConfig(str(tmp_path / src), samples=4, eval_samples=2), spec)
+        assert {s["x"].shape for s in data.calibration()} == {shape}
+    np.save(tmp_path / "bad.npy", rng.random((10, 2, 8, 8, 3)).astype(np.float32))
+    with pytest.raises(CalibrationError, match=r"shape \(2, 8, 8, 3\) does not match input 'x' \(4, 8, 8, 3\); "):
+        list(load_calibration(CalibrationConfig(str(tmp_path / "bad.npy"), samples=4, eval_samples=2),
+                              spec).calibration())

@@ -217,7 +217,7 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
                     continue
                 step = f"uploading {rel}"
                 say(f"{step} ({p.stat().st_size} bytes)")
-                _upload_file(remote, p, rp, lock.beat)
+                remote.upload(p, rp, lock.beat)
                 sent[0] += p.stat().st_size
             step = "verifying checksums on the device"
             say(step)
@@ -266,35 +266,6 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
             remote.cleanup("; ".join(cmds))
             lock.forget()
             remote.close()
-
-
-def _upload_file(remote: Remote, local: Path, rpath: str, beat) -> None:
-    """sftp.put with pipelined writes, except that a failure closes the SFTP channel (on a link gone
-    silent, the whole connection after 10 s: Remote.guarded) and an interruption the connection,
-    instead of waiting forever for the answer to a close the server can no longer parse. The size
-    check catches writes the server refused (a full disk)."""
-    size = local.stat().st_size
-    beat()
-    try:
-        with open(local, "rb") as src:
-            f = remote.sftp.open(rpath, "wb")
-            f.set_pipelined(True)
-            while chunk := src.read(32768):
-                f.write(chunk)
-                beat()
-            f.close()
-    except KeyboardInterrupt:  # nothing more goes over this connection (Remote.cleanup says why)
-        remote.close()
-        raise
-    except BaseException:
-        try:  # the flash goes on with exec channels only (cleanup, df)
-            remote.guarded(remote.sftp.close, 10)
-        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
-            pass
-        raise
-    got = remote.sftp.stat(rpath).st_size
-    if got != size:
-        raise OSError(f"the board stored {got} of {size} bytes")
 
 
 def _link_error(remote: Remote, target: SshTarget, step: str, e: BaseException, switched: bool, base: str,
@@ -445,38 +416,49 @@ def rollback(profile, target: SshTarget, options: FlashOptions | None = None,
     options = options or FlashOptions()
     say = progress or (lambda msg: None)
     _check_slot(options.slot)
+    import paramiko
+
+    switched = False
     with Remote(target) as remote:
-        slot = _Slot(remote, options.slot)
-        missing = EdgeqError(f"no previous version of {options.slot!r} on {target.label} to roll back to; "
-                             f"flash a model first (rollback needs two flashes)")
-        if not remote.exists(slot.base):
-            raise missing
-        lock = SlotLock(remote, posixpath.join(slot.base, ".lock"), options.lock_wait,
-                        options.lock_stale_after, say)
         try:
-            notes = lock.acquire(options.slot)
-            cur = slot.link_target(remote, slot.current)
-            prev = slot.link_target(remote, slot.previous)
-            if not prev or not remote.exists(posixpath.join(slot.releases, prev)):
+            slot = _Slot(remote, options.slot)
+            missing = EdgeqError(f"no previous version of {options.slot!r} on {target.label} to roll back to; "
+                                 f"flash a model first (rollback needs two flashes)")
+            if not remote.exists(slot.base):
                 raise missing
-            say(f"rolling {options.slot} back from {cur} to {prev}")
-            slot.set_link(remote, slot.current, prev)
-            if cur:
-                slot.set_link(remote, slot.previous, cur)
-        finally:
-            remote.cleanup(lock.release_cmd())
-            lock.forget()
-        release = posixpath.join(slot.releases, prev)
-        unit = f"edgeq-{options.slot}.service"
-        if remote.exists(remote.path(f".config/systemd/user/{unit}")):
-            code, _, _ = remote.run(f"systemctl --user restart {shlex.quote(unit)}", 60)
-            if code != 0:
-                notes.append(f"could not restart {unit}; run: systemctl --user restart {unit}")
-        info = remote.read_text(posixpath.join(release, "bundle.json"))
-        sha = json.loads(info).get("model_sha256") if info else None
-        py = posixpath.join(release, "venv", "bin", "python")
-        link = slot.runtime_link(remote, prev)
-        return FlashResult("rollback", target.label, options.slot, prev, cur, release, sha,
-                           py if remote.exists(py) else None,
-                           tuple(sorted(remote.sftp.listdir(slot.releases))), None, tuple(notes),
-                           _runtime_id(link))
+            lock = SlotLock(remote, posixpath.join(slot.base, ".lock"), options.lock_wait,
+                            options.lock_stale_after, say)
+            try:
+                notes = lock.acquire(options.slot)
+                cur = slot.link_target(remote, slot.current)
+                prev = slot.link_target(remote, slot.previous)
+                if not prev or not remote.exists(posixpath.join(slot.releases, prev)):
+                    raise missing
+                say(f"rolling {options.slot} back from {cur} to {prev}")
+                slot.set_link(remote, slot.current, prev)
+                switched = True
+                if cur:
+                    slot.set_link(remote, slot.previous, cur)
+            finally:
+                remote.cleanup(lock.release_cmd())
+                lock.forget()
+            release = posixpath.join(slot.releases, prev)
+            unit = f"edgeq-{options.slot}.service"
+            if remote.exists(remote.path(f".config/systemd/user/{unit}")):
+                code, _, _ = remote.run(f"systemctl --user restart {shlex.quote(unit)}", 60)
+                if code != 0:
+                    notes.append(f"could not restart {unit}; run: systemctl --user restart {unit}")
+            info = remote.read_text(posixpath.join(release, "bundle.json"))
+            sha = json.loads(info).get("model_sha256") if info else None
+            py = posixpath.join(release, "venv", "bin", "python")
+            link = slot.runtime_link(remote, prev)
+            return FlashResult("rollback", target.label, options.slot, prev, cur, release, sha,
+                               py if remote.exists(py) else None,
+                               tuple(sorted(remote.sftp.listdir(slot.releases))), None, tuple(notes),
+                               _runtime_id(link))
+        except (OSError, EOFError, paramiko.SSHException) as e:  # one line, not a traceback
+            what = (f"the connection to {target.label} was lost during the rollback" if not _alive(remote)
+                    else f"the rollback failed on {target.label}")
+            state = (f"{options.slot} is already rolled back to {prev} (a rerun would roll it forward again)"
+                     if switched else "the current version is unchanged; check the board and the network, then rerun")
+            raise DeviceError(f"{what} ({first_line(e)}); {state}") from None

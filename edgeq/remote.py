@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DeviceError, EdgeqError
+from .interrupts import pending
 
 Progress = Callable[[str], None]
 
@@ -148,10 +149,14 @@ class Remote:
     def __init__(self, target: SshTarget):
         self.target = target
         self.client = connect(target)
-        self.sftp = self.client.open_sftp()
-        # a stalled (not dropped) link must not hang a transfer forever
-        self.sftp.get_channel().settimeout(max(target.connect_timeout, 60.0))
-        self.home = self.sftp.normalize(".")
+        try:
+            self.sftp = self.client.open_sftp()
+            # a stalled (not dropped) link must not hang a transfer forever
+            self.sftp.get_channel().settimeout(max(target.connect_timeout, 60.0))
+            self.home = self.sftp.normalize(".")
+        except BaseException:  # no SFTP (or a Ctrl-C): the connection and its thread must not outlive this
+            self.client.close()
+            raise
 
     def close(self) -> None:
         try:
@@ -179,7 +184,8 @@ class Remote:
         def here() -> None:
             self.guarded(lambda: self.run(cmd, timeout), timeout + self.target.connect_timeout)
 
-        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+        # (pending: also an interrupt that something turned into its own error on the way up)
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt) or pending()
         for attempt in ((fresh,) if interrupted else (here, fresh)):
             try:
                 attempt()
@@ -198,6 +204,35 @@ class Remote:
             return fn()
         finally:
             watchdog.cancel()
+
+    def upload(self, local, rpath: str, beat: Callable[[], object] = lambda: None) -> None:
+        """sftp.put with pipelined writes, except that a failure closes the SFTP channel (on a link
+        gone silent, the whole connection after 10 s: guarded) and an interruption the connection,
+        instead of waiting (60 s, or forever: cleanup says why) for the answer to a close the server
+        can no longer parse. `beat` is called between chunks. The size check catches writes the
+        server refused (a full disk)."""
+        size = os.stat(local).st_size
+        beat()
+        try:
+            with open(local, "rb") as src:
+                f = self.sftp.open(rpath, "wb")
+                f.set_pipelined(True)
+                while chunk := src.read(32768):
+                    f.write(chunk)
+                    beat()
+                f.close()
+        except KeyboardInterrupt:  # nothing more goes over this connection
+            self.close()
+            raise
+        except BaseException:
+            try:  # the caller goes on with exec channels only (cleanup, df)
+                self.guarded(self.sftp.close, 10)
+            except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+                pass
+            raise
+        got = self.sftp.stat(rpath).st_size
+        if got != size:
+            raise OSError(f"the board stored {got} of {size} bytes")
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.home, rel)
@@ -268,8 +303,13 @@ class Remote:
                 if not got:
                     chan.status_event.wait(0.05)
             code = chan.recv_exit_status()
-        finally:
+        except KeyboardInterrupt:  # no channel close on this connection (cleanup says why): drop it
+            self.close()
+            raise
+        except BaseException:
             chan.close()
+            raise
+        chan.close()
         if code == -1:  # paramiko's "no exit status": the session ended without one
             raise DeviceError(f"the connection to {self.target.label} was lost during the run; rerun")
         return code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")

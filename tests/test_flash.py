@@ -415,6 +415,36 @@ def test_flash_interrupted_on_a_frozen_link(sshd, models, big_model, tmp_path, s
     assert flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot)).notes == ()
 
 
+def test_link_lost_during_a_rollback(sshd, models, tmp_path, slot, monkeypatch):
+    """The link drops right after the rollback switched `current` (a LinkProxy cut): one line that says
+    the slot is already rolled back (a rerun would roll it forward), not a paramiko traceback."""
+    import edgeq.flash as flash_module
+
+    kh = sshd.known_hosts(tmp_path / "kh")
+    dev = Device(sshd, slot)
+    r1 = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    r2 = flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    proxy = LinkProxy(sshd.port)
+    real = flash_module._Slot.set_link
+
+    def set_link(self, remote, link, version):
+        real(self, remote, link, version)
+        if link == self.previous:  # both links written: the network goes
+            proxy.refuse = True
+            proxy.cut()
+
+    monkeypatch.setattr(flash_module._Slot, "set_link", set_link)
+    target = sshd.target(sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), port=proxy.port, connect_timeout=3.0)
+    try:
+        with pytest.raises(DeviceError, match=rf"^the connection to .* was lost during the rollback \(.*\); {slot} is "
+                                              rf"already rolled back to {r1.version} \(a rerun would roll it forward") as e:
+            rollback(PROFILE, target, FlashOptions(slot=slot))
+    finally:
+        proxy.close()
+    assert "\n" not in str(e.value)
+    assert dev.link("current") == r1.version and dev.link("previous") == r2.version
+
+
 @pytest.mark.parametrize("board_back", [True, False], ids=["link-back", "board-unreachable"])
 def test_link_cut_mid_upload(sshd, models, big_model, tmp_path, slot, board_back):
     kh = sshd.known_hosts(tmp_path / "kh")

@@ -8,7 +8,9 @@ calls it; tests/test_fleet.py runs it per device of a fleet.
 import _thread
 import hashlib
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from edgeq.runners import ProfileRequest, device_bench, profile_model
 from edgeq.runners.ssh import SshSettings
 from tests.sshd_fixture import StubProfile, host_outputs, sshd, tiny_int8_model  # noqa: F401
 
+REPO = Path(__file__).resolve().parents[1]
 PROFILE = SimpleNamespace(**vars(StubProfile()), reach="ssh")  # what the ssh runner reads, reached over ssh
 
 
@@ -291,6 +294,68 @@ def test_cleanup_after_an_interrupt_never_uses_the_old_connection(sshd, tmp_path
     finally:
         remote.close()
         marker.unlink(missing_ok=True)
+
+
+def test_a_run_interrupted_drops_its_connection_sending_nothing(sshd, tmp_path):
+    """A Ctrl-C inside Remote.run used to close its channel on the way out: a message sent on the
+    connection the interrupt may have broken (its send lock held, as in the test above), so the
+    interrupt hung there before any cleanup ran. Now the connection is dropped, nothing sent."""
+    from edgeq.remote import Remote
+
+    remote = Remote(sshd.target(sshd.known_hosts(tmp_path / "kh")))
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        remote.client.get_transport().clear_to_send_lock.acquire()
+        held.set()
+
+    def ctrl_c(_line):  # the interrupt lands while run waits for the command
+        threading.Thread(target=hold, daemon=True).start()
+        assert held.wait(10)
+        raise KeyboardInterrupt
+
+    def interrupted():
+        try:
+            remote.run("echo started >&2; sleep 20", 60, on_stderr=ctrl_c)
+        except KeyboardInterrupt:
+            done.set()
+
+    threading.Thread(target=interrupted, daemon=True).start()
+    try:
+        assert done.wait(15) and remote.client.get_transport() is None
+    finally:
+        remote.close()
+
+
+def test_profile_interrupted_on_a_frozen_link(sshd, tmp_path):
+    """Ctrl-C while `edgeq profile` uploads over a link gone silent: the upload closed its remote
+    file on the way out, waiting 60 s for acks the frozen link never brings (flash's upload already
+    dropped the connection). Now the same upload: out at once, and the run directory removed over
+    a new connection."""
+    from tests.sshd_fixture import LinkProxy, build_int8_model
+
+    big = build_int8_model(tmp_path / "big.tflite", seed=7, classes=8192)
+    proxy = LinkProxy(sshd.port)
+    proxy.stall_after(1 << 20)
+    argv = [sys.executable, "-c", "from edgeq.cli import main; main()", "profile", str(big), "--device", "rpi5",
+            "--host", f"{sshd.user}@127.0.0.1:{proxy.port}", "--identity", str(sshd.client_key),
+            "--known-hosts", str(sshd.known_hosts(tmp_path / "kh", proxy.port)),
+            "--remote-python", sshd.device_python, "--connect-timeout", "40"]
+    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stalled.wait(60), proc.communicate(timeout=60)
+        time.sleep(2)  # the upload fills its socket's send buffer and waits there
+        assert len(leftover_runs(sshd)) == 1
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proxy.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and err.strip().splitlines()[-1] == "Error: interrupted"
+    assert leftover_runs(sshd) == []
 
 
 def test_disconnect_mid_run(sshd, tiny_int8_model, tmp_path):

@@ -66,11 +66,11 @@ def run(model: Path, profile, opts: BenchOptions, request: ProfileRequest, progr
         rmodel = posixpath.join(run_dir, model.name)
         rbench = posixpath.join(run_dir, "device_bench.py")
         say(f"uploading {model.name} ({model.stat().st_size} bytes) to {run_dir}")
-        remote.sftp.put(str(model), rmodel)
-        remote.sftp.put(str(DEVICE_BENCH), rbench)
+        remote.upload(model, rmodel)
+        remote.upload(DEVICE_BENCH, rbench)
         argv = [python, rbench, rmodel, *opts.args()]
         if opts.inputs:
-            remote.sftp.put(str(opts.inputs), posixpath.join(run_dir, "inputs.npz"))
+            remote.upload(opts.inputs, posixpath.join(run_dir, "inputs.npz"))
             argv += ["--inputs", posixpath.join(run_dir, "inputs.npz")]
         if opts.save_outputs:
             argv += ["--save-outputs", posixpath.join(run_dir, "outputs.npz")]

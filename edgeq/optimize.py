@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .blas import one_blas_thread
 from .moment_rounding import Sequential, apply_levels, round_weights
 from .range_search import (OWN_RANGES, Objective, Score, is_score_vector, judge_reference, model_key,
                            output_names, refine_ranges, score, search_ranges, spread)
@@ -275,6 +276,7 @@ def settled_error(score: Score, objective: Objective) -> bool:
     return score.rel_l2 <= SETTLED_REL_L2
 
 
+@one_blas_thread
 def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactory,
              level: OptimizeLevel | str = OptimizeLevel.FAST, *, objective: Objective | str = Objective.REL_L2,
              budget: Budget = Budget(), judge_samples: int = JUDGE_SAMPLES,

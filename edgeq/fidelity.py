@@ -36,9 +36,10 @@ class OutputKind(StrEnum):
 # Up to "a few thousand" columns a score vector may be classes (ImageNet 1000/1001, 21k tags are not).
 MAX_CLASSES = 4096
 # Words in an output name that say it is not class scores.
-NOT_CLASS_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector", "landmark", "keypoint", "coord",
-                   "box", "regress", "contour", "mesh", "iris", "crop", "depth", "mask", "segment")
-EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector")
+NOT_CLASS_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector", "descriptor", "landmark",
+                   "keypoint", "coord", "box", "regress", "contour", "mesh", "iris", "crop", "depth", "mask",
+                   "segment")
+EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "sentence", "vector", "descriptor")
 # Outputs with fewer values per sample (flags, a few scores) are compared as one vector over all
 # samples: a per-sample cosine of one number is only its sign (benchmarks/zoo.py does the same).
 _MIN_COSINE_VALUES = 16

@@ -326,6 +326,11 @@ def test_the_kl_objective_only_for_unambiguous_class_scores():
     # ... and one [1, 16] vector of them (Silero VAD: speech in each of 16 audio chunks)
     speech = 1 / (1 + np.exp(-rng.normal(0, 3, size=(4, 16))))
     assert not judges_class_scores({"Identity": speech}) and judges_class_scores({"Identity": np.log(speech)})
+    # ... and a vector whose softmax is flat: face-api's 128-value face descriptor (+-0.2) read KL
+    # 0.0000 before and after every step, so the level stopped as settled
+    face = rng.normal(0, 0.08, size=(4, 128))
+    assert not judges_class_scores({"Identity": face}) and judges_class_scores({"Identity": face * 20})
+    assert not judges_class_scores({"descriptor": face * 20})  # named as what it is
 
 
 def _grouped_conv_cnn(tf) -> bytes:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import QuantizationError, first_line
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
+from .bias_overflow import candidates as overflow_candidates, fix as fix_bias_overflow
 from .float_joins import float_joins
 from .int8_islands import fold_islands, kept_float
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
@@ -245,6 +246,7 @@ class Requantizer:
         self._progress = progress or SILENT
         self._scopes = op_scopes(float_model)
         self._hazards = divisor_hazards(float_model)
+        self._overflow = overflow_candidates(float_model)  # bias_overflow: most models have none
         self._raw: dict | None = None  # the quantizer's min/max result
         self._ranges: dict | None = ranges  # after range selection: what every plan is quantized with
         self._finish = finish
@@ -326,6 +328,8 @@ class Requantizer:
         # Ops the quantizer leaves float that the int8 kernels run (LEAKY_RELU): int8, as the converter writes them.
         model, _ = fold_islands(bytes(result.quantized_model), kept_float(per_op))
         model, _ = float_joins(model)  # a detector's boxes and scores joined at the output: in float
+        if self._overflow:  # all-zero weight channels: biases the quantizer's scale clipped
+            model, _ = fix_bias_overflow(model, self.float_model)
         if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
             from .half_constants import halve_float_constants
             model, _ = halve_float_constants(model)

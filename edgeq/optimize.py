@@ -108,9 +108,11 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
     def make(float_model: bytes, samples: Sequence[dict]) -> QuantSession:
         from litert_quantizer import Quantizer
 
+        from .bias_overflow import candidates, fix
         from .quiet import quiet_native
         from .ranges import finite_calibration, live_ranges
 
+        overflow = candidates(float_model)
         qt = Quantizer(bytearray(float_model))
         qt.load_quantization_recipe(recipe)
         with quiet_native():
@@ -123,7 +125,8 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
 
             with quiet_native():
                 model = bytes(qt.quantize(live_ranges(calibration), enable_progress_report=False).quantized_model)
-            return float_joins(fold_islands(model, keep_float)[0])[0]
+            model = float_joins(fold_islands(model, keep_float)[0])[0]
+            return fix(model, float_model)[0] if overflow else model
 
         return QuantSession(base, quantize)
 

@@ -73,6 +73,10 @@ def fix(model: bytes, float_model: bytes) -> tuple[bytes, int]:
             continue
         need = np.abs(fb) / b_scale.astype(np.float64)
         bad = need > 2**31 - 2
+        if lay.activation in ("RELU", "RELU6", "RELU_N1_TO_1"):
+            # a bias the activation cuts to its floor anyway: the clipped value gives the same output
+            # (EfficientNet-Lite0 has 87 such dead channels); left as the quantizer wrote it
+            bad &= fb > (-1.0 if lay.activation == "RELU_N1_TO_1" else 0.0)
         if not bad.any():
             continue
         fw = _channels_last(lay.kind, lay.float_weight).astype(np.float64)

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import CNN_SEED, CNN_SIZE, image_samples, int8_session, output_error
 
 
-def _dead_branch_cnn(tf) -> bytes:
+def _dead_branch_cnn(tf, relu_bias: float | None = None) -> bytes:
     """conv3x3 (ReLU) -> [dw3x3 with zero weights -> conv1x1 with zero weights, biases 0.3..0.8] added
     back -> conv1x1 (ReLU) -> mean -> FC: the dead branch adds its biases, a constant per channel."""
     rng = np.random.default_rng(CNN_SEED)
@@ -24,6 +24,8 @@ def _dead_branch_cnn(tf) -> bytes:
         def serve(self, x):
             h = tf.nn.relu(tf.nn.conv2d(x, c["k1"], 1, "SAME") + c["b1"])
             dead = tf.nn.conv2d(tf.nn.depthwise_conv2d(h, c["d"], [1, 1, 1, 1], "SAME"), c["z"], 1, "SAME") + c["bz"]
+            if relu_bias is not None:  # a ReLU channel its bias keeps at 0: dead either way
+                dead = tf.nn.relu(dead - c["bz"] + relu_bias)
             h = tf.nn.relu(tf.nn.conv2d(h + dead, c["k2"], 1, "SAME") + c["b2"])
             return {"y": tf.matmul(tf.reduce_mean(h, axis=[1, 2]), c["fc"]) + c["fb"]}
 
@@ -77,6 +79,17 @@ def test_zero_weight_channels_keep_their_biases(dead, tiny_cnn, monkeypatch):
     assert not lay.quantized_weight(m).any()
     before, after = output_error(dead, plain, held), output_error(dead, fixed, held)
     assert after < 0.1 and after < 0.25 * before, (before, after)
+
+
+def test_a_bias_its_relu_cuts_is_left_as_the_quantizer_wrote_it(tf):
+    """A dead ReLU channel (zero weights, negative bias: EfficientNet-Lite0 has 87) outputs 0 with
+    the clipped bias too; rewriting it only perturbed the level's later choices."""
+    import edgeq.bias_overflow as bo
+
+    model = _dead_branch_cnn(tf, relu_bias=-0.5)
+    s = int8_session()(model, image_samples(16, CNN_SEED))
+    q = s.quantize(s.base)
+    assert bo.candidates(model) and _clipped_biases(q) == 8 and bo.fix(q, model)[1] == 0
 
 
 def test_the_budget_loops_quantizer_fixes_them_too(dead):

@@ -20,6 +20,7 @@ from .errors import DeviceError
 from .remote import Progress, Remote
 
 HEARTBEAT_S = 20.0  # how often a running flash refreshes its lock (far below stale_after)
+BEAT_TIMEOUT_S = 10.0  # a heartbeat that takes longer (at least --connect-timeout) means the link is gone
 _HELD: set[str] = set()  # tokens of the slot locks this process holds right now
 _HELD_GUARD = threading.Lock()
 
@@ -182,10 +183,17 @@ class SlotLock:
         if not force and now - self._last_beat < HEARTBEAT_S:
             return
         self._last_beat = now
-        with contextlib.suppress(Exception):
+
+        def refresh() -> None:
             if self._beat_sftp is None:
                 self._beat_sftp = self.remote.client.open_sftp()
             self._beat_sftp.utime(self.owner, None)
+
+        # On a link gone silent the utime on the open channel waited for its answer for good, inside
+        # the upload loop; the watchdog closes the connection instead, and the upload then fails as
+        # a lost link.
+        with contextlib.suppress(Exception):
+            self.remote.guarded(refresh, max(self.remote.target.connect_timeout, BEAT_TIMEOUT_S))
 
     def beating(self, argv: list[str]) -> list[str]:
         """argv wrapped so the device refreshes the heartbeat while it runs (pip on a slow board)."""

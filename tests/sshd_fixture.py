@@ -274,6 +274,7 @@ class LinkProxy:
         self._go = threading.Event()
         self._go.set()
         self._stall_at: int | None = None
+        self._frozen = False
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -284,7 +285,13 @@ class LinkProxy:
         self.stalled.clear()
         self._go.clear()
 
+    def freeze(self) -> None:
+        """Freeze every connection open now, from its next chunk on (`resume()` lets them go on)."""
+        self._go.clear()
+        self._frozen = True
+
     def resume(self) -> None:
+        self._frozen = False
         self._go.set()
 
     def cut(self) -> None:
@@ -320,7 +327,7 @@ class LinkProxy:
         peer, sent = {client: server, server: client}, 0
         try:
             while True:
-                if stall_at is not None and sent >= stall_at:
+                if (stall_at is not None and sent >= stall_at) or self._frozen:
                     self.stalled.set()
                     self._go.wait()
                     stall_at = None

@@ -415,6 +415,32 @@ def test_flash_interrupted_on_a_frozen_link(sshd, models, big_model, tmp_path, s
     assert flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot)).notes == ()
 
 
+def test_a_heartbeat_on_a_frozen_link_gives_up(sshd, tmp_path, slot):
+    """The lock's heartbeat (called between upload chunks) sent its utime on its own SFTP channel
+    with no timeout: on a link gone silent it waited for the answer for good, inside the upload
+    loop. Its watchdog closes the connection after BEAT_TIMEOUT_S, and the upload then fails as a
+    lost link."""
+    proxy = LinkProxy(sshd.port)
+    target = sshd.target(sshd.known_hosts(tmp_path / "kh-proxy", proxy.port), port=proxy.port, connect_timeout=3.0)
+    remote = Remote(target)
+    try:
+        remote.makedirs(remote.path(f".local/share/edgeq/model/{slot}"))
+        lock = slot_lock.SlotLock(remote, remote.path(f".local/share/edgeq/model/{slot}/.lock"), wait=5)
+        lock.acquire(slot)
+        lock.beat(force=True)  # its channel is open: the channel open itself times out (--connect-timeout)
+        proxy.freeze()
+        done = threading.Event()
+        t0 = time.monotonic()
+        threading.Thread(target=lambda: (lock.beat(force=True), done.set()), daemon=True).start()
+        assert done.wait(slot_lock.BEAT_TIMEOUT_S + 10)
+        assert slot_lock.BEAT_TIMEOUT_S - 1 < time.monotonic() - t0
+        assert remote.client.get_transport() is None  # the watchdog closed the connection
+    finally:
+        proxy.close()
+        remote.close()
+        Remote(sshd.target(sshd.known_hosts(tmp_path / "kh"))).cleanup(f"rm -rf ~/.local/share/edgeq/model/{slot}")
+
+
 def test_link_lost_during_a_rollback(sshd, models, tmp_path, slot, monkeypatch):
     """The link drops right after the rollback switched `current` (a LinkProxy cut): one line that says
     the slot is already rolled back (a rerun would roll it forward), not a paramiko traceback."""

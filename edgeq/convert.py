@@ -366,9 +366,17 @@ def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_sa
     297 s, and the refusal then suggested --no-floor.)"""
     if source.reference is None or not eval_samples:
         return None
+    import numpy as np
+
     from .fidelity import compare
 
-    src = source.reference(eval_samples)
+    try:
+        src = source.reference(eval_samples)
+    except (KeyError, ValueError, RuntimeError):  # outputs litert-torch flattened otherwise: not compared
+        return None
+    if list(src) != list(reference) or any(
+            np.asarray(a).size != np.asarray(b).size for a, b in zip(src.values(), reference.values())):
+        return None
     fid = compare(src, reference, class_outputs)
     # The floor the int8 model would be held to (a --max-drop budget is the user's own target: the
     # budget loop and its refusal judge that one against the float .tflite).

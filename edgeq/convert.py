@@ -351,7 +351,7 @@ def _enforce_and_verify(qbytes, float_model, profile, eval_samples, data, refere
         run = check_runs(qbytes, samples, options, reference if eval_samples else None)
     warnings.extend(run.warnings())
     if enforced.changed and eval_samples:  # the parameters moved: judge what is written
-        fid = compare(reference, run.outputs, class_outputs, join_parts(float_model))
+        fid = compare(reference, run.outputs, class_outputs, join_parts(float_model), len(eval_samples))
     return qbytes, run, fid
 
 
@@ -377,7 +377,7 @@ def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_sa
     if list(src) != list(reference) or any(
             np.asarray(a).size != np.asarray(b).size for a, b in zip(src.values(), reference.values())):
         return None
-    fid = compare(src, reference, class_outputs)
+    fid = compare(src, reference, class_outputs, samples=len(eval_samples))
     # The floor the int8 model would be held to (a --max-drop budget is the user's own target: the
     # budget loop and its refusal judge that one against the float .tflite).
     floor = choose_target(opts, fid, data)[0] if opts.budget is None else None
@@ -397,7 +397,8 @@ def _source_fidelity(source, source_outputs, run) -> dict | None:
     from .fidelity import compare
 
     src, float_fid = source_outputs
-    return {"reference": source.format, "float": float_fid.to_json(), "quantized": compare(src, run.outputs).to_json()}
+    return {"reference": source.format, "float": float_fid.to_json(),
+            "quantized": compare(src, run.outputs, samples=float_fid.samples).to_json()}
 
 
 # The float .tflite itself this far from the source framework's model is a conversion problem, not a

@@ -259,11 +259,13 @@ def dequantize_output(y: np.ndarray, d: dict) -> np.ndarray:
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            class_outputs: Collection[str] = (), parts: dict | None = None) -> Fidelity:
+            class_outputs: Collection[str] = (), parts: dict | None = None, samples: int | None = None) -> Fidelity:
     """Per output: cosine, relative L2, max abs error, and top-1 agreement for (maybe) class scores.
 
     `class_outputs`: reference output names the user says are class scores (any per-sample vector).
-    `parts`: {output name: ((axis, ((start, stop), ...)), ...)} of outputs joined from parts (join_parts)."""
+    `parts`: {output name: ((axis, ((start, stop), ...)), ...)} of outputs joined from parts (join_parts).
+    `samples`: how many samples the outputs come from, when that is not their rows (outputs without
+    a batch axis are stacked on their first one: a Khmer CRNN's 20 lines gave 2540 time steps)."""
     outs = []
     n = 0
     # Output names can differ between converters (keras float vs int8); pair them by order.
@@ -294,7 +296,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
         outs.append(OutputFidelity(name, cos, m.rel_l2, m.max_abs if n else 0.0,
                                    top1, kind, offset, plain, m.ref_max_abs if n else None, split,
                                    m.zeros / ref.size if ref.size else None, short))
-    return Fidelity(n, tuple(outs))
+    return Fidelity(samples if samples is not None else n, tuple(outs))
 
 
 # Values (float64) of one block of samples compared at once: EfficientPose's 50 heatmap outputs
@@ -538,4 +540,4 @@ def _probabilities(rows: np.ndarray) -> bool:
 def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str, np.ndarray]],
              reference: dict[str, np.ndarray] | None = None, class_outputs: Collection[str] = ()) -> Fidelity:
     ref = reference if reference is not None else run_model(float_model, samples)
-    return compare(ref, run_model(quant_model, samples), class_outputs, join_parts(float_model))
+    return compare(ref, run_model(quant_model, samples), class_outputs, join_parts(float_model), len(samples))

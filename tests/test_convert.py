@@ -753,3 +753,19 @@ def test_a_float_tflite_far_from_its_source_model_is_warned():
     (w,) = _source_drift(fs)
     assert "output logits" in w and "0.9290" in w and "torch_export" in w and "0.9000" in w
     assert _source_drift(None) == [] and _source_drift({**fs, "float": {"outputs": [out("logits", 0.995)]}}) == []
+
+
+def test_a_model_whose_first_axis_is_its_own_counts_its_held_out_samples(tf, tmp_path):
+    """A model taking 16 chunks as (16, 6) (Silero VAD's sequence form): its outputs are stacked on
+    their first axis, and the manifest said "samples: 64" for 4 held-out samples (the count the
+    refusals print and the top-1 floor's confidence bound uses)."""
+    tf.keras.utils.set_random_seed(0)
+    layers = tf.keras.layers
+    m = tf.keras.Sequential([tf.keras.Input((6,), batch_size=16), layers.Dense(8, activation="relu"),
+                             layers.Dense(1, activation="sigmoid")])
+    src = save_keras(tf, m, tmp_path / "seq.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((12, 16, 6)).astype(np.float32))
+    r = convert(src, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(str(tmp_path / "x.npy"), samples=8,
+                                                                                  eval_samples=4)))
+    assert r.manifest["calibration"]["eval_count"] == 4 and r.manifest["fidelity"]["samples"] == 4
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99

@@ -51,8 +51,8 @@ def candidates(float_model: bytes) -> bool:
 
 
 def fix(model: bytes, float_model: bytes) -> tuple[bytes, int]:
-    """(model with the overflowing channels rescaled, how many channels). Layers whose weight tensor
-    another op also reads are left alone (their scale is shared)."""
+    """(model with the overflowing channels rescaled, how many channels). Layers whose weight or bias
+    tensor another op also reads are left alone (their scales are shared)."""
     from .weight_layers import quant_params, weight_layers
 
     layers = weight_layers(model, float_model)
@@ -64,7 +64,8 @@ def fix(model: bytes, float_model: bytes) -> tuple[bytes, int]:
             readers[t] = readers.get(t, 0) + 1
     fixed = 0
     for lay in layers:
-        if lay.bias is None or lay.float_bias is None or readers.get(lay.weight, 0) != 1:
+        if (lay.bias is None or lay.float_bias is None or readers.get(lay.weight, 0) != 1
+                or readers.get(lay.bias, 0) != 1):
             continue
         bias_t, w_t = sg.tensors[lay.bias], sg.tensors[lay.weight]
         bias, (b_scale, _) = te.constant(m, sg, lay.bias), quant_params(bias_t)

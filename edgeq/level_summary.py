@@ -42,7 +42,7 @@ def level_table(o: dict) -> tuple[str, list[str], list[list]] | None:
         before, after = s.get("before") or {}, s.get("after") or {}
         top1 = [_num(after.get("top1_agreement"), 3)] if classes else []
         rows.append([s.get("step"), step_change(s), _num(before.get(err)) if before else "", _num(after.get(err)),
-                     *top1, "kept" if s.get("kept") else (s.get("detail") or {}).get("verdict", DROPPED),
+                     *top1, (s.get("detail") or {}).get("verdict") or ("kept" if s.get("kept") else DROPPED),
                      s.get("seconds")])
     title = (f"--optimize {o.get('level')}: each step judged on {o.get('judged_on_calibration_samples')} "
              f"calibration samples ({err} to float)")

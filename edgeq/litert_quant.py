@@ -20,9 +20,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import QuantizationError, first_line
-from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
 from .bias_overflow import candidates as overflow_candidates, fix as fix_bias_overflow
 from .float_joins import float_joins
+from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
 from .int8_islands import fold_islands, kept_float
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
@@ -325,16 +325,22 @@ class Requantizer:
                 result = qt.quantize(live_ranges(ranges) if qt.need_calibration else None, enable_progress_report=False)
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
                 raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
-        # Ops the quantizer leaves float that the int8 kernels run (LEAKY_RELU): int8, as the converter writes them.
-        model, _ = fold_islands(bytes(result.quantized_model), kept_float(per_op))
-        model, _ = float_joins(model)  # a detector's boxes and scores joined at the output: in float
-        if self._overflow:  # all-zero weight channels: biases the quantizer's scale clipped
-            model, _ = fix_bias_overflow(model, self.float_model)
+        model = finish_quantized(bytes(result.quantized_model), self.float_model, kept_float(per_op), self._overflow)
         if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
             from .half_constants import halve_float_constants
             model, _ = halve_float_constants(model)
         # After the halving: `finish` sees the layout that is written (its reports are keyed by its output).
         return self._finish(model) if self._finish else model
+
+
+def finish_quantized(model: bytes, float_model: bytes, keep_float, overflow: bool) -> bytes:
+    """What every LiteRT quantizer result goes through: ops it leaves float that the int8 kernels
+    run (LEAKY_RELU) made int8, as the converter writes them (except `keep_float`); a detector's
+    boxes and scores joined at the output kept float; and, where `overflow` (bias_overflow.candidates
+    of float_model), the biases it clipped for all-zero weight channels restored."""
+    model, _ = fold_islands(model, keep_float)
+    model, _ = float_joins(model)
+    return fix_bias_overflow(model, float_model)[0] if overflow else model
 
 
 def quantize_per_op(float_model: bytes, default: Precision | str, per_op: Sequence[OpPrecision],

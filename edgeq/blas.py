@@ -25,13 +25,14 @@ def numpy_blas_threads(n: int = BLAS_THREADS):
     if os.environ.get("OPENBLAS_NUM_THREADS"):
         yield
         return
+    limit = contextlib.nullcontext()
     try:
         from threadpoolctl import ThreadpoolController
-        pools = ThreadpoolController().select(internal_api="openblas")
+        limit = ThreadpoolController().select(internal_api="openblas").limit(limits=n)
     except Exception:  # noqa: BLE001 - no threadpoolctl or no OpenBLAS found: nothing to limit
-        yield
-        return
-    with pools.limit(limits=n):
+        pass
+    # outside the except: the conversion's own errors must not be chained to a missing threadpoolctl
+    with limit:
         yield
 
 

@@ -41,3 +41,18 @@ def test_a_users_openblas_setting_is_left_alone(monkeypatch):
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         with numpy_blas_threads():
             assert set(_openblas_threads()) == {1}
+
+
+def test_without_threadpoolctl_a_conversions_error_is_its_own(monkeypatch):
+    """With no threadpoolctl the body runs unlimited, and an error raised in it is not chained to the
+    failed import (a traceback that opened with 'No module named threadpoolctl' misled)."""
+    import sys
+
+    from edgeq.blas import numpy_blas_threads
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
+    with pytest.raises(ValueError) as err:
+        with numpy_blas_threads():
+            raise ValueError("the conversion's own error")
+    assert err.value.__context__ is None

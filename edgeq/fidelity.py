@@ -211,10 +211,24 @@ def run_signature(runner, samples: Sequence[dict[str, np.ndarray]]) -> dict[str,
             try:
                 outs = runner(**feed)
             except RuntimeError as e:  # a kernel refusing this input (int8_hazards.py), not a bug of the caller
-                raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)}") from None
+                raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)}"
+                                    f"{_resized_first_axis(in_details, feed)}") from None
             for name, d in out_details.items():
                 collected[name].add(dequantize_output(np.asarray(outs[name]), d))
     return {k: v.result() for k, v in collected.items()}
+
+
+def _resized_first_axis(details: dict, feed: dict) -> str:
+    """A hint when a sample was fed as one item of a fixed first axis other than 1 (calibration's
+    rule for a Keras batch_size): that axis may be the model's own (Silero VAD's 16 audio chunks),
+    and the model only runs on samples of the input's whole shape."""
+    for name, d in details.items():
+        want = [int(v) for v in d.get("shape_signature", d["shape"])]
+        got = np.shape(feed[name])
+        if want and want[0] > 1 and got and got[0] != want[0]:
+            return (f" (input {name!r} is {tuple(want)} and the samples were fed as {tuple(got)}; if its first "
+                    f"axis is not a batch, give samples of its whole shape {tuple(want)})")
+    return ""
 
 
 class _Stack:

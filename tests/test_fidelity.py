@@ -317,3 +317,25 @@ def test_large_outputs_are_compared_a_block_of_samples_at_a_time(monkeypatch, of
     assert blocked_score.cosine == pytest.approx(whole_score.cosine, rel=1e-12)
     assert blocked_score.rel_l2 == pytest.approx(whole_score.rel_l2, rel=1e-12)
     assert blocked_score.top1 == whole_score.top1 and a.cosine < 0.99
+
+
+def test_a_model_that_cannot_take_one_item_of_its_first_axis_says_what_shape_to_give(tf):
+    """An input of (16, 6) whose first axis is the model's own (Silero VAD's 16 audio chunks; here a
+    reshape to [1, 96] follows): .npy rows of (6,) are fed as one item, batch 1, which is right for a
+    Keras batch_size but not here. LiteRT's refusal names the whole shape to give."""
+    from edgeq.fidelity import ModelRunError, run_model
+
+    w = np.random.default_rng(0).normal(0, 0.3, (96, 4)).astype(np.float32)
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([16, 6], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.matmul(tf.reshape(tf.nn.relu(x), [1, 96]), w)}
+
+    m = M()
+    model = tf.lite.TFLiteConverter.from_concrete_functions([m.serve.get_concrete_function()], m).convert()
+    whole = np.ones((16, 6), np.float32)
+    assert run_model(model, [{"x": whole}])["y"].shape == (1, 4)  # the whole shape runs
+    with pytest.raises(ModelRunError, match=r"sample 1: .*input 'x' is \(16, 6\) and the samples were fed as "
+                                            r"\(1, 6\); .* give samples of its whole shape \(16, 6\)"):
+        run_model(model, [{"x": whole[:1]}])

@@ -18,6 +18,8 @@ from . import tflite_edit as te
 
 WEIGHT_LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _ACTIVATIONS = {0: "NONE", 1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}
+INT4 = 17  # schema TensorType.INT4
+_INPUT_BIAS = {"TRANSPOSE_CONV": (2, 3)}  # (input, bias) operand; others (0, 2). Weights are operand 1.
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,23 +118,27 @@ def _options(m, op, kind: str) -> dict:
     if kind == "FULLY_CONNECTED" or o is None:
         return {"activation": _ACTIVATIONS.get(getattr(o, "fusedActivationFunction", 0), "OTHER")}
     return {"stride": (int(o.strideH), int(o.strideW)),
-            "dilation": (int(o.dilationHFactor or 1), int(o.dilationWFactor or 1)),
+            "dilation": (int(getattr(o, "dilationHFactor", 1) or 1), int(getattr(o, "dilationWFactor", 1) or 1)),
             "padding": "SAME" if o.padding == 0 else "VALID",
             "activation": _ACTIVATIONS.get(o.fusedActivationFunction, "OTHER"),
             "multiplier": int(getattr(o, "depthMultiplier", 1) or 1)}
 
 
-def weight_layers(quant_model: bytes, float_model: bytes) -> list[WeightLayer]:
+def weight_layers(quant_model: bytes, float_model: bytes, *, kinds: Sequence[str] = WEIGHT_LAYER_OPS,
+                  int16_inputs: bool = False, int4_weights: bool = False) -> list[WeightLayer]:
     """The int8 weight layers of quant_model, each paired with its float op in float_model: by output
     tensor name (the LiteRT quantizer keeps names), else by position among ops of the same kind and
-    weight shape (the TFLite converter renames some)."""
+    weight shape (the TFLite converter renames some). bias_overflow, which only rescales weights and
+    biases, also takes TRANSPOSE_CONV (in `kinds`), int16 inputs (int16x8) and int4 weights (int4x8:
+    quantized_weight is then None; gptq.int4_values reads them)."""
+    in_types, w_types = (9, 7) if int16_inputs else (9,), (9, INT4) if int4_weights else (9,)
     qm, fm = te.load(quant_model), te.load(float_model)
     qsg, fsg = qm.subgraphs[0], fm.subgraphs[0]
     fprod = te.producers(fsg)
 
     def ops_of(m, sg):
         return [(i, op, te.op_name(m, op)) for i, op in enumerate(sg.operators)
-                if te.op_name(m, op) in WEIGHT_LAYER_OPS]
+                if te.op_name(m, op) in kinds]
 
     fops = ops_of(fm, fsg)
     by_name = {te.tensor_name(fsg.tensors[op.outputs[0]]): (i, op) for i, op, _ in fops}
@@ -141,11 +147,12 @@ def weight_layers(quant_model: bytes, float_model: bytes) -> list[WeightLayer]:
     for qi, op, kind in ops_of(qm, qsg):
         ins = [int(t) for t in op.inputs]
         w = qsg.tensors[ins[1]]
-        if w.type != 9:  # only int8 weights (hybrid/float layers have nothing to correct here)
+        if w.type not in w_types:  # int8 weights (hybrid/float layers have nothing to correct here)
             continue
-        x = qsg.tensors[ins[0]]
+        xi, bi = _INPUT_BIAS.get(kind, (0, 2))
+        x = qsg.tensors[ins[xi]]
         in_scale, in_zp = quant_params(x)
-        if x.type != 9 or len(in_scale) != 1:
+        if x.type not in in_types or len(in_scale) != 1:
             continue
         name = te.tensor_name(qsg.tensors[op.outputs[0]])
         shape = tuple(int(d) for d in w.shape)
@@ -165,14 +172,16 @@ def weight_layers(quant_model: bytes, float_model: bytes) -> list[WeightLayer]:
             # over all input channels would be wrong (for ConvNeXt-T, 37632^2 float64 values; the run
             # was killed at 24 GB). A depthwise layer with a multiplier is handled per channel.
             continue
-        fb = (_float_constant(fm, fsg, int(fop.inputs[2]), fprod)
-              if len(fop.inputs) > 2 and fop.inputs[2] >= 0 else None)
-        used.add(fi)
+        fb = (_float_constant(fm, fsg, int(fop.inputs[bi]), fprod)
+              if len(fop.inputs) > bi and fop.inputs[bi] >= 0 else None)
         w_scale, _ = quant_params(w)
         channels = shape[-1] if kind == "DEPTHWISE_CONV_2D" else shape[0]
-        bias = ins[2] if len(ins) > 2 and ins[2] >= 0 else None
+        if w.type == INT4 and len(w_scale) not in (1, channels):  # blockwise int4: scales in another tensor
+            continue
+        used.add(fi)
+        bias = ins[bi] if len(ins) > bi and ins[bi] >= 0 else None
         layers.append(WeightLayer(
-            qi, kind, name, ins[0], ins[1], bias, int(op.outputs[0]), int(fop.inputs[0]), fw, fb,
+            qi, kind, name, ins[xi], ins[1], bias, int(op.outputs[0]), int(fop.inputs[xi]), fw, fb,
             np.broadcast_to(w_scale, (channels,)).astype(np.float32).copy(), float(in_scale[0]), int(in_zp[0]),
             **_options(qm, op, kind)))
     return layers

@@ -470,3 +470,36 @@ def test_a_tensor_calibration_never_saw_move_gets_a_usable_scale(tf, tmp_path):
     sg.tensors[dead_out].quantization.scale = [1e-9 / 255]
     with pytest.raises(ModelRunError, match="LiteRT could not run the model on sample 1: .*XNNPACK"):
         capture(te.pack(m), [{name: data[:1]}], [dead_out], lambda *a: None)
+
+
+def test_anchor_logits_are_judged_after_their_sigmoid():
+    """A detector's per-anchor score logits ([N, anchors, 1], mostly far below 0) are judged by the L2
+    of their sigmoids: the empty anchors' -100..-300 decide nothing, and judged raw they dominated
+    the error, so MediaPipe's sparse BlazeFace got a score range of [-286, 0] (a step of 1.12 logits
+    at the 0.5 decision point) and found other faces than float (anchor Jaccard 0.575, bare 0.630).
+    Box outputs and maps already in 0..1 stay judged as they are."""
+    from edgeq.range_search import anchor_logits, compare_outputs
+
+    rng = np.random.default_rng(SEED)
+    logits = rng.uniform(-250, -10, (8, 512, 1)).astype(np.float32)
+    near = rng.choice(512, 40, replace=False)
+    logits[:, near, 0] = rng.uniform(-3, 2, (8, 40))  # candidate faces around the decision point
+    boxes = rng.normal(0, 50, (8, 512, 4)).astype(np.float32)
+    # a coarse step on the empty tail (what a wide range does to it) vs 0.8 logits near 0
+    tail_off = np.where(logits < -10, logits * rng.uniform(0.8, 1.2, logits.shape), logits).astype(np.float32)
+    near_off = logits + np.where(logits >= -10, rng.uniform(-0.8, 0.8, logits.shape), 0).astype(np.float32)
+
+    def rel(q):
+        return compare_outputs({"boxes": boxes, "scores": logits}, {"boxes": boxes, "scores": q}).rel_l2
+
+    assert anchor_logits(logits) and not anchor_logits(boxes)
+    assert not anchor_logits(1 / (1 + np.exp(-logits)))  # a map already through its sigmoid
+    assert not anchor_logits(logits[:, :8])  # too few values to be anchors
+    assert rel(tail_off) < 1e-3 < 0.05 < rel(near_off)
+    # raw, the tail error would have counted over 10x the decision-point one
+    raw = [np.linalg.norm(q - logits) for q in (tail_off, near_off)]
+    assert raw[0] > 10 * raw[1]
+    # boxes of the same shape family are still judged raw
+    moved = boxes + 1.0
+    assert compare_outputs({"b": boxes}, {"b": moved}).rel_l2 == pytest.approx(
+        np.linalg.norm(moved - boxes) / np.linalg.norm(boxes), rel=1e-6)

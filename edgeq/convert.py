@@ -21,7 +21,7 @@ from .budget import ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, run_budget
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError, QuantizationError
-from .fidelity import fidelity, run_model
+from .fidelity import check_finite, fidelity, run_model
 from .files import atomic_write, check_output
 from .float_joins import note as joins_note, written as float_joins_written
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards, note as hazard_note
@@ -129,6 +129,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     data = load_calibration(calib_cfg, source.inputs, source.make_text_samples)
     eval_samples = list(progress.iter(data.evaluation(), "Loading held-out samples", len(data.eval_indices)))
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
+    if reference is not None:
+        check_finite(reference, labels=[f"{Path(data.source).name}[{i}]" for i in data.eval_indices])
     source_outputs = _source_outputs(source, opts, data, eval_samples, reference, class_outputs)
     float_info = read_model(source.float_tflite)
 

@@ -12,7 +12,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 
-from .errors import EdgeqError, QuantizationError, first_line
+from .errors import CalibrationError, EdgeqError, QuantizationError, first_line
 from .signature import signature_runner
 from .quiet import quiet_native
 
@@ -549,6 +549,25 @@ def _unit_rows(ref: np.ndarray) -> bool:
 
 def _probabilities(rows: np.ndarray) -> bool:
     return rows.size > 0 and bool((rows >= 0).all()) and bool(np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+
+
+def check_finite(reference: dict[str, np.ndarray], what: str = "held-out samples",
+                 labels: Sequence[str] | None = None) -> None:
+    """The float model's own outputs must be numbers: NaN or inf there (a log front end fed digital
+    silence) made every comparison read cosine 0 and the floor blamed int8 ("try --scheme dynamic")."""
+    for name, v in reference.items():
+        rows = np.asarray(v).reshape(len(v), -1)
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            kind = "NaN" if np.isnan(rows).any() else "inf"
+            k = int(np.argmax(bad))
+            # rows are samples unless the output is stacked on an axis of its own (a time-first CRNN)
+            per_sample = labels is not None and len(rows) == len(labels)
+            count = f"{int(bad.sum())} of {len(rows)} " if per_sample else ""
+            first = f"; first {labels[k]}" if per_sample else ""
+            raise CalibrationError(f"the float model itself outputs {kind} on {count}{what} "
+                                   f"(output {name!r}{first}); int8 cannot be judged "
+                                   "against it: check those inputs (e.g. digital silence into a log) or the model")
 
 
 def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str, np.ndarray]],

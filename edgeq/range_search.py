@@ -167,9 +167,11 @@ class PartedReference(dict):
 
 def judge_reference(float_model: bytes, judge: Sequence[dict]) -> dict[str, np.ndarray]:
     """The float outputs the judging samples are compared with (split into parts where needed)."""
-    from .fidelity import join_parts, run_model
+    from .fidelity import check_finite, join_parts, run_model
 
-    return split_parts(run_model(float_model, judge), join_parts(float_model))
+    outputs = run_model(float_model, judge)
+    check_finite(outputs, "calibration samples")  # NaN there would read as int8's error
+    return split_parts(outputs, join_parts(float_model))
 
 
 def split_parts(outputs: dict[str, np.ndarray], parts: dict) -> dict[str, np.ndarray]:

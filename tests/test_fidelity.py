@@ -339,3 +339,40 @@ def test_a_model_that_cannot_take_one_item_of_its_first_axis_says_what_shape_to_
     with pytest.raises(ModelRunError, match=r"sample 1: .*input 'x' is \(16, 6\) and the samples were fed as "
                                             r"\(1, 6\); .* give samples of its whole shape \(16, 6\)"):
         run_model(model, [{"x": whole[:1]}])
+
+
+def test_a_float_model_that_outputs_nan_on_the_data_is_refused_for_what_it_is(tf, tmp_path):
+    """A log front end fed digital silence (a real wake-word model, zero-padded clips): the float model
+    itself outputs -inf/NaN, every cosine read 0, and the floor told the user to try --scheme dynamic.
+    The refusal now names the float model's output (and for held-out samples the count and the first
+    one); nothing written."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    w = np.random.default_rng(0).normal(0, 0.3, (8, 3)).astype(np.float32)
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.matmul(tf.math.log(x) * tf.math.log(x), w)}
+
+    m = M()
+    (tmp_path / "log.tflite").write_bytes(
+        tf.lite.TFLiteConverter.from_concrete_functions([m.serve.get_concrete_function()], m).convert())
+    rows = np.random.default_rng(1).uniform(0.1, 2.0, (40, 8)).astype(np.float32)
+    rows[::4] = 0.0  # silence: a quarter of the clips, as in the real case
+    np.save(tmp_path / "clips.npy", rows)
+    out = tmp_path / "q.tflite"
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "log.tflite"), "-o", str(out), "--calib",
+                                  str(tmp_path / "clips.npy"), "--quiet"])
+    assert r.exit_code == 1 and not out.exists()
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert "the float model itself outputs NaN on calibration samples (output 'y')" in r.output
+    # --optimize none never runs the float model on the calibration samples: the held-out ones tell
+    rows[1::4] = 0.0  # silence in every held-out draw of this split too
+    np.save(tmp_path / "clips.npy", rows)
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "log.tflite"), "-o", str(out), "--calib",
+                                  str(tmp_path / "clips.npy"), "--quiet", "--optimize", "none"])
+    assert r.exit_code == 1 and not out.exists() and "Traceback" not in r.output
+    assert "the float model itself outputs NaN on" in r.output and "held-out samples (output 'y'; first clips.npy[" in r.output

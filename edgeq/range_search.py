@@ -111,7 +111,15 @@ def anchor_logits(ref: np.ndarray) -> bool:
     their sigmoid. Their relative L2 is judged after the sigmoid: raw, the empty anchors' -100..-300
     (which decide nothing) dominated it, and the range search widened MediaPipe's sparse BlazeFace's
     score range to [-286, 0], a step of 1.12 logits at the 0.5 decision point (docs/accuracy.md)."""
-    return ref.ndim >= 3 and ref.shape[-1] == 1 and ref[0].size >= 16 and float(np.mean(ref < -4)) >= 0.5
+    return (ref.ndim >= 3 and ref.shape[-1] == 1 and ref[0].size >= 16 and float(np.mean(ref < -4)) >= 0.5
+            and float(np.max(ref)) > DECISION_NEAR)
+
+
+# A detector's score logits on real photos reach near the 0.5 decision point somewhere (BlazeFace's on
+# photos without faces: up to 0.5-0.65; the palm and pose detectors' 1.6-1.7). An output that never
+# does is a measurement in negative units (a level in dB, -77..-17): after a sigmoid only its largest
+# values would count, and any clip of them read as the whole error (1.0 for every range candidate).
+DECISION_NEAR = -2.0
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -495,6 +495,9 @@ def test_anchor_logits_are_judged_after_their_sigmoid():
     assert anchor_logits(logits) and not anchor_logits(boxes)
     assert not anchor_logits(1 / (1 + np.exp(-logits)))  # a map already through its sigmoid
     assert not anchor_logits(logits[:, :8])  # too few values to be anchors
+    # a level in dB (-77..-17 per frame) never reaches the decision point: a measurement, judged raw
+    # (after a sigmoid only its loudest frames counted, and every range candidate read 1.0)
+    assert not anchor_logits(rng.uniform(-77, -17, (8, 64, 1)))
     assert rel(tail_off) < 1e-3 < 0.05 < rel(near_off)
     # raw, the tail error would have counted over 10x the decision-point one
     raw = [np.linalg.norm(q - logits) for q in (tail_off, near_off)]

@@ -229,3 +229,34 @@ def test_an_lstm_the_converter_cannot_lower_is_named_with_what_to_do(tf, tmp_pat
     msg = str(e.value)
     assert "loc(" not in msg and "\n" not in msg
     assert "'tf.TensorListReserve' op requires element_shape to be static" in msg and "unroll=True" in msg
+
+
+def test_a_map_fn_the_converter_cannot_lower_is_not_called_an_lstm(tf, tmp_path):
+    """bicycle-bell-seds' YAMNet SavedModel wraps its model in tf.map_fn over the batch; the converter's
+    TensorList error was answered with "a recurrent layer (LSTM/GRU) ...: rebuild it with unroll=True",
+    for a model with no recurrent layer. The op path in the error's location says which loop it is."""
+    from edgeq.errors import ModelFormatError
+    from edgeq.quiet import quiet_native
+    from edgeq.sources import load_source
+
+    class Framer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="x")])
+        def serve(self, x):
+            frames = tf.map_fn(lambda r: tf.signal.frame(r, 8, 4), x,
+                               fn_output_signature=tf.TensorSpec([None, 8], tf.float32))
+            return {"y": tf.reduce_mean(frames, [1, 2])}
+
+    m = Framer()
+    with quiet_native():
+        tf.saved_model.save(m, str(tmp_path / "framer"), signatures={"serving_default": m.serve})
+    with pytest.raises(ModelFormatError) as e:
+        load_source(tmp_path / "framer")
+    msg = str(e.value)
+    assert "\n" not in msg and "loc(" not in msg
+    assert "a tf.map_fn the converter cannot lower (map)" in msg and "LSTM" not in msg
+    # pinned shapes convert another way, whose error has no op path: both kinds of loop are named
+    with pytest.raises(ModelFormatError) as e:
+        load_source(tmp_path / "framer", input_shapes=((1, 64),))
+    msg = str(e.value)
+    assert "\n" not in msg and "SELECT_TF_OPS" not in msg
+    assert "a loop the converter cannot lower: a Keras LSTM/GRU" in msg and "a tf.map_fn" in msg

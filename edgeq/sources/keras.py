@@ -40,15 +40,36 @@ def _converter_error(e: BaseException) -> str:
     'tfl.batch_matmul' op failed to verify ...": the location is the Python script that ran it;
     "<unknown>:0: error: loc(callsite(fused[...] at ...)): 'tf.TensorListReserve' op requires ...":
     a nested loc(...) longer than the message), and what to do where the error is a known one."""
+    text = first_line(e)
     for line in str(e).splitlines():
         m = re.match(r"\s*(?:loc\(.*?\)|\S+:\d+:\d+|<unknown>:\d+):\s*error:\s*(.+)", line)
         if m:
             text = _without_loc(m.group(1))
-            if "TensorList" in text:  # a Keras LSTM/GRU over a loop the converter cannot lower
-                text += ("; a recurrent layer (LSTM/GRU) the converter cannot lower: rebuild it with unroll=True "
-                         "and a fixed sequence length, then export it again")
-            return text[:300]
-    return first_line(e)
+            break
+    if "TensorList" in str(e) or "tensor list" in str(e):
+        if text.startswith("Lowering tensor list ops is failed"):  # its advice is TF Select ops: no int8 there
+            text = "the converter could not lower a loop over a tensor list"
+        return f"{text[:200]}; {_loop_advice(str(e))}"
+    return text[:300]
+
+
+def _loop_advice(text: str) -> str:
+    """What to do about a loop the converter cannot lower, from the op path in its error's location
+    (fused["TensorListReserve:", "yamnet_base/yamnet_wrapper/map/TensorArrayV2_1@..."]): a Keras
+    LSTM/GRU is not the only one; bicycle-bell-seds' YAMNet wraps its model in tf.map_fn."""
+    m = re.search(r'fused\["TensorList\w*:", "([^"@]+)', text)
+    where = m.group(1) if m else ""
+    if not where:
+        return ("a loop the converter cannot lower: a Keras LSTM/GRU can be rebuilt with unroll=True and a fixed "
+                "sequence length, a tf.map_fn or TensorArray loop written as batched ops; then export it again")
+    if re.search(r"(^|/)(lstm|gru|rnn|simple_rnn|recurrent|bidirectional)[^/]*(/|$)", where, re.I):
+        return ("a recurrent layer (LSTM/GRU) the converter cannot lower: rebuild it with unroll=True and a "
+                "fixed sequence length, then export it again")
+    if re.search(r"(^|/)map(_fn)?(_\d+)?/", where):
+        return (f"a tf.map_fn the converter cannot lower ({where.rsplit('/', 1)[0]}): export the model without it, "
+                "on one sample (batch 1), or with batched ops in its place")
+    return (f"a loop over a tensor list the converter cannot lower ({where}): write it as batched ops, or "
+            "unroll it for a fixed length, then export the model again")
 
 
 def _without_loc(text: str) -> str:

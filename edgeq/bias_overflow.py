@@ -59,8 +59,9 @@ def candidates(float_model: bytes) -> bool:
 
 def fix(model: bytes, float_model: bytes) -> tuple[bytes, int]:
     """(model with the overflowing channels rescaled, how many bias values restored). A weight tensor
-    several layers read (a shared layer: the quantizer gives each its own bias) gets one scale that
-    serves them all; a weight or bias tensor another op also reads is left alone."""
+    several layers read (a shared layer: the quantizer gives each its own bias, or one bias where their
+    input scales are equal) gets one scale that serves them all; a weight or bias tensor another op
+    also reads is left alone."""
     from .weight_layers import weight_layers
 
     layers = weight_layers(model, float_model, kinds=WEIGHT_OPS, int16_inputs=True, int4_weights=True)
@@ -77,11 +78,12 @@ def fix(model: bytes, float_model: bytes) -> tuple[bytes, int]:
     return (te.pack(m), fixed) if fixed else (model, 0)
 
 
-def _bias(m, sg, lay, readers) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(stored bias, its scales, float bias as float64) of a layer whose bias `fix` may rewrite."""
+def _bias(m, sg, lay, readers, within: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(stored bias, its scales, float bias as float64) of a layer whose bias `fix` may rewrite: no op
+    but the `within` layers of its group reads it."""
     from .weight_layers import quant_params
 
-    if lay.bias is None or lay.float_bias is None or readers.get(lay.bias, 0) != 1:
+    if lay.bias is None or lay.float_bias is None or readers.get(lay.bias, 0) != within:
         return None
     bias, (b_scale, _) = te.constant(m, sg, lay.bias), quant_params(sg.tensors[lay.bias])
     fb = lay.float_bias.reshape(-1).astype(np.float64)
@@ -131,8 +133,12 @@ def _write_weights(m, sg, lay, q: np.ndarray) -> None:
 def _fix_group(m, sg, group: list, readers: dict[int, int]) -> int:
     """Rescale the overflowing channels of the weight tensor all layers of `group` read, and requantize
     each one's bias with its own input scale; how many bias values were restored."""
-    biases = [_bias(m, sg, lay, readers) for lay in group]
-    if any(b is None for b in biases):
+    # the quantizer shares one bias tensor between layers with the same input scale (the same layer
+    # applied twice): rewritten once, for that scale
+    within = {b: sum(lay.bias == b for lay in group) for b in {lay.bias for lay in group}}
+    biases = [_bias(m, sg, lay, readers, within[lay.bias]) for lay in group]
+    if any(b is None for b in biases) or any(
+            not np.isclose(a.input_scale, b.input_scale, rtol=1e-6) for a in group for b in group if a.bias == b.bias):
         return 0
     bad = np.logical_or.reduce([_overflowing(lay, *b) for lay, b in zip(group, biases)])
     if not bad.any():
@@ -156,7 +162,11 @@ def _fix_group(m, sg, group: list, readers: dict[int, int]) -> int:
     _write_weights(m, sg, lay, q.T.reshape(lay.float_weight.shape) if lay.kind == "DEPTHWISE_CONV_2D"
                    else q.reshape(lay.float_weight.shape))
     sg.tensors[lay.weight].quantization.scale = w_scale
+    written = set()
     for other, (bias, b_scale, fb) in zip(group, biases):
+        if other.bias in written:
+            continue
+        written.add(other.bias)
         new_b_scale = (np.float64(other.input_scale) * w_scale.astype(np.float64)).astype(np.float32)
         b_int = bias.reshape(-1).astype(np.int64)
         b_int[bad] = np.round(fb[bad] / new_b_scale[bad].astype(np.float64))

@@ -230,3 +230,20 @@ def test_a_zero_weight_two_convs_share_gets_one_scale(tf):
     shared = [p for p in pairs if sum(q[0] == p[0] for q in pairs) == 2]
     assert len(shared) == 2 and shared[0][1] != shared[1][1]
     _check(model, "int8", 16, 0.15)  # measured: rel L2 0.75 -> 0.040
+
+
+def test_a_zero_weight_and_bias_two_convs_share_are_fixed_once(tf):
+    """The same dead layer applied to h and to h mirrored: equal input scales, so the quantizer shares
+    the weight AND the bias tensor; the bias is requantized once, for that scale."""
+    from edgeq import tflite_edit as te
+
+    def branch(tf, h, bz):
+        z = tf.constant(np.zeros((1, 1, 8, 8), np.float32))
+        return (tf.nn.conv2d(h, z, 1, "SAME") + bz) + (tf.nn.conv2d(tf.reverse(h, [2]), z, 1, "SAME") + bz)
+
+    model = _branch_cnn(tf, branch)
+    m = te.load(_own_and_fixed(model)[0])
+    sg = m.subgraphs[0]
+    pairs = [(int(op.inputs[1]), int(op.inputs[2])) for op in sg.operators if te.op_name(m, op) == "CONV_2D"]
+    assert any(pairs.count(p) == 2 for p in pairs)  # one (weight, bias) pair read by both convs
+    _check(model, "int8", 8, 0.15)

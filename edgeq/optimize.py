@@ -26,6 +26,7 @@ per-op device plans) and every source (Keras, SavedModel and float .tflite all a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -116,19 +117,31 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
 
         overflow = candidates(float_model)
         qt = Quantizer(bytearray(float_model))
-        qt.load_quantization_recipe(recipe)
-        with quiet_native():
+        # the quantizer's own errors on a model it cannot handle, in one line (as litert_quant's)
+        with _quantizer_errors("the LiteRT quantizer refused the recipe"):
+            qt.load_quantization_recipe(recipe)
+        with quiet_native(), _quantizer_errors("calibration failed in the LiteRT quantizer"):
             base = qt.calibrate({signature_key: list(samples)}, num_threads=2) if qt.need_calibration else {}
         base = finite_calibration(float_model, samples, base, signature_key)
 
         def quantize(calibration: dict) -> bytes:
-            with quiet_native():
+            with quiet_native(), _quantizer_errors("LiteRT quantizer failed"):
                 model = bytes(qt.quantize(live_ranges(calibration), enable_progress_report=False).quantized_model)
             return finish_quantized(model, float_model, keep_float, overflow)
 
         return QuantSession(base, quantize)
 
     return make
+
+
+@contextlib.contextmanager
+def _quantizer_errors(what: str):
+    from .errors import QuantizationError, first_line
+
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
+        raise QuantizationError(f"{what}: {first_line(e)}") from None
 
 
 # Recipe lines keeping the model's inputs and outputs float32 (a QUANTIZE/DEQUANTIZE at the edges).

@@ -22,7 +22,8 @@ Published files are float, but not always plain float32 graphs:
 `rewrite_float_model` handles the first four (folds the constants into float32, fixes the codes,
 fuses the activations); `int8_activation_model` (edgeq convert, int8 activations) writes the
 standalone activations it could not fuse as MUL by 1 with the activation fused, splits HARD_SWISH,
-and on int8 accelerators splits PRELU. Both remove
+writes a STABLEHLO_REDUCE_WINDOW over whole axes (litert-torch's adaptive pooling) as a SUM or
+REDUCE_MAX, and on int8 accelerators splits PRELU. Both remove
 the ops, tensors, buffers and operator codes that became dead; the graph computes the same function.
 """
 
@@ -45,6 +46,7 @@ class RewriteReport:
     prelu_split: int = 0  # PRELU ops written as MUL(+RELU)/SUB/MUL/ADD for int8 (int8_activation_model)
     relu_as_mul: int = 0  # standalone RELU-family ops written as MUL by 1 with the activation fused (int8)
     hard_swish_split: int = 0  # HARD_SWISH written as x * (relu6(x + 3) / 6) in ADD/MUL ops (int8)
+    reduce_windows: int = 0  # STABLEHLO_REDUCE_WINDOW over whole axes written as SUM/REDUCE_MAX/MIN (int8)
     removed_ops: int = 0
     removed_tensors: int = 0
     removed_buffers: int = 0
@@ -53,7 +55,7 @@ class RewriteReport:
     def changed(self) -> bool:
         return bool(self.opcodes_upgraded or self.densified or self.fp16_folded or self.int8_folded
                     or self.activations_fused or self.prelu_split or self.relu_as_mul
-                    or self.hard_swish_split)
+                    or self.hard_swish_split or self.reduce_windows)
 
     def notes(self) -> tuple[str, ...]:
         said = ((self.fp16_folded, "float16 weight(s) behind DEQUANTIZE were folded into float32 constants "
@@ -72,6 +74,9 @@ class RewriteReport:
                 (self.hard_swish_split, "HARD_SWISH / RELU_0_TO_1 op(s) were written as x * (relu6(x + 3) / 6) "
                  "and relu6(6x) / 6 (ADD or MUL with RELU6, then MULs; the same functions): XNNPACK has no int8 "
                  "kernel for either, so each one cut the delegated graph"),
+                (self.reduce_windows, "STABLEHLO_REDUCE_WINDOW op(s) over whole axes were written as SUM / "
+                 "REDUCE_MAX over those axes (the same function): the LiteRT quantizer cannot calibrate the "
+                 "reduction in their body subgraph"),
                 (self.opcodes_upgraded, "operator code(s) in the old deprecated_builtin_code form were "
                  "rewritten to the current schema"))
         return tuple(f"{n} {text}" for n, text in said if n)
@@ -99,18 +104,19 @@ def rewrite_float_model(model: bytes) -> tuple[bytes, RewriteReport]:
 def int8_activation_model(model: bytes, accelerator: bool) -> tuple[bytes, RewriteReport]:
     """A float .tflite (any source's) for int8 activations (sources.for_int8_activations): standalone
     RELU-family ops as MUL by 1 with the activation fused (relus_as_mul), HARD_SWISH in ADD/MUL ops
-    (split_hard_swish), and on an int8 accelerator PRELU split (split_prelus); `model` itself if there
-    was nothing to do."""
+    (split_hard_swish), whole-axis STABLEHLO_REDUCE_WINDOWs as reductions (reduce_windows_as_reductions),
+    and on an int8 accelerator PRELU split (split_prelus); `model` itself if there was nothing to do."""
     m = te.load(model)
     relus = relus_as_mul(m)
     swish = split_hard_swish(m) + split_relu_0_to_1(m)
     split = split_prelus(m) if accelerator else 0
-    if not relus and not split and not swish:
+    windows = reduce_windows_as_reductions(m)
+    if not relus and not split and not swish and not windows:
         return model, RewriteReport()
     tensors, buffers = prune(m)
     return te.pack(m), RewriteReport(prelu_split=split, relu_as_mul=relus, hard_swish_split=swish,
-                                     removed_ops=split + relus + swish, removed_tensors=tensors,
-                                     removed_buffers=buffers)
+                                     reduce_windows=windows, removed_tensors=tensors, removed_buffers=buffers,
+                                     removed_ops=split + relus + swish)
 
 
 # Ops whose bias (input 2, TRANSPOSE_CONV's input 3) the quantizer stores per output channel.
@@ -467,6 +473,75 @@ def _new_op(m, name: str, inputs: list[int], output: int, activation: int = 0):
     op.opcodeIndex, op.inputs, op.outputs = index, inputs, [output]
     op.builtinOptionsType, op.builtinOptions = getattr(s.BuiltinOptions, f"{name.title()}Options"), options
     return op
+
+
+# --- STABLEHLO_REDUCE_WINDOW ------------------------------------------------------------------------
+
+_REDUCERS = {"ADD": ("SUM", 0.0), "MAXIMUM": ("REDUCE_MAX", -np.inf), "MINIMUM": ("REDUCE_MIN", np.inf)}
+
+
+def reduce_windows_as_reductions(m) -> int:
+    """Write each STABLEHLO_REDUCE_WINDOW whose window spans whole axes (and leaves the others alone) as
+    SUM / REDUCE_MAX / REDUCE_MIN over those axes, keep_dims: litert-torch lowers torch's
+    AdaptiveAvgPool2d((None, 1)) (easyocr's CRNN recognizers) to one, with an ADD in a body subgraph
+    the LiteRT quantizer cannot calibrate ("STABLEHLO_REDUCE_WINDOW1_arg0 ... not found in
+    tensor_name_to_qsv": a traceback, for the bare quantizer too). Body subgraphs nothing else
+    reads are dropped."""
+    n = 0
+    sg = m.subgraphs[0]
+    new = []
+    for op in sg.operators or []:
+        rewritten = _reduction(m, sg, op) if te.op_name(m, op) == "STABLEHLO_REDUCE_WINDOW" else None
+        new.append(rewritten or op)
+        n += rewritten is not None
+    sg.operators = new
+    if n:
+        _drop_unread_subgraphs(m)
+    return n
+
+
+def _reduction(m, sg, op):
+    """The SUM/REDUCE_MAX/REDUCE_MIN op `op` computes, or None when it is another window."""
+    o = op.builtinOptions2
+    ins, outs = te.ints(op.inputs), te.ints(op.outputs)
+    x = sg.tensors[ins[0]] if ins else None
+    if o is None or x is None or x.type != 0 or x.shape is None or len(ins) != 2 or len(outs) != 1:
+        return None
+    body = m.subgraphs[o.bodySubgraphIndex] if 0 < o.bodySubgraphIndex < len(m.subgraphs) else None
+    if body is None or len(body.operators or []) != 1:
+        return None
+    reducer = _REDUCERS.get(te.op_name(m, body.operators[0]))
+    init = te.constant(m, sg, ins[1])
+    shape = [int(d) for d in x.shape]
+    window, strides = [int(v) for v in o.windowDimensions], [int(v) for v in o.windowStrides]
+    if (reducer is None or init is None or init.size != 1 or float(init.reshape(-1)[0]) != reducer[1]
+            or len(window) != len(shape) or any(int(v) != 1 for v in np.concatenate([o.baseDilations, o.windowDilations]))
+            or any(int(v) != 0 for v in o.padding)):
+        return None
+    axes = [i for i, w in enumerate(window) if w != 1]
+    if not axes or any(window[i] != shape[i] for i in axes) or any(
+            strides[i] != 1 for i in range(len(shape)) if i not in axes):
+        return None
+    s = te.schema()
+    axis_t = _new_tensor(sg, sg.tensors[outs[0]], "axes")
+    te.set_constant(m, sg, axis_t, np.array(axes, np.int32), new_buffer=True)
+    out = s.OperatorT()
+    out.opcodeIndex, out.inputs, out.outputs = te.opcode_index(m, reducer[0]), [ins[0], axis_t], [outs[0]]
+    options = s.ReducerOptionsT()
+    options.keepDims = True
+    out.builtinOptionsType, out.builtinOptions = s.BuiltinOptions.ReducerOptions, options
+    return out
+
+
+def _drop_unread_subgraphs(m) -> None:
+    """Drop the subgraphs after the first when no op reads any of them (their indices need no
+    renumbering then)."""
+    for sg in m.subgraphs:
+        for op in sg.operators or []:
+            for opt in (op.builtinOptions, getattr(op, "builtinOptions2", None)):
+                if opt is not None and any("ubgraph" in k for k in vars(opt)):
+                    return
+    m.subgraphs = m.subgraphs[:1]
 
 
 # --- dead code ------------------------------------------------------------------------------------

@@ -505,3 +505,27 @@ def test_a_step_that_lost_to_the_other_alone_says_so(levels):
     verdicts = {r[0]: r[-2] for r in rows}
     assert verdicts["weight_rounding"] == "not chosen (bias correction alone did better)"
     assert all(v in ("kept", DROPPED) for k, v in verdicts.items() if k != "weight_rounding")
+
+
+def test_the_quantizers_own_error_inside_the_level_is_one_line(tiny_cnn, tmp_path, monkeypatch):
+    """An internal error of the LiteRT quantizer while the level quantizes a candidate (easyocr's
+    recognizer: "Failed to get quantization parameters for tensor: STABLEHLO_REDUCE_WINDOW1_arg0 ...")
+    ended edgeq convert in a traceback. Stand-in: the real quantizer made to raise that error
+    (no small model makes it on demand since the reduce-window rewrite)."""
+    from click.testing import CliRunner
+    from litert_quantizer import Quantizer
+
+    from edgeq.cli import main
+
+    def broken(self, *a, **k):
+        raise ValueError("Failed to get quantization parameters for tensor: X_arg0. Error: not found")
+
+    monkeypatch.setattr(Quantizer, "quantize", broken)
+    (tmp_path / "m.tflite").write_bytes(tiny_cnn)
+    np.save(tmp_path / "x.npy", np.stack([s["x"] for s in image_samples(24, CNN_SEED)]))
+    out = tmp_path / "q.tflite"
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "m.tflite"), "-o", str(out), "--calib",
+                                  str(tmp_path / "x.npy"), "--quiet"])
+    assert r.exit_code == 1 and not out.exists() and "Traceback" not in r.output
+    assert r.output.strip() == ("Error: LiteRT quantizer failed: Failed to get quantization parameters for tensor: "
+                                "X_arg0. Error: not found")

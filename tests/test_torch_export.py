@@ -295,3 +295,52 @@ def test_pytorch_outputs_that_do_not_pair_with_the_tflites_are_not_compared(cnn_
                                                                      preprocess="imagenet")))
     assert out.exists() and r.manifest.get("fidelity_source") is None
     assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+
+
+class _ColumnPool(torch.nn.Module):
+    """A CRNN recognizer's head (easyocr's english_g2): conv, then AdaptiveAvgPool2d((None, 1)) over the
+    height after a permute, then a per-column classifier; litert-torch lowers the pooling to a
+    STABLEHLO_REDUCE_WINDOW with an ADD in a body subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.p = torch.nn.AdaptiveAvgPool2d((None, 1))
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return self.fc(self.p(y.permute(0, 3, 1, 2)).squeeze(3))
+
+
+def test_a_reduce_window_over_a_whole_axis_converts_as_a_sum(tmp_path):
+    """The LiteRT quantizer could not calibrate the reduce window's body ("STABLEHLO_REDUCE_WINDOW1_arg0
+    ... not found in tensor_name_to_qsv"): a traceback from edgeq convert, as from the bare quantizer.
+    The window spans the whole height, so it is written as SUM over that axis (the same function): the
+    model converts int8, every op delegated, close to PyTorch."""
+    from edgeq import tflite_edit as te
+    from edgeq.tflite_rewrite import int8_activation_model
+
+    torch.manual_seed(0)
+    model = _ColumnPool().eval()
+    pt2 = _save(model, (torch.zeros(1, 1, 4, 16),), tmp_path / "rw.pt2")
+    src = load_source(pt2)
+    m = te.load(src.float_tflite)
+    assert "STABLEHLO_REDUCE_WINDOW" in {te.op_name(m, op) for op in m.subgraphs[0].operators}
+    rewritten, report = int8_activation_model(src.float_tflite, accelerator=False)
+    m2 = te.load(rewritten)
+    ops = [te.op_name(m2, op) for op in m2.subgraphs[0].operators]
+    assert report.reduce_windows == 1 and "SUM" in ops and "STABLEHLO_REDUCE_WINDOW" not in ops
+    assert len(m2.subgraphs) == 1  # the body subgraph went with it
+    x = [{"args_0": np.random.default_rng(i).normal(size=(1, 1, 4, 16)).astype(np.float32)} for i in range(4)]
+    np.testing.assert_allclose(run_model(rewritten, x)["output_0"], run_model(src.float_tflite, x)["output_0"],
+                               rtol=1e-5, atol=1e-6)
+
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).normal(size=(60, 1, 1, 4, 16)).astype(np.float32))
+    out = tmp_path / "rw_int8.tflite"
+    r = convert(pt2, ConvertOptions(out, calib=CalibrationConfig(str(tmp_path / "rows.npy"), samples=48,
+                                                                 eval_samples=12)))
+    info = read_model(out.read_bytes())
+    assert any(o.name == "SUM" and o.inputs[0].dtype == "int8" and o.outputs[0].dtype == "int8" for o in info.ops)
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+    assert any("STABLEHLO_REDUCE_WINDOW" in w for w in r.warnings)

@@ -46,7 +46,8 @@ class Score:
 
     rel_l2: float  # ||q - f|| / ||f|| over all samples
     cosine: float  # mean over samples
-    top1: float | None  # argmax agreement for 2-D outputs with >= 2 columns, else None
+    top1: float | None  # argmax agreement for vector outputs (fidelity.is_vector_output), else None
+    # (CRAFT's 160x160x2 text map read "top-1 0.69" in the manifest: an argmax over a map means nothing)
     kl: float | None  # mean KL(softmax(f) || softmax(q)) over score-vector outputs (is_score_vector)
     samples: int
     cosines: tuple[float, ...] = ()  # mean cosine of each output, in the reference's order
@@ -128,7 +129,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> Score:
     rel, cos, top1, kl, n, cosines, sure, n_sure = 0.0, 1.0, None, None, 0, [], None, 0
-    from .fidelity import float64_blocks, joined_norm
+    from .fidelity import float64_blocks, is_vector_output, joined_norm
 
     for ref, cand in zip(reference.values(), got.values()):
         r32, c32 = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
@@ -146,7 +147,7 @@ def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
         rel = max(rel, joined_norm(diff) / max(joined_norm(size), 1e-12))
         cosines.append(float(np.mean(np.concatenate(row_cos))))
         cos = min(cos, cosines[-1])
-        if r32.shape[1] >= 2:  # argmax of the float32 values: the same as of their float64 copies
+        if is_vector_output(ref):  # argmax of the float32 values: the same as of their float64 copies
             agree = float((r32.argmax(1) == c32.argmax(1)).mean())
             top1 = agree if top1 is None else min(top1, agree)
         if is_score_vector(ref):  # a class-score vector: small

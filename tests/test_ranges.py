@@ -506,3 +506,15 @@ def test_anchor_logits_are_judged_after_their_sigmoid():
     moved = boxes + 1.0
     assert compare_outputs({"b": boxes}, {"b": moved}).rel_l2 == pytest.approx(
         np.linalg.norm(moved - boxes) / np.linalg.norm(boxes), rel=1e-6)
+
+
+def test_top1_is_taken_over_vectors_not_maps():
+    """Score.top1 is an argmax agreement: over a [N, C] score vector it means something, over CRAFT's
+    160x160x2 text map (which the manifest's step scores read as "top-1 0.69") nothing."""
+    from edgeq.range_search import compare_outputs
+
+    rng = np.random.default_rng(SEED)
+    scores, text_map = rng.normal(size=(8, 10)), rng.normal(size=(8, 16, 16, 2))
+    got = compare_outputs({"s": scores}, {"s": scores + rng.normal(0, 0.01, scores.shape)})
+    assert got.top1 == 1.0
+    assert compare_outputs({"m": text_map}, {"m": text_map * 1.01}).top1 is None

@@ -97,6 +97,38 @@ class EnforceReport:
         return dict(vars(self))
 
 
+# --- unread outputs ------------------------------------------------------------------------------
+
+# Ops that hand out parts of one data input (its index): their kernels require every output to be of
+# the input's type (kernels/unpack.cc "output->type != input->type"), read or not.
+PART_OPS = {"UNPACK": 0, "SPLIT": 1, "SPLIT_V": 0}
+
+
+def typed_unread_outputs(model: bytes) -> tuple[bytes, int]:
+    """(model with the unread outputs of int8 UNPACK / SPLIT ops given the input's type and parameters,
+    how many). The LiteRT quantizer leaves an output no op reads float: MediaPipe's gesture embedder
+    unstacks x, y, z and reads x only, and its int8 file failed to prepare ("unpack.cc:79
+    FLOAT32 != INT8"; the bare quantizer writes that file without a word)."""
+    if not te.has_ops(model, tuple(PART_OPS)):
+        return model, 0
+    m = te.load(model)
+    n = 0
+    for sg_i, sg in enumerate(m.subgraphs or []):
+        read = {t for op in sg.operators or [] for t in te.ints(op.inputs)} | te.visible_outputs(m, sg_i)
+        for op in sg.operators or []:
+            data = PART_OPS.get(te.op_name(m, op))
+            ins = te.ints(op.inputs)
+            if data is None or data >= len(ins) or _per_tensor(sg.tensors[ins[data]]) is None:
+                continue
+            x = sg.tensors[ins[data]]
+            for o in te.ints(op.outputs):
+                if o not in read and sg.tensors[o].type != x.type:
+                    sg.tensors[o].type = x.type
+                    _set_params(sg.tensors[o], *_per_tensor(x))
+                    n += 1
+    return (te.pack(m), n) if n else (model, 0)
+
+
 # --- reading -------------------------------------------------------------------------------------
 
 def _per_tensor(t) -> tuple[float, int] | None:

@@ -23,6 +23,7 @@ from .errors import QuantizationError, first_line
 from .bias_overflow import candidates as overflow_candidates, fix as fix_bias_overflow
 from .float_joins import float_joins
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards
+from .int8_constraints import typed_unread_outputs
 from .int8_islands import fold_islands, kept_float
 from .precision import INT4_BLOCK_SIZE, INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, RECIPE_PRECISIONS, Precision
 from .signature import SIGNATURE_KEY
@@ -335,10 +336,12 @@ class Requantizer:
 
 def finish_quantized(model: bytes, float_model: bytes, keep_float, overflow: bool) -> bytes:
     """What every LiteRT quantizer result goes through: ops it leaves float that the int8 kernels
-    run (LEAKY_RELU) made int8, as the converter writes them (except `keep_float`); a detector's
+    run (LEAKY_RELU) made int8, as the converter writes them (except `keep_float`); unread UNPACK /
+    SPLIT outputs typed as their input (their kernels refuse a float one); a detector's
     boxes and scores joined at the output kept float; and, where `overflow` (bias_overflow.candidates
     of float_model), the biases it clipped for all-zero weight channels restored."""
     model, _ = fold_islands(model, keep_float)
+    model, _ = typed_unread_outputs(model)
     model, _ = float_joins(model)
     return fix_bias_overflow(model, float_model)[0] if overflow else model
 

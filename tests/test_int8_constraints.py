@@ -232,3 +232,34 @@ def test_unrepairable_is_one_line(built):
         enforce(bad)
     msg = str(e.value)
     assert "\n" not in msg and "CONV_2D" in msg and "zero point 3" in msg and "--scheme dynamic" in msg
+
+
+def test_unread_unpack_outputs_get_the_inputs_type(tf, tmp_path):
+    """MediaPipe's gesture embedder unstacks landmarks into x, y, z and reads x only: the LiteRT quantizer
+    left the unread outputs float beside an int8 input, and LiteRT refused the file ("unpack.cc:79
+    output->type != input->type (FLOAT32 != INT8)"; edgeq convert failed after the whole level, the bare
+    quantizer wrote it silently). Built here the same way, seeded; converted with edgeq convert."""
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.calibration import CalibrationConfig
+
+    w = tf.constant(np.random.default_rng(0).normal(size=(63, 16)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 21, 3], tf.float32)])
+    def f(x):
+        xs, _, _ = tf.unstack(x, axis=2)  # y and z unread
+        span = tf.reduce_max(xs, axis=1, keepdims=True) - tf.reduce_min(xs, axis=1, keepdims=True)
+        n = (x - tf.reduce_mean(x, axis=1, keepdims=True)) / (span[:, :, None] + 1e-3)
+        return tf.nn.sigmoid(tf.matmul(tf.reshape(n, [1, 63]), w))
+
+    with quiet_native():
+        (tmp_path / "unpack.tflite").write_bytes(
+            tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f).convert())
+    np.save(tmp_path / "rows.npy", np.random.default_rng(1).uniform(0, 1, (64, 21, 3)).astype(np.float32))
+    out = tmp_path / "q.tflite"
+    r = convert(tmp_path / "unpack.tflite", ConvertOptions(out, calib=CalibrationConfig(str(tmp_path / "rows.npy"),
+                                                                                        samples=48, eval_samples=16)))
+    m = te.load(out.read_bytes())
+    sg = m.subgraphs[0]
+    unpack = next(op for op in sg.operators if te.op_name(m, op) == "UNPACK")
+    assert {sg.tensors[t].type for t in list(unpack.inputs) + list(unpack.outputs)} == {9}  # all int8
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99

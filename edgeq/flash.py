@@ -41,6 +41,7 @@ from pathlib import Path
 from .bundle import FLASH_ROOT, MODEL_NAME, RUNTIME_MODULES, build_bundle
 from .errors import DeviceError, EdgeqError, first_line
 from .files import disk_full_error, human_bytes
+from .interrupts import check as check_interrupted
 from .remote import Progress, Remote, SshTarget
 from .slot_lock import SlotLock
 
@@ -236,6 +237,10 @@ def flash(model_path, profile, target: SshTarget, options: FlashOptions | None =
             step = "installing the runtime"
             runtime = _attach_runtime(remote, slot, release, old, info, options, lock, say, notes)
             runtime_python = posixpath.join(release, "venv", "bin", "python") if runtime is not None else None
+            # A Ctrl-C that something swallowed on its way up (once, on a loaded host, a flash
+            # interrupted mid-upload went on and switched) stops here, before the one step the
+            # cleanup cannot undo (interrupts.check: recorded by the signal handler itself).
+            check_interrupted()
             step = f"switching {options.slot} to {version}"
             say(step)
             if old and old != version:

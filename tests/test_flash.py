@@ -648,3 +648,29 @@ def test_heartbeat_during_a_pipelined_upload(sshd, big_model, tmp_path, slot, mo
 def test_flash_usage_mistakes_exit_2(args, msg):
     r = CliRunner().invoke(main, ["flash", *args])
     assert r.exit_code == 2 and msg in r.output, r.output
+
+
+def test_a_ctrl_c_something_swallowed_still_stops_the_switch(sshd, models, tmp_path, slot, monkeypatch):
+    """Once on a loaded host a flash interrupted mid-upload went on and switched `current` (the
+    KeyboardInterrupt lost on its way up). The signal handler records it (interrupts.recording), and
+    the flash checks before the switch: here the interrupt arrives during the upload and is swallowed
+    at once (a stand-in for whatever swallowed it), and the flash still stops and cleans up."""
+    from edgeq import interrupts
+
+    kh = sshd.known_hosts(tmp_path / "kh")
+    dev = Device(sshd, slot)
+    old = flash(models[0], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    real = slot_lock.SlotLock.beat
+
+    def beat_then_swallow(self, force=False):
+        try:
+            interrupts._on_signal(signal.SIGINT, None)  # what Ctrl-C runs: record, then raise
+        except KeyboardInterrupt:
+            pass  # ...and something on the way up swallows it
+        return real(self, force)
+
+    monkeypatch.setattr(slot_lock.SlotLock, "beat", beat_then_swallow)
+    with interrupts.recording(), pytest.raises(KeyboardInterrupt):
+        flash(models[1], PROFILE, sshd.target(kh), FlashOptions(slot=slot))
+    assert dev.link("current") == old.version and dev.releases() == [old.version] and dev.staging() == []
+    assert dev.lock() is None

@@ -289,7 +289,8 @@ class Requantizer:
                 base = qt.calibrate({SIGNATURE_KEY: Reiterable(streamed)}, previous_calibration_result=previous,
                                     num_threads=2)
             except (ValueError, KeyError) as e:
-                raise QuantizationError(f"calibration failed in the LiteRT quantizer: {first_line(e)}") from None
+                raise QuantizationError(f"calibration failed in the LiteRT quantizer: {first_line(e)}"
+                                        f"{control_flow_hint(self.float_model)}") from None
         from .ranges import finite_calibration
 
         return finite_calibration(self.float_model, Reiterable(samples), base, SIGNATURE_KEY)
@@ -332,6 +333,17 @@ class Requantizer:
             model, _ = halve_float_constants(model)
         # After the halving: `finish` sees the layout that is written (its reports are keyed by its output).
         return self._finish(model) if self._finish else model
+
+
+def control_flow_hint(float_model: bytes) -> str:
+    """What to do when the LiteRT quantizer cannot calibrate a model with WHILE/IF subgraphs: it reads
+    no tensor inside them ("Tensor data is null": human-models' handtrack, NMS in a WHILE loop)."""
+    from . import tflite_edit as te
+
+    if not te.has_ops(float_model, ("WHILE", "IF")):
+        return ""
+    return ("; the model has a WHILE/IF loop (post-processing such as NMS, a tf.map_fn) the LiteRT quantizer "
+            "cannot calibrate: export the model without it and run that step outside")
 
 
 def finish_quantized(model: bytes, float_model: bytes, keep_float, overflow: bool) -> bytes:

@@ -111,7 +111,7 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         from litert_quantizer import Quantizer
 
         from .bias_overflow import candidates
-        from .litert_quant import finish_quantized
+        from .litert_quant import control_flow_hint, finish_quantized
         from .quiet import quiet_native
         from .ranges import finite_calibration, live_ranges
 
@@ -120,7 +120,8 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         # the quantizer's own errors on a model it cannot handle, in one line (as litert_quant's)
         with _quantizer_errors("the LiteRT quantizer refused the recipe"):
             qt.load_quantization_recipe(recipe)
-        with quiet_native(), _quantizer_errors("calibration failed in the LiteRT quantizer"):
+        with quiet_native(), _quantizer_errors("calibration failed in the LiteRT quantizer",
+                                               control_flow_hint(float_model)):
             base = qt.calibrate({signature_key: list(samples)}, num_threads=2) if qt.need_calibration else {}
         base = finite_calibration(float_model, samples, base, signature_key)
 
@@ -135,13 +136,13 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
 
 
 @contextlib.contextmanager
-def _quantizer_errors(what: str):
+def _quantizer_errors(what: str, hint: str = ""):
     from .errors import QuantizationError, first_line
 
     try:
         yield
     except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
-        raise QuantizationError(f"{what}: {first_line(e)}") from None
+        raise QuantizationError(f"{what}: {first_line(e)}{hint}") from None
 
 
 # Recipe lines keeping the model's inputs and outputs float32 (a QUANTIZE/DEQUANTIZE at the edges).

@@ -192,3 +192,42 @@ def test_hybrid_on_an_op_the_quantizer_has_no_hybrid_recipe_for_is_float(tf, tmp
     q = quantize_per_op(fm, P.INT8, [OpPrecision("GATHER", gather.outputs[0].name, P.HYBRID)], samples)
     got = {op.name: str(op.precision) for op in read_model(q).ops if op.name in ("GATHER", "FULLY_CONNECTED")}
     assert got == {"GATHER": "float", "FULLY_CONNECTED": "int8"}
+
+
+def test_a_model_with_a_while_loop_the_quantizer_cannot_calibrate_says_what_to_do(tf, tmp_path):
+    """human-models' handtrack SavedModel keeps its per-class NMS in a WHILE loop: the LiteRT quantizer
+    reads no tensor inside it ("Tensor data is null. Run allocate_tensors() first", a traceback from
+    the level before). One line now, naming the loop and the way out; nothing written. Built here the
+    same way (a tf.map_fn of NMS over class columns), seeded."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+    from edgeq.quiet import quiet_native
+
+    rng = np.random.default_rng(0)
+    k = tf.constant(rng.normal(0, .1, (3, 3, 3, 8)).astype(np.float32))
+    kb = tf.constant(rng.normal(0, .1, (1, 1, 8, 7)).astype(np.float32))
+
+    class Detector(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            h = tf.reshape(tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME")), kb, 1, "SAME"), [-1, 7])
+            boxes, scores = tf.sigmoid(h[:, :4]), tf.sigmoid(h[:, 4:])
+
+            def per_class(s):
+                sel = tf.gather(s, tf.image.non_max_suppression(boxes, s, 10, 0.5, 0.3))
+                return tf.pad(sel, [[0, 10 - tf.shape(sel)[0]]])
+
+            top = tf.map_fn(per_class, tf.transpose(scores), fn_output_signature=tf.TensorSpec([10], tf.float32))
+            return {"scores": top[None], "raw": scores[None]}
+
+    m = Detector()
+    with quiet_native():
+        tf.saved_model.save(m, str(tmp_path / "det"), signatures={"serving_default": m.serve})
+    np.save(tmp_path / "x.npy", rng.uniform(0, 1, (40, 32, 32, 3)).astype(np.float32))
+    out = tmp_path / "q.tflite"
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "det"), "-o", str(out), "--calib", str(tmp_path / "x.npy"),
+                                  "--quiet"])
+    assert r.exit_code == 1 and not out.exists() and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert "the model has a WHILE/IF loop" in r.output and "export the model without it" in r.output

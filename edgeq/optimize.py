@@ -493,10 +493,11 @@ def replay(result: OptimizeResult, samples: Sequence[dict], session: SessionFact
     a 65 s conversion, against 18 s for the bare converter). The float model as chosen (equalized
     when that was kept), the chosen range rule recomputed from all samples' statistics (output
     ranges a class-score trial chose are kept; the quantizer's moving average stays as the level
-    judged it), the weight rounding as chosen, bias correction (when kept) from all samples. `seen`: how many of the first samples the level ran on; the level's
-    statistics are then extended by the others (at most STATS_SAMPLES of them) instead of measured
-    again. None for what it cannot replay (level best's refined ranges and learned rounding): the
-    caller runs the level again."""
+    judged it), the weight rounding as chosen, bias correction (when kept) from all samples.
+    `seen`: how many of the first samples the level ran on; the level's statistics are then
+    extended by the others (at most STATS_SAMPLES of them) instead of measured again. None for what
+    it cannot replay (level best's refined ranges and learned rounding): the caller runs the level
+    again."""
     from .range_search import candidate_calibrations
 
     if result.level is not OptimizeLevel.FAST:

@@ -18,6 +18,8 @@ clips to -2^31 whatever their sign; a weight tensor two layers share gets the sc
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from . import tflite_edit as te
@@ -133,9 +135,11 @@ def _write_weights(m, sg, lay, q: np.ndarray) -> None:
 def _fix_group(m, sg, group: list, readers: dict[int, int]) -> int:
     """Rescale the overflowing channels of the weight tensor all layers of `group` read, and requantize
     each one's bias with its own input scale; how many bias values were restored."""
+    from .weight_layers import INT4
+
     # the quantizer shares one bias tensor between layers with the same input scale (the same layer
     # applied twice): rewritten once, for that scale
-    within = {b: sum(lay.bias == b for lay in group) for b in {lay.bias for lay in group}}
+    within = Counter(lay.bias for lay in group)
     biases = [_bias(m, sg, lay, readers, within[lay.bias]) for lay in group]
     if any(b is None for b in biases) or any(
             not np.isclose(a.input_scale, b.input_scale, rtol=1e-6) for a in group for b in group if a.bias == b.bias):
@@ -144,7 +148,7 @@ def _fix_group(m, sg, group: list, readers: dict[int, int]) -> int:
     if not bad.any():
         return 0
     lay = group[0]
-    levels = 7 if sg.tensors[lay.weight].type != 9 else 127  # int4 weights: -7..7
+    levels = 7 if sg.tensors[lay.weight].type == INT4 else 127  # int4 weights: -7..7
     fw = _channels_last(lay.kind, lay.float_weight).astype(np.float64)
     q = _channels_last(lay.kind, _weights(m, sg, lay)).copy()
     for other in group:

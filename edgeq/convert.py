@@ -37,7 +37,7 @@ from .quantize import (LITERT_IO, QuantizeRequest, check_litert, check_litert_io
                        uses_converter)
 from .signature import rename_signature
 from .size_plan import SizeRequest, plan_for_size
-from .sources import SourceModel, detect_format, for_int8_activations, load_source
+from .sources import SourceModel, detect_format, for_int8_activations, for_int16_activations, load_source
 from .sources.shapes import dims, dynamic_inputs_error, is_dynamic, pin_tflite
 from .tflite_model import read_model
 
@@ -121,6 +121,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             source = _static_source(model, source, fmt, opts, _source_options(opts, scheme, fmt, all_int8))
         if scheme in (Scheme.INT8, Scheme.INT4X8):
             source = for_int8_activations(source, int8_accelerator(profile))
+        elif scheme is Scheme.INT16X8:
+            source = for_int16_activations(source)
     class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     calib_cfg, pixel_note = photo_scale(calib_cfg, source)

@@ -48,6 +48,7 @@ class DeviceError(EdgeqError):
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message (libraries embed long logs), or its type."""
     for line in str(e).splitlines():
-        if line.strip():
-            return line.strip()[:limit]
+        line = line.strip()
+        if line:  # cut at a word, marked, not mid-word ("... results are pas")
+            return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
     return type(e).__name__

@@ -326,13 +326,17 @@ class Requantizer:
             try:
                 result = qt.quantize(live_ranges(ranges) if qt.need_calibration else None, enable_progress_report=False)
             except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
-                raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}") from None
+                raise QuantizationError(f"LiteRT quantizer failed: {first_line(e)}{QUANTIZER_WAY_OUT}") from None
         model = finish_quantized(bytes(result.quantized_model), self.float_model, kept_float(per_op), self._overflow)
         if self.default in INT4_PRECISIONS:  # int4 is chosen for size: large float constants at 16 bits
             from .half_constants import halve_float_constants
             model, _ = halve_float_constants(model)
         # After the halving: `finish` sees the layout that is written (its reports are keyed by its output).
         return self._finish(model) if self._finish else model
+
+
+# After the quantizer's own words, what a user can do: weights-only schemes calibrate no activations.
+QUANTIZER_WAY_OUT = "; --scheme dynamic or fp16 quantizes without activation ranges"
 
 
 def control_flow_hint(float_model: bytes) -> str:

@@ -111,7 +111,7 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         from litert_quantizer import Quantizer
 
         from .bias_overflow import candidates
-        from .litert_quant import control_flow_hint, finish_quantized
+        from .litert_quant import QUANTIZER_WAY_OUT, control_flow_hint, finish_quantized
         from .quiet import quiet_native
         from .ranges import finite_calibration, live_ranges
 
@@ -121,12 +121,12 @@ def litert_session(recipe: list[dict], signature_key: str = "serving_default",
         with _quantizer_errors("the LiteRT quantizer refused the recipe"):
             qt.load_quantization_recipe(recipe)
         with quiet_native(), _quantizer_errors("calibration failed in the LiteRT quantizer",
-                                               control_flow_hint(float_model)):
+                                               control_flow_hint(float_model) or QUANTIZER_WAY_OUT):
             base = qt.calibrate({signature_key: list(samples)}, num_threads=2) if qt.need_calibration else {}
         base = finite_calibration(float_model, samples, base, signature_key)
 
         def quantize(calibration: dict) -> bytes:
-            with quiet_native(), _quantizer_errors("LiteRT quantizer failed"):
+            with quiet_native(), _quantizer_errors("LiteRT quantizer failed", QUANTIZER_WAY_OUT):
                 model = bytes(qt.quantize(live_ranges(calibration), enable_progress_report=False).quantized_model)
             return finish_quantized(model, float_model, keep_float, overflow)
 

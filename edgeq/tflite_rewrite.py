@@ -119,6 +119,21 @@ def int8_activation_model(model: bytes, accelerator: bool) -> tuple[bytes, Rewri
                                      removed_ops=split + relus + swish)
 
 
+def int16_activation_model(model: bytes) -> tuple[bytes, RewriteReport]:
+    """A float .tflite for int16 activations (sources.for_int16_activations): whole-axis
+    STABLEHLO_REDUCE_WINDOWs as reductions, which the LiteRT quantizer cannot calibrate at any
+    width; the int8-only rewrites (XNNPACK's int8 kernels) are not needed there. `model` itself if
+    there was nothing to do."""
+    if not te.has_ops(model, {"STABLEHLO_REDUCE_WINDOW"}):
+        return model, RewriteReport()
+    m = te.load(model)
+    windows = reduce_windows_as_reductions(m)
+    if not windows:
+        return model, RewriteReport()
+    tensors, buffers = prune(m)
+    return te.pack(m), RewriteReport(reduce_windows=windows, removed_tensors=tensors, removed_buffers=buffers)
+
+
 # Ops whose bias (input 2, TRANSPOSE_CONV's input 3) the quantizer stores per output channel.
 _BIAS_INPUT = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 3}
 

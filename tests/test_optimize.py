@@ -520,8 +520,10 @@ def test_the_quantizers_own_error_inside_the_level_is_one_line(tiny_cnn, tmp_pat
 
     from edgeq.cli import main
 
-    def broken(self, *a, **k):
-        raise ValueError("Failed to get quantization parameters for tensor: X_arg0. Error: not found")
+    def broken(self, *a, **k):  # the real message, which passes first_line's 200 characters
+        raise ValueError("Failed to get quantization parameters for tensor: X_arg0. Error: "
+                         "TFLOperationName.ADD(index: 0) not found in tensor_name_to_qsv. Check if the correct "
+                         "calibration results are passed into the ModelQuantizer.quantize function.")
 
     monkeypatch.setattr(Quantizer, "quantize", broken)
     (tmp_path / "m.tflite").write_bytes(tiny_cnn)
@@ -530,8 +532,11 @@ def test_the_quantizers_own_error_inside_the_level_is_one_line(tiny_cnn, tmp_pat
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "m.tflite"), "-o", str(out), "--calib",
                                   str(tmp_path / "x.npy"), "--quiet"])
     assert r.exit_code == 1 and not out.exists() and "Traceback" not in r.output
+    # cut at a word, marked, then what to do (it read "... results are pas" and nothing more)
     assert r.output.strip() == ("Error: LiteRT quantizer failed: Failed to get quantization parameters for tensor: "
-                                "X_arg0. Error: not found")
+                                "X_arg0. Error: TFLOperationName.ADD(index: 0) not found in tensor_name_to_qsv. Check "
+                                "if the correct calibration results are passed into the ...; --scheme dynamic or fp16 quantizes "
+                                "without activation ranges")
 
 
 def test_replay_keeps_the_moving_average_the_level_judged(tiny_cnn, calib, held_out, levels):

@@ -25,6 +25,7 @@ from edgeq.sources import detect_format, load_source  # noqa: E402
 from edgeq.sources.shapes import parse_shape  # noqa: E402
 from edgeq.tflite_model import read_model  # noqa: E402
 from edgeq.fidelity import compare, run_model  # noqa: E402
+from edgeq.precision import Scheme  # noqa: E402
 
 SIZE = 32
 
@@ -344,3 +345,21 @@ def test_a_reduce_window_over_a_whole_axis_converts_as_a_sum(tmp_path):
     assert any(o.name == "SUM" and o.inputs[0].dtype == "int8" and o.outputs[0].dtype == "int8" for o in info.ops)
     assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
     assert any("STABLEHLO_REDUCE_WINDOW" in w for w in r.warnings)
+
+
+def test_a_reduce_window_over_a_whole_axis_converts_at_int16x8(tmp_path):
+    """The same body subgraph stops the quantizer's int16 calibration ("STABLEHLO_REDUCE_WINDOW1_arg0
+    ... not found": a one-line refusal before): --scheme int16x8 writes the window as SUM too, with
+    int16 activations, and nothing of the int8-only rewrites."""
+    torch.manual_seed(0)
+    pt2 = _save(_ColumnPool().eval(), (torch.zeros(1, 1, 4, 16),), tmp_path / "rw.pt2")
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).normal(size=(60, 1, 1, 4, 16)).astype(np.float32))
+    out = tmp_path / "rw_int16.tflite"
+    r = convert(pt2, ConvertOptions(out, scheme=Scheme.INT16X8, calib=CalibrationConfig(
+        str(tmp_path / "rows.npy"), samples=48, eval_samples=12)))
+    info = read_model(out.read_bytes())
+    assert any(o.name == "SUM" and o.inputs[0].dtype == "int16" and o.outputs[0].dtype == "int16" for o in info.ops)
+    assert "STABLEHLO_REDUCE_WINDOW" not in {o.name for o in info.ops}
+    assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+    assert any("STABLEHLO_REDUCE_WINDOW" in w for w in r.warnings)
+    assert not any("RELU" in w for w in r.warnings)

@@ -43,7 +43,7 @@ class SourceModel:
     # How the model scales its own image pixels, when it expects 0..255 (pixel_scale.py); Keras sources
     # read it from their layers, which the converter may fold into the first convolution.
     pixel_scaling: str | None = None
-    # What for_int8_activations rewrote in float_tflite: it reaches the written model only where the
+    # What for_int8_activations (for_int16_activations) rewrote in float_tflite: it reaches the written model only where the
     # LiteRT quantizer writes it from float_tflite, not where the TFLite converter re-converts the
     # Keras/SavedModel itself (convert reports these notes then only).
     int8_rewrites: tuple[str, ...] = ()
@@ -96,6 +96,17 @@ def for_int8_activations(source: SourceModel, accelerator: bool) -> SourceModel:
     from ..tflite_rewrite import int8_activation_model
 
     data, report = int8_activation_model(source.float_tflite, accelerator)
+    if data is source.float_tflite:
+        return source
+    return replace(source, float_tflite=data, int8_rewrites=report.notes())
+
+
+def for_int16_activations(source: SourceModel) -> SourceModel:
+    """The source for int16 activations (tflite_rewrite.int16_activation_model): whole-axis reduce
+    windows as reductions, the one int8 rewrite the quantizer needs at this width too."""
+    from ..tflite_rewrite import int16_activation_model
+
+    data, report = int16_activation_model(source.float_tflite)
     if data is source.float_tflite:
         return source
     return replace(source, float_tflite=data, int8_rewrites=report.notes())

@@ -115,8 +115,9 @@ def _shapes(ctx, param, values):
               help="Image input layout when the input shape fits both (e.g. 1x3x3x3) [default: from the shape].")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer dir for .txt data.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
-              help="Hugging Face encoders: output pooling.")
+@click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default=None,
+              help="Hugging Face encoders: output pooling [mean]. A text or token classifier (config.json's "
+                   "architectures) keeps its head (output logits) unless this is given.")
 @click.option("--scheme", type=click.Choice([s.value for s in Scheme]),
               help="Quantization scheme [default: the device's, else int8; dynamic for HF encoders].")
 @click.option("--io", "io_type", type=click.Choice([t.value for t in IoType]),

@@ -65,7 +65,7 @@ class ConvertOptions:
     percentile: float = 99.99
     # Hugging Face sources
     seq_len: int = 128
-    pooling: str = "mean"
+    pooling: str | None = None  # Hugging Face: None = the config's classification head, else mean
     split_outliers: float | None = None  # None: 8.0 when the scheme has static activations, 0: off
     smoothquant: float | None = None
     floor: bool = True  # without --max-drop: refuse a result below the default fidelity floor (--no-floor)
@@ -550,7 +550,7 @@ def _class_outputs(opts: ConvertOptions, source: SourceModel) -> frozenset[str]:
             raise QuantizationError("--metric top1 needs an output with one score vector per sample (batch, "
                                     "classes); use --metric cosine")
         return names
-    return frozenset()
+    return frozenset(n for n in source.class_outputs if n in shapes and vector(shapes[n]))
 
 
 def _budget_test(opts: ConvertOptions):

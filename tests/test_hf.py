@@ -338,3 +338,66 @@ def test_convert_for_int8_only_profile_is_all_int8_and_grouped(tmp_path):
     assert sum(op.name == "FULLY_CONNECTED" and op.precision == "int8" for op in ops) >= 36
     cos = r.manifest["fidelity"]["outputs"][0]["cosine"]
     assert cos >= 0.95, cos
+
+
+def _tiny_bert(tmp_path, architecture: str, labels: int = 5) -> Path:
+    """A seeded 2-layer BERT with a task head, saved with MiniLM's tokenizer (as a fine-tuned
+    checkpoint ships: config.json naming the architecture, weights, vocab)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=labels, architectures=[architecture])
+    d = tmp_path / architecture
+    getattr(transformers, architecture)(cfg).eval().save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(MINILM / f, d / f)
+    return d
+
+
+def test_a_sequence_classifier_keeps_its_head(tmp_path):
+    """A BertForSequenceClassification directory (categorium's 27-topic classifier) was loaded with
+    AutoModel: the written file output a 32-value mean-pooled 'embedding' instead of the class logits,
+    fidelity read cosine 1.0 against the same truncated float model, and nothing said so. Now the
+    head config.json names is converted: output 'logits' equal to transformers' own, and the source
+    declares them class scores (judged by top-1)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = _tiny_bert(tmp_path, "BertForSequenceClassification")
+    fm = load_hf(d, HfOptions(seq_len=16))
+    assert fm.output_names == ("logits",) and fm.class_outputs == ("logits",) and not fm.notes
+    assert "BertForSequenceClassification head, 5 labels" in fm.description
+    got = _run(fm, HELD_OUT)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    enc = tok(HELD_OUT, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        want = AutoModelForSequenceClassification.from_pretrained(str(d)).eval()(**enc).logits.numpy()
+    assert got.shape == (4, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+    # --pooling asks for the encoder's output: converted without the head, and said so
+    emb = load_hf(d, HfOptions(seq_len=16, pooling=Pooling.MEAN))
+    assert emb.output_names == ("embedding",) and not emb.class_outputs
+    assert len(emb.notes) == 1 and "classification head is not in the written model" in emb.notes[0]
+
+
+def test_a_head_edgeq_does_not_convert_is_named(tmp_path):
+    """A masked-LM checkpoint converts as its encoder (mean pooling), with a note naming the head left out."""
+    fm = load_hf(_tiny_bert(tmp_path, "BertForMaskedLM"), HfOptions(seq_len=16))
+    assert fm.output_names == ("embedding",)
+    assert len(fm.notes) == 1 and "BertForMaskedLM" in fm.notes[0] and "encoder only" in fm.notes[0]
+
+
+def test_tensorflow_only_weights_are_named(tmp_path):
+    """categorium ships config.json + tf_model.h5 + vocab: "is not a Hugging Face model directory; it needs
+    config.json ... and a tokenizer" did not fit (both are there). The message names the TensorFlow
+    weights and how to get PyTorch ones."""
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["TFBertForSequenceClassification"]}')
+    (tmp_path / "tf_model.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    with pytest.raises(ModelFormatError, match=r"holds tf_model.h5 but no PyTorch weights .* from_tf=True"):
+        load_hf(tmp_path, HfOptions())

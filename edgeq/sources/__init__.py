@@ -35,6 +35,9 @@ class SourceModel:
     # Builds samples from texts with the model's own tokenizer (HF sources).
     make_text_samples: Callable[[list[str]], list[dict]] | None = None
     notes: tuple[str, ...] = field(default=())  # things the user should know (shown as warnings)
+    # Outputs the source knows are class scores (a Hugging Face sequence classifier's logits): judged by
+    # top-1 unless the user names others (--class-output).
+    class_outputs: tuple[str, ...] = ()
     description: str = ""  # what the source is, e.g. the HF architecture and export settings
     # Runs the source model itself (PyTorch sources) on samples keyed by the float .tflite's input
     # names; returns outputs stacked on axis 0, keyed and ordered as the .tflite's signature outputs

@@ -1,7 +1,8 @@
 """Hugging Face encoders (BERT, MiniLM, DistilBERT, ...) as a model source: PyTorch -> LiteRT.
 
 transformers 5 has no TensorFlow classes, so the path is: load the local directory with
-transformers (PyTorch), wrap it so the graph ends in the pooled embedding, convert with
+transformers (PyTorch), wrap it so the graph ends in the pooled embedding (or, for a text or token
+classifier, in the head its config names: `logits`), convert with
 litert-torch (which gives a .tflite WITH a SignatureDef, as litert-quantizer needs), and
 build calibration samples with the directory's own tokenizer.
 
@@ -38,6 +39,20 @@ ENCODER_TYPES = frozenset({
 BERT_LAYOUT_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
 
 
+# Task heads converted with the model (config.json "architectures"): the head's logits are the output.
+HEADS = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+         "ForTokenClassification": "AutoModelForTokenClassification"}
+
+
+def task_head(cfg: dict) -> tuple[str | None, str | None]:
+    """(architecture, the transformers Auto class for its head or None) from config.json; (None, None)
+    for a bare encoder (BertModel) or a config that names none."""
+    arch = next(iter(cfg.get("architectures") or []), None)
+    if not isinstance(arch, str) or "For" not in arch:
+        return None, None
+    return arch, next((auto for suffix, auto in HEADS.items() if arch.endswith(suffix)), None)
+
+
 class Pooling(str, Enum):
     """What the converted model outputs."""
 
@@ -49,7 +64,9 @@ class Pooling(str, Enum):
 @dataclass(frozen=True)
 class HfOptions:
     seq_len: int = 128
-    pooling: Pooling = Pooling.MEAN
+    # None: the classification head config.json names (its logits), else MEAN. Given for a classifier,
+    # the encoder's output is converted without the head (and a note says so).
+    pooling: Pooling | None = None
     # SmoothQuant migration strength (0..1); None = off. Needs calibration texts in load_hf.
     smoothquant_alpha: float | None = None
     # Additive attention-mask value for padding. transformers uses float32 min (-3.4e38), which
@@ -72,6 +89,8 @@ class FloatModel:
     output_names: tuple[str, ...]
     make_samples: Callable[[list[str]], list[dict[str, np.ndarray]]] | None
     description: str
+    notes: tuple[str, ...] = ()  # what the user should know (convert shows them as warnings)
+    class_outputs: tuple[str, ...] = ()  # outputs that are class scores (a sequence classifier's logits)
 
 
 def is_hf_dir(path) -> bool:
@@ -114,8 +133,9 @@ def _read_config(path: Path) -> dict:
         raise ModelFormatError(f"{path}/config.json is unreadable ({e}); re-export the model") from None
 
 
-def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: float | None):
-    """A torch module with explicitly named tensor inputs, so the SignatureDef gets real names."""
+def _wrap(model, pooling: Pooling | None, input_names: tuple[str, ...], mask_value: float | None):
+    """A torch module with explicitly named tensor inputs, so the SignatureDef gets real names.
+    pooling None: `model` has a task head, whose logits are the output."""
     import torch
 
     class Encoder(torch.nn.Module):
@@ -135,6 +155,8 @@ def _wrap(model, pooling: Pooling, input_names: tuple[str, ...], mask_value: flo
             kw = {"input_ids": input_ids, "attention_mask": mask}
             if token_type_ids is not None:
                 kw["token_type_ids"] = token_type_ids
+            if pooling is None:
+                return {"logits": self.model(**kw).logits}
             h = self.model(**kw).last_hidden_state
             if pooling is Pooling.NONE:
                 return {"last_hidden_state": h}
@@ -299,18 +321,26 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
     """
     path = Path(path)
     if not is_hf_dir(path):
-        raise ModelFormatError(
-            f"{path} is not a Hugging Face model directory; it needs config.json, "
-            f"{' or '.join(WEIGHT_FILES)} and a tokenizer (tokenizer.json or vocab.txt)"
-        )
+        raise ModelFormatError(_not_hf_dir(path))
     cfg = _read_config(path)
     mtype = cfg.get("model_type", "?")
     if mtype not in ENCODER_TYPES:
         raise IncompatibleModelError(
             f"model_type {mtype!r} is not a supported encoder; supported: {', '.join(sorted(ENCODER_TYPES))}"
         )
-    if not isinstance(options.pooling, Pooling):
+    if options.pooling is not None and not isinstance(options.pooling, Pooling):
         options = dataclasses.replace(options, pooling=Pooling(options.pooling))
+    arch, head = task_head(cfg)
+    notes = []
+    if arch and head and options.pooling is not None:
+        notes.append(f"--pooling {options.pooling.value}: the encoder's output is converted; {arch}'s classification "
+                     "head is not in the written model (leave --pooling out to keep it)")
+        head = None
+    elif arch and not head:
+        notes.append(f"config.json names {arch}: edgeq converts its encoder only (heads it converts: "
+                     f"{', '.join('*' + h for h in HEADS)}); that head is not in the written model")
+    if head is None and options.pooling is None:
+        options = dataclasses.replace(options, pooling=Pooling.MEAN)
     if options.group_outliers is not None and options.smoothquant_alpha is not None:
         raise IncompatibleModelError("outlier grouping and SmoothQuant rewrite the same Linears; use one of them")
     max_pos = cfg.get("max_position_embeddings")
@@ -319,19 +349,21 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
 
     _require_hf()
     import torch
-    from transformers import AutoModel
+    import transformers
 
     tok = _load_tokenizer(path)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # a "Loading weights" progress bar
-            model = AutoModel.from_pretrained(str(path)).eval()
+            model = getattr(transformers, head or "AutoModel").from_pretrained(str(path)).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFormatError(f"cannot load weights from {path} ({str(e).splitlines()[0]})") from None
+    encoder = model.base_model  # the rewrites below work on the encoder's layout (the model itself without a head)
 
     example = _encode(tok, ["edgeq example"], options.seq_len)
     names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in example)
 
-    desc = f"{cfg.get('_name_or_path') or path.name} ({mtype}, seq_len {options.seq_len}, pooling {options.pooling.value}"
+    desc = f"{cfg.get('_name_or_path') or path.name} ({mtype}, seq_len {options.seq_len}, " + (
+        f"{arch} head, {model.config.num_labels} labels" if head else f"pooling {options.pooling.value}")
     if options.smoothquant_alpha is not None:
         if mtype not in BERT_LAYOUT_TYPES:
             raise IncompatibleModelError(f"SmoothQuant is not implemented for {mtype}; drop --smoothquant")
@@ -339,7 +371,7 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
             raise CalibrationError("SmoothQuant needs calibration text (--calib sentences.txt)")
         if not 0.0 <= options.smoothquant_alpha <= 1.0:
             raise CalibrationError(f"SmoothQuant alpha must be in [0, 1] (got {options.smoothquant_alpha})")
-        n = smooth_bert(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
+        n = smooth_bert(encoder, _encode(tok, list(calib_texts)[:256], options.seq_len),
                         options.smoothquant_alpha)
         desc += f", SmoothQuant alpha {options.smoothquant_alpha} on {n} Linears"
     if options.group_outliers is not None:
@@ -355,18 +387,18 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         batch = _encode(tok, list(calib_texts)[:256], options.seq_len)
         first = np.unique(batch["input_ids"][:, 0])
         cls_id = int(first[0]) if len(first) == 1 and first[0] == tok.cls_token_id else None
-        n = group_outliers(model, batch, options.group_outliers, cls_id)
+        n = group_outliers(encoder, batch, options.group_outliers, cls_id)
         desc += f", [CLS] and {n} outlier channels grouped for int8"
     if options.split_outliers is not None:
         if not calib_texts:
             raise CalibrationError("outlier splitting needs calibration text (--calib sentences.txt)")
-        n = split_outlier_channels(model, _encode(tok, list(calib_texts)[:256], options.seq_len),
+        n = split_outlier_channels(encoder, _encode(tok, list(calib_texts)[:256], options.seq_len),
                                    options.split_outliers)
         desc += f", {n} outlier channels split out"
     desc += ")"
 
-    explicit_layernorms(model)  # after the rewrites above: their hooks saw the original modules
-    wrapper = _wrap(model, options.pooling, names, options.mask_value)
+    explicit_layernorms(encoder)  # after the rewrites above: their hooks saw the original modules
+    wrapper = _wrap(model, None if head else options.pooling, names, options.mask_value)
     # The graph is built for batch 1 and int32 ids (LiteRT has no int64 I/O by default).
     kwargs = {n: torch.from_numpy(example[n][:1].astype(np.int32)) for n in names}
     tflite = litert_convert(wrapper, kwargs=kwargs, what=path.name,
@@ -382,4 +414,17 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         enc = _encode(tok, texts, seq_len)
         return [{n: enc[n][i:i + 1].astype(dtypes[n]) for n in input_names} for i in range(len(texts))]
 
-    return FloatModel(tflite, input_names, output_names, make_samples, desc)
+    classes = ("logits",) if head == HEADS["ForSequenceClassification"] else ()
+    return FloatModel(tflite, input_names, output_names, make_samples, desc, tuple(notes), classes)
+
+
+def _not_hf_dir(path: Path) -> str:
+    """Why a directory is not one load_hf reads, and what to do."""
+    if (path / "config.json").is_file():
+        other = [w for w in ("tf_model.h5", "flax_model.msgpack") if (path / w).is_file()]
+        if other and not any((path / w).is_file() for w in WEIGHT_FILES):
+            return (f"{path} holds {other[0]} but no PyTorch weights ({' or '.join(WEIGHT_FILES)}); edgeq reads "
+                    "Hugging Face models through PyTorch (transformers 5 has no TensorFlow or Flax classes): save "
+                    "PyTorch weights with transformers 4 (from_pretrained(dir, from_tf=True).save_pretrained(dir))")
+    return (f"{path} is not a Hugging Face model directory; it needs config.json, "
+            f"{' or '.join(WEIGHT_FILES)} and a tokenizer (tokenizer.json or vocab.txt)")

@@ -11,7 +11,7 @@ from ..files import sha256_file
 from . import SourceModel
 
 
-def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", split_outliers: float | None = None,
+def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str | None = None, split_outliers: float | None = None,
                    smoothquant: float | None = None, group_outliers: float | None = None,
                    calib_texts: list[str] | None = None, **_) -> SourceModel:
     """`calib_texts` (the calibration lines, never the held-out ones) feed the outlier-split and
@@ -23,10 +23,11 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str = "mean", spl
                                f"(pip install 'edgeq[hf]'): {e}") from None
     # litert-torch reports its passes on stdout; --json promises stdout to edgeq.
     with quiet_native():
-        opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling), smoothquant_alpha=smoothquant,
+        opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling) if pooling else None, smoothquant_alpha=smoothquant,
                             split_outliers=split_outliers or None, group_outliers=group_outliers)
         needs_texts = any(x is not None for x in (opts.smoothquant_alpha, opts.split_outliers, group_outliers))
         float_model = hf.load_hf(path, opts, calib_texts=calib_texts if needs_texts else None)
     ins, outs = signature_specs(float_model.tflite)
     return SourceModel("hf", path, sha256_file(path), float_model.tflite, ins, outs, None,
-                       float_model.make_samples, description=float_model.description)
+                       float_model.make_samples, notes=float_model.notes, description=float_model.description,
+                       class_outputs=float_model.class_outputs)

@@ -221,7 +221,7 @@ def bench(model, threads, warmup, runs, delegate, inputs, output, force, as_json
     """Benchmark MODEL on this host (the same runner script the devices use)."""
     from .runners import ProfileRequest, profile_model
 
-    _check_result_path(output, [model, inputs], force)
+    _check_result_path(output, [*_read_beside(model), inputs], force)
     with _progress(quiet, as_json).task(f"Benchmarking {Path(model).name}: {warmup} warmup + {runs} runs"):
         r = profile_model(model, None, ProfileRequest(threads, warmup, runs, delegate, inputs=inputs))
     _save_result(output, r)
@@ -236,6 +236,15 @@ def _check_result_path(output, inputs, force) -> None:
     if output:
         from .files import check_output
         check_output(Path(output), inputs, force)
+
+
+def _read_beside(model) -> list[Path]:
+    """MODEL and what bench/profile read beside it by default (its manifest and kept samples): -o and
+    --save-outputs with --force replaced them, and every later bench, profile and flash then failed."""
+    from .manifest import manifest_path
+
+    model = Path(model)
+    return [model, manifest_path(model), model.with_name(model.stem + ".samples.npz")]  # convert.samples_path
 
 
 def _save_result(output, result) -> None:
@@ -385,8 +394,8 @@ def profile(model, device, devices_dir, host, fleet_file, parallel, identity, kn
         raise click.UsageError("pass either --device ID (see `edgeq devices list`) or --fleet FILE")
     if fleet_file and (host or save_outputs):
         raise click.UsageError("--fleet FILE names every device: drop --host/--save-outputs")
-    _check_result_path(output, [model, inputs, fleet_file], force)
-    _check_result_path(save_outputs, [model, inputs, fleet_file, output], force)
+    _check_result_path(output, [*_read_beside(model), inputs, fleet_file], force)
+    _check_result_path(save_outputs, [*_read_beside(model), inputs, fleet_file, output], force)
     progress = _progress(quiet, as_json)
     kw = _ssh_kwargs(identity, known_hosts, trust_new_host, connect_timeout, run_timeout)
     request = ProfileRequest(threads, warmup, runs, delegate, inputs=inputs, save_outputs=save_outputs,

@@ -22,11 +22,11 @@ from .calibration import CalibrationConfig, CalibrationData, calibration_texts, 
 from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError, QuantizationError
 from .fidelity import check_finite, fidelity, run_model
-from .files import atomic_write, check_output
+from .files import check_output, write_all
 from .float_joins import note as joins_note, written as float_joins_written
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards, note as hazard_note
 from .litert_quant import Requantizer, per_op_from_plan
-from .manifest import ManifestParts, build_manifest, manifest_path, write_manifest
+from .manifest import ManifestParts, build_manifest, manifest_path, manifest_text
 from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, model_key, loop_requantizer, optimize_mistake,
                        optimize_report, resolve_level)
 from .plan import default_scheme, int8_accelerator, integer_only, profile_io
@@ -291,18 +291,11 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         verification=verification.to_json() if verification else None, fidelity_source=fidelity_source,
         samples={"file": spath.name, "count": min(len(eval_samples), KEPT_SAMPLES)} if eval_samples else None,
         optimize=optimize_report(level, opts.optimize, level_why, optimized, superseded, gptq), size_goal=size_goal))
-    written = []
-    try:
-        atomic_write(out, qbytes)
-        written.append(out)
-        if eval_samples:  # real inputs next to the model: bench/profile/flash feed these by default
-            atomic_write(spath, samples_npz(qbytes, eval_samples[:KEPT_SAMPLES]))
-            written.append(spath)
-        write_manifest(mpath, manifest)
-    except BaseException:
-        for p in written:  # no model without its manifest, no samples without either
-            p.unlink(missing_ok=True)
-        raise
+    # All three or none (a --force rewrite keeps the earlier ones if a write fails): no model without its
+    # manifest, no samples without either. The samples are real inputs next to the model:
+    # bench/profile/flash feed these by default.
+    write_all([(out, qbytes), *([(spath, samples_npz(qbytes, eval_samples[:KEPT_SAMPLES]))] if eval_samples else []),
+               (mpath, manifest_text(mpath, manifest))])
     return ConvertResult(out, mpath, manifest, warnings, source)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -9,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from .errors import DiskFullError, OutputExistsError
 from .interrupts import check as check_interrupt
@@ -58,6 +60,19 @@ def check_output(out: Path, inputs: list[Path | str | None], force: bool) -> Non
         raise OutputExistsError(f"{out.parent}: output directory {what}; create it or choose another path")
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: already exists; pass --force to overwrite it")
+    # before any slow work: the writes would fail at the end (a read-only mount, no permission)
+    if not os.access(out.parent, os.W_OK):
+        raise OutputExistsError(f"{out}: cannot write there (no write access to {out.parent}); choose another "
+                                "output path")
+    if len(f".{out.name}.XXXXXXXX.tmp".encode()) > _name_max(out.parent):  # the temporary file's name
+        raise OutputExistsError(f"{out}: cannot write there (file name too long); choose a shorter name")
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _umask() -> int:
@@ -70,13 +85,68 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """Write all of data to path or nothing: a full disk raises DiskFullError and leaves no file
     (path keeps its old content). A Ctrl-C that arrived earlier, even one swallowed on its way up,
     stops it before anything is written (interrupts.check)."""
+    write_all([(Path(path), data)])
+
+
+def write_all(files: Sequence[tuple[Path, bytes | str]]) -> None:
+    """Write every (path, data) or none: each goes to a temporary file beside it first, and only when
+    all are on the disk are they renamed over their paths, with Ctrl-C / SIGTERM held back for those
+    renames. A failed write (a full disk, a Ctrl-C) leaves every path as it was: a model, its samples
+    and its manifest replaced with --force were deleted after a later one failed, and the old
+    manifest was left describing a model that was gone."""
     check_interrupt()
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            temps.append((_temp_copy(Path(path), data.encode() if isinstance(data, str) else data), Path(path)))
+        with _signals_held():
+            _publish(temps)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _publish(temps: list[tuple[str, Path]]) -> None:
+    """Rename each temporary file over its path; if one rename fails (a directory in the way), the
+    paths renamed before it get their earlier files back (kept as hard links meanwhile)."""
+    replaced: list[tuple[Path, str | None]] = []  # (path, its earlier file's backup, or None: it was new)
+    try:
+        for tmp, path in temps:
+            backup = None
+            if path.is_file():
+                backup = f"{tmp}.old"
+                try:
+                    os.link(path, backup)
+                except OSError:  # a file system without hard links (FAT): no way back for this one
+                    backup = None
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                if backup:
+                    os.unlink(backup)
+                raise unwritable_error(e, path) from None
+            replaced.append((path, backup))
+    except BaseException:
+        for path, backup in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if backup:
+                    os.replace(backup, path)
+                else:
+                    path.unlink()
+        raise
+    finally:
+        for _, backup in replaced:
+            if backup and os.path.exists(backup):
+                os.unlink(backup)
+
+
+def _temp_copy(path: Path, raw: bytes) -> str:
+    """`raw` in a new temporary file beside `path`, on the disk (fsync); its name."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # no inode left is a full disk too
-        raise disk_full_error(e, path, len(raw)) or e from None
+        raise disk_full_error(e, path, len(raw)) or unwritable_error(e, path) from None
     try:
         # mkstemp makes 0600 files; outputs get the usual mode so device services can read them.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -84,14 +154,37 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        full = disk_full_error(e, path, len(raw))
-        if full:
-            raise full from None
+        if isinstance(e, OSError):
+            raise disk_full_error(e, path, len(raw)) or unwritable_error(e, path) from None
         raise
+    return tmp
+
+
+def unwritable_error(e: OSError, path: Path | str) -> OutputExistsError:
+    """The one-line error for an output that cannot be written where it was asked (a read-only file
+    system, no permission, a name too long): not a traceback."""
+    why = e.strerror or type(e).__name__
+    return OutputExistsError(f"{path}: cannot write there ({why.lower()}); choose another output path")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C / SIGTERM / SIGHUP wait until the block is done (the renames that publish a group of files)."""
+    import signal
+    import threading
+
+    held = {s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -151,6 +151,11 @@ def write_manifest(path: Path, manifest: dict) -> None:
     atomic_write_json(Path(path), check_manifest(manifest, str(path)))
 
 
+def manifest_text(path: Path, manifest: dict) -> str:
+    """The checked manifest as write_manifest writes it (for files.write_all with its model)."""
+    return json.dumps(check_manifest(manifest, str(path)), indent=2, sort_keys=False) + "\n"
+
+
 def read_manifest(path: Path | str) -> dict:
     """The manifest at `path`, checked against the schema; EdgeqError in one line otherwise."""
     path = Path(path)

@@ -179,6 +179,14 @@ def test_result_files_never_replace_inputs(tiny_dense, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output and (tmp_path / "r.json").read_text() == "keep"
     r = run("bench", model, "--runs", 1, "-o", tmp_path / "missing" / "r.json")
     assert r.exit_code == 1 and "does not exist" in r.output
+    # what bench and profile read beside the model by default: its manifest and kept samples
+    for beside in ("f.edgeq.json", "f.samples.npz"):
+        (tmp_path / beside).write_text("keep")
+        for args in (["bench", model, "--runs", 1, "-o"],
+                     ["profile", model, "--device", "host-x86_64", "--runs", 1, "--save-outputs"]):
+            r = run(*args, tmp_path / beside, "--force")
+            assert r.exit_code == 1 and f"refusing to overwrite the input {tmp_path / beside}" in r.output, r.output
+            assert (tmp_path / beside).read_text() == "keep"
 
 
 def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):

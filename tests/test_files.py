@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edgeq.errors import DiskFullError, EdgeqError, OutputExistsError
 from edgeq.files import (atomic_write, atomic_write_json, check_output, disk_full_error, human_bytes,
-                         sha256_bytes, sha256_file)
+                         sha256_bytes, sha256_file, write_all)
 from tests.sshd_fixture import fill_disk, small_tmpfs
 
 
@@ -74,6 +74,68 @@ def test_convert_onto_a_full_disk(tf, tmp_path):
         last = r.output.strip().splitlines()[-1]
         assert last.startswith(f"Error: {small / 'tiny.tflite'}: no space left on the disk") and "Traceback" not in r.output
         assert os.listdir(small) == [".filler"]
+
+
+def test_write_all_is_all_or_nothing_on_a_full_disk(tmp_path):
+    """A model, its samples and its manifest are written together: when the last one finds the disk
+    full, the first two keep their earlier content (convert --force deleted them, and left the earlier
+    manifest describing a model that was gone)."""
+    with small_tmpfs(tmp_path / "small", 64 << 10) as small:
+        old = {n: n.encode() * 10 for n in ("m.tflite", "m.samples.npz", "m.edgeq.json")}
+        for n, b in old.items():
+            (small / n).write_bytes(b)
+        with pytest.raises(DiskFullError, match=r"m\.edgeq\.json: no space left on the disk"):
+            write_all([(small / "m.tflite", os.urandom(8 << 10)), (small / "m.samples.npz", os.urandom(8 << 10)),
+                       (small / "m.edgeq.json", os.urandom(256 << 10))])
+        assert sorted(os.listdir(small)) == sorted(old) and all((small / n).read_bytes() == b for n, b in old.items())
+
+
+def test_write_all_puts_back_what_it_replaced_when_a_rename_fails(tmp_path):
+    """The renames come last; one that fails (a directory where the manifest goes) puts the files renamed
+    before it back as they were, and the error is one line."""
+    (tmp_path / "m.tflite").write_bytes(b"old model")
+    (tmp_path / "m.edgeq.json").mkdir()
+    with pytest.raises(OutputExistsError, match=r"m\.edgeq\.json: cannot write there \(is a directory\); choose "):
+        write_all([(tmp_path / "m.tflite", b"new model"), (tmp_path / "m.samples.npz", b"new samples"),
+                   (tmp_path / "m.edgeq.json", "{}")])
+    assert (tmp_path / "m.tflite").read_bytes() == b"old model"
+    assert sorted(os.listdir(tmp_path)) == ["m.edgeq.json", "m.tflite"]  # no samples, no temp files
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path):
+    """mkstemp's other errors (read-only, no permission, a name too long) were tracebacks."""
+    with small_tmpfs(tmp_path / "ro", 64 << 10, options="ro") as ro:
+        with pytest.raises(OutputExistsError, match=r"m\.tflite: cannot write there \(read-only file system\)"):
+            atomic_write(ro / "m.tflite", b"x")
+        # and convert, bench, report say so before any slow work
+        with pytest.raises(OutputExistsError, match=r"m\.tflite: cannot write there \(no write access to "):
+            check_output(ro / "m.tflite", [], force=False)
+    with pytest.raises(OutputExistsError, match=r"cannot write there \(file name too long\)"):
+        atomic_write(tmp_path / ("a" * 300 + ".tflite"), b"x")
+    with pytest.raises(OutputExistsError, match=r"cannot write there \(file name too long\); choose a shorter"):
+        check_output(tmp_path / ("a" * 240 + ".tflite"), [], force=False)
+
+
+def test_convert_force_onto_a_full_disk_keeps_the_earlier_files(tf, tmp_path):
+    """`edgeq convert --force` over an earlier conversion, the disk filling up part way through the three
+    writes: the earlier model, samples and manifest stay, byte for byte (the model and samples were
+    deleted and the earlier manifest left behind)."""
+    import numpy as np
+
+    from edgeq.cli import main
+    from tests.conftest import build_tiny, save_keras
+
+    model = save_keras(tf, build_tiny(tf, "conv"), tmp_path / "tiny.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(40, 8, 8, 3)).astype(np.float32))
+    args = ["convert", str(model), "--calib", str(tmp_path / "x.npy"), "--quiet", "--force", "-o"]
+    with small_tmpfs(tmp_path / "small", 256 << 10) as small:
+        assert CliRunner().invoke(main, [*args, str(small / "m.tflite")]).exit_code == 0
+        before = {p.name: p.read_bytes() for p in small.iterdir()}
+        assert sorted(before) == ["m.edgeq.json", "m.samples.npz", "m.tflite"]
+        fill_disk(small, leave=len(before["m.tflite"]) + len(before["m.samples.npz"]) + (4 << 10))
+        r = CliRunner().invoke(main, [*args, str(small / "m.tflite")])
+        assert r.exit_code == 1 and "no space left on the disk" in r.output and "Traceback" not in r.output, r.output
+        assert {p.name: p.read_bytes() for p in small.iterdir() if p.name != ".filler"} == before
 
 
 def test_other_write_errors_are_not_disk_full(tmp_path):

@@ -14,14 +14,13 @@ same tables but no images, so it pastes cleanly into a PR or issue; the charts l
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..errors import EdgeqError, OutputExistsError
-from ..files import atomic_write, check_output
+from ..files import check_output, write_all
 from .charts import latency_figure
 from .fields import fmt_ms, text
 from .inputs import Inputs, SpeedUp, collect_inputs, speedups
@@ -61,23 +60,6 @@ def _check_outputs(inputs: list[Path], out_html: Path, out_md: Path, force: bool
         check_output(o, inputs, force)
 
 
-def _write_both(first: tuple[Path, str], second: tuple[Path, str]) -> None:
-    """Each file atomically, and both or neither: if the second write fails (a full disk), the first
-    gets its earlier content back."""
-    path, content = first
-    before = path.read_bytes() if path.exists() else None
-    atomic_write(path, content)
-    try:
-        atomic_write(*second)
-    except BaseException:
-        with contextlib.suppress(OSError):  # the second write's error is the one to report
-            if before is None:
-                path.unlink(missing_ok=True)
-            else:
-                atomic_write(path, before)
-        raise
-
-
 def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None,
                  force: bool = False) -> ReportResult:
     """Write OUT.html (self-contained) and OUT.md (same stem) from manifests and run results.
@@ -98,8 +80,8 @@ def build_report(inputs: list[Path], out_html: Path, *, title: str | None = None
     sub = (f"Generated {now} by edgeq {__version__} from {len({p.resolve() for p in inputs})} input file(s): "
            f"{len(inp.manifests)} manifest(s), {len(inp.runs)} run(s), {len(inp.fleets)} fleet result(s).")
 
-    _write_both((out_md, to_markdown(title, sub, summary, sections)),
-                (out_html, to_html(title, sub, summary, sections)))
+    write_all([(out_md, to_markdown(title, sub, summary, sections)),
+               (out_html, to_html(title, sub, summary, sections))])
     return ReportResult(out_html, out_md, len(inp.manifests), sum(not r.failed for r in inp.runs),
                         sum(r.failed for r in inp.runs), len(inp.fleets),
                         sum(1 for s in sections for b in s.blocks if b[0] == "img"), tuple(sps))

@@ -5,14 +5,16 @@ from the training images, checked on held-out test images, and benchmarked float
 
 from __future__ import annotations
 
+import io
 import platform
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .calibration import CalibrationConfig
 from .convert import ConvertOptions, convert
-from .files import atomic_write
+from .files import atomic_write, disk_full_error, unwritable_error, write_all
 from .progress import SILENT, Progress
 from .precision import Scheme
 from .runners import BenchOptions
@@ -61,18 +63,30 @@ def _accuracy(model: bytes, x: np.ndarray, y: np.ndarray, name: str) -> float:
     return float((scores.argmax(axis=1) == y).mean())
 
 
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 def run_demo(out_dir: Path, runs: int = 200, progress: Progress = SILENT) -> dict:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_full_error(e, out_dir, None) or unwritable_error(e, out_dir) from None
     x_train, y_train, x_test, y_test = digits_data()
     keras_path = out_dir / "digits_cnn.keras"
     with progress.task("Training a small CNN on scikit-learn digits"):
         model = train_digits_cnn(x_train, y_train)
-        with quiet_native():
-            model.save(keras_path)
+        try:
+            with quiet_native(), tempfile.TemporaryDirectory(dir=out_dir, prefix=".digits.") as tmp:
+                model.save(Path(tmp) / keras_path.name)  # Keras writes in place: a full disk left half a file
+                keras_bytes = (Path(tmp) / keras_path.name).read_bytes()
+        except OSError as e:
+            raise disk_full_error(e, keras_path, None) or unwritable_error(e, keras_path) from None
     calib = out_dir / "digits_train.npy"
-    np.save(calib, x_train)
-    np.save(out_dir / "digits_test.npy", x_test)
+    write_all([(keras_path, keras_bytes), (calib, _npy(x_train)), (out_dir / "digits_test.npy", _npy(x_test))])
 
     out = out_dir / "digits_int8.tflite"
     res = convert(keras_path, ConvertOptions(out, Scheme.INT8, calib=CalibrationConfig(str(calib), seed=SEED),

@@ -25,7 +25,7 @@ def human_bytes(n: int | float) -> str:
     return f"{n:.1f} TB"
 
 
-def disk_full_error(e: BaseException, path: Path | str, needed: int) -> DiskFullError | None:
+def disk_full_error(e: BaseException, path: Path | str, needed: int | None) -> DiskFullError | None:
     """The one-line error for a write that failed on a full disk or quota, else None."""
     if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
@@ -36,7 +36,8 @@ def disk_full_error(e: BaseException, path: Path | str, needed: int) -> DiskFull
     except OSError:
         free = ""
     what = "no space left on the disk" if e.errno == errno.ENOSPC else "disk quota exceeded"
-    return DiskFullError(f"{path}: {what} ({human_bytes(needed)} to write{free} in {where}); "
+    size = f"{human_bytes(needed)} to write" if needed is not None else "writing"
+    return DiskFullError(f"{path}: {what} ({size}{free} in {where}); "
                          f"free some space there or write to another directory")
 
 

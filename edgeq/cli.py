@@ -25,6 +25,23 @@ class DeviceFailure(click.ClickException):
     exit_code = 3
 
 
+class Finite(click.FloatRange):
+    """A float in a range that is a number: click's FloatRange lets nan through (no comparison is
+    true of it), so `--max-drop nan` ran the whole job to "needs >= nan" and `--connect-timeout nan`
+    waited forever; inf wrote Infinity into the manifest's JSON."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+SECONDS = Finite(min=0, min_open=True)  # a timeout: above 0 (0 and -5 were accepted, then failed oddly)
+
+
 def library_call(fn):
     """Turn library errors into one-line click errors with the documented exit codes."""
 
@@ -124,7 +141,7 @@ def _shapes(ctx, param, values):
               help="Model input/output dtype [default: the device's, else float32].")
 @click.option("--calibration", "range_method", type=click.Choice(["minmax", "percentile", "mse"]),
               default="minmax", show_default=True, help="Activation range selection.")
-@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True, max_open=True), default=99.99,
+@click.option("--percentile", type=Finite(50, 100, min_open=True, max_open=True), default=99.99,
               show_default=True, help="Tail kept by --calibration percentile.")
 @click.option("--optimize", type=click.Choice(["none", "fast", "best"]),
               help="Accuracy methods, each kept if it helps on calibration samples: fast = measured ranges, "
@@ -135,14 +152,14 @@ def _shapes(ctx, param, values):
                    "--device's) whose file fits, its bytes left spent on the int4 layers whose 8-bit weights "
                    "buy the most fidelity per byte; else exit 1 with the smallest size reached. The accuracy "
                    "target's loop stays within it.")
-@click.option("--split-outliers", type=click.FloatRange(min=0),
+@click.option("--split-outliers", type=Finite(min=0),
               help="HF encoders: give Linear output channels above RATIO x the median their own Linear "
                    "[default: 8 for int8/int16x8, 0 = off].")
-@click.option("--smoothquant", type=click.FloatRange(0, 1), help="HF encoders: SmoothQuant alpha (default off).")
+@click.option("--smoothquant", type=Finite(0, 1), help="HF encoders: SmoothQuant alpha (default off).")
 @click.option("--device", help="Device profile id: plan precision per op and check the runtime.")
 @devices_dir_option
 @click.option("--allow-incompatible", is_flag=True, help="Write even if the device runtime cannot run it.")
-@click.option("--max-drop", type=click.FloatRange(min=0),
+@click.option("--max-drop", type=Finite(min=0),
               help="Accuracy budget: max drop of --metric on every output (replaces the default fidelity floor).")
 @click.option("--metric", type=click.Choice(["cosine", "top1", "rel_l2"]), default="cosine", show_default=True,
               help="What --max-drop bounds; top1: argmax agreement of every (batch, classes) output, or of the "
@@ -178,14 +195,19 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
     from .optimize import OptimizeLevel
 
-    def floats(s):
+    def floats(s, option):
+        import math
+
         try:
-            return tuple(float(v) for v in s.split(",")) if s else None
+            values = tuple(float(v) for v in s.split(",")) if s else None
         except ValueError:
-            raise click.BadParameter(f"{s!r} is not a comma-separated list of numbers") from None
+            raise click.BadParameter(f"{s!r} is not a comma-separated list of numbers", param_hint=option) from None
+        if values and not all(math.isfinite(v) for v in values):  # --std inf made every sample all zeros
+            raise click.BadParameter(f"{s!r}: every value must be a finite number", param_hint=option)
+        return values
 
     cal = CalibrationConfig(calib, calib_samples, eval_samples, seed, Preprocess(preprocess) if preprocess else None,
-                            floats(mean), floats(std), tokenizer, seq_len,
+                            floats(mean, "--mean"), floats(std, "--std"), tokenizer, seq_len,
                             Layout(layout) if layout else None) if calib else None
     opts = ConvertOptions(output, Scheme(scheme) if scheme else None, IoType(io_type) if io_type else None, cal,
                           device, devices_dir, strict, force, allow_incompatible,
@@ -319,8 +341,8 @@ ssh_options = [
     click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key (default: agent, ~/.ssh)."),
     click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file (default ~/.ssh/known_hosts)."),
     click.option("--trust-new-host", is_flag=True, help="Accept and record an unknown host key."),
-    click.option("--connect-timeout", type=float, default=10.0, show_default=True),
-    click.option("--timeout", "run_timeout", type=float, default=600.0, show_default=True, help="Run timeout (s)."),
+    click.option("--connect-timeout", type=SECONDS, default=10.0, show_default=True),
+    click.option("--timeout", "run_timeout", type=SECONDS, default=600.0, show_default=True, help="Run timeout (s)."),
 ]
 
 

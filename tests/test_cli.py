@@ -208,6 +208,13 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
          "--optimize best cannot run: --calibration percentile fixes the activation ranges"),
         (["--optimize", "fast", "--calib", "random"], "--optimize fast cannot run: no real calibration data"),
         (["--max-size", "12XB"], "--max-size '12XB': expected a size such as 12MB"),
+        # nan passed click's ranges (no comparison is true of it): --max-drop nan ran the whole job to
+        # "needs >= nan", inf wrote Infinity into the JSON, --std inf calibrated on all-zero images
+        (["--max-drop", "nan", "--calib", tmp_path / "x.npy"], "'--max-drop': 'nan' is not a finite number"),
+        (["--max-drop", "inf", "--calib", tmp_path / "x.npy"], "'--max-drop': 'inf' is not a finite number"),
+        (["--percentile", "nan"], "'--percentile': 'nan' is not a finite number"),
+        (["--calib", "random", "--std", "1,inf,1"], "--std: '1,inf,1': every value must be a finite number"),
+        (["--calib", "random", "--mean", "nan"], "--mean: 'nan': every value must be a finite number"),
     ]
     for args, reason in cases:
         r = run("convert", tiny_dense, "-o", out, *args)
@@ -218,6 +225,12 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
     assert r.exit_code == 1 and "needs calibration data" in r.output
     r = run("report", tmp_path / "x.npy")
     assert r.exit_code == 2 and "--output" in r.output
+    # timeouts are seconds above 0: nan waited forever on a stalled host, 0 and -5 failed oddly
+    for value, reason in (("nan", "'nan' is not a finite number"), ("0", "0.0 is not in the range x>0"),
+                          ("-5", "-5.0 is not in the range x>0")):
+        for opt in ("--connect-timeout", "--timeout"):
+            r = run("profile", out, "--device", "rpi4", "--host", "pi@127.0.0.1", opt, value)
+            assert r.exit_code == 2 and f"'{opt}': {reason}" in r.output, (opt, value, r.output)
 
 
 def test_plan_without_a_device_says_so(tiny_dense, tmp_path, capsys):

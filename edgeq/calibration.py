@@ -10,6 +10,7 @@ sample.
 from __future__ import annotations
 
 import enum
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,8 +349,25 @@ def _norm(cfg: CalibrationConfig, channels: int) -> tuple[np.ndarray, np.ndarray
 def _open_npy(path: Path):
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:  # click reports a stray EOFError as its Ctrl-D "Aborted!", naming nothing
+        raise CalibrationError(f"{path}: empty or truncated .npy; save it with numpy.save") from None
     except (ValueError, OSError) as e:
         raise CalibrationError(f"{path}: cannot read .npy ({e}); save it with numpy.save") from None
+
+
+# What numpy raises on a damaged .npz: a truncated or bit-rotted zip, an empty file, object arrays.
+_NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+
+
+def _npz_member(path: Path, z, key: str) -> np.ndarray:
+    try:
+        a = z[key]
+    except _NPZ_ERRORS as e:
+        why = "holds Python objects; save numeric arrays" if "allow_pickle" in str(e) else f"{e}"
+        raise CalibrationError(f"{path}: cannot read its array {key!r} ({why}); save it with numpy.savez") from None
+    if not isinstance(a, np.ndarray):  # a member that is not an .npy comes back as bytes
+        raise CalibrationError(f"{path}: its member {key!r} is not a numpy array; save the data with numpy.savez")
+    return a
 
 
 def _npy(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
@@ -363,17 +381,21 @@ def _npy(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
 def _npz(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
     try:
         z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except EOFError:
+        raise CalibrationError(f"{path}: empty file; save the data with numpy.savez") from None
+    except _NPZ_ERRORS as e:
         raise CalibrationError(f"{path}: cannot read .npz ({e}); save it with numpy.savez") from None
+    if not hasattr(z, "files"):  # an .npy under an .npz name
+        raise CalibrationError(f"{path}: an .npy, not an .npz; name it .npy, or save arrays with numpy.savez")
     keys = list(z.files)
     if len(specs) == 1 and len(keys) == 1:
-        arrays = {specs[0].name: z[keys[0]]}
+        arrays = {specs[0].name: _npz_member(path, z, keys[0])}
     else:
         missing = [s.name for s in specs if s.name not in keys]
         if missing:
             raise CalibrationError(f"{path}: no array for input(s) {', '.join(missing)}; "
                                    f"the .npz has {', '.join(keys) or 'nothing'} — key arrays by input name")
-        arrays = {s.name: z[s.name] for s in specs}
+        arrays = {s.name: _npz_member(path, z, s.name) for s in specs}
     return _arrays(path, "npz", arrays, cfg, specs)
 
 

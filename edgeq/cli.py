@@ -66,6 +66,9 @@ def library_call(fn):
             raise cls(str(e)) from None
         except KeyboardInterrupt:
             raise click.ClickException(reason()) from None
+        except EOFError as e:  # click reports it as its Ctrl-D "Aborted!", which names nothing
+            raise click.ClickException(f"a file ended before its end ({e or 'EOFError'}); check the input files "
+                                       "are complete") from None
 
     return wrapper
 

@@ -178,6 +178,46 @@ def test_npz_keyed_by_input_name(tmp_path):
         load_calibration(CalibrationConfig(str(tmp_path / "bad.npz")), specs)
 
 
+def _damaged(tmp_path, kind: str):
+    import zipfile
+
+    x = np.random.default_rng(1).uniform(0, 1, (20, 8)).astype(np.float32)
+    np.savez_compressed(tmp_path / "good.npz", x=x)
+    good = (tmp_path / "good.npz").read_bytes()
+    path = tmp_path / f"{kind}.{'npy' if kind == 'empty-npy' else 'npz'}"
+    if kind == "truncated":  # an interrupted copy
+        path.write_bytes(good[:len(good) // 2])
+    elif kind == "bitrot":  # a member whose CRC no longer matches
+        b = bytearray(good)
+        for i in range(len(b) // 2, len(b) // 2 + 200):
+            b[i] ^= 0xFF
+        path.write_bytes(bytes(b))
+    elif kind == "objects":
+        np.savez(path, x=np.array([1, "a"], dtype=object))
+    elif kind == "not-npy":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", b"hello")
+    else:  # 0 bytes: numpy's EOFError read as click's Ctrl-D, "Aborted!" and nothing named
+        path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", r"truncated\.npz: cannot read \.npz \(File is not a zip file\); save it with numpy\.savez"),
+    ("bitrot", r"bitrot\.npz: cannot read its array 'x' \(Bad CRC-32 for file 'x\.npy'\)"),
+    ("objects", r"objects\.npz: cannot read its array 'x' \(holds Python objects; save numeric arrays\)"),
+    ("not-npy", r"not-npy\.npz: cannot read its array 'x' \(.*\)|its member 'x' is not a numpy array"),
+    ("empty-npz", r"empty-npz\.npz: empty file; save the data with numpy\.savez"),
+    ("empty-npy", r"empty-npy\.npy: empty or truncated \.npy; save it with numpy\.save"),
+])
+def test_damaged_array_files_are_named(tmp_path, kind, message):
+    """Damaged .npz files were tracebacks (BadZipFile, ValueError, AttributeError), an empty .npy or
+    .npz "Aborted!": each is one line naming the file and what to do."""
+    with pytest.raises(CalibrationError, match=message):
+        data = load_calibration(CalibrationConfig(str(_damaged(tmp_path, kind)), 8, 2), VEC)
+        list(data.calibration())
+
+
 def test_shape_mismatch_names_sample(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((5, 7), np.float32))
     data = load_calibration(CalibrationConfig(str(tmp_path / "a.npy"), 4, 1), VEC)

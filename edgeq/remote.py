@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -76,9 +77,16 @@ def _host_key_name(target: SshTarget) -> str:
     return target.host if target.port == 22 else f"[{target.host}]:{target.port}"
 
 
+_SILENT = logging.NullHandler()  # added once: addHandler skips a handler already there
+
+
 def connect(target: SshTarget):
     """An authenticated paramiko SSHClient, or a DeviceError saying what to fix."""
     import paramiko
+
+    # paramiko's transport thread logs a dropped handshake ("Error reading SSH protocol banner") with
+    # its traceback; with no handler configured Python prints it above edgeq's own one-line error.
+    logging.getLogger("paramiko").addHandler(_SILENT)
 
     kh_path = target.known_hosts_path()
     client = paramiko.SSHClient()

@@ -404,3 +404,36 @@ def test_identity_problems_are_actionable(sshd, tiny_int8_model, tmp_path, case)
         run_ssh(tiny_int8_model, target, sshd.device_python)
     want = "identity file not found" if case == "missing" else "passphrase-protected; load it into ssh-agent"
     assert want in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_a_dropped_handshake_is_one_line(tiny_int8_model, tmp_path):
+    """A port that closes the connection before the SSH banner (sshd's MaxStartups throttling,
+    fail2ban, another service): paramiko's transport thread logged its traceback above edgeq's
+    one-line error. The peer here is a real socket on loopback that accepts and closes."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+
+    def drop():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    try:
+        p = subprocess.run([sys.executable, "-m", "edgeq.cli", "profile", str(tiny_int8_model), "--device", "rpi4",
+                            "--host", f"pi@127.0.0.1:{port}", "--connect-timeout", "5", "--known-hosts",
+                            str(tmp_path / "kh")], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, EDGEQ_PROGRESS="off"))
+    finally:
+        srv.close()
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr and "Exception (client)" not in p.stderr, p.stderr
+    assert p.stderr.strip().startswith(f"Error: cannot connect to pi@127.0.0.1:{port}: "), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

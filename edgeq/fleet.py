@@ -96,8 +96,9 @@ def load_inventory(path, **cli) -> Inventory:
             raise EdgeqError(f"inventory {p}: device {name!r} has no profile; add profile = \"rpi4\" "
                              f"(or set it under [defaults])")
         kw = {k: v for k, v in merged.items() if k in _TARGET_KEYS or k == "trust_new_host"}
+        _check_types(p, name, merged)
         port = kw.get("port", 22)
-        if not isinstance(port, int) or not 0 < port < 65536:
+        if not 0 < port < 65536:
             raise EdgeqError(f"inventory {p}: device {name!r} has port {port!r}; use 1-65535")
         try:
             target = SshTarget(**kw)
@@ -105,6 +106,28 @@ def load_inventory(path, **cli) -> Inventory:
             raise EdgeqError(f"inventory {p}: device {name!r}: {e}") from None
         out.append(FleetDevice(name, target, merged["profile"]))
     return Inventory(str(p), tuple(out))
+
+
+# What each inventory value must be, and an example for the message (a TOML 5 or ["rpi4"] was a traceback).
+_TYPES = {"host": (str, '"pi@10.0.0.5"'), "user": (str, '"pi"'), "identity": (str, '"~/.ssh/id_ed25519"'),
+          "known_hosts": (str, '"~/.ssh/known_hosts"'), "profile": (str, '"rpi4"'), "port": (int, "22"),
+          "connect_timeout": (float, "10"), "run_timeout": (float, "600"), "trust_new_host": (bool, "true")}
+
+
+def _check_types(path: Path, name: str, values: dict) -> None:
+    import math
+
+    for key, v in values.items():
+        want, example = _TYPES[key]
+        if want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            what = "a number of seconds above 0"
+        else:
+            ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))  # true is no port
+            what = {str: "a string", int: "a whole number", bool: "true or false"}[want]
+        if not ok:
+            raise EdgeqError(f"inventory {path}: device {name!r}: {key} must be {what} such as {key} = {example}, "
+                             f"got {v!r}")
 
 
 @dataclass(frozen=True)

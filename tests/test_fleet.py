@@ -66,6 +66,13 @@ profile = "rpi5"
     ("[devices.a]\nhost='x'\nprofile='rpi4'\nport=70000\n", "port 70000; use 1-65535"),
     ("[devices.a\nhost='x'\n", "not valid TOML"),
     ("[defaults]\nuser='pi'\n", "lists no devices"),
+    # wrong types were tracebacks (host = 5, profile = ["rpi4"]) or odd errors (port = true: "port True")
+    ("[devices.a]\nhost=5\nprofile='rpi4'\n", r"device 'a': host must be a string such as host = \"pi@10\.0\.0\.5\", got 5"),
+    ("[devices.a]\nhost='x'\nprofile=['rpi4']\n", r"profile must be a string such as profile = \"rpi4\", got \['rpi4'\]"),
+    ("[devices.a]\nhost='x'\nprofile='rpi4'\nport=true\n", "port must be a whole number such as port = 22, got True"),
+    ("[defaults]\nconnect_timeout='5'\n[devices.a]\nhost='x'\nprofile='rpi4'\n",
+     "connect_timeout must be a number of seconds above 0 such as connect_timeout = 10, got '5'"),
+    ("[devices.a]\nhost='x'\nprofile='rpi4'\nrun_timeout=-1\n", "run_timeout must be a number of seconds above 0"),
 ])
 def test_load_inventory_errors(tmp_path, text, msg):
     (tmp_path / "f.toml").write_text(text)

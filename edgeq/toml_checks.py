@@ -30,6 +30,9 @@ def read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{display(path)}: invalid TOML ({e}); fix the syntax") from None
+    except UnicodeDecodeError as e:  # Latin-1 "Büro", or UTF-16 from Notepad: TOML is UTF-8
+        raise ProfileError(f"{display(path)}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                           "save the file as UTF-8") from None
     except OSError as e:
         raise ProfileError(f"{display(path)}: cannot read ({e.strerror}); check permissions") from None
 

@@ -349,3 +349,17 @@ def test_runtime_int4_table_is_validated(tmp_path, int4, expected):
         table + '[int4]\nsource = "m"\n[int4.ops]\nCONV_2D = { runs = ["int4x8"], note = "n" }\n')
     p = load_profile("new-rt", devices_dir=tmp_path)
     assert p.int4_ops["CONV_2D"].runs == {Precision.INT4X8} and p.int4_source.endswith(": m")
+
+
+@pytest.mark.parametrize("encoding,byte", [("latin-1", "0xfc"), ("utf-16", "0xff")])
+def test_a_profile_not_in_utf8_is_named(tmp_path, monkeypatch, encoding, byte):
+    """A profile saved as Latin-1 ("Büro") or as UTF-16 (Notepad) was a UnicodeDecodeError traceback, in
+    `devices list` too."""
+    monkeypatch.chdir(tmp_path)
+    text = BASE.format(id="board").replace('name = ', 'name = "Pi im Büro" #', 1)
+    (tmp_path / "board.toml").write_bytes(text.encode(encoding))
+    for call in (lambda: load_profile("board", devices_dir=tmp_path), lambda: list_profiles(tmp_path)):
+        with pytest.raises(ProfileError) as e:
+            call()
+        assert str(e.value).startswith(f"board.toml: not UTF-8 text (byte {byte} at offset "), str(e.value)
+        assert str(e.value).endswith("save the file as UTF-8")

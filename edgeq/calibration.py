@@ -304,6 +304,9 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
                 if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # a 16-bit PNG: convert() clips 0..65535 at 255
                     im = Image.fromarray(np.rint(np.asarray(im, np.float64).clip(0, 65535) / 257).astype(np.uint8))
                 x = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR))
+        except Image.DecompressionBombError:  # Pillow's guard against a header claiming gigapixels
+            raise CalibrationError(f"{f}: image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+                                   "resize it or remove it from the folder") from None
         except (UnidentifiedImageError, OSError) as e:
             raise CalibrationError(f"{f}: cannot decode image ({e}); remove or replace it") from None
         if (len(cache) + 1) * x.nbytes <= PIXEL_CACHE_BYTES:

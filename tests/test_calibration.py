@@ -265,6 +265,23 @@ def test_corrupt_image_named(tmp_path):
         list(data.calibration())
 
 
+def test_an_image_too_large_to_decode_is_named(tmp_path):
+    """A PNG whose header claims 30000x30000 (or a giant panorama): Pillow's DecompressionBombError
+    was a traceback."""
+    import struct
+    import zlib
+
+    d = _images(tmp_path, 3)
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    (d / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    data = load_calibration(CalibrationConfig(str(d), 4, 0), IMG)
+    with pytest.raises(CalibrationError, match=r"huge\.png: image too large to decode \(over [\d,]+ pixels\); "
+                                               r"resize it or remove it from the folder"):
+        list(data.calibration())
+
+
 def test_hidden_files_and_folders_are_not_photos(tmp_path):
     """macOS's AppleDouble "._x.jpg" (copying from a Mac leaves one beside each photo, and it is not
     an image) stopped a conversion with "cannot decode"; Jupyter's .ipynb_checkpoints holds copies."""

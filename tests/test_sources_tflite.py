@@ -186,3 +186,32 @@ def test_signatures_other_than_serving_default(tf, tmp_path):
     assert np.corrcoef(signature_runner(written)(image=x)["scores"].ravel(), ref.ravel())[0, 1] > 0.99
     with pytest.raises(ModelFormatError, match=r"2 signatures \(features, predict\), each its own subgraph"):
         load_tflite(two)
+
+
+@pytest.mark.parametrize("where", ["node inputs", "node outputs", "outputs"])
+def test_a_damaged_graph_is_one_line(tf, tmp_path, where):
+    """A .tflite damaged in a way the flatbuffer check lets through (a tensor index past the end, as a
+    few flipped bytes make): the interpreter's RuntimeError, or a KeyError in a rewrite, was a traceback."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+    from tests.conftest import build_tiny
+
+    m = te.load(tf.lite.TFLiteConverter.from_keras_model(build_tiny(tf, "conv")).convert())
+    sg = m.subgraphs[0]
+    bad = len(sg.tensors) + 20
+    if where == "node inputs":
+        sg.operators[0].inputs = [bad, *list(sg.operators[0].inputs)[1:]]
+    elif where == "node outputs":
+        sg.operators[0].outputs = [bad]
+    else:
+        sg.outputs = [bad]
+    (tmp_path / "m.tflite").write_bytes(te.pack(m))
+    np.save(tmp_path / "x.npy", np.zeros((20, 8, 8, 3), np.float32))
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "m.tflite"), "-o", str(tmp_path / "q.tflite"),
+                                  "--calib", str(tmp_path / "x.npy"), "--quiet"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip() == (f"Error: {tmp_path / 'm.tflite'}: the model is inconsistent (RuntimeError: Invalid "
+                                f"tensor index {bad} in {where}. The subgraph has {len(sg.tensors)} tensors); the "
+                                "file may be damaged: copy or export it again"), r.output
+    assert not (tmp_path / "q.tflite").exists()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, first_line
 from ..files import sha256_file
 from ..signature import default_signature, ensure_signature, signature_specs
 from ..tflite_model import ModelInfo, read_model
@@ -29,6 +29,19 @@ def load_tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:
     data = path.read_bytes()
     info = read_model(data, name=str(path))
     check_supported(info, str(path), str(getattr(scheme, "value", scheme)), data)
+    try:
+        return _load(path, data, info)
+    except _INTERNAL as e:  # a damaged file that passed the flatbuffer check breaks a rewrite or the interpreter
+        raise ModelFormatError(f"{path}: the model is inconsistent ({type(e).__name__}: {first_line(e)}); the file "
+                               "may be damaged: copy or export it again") from None
+
+
+# What the rewrites and the interpreter raise on a graph that does not hold together (a tensor index past
+# the end: KeyError in prune; a RESHAPE of 368784 elements to 144: the interpreter's RuntimeError).
+_INTERNAL = (KeyError, IndexError, ValueError, RuntimeError, TypeError, AttributeError)
+
+
+def _load(path: Path, data: bytes, info) -> SourceModel:
     data, report = rewrite_float_model(data)
     notes = list(report.notes())
     custom = sorted({op.name[len("CUSTOM:"):] for op in info.ops if op.is_custom})

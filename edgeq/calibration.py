@@ -63,11 +63,16 @@ class CalibrationConfig:
     eval_samples: int = DEFAULT_EVAL_SAMPLES
     seed: int = 0
     preprocess: Preprocess | None = None  # images only; None = unit [0, 1]
-    mean: tuple[float, ...] | None = None  # explicit mean/std on 0..255 pixels override `preprocess`
+    mean: tuple[float, ...] | None = None  # explicit mean/std on 0..255 pixels, instead of `preprocess`
     std: tuple[float, ...] | None = None
     tokenizer: str | None = None
     seq_len: int = 128
     layout: Layout | None = None  # images only; None = from the input shape (refused when ambiguous)
+
+    def __post_init__(self):
+        if self.preprocess is not None and (self.mean is not None or self.std is not None):  # the mean won, silently
+            raise CalibrationError(f"--mean/--std replace --preprocess {Preprocess(self.preprocess).value}'s "
+                                   "normalisation; give one or the other")
 
 
 @dataclass
@@ -218,6 +223,8 @@ def load_calibration(cfg: CalibrationConfig, specs: Sequence[InputSpec],
     if not path.exists():
         raise CalibrationError(f"{path}: calibration data not found; pass a directory of images, "
                                ".npy/.npz, a .txt file (with --tokenizer), or 'random'")
+    if cfg.tokenizer and (path.is_dir() or path.suffix.lower() not in (".txt", ".text")):
+        raise CalibrationError(f"--tokenizer tokenizes .txt calibration data; {path.name} is not text: drop it")
     if path.is_dir():
         return _images(path, cfg, specs)
     suffix = path.suffix.lower()

@@ -198,6 +198,11 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
     from .optimize import OptimizeLevel
 
+    given = click.get_current_context().get_parameter_source("percentile") is click.core.ParameterSource.COMMANDLINE
+    if given and range_method != "percentile":  # it was ignored
+        raise click.UsageError(f"--percentile sets the tail --calibration percentile keeps; --calibration "
+                               f"{range_method} has none: drop --percentile or use --calibration percentile")
+
     def floats(s, option):
         import math
 

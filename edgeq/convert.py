@@ -425,6 +425,9 @@ DEFAULT_GROUP_OUTLIERS = 2.0
 
 
 def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
+    if fmt != "hf" and (opts.smoothquant is not None or opts.split_outliers):  # they were ignored
+        raise ModelFormatError("--smoothquant/--split-outliers rewrite Hugging Face encoders; drop them for a "
+                               f"{fmt} model")
     if fmt == "tflite":  # control flow is refused up front only for static-int8 schemes
         return {"scheme": scheme.value}
     if fmt == "keras":
@@ -433,6 +436,8 @@ def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only
         return {"input_shapes": opts.input_shapes}
     if fmt != "hf":
         return {}
+    if opts.calib and opts.calib.tokenizer:  # ignored before: the directory's own tokenizer is the model's
+        raise CalibrationError("a Hugging Face model tokenizes with its own tokenizer; drop --tokenizer")
     split = opts.split_outliers
     if split is None:
         split = DEFAULT_SPLIT_OUTLIERS if scheme.needs_calibration else 0

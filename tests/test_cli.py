@@ -215,6 +215,7 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
         (["--percentile", "nan"], "'--percentile': 'nan' is not a finite number"),
         (["--calib", "random", "--std", "1,inf,1"], "--std: '1,inf,1': every value must be a finite number"),
         (["--calib", "random", "--mean", "nan"], "--mean: 'nan': every value must be a finite number"),
+        (["--calibration", "mse", "--percentile", "90"], "--calibration mse has none: drop --percentile"),
     ]
     for args, reason in cases:
         r = run("convert", tiny_dense, "-o", out, *args)
@@ -225,6 +226,23 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
     assert r.exit_code == 1 and "needs calibration data" in r.output
     r = run("report", tmp_path / "x.npy")
     assert r.exit_code == 2 and "--output" in r.output
+    # options that did nothing for this model or data were ignored silently: now refused (exit 1)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(imgs / "a.png")
+    (tmp_path / "t.txt").write_text("a sentence\n")
+    for args, reason in (
+            (["--calib", imgs, "--preprocess", "imagenet", "--mean", "127.5"],
+             "--mean/--std replace --preprocess imagenet's normalisation; give one or the other"),
+            (["--calib", tmp_path / "x.npy", "--tokenizer", imgs], "--tokenizer tokenizes .txt calibration "
+                                                                       "data; x.npy is not text: drop it"),
+            (["--calib", tmp_path / "x.npy", "--smoothquant", "0.5"],
+             "--smoothquant/--split-outliers rewrite Hugging Face encoders; drop them for a keras model"),
+            (["--calib", tmp_path / "x.npy", "--split-outliers", "4"], "drop them for a keras model")):
+        r = run("convert", tiny_dense, "-o", out, *args)
+        assert r.exit_code == 1 and reason in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not out.exists()
     # timeouts are seconds above 0: nan waited forever on a stalled host, 0 and -5 failed oddly
     for value, reason in (("nan", "'nan' is not a finite number"), ("0", "0.0 is not in the range x>0"),
                           ("-5", "-5.0 is not in the range x>0")):

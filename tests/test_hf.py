@@ -401,3 +401,15 @@ def test_tensorflow_only_weights_are_named(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     with pytest.raises(ModelFormatError, match=r"holds tf_model.h5 but no PyTorch weights .* from_tf=True"):
         load_hf(tmp_path, HfOptions())
+
+
+def test_tokenizer_option_on_a_hf_directory_is_refused(tmp_path):
+    """--tokenizer DIR was accepted and ignored for a Hugging Face directory (its own tokenizer is used)."""
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+
+    (tmp_path / "s.txt").write_text("\n".join(TEXTS) + "\n")
+    with pytest.raises(CalibrationError, match="tokenizes with its own tokenizer; drop --tokenizer"):
+        convert(MINILM, ConvertOptions(tmp_path / "m.tflite", calib=CalibrationConfig(
+            str(tmp_path / "s.txt"), tokenizer=str(MINILM))))
+    assert not (tmp_path / "m.tflite").exists()

@@ -174,7 +174,10 @@ def test_pin_tflite_writes_litert_shapes_and_keeps_the_outputs(tf, dyn):
 
 
 def test_shape_helpers():
-    assert parse_shape("1x224x224x3") == (1, 224, 224, 3)
+    assert parse_shape("1x224x224x3") == (1, 224, 224, 3) == parse_shape(" 1, 224 ,224,3 ")
+    for bad in ("1,x,8,8,3", "1,,8,8,3", "1x8,8", "1,8,", "x"):  # the first two were read as 1,8,8,3
+        with pytest.raises(ValueError, match="is not a shape; give positive sizes like 1,3,224,224"):
+            parse_shape(bad)
     assert suggestion((-1, -1, -1, 3)) == "1,224,224,3" and suggestion((None, 3, None, None)) == "1,3,224,224"
     assert suggestion((-1, -1, 8)) == "1,128,8"
     assert check_given([("a", (None, None, 8))], [(1, 10, 8)], "m") == [

@@ -8,7 +8,6 @@ image size); these helpers check the shapes a user (or the calibration data) giv
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,8 @@ Shape = tuple  # dimensions, None where the source leaves one dynamic
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' (or 1x3x224x224) -> (1, 3, 224, 224); ValueError naming the expected form."""
-    parts = [p.strip() for p in re.split(r"[,x]", text.strip()) if p.strip()]
+    # one separator, every field a size: '1,x,8,8,3' and '1,,8,8,3' were read as 1,8,8,3
+    parts = [p.strip() for p in text.strip().split("," if "," in text else "x")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"{text!r} is not a shape; give positive sizes like 1,3,224,224")
     return tuple(int(p) for p in parts)

@@ -88,6 +88,12 @@ def test_device_failure_exit_3(tiny_dense, tmp_path):
     (tmp_path / "f.tflite").write_bytes(load_source(tiny_dense).float_tflite)
     r = run("bench", tmp_path / "f.tflite", "--runs", 1, "--delegate", tmp_path / "missing.so")
     assert r.exit_code == 3 and "cannot load delegate" in r.output
+    # a phone's delegate name on this host is the user's mistake, not a device failure (it read exit 3)
+    r = run("bench", tmp_path / "f.tflite", "--runs", 1, "--delegate", "gpu")
+    assert r.exit_code == 1 and "delegate 'gpu' is neither xnnpack, none nor a delegate library path" in r.output
+    np.save(tmp_path / "in.npy", np.zeros((1, 8), np.float32))
+    r = run("bench", tmp_path / "f.tflite", "--runs", 1, "--inputs", tmp_path / "in.npy")
+    assert r.exit_code == 1 and "is one array (.npy); pass an .npz with one array per input" in r.output
 
 
 def test_devices_commands_json(tiny_dense, tmp_path):

@@ -200,6 +200,9 @@ def load_inputs(path, details, np):
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/BadZipFile for bad files
         _fail("usage", "cannot read inputs %s: %s" % (path, e), 2)
+    if not hasattr(data, "files"):  # an .npy: `name in data` would search its values
+        _fail("usage", "inputs %s is one array (.npy); pass an .npz with one array per input "
+              "(numpy.savez(path, **{input_name: array}))" % path, 2)
     out = []
     for i, d in enumerate(details):
         key = d["name"] if d["name"] in data else "arr_%d" % i
@@ -284,6 +287,9 @@ def main(argv=None):
             _fail("usage", "this runtime cannot disable the default XNNPACK delegate", 2)
         kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     elif delegate not in ("xnnpack", "cpu"):
+        if "/" not in delegate and ".so" not in delegate and "." not in delegate:  # "gpu", "nnapi": a name
+            _fail("usage", "delegate %r is neither xnnpack, none nor a delegate library path (.so); "
+                  "gpu and nnapi are for phones (edgeq profile --device an Android profile)" % delegate, 2)
         if load_delegate is None:
             _fail("usage", "this runtime cannot load external delegates", 2)
         try:

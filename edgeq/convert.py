@@ -21,7 +21,7 @@ from .budget import ANALYSIS_SAMPLES, MAX_PROBES, BudgetContext, run_budget
 from .calibration import CalibrationConfig, CalibrationData, calibration_texts, load_calibration
 from .convert_policy import choose_target, conversion_plan, data_warnings, int4_notes, keep_refit, refit_data
 from .errors import CalibrationError, EdgeqError, IncompatibleModelError, ModelFormatError, QuantizationError
-from .fidelity import check_finite, fidelity, run_model
+from .fidelity import check_finite, fed_back, fidelity, run_model
 from .files import check_output, write_all
 from .float_joins import note as joins_note, written as float_joins_written
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards, note as hazard_note
@@ -348,7 +348,8 @@ def _enforce_and_verify(qbytes, float_model, profile, eval_samples, data, refere
         run = check_runs(qbytes, samples, options, reference if eval_samples else None)
     warnings.extend(run.warnings())
     if enforced.changed and eval_samples:  # the parameters moved: judge what is written
-        fid = compare(reference, run.outputs, class_outputs, join_parts(float_model), len(eval_samples))
+        fid = compare(reference, run.outputs, class_outputs, join_parts(float_model), len(eval_samples),
+                      fed_back(float_model))
     return qbytes, run, fid
 
 
@@ -374,7 +375,7 @@ def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_sa
     if list(src) != list(reference) or any(
             np.asarray(a).size != np.asarray(b).size for a, b in zip(src.values(), reference.values())):
         return None
-    fid = compare(src, reference, class_outputs, samples=len(eval_samples))
+    fid = compare(src, reference, class_outputs, samples=len(eval_samples), not_class=fed_back(source.float_tflite))
     # The floor the int8 model would be held to (a --max-drop budget is the user's own target: the
     # budget loop and its refusal judge that one against the float .tflite).
     floor = choose_target(opts, fid, data)[0] if opts.budget is None else None

@@ -273,19 +273,21 @@ def dequantize_output(y: np.ndarray, d: dict) -> np.ndarray:
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            class_outputs: Collection[str] = (), parts: dict | None = None, samples: int | None = None) -> Fidelity:
+            class_outputs: Collection[str] = (), parts: dict | None = None, samples: int | None = None,
+            not_class: Collection[str] = ()) -> Fidelity:
     """Per output: cosine, relative L2, max abs error, and top-1 agreement for (maybe) class scores.
 
     `class_outputs`: reference output names the user says are class scores (any per-sample vector).
     `parts`: {output name: ((axis, ((start, stop), ...)), ...)} of outputs joined from parts (join_parts).
     `samples`: how many samples the outputs come from, when that is not their rows (outputs without
-    a batch axis are stacked on their first one: a Khmer CRNN's 20 lines gave 2540 time steps)."""
+    a batch axis are stacked on their first one: a Khmer CRNN's 20 lines gave 2540 time steps).
+    `not_class`: outputs that are never class scores whatever their values (fed_back)."""
     outs = []
     n = 0
     # Output names can differ between converters (keras float vs int8); pair them by order.
     for (name, ref), cand in zip(reference.items(), candidate.values()):
         split = _parts(ref, cand, (parts or {}).get(name, ()))
-        kind = output_kind(name, ref, name in class_outputs)
+        kind = output_kind(name, ref, name in class_outputs, name in not_class)
         ref, cand = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
         n = ref.shape[0]
         # Ties go to the first index, as the deployed model's argmax resolves them (an int8 softmax
@@ -527,10 +529,14 @@ def looks_like_class_scores(name: str, ref: np.ndarray) -> bool:
     return rows.shape[1] <= MAX_CLASSES and not any(w in name.lower() for w in NOT_CLASS_WORDS)
 
 
-def output_kind(name: str, ref: np.ndarray, declared_class_scores: bool = False) -> OutputKind:
-    """What an output holds, from the user's word, its values and its name (float model's, stacked)."""
+def output_kind(name: str, ref: np.ndarray, declared_class_scores: bool = False,
+                not_class: bool = False) -> OutputKind:
+    """What an output holds, from the user's word, its values and its name (float model's, stacked).
+    `not_class`: the model says it is something else (fed_back: a state it takes back as an input)."""
     if declared_class_scores and is_vector_output(ref):
         return OutputKind.CLASS_SCORES
+    if not_class:
+        return OutputKind.OTHER
     if is_vector_output(ref) and _probabilities(ref.reshape(ref.shape[0], -1)):
         return OutputKind.CLASS_SCORES
     if any(w in name.lower() for w in EMBEDDING_WORDS) or (is_vector_output(ref) and _unit_rows(ref)):
@@ -573,4 +579,20 @@ def check_finite(reference: dict[str, np.ndarray], what: str = "held-out samples
 def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str, np.ndarray]],
              reference: dict[str, np.ndarray] | None = None, class_outputs: Collection[str] = ()) -> Fidelity:
     ref = reference if reference is not None else run_model(float_model, samples)
-    return compare(ref, run_model(quant_model, samples), class_outputs, join_parts(float_model), len(samples))
+    return compare(ref, run_model(quant_model, samples), class_outputs, join_parts(float_model), len(samples),
+                   fed_back(float_model))
+
+
+def fed_back(float_model: bytes) -> frozenset[str]:
+    """Signature outputs of exactly an input's shape and dtype: a recurrent state the caller feeds back
+    (or a reconstruction of the input), never class scores. A voice detector's 128-value GRU state
+    (PyPI akiki) was reported with "top-1 agree 0.58" and chose the level's ranges by a softmax KL
+    over it, not by the speech probability."""
+    from .signature import signature_specs
+
+    try:
+        ins, outs = signature_specs(float_model)
+    except EdgeqError:
+        return frozenset()
+    shapes = {(tuple(i.shape), str(i.dtype)) for i in ins}
+    return frozenset(o.name for o in outs if (tuple(o.shape), str(o.dtype)) in shapes)

@@ -632,14 +632,15 @@ def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: lis
     the target's `runtime` options (verify.RuntimeOptions). (None, why) when it cannot run there;
     the caller then quantizes as without --optimize, so a level never costs a working model."""
     from .errors import QuantizationError
-    from .fidelity import run_model
+    from .fidelity import fed_back, run_model
     from .int8_constraints import enforce
     from .signature import SIGNATURE_KEY
     from .verify import RuntimeOptions, check_runs
 
     ref = run_model(float_model, samples[:2])
     res = optimize(float_model, samples, litert_session(recipe, SIGNATURE_KEY, keep_float), level,
-                   objective=Objective.KL if judges_class_scores(ref, class_outputs) else Objective.REL_L2,
+                   objective=Objective.KL if judges_class_scores(ref, class_outputs, fed_back(float_model))
+                   else Objective.REL_L2,
                    on_step=on_step)
     try:
         check_runs(enforce(res.model)[0], samples[:1], runtime or RuntimeOptions())
@@ -649,7 +650,7 @@ def optimize_conversion(float_model: bytes, samples: Sequence[dict], recipe: lis
     return res, ""
 
 
-def judges_class_scores(reference: dict, class_outputs=frozenset()) -> bool:
+def judges_class_scores(reference: dict, class_outputs=frozenset(), not_class=frozenset()) -> bool:
     """Whether --optimize judges by the softmax KL (class scores) rather than rel. L2: the user named
     class outputs, an output holds probabilities, or the model's only vector output looks like class
     scores. KL over a softmax only for one score vector per sample ([1, C]): BlazeFace's [1, 896, 1]
@@ -661,10 +662,10 @@ def judges_class_scores(reference: dict, class_outputs=frozenset()) -> bool:
 
     if class_outputs:
         return True
-    kinds = {n: output_kind(n, v) for n, v in reference.items()}
+    kinds = {n: output_kind(n, v, not_class=n in not_class) for n, v in reference.items()}
     if any(k is OutputKind.CLASS_SCORES and is_score_vector(reference[n]) for n, k in kinds.items()):
         return True
-    vectors = [n for n, v in reference.items() if is_vector_output(v)]
+    vectors = [n for n, v in reference.items() if is_vector_output(v) and n not in not_class]
     return (len(vectors) == 1 and kinds[vectors[0]] is OutputKind.MAYBE_CLASS_SCORES
             and is_score_vector(reference[vectors[0]]) and not _independent_sigmoids(reference[vectors[0]])
             and not _flat_scores(reference[vectors[0]]))

@@ -180,6 +180,37 @@ def test_an_l2_normalised_vector_is_an_embedding_whatever_its_name(tf):
     assert output_kind("Identity", y) is OutputKind.EMBEDDING
 
 
+def test_a_state_the_model_takes_back_is_never_class_scores(tf):
+    """A streaming voice detector (PyPI akiki: CNN + GRU) outputs its speech probability and its
+    128-value GRU state, which the caller feeds back as the second input. The state was "maybe class
+    scores": reported with "top-1 agree 0.58", and as the model's only vector output it made the level
+    choose ranges by a softmax KL over it. An output of an input's exact shape and dtype is fed back
+    (or a reconstruction), never class scores, whatever its values."""
+    from edgeq.fidelity import fed_back, fidelity, run_model
+    from edgeq.optimize import judges_class_scores
+    from edgeq.signature import ensure_signature
+
+    tf.keras.utils.set_random_seed(0)
+    x, h = tf.keras.Input((24,), name="audio"), tf.keras.Input((16,), name="state")
+    z = tf.keras.layers.Concatenate()([tf.keras.layers.Dense(16, activation="relu")(x), h])
+    state = tf.keras.layers.Dense(16, activation="tanh", name="new_state")(z)
+    prob = tf.keras.layers.Dense(1, activation="sigmoid", name="speech")(state)
+    model = tf.keras.Model([x, h], [prob, state])
+    flt, _ = ensure_signature(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    rng = np.random.default_rng(0)
+    samples = [{"audio": rng.normal(size=(1, 24)).astype(np.float32),
+                "state": rng.uniform(-1, 1, (1, 16)).astype(np.float32)} for _ in range(12)]
+    ref = run_model(flt, samples)
+    names = list(ref)
+    state_name = next(n for n in names if ref[n].shape[1:] == (16,))
+    assert fed_back(flt) == {state_name}
+    assert output_kind(state_name, ref[state_name]) is OutputKind.MAYBE_CLASS_SCORES  # its values alone
+    assert not judges_class_scores(ref, not_class=fed_back(flt)) and judges_class_scores(ref)
+    fid = fidelity(flt, flt, samples, ref)
+    row = next(o for o in fid.outputs if o.name == state_name)
+    assert row.kind is OutputKind.OTHER and row.top1_agreement is None
+
+
 def test_an_output_joined_from_parts_of_very_different_size_is_judged_per_part():
     """A detector's [boxes in pixels, scores in 0..1] output: noise that wipes out the scores leaves
     the whole output's cosine at ~1 (the boxes carry it). Each part is reported, the note names the

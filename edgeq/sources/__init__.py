@@ -35,9 +35,6 @@ class SourceModel:
     # Builds samples from texts with the model's own tokenizer (HF sources).
     make_text_samples: Callable[[list[str]], list[dict]] | None = None
     notes: tuple[str, ...] = field(default=())  # things the user should know (shown as warnings)
-    # Outputs the source knows are class scores (a Hugging Face sequence classifier's logits): judged by
-    # top-1 unless the user names others (--class-output).
-    class_outputs: tuple[str, ...] = ()
     description: str = ""  # what the source is, e.g. the HF architecture and export settings
     # Runs the source model itself (PyTorch sources) on samples keyed by the float .tflite's input
     # names; returns outputs stacked on axis 0, keyed and ordered as the .tflite's signature outputs
@@ -46,13 +43,16 @@ class SourceModel:
     # How the model scales its own image pixels, when it expects 0..255 (pixel_scale.py); Keras sources
     # read it from their layers, which the converter may fold into the first convolution.
     pixel_scaling: str | None = None
-    # What for_int8_activations (for_int16_activations) rewrote in float_tflite: it reaches the written model only where the
-    # LiteRT quantizer writes it from float_tflite, not where the TFLite converter re-converts the
-    # Keras/SavedModel itself (convert reports these notes then only).
+    # What for_int8_activations (for_int16_activations) rewrote in float_tflite: it reaches the written
+    # model only where the LiteRT quantizer writes it from float_tflite, not where the TFLite converter
+    # re-converts the Keras/SavedModel itself (convert reports these notes then only).
     int8_rewrites: tuple[str, ...] = ()
     # The name of the user's model's signature; float_tflite's is always serving_default, and the
     # written model gets this one back.
     signature_key: str = "serving_default"
+    # Outputs the source knows are class scores (a Hugging Face sequence classifier's logits): judged by
+    # top-1 unless the user names others (--class-output). (Last: callers pass the fields above by position.)
+    class_outputs: tuple[str, ...] = ()
 
 
 def detect_format(path: Path) -> str:

@@ -110,6 +110,8 @@ def data_warnings(data: CalibrationData, scheme: Scheme, opts: ConvertOptions) -
         out.append("no held-out samples: fidelity was not measured (give more data or --eval-samples > 0)")
     elif data.calibrated and len(data.eval_indices) < SMALL_EVAL:
         n = len(data.eval_indices)
-        out.append(f"fidelity judged on only {n} held-out sample(s): a top-1 agreement of 0.9 is only known to "
-                   f"±{2 * (0.09 / n) ** 0.5:.2f} there (±0.08 on 50); give more data for firmer numbers")
+        asked = (f" (not the {opts.calib.eval_samples} of --eval-samples: {data.total} samples in all)"
+                 if opts.calib.eval_samples > n else "")
+        out.append(f"fidelity judged on only {n} held-out sample(s){asked}: a top-1 agreement of 0.9 is only known "
+                   f"to ±{2 * (0.09 / n) ** 0.5:.2f} there (±0.08 on 50); give more data for firmer numbers")
     return out

@@ -332,7 +332,8 @@ def test_little_data_calibrates_on_every_sample(tiny_conv, tmp_path, source):
     c = r.manifest["calibration"]
     assert (c["count"], c["eval_count"], c["judged_model_count"]) == (40, 8, 32)
     assert r.manifest["fidelity"]["samples"] == 8
-    assert any("judged on only 8 held-out sample(s)" in w for w in r.warnings)
+    assert any("judged on only 8 held-out sample(s) (not the 50 of --eval-samples: 40 samples in all)"
+               in w for w in r.warnings), r.warnings
     assert [t for t in tasks.tasks if t.startswith("Optimizing accuracy")] == [
         "Optimizing accuracy (--optimize fast, 32 calibration samples)"]
     assert "Applying the level's choices to all 40 samples" in tasks.tasks

@@ -65,7 +65,7 @@ def check_output(out: Path, inputs: list[Path | str | None], force: bool) -> Non
     if not os.access(out.parent, os.W_OK):
         raise OutputExistsError(f"{out}: cannot write there (no write access to {out.parent}); choose another "
                                 "output path")
-    if len(f".{out.name}.XXXXXXXX.tmp".encode()) > _name_max(out.parent):  # the temporary file's name
+    if len(f".{out.name}.XXXXXXXX.tmp{BACKUP_SUFFIX}".encode()) > _name_max(out.parent):  # write_all's names
         raise OutputExistsError(f"{out}: cannot write there (file name too long); choose a shorter name")
 
 
@@ -91,16 +91,18 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 def write_all(files: Sequence[tuple[Path, bytes | str]]) -> None:
     """Write every (path, data) or none: each goes to a temporary file beside it first, and only when
-    all are on the disk are they renamed over their paths, with Ctrl-C / SIGTERM held back for those
-    renames. A failed write (a full disk, a Ctrl-C) leaves every path as it was: a model, its samples
-    and its manifest replaced with --force were deleted after a later one failed, and the old
-    manifest was left describing a model that was gone."""
+    all are on the disk are they renamed over their paths, Ctrl-C / SIGTERM held back meanwhile
+    (interrupts.held). A failed write (a full disk, a Ctrl-C) leaves every path as it was: a model,
+    its samples and its manifest replaced with --force were deleted after a later one failed, and the
+    old manifest was left describing a model that was gone."""
+    from .interrupts import held
+
     check_interrupt()
     temps: list[tuple[str, Path]] = []
     try:
         for path, data in files:
             temps.append((_temp_copy(Path(path), data.encode() if isinstance(data, str) else data), Path(path)))
-        with _signals_held():
+        with held():
             _publish(temps)
     finally:
         for tmp, _ in temps:
@@ -109,37 +111,54 @@ def write_all(files: Sequence[tuple[Path, bytes | str]]) -> None:
 
 
 def _publish(temps: list[tuple[str, Path]]) -> None:
-    """Rename each temporary file over its path; if one rename fails (a directory in the way), the
-    paths renamed before it get their earlier files back (kept as hard links meanwhile)."""
-    replaced: list[tuple[Path, str | None]] = []  # (path, its earlier file's backup, or None: it was new)
+    """Rename each temporary file over its path. Each earlier file is kept first (a hard link, else a
+    copy: FAT has no links), so if a rename fails (a directory in the way) or is interrupted, the
+    paths renamed before it get their earlier files back, and a path that was new goes away."""
+    existed = {path: os.path.lexists(path) for _, path in temps}
+    backups: dict[Path, str] = {}
     try:
+        for tmp, path in temps:  # before any rename: a failure here changes nothing
+            if existed[path] and (kept := _keep(path, f"{tmp}{BACKUP_SUFFIX}")):
+                backups[path] = kept
         for tmp, path in temps:
-            backup = None
-            if path.is_file():
-                backup = f"{tmp}.old"
-                try:
-                    os.link(path, backup)
-                except OSError:  # a file system without hard links (FAT): no way back for this one
-                    backup = None
             try:
                 os.replace(tmp, path)
             except OSError as e:
-                if backup:
-                    os.unlink(backup)
                 raise unwritable_error(e, path) from None
-            replaced.append((path, backup))
     except BaseException:
-        for path, backup in reversed(replaced):
+        # renamed: its temporary file is gone (an interrupt may land between the rename and any record)
+        renamed = [(tmp, path) for tmp, path in temps if not os.path.exists(tmp)]
+        for _, path in reversed(renamed):
             with contextlib.suppress(OSError):
-                if backup:
-                    os.replace(backup, path)
-                else:
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                elif not existed[path]:
                     path.unlink()
+                # (existed, but nothing could be kept: the new file stays rather than nothing)
         raise
-    finally:
-        for _, backup in replaced:
-            if backup and os.path.exists(backup):
-                os.unlink(backup)
+    finally:  # every kept file not put back (named by its temporary file: one made as an interrupt came too)
+        for tmp, _ in temps:
+            if os.path.lexists(tmp + BACKUP_SUFFIX):
+                os.unlink(tmp + BACKUP_SUFFIX)
+
+
+BACKUP_SUFFIX = ".old"  # after the temporary file's name: check_output counts it in the name's length
+
+
+def _keep(path: Path, backup: str) -> str | None:
+    """`path`'s current file kept as `backup` (a hard link, else a copy); None when neither works."""
+    try:
+        os.link(path, backup, follow_symlinks=False)
+        return backup
+    except OSError:
+        pass
+    try:
+        shutil.copyfile(path, backup, follow_symlinks=False)
+        return backup
+    except OSError:
+        if os.path.lexists(backup):
+            os.unlink(backup)
+        return None
 
 
 def _temp_copy(path: Path, raw: bytes) -> str:
@@ -169,23 +188,6 @@ def unwritable_error(e: OSError, path: Path | str) -> OutputExistsError:
     system, no permission, a name too long): not a traceback."""
     why = e.strerror or type(e).__name__
     return OutputExistsError(f"{path}: cannot write there ({why.lower()}); choose another output path")
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C / SIGTERM / SIGHUP wait until the block is done (the renames that publish a group of files)."""
-    import signal
-    import threading
-
-    held = {s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -32,10 +32,31 @@ _last = 0  # the signal that stopped the last recording(), kept after it for rea
 _STOPPING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
+_held = False  # inside held(): a signal is recorded, and raised by check() after the block
+
+
 def _on_signal(signum, frame):
     global _pending, _last
     _pending = _last = signum
-    raise KeyboardInterrupt
+    if not _held:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def held():
+    """Ctrl-C / SIGTERM / SIGHUP that arrive inside the block wait for its end (files.write_all's
+    renames, which publish a model with its manifest), then end the command as interrupted (the CLI's
+    check() after it returns). Python runs signal handlers in the main thread, whichever thread the
+    kernel delivered the signal to, so a flag holds them where blocking the signal in one thread
+    does not (numpy's threads took it). Without recording() (library use) the default handler still
+    raises at once: write_all rolls its renames back then."""
+    global _held
+    before = _held
+    _held = True
+    try:
+        yield
+    finally:
+        _held = before
 
 
 def pending() -> bool:

@@ -102,6 +102,79 @@ def test_write_all_puts_back_what_it_replaced_when_a_rename_fails(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.edgeq.json", "m.tflite"]  # no samples, no temp files
 
 
+def _three(d, content):
+    for n in ("m.tflite", "m.samples.npz", "m.edgeq.json"):
+        (d / n).write_text(content)
+
+
+def _contents(d):
+    return {p.name: p.read_text() for p in sorted(d.iterdir())}
+
+
+def _new(d):
+    return [(d / n, "new") for n in ("m.tflite", "m.samples.npz", "m.edgeq.json")]
+
+
+def test_an_interrupt_right_after_a_rename_puts_everything_back(tmp_path, monkeypatch):
+    """Without edgeq's signal handler (a library caller) a Ctrl-C raises at once: landing just after the
+    second rename, before anything recorded it, it left the old model beside the new samples and a
+    hidden backup file. The renamed paths are told by their temporary files being gone."""
+    _three(tmp_path, "old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_all(_new(tmp_path))
+    monkeypatch.setattr(os, "replace", real)
+    assert _contents(tmp_path) == {"m.edgeq.json": "old", "m.samples.npz": "old", "m.tflite": "old"}
+
+
+def test_a_signal_during_the_renames_waits_for_them(tmp_path, monkeypatch):
+    """Under the CLI's handler (interrupts.recording) a SIGINT that arrives during the renames is held:
+    every file is the new one, then the command ends as interrupted. Blocking the signal in the main
+    thread held nothing (numpy's threads took it)."""
+    import signal
+
+    from edgeq import interrupts
+
+    _three(tmp_path, "old")
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("m.samples.npz"):
+            os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with interrupts.recording():
+        write_all(_new(tmp_path))
+        assert interrupts.pending()
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert _contents(tmp_path) == {"m.edgeq.json": "new", "m.samples.npz": "new", "m.tflite": "new"}
+
+
+def test_without_hard_links_the_earlier_files_are_copied_and_put_back(tmp_path, monkeypatch):
+    """FAT/exFAT (SD cards, USB sticks) have no hard links: the rollback took "no backup" for "was new"
+    and deleted the earlier model. Now it is copied, and put back when a later rename fails."""
+    def no_links(*a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "m.tflite").write_text("old model")
+    (tmp_path / "m.edgeq.json").mkdir()
+    with pytest.raises(OutputExistsError, match="is a directory"):
+        write_all([(tmp_path / "m.tflite", "new model"), (tmp_path / "m.edgeq.json", "{}")])
+    assert (tmp_path / "m.tflite").read_text() == "old model"
+    assert sorted(os.listdir(tmp_path)) == ["m.edgeq.json", "m.tflite"]
+
+
 def test_a_read_only_file_system_is_one_line(tmp_path):
     """mkstemp's other errors (read-only, no permission, a name too long) were tracebacks."""
     with small_tmpfs(tmp_path / "ro", 64 << 10, options="ro") as ro:
@@ -114,6 +187,10 @@ def test_a_read_only_file_system_is_one_line(tmp_path):
         atomic_write(tmp_path / ("a" * 300 + ".tflite"), b"x")
     with pytest.raises(OutputExistsError, match=r"cannot write there \(file name too long\); choose a shorter"):
         check_output(tmp_path / ("a" * 240 + ".tflite"), [], force=False)
+    # the kept earlier file's name is 4 bytes longer than the temporary one's: a 241-byte name passed
+    with pytest.raises(OutputExistsError, match=r"file name too long"):
+        check_output(tmp_path / ("a" * 234 + ".tflite"), [], force=False)
+    check_output(tmp_path / ("a" * 230 + ".tflite"), [], force=False)
 
 
 def test_convert_force_onto_a_full_disk_keeps_the_earlier_files(tf, tmp_path):

@@ -94,8 +94,8 @@ def delegate_arg(profile, reach: str, override: str | None = None) -> str:
     """The runner argument for the requested delegate (override) or the profile's."""
     table = DELEGATE_ARGS[reach]
     if override:
-        if reach != "adb":
-            return override  # device_bench also takes a delegate library path
+        if reach != "adb":  # a name the profiles use (edgetpu), else a delegate library path for device_bench
+            return table.get(override.lower(), override)
         if override.lower() in table:
             return table[override.lower()]
         raise EdgeqError(f"--delegate {override} cannot be selected on an Android phone; use one of "

@@ -289,7 +289,8 @@ def main(argv=None):
     elif delegate not in ("xnnpack", "cpu"):
         if "/" not in delegate and ".so" not in delegate and "." not in delegate:  # "gpu", "nnapi": a name
             _fail("usage", "delegate %r is neither xnnpack, none nor a delegate library path (.so); "
-                  "gpu and nnapi are for phones (edgeq profile --device an Android profile)" % delegate, 2)
+                  "gpu and nnapi are for phones (edgeq profile --device an Android profile), edgetpu for a "
+                  "board with a Coral (edgeq profile --device its profile)" % delegate, 2)
         if load_delegate is None:
             _fail("usage", "this runtime cannot load external delegates", 2)
         try:

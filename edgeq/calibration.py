@@ -214,6 +214,10 @@ def load_calibration(cfg: CalibrationConfig, specs: Sequence[InputSpec],
     if cfg.samples < 1 or cfg.eval_samples < 0:
         raise CalibrationError("--calib-samples must be >= 1 and --eval-samples >= 0")
     if cfg.source == "random":
+        if cfg.mean is not None or cfg.std is not None or cfg.preprocess is not None or cfg.layout is not None \
+                or cfg.tokenizer:  # they were ignored
+            raise CalibrationError("--preprocess/--mean/--std/--layout/--tokenizer prepare real data; --calib random "
+                                   "has none: drop them")
         return _random(cfg, specs)
     path = Path(cfg.source)
     if not path.is_dir() and (cfg.mean is not None or cfg.std is not None or cfg.preprocess is not None
@@ -385,6 +389,8 @@ def _npy(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
         raise CalibrationError(f"{path}: the model has {len(specs)} inputs; use an .npz keyed by input name "
                                f"({', '.join(s.name for s in specs)})")
     arr = _open_npy(path)
+    if hasattr(arr, "files"):  # an .npz under an .npy name
+        raise CalibrationError(f"{path}: an .npz, not an .npy; name it .npz (arrays keyed by input name)")
     return _arrays(path, "npy", {specs[0].name: arr}, cfg, specs)
 
 

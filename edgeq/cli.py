@@ -39,7 +39,8 @@ class Finite(click.FloatRange):
         return v
 
 
-SECONDS = Finite(min=0, min_open=True)  # a timeout: above 0 (0 and -5 were accepted, then failed oddly)
+SECONDS = Finite(min=0, min_open=True)
+FLOAT32_MAX = 3.4028234e38  # a timeout: above 0 (0 and -5 were accepted, then failed oddly)
 
 
 def library_call(fn):
@@ -198,7 +199,11 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
     from .convert import BudgetOptions, ConvertOptions, convert as run, usage_mistake
     from .optimize import OptimizeLevel
 
-    given = click.get_current_context().get_parameter_source("percentile") is click.core.ParameterSource.COMMANDLINE
+    ctx = click.get_current_context()
+    if not calib and (preprocess or mean or std or layout or tokenizer):  # they were ignored
+        raise click.UsageError("--preprocess/--mean/--std/--layout/--tokenizer prepare --calib data; pass --calib "
+                               "or drop them")
+    given = ctx.get_parameter_source("percentile") is click.core.ParameterSource.COMMANDLINE
     if given and range_method != "percentile":  # it was ignored
         raise click.UsageError(f"--percentile sets the tail --calibration percentile keeps; --calibration "
                                f"{range_method} has none: drop --percentile or use --calibration percentile")
@@ -210,7 +215,8 @@ def convert(model, output, calib, calib_samples, eval_samples, seed, preprocess,
             values = tuple(float(v) for v in s.split(",")) if s else None
         except ValueError:
             raise click.BadParameter(f"{s!r} is not a comma-separated list of numbers", param_hint=option) from None
-        if values and not all(math.isfinite(v) for v in values):  # --std inf made every sample all zeros
+        # --std inf made every sample all zeros; 1e39 is inf in float32, where the pixels are normalised
+        if values and not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in values):
             raise click.BadParameter(f"{s!r}: every value must be a finite number", param_hint=option)
         return values
 

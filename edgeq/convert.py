@@ -241,7 +241,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     # backend produced it, and must have run under the target's runtime options.
     qbytes, verification, fid = _enforce_and_verify(qbytes, source.float_tflite, profile, eval_samples, data,
                                                     reference, fid, class_outputs, warnings, progress)
-    fidelity_source = _source_fidelity(source, source_outputs, verification)
+    fidelity_source = _source_fidelity(source, source_outputs, verification, class_outputs)
     warnings += _source_drift(fidelity_source)
     info = read_model(qbytes)
     warnings += data_warnings(data_written, scheme, opts) + (fid.notes() if fid else [])
@@ -388,7 +388,7 @@ def _source_outputs(source, opts: ConvertOptions, data: CalibrationData, eval_sa
     return src, fid
 
 
-def _source_fidelity(source, source_outputs, run) -> dict | None:
+def _source_fidelity(source, source_outputs, run, class_outputs: frozenset[str]) -> dict | None:
     """Fidelity against the source framework's own model (PyTorch programs), float and quantized."""
     if source_outputs is None:
         return None
@@ -396,7 +396,8 @@ def _source_fidelity(source, source_outputs, run) -> dict | None:
 
     src, float_fid = source_outputs
     return {"reference": source.format, "float": float_fid.to_json(),
-            "quantized": compare(src, run.outputs, samples=float_fid.samples).to_json()}
+            "quantized": compare(src, run.outputs, class_outputs, samples=float_fid.samples,
+                                 not_class=fed_back(source.float_tflite)).to_json()}
 
 
 # The float .tflite itself this far from the source framework's model is a conversion problem, not a
@@ -426,9 +427,9 @@ DEFAULT_GROUP_OUTLIERS = 2.0
 
 
 def _source_options(opts: ConvertOptions, scheme: Scheme, fmt: str, integer_only: bool = False) -> dict:
-    if fmt != "hf" and (opts.smoothquant is not None or opts.split_outliers):  # they were ignored
-        raise ModelFormatError("--smoothquant/--split-outliers rewrite Hugging Face encoders; drop them for a "
-                               f"{fmt} model")
+    if fmt != "hf" and (opts.smoothquant is not None or opts.split_outliers or opts.pooling):  # they were ignored
+        raise ModelFormatError("--pooling/--smoothquant/--split-outliers shape Hugging Face encoders; drop them for "
+                               f"a {fmt} model")
     if fmt == "tflite":  # control flow is refused up front only for static-int8 schemes
         return {"scheme": scheme.value}
     if fmt == "keras":

@@ -535,10 +535,10 @@ def output_kind(name: str, ref: np.ndarray, declared_class_scores: bool = False,
     `not_class`: the model says it is something else (fed_back: a state it takes back as an input)."""
     if declared_class_scores and is_vector_output(ref):
         return OutputKind.CLASS_SCORES
-    if not_class:
-        return OutputKind.OTHER
     if is_vector_output(ref) and _probabilities(ref.reshape(ref.shape[0], -1)):
         return OutputKind.CLASS_SCORES
+    if not_class:
+        return OutputKind.OTHER
     if any(w in name.lower() for w in EMBEDDING_WORDS) or (is_vector_output(ref) and _unit_rows(ref)):
         return OutputKind.EMBEDDING
     if looks_like_class_scores(name, ref):
@@ -584,15 +584,18 @@ def fidelity(float_model: bytes, quant_model: bytes, samples: Sequence[dict[str,
 
 
 def fed_back(float_model: bytes) -> frozenset[str]:
-    """Signature outputs of exactly an input's shape and dtype: a recurrent state the caller feeds back
-    (or a reconstruction of the input), never class scores. A voice detector's 128-value GRU state
-    (PyPI akiki) was reported with "top-1 agree 0.58" and chose the level's ranges by a softmax KL
-    over it, not by the speech probability."""
+    """Signature outputs of exactly the shape and dtype of one of several inputs: a recurrent state the
+    caller feeds back, never class scores (unless they are probabilities, or the user says so). A
+    voice detector's 128-value GRU state (PyPI akiki) was reported with "top-1 agree 0.58" and chose
+    the level's ranges by a softmax KL over it, not by the speech probability. A model with one input
+    is left alone: 8 features in, 8 class scores out is a classifier."""
     from .signature import signature_specs
 
     try:
         ins, outs = signature_specs(float_model)
     except EdgeqError:
+        return frozenset()
+    if len(ins) < 2:
         return frozenset()
     shapes = {(tuple(i.shape), str(i.dtype)) for i in ins}
     return frozenset(o.name for o in outs if (tuple(o.shape), str(o.dtype)) in shapes)

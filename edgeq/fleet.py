@@ -86,6 +86,7 @@ def load_inventory(path, **cli) -> Inventory:
             base[key] = str(Path(base[key]).expanduser().resolve())
     for name, entry in devices.items():
         file_kw = {**defaults, **entry}
+        _check_types(p, name, file_kw)  # before the paths are resolved (identity = 5 was a traceback there)
         for key in ("identity", "known_hosts"):  # file paths are relative to the inventory
             if key in file_kw:
                 file_kw[key] = str((p.parent / Path(file_kw[key]).expanduser()).resolve())

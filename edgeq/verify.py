@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import QuantizationError
 from .quiet import quiet_native
-from .fidelity import Fidelity, compare, run_signature
+from .fidelity import Fidelity, compare, fed_back, run_signature
 
 DEFAULT_THREADS = 2
 # Ops whose int8 kernel outside XNNPACK costs time. SOFTMAX is left out: XNNPACK has no int8 softmax,
@@ -116,7 +116,7 @@ def check_runs(model: bytes, samples: Sequence[dict[str, np.ndarray]], options: 
         if y.size and not np.all(np.isfinite(y)):
             raise QuantizationError(f"the quantized model ran under {options.label} but output {name!r} has "
                                     "NaN/inf values; try another --calibration method or --scheme dynamic")
-    fid = compare(reference, outputs) if reference is not None and samples else None
+    fid = compare(reference, outputs, not_class=fed_back(model)) if reference is not None and samples else None
     return RunCheck(options, len(samples), delegation, fid, outputs)
 
 

@@ -184,7 +184,7 @@ def _damaged(tmp_path, kind: str):
     x = np.random.default_rng(1).uniform(0, 1, (20, 8)).astype(np.float32)
     np.savez_compressed(tmp_path / "good.npz", x=x)
     good = (tmp_path / "good.npz").read_bytes()
-    path = tmp_path / f"{kind}.{'npy' if kind == 'empty-npy' else 'npz'}"
+    path = tmp_path / f"{kind}.{'npy' if kind in ('empty-npy', 'npz-named-npy') else 'npz'}"
     if kind == "truncated":  # an interrupted copy
         path.write_bytes(good[:len(good) // 2])
     elif kind == "bitrot":  # a member whose CRC no longer matches
@@ -192,6 +192,8 @@ def _damaged(tmp_path, kind: str):
         for i in range(len(b) // 2, len(b) // 2 + 200):
             b[i] ^= 0xFF
         path.write_bytes(bytes(b))
+    elif kind == "npz-named-npy":
+        path.write_bytes(good)
     elif kind == "objects":
         np.savez(path, x=np.array([1, "a"], dtype=object))
     elif kind == "not-npy":
@@ -209,6 +211,7 @@ def _damaged(tmp_path, kind: str):
     ("not-npy", r"not-npy\.npz: cannot read its array 'x' \(.*\)|its member 'x' is not a numpy array"),
     ("empty-npz", r"empty-npz\.npz: empty file; save the data with numpy\.savez"),
     ("empty-npy", r"empty-npy\.npy: empty or truncated \.npy; save it with numpy\.save"),
+    ("npz-named-npy", r"npz-named-npy\.npy: an \.npz, not an \.npy; name it \.npz"),
 ])
 def test_damaged_array_files_are_named(tmp_path, kind, message):
     """Damaged .npz files were tracebacks (BadZipFile, ValueError, AttributeError), an empty .npy or

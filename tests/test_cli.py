@@ -222,6 +222,8 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
         (["--calib", "random", "--std", "1,inf,1"], "--std: '1,inf,1': every value must be a finite number"),
         (["--calib", "random", "--mean", "nan"], "--mean: 'nan': every value must be a finite number"),
         (["--calibration", "mse", "--percentile", "90"], "--calibration mse has none: drop --percentile"),
+        (["--scheme", "dynamic", "--mean", "127"], "prepare --calib data; pass --calib or drop them"),
+        (["--calib", "random", "--std", "1e39"], "--std: '1e39': every value must be a finite number"),
     ]
     for args, reason in cases:
         r = run("convert", tiny_dense, "-o", out, *args)
@@ -244,8 +246,11 @@ def test_option_combinations_are_usage_errors(tiny_dense, tmp_path):
             (["--calib", tmp_path / "x.npy", "--tokenizer", imgs], "--tokenizer tokenizes .txt calibration "
                                                                        "data; x.npy is not text: drop it"),
             (["--calib", tmp_path / "x.npy", "--smoothquant", "0.5"],
-             "--smoothquant/--split-outliers rewrite Hugging Face encoders; drop them for a keras model"),
-            (["--calib", tmp_path / "x.npy", "--split-outliers", "4"], "drop them for a keras model")):
+             "--pooling/--smoothquant/--split-outliers shape Hugging Face encoders; drop them for a keras model"),
+            (["--calib", tmp_path / "x.npy", "--split-outliers", "4"], "drop them for a keras model"),
+            (["--calib", tmp_path / "x.npy", "--pooling", "cls"], "drop them for a keras model"),
+            (["--calib", "random", "--tokenizer", imgs], "--calib random has none: drop them"),
+            (["--calib", "random", "--preprocess", "imagenet"], "--calib random has none: drop them")):
         r = run("convert", tiny_dense, "-o", out, *args)
         assert r.exit_code == 1 and reason in r.output and "Traceback" not in r.output, (args, r.output)
     assert not out.exists()

@@ -209,6 +209,18 @@ def test_a_state_the_model_takes_back_is_never_class_scores(tf):
     fid = fidelity(flt, flt, samples, ref)
     row = next(o for o in fid.outputs if o.name == state_name)
     assert row.kind is OutputKind.OTHER and row.top1_agreement is None
+    from edgeq.verify import check_runs  # the manifest's verification block judges it the same way
+    run = check_runs(flt, samples, reference=ref)
+    assert next(o for o in run.fidelity.outputs if o.name == state_name).top1_agreement is None
+
+    # One input of the same shape is no state: 8 features in, 8 class logits out stays a classifier.
+    inp = tf.keras.Input((8,), name="features")
+    clf = tf.keras.Model(inp, tf.keras.layers.Dense(8, name="logits")(tf.keras.layers.Dense(16, activation="relu")(inp)))
+    flt2, _ = ensure_signature(tf.lite.TFLiteConverter.from_keras_model(clf).convert())
+    assert fed_back(flt2) == frozenset()
+    # Probabilities stay class scores even where the shapes match an input.
+    probs = np.full((4, 16), 1 / 16, np.float32)
+    assert output_kind(state_name, probs, not_class=True) is OutputKind.CLASS_SCORES
 
 
 def test_an_output_joined_from_parts_of_very_different_size_is_judged_per_part():

@@ -73,6 +73,8 @@ profile = "rpi5"
     ("[defaults]\nconnect_timeout='5'\n[devices.a]\nhost='x'\nprofile='rpi4'\n",
      "connect_timeout must be a number of seconds above 0 such as connect_timeout = 10, got '5'"),
     ("[devices.a]\nhost='x'\nprofile='rpi4'\nrun_timeout=-1\n", "run_timeout must be a number of seconds above 0"),
+    ("[devices.a]\nhost='x'\nprofile='rpi4'\nidentity=5\n", "identity must be a string such as identity = "),
+    ("[defaults]\nknown_hosts=['a']\n[devices.a]\nhost='x'\nprofile='rpi4'\n", "known_hosts must be a string"),
 ])
 def test_load_inventory_errors(tmp_path, text, msg):
     (tmp_path / "f.toml").write_text(text)

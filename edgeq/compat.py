@@ -232,8 +232,9 @@ def _runtime_refuses(op, profile: DeviceProfile) -> str | None:
         return f"{op.name} is not registered in {rt}" if profile.op_versions_complete else None
     if op.version > limit:
         return f"{op.name} v{op.version} > {rt} max v{limit}"
-    # int4 weights keep the op at version 1, so the version table cannot see them: the [int4] table does.
-    return profile.int4_refuses(op.name, op.precision)
+    # The LiteRT quantizer keeps the float op's version (int8 SQRT at v1, int4 weights at v1), so the
+    # version table cannot see what the kernel runs: the [kernels] and [int4] tables do.
+    return profile.kernel_refuses(op.name, op.precision)
 
 
 def _is_io_boundary(op, info) -> bool:

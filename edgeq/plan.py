@@ -264,6 +264,12 @@ def plan_precision(ops, profile: DeviceProfile | None,
             prec, reason = _int4_or_fallback(op, default, default_why, min_weight_elements, profile)
             source = str(profile.path)
 
+        # the runtime's kernel at the version the quantizer writes (runtime table [kernels])
+        if prec is not Precision.OTHER and (wrong := profile.kernel_refuses(op.name, prec)) \
+                and prec not in INT4_PRECISIONS:  # (int4 is checked with its 8-bit fallback above)
+            if source == "override":  # the budget loop asks: a refusal sends it to float
+                raise ProfileError(f"{profile.id} cannot run op {op.index} ({op.name}) as {prec}: {wrong}")
+            prec, reason = Precision.FLOAT, f"{reason}; {wrong}, so float"
         placement = "cpu"
         if accel is not None:
             if prec is Precision.OTHER:

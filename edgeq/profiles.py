@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from .errors import ProfileError
 from .precision import INT4_PRECISIONS, POLICY_PRECISIONS, PROFILE_IO_TYPES, IoType, Precision
 # Runtime, RuntimeName, Int4Kernel and WEIGHT_ONLY_OP are part of a profile: importable from here too.
-from .runtime_tables import WEIGHT_ONLY_OP, Int4Kernel, Runtime, RuntimeName, runtime_table
+from .runtime_tables import WEIGHT_ONLY_OP, Int4Kernel, Runtime, RuntimeName, WrongKernel, runtime_table
 from .toml_checks import SCHEMA_VERSION, Checker, read_toml
 
 ENV_VAR = "EDGEQ_DEVICES_DIR"
@@ -146,6 +146,17 @@ class DeviceProfile:
     # int4 kernels of the runtime (its table's [int4]); int4_source empty: not known, not checked.
     int4_ops: Mapping[str, Int4Kernel] = field(default_factory=lambda: MappingProxyType({}))
     int4_source: str = ""
+    # kernels of the runtime that cannot run a precision at the version the quantizer writes ([kernels])
+    wrong_kernels: Mapping[str, WrongKernel] = field(default_factory=lambda: MappingProxyType({}))
+    wrong_kernels_source: str = ""
+
+    def kernel_refuses(self, op: str, precision: Precision) -> str | None:
+        """Why the runtime's kernel cannot run `op` at `precision` although its version is registered
+        (runtime table [kernels]; int4 through int4_refuses), or None."""
+        kernel = self.wrong_kernels.get(op)
+        if kernel is None or Precision(precision) not in kernel.wrong:
+            return self.int4_refuses(op, precision)
+        return f"{self.runtime.label}'s {op} kernel cannot run {precision} ({kernel.note})"
 
     def int4_refuses(self, op: str, precision: Precision) -> str | None:
         """Why the runtime cannot run `op` at this int4 precision (None: it can, the precision is not
@@ -202,6 +213,9 @@ class DeviceProfile:
         if self.int4_source:
             runs = "; ".join(f"{k.op} {', '.join(sorted(k.runs))}" for k in self.int4_ops.values() if k.runs)
             lines.append(f"  int4 kernels: {runs or 'none'} (from {self.int4_source})")
+        if self.wrong_kernels:
+            wrong = "; ".join(f"{k.op} {', '.join(sorted(k.wrong))}" for k in self.wrong_kernels.values())
+            lines.append(f"  kernels that cannot run what the quantizer writes: {wrong} (from {self.wrong_kernels_source})")
         else:
             lines.append(f"  int4 kernels: not known for {self.runtime.label} (not checked)")
         if self.ops:
@@ -243,6 +257,9 @@ class DeviceProfile:
             "int4": {"source": self.int4_source,
                      "ops": {k: {"runs": sorted(v.runs), "xnnpack_only": sorted(v.xnnpack_only), "note": v.note}
                              for k, v in sorted(self.int4_ops.items())}},
+            "wrong_kernels": {"source": self.wrong_kernels_source,
+                              "ops": {k: {"wrong": sorted(v.wrong), "note": v.note}
+                                      for k, v in sorted(self.wrong_kernels.items())}},
         }
         if self.android_sdk is not None:
             d["android_sdk"] = self.android_sdk
@@ -380,7 +397,7 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
 
     overrides = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]") \
         if "op_versions" in data else {}
-    table, table_source, int4_ops, int4_source = runtime_table(runtime, dirs)
+    table, table_source, int4_ops, int4_source, wrong_kernels, wrong_source = runtime_table(runtime, dirs)
     versions = {**table, **overrides}
     if table_source and overrides:
         table_source += "; overridden in the profile: " + ", ".join(sorted(overrides))
@@ -408,7 +425,8 @@ def _load_file(path: Path, dirs: list[Path]) -> DeviceProfile:
         android_sdk=sdk, ops=MappingProxyType(ops), op_versions=MappingProxyType(versions),
         op_versions_complete=bool(table), op_versions_source=table_source,
         custom_ops=tuple(c.str_list(data, "custom_ops", "custom_ops")), accelerator=accel,
-        int4_ops=MappingProxyType(int4_ops), int4_source=int4_source)
+        int4_ops=MappingProxyType(int4_ops), int4_source=int4_source,
+        wrong_kernels=MappingProxyType(wrong_kernels), wrong_kernels_source=wrong_source)
 
 
 def _accelerator(c: Checker, a: dict) -> Accelerator:

@@ -1,7 +1,8 @@
 """Runtime tables: what one runtime build registers, from devices/runtimes/<name>-<version>.toml.
 
 A table lists the max builtin op version the runtime registers ([op_versions], complete: an op not
-listed is not registered) and, when measured, its int4 kernels ([int4]). Profiles name their runtime
+listed is not registered) and, when measured, its int4 kernels ([int4]) and the kernels that cannot run
+a precision the LiteRT quantizer writes at a version they are registered for ([kernels]). Profiles name their runtime
 and get the table attached (profiles.py); see devices/README.md for the format.
 
 Imports nothing heavy (stdlib only): `edgeq devices list` must stay instant.
@@ -50,15 +51,45 @@ class Int4Kernel:
     xnnpack_only: frozenset[Precision] = frozenset()
 
 
-def runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple[dict[str, int], str, dict[str, Int4Kernel], str]:
-    """(op versions, their source, int4 kernels, their source) for this runtime from
-    <dir>/runtimes/<name>-<version>.toml, first dir wins, or ({}, "", {}, "")."""
+@dataclass(frozen=True)
+class WrongKernel:
+    """An op whose kernel in a runtime cannot run some precisions the LiteRT quantizer writes (runtime
+    table [kernels.ops]): the quantizer keeps the float model's op version (int8 SQRT at v1), so the
+    version table cannot see that the runtime's kernel at that version refuses the dtype or computes
+    something else. Measured; `note` says what happens."""
+    op: str
+    wrong: frozenset[Precision]
+    note: str
+
+
+def runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple:
+    """(op versions, their source, int4 kernels, their source, wrong kernels, their source) for this
+    runtime from <dir>/runtimes/<name>-<version>.toml, first dir wins, or ({}, "", {}, "", {}, "")."""
     fname = f"{runtime.name}-{runtime.version}.toml"
     for d in dirs:
         p = d / RUNTIMES_SUBDIR / fname
         if p.is_file():
             return _load_runtime_table(p, runtime)
-    return {}, "", {}, ""
+    return {}, "", {}, "", {}, ""
+
+
+def _kernels_table(c: Checker, t: dict) -> tuple[dict[str, WrongKernel], str]:
+    """[kernels]: source = "...", [kernels.ops] OP = { wrong = [precisions], note = "..." }."""
+    c.keys(t, "kernels", {"source", "ops"}, set())
+    out = {}
+    for name, entry in c.table(t, "ops", "kernels.ops").items():
+        key = f"kernels.ops.{name}"
+        c.op_name(name, key)
+        if not isinstance(entry, dict):
+            raise c.fail(key, 'expected { wrong = ["int8", ...], note = "..." }')
+        c.keys(entry, key, {"wrong", "note"}, set())
+        v = entry["wrong"]
+        if not isinstance(v, list) or not v:
+            raise c.fail(f"{key}.wrong", "expected a non-empty list of precisions")
+        wrong = frozenset(c.enum({"p": p}, "p", f"{key}.wrong[{i}]", Precision, list(Precision))
+                          for i, p in enumerate(v))
+        out[name] = WrongKernel(name, wrong, c.str_(entry, "note", f"{key}.note"))
+    return out, c.str_(t, "source", "kernels.source")
 
 
 def _int4_table(c: Checker, t: dict) -> tuple[dict[str, Int4Kernel], str]:
@@ -86,15 +117,18 @@ def _int4_table(c: Checker, t: dict) -> tuple[dict[str, Int4Kernel], str]:
     return kernels, c.str_(t, "source", "int4.source")
 
 
-def _load_runtime_table(path: Path, runtime: Runtime) -> tuple[dict[str, int], str, dict[str, Int4Kernel], str]:
+def _load_runtime_table(path: Path, runtime: Runtime) -> tuple:
     data = read_toml(path)
     c = Checker(path)
     c.schema_version(data)
-    c.keys(data, "", {"schema_version", "runtime", "version", "source", "op_versions"}, {"int4"})
+    c.keys(data, "", {"schema_version", "runtime", "version", "source", "op_versions"}, {"int4", "kernels"})
     if data["runtime"] != str(runtime.name) or data["version"] != runtime.version:
         raise c.fail("runtime", f"table is for {data['runtime']} {data['version']}, file name says "
                      f"{runtime.label}; rename the file or fix runtime/version")
     versions = c.op_versions(c.table(data, "op_versions", "[op_versions]"), "[op_versions]")
     int4, int4_source = _int4_table(c, c.table(data, "int4", "[int4]")) if "int4" in data else ({}, "")
+    wrong, wrong_source = (_kernels_table(c, c.table(data, "kernels", "[kernels]")) if "kernels" in data
+                           else ({}, ""))
     return (versions, f"{display(path)}: {c.str_(data, 'source', 'source')}", int4,
-            f"{display(path)}: {int4_source}" if int4_source else "")
+            f"{display(path)}: {int4_source}" if int4_source else "", wrong,
+            f"{display(path)}: {wrong_source}" if wrong_source else "")

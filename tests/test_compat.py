@@ -249,3 +249,60 @@ def test_weight_only_int4_is_refused_on_the_pi_and_flagged_slow_on_the_host(int4
         "dequantize.cc:58 accepts uint8/int8/int16/float16 only)"}
     host = check_model(int4_models["int4-weight-only"], load_profile("host-x86_64"))
     assert host.ok and any("slower than float on a CPU" in n for n in host.notes)
+
+
+def _sqrt_model(tf) -> bytes:
+    """Dense -> |.| + 0.1 -> SQRT -> Dense (an RMS-style front end, as PyPI akiki's voice detector has)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w1 = tf.constant(rng.standard_normal((16, 16)).astype(np.float32))
+    w2 = tf.constant(rng.standard_normal((16, 4)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 16), tf.float32)])
+    def f(x):
+        return tf.matmul(tf.sqrt(tf.abs(tf.matmul(x, w1)) + 0.1), w2)
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f).convert()
+
+
+def test_kernels_the_runtime_cannot_run_at_the_written_version(tf, mlp, tmp_path):
+    """The LiteRT quantizer keeps the float op's version: int8 SQRT v1, dynamic-range FULLY_CONNECTED
+    v1. tflite-runtime 2.14 registers both versions, but its SQRT v1 refuses int8 at prepare and its
+    FULLY_CONNECTED gives all zeros for per-channel hybrid weights (measured; the runtime table's
+    [kernels]). `devices check` said OK and rpi4's files failed or computed nonsense on the Pi. Now
+    the check refuses such a file, and the plan for rpi4 keeps those ops float, saying why."""
+    import numpy as np
+
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.errors import ProfileError
+    from edgeq.plan import plan_precision
+    from edgeq.precision import Scheme
+    from edgeq.signature import ensure_signature
+    from edgeq.tflite_model import read_model
+
+    rpi4 = load_profile("rpi4")
+    (tmp_path / "sqrt.tflite").write_bytes(ensure_signature(_sqrt_model(tf))[0])
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((60, 1, 16)).astype(np.float32))
+    calib = CalibrationConfig(str(tmp_path / "x.npy"), samples=48, eval_samples=12)
+    plain = convert(tmp_path / "sqrt.tflite", ConvertOptions(tmp_path / "plain.tflite", Scheme.INT8, calib=calib))
+    assert any(o.name == "SQRT" and o.precision == "int8" for o in read_model(plain.output.read_bytes()).ops)
+    report = check_model(plain.output, rpi4)
+    assert not report.ok and [o.op for o in report.unsupported] == ["SQRT"]
+    assert "tflite-runtime 2.14.0's SQRT kernel cannot run int8 (refused at prepare" in report.unsupported[0].reason
+
+    pi = convert(tmp_path / "sqrt.tflite", ConvertOptions(tmp_path / "pi.tflite", calib=calib, device="rpi4"))
+    sqrt = next(e for e in pi.manifest["plan"]["ops"] if e["op"] == "SQRT")
+    assert sqrt["precision"] == "float" and "SQRT kernel cannot run int8" in sqrt["reason"], sqrt
+    assert {o.precision for o in read_model(pi.output.read_bytes()).ops if o.name == "SQRT"} == {"float"}
+    assert check_model(pi.output, rpi4).ok
+
+    # hybrid FULLY_CONNECTED: planned float for rpi4 under --scheme dynamic, refused to the budget loop
+    ops = read_model(_convert(tf, mlp, "float")).ops
+    plan = plan_precision(ops, rpi4, scheme=Scheme.DYNAMIC)
+    assert [e.precision for e in plan.entries] == ["float", "float"]
+    assert "FULLY_CONNECTED kernel cannot run hybrid (per-channel dynamic-range weights" in plan.entries[0].reason
+    with pytest.raises(ProfileError, match=r"rpi4 cannot run op 0 \(FULLY_CONNECTED\) as hybrid"):
+        plan_precision(ops, rpi4, {0: ("hybrid", "accuracy budget")})
+    assert plan_precision(ops, load_profile("rpi5"), scheme=Scheme.DYNAMIC).entries[0].precision == "hybrid"

@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 from .accuracy_target import Metric, Requirement, Target
 from .budget_moves import Move, int4_moves, measured_int4_order, measured_moves, static_moves
 from .errors import ProfileError, QuantizationError
-from .fidelity import Fidelity, fidelity
+from .fidelity import Fidelity, ModelRunError, fidelity
 from .litert_quant import STATIC_PRECISIONS, Requantizer, per_op_from_plan
 from .precision import INT4_FALLBACK, INT4_PRECISIONS, RECIPE_PRECISION, Precision, Scheme
 from .size_goal import human_size, spend_room
@@ -293,8 +293,11 @@ class _Loop:
         def gain(mv: Move) -> float:
             overrides = {i: (self.move_to[i], "accuracy budget (measuring)") for i in mv.ops}
             model = self.ctx.requantizer.quantize(per_op_from_plan(self.make_plan(overrides)))
-            fid = fidelity(self.ctx.requantizer.float_model, model, self.ctx.eval_samples, self.ctx.reference,
-                           self.ctx.class_outputs)
+            try:
+                fid = fidelity(self.ctx.requantizer.float_model, model, self.ctx.eval_samples, self.ctx.reference,
+                               self.ctx.class_outputs)
+            except ModelRunError:  # a plan LiteRT cannot run buys nothing (see _probe)
+                return float("-inf")
             return _margin(fid, self.target) - first
 
         started = time.monotonic()
@@ -319,10 +322,16 @@ class _Loop:
         t0 = time.monotonic()
         overrides = {i: (self.move_to[i], f"accuracy budget ({label})") for i in key}
         model = self.ctx.requantizer.quantize(per_op_from_plan(self.make_plan(overrides)))
-        fid = fidelity(self.ctx.requantizer.float_model, model, self.ctx.eval_samples, self.ctx.reference,
-                       self.ctx.class_outputs)
+        try:
+            fid = fidelity(self.ctx.requantizer.float_model, model, self.ctx.eval_samples, self.ctx.reference,
+                           self.ctx.class_outputs)
+            failed = ""
+        except ModelRunError as e:  # a plan LiteRT cannot run (an output it cannot read under XNNPACK):
+            fid, failed = self.first_fid, str(e)  # counted as buying nothing, never chosen
         step = self._step(len(self.steps), label, key, model, fid)
         step["seconds"] = round(time.monotonic() - t0, 2)
+        if failed:
+            step["met"], step["failed"] = False, failed
         if not self._fits(model):
             step["met"], step["over_max_size"] = False, True
         self.steps.append(step)

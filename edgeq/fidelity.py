@@ -213,6 +213,11 @@ def run_signature(runner, samples: Sequence[dict[str, np.ndarray]]) -> dict[str,
             except RuntimeError as e:  # a kernel refusing this input (int8_hazards.py), not a bug of the caller
                 raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)}"
                                     f"{_resized_first_axis(in_details, feed)}") from None
+            except ValueError as e:  # "Tensor data is null": the signature runner under XNNPACK cannot read
+                # an output another op also reads once a QUANTIZE writes it (a budget-loop probe of PyPI
+                # akiki's voice detector, its GRU state): a traceback before
+                raise ModelRunError(f"LiteRT could not run the model on sample {i + 1}: {first_line(e)} (an "
+                                    "output another op also reads, under XNNPACK)") from None
             for name, d in out_details.items():
                 collected[name].add(dequantize_output(np.asarray(outs[name]), d))
     return {k: v.result() for k, v in collected.items()}

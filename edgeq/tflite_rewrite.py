@@ -467,6 +467,56 @@ def _float_scalar(m, sg, like: int, suffix: str, value: float) -> int:
     return t
 
 
+def outputs_read_inside(model: bytes) -> tuple[bytes, int]:
+    """(model, how many): each float graph output that another op also reads gets a tensor of its own,
+    written by a RESHAPE to its own shape (the same values), keeping the output's name. The LiteRT
+    quantizer dequantized such an output in place and left its reader a FULLY_CONNECTED with a float
+    input and an int8 output, which the builtin kernels refuse ("fully_connected.cc:284 output->type
+    != kTfLiteFloat32"): a recurrent state returned and read on (`model` itself if none)."""
+    m0 = te.schema().Model.GetRootAs(model, 0)
+    if m0.SubgraphsLength() == 0:
+        return model, 0
+    g = m0.Subgraphs(0)
+    outs0 = set(int(i) for i in g.OutputsAsNumpy()) if g.OutputsLength() else set()
+    read0 = {int(i) for k in range(g.OperatorsLength()) for i in (g.Operators(k).InputsAsNumpy()
+                                                                   if g.Operators(k).InputsLength() else [])}
+    if not outs0 & read0:
+        return model, 0
+    m = te.load(model)
+    sg = m.subgraphs[0]
+    read = {i for op in sg.operators or [] for i in te.ints(op.inputs) if i >= 0}
+    outs = list(te.ints(sg.outputs))
+    s = te.schema()
+    n = 0
+    for k, t in enumerate(outs):
+        tensor = sg.tensors[t]
+        if t not in read or tensor.type != 0 or tensor.shape is None:
+            continue
+        new = _new_tensor(sg, tensor, "out")
+        name = te.tensor_name(tensor)
+        sg.tensors[new].name, tensor.name = name.encode(), f"{name}/inner".encode()
+        shape = te.schema().TensorT()
+        shape.name, shape.type, shape.shape = f"{name}/shape".encode(), 2, np.array([len(tensor.shape)], np.int32)
+        sg.tensors.append(shape)
+        te.set_constant(m, sg, len(sg.tensors) - 1, np.array(tensor.shape, np.int32), new_buffer=True)
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = te.opcode_index(m, "RESHAPE"), [t, len(sg.tensors) - 1], [new]
+        options = s.ReshapeOptionsT()
+        options.newShape = [int(d) for d in tensor.shape]
+        op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.ReshapeOptions, options
+        sg.operators.append(op)
+        outs[k] = new
+        for sd in m.signatureDefs or []:
+            for o in sd.outputs or []:
+                if o.tensorIndex == t:
+                    o.tensorIndex = new
+        n += 1
+    if not n:
+        return model, 0
+    sg.outputs = np.array(outs, np.int32)
+    return te.pack(m), n
+
+
 def _new_tensor(sg, like, suffix: str) -> int:
     """A float32 activation tensor shaped as `like`, named after it; its index."""
     t = te.schema().TensorT()

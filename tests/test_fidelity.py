@@ -419,3 +419,26 @@ def test_a_float_model_that_outputs_nan_on_the_data_is_refused_for_what_it_is(tf
                                   str(tmp_path / "clips.npy"), "--quiet", "--optimize", "none"])
     assert r.exit_code == 1 and not out.exists() and "Traceback" not in r.output
     assert "the float model itself outputs NaN on" in r.output and "held-out samples (output 'y'; first clips.npy[" in r.output
+
+
+def test_an_output_the_runner_cannot_read_is_a_run_error(tf):
+    """A plan with the TANH float before a graph output another op also reads (a budget-loop probe of
+    PyPI akiki's voice detector: its GRU state): LiteRT's signature runner under XNNPACK raised
+    "ValueError: Tensor data is null", a traceback out of the budget loop. It is a ModelRunError now,
+    one line, like a kernel refusing the input."""
+    from edgeq.fidelity import ModelRunError, run_model
+    from edgeq.litert_quant import OpPrecision, quantize_per_op
+    from edgeq.signature import ensure_signature
+    from edgeq.tflite_model import read_model
+
+    tf.keras.utils.set_random_seed(0)
+    x = tf.keras.Input((8,), name="x")
+    y = tf.keras.layers.Dense(8, activation="tanh", name="state")(x)
+    m = tf.keras.Model(x, [tf.keras.layers.Dense(1, name="p")(y * 2.0), y])
+    flt, _ = ensure_signature(tf.lite.TFLiteConverter.from_keras_model(m).convert())
+    tanh = next(o for o in read_model(flt).ops if o.name == "TANH")
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 8)).astype(np.float32)} for _ in range(16)]
+    q = quantize_per_op(flt, "int8", [OpPrecision(tanh.name, tanh.outputs[0].name, "float")], samples)
+    with pytest.raises(ModelRunError, match=r"LiteRT could not run the model on sample 1: Tensor data is null"):
+        run_model(q, samples[:2])

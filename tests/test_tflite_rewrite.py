@@ -571,3 +571,41 @@ def test_a_broadcast_shaped_bias_is_flattened_and_the_int8_model_loads(tf):
     q = quantize_per_op(flat, Precision.INT8, (), samples)
     check_runs(q, samples)
     assert fidelity(flat, q, samples).outputs[0].cosine > 0.99
+
+
+def test_an_output_read_inside_the_model_gets_its_own_tensor(tf, tmp_path):
+    """A recurrent state returned and read on (TANH -> output 'state' and -> the next Dense): the LiteRT
+    quantizer dequantized the output in place and left the Dense a float input with an int8 output,
+    which the builtin kernels refuse to prepare; every conversion of such a model, at any level, ended
+    in "fully_connected.cc:284 output->type != kTfLiteFloat32". The output now gets its own tensor
+    (a RESHAPE to its own shape, the output's name kept): the same values, and the file runs."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+    from edgeq.tflite_rewrite import outputs_read_inside
+
+    tf.keras.utils.set_random_seed(0)
+    x = tf.keras.Input((8,), name="x")
+    y = tf.keras.layers.Dense(8, activation="tanh", name="state")(x)
+    m = tf.keras.Model(x, [tf.keras.layers.Dense(1, name="p")(y * 2.0), y])
+    flt, _ = ensure_signature(tf.lite.TFLiteConverter.from_keras_model(m).convert())
+    out, n = outputs_read_inside(flt)
+    assert n == 1 and _op_names(out) == _op_names(flt) + ["RESHAPE"]
+    names = lambda b: [d["name"] for d in Interpreter(model_content=b).get_output_details()]  # noqa: E731
+    assert names(out) == names(flt)
+    samples = [{"x": s} for s in np.random.default_rng(0).normal(size=(8, 1, 8)).astype(np.float32)]
+    a, b = run_model(flt, samples), run_model(out, samples)
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert outputs_read_inside(out) == (out, 0)
+
+    (tmp_path / "m.tflite").write_bytes(flt)
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(60, 1, 8)).astype(np.float32))
+    r = convert(tmp_path / "m.tflite", ConvertOptions(tmp_path / "q.tflite", calib=CalibrationConfig(
+        str(tmp_path / "x.npy"), samples=40, eval_samples=20), floor=False))
+    assert all(o["cosine"] > 0.99 for o in r.manifest["fidelity"]["outputs"]), r.manifest["fidelity"]
+    it = Interpreter(model_path=str(tmp_path / "q.tflite"),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()  # the builtin kernels prepare every node
+    assert {o.name for o in read_model((tmp_path / "q.tflite").read_bytes()).ops
+            if o.name == "FULLY_CONNECTED" and o.precision == "int8"} == {"FULLY_CONNECTED"}

@@ -84,11 +84,12 @@ def load_source(path: Path | str, **options) -> SourceModel:
     fmt = detect_format(path)
     source = SOURCES[fmt](path, **options)
     from ..dead_outputs import slice_dead_splits
-    from ..tflite_rewrite import flat_biases
+    from ..tflite_rewrite import flat_biases, outputs_read_inside
 
     data, n = slice_dead_splits(source.float_tflite)  # unread SPLIT outputs stop the quantizer's calibration
     data, flat = flat_biases(data)  # a [1, 1, 1, C] bias gets C scales on an axis of 1: LiteRT refuses it
-    return source if not n and not flat else replace(source, float_tflite=data)
+    data, inside = outputs_read_inside(data)  # an output read on was dequantized under its int8 reader
+    return source if not n and not flat and not inside else replace(source, float_tflite=data)
 
 
 def for_int8_activations(source: SourceModel, accelerator: bool) -> SourceModel:

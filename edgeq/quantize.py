@@ -60,8 +60,10 @@ def check_litert(source: SourceModel, req: QuantizeRequest, why: str = "") -> No
     """What the LiteRT quantizer path cannot do; `why` says what sent the model there."""
     why = why or ("a float .tflite/HF source" if source.converter is None else "a per-op plan")
     if req.scheme is Scheme.FP16:
-        raise QuantizationError(f"--scheme fp16 is not available with {why}; it needs a Keras/SavedModel "
-                                "source with a uniform scheme")
+        # the scheme may be a profile's (android-gpu), not the user's --scheme: say what to pass instead
+        raise QuantizationError(f"scheme fp16 (--scheme, or the --device profile's) is not available with {why}; "
+                                "it needs a Keras/SavedModel source with a uniform scheme: pass --scheme int8 or "
+                                "--scheme dynamic for this source")
     check_litert_io(req.io, why)
 
 

@@ -128,6 +128,11 @@ def test_float_tflite_requantized(tf, tmp_path, signature):
     assert r.manifest["op_summary"].get("int8", 0) >= 3
     assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.98
     assert (tmp_path / "float.tflite").read_bytes() == data  # input untouched
+    if signature:  # android-gpu's own scheme (fp16) cannot come from a .tflite: said so, with what to pass
+        with pytest.raises(QuantizationError, match=r"scheme fp16 \(--scheme, or the --device profile's\) is not "
+                                                    r"available .* pass --scheme int8 or --scheme dynamic"):
+            convert(tmp_path / "float.tflite", ConvertOptions(tmp_path / "g.tflite", device="android-gpu",
+                                                              calib=CalibrationConfig(_npy(tmp_path, (8, 8, 3)))))
 
 
 def test_random_calibration_marked_uncalibrated(tiny_dense, tmp_path):

@@ -22,6 +22,9 @@ from .tflite_model import BOUNDARY_OPS, read_model
 # Default share of RAM a model file may take: the OS, the runtime, activations and the app need
 # the rest. A rule of thumb, not a measurement; profiles can be copied with a different ram_mb.
 MEMORY_BUDGET_FRACTION = 0.5
+# Below this share of ops on an accelerator that sets no minimum of its own, convert warns: the model is
+# mostly a CPU model there (EfficientNet-B0 from PyTorch: 0 % on the Edge TPU, its NCHW TRANSPOSE first).
+LOW_COVERAGE = 0.5
 
 
 class OpStatus(StrEnum):
@@ -59,6 +62,8 @@ class CompatReport:
     notes: tuple[str, ...]
     accelerator: str | None = None
     delegate_coverage: float | None = None  # fraction of non-boundary ops placed on the accelerator
+    # what convert must say aloud, not only in the manifest: the accelerator takes too little of the model
+    low_coverage: str = ""
 
     @property
     def unsupported(self) -> list[OpCheck]:
@@ -185,14 +190,20 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
         if slow:
             notes.append(f"{sum(c.precision is prec and c.placement == 'cpu' for c in checks)} op(s) {slow}")
 
-    coverage = None
+    coverage, low_coverage = None, ""
     if accel is not None:
         counted = [c for c in checks if c.op not in BOUNDARY_OPS and c.status is not OpStatus.UNSUPPORTED]
         if counted:
             coverage = sum(c.placement == "accelerator" for c in counted) / len(counted)
+            first = next((c for c in counted if c.placement == "cpu" and "the rest of the graph" not in c.reason), None)
+            where = f"; the first op it does not take: #{first.index} {first.op} ({first.reason})" if first else ""
             if accel.min_coverage is not None and coverage < accel.min_coverage:
-                notes.append(f"only {coverage:.0%} of ops on the {accel.name} (profile asks "
-                             f">= {accel.min_coverage:.0%}); the benchmark runner will refuse this model")
+                low_coverage = (f"only {coverage:.0%} of ops on the {accel.name} (profile asks "
+                                f">= {accel.min_coverage:.0%}); the benchmark runner will refuse this model{where}")
+                notes.append(low_coverage)
+            elif coverage < LOW_COVERAGE:  # a profile without a minimum: 0 % on the Edge TPU read "graph splits"
+                low_coverage = f"only {coverage:.0%} of ops on the {accel.name}: the rest run on the CPU{where}"
+                notes.append(low_coverage)
         if profile.custom_ops and not any(op.is_custom for op in info.ops):
             notes.append(f"no {', '.join(profile.custom_ops)} in the model: not compiled for the {accel.name} yet; "
                          "placements show what its compiler would map, until then everything runs on the CPU")
@@ -208,7 +219,7 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
 
     budget = int(profile.ram_mb * 2**20 * MEMORY_BUDGET_FRACTION)
     return CompatReport(profile.id, rt, label, info.size_bytes, profile.ram_mb, budget, tuple(checks),
-                        tuple(notes), accel.name if accel else None, coverage)
+                        tuple(notes), accel.name if accel else None, coverage, low_coverage)
 
 
 def _matches_scheme(precision: Precision, scheme: Precision) -> bool:

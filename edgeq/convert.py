@@ -283,6 +283,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                 raise IncompatibleModelError(f"{profile.id}: {compat.summary}; pass --allow-incompatible "
                                              "to write it anyway")
             warnings.append(f"written despite incompatibility with {profile.id}: {compat.summary}")
+        if compat.low_coverage:  # said in the manifest's notes only, before
+            warnings.append(f"{profile.id}: {compat.low_coverage}")
 
     manifest = build_manifest(ManifestParts(
         model=model, output=out, model_bytes=qbytes, source=source, scheme=scheme, io=io, device=opts.device,

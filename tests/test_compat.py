@@ -150,6 +150,9 @@ def test_edgetpu_splits_at_the_first_unsupported_op(tf):
     assert any("not compiled for the Edge TPU yet" in n for n in report.notes)
     assert any("no op-version table for tflite-runtime 2.5.0.post1" in n for n in report.notes)
     assert report.ok  # runs, mostly on the CPU
+    # a third on an accelerator without a minimum of its own: said aloud (convert warns), naming where it stops
+    assert report.low_coverage == ("only 33% of ops on the Edge TPU: the rest run on the CPU; the first op it does "
+                                   "not take: #1 EXP (runs on the CPU: Edge TPU does not support EXP)")
 
 
 def test_nnapi_version_limit_and_coverage_note(tf, mlp):

@@ -36,10 +36,14 @@ class RuntimeOptions:
     threads: int = DEFAULT_THREADS
     xnnpack: bool = True  # the runtime's default delegate (TFLite/LiteRT CPU runtimes apply it)
     target: str = "this host"  # for messages: the profile id
+    # the profile's runtime is not the one that runs here: said in the label ("ran under rpi4" read as if
+    # tflite-runtime 2.14 had run the file; its kernels differ)
+    stand_in: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.target} ({'XNNPACK' if self.xnnpack else 'builtin kernels'}, {self.threads} threads)"
+        return (f"{self.target} ({'XNNPACK' if self.xnnpack else 'builtin kernels'}, {self.threads} threads"
+                + (f"; {self.stand_in}" if self.stand_in else "") + ")")
 
 
 def runtime_options(profile=None) -> RuntimeOptions:
@@ -47,8 +51,22 @@ def runtime_options(profile=None) -> RuntimeOptions:
     if profile is None:
         return RuntimeOptions()
     delegate = str(profile.delegate)
+    here = _litert_version()
+    rt = profile.runtime
+    stand_in = "" if (str(rt.name), rt.version) == ("ai-edge-litert", here) else \
+        f"run by ai-edge-litert {here} here, not its {rt.label}"
     # Accelerator profiles: the ops the accelerator refuses run on the CPU runtime, with XNNPACK.
-    return RuntimeOptions(threads=int(profile.threads), xnnpack=delegate != "none", target=profile.id)
+    return RuntimeOptions(threads=int(profile.threads), xnnpack=delegate != "none", target=profile.id,
+                          stand_in=stand_in)
+
+
+def _litert_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("ai-edge-litert")
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ def test_profile_options_from_real_profiles():
     gpu = runtime_options(load_profile("android-gpu"))  # the CPU fallback path is what runs here
     assert gpu.xnnpack and gpu.threads == 4
     assert "XNNPACK, 4 threads" in rpi4.label
+    # the host's interpreter stands in for the Pi's tflite-runtime: the label says so
+    assert rpi4.label.endswith("; run by ai-edge-litert 2.3.0 here, not its tflite-runtime 2.14.0)"), rpi4.label
+    assert "run by" not in runtime_options(load_profile("rpi5")).label  # its runtime is the one here
 
 
 def test_runs_fully_delegated_with_fidelity(models):

@@ -133,6 +133,9 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     reference = run_model(source.float_tflite, eval_samples) if eval_samples else None
     if reference is not None:
         check_finite(reference, labels=[f"{Path(data.source).name}[{i}]" for i in data.eval_indices])
+        class_outputs, top1_note = _top1_outputs(opts, class_outputs, reference)
+        if top1_note:
+            source = dataclasses.replace(source, notes=source.notes + (top1_note,))
     source_outputs = _source_outputs(source, opts, data, eval_samples, reference, class_outputs)
     float_info = read_model(source.float_tflite)
 
@@ -527,6 +530,23 @@ def _check_options(opts: ConvertOptions, scheme: Scheme | None, io: IoType | Non
                                     f"(got {got})")
         if opts.calib is not None and opts.calib.eval_samples == 0:
             raise CalibrationError("--max-drop needs held-out samples: use --eval-samples > 0")
+
+
+def _top1_outputs(opts: ConvertOptions, class_outputs: frozenset[str], reference) -> tuple[frozenset[str], str]:
+    """--metric top1 without --class-output took every vector output for class scores: MTCNN O-Net's box
+    offsets and landmarks were judged by their argmax, and NNAPI's plan moved 32 of its 34 ops to float
+    for them. Where some of those outputs hold probabilities, top-1 judges those alone, and a note says
+    which outputs it left out (--class-output names them)."""
+    from .fidelity import OutputKind, output_kind
+
+    if opts.budget is None or opts.budget.metric != "top1" or opts.class_outputs or len(class_outputs) < 2:
+        return class_outputs, ""
+    probs = frozenset(n for n in class_outputs if n in reference and output_kind(n, reference[n]) is OutputKind.CLASS_SCORES)
+    if not probs or probs == class_outputs:
+        return class_outputs, ""
+    rest = sorted(class_outputs - probs)
+    return probs, (f"--metric top1 judges {', '.join(sorted(probs))} (probabilities); {', '.join(rest)} are not "
+                   "held to it (--class-output NAME judges an output by top-1 too)")
 
 
 def _class_outputs(opts: ConvertOptions, source: SourceModel) -> frozenset[str]:

@@ -775,3 +775,22 @@ def test_a_model_whose_first_axis_is_its_own_counts_its_held_out_samples(tf, tmp
                                                                                   eval_samples=4)))
     assert r.manifest["calibration"]["eval_count"] == 4 and r.manifest["fidelity"]["samples"] == 4
     assert r.manifest["fidelity"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_metric_top1_judges_the_probabilities_not_every_vector(tf, tmp_path):
+    """MTCNN O-Net (box offsets 4, landmarks 10, face softmax 2): `--metric top1` took every vector output
+    for class scores, judged the boxes by their argmax and moved 32 of 34 ops to float on NNAPI for them.
+    Where some outputs hold probabilities, top-1 judges those alone, and a warning names the rest."""
+    tf.keras.utils.set_random_seed(0)
+    x = tf.keras.Input((8, 8, 3), name="crop")
+    h = tf.keras.layers.Dense(16, activation="relu")(tf.keras.layers.Flatten()(tf.keras.layers.Conv2D(4, 3)(x)))
+    m = tf.keras.Model(x, [tf.keras.layers.Dense(4, name="box")(h),
+                           tf.keras.layers.Dense(2, activation="softmax", name="face")(h)])
+    path = save_keras(tf, m, tmp_path / "onet.keras")
+    r = convert(path, ConvertOptions(tmp_path / "q.tflite", calib=CalibrationConfig(_npy(tmp_path, (8, 8, 3))),
+                                     budget=BudgetOptions(0.05, "top1")))
+    kinds = {o["name"]: o["kind"] for o in r.manifest["fidelity"]["outputs"]}
+    assert sorted(kinds.values()) == ["class_scores", "maybe_class_scores"], kinds
+    face = next(n for n, k in kinds.items() if k == "class_scores")
+    assert [(q["output"], q["metric"]) for q in r.manifest["budget"]["requirements"]] == [(face, "top1")]
+    assert any(w.startswith(f"--metric top1 judges {face} (probabilities); ") for w in r.warnings), r.warnings

@@ -432,8 +432,9 @@ class _Loop:
             raise QuantizationError(
                 f"fidelity floor not met, nothing written: {reached} ({self.report['probes']} probes, "
                 f"{self.report['seconds']:.0f}s); {silence + '; or ' if silence else ''}{accept}"
-                f"try {_wider_scheme(self.ctx.scheme)}another --device profile, or turn the floor off with --no-floor")
-        wider = _wider_scheme(self.ctx.scheme)  # "--scheme X or " or ""
+                f"try {_wider_scheme(self.ctx.scheme, self.ctx.profile)}another --device profile, or turn the floor "
+                "off with --no-floor")
+        wider = _wider_scheme(self.ctx.scheme, self.ctx.profile, budget=True)  # "--scheme X or " or ""
         raise QuantizationError(f"accuracy budget not met: {reached}; {silence + '; or ' if silence else ''}"
                                 f"raise --max-drop, {'try ' + wider if wider else ''}improve calibration data")
 
@@ -494,11 +495,23 @@ class _OutOfProbes(Exception):
     pass
 
 
-def _wider_scheme(scheme: Scheme) -> str:
+def _wider_scheme(scheme: Scheme, profile=None, budget: bool = False) -> str:
     """The next scheme up to suggest after a miss ("--scheme X or "): not the one that just missed
-    (pose_landmark_full under --scheme dynamic was told to try --scheme dynamic)."""
+    (pose_landmark_full under --scheme dynamic was told to try --scheme dynamic), nothing an accelerator
+    without a CPU fallback cannot run, and saying where it runs and what it does not go with: "try
+    --scheme fp16" after a --max-drop miss, which --max-drop itself refuses; "--scheme dynamic" for the
+    Edge TPU, which runs none of it."""
     wider = {Scheme.DYNAMIC: Scheme.FP16, Scheme.FP16: None}.get(scheme, Scheme.DYNAMIC)
-    return f"--scheme {wider.value} or " if wider else ""
+    if wider is None:
+        return ""
+    accel = getattr(profile, "accelerator", None)
+    where = ""
+    if accel is not None and wider.precision not in accel.precisions:
+        if str(accel.fallback) == "none":
+            return ""
+        where = f" (on the CPU: the {accel.name} runs no {wider.precision})"
+    alone = " without --max-drop" if budget and wider is Scheme.FP16 else ""
+    return f"--scheme {wider.value}{alone}{where} or "
 
 
 def _drop_bound(r: Requirement) -> float:

@@ -220,7 +220,8 @@ def test_budget_that_cannot_be_met_fails_cleanly(ln_model, tmp_path):
     with pytest.raises(QuantizationError, match="accuracy budget not met: best output_0 cosine") as e:
         convert(src, ConvertOptions(tmp_path / "x.tflite", scheme=Scheme.DYNAMIC, calib=CalibrationConfig(data, 100, 30),
                                     budget=BudgetOptions(0.0, max_steps=1)))
-    assert "--scheme fp16" in str(e.value) and "--scheme dynamic" not in str(e.value), str(e.value)
+    # ... and says fp16 goes without --max-drop (which refuses fp16)
+    assert "--scheme fp16 without --max-drop" in str(e.value) and "--scheme dynamic" not in str(e.value), str(e.value)
     assert not (tmp_path / "x.tflite").exists() and not (tmp_path / "x.edgeq.json").exists()
 
 

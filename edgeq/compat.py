@@ -228,6 +228,14 @@ def _matches_scheme(precision: Precision, scheme: Precision) -> bool:
     return precision in (Precision.OTHER, scheme, RECIPE_PRECISION.get(scheme))
 
 
+def missing_custom_ops(model, profile: DeviceProfile) -> list[str]:
+    """The custom ops of `model` the profile's runtime does not provide (convert refuses them before any
+    slow work: selfie segmentation's Convolution2DTransposeBias on rpi4 was named only after a floor
+    refusal and a second full run with --no-floor)."""
+    info = model if hasattr(model, "ops") else read_model(model)
+    return sorted({op.name.split(":", 1)[1] for op in info.ops if op.is_custom} - set(profile.custom_ops))
+
+
 def _runtime_refuses(op, profile: DeviceProfile) -> str | None:
     """Why the device runtime cannot run this op at all (None when it can, or when unknown)."""
     rt = profile.runtime.label

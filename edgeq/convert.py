@@ -123,6 +123,13 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             source = for_int8_activations(source, int8_accelerator(profile))
         elif scheme is Scheme.INT16X8:
             source = for_int16_activations(source)
+    if profile is not None and not opts.allow_incompatible:
+        from .compat import missing_custom_ops
+
+        if missing := missing_custom_ops(source.float_tflite, profile):
+            raise IncompatibleModelError(f"{profile.id}: custom op(s) {', '.join(missing)} are not built into "
+                                         f"{profile.runtime.label}: the model cannot load there; choose another "
+                                         "--device, or pass --allow-incompatible to write it anyway")
     class_outputs = _class_outputs(opts, source)
     calib_cfg = opts.calib or CalibrationConfig("random", samples=1, eval_samples=20)
     calib_cfg, pixel_note = photo_scale(calib_cfg, source)

@@ -340,7 +340,7 @@ def test_convert_for_int8_only_profile_is_all_int8_and_grouped(tmp_path):
     assert cos >= 0.95, cos
 
 
-def _tiny_bert(tmp_path, architecture: str, labels: int = 5) -> Path:
+def _tiny_bert(tmp_path, architecture: str, labels: int = 5, **config) -> Path:
     """A seeded 2-layer BERT with a task head, saved with MiniLM's tokenizer (as a fine-tuned
     checkpoint ships: config.json naming the architecture, weights, vocab)."""
     import shutil
@@ -350,8 +350,8 @@ def _tiny_bert(tmp_path, architecture: str, labels: int = 5) -> Path:
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, num_labels=labels, architectures=[architecture])
-    d = tmp_path / architecture
+                                  intermediate_size=64, num_labels=labels, architectures=[architecture], **config)
+    d = tmp_path / f"{architecture}{len(config)}"
     getattr(transformers, architecture)(cfg).eval().save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(MINILM / f, d / f)
@@ -383,6 +383,14 @@ def test_a_sequence_classifier_keeps_its_head(tmp_path):
     emb = load_hf(d, HfOptions(seq_len=16, pooling=Pooling.MEAN))
     assert emb.output_names == ("embedding",) and not emb.class_outputs
     assert len(emb.notes) == 1 and "classification head is not in the written model" in emb.notes[0]
+
+
+def test_a_multi_label_classifier_is_not_judged_by_top1(tmp_path):
+    """Its logits are independent sigmoids (problem_type multi_label_classification): no single class
+    to agree on, so they are not declared class scores."""
+    fm = load_hf(_tiny_bert(tmp_path, "BertForSequenceClassification", problem_type="multi_label_classification"),
+                 HfOptions(seq_len=16))
+    assert fm.output_names == ("logits",) and fm.class_outputs == ()
 
 
 def test_a_head_edgeq_does_not_convert_is_named(tmp_path):

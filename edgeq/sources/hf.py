@@ -414,7 +414,9 @@ def load_hf(path, options: HfOptions = HfOptions(), calib_texts: Sequence[str] |
         enc = _encode(tok, texts, seq_len)
         return [{n: enc[n][i:i + 1].astype(dtypes[n]) for n in input_names} for i in range(len(texts))]
 
-    classes = ("logits",) if head == HEADS["ForSequenceClassification"] else ()
+    # one label per text: its logits are class scores (top-1); a multi-label head's are independent sigmoids
+    single = head == HEADS["ForSequenceClassification"] and cfg.get("problem_type") != "multi_label_classification"
+    classes = ("logits",) if single else ()
     return FloatModel(tflite, input_names, output_names, make_samples, desc, tuple(notes), classes)
 
 

@@ -213,5 +213,5 @@ def test_a_damaged_graph_is_one_line(tf, tmp_path, where):
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert r.output.strip() == (f"Error: {tmp_path / 'm.tflite'}: the model is inconsistent (RuntimeError: Invalid "
                                 f"tensor index {bad} in {where}. The subgraph has {len(sg.tensors)} tensors); the "
-                                "file may be damaged: copy or export it again"), r.output
+                                "file may be damaged: copy or export it again (if it runs elsewhere, report this)"), r.output
     assert not (tmp_path / "q.tflite").exists()

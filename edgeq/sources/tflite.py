@@ -33,7 +33,7 @@ def load_tflite(path: Path, scheme: str = "int8", **_) -> SourceModel:
         return _load(path, data, info)
     except _INTERNAL as e:  # a damaged file that passed the flatbuffer check breaks a rewrite or the interpreter
         raise ModelFormatError(f"{path}: the model is inconsistent ({type(e).__name__}: {first_line(e)}); the file "
-                               "may be damaged: copy or export it again") from None
+                               "may be damaged: copy or export it again (if it runs elsewhere, report this)") from None
 
 
 # What the rewrites and the interpreter raise on a graph that does not hold together (a tensor index past

@@ -73,16 +73,23 @@ def runtime_table(runtime: Runtime, dirs: list[Path]) -> tuple:
     return {}, "", {}, "", {}, ""
 
 
-def _kernels_table(c: Checker, t: dict) -> tuple[dict[str, WrongKernel], str]:
-    """[kernels]: source = "...", [kernels.ops] OP = { wrong = [precisions], note = "..." }."""
-    c.keys(t, "kernels", {"source", "ops"}, set())
-    out = {}
-    for name, entry in c.table(t, "ops", "kernels.ops").items():
-        key = f"kernels.ops.{name}"
+def _op_entries(c: Checker, t: dict, section: str, form: str, required: set, optional: set):
+    """(op name, its key, its table) of [<section>.ops], each an op name and a table of those keys."""
+    c.keys(t, section, {"source", "ops"}, set())
+    for name, entry in c.table(t, "ops", f"{section}.ops").items():
+        key = f"{section}.ops.{name}"
         c.op_name(name, key)
         if not isinstance(entry, dict):
-            raise c.fail(key, 'expected { wrong = ["int8", ...], note = "..." }')
-        c.keys(entry, key, {"wrong", "note"}, set())
+            raise c.fail(key, f"expected {form}")
+        c.keys(entry, key, required, optional)
+        yield name, key, entry
+
+
+def _kernels_table(c: Checker, t: dict) -> tuple[dict[str, WrongKernel], str]:
+    """[kernels]: source = "...", [kernels.ops] OP = { wrong = [precisions], note = "..." }."""
+    out = {}
+    for name, key, entry in _op_entries(c, t, "kernels", '{ wrong = ["int8", ...], note = "..." }',
+                                        {"wrong", "note"}, set()):
         v = entry["wrong"]
         if not isinstance(v, list) or not v:
             raise c.fail(f"{key}.wrong", "expected a non-empty list of precisions")
@@ -95,14 +102,9 @@ def _kernels_table(c: Checker, t: dict) -> tuple[dict[str, WrongKernel], str]:
 def _int4_table(c: Checker, t: dict) -> tuple[dict[str, Int4Kernel], str]:
     """[int4]: source = "...", [int4.ops] OP = { runs = [int4 precisions], note = "..." }. An op not
     listed has no int4 kernel in the runtime."""
-    c.keys(t, "int4", {"source", "ops"}, set())
     kernels = {}
-    for name, entry in c.table(t, "ops", "int4.ops").items():
-        key = f"int4.ops.{name}"
-        c.op_name(name, key)
-        if not isinstance(entry, dict):
-            raise c.fail(key, 'expected { runs = ["int4", ...], note = "..." }')
-        c.keys(entry, key, {"runs"}, {"note", "xnnpack_only"})
+    for name, key, entry in _op_entries(c, t, "int4", '{ runs = ["int4", ...], note = "..." }',
+                                        {"runs"}, {"note", "xnnpack_only"}):
         lists = {}
         for k in ("runs", "xnnpack_only"):
             v = entry.get(k, [])

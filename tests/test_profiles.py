@@ -335,6 +335,14 @@ def test_runtime_int4_tables():
      "int4.ops.FULLY_CONNECTED.xnnpack_only: must be a subset of runs"),
     ('[int4]\n[int4.ops]\nCONV_2D = { runs = [] }\n', "int4.source: missing required key"),
     ('[int4]\nsource = "m"\n[int4.ops]\nCONV_2D = { run = [] }\n', "int4.ops.CONV_2D.run: unknown key; did you mean runs?"),
+    # [kernels]: what the runtime's kernel cannot run at the version the quantizer writes
+    ('[kernels]\nsource = "m"\n[kernels.ops]\nSQRTT = { wrong = ["int8"], note = "n" }\n',
+     "kernels.ops.SQRTT: unknown TFLite op; did you mean SQRT?"),
+    ('[kernels]\nsource = "m"\n[kernels.ops]\nSQRT = { wrong = ["int9"], note = "n" }\n',
+     "kernels.ops.SQRT.wrong[0]: bad value 'int9'"),
+    ('[kernels]\nsource = "m"\n[kernels.ops]\nSQRT = { wrong = [], note = "n" }\n',
+     "kernels.ops.SQRT.wrong: expected a non-empty list of precisions"),
+    ('[kernels]\nsource = "m"\n[kernels.ops]\nSQRT = { wrong = ["int8"] }\n', "kernels.ops.SQRT.note: missing required key"),
 ])
 def test_runtime_int4_table_is_validated(tmp_path, int4, expected):
     runtimes = tmp_path / "runtimes"
@@ -349,6 +357,11 @@ def test_runtime_int4_table_is_validated(tmp_path, int4, expected):
         table + '[int4]\nsource = "m"\n[int4.ops]\nCONV_2D = { runs = ["int4x8"], note = "n" }\n')
     p = load_profile("new-rt", devices_dir=tmp_path)
     assert p.int4_ops["CONV_2D"].runs == {Precision.INT4X8} and p.int4_source.endswith(": m")
+    (runtimes / "tflite-runtime-9.9.9.toml").write_text(
+        table + '[kernels]\nsource = "m"\n[kernels.ops]\nCONV_2D = { wrong = ["hybrid"], note = "zeros" }\n')
+    p = load_profile("new-rt", devices_dir=tmp_path)
+    assert p.kernel_refuses("CONV_2D", Precision.HYBRID) == "tflite-runtime 9.9.9's CONV_2D kernel cannot run hybrid (zeros)"
+    assert p.kernel_refuses("CONV_2D", Precision.INT8) is None
 
 
 @pytest.mark.parametrize("encoding,byte", [("latin-1", "0xfc"), ("utf-16", "0xff")])

@@ -289,7 +289,7 @@ def test_a_missed_floor_reports_the_model_as_converted_when_moves_read_lower():
     def failing(first, probes, max_bytes=None):
         loop = _Loop.__new__(_Loop)
         loop.target, loop.first_fid, loop.first_model = default_floor(fid(first)), fid(first), b"m"
-        loop.ctx = SimpleNamespace(max_bytes=max_bytes, scheme=Scheme.INT8)
+        loop.ctx = SimpleNamespace(max_bytes=max_bytes, scheme=Scheme.INT8, profile=None)
         loop.report = {"refused_count": 0, "probes": len(probes), "seconds": 5.0}
         loop.probes = {(i,): _Probe((), b"p", fid(c), False, {"moved": list(range(n))})
                        for i, (c, n) in enumerate(probes)}

@@ -39,8 +39,8 @@ class Finite(click.FloatRange):
         return v
 
 
-SECONDS = Finite(min=0, min_open=True)
-FLOAT32_MAX = 3.4028234e38  # a timeout: above 0 (0 and -5 were accepted, then failed oddly)
+SECONDS = Finite(min=0, min_open=True)  # a timeout: above 0 (0 and -5 were accepted, then failed oddly)
+FLOAT32_MAX = 3.4028234e38  # --mean/--std are applied in float32: 1e39 is inf there
 
 
 def library_call(fn):
@@ -277,10 +277,9 @@ def _check_result_path(output, inputs, force) -> None:
 def _read_beside(model) -> list[Path]:
     """MODEL and what bench/profile read beside it by default (its manifest and kept samples): -o and
     --save-outputs with --force replaced them, and every later bench, profile and flash then failed."""
-    from .manifest import manifest_path
+    from .manifest import manifest_path, samples_path
 
-    model = Path(model)
-    return [model, manifest_path(model), model.with_name(model.stem + ".samples.npz")]  # convert.samples_path
+    return [Path(model), manifest_path(model), samples_path(model)]
 
 
 def _save_result(output, result) -> None:

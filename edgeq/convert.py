@@ -26,7 +26,7 @@ from .files import check_output, write_all
 from .float_joins import note as joins_note, written as float_joins_written
 from .int8_hazards import INT8_ACTIVATIONS, divisor_hazards, note as hazard_note
 from .litert_quant import Requantizer, per_op_from_plan
-from .manifest import ManifestParts, build_manifest, manifest_path, manifest_text
+from .manifest import ManifestParts, build_manifest, manifest_path, manifest_text, samples_path
 from .optimize import (OptimizeLevel, OptimizeResult, gptq_finisher, model_key, loop_requantizer, optimize_mistake,
                        optimize_report, resolve_level)
 from .plan import default_scheme, int8_accelerator, integer_only, profile_io
@@ -314,10 +314,6 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 KEPT_SAMPLES = 8  # held-out samples kept as OUT.samples.npz (enough to cycle through in a benchmark)
 
 
-def samples_path(out: Path) -> Path:
-    return Path(out).with_name(Path(out).stem + ".samples.npz")
-
-
 def samples_npz(model: bytes, samples: list[dict]) -> bytes:
     """Samples stacked per input ([N, *input shape]) and keyed by the interpreter's input tensor names,
     as device_bench --inputs reads them (on the device there may be no signature runner)."""
@@ -548,7 +544,8 @@ def _top1_outputs(opts: ConvertOptions, class_outputs: frozenset[str], reference
 
     if opts.budget is None or opts.budget.metric != "top1" or opts.class_outputs or len(class_outputs) < 2:
         return class_outputs, ""
-    probs = frozenset(n for n in class_outputs if n in reference and output_kind(n, reference[n]) is OutputKind.CLASS_SCORES)
+    probs = frozenset(n for n in class_outputs
+                      if n in reference and output_kind(n, reference[n]) is OutputKind.CLASS_SCORES)
     if not probs or probs == class_outputs:
         return class_outputs, ""
     rest = sorted(class_outputs - probs)

@@ -97,7 +97,6 @@ def load_inventory(path, **cli) -> Inventory:
             raise EdgeqError(f"inventory {p}: device {name!r} has no profile; add profile = \"rpi4\" "
                              f"(or set it under [defaults])")
         kw = {k: v for k, v in merged.items() if k in _TARGET_KEYS or k == "trust_new_host"}
-        _check_types(p, name, merged)
         port = kw.get("port", 22)
         if not 0 < port < 65536:
             raise EdgeqError(f"inventory {p}: device {name!r} has port {port!r}; use 1-65535")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import EdgeqError
-from .files import atomic_write_json, sha256_bytes
+from .files import atomic_write, sha256_bytes
 
 if TYPE_CHECKING:  # only for annotations: reading a manifest must not import the converter stack
     from .calibration import CalibrationData
@@ -63,6 +63,12 @@ _SECTIONS: dict[str, tuple[type | None, ...]] = {
 def manifest_path(model_path: Path) -> Path:
     model_path = Path(model_path)
     return model_path.with_name(model_path.stem + ".edgeq.json")
+
+
+def samples_path(model_path: Path) -> Path:
+    """The held-out samples convert keeps beside the model (bench/profile/flash feed them by default)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + ".samples.npz")
 
 
 def versions() -> dict[str, str]:
@@ -148,7 +154,7 @@ def build_manifest(p: ManifestParts) -> dict[str, Any]:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Check and write atomically (the caller decides about overwriting, see files.check_output)."""
-    atomic_write_json(Path(path), check_manifest(manifest, str(path)))
+    atomic_write(Path(path), manifest_text(path, manifest))
 
 
 def manifest_text(path: Path, manifest: dict) -> str:

@@ -215,7 +215,8 @@ class DeviceProfile:
             lines.append(f"  int4 kernels: {runs or 'none'} (from {self.int4_source})")
         if self.wrong_kernels:
             wrong = "; ".join(f"{k.op} {', '.join(sorted(k.wrong))}" for k in self.wrong_kernels.values())
-            lines.append(f"  kernels that cannot run what the quantizer writes: {wrong} (from {self.wrong_kernels_source})")
+            lines.append(f"  kernels that cannot run what the quantizer writes: {wrong} "
+                         f"(from {self.wrong_kernels_source})")
         else:
             lines.append(f"  int4 kernels: not known for {self.runtime.label} (not checked)")
         if self.ops:

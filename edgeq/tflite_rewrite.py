@@ -473,7 +473,8 @@ def outputs_read_inside(model: bytes) -> tuple[bytes, int]:
     quantizer dequantized such an output in place and left its reader a FULLY_CONNECTED with a float
     input and an int8 output, which the builtin kernels refuse ("fully_connected.cc:284 output->type
     != kTfLiteFloat32"): a recurrent state returned and read on (`model` itself if none)."""
-    m0 = te.schema().Model.GetRootAs(model, 0)
+    s = te.schema()
+    m0 = s.Model.GetRootAs(model, 0)
     if m0.SubgraphsLength() == 0:
         return model, 0
     g = m0.Subgraphs(0)
@@ -486,7 +487,6 @@ def outputs_read_inside(model: bytes) -> tuple[bytes, int]:
     sg = m.subgraphs[0]
     read = {i for op in sg.operators or [] for i in te.ints(op.inputs) if i >= 0}
     outs = list(te.ints(sg.outputs))
-    s = te.schema()
     n = 0
     for k, t in enumerate(outs):
         tensor = sg.tensors[t]
@@ -495,7 +495,7 @@ def outputs_read_inside(model: bytes) -> tuple[bytes, int]:
         new = _new_tensor(sg, tensor, "out")
         name = te.tensor_name(tensor)
         sg.tensors[new].name, tensor.name = name.encode(), f"{name}/inner".encode()
-        shape = te.schema().TensorT()
+        shape = s.TensorT()
         shape.name, shape.type, shape.shape = f"{name}/shape".encode(), 2, np.array([len(tensor.shape)], np.int32)
         sg.tensors.append(shape)
         te.set_constant(m, sg, len(sg.tensors) - 1, np.array(tensor.shape, np.int32), new_buffer=True)

@@ -287,7 +287,7 @@ def main(argv=None):
             _fail("usage", "this runtime cannot disable the default XNNPACK delegate", 2)
         kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     elif delegate not in ("xnnpack", "cpu"):
-        if "/" not in delegate and ".so" not in delegate and "." not in delegate:  # "gpu", "nnapi": a name
+        if "/" not in delegate and "." not in delegate:  # "gpu", "nnapi": a name, not a library path
             _fail("usage", "delegate %r is neither xnnpack, none nor a delegate library path (.so); "
                   "gpu and nnapi are for phones (edgeq profile --device an Android profile), edgetpu for a "
                   "board with a Coral (edgeq profile --device its profile)" % delegate, 2)

@@ -23,7 +23,8 @@ def load_hf_source(path: Path, *, seq_len: int = 128, pooling: str | None = None
                                f"(pip install 'edgeq[hf]'): {e}") from None
     # litert-torch reports its passes on stdout; --json promises stdout to edgeq.
     with quiet_native():
-        opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling) if pooling else None, smoothquant_alpha=smoothquant,
+        opts = hf.HfOptions(seq_len=seq_len, pooling=hf.Pooling(pooling) if pooling else None,
+                            smoothquant_alpha=smoothquant,
                             split_outliers=split_outliers or None, group_outliers=group_outliers)
         needs_texts = any(x is not None for x in (opts.smoothquant_alpha, opts.split_outliers, group_outliers))
         float_model = hf.load_hf(path, opts, calib_texts=calib_texts if needs_texts else None)

@@ -33,7 +33,8 @@ def conversion_plan(float_info, profile, scheme: Scheme, overrides=None):
     take the 8-bit fallback, and the plan says so); None for uniform 8-bit schemes without a device.
     `overrides`: plan_precision's (op index -> (precision, reason)), e.g. --max-size's mix."""
     if profile is not None or scheme.is_int4:
-        return plan_precision(list(float_info.ops), profile, overrides, scheme=scheme, min_weight_elements=0)
+        return plan_precision(list(float_info.ops), profile, overrides, scheme=scheme, min_weight_elements=0,
+                              litert=True)
     return None
 
 

@@ -97,8 +97,12 @@ def _weights_of(op: str) -> dict:
 def quantizer_int8_ops() -> frozenset[str]:
     """Ops the LiteRT quantizer has a static int8 recipe for (its policy's static_wi8_ai8 list); it
     leaves any other op float between int8 ops (PRELU, LOG, CAST, ...; LEAKY_RELU too, which
-    int8_islands.fold_islands then runs in int8)."""
-    return _policy_ops("static_wi8_ai8") - {"INPUT", "OUTPUT"}
+    int8_islands.fold_islands then runs in int8). TFLite builtin names (the policy's own differ for one op)."""
+    return frozenset(_BUILTIN_NAME.get(op, op) for op in _policy_ops("static_wi8_ai8")) - {"INPUT", "OUTPUT"}
+
+
+# The LiteRT quantizer's op names that are not the TFLite builtin's (its tfl_flatbuffer_utils table).
+_BUILTIN_NAME = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -212,7 +212,7 @@ def index_list(ix: list[int]) -> str:
 def plan_precision(ops, profile: DeviceProfile | None,
                    overrides: Mapping[int | tuple[int, int], Override | tuple[str, str]] | None = None,
                    *, scheme: Scheme | Precision | None = None, allow_cpu_fallback: bool = False,
-                   min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> Plan:
+                   min_weight_elements: int = MIN_WEIGHT_ELEMENTS, litert: bool = False) -> Plan:
     """Plan each op's precision for `profile`, or for no device (profile None: `scheme` for every
     op but the overridden ones, all on the CPU; a Precision such as int4-b32 may stand for the
     scheme, since int4 has no convert --scheme yet).
@@ -222,6 +222,8 @@ def plan_precision(ops, profile: DeviceProfile | None,
     runs the scheme (e.g. float on the Edge TPU) raises ProfileError naming the cost, unless
     `allow_cpu_fallback` accepts that the op moves to the CPU. `min_weight_elements`: smallest
     weight the quantizer stores as int8 (TFLiteConverter: 1024; pass the quantizer's own value).
+    `litert`: the LiteRT quantizer writes the plan, so an op it has no int8 recipe for is planned
+    float, with that reason (it writes the op float between QUANTIZE/DEQUANTIZE whatever was asked).
     """
     norm = _normalize_overrides(overrides or {}, ops)
     if profile is None:
@@ -263,6 +265,8 @@ def plan_precision(ops, profile: DeviceProfile | None,
         else:
             prec, reason = _int4_or_fallback(op, default, default_why, min_weight_elements, profile)
             source = str(profile.path)
+        if litert and source != "override" and (why := _no_int8_recipe(op, prec)):
+            prec, reason = Precision.FLOAT, f"{reason}; {why}, so float"
 
         # the runtime's kernel at the version the quantizer writes (runtime table [kernels])
         if prec is not Precision.OTHER and (wrong := profile.kernel_refuses(op.name, prec)) \
@@ -294,6 +298,18 @@ def plan_precision(ops, profile: DeviceProfile | None,
 
 
 _NOTHING_TO_QUANTIZE = "no float tensors: nothing to quantize"
+
+
+def _no_int8_recipe(op, prec: Precision) -> str | None:
+    """Why the LiteRT quantizer writes this op float where int8 was planned (None: it does not).
+    MediaPipe's face mesh: 23 PRELU planned int8 for rpi4, written float, and a warning that the
+    file disagrees with the plan. Ops int8_islands folds into int8 afterwards are not among them."""
+    from .int8_islands import FOLDABLE
+    from .litert_quant import quantizer_int8_ops
+
+    if prec is not Precision.INT8 or op.is_custom or op.name in FOLDABLE or op.name in quantizer_int8_ops():
+        return None
+    return f"the LiteRT quantizer has no int8 recipe for {op.name}"
 
 
 def _nothing_to_quantize(op) -> bool:

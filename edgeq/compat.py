@@ -181,8 +181,8 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
             where = f"the {accel.name}" if placement == "accelerator" else f"the CPU ({rt})"
             if not _matches_scheme(precision, profile.scheme):
                 status, reason = OpStatus.FALLBACK, f"runs {precision} on {where}, not {profile.scheme}"
-            else:
-                reason = f"runs {precision} on {where}"
+            else:  # an "other" op (an int8 -> int8 QUANTIZE, a SHAPE) has no precision to name
+                reason = f"runs on {where}" if precision is Precision.OTHER else f"runs {precision} on {where}"
         checks.append(OpCheck(op.index, op.subgraph, op.name, op.version, precision, status, placement, reason))
 
     for prec in sorted({c.precision for c in checks if c.placement == "cpu"}, key=list(Precision).index):

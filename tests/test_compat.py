@@ -155,6 +155,33 @@ def test_edgetpu_splits_at_the_first_unsupported_op(tf):
                                    "not take: #1 EXP (runs on the CPU: Edge TPU does not support EXP)")
 
 
+def test_a_requantizing_quantize_stays_on_the_edge_tpu(tf, tmp_path):
+    """Where a CONCATENATION's input is read elsewhere too, the quantizer requantizes it with an int8
+    -> int8 QUANTIZE. The first compilers' table had no QUANTIZE, so HED and BlazeFace for the Edge
+    TPU were cut there (everything after it on the CPU, the plan saying all on the TPU); the Edge TPU
+    Compiler maps it (14.1's logs: 'Mapped to Edge TPU')."""
+    import numpy as np
+
+    from edgeq.calibration import CalibrationConfig
+    from edgeq.convert import ConvertOptions, convert
+
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    inp = tf.keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same")(inp)
+    joined = L.Concatenate()([a, L.Conv2D(4, 3, padding="same", activation="relu")(inp)])
+    out = L.Conv2D(2, 1)(L.Concatenate()([joined, L.Conv2D(4, 1)(a)]))
+    tf.keras.Model(inp, out).save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype(np.float32))
+    r = convert(tmp_path / "m.keras", ConvertOptions(tmp_path / "o.tflite", device="coral-edgetpu",
+                                                       calib=CalibrationConfig(str(tmp_path / "x.npy"), 48, 16)))
+    report = check_model((tmp_path / "o.tflite").read_bytes(), load_profile("coral-edgetpu"))
+    quantize = [o for o in report.ops if o.op == "QUANTIZE"]
+    assert quantize and all(o.placement == "accelerator" and o.reason == "runs on the Edge TPU" for o in quantize)
+    assert all(o.placement == "accelerator" for o in report.ops) and report.delegate_coverage == 1.0
+    assert r.manifest["compatibility"]["delegate_coverage"] == 1.0
+
+
 def test_nnapi_version_limit_and_coverage_note(tf, mlp):
     model = _convert(tf, mlp, "dynamic")  # FC v12 > NNAPI's v5
     report = check_model(model, load_profile("android-nnapi"))

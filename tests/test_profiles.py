@@ -286,7 +286,7 @@ def test_to_json_is_plain_data():
 def test_describe_shows_the_facts_and_their_sources():
     text = load_profile("coral-edgetpu").describe()
     assert text.splitlines()[0] == "coral-edgetpu: Coral Dev Board (NXP i.MX 8M + Edge TPU, 1 GB)"
-    assert "accelerator: Edge TPU, runs int8; 28 ops; falls back to the CPU at int8" in text
+    assert "accelerator: Edge TPU, runs int8; 29 ops; falls back to the CPU at int8" in text
     assert "op versions: not known for tflite-runtime 2.5.0.post1 (not checked)" in text
     text = load_profile("android-nnapi").describe()
     assert "    DIV -> float: NNAPI maps DIV for float32 input only" in text

@@ -107,10 +107,12 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
     from ..pixel_scale import keras_pixel_scaling
+    from .keras_unroll import unrolled
 
     scaling = keras_pixel_scaling(tf, model)  # before any wrapping: the user's own layers
     notes: list[str] = []
-    described = ""  # the batch pinned: no change of numbers or contract (edgeq runs batch 1), not a warning
+    # The batch pinned, recurrent layers unrolled: no change of numbers or contract (edgeq runs batch 1), not warnings.
+    model, described = unrolled(tf, model)
     if input_shapes:
         model, notes = _pinned_keras(tf, model, input_shapes, path)
 
@@ -121,7 +123,7 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
     if batch1 and _has_reshape(tf, model):  # predicted SHAPE ops: convert once, at batch 1
         try:
             model, _ = _pinned_keras(tf, model, batch1, path)
-            described = BATCH_NOTE
+            described = _joined(described, BATCH_NOTE)
             batch1 = None
         except ModelFormatError:  # the model cannot be called on a fixed batch: keep it dynamic
             pass
@@ -135,11 +137,15 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
         else:
             make_converter = converter_for(pinned)
             pinned_model = _float_tflite(make_converter, path)
-            described = _batch_note(float_model, pinned_model)
+            described = _joined(described, _batch_note(float_model, pinned_model))
             float_model = pinned_model
     ins, outs = signature_specs(float_model)
     return SourceModel("keras", path, sha256_file(path), float_model, ins, outs, make_converter, notes=tuple(notes),
                        description=described, pixel_scaling=scaling)
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 BATCH_NOTE = ("converted at batch 1: a dynamic batch makes the Reshape/Flatten targets run-time ops (SHAPE, "
@@ -186,8 +192,12 @@ def _batch_one(shapes: list[tuple]) -> tuple[tuple[int, ...], ...] | None:
 def _batch_note(dynamic: bytes, pinned: bytes) -> str:
     """What converting at batch 1 saved (the source's description)."""
     saved = len(read_model(dynamic).ops) - len(read_model(pinned).ops)
-    return (f"converted at batch 1: a dynamic batch costs {saved} run-time shape op(s) (SHAPE, STRIDED_SLICE, "
-            "PACK) that XNNPACK and the Edge TPU do not run")
+    if saved <= 0:  # other ops changed too (an unrolled LSTM at batch 1): count the SHAPE ops alone
+        return f"converted at batch 1: a dynamic batch costs {_batch_ops(dynamic)} run-time SHAPE op(s) {_UNRUN}"
+    return f"converted at batch 1: a dynamic batch costs {saved} run-time shape op(s) (SHAPE, STRIDED_SLICE, PACK) {_UNRUN}"
+
+
+_UNRUN = "that XNNPACK and the Edge TPU do not run"
 
 
 def _pinned_keras(tf, model, given, path: Path):

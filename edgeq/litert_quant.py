@@ -350,8 +350,9 @@ def control_flow_hint(float_model: bytes) -> str:
 
     if not te.has_ops(float_model, ("WHILE", "IF")):
         return ""
-    return ("; the model has a WHILE/IF loop (post-processing such as NMS, a tf.map_fn) the LiteRT quantizer "
-            "cannot calibrate: export the model without it and run that step outside")
+    return ("; the model has a WHILE/IF loop (an LSTM/GRU not unrolled, post-processing such as NMS, a tf.map_fn) "
+            "the LiteRT quantizer cannot calibrate: export a recurrent layer with unroll=True, other steps "
+            "outside the model")
 
 
 def finish_quantized(model: bytes, float_model: bytes, keep_float, overflow: bool) -> bytes:

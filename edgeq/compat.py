@@ -204,6 +204,11 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
             elif coverage < LOW_COVERAGE:  # a profile without a minimum: 0 % on the Edge TPU read "graph splits"
                 low_coverage = f"only {coverage:.0%} of ops on the {accel.name}: the rest run on the CPU{where}"
                 notes.append(low_coverage)
+            elif accel.single_segment and first is not None:  # a cut near the end is silent no more (HED)
+                rest = sum(c.placement == "cpu" for c in counted) - 1
+                low_coverage = (f"the {accel.name} graph stops at #{first.index} {first.op} ({first.reason}): it and "
+                                f"the {rest} op(s) after it run on the CPU ({coverage:.0%} on the {accel.name})")
+                notes.append(low_coverage)
         if profile.custom_ops and not any(op.is_custom for op in info.ops):
             notes.append(f"no {', '.join(profile.custom_ops)} in the model: not compiled for the {accel.name} yet; "
                          "placements show what its compiler would map, until then everything runs on the CPU")

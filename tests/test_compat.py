@@ -182,6 +182,22 @@ def test_a_requantizing_quantize_stays_on_the_edge_tpu(tf, tmp_path):
     assert r.manifest["compatibility"]["delegate_coverage"] == 1.0
 
 
+def test_an_edge_tpu_graph_cut_late_is_said(tf):
+    """HED for the Edge TPU was cut at a requantizing QUANTIZE with most ops before it: above the
+    low-coverage line, so convert said nothing. A single-segment accelerator's cut is always named."""
+    tf.keras.utils.set_random_seed(2)
+    inp = tf.keras.Input((8, 8, 1))
+    x = inp
+    for _ in range(4):
+        x = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    x = tf.keras.layers.Conv2D(4, 3, padding="same")(tf.keras.layers.Lambda(tf.exp)(x))
+    report = check_model(_convert(tf, tf.keras.Model(inp, x), "int8"), load_profile("coral-edgetpu"))
+    assert report.delegate_coverage == pytest.approx(4 / 6)
+    assert report.low_coverage == ("the Edge TPU graph stops at #4 EXP (runs on the CPU: Edge TPU does not support "
+                                   "EXP): it and the 1 op(s) after it run on the CPU (67% on the Edge TPU)")
+    assert report.low_coverage in report.notes
+
+
 def test_nnapi_version_limit_and_coverage_note(tf, mlp):
     model = _convert(tf, mlp, "dynamic")  # FC v12 > NNAPI's v5
     report = check_model(model, load_profile("android-nnapi"))

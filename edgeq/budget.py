@@ -491,10 +491,11 @@ class _Loop:
         return BudgetResult(chosen.model, final_plan, chosen.fid, self.report, per_op_from_plan(final_plan))
 
     def _charted(self, fid: Fidelity) -> Requirement:
-        """The requirement a step's value and drop show: of those on the report's metric, the one
-        furthest from its bound in this plan (O-Net's steps read value 1.0 from the output worst as
+        """The requirement a step's value and drop show: of those on the report's metric and bound
+        (its max_drop), the one furthest from it in this plan (O-Net's steps read value 1.0 from the output worst as
         converted while its bbox output missed)."""
-        same = [r for r in self.target.requirements if r.metric is self.primary.metric]
+        same = [r for r in self.target.requirements
+                if r.metric is self.primary.metric and r.bound == self.primary.bound]  # the same max_drop
         return min(same, key=lambda r: r.margin(fid))
 
     def _step(self, n: int, label: str, ops: Sequence[int], model: bytes, fid: Fidelity) -> dict:

@@ -164,6 +164,8 @@ def check_model(model, profile: DeviceProfile, *, name: str | None = None) -> Co
             reason = f"custom op provided by {rt if accel is None else accel.name}"
         elif accel is not None:
             refused = accel.refuses(op.name, op.version)
+            if refused is None and op.name == "QUANTIZE" and op.inputs and op.inputs[0].dtype.startswith("float"):
+                refused = f"{accel.name} takes no float tensors: a float -> int8 QUANTIZE runs on the CPU"
             if refused is None and precision is not Precision.OTHER and precision not in accel.precisions:
                 refused = f"{precision} op; {accel.name} runs {', '.join(accel.precisions)}"
             if refused is None and cut:

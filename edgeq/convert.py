@@ -77,6 +77,13 @@ class ConvertOptions:
     max_size: int | None = None  # --max-size in bytes: the most accurate scheme whose file fits (size_goal.py)
     trust_model: bool = False  # Keras: load Lambda layers (Python code in the file; Keras' safe_mode=False)
 
+    def __post_init__(self):
+        # A library caller's io="float32" compared unequal (`is`) to IoType.FLOAT32 and was dropped silently.
+        for name, kind in (("scheme", Scheme), ("io", IoType), ("optimize", OptimizeLevel)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                object.__setattr__(self, name, kind(value))
+
 
 @dataclass
 class ConvertResult:
@@ -245,6 +252,8 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
 
     if not converter:  # written by the LiteRT quantizer from the rewritten float model
         warnings += source.int8_rewrites
+        if plan is not None and not (budget_report or {}).get("loop"):  # (the loop's plans say so already)
+            plan = conversion_plan(float_info, profile, scheme, size_mix, litert=True)
     gptq = gptq_reports.get(model_key(qbytes)) if finish is not None else None  # the written model's GPTQ
     qbytes = rename_signature(qbytes, source.signature_key)  # the user's own name for it, back
     # What is written must satisfy the int8 kernels (shared scales, symmetric filters) whichever

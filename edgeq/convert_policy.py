@@ -28,13 +28,16 @@ if TYPE_CHECKING:
 SMALL_EVAL = 20
 
 
-def conversion_plan(float_info, profile, scheme: Scheme, overrides=None):
+def conversion_plan(float_info, profile, scheme: Scheme, overrides=None, litert: bool = False):
     """The per-op plan: the profile's (with `scheme` for the ops its table leaves open), or without one for int4 schemes (ops without an int4 kernel
     take the 8-bit fallback, and the plan says so); None for uniform 8-bit schemes without a device.
-    `overrides`: plan_precision's (op index -> (precision, reason)), e.g. --max-size's mix."""
+    `overrides`: plan_precision's (op index -> (precision, reason)), e.g. --max-size's mix. `litert`:
+    the LiteRT quantizer wrote the file (ops it has no int8 recipe for are float there); not before
+    the backend is chosen, or a Keras model's MINIMUM planned float would take it off the TFLite
+    converter, which writes it int8 (a Coral graph cut in half)."""
     if profile is not None or scheme.is_int4:
         return plan_precision(list(float_info.ops), profile, overrides, scheme=scheme, min_weight_elements=0,
-                              litert=True)
+                              litert=litert)
     return None
 
 

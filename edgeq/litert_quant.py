@@ -101,8 +101,10 @@ def quantizer_int8_ops() -> frozenset[str]:
     return frozenset(_BUILTIN_NAME.get(op, op) for op in _policy_ops("static_wi8_ai8")) - {"INPUT", "OUTPUT"}
 
 
-# The LiteRT quantizer's op names that are not the TFLite builtin's (its tfl_flatbuffer_utils table).
+# The LiteRT quantizer's op names that are not the TFLite builtin's (its tfl_flatbuffer_utils table):
+# a recipe line must use its name, or the line never matches and the op keeps the default precision.
 _BUILTIN_NAME = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
+_QUANTIZER_NAME = {builtin: name for name, builtin in _BUILTIN_NAME.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +112,7 @@ def quantizer_hybrid_ops() -> frozenset[str]:
     """Ops the LiteRT quantizer has a dynamic-range (hybrid) recipe for (dynamic_wi8_afp32). It
     refuses a hybrid line for any other op ("Unsupported op for INTEGER: GATHER": an accuracy-budget
     probe that moved a text model's embedding GATHER to hybrid ended the conversion)."""
-    return _policy_ops("dynamic_wi8_afp32")
+    return frozenset(_BUILTIN_NAME.get(op, op) for op in _policy_ops("dynamic_wi8_afp32"))
 
 
 def _policy_ops(config: str) -> frozenset[str]:
@@ -202,7 +204,8 @@ def build_recipe(default: Precision | str, per_op: Sequence[OpPrecision],
     for (op, precision), scoped in groups.items():
         algo, cfg = op_config(precision, op)
         regex = "^" + scoped[0] + "$" if len(scoped) == 1 else "^(?:" + "|".join(scoped) + ")$"
-        recipe.append({"regex": regex, "operation": op, "algorithm_key": algo, "op_config": cfg})
+        recipe.append({"regex": regex, "operation": _QUANTIZER_NAME.get(op, op), "algorithm_key": algo,
+                       "op_config": cfg})
     return recipe
 
 

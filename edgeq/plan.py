@@ -163,10 +163,11 @@ class Plan:
 
     def planned_off_int8(self, op: OpInfo) -> bool:
         """Did the plan put this op of the produced model (found by its first output) at a precision
-        with float activations (float, hybrid, dynamic or weight-only int4)?"""
+        with float activations (float, hybrid, dynamic or weight-only int4) by choice (the profile's,
+        the user's, the budget loop's; not because the quantizer has no int8 recipe for it)?"""
         out = op.outputs[0].name if op.outputs else ""
         return any(e.output == out and RECIPE_PRECISION.get(e.precision) in FLOAT_ACTIVATION_PRECISIONS
-                   for e in self.entries)
+                   and e.source != QUANTIZER_POLICY for e in self.entries)
 
     def mismatches(self, info: ModelInfo, excused: frozenset[str] = frozenset()) -> list[str]:
         """Planned ops whose precision in the produced model (found by output tensor name) differs,
@@ -266,7 +267,7 @@ def plan_precision(ops, profile: DeviceProfile | None,
             prec, reason = _int4_or_fallback(op, default, default_why, min_weight_elements, profile)
             source = str(profile.path)
         if litert and source != "override" and (why := _no_int8_recipe(op, prec)):
-            prec, reason = Precision.FLOAT, f"{reason}; {why}, so float"
+            prec, reason, source = Precision.FLOAT, f"{reason}; {why}, so float", QUANTIZER_POLICY
 
         # the runtime's kernel at the version the quantizer writes (runtime table [kernels])
         if prec is not Precision.OTHER and (wrong := profile.kernel_refuses(op.name, prec)) \
@@ -298,6 +299,8 @@ def plan_precision(ops, profile: DeviceProfile | None,
 
 
 _NOTHING_TO_QUANTIZE = "no float tensors: nothing to quantize"
+# The source of a plan entry the LiteRT quantizer decides (no int8 recipe), not the profile or the user.
+QUANTIZER_POLICY = "LiteRT quantizer default policy (static_wi8_ai8)"
 
 
 def _no_int8_recipe(op, prec: Precision) -> str | None:

@@ -261,6 +261,16 @@ def test_steps_chart_each_plans_worst_output():
     step = loop._step(1, "probe", (), b"m", fid(0.999, 0.97))
     assert (step["output"], step["value"], step["met"]) == ("b", 0.97, False)
     assert step["drop"] == pytest.approx(0.03)
+    # Under the floor an embedding (0.98) and a box output (0.95) have other bounds: a step charts an
+    # output of the report's max_drop only, or a met plan read over budget.
+    floor = default_floor(Fidelity(40, (OutputFidelity("emb", 0.97, 0.1, 0.05, None, kind=OutputKind.EMBEDDING),
+                                        OutputFidelity("boxes", 0.955, 0.1, 0.05, None))))
+    loop.target, loop.primary = floor, floor.worst(Fidelity(40, (
+        OutputFidelity("emb", 0.97, 0.1, 0.05, None, kind=OutputKind.EMBEDDING), OutputFidelity("boxes", 0.955, 0.1, 0.05, None))))
+    met = Fidelity(40, (OutputFidelity("emb", 0.99, 0.1, 0.05, None, kind=OutputKind.EMBEDDING),
+                        OutputFidelity("boxes", 0.951, 0.1, 0.05, None)))
+    step = loop._step(2, "probe", (), b"m", met)
+    assert step["met"] and step["output"] == "emb" and step["drop"] == pytest.approx(0.01)
 
 
 def test_device_plan_with_a_mix_is_what_the_file_holds(tf, tmp_path):

@@ -164,6 +164,7 @@ def test_a_requantizing_quantize_stays_on_the_edge_tpu(tf, tmp_path):
 
     from edgeq.calibration import CalibrationConfig
     from edgeq.convert import ConvertOptions, convert
+    from edgeq.precision import IoType
 
     tf.keras.utils.set_random_seed(0)
     L = tf.keras.layers
@@ -180,6 +181,13 @@ def test_a_requantizing_quantize_stays_on_the_edge_tpu(tf, tmp_path):
     assert quantize and all(o.placement == "accelerator" and o.reason == "runs on the Edge TPU" for o in quantize)
     assert all(o.placement == "accelerator" for o in report.ops) and report.delegate_coverage == 1.0
     assert r.manifest["compatibility"]["delegate_coverage"] == 1.0
+    # A float model input's QUANTIZE is not the Edge TPU's: it takes no float tensors.
+    convert(tmp_path / "m.keras", ConvertOptions(tmp_path / "f.tflite", device="coral-edgetpu", io=IoType.FLOAT32,
+                                                 calib=CalibrationConfig(str(tmp_path / "x.npy"), 48, 16)))
+    report = check_model((tmp_path / "f.tflite").read_bytes(), load_profile("coral-edgetpu"))
+    first = report.ops[0]
+    assert (first.op, first.placement) == ("QUANTIZE", "cpu") and "takes no float tensors" in first.reason
+    assert report.delegate_coverage == 1.0  # an I/O conversion: not counted, no cut
 
 
 def test_an_edge_tpu_graph_cut_late_is_said(tf):

@@ -104,6 +104,44 @@ def test_stayed_float_is_reported_and_strict_fails(tf, tmp_path):
     assert not (tmp_path / "s.tflite").exists() and not (tmp_path / "s.edgeq.json").exists()
 
 
+def test_plans_follow_the_backend_that_writes_the_file(tf, tmp_path):
+    """MINIMUM has no static int8 recipe in the LiteRT quantizer, and the TFLite converter writes it
+    int8. Under --optimize none a Keras model for the Edge TPU takes the converter: the plan and the
+    file are all int8 (planning MINIMUM float up front took it off the converter and cut the Coral
+    graph in half). Under the default level the LiteRT quantizer writes the file: MINIMUM is float
+    there, the plan says why, and --strict still refuses it."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    x = tf.keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same")(x)
+    model = tf.keras.Model(x, L.Conv2D(2, 1)(tf.keras.layers.Minimum()([a, L.Conv2D(4, 3, padding="same")(x)])))
+    src = save_keras(tf, model, tmp_path / "min.keras")
+    calib = CalibrationConfig(_npy(tmp_path, (8, 8, 3)))
+    r = convert(src, ConvertOptions(tmp_path / "c.tflite", calib=calib, device="coral-edgetpu",
+                                    optimize=OptimizeLevel.NONE))
+    assert [op.precision for op in read_model(tmp_path / "c.tflite").ops if op.name == "MINIMUM"] == ["int8"]
+    assert {e["precision"] for e in r.manifest["plan"]["ops"]} == {"int8"}
+    assert r.manifest["compatibility"]["delegate_coverage"] == 1.0
+    r = convert(src, ConvertOptions(tmp_path / "l.tflite", calib=calib, device="rpi4"))
+    assert [op.precision for op in read_model(tmp_path / "l.tflite").ops if op.name == "MINIMUM"] == ["float"]
+    minimum = next(e for e in r.manifest["plan"]["ops"] if e["op"] == "MINIMUM")
+    assert minimum["precision"] == "float" and "no int8 recipe for MINIMUM" in minimum["reason"]
+    assert not any("disagrees with the plan" in w for w in r.warnings)
+    assert any("stayed float" in w and "MINIMUM" in w for w in r.warnings)
+    with pytest.raises(QuantizationError, match="MINIMUM.*--strict"):
+        convert(src, ConvertOptions(tmp_path / "s.tflite", calib=calib, device="rpi4", strict=True))
+
+
+def test_options_given_as_strings_are_their_enums():
+    """A library caller's io="float32" was compared by identity to IoType.FLOAT32 and dropped: the
+    file took the profile's int8 I/O without a word."""
+    o = ConvertOptions("m.tflite", scheme="dynamic", io="float32", optimize="none")
+    assert (o.scheme, o.io, o.optimize) == (Scheme.DYNAMIC, IoType.FLOAT32, OptimizeLevel.NONE)
+    assert o.io is IoType.FLOAT32
+    with pytest.raises(ValueError):
+        ConvertOptions("m.tflite", io="f32")
+
+
 def _strip_signature(data: bytes) -> bytes:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s

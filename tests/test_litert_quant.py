@@ -194,6 +194,30 @@ def test_hybrid_on_an_op_the_quantizer_has_no_hybrid_recipe_for_is_float(tf, tmp
     assert got == {"GATHER": "float", "FULLY_CONNECTED": "int8"}
 
 
+def test_a_transpose_conv_line_reaches_the_quantizer(tf, tmp_path):
+    """The LiteRT quantizer calls TRANSPOSE_CONV "CONV_2D_TRANSPOSE": a recipe line under the TFLite
+    name matched nothing, so a plan (or a budget probe) putting a decoder's TRANSPOSE_CONV float or
+    hybrid got int8 and the plan disagreed with the file."""
+    from ai_edge_litert.interpreter import Interpreter
+    from edgeq.litert_quant import quantize_per_op, quantizer_hybrid_ops, quantizer_int8_ops
+    from edgeq.sources import load_source
+    from tests.conftest import save_keras
+
+    assert "TRANSPOSE_CONV" in quantizer_int8_ops() and "CONV_2D_TRANSPOSE" not in quantizer_int8_ops()
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((4, 4, 3))
+    x = tf.keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(tf.keras.layers.Conv2D(4, 3, padding="same")(inp))
+    fm = load_source(save_keras(tf, tf.keras.Model(inp, tf.keras.layers.Conv2D(2, 1)(x)), tmp_path / "d.keras")).float_tflite
+    tconv = next(op for op in read_model(fm).ops if op.name == "TRANSPOSE_CONV")
+    key = next(iter(Interpreter(model_content=fm).get_signature_runner().get_input_details()))
+    samples = [{key: np.random.default_rng(i).normal(size=(1, 4, 4, 3)).astype(np.float32)} for i in range(8)]
+    for precision in (P.FLOAT, P.HYBRID):
+        q = quantize_per_op(fm, P.INT8, [OpPrecision("TRANSPOSE_CONV", tconv.outputs[0].name, precision)], samples)
+        got = [op.precision for op in read_model(q).ops if op.name == "TRANSPOSE_CONV"]
+        want = P.HYBRID if "TRANSPOSE_CONV" in quantizer_hybrid_ops() and precision is P.HYBRID else P.FLOAT
+        assert got == [want], (precision, got)
+
+
 def test_a_model_with_a_while_loop_the_quantizer_cannot_calibrate_says_what_to_do(tf, tmp_path):
     """human-models' handtrack SavedModel keeps its per-class NMS in a WHILE loop: the LiteRT quantizer
     reads no tensor inside it ("Tensor data is null. Run allocate_tensors() first", a traceback from

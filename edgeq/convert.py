@@ -239,6 +239,9 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
         if optimized is not None and superseded is None:  # the level's choices on every sample
             optimized_all = _replay(source, refit, req, optimized, progress, len(data.calib_indices))
             if optimized_all is None:  # level best: the level again, measured on every sample
+                progress.note(f"--optimize {level.value}: its refined ranges and learned rounding cannot be "
+                              f"replayed on all {len(refit.calib_indices)} samples, so the level runs again "
+                              f"(about {optimized.seconds:.0f} s more; --optimize fast replays in seconds)")
                 optimized_all, _ = _optimize(source, refit, req, level, class_outputs, profile, progress)
             refit_model = optimized_all.model if optimized_all else judged_first
         else:

@@ -55,6 +55,9 @@ def runtime_options(profile=None) -> RuntimeOptions:
     rt = profile.runtime
     stand_in = "" if (str(rt.name), rt.version) == ("ai-edge-litert", here) else \
         f"run by ai-edge-litert {here} here, not its {rt.label}"
+    if profile.accelerator is not None:  # "ran under coral-edgetpu" read as a run on the Edge TPU
+        cpu = f"every op on this host's CPU, not the {profile.accelerator.name}"
+        stand_in = f"{cpu}; {stand_in}" if stand_in else cpu
     # Accelerator profiles: the ops the accelerator refuses run on the CPU runtime, with XNNPACK.
     return RuntimeOptions(threads=int(profile.threads), xnnpack=delegate != "none", target=profile.id,
                           stand_in=stand_in)

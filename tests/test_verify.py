@@ -57,6 +57,9 @@ def test_profile_options_from_real_profiles():
     # the host's interpreter stands in for the Pi's tflite-runtime: the label says so
     assert rpi4.label.endswith("; run by ai-edge-litert 2.3.0 here, not its tflite-runtime 2.14.0)"), rpi4.label
     assert "run by" not in runtime_options(load_profile("rpi5")).label  # its runtime is the one here
+    # an accelerator profile's check runs every op on the host's CPU: not a run on the accelerator
+    assert "every op on this host's CPU, not the Edge TPU; run by" in runtime_options(load_profile("coral-edgetpu")).label
+    assert "every op on this host's CPU, not the NNAPI" in runtime_options(load_profile("android-nnapi")).label
 
 
 def test_runs_fully_delegated_with_fidelity(models):

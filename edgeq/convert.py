@@ -281,10 +281,14 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     if scheme is Scheme.INT8 and stayed_float:
         names = ", ".join(f"#{op.index} {op.name}" for op in stayed_float[:8])
         names += f" and {len(stayed_float) - 8} more" if len(stayed_float) > 8 else ""
-        msg = (f"{len(stayed_float)} op(s) stayed float under --scheme int8: {names}"
+        msg = (f"{len(stayed_float)} op(s) stayed float under int8: {names}"
                + ("" if converter else _why_float(stayed_float)))
         if opts.strict:
-            raise QuantizationError(msg + " (--strict); plan them float/hybrid with --device, or drop --strict")
+            # The TFLite converter writes several ops the LiteRT quantizer has no int8 recipe for (MINIMUM, PRELU).
+            other = ("--optimize none (the TFLite converter writes some of them int8), "
+                     if source.converter is not None and not converter else "")
+            raise QuantizationError(msg + f" (--strict); try {other}plan them float/hybrid with --device, or drop "
+                                    "--strict")
         warnings.append(msg)
     if mismatches:
         msg = "the produced model disagrees with the plan: " + "; ".join(mismatches[:6])

@@ -63,3 +63,26 @@ def test_too_many_steps_are_not_unrolled(tf, steps):
     """Each step is a copy of the cell's ops: past MAX_STEPS the model is converted as it is."""
     model = _recurrent(tf, steps=steps)
     assert unrolled(tf, model) == (model, "")
+
+
+def test_masked_lambda_and_time_distributed_layers(tf):
+    """Review findings: an LSTM after a mask_zero Embedding or a Masking layer (Keras lists its input
+    with the mask) was never unrolled; nor one after a Lambda under --trust-model (rebuilt in safe
+    mode); and a TimeDistributed LSTM's steps were read on the distributed axis."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    tokens = tf.keras.Input((16,), dtype="int32")
+    text = tf.keras.Model(tokens, L.Dense(2)(L.LSTM(8)(L.Embedding(50, 8, mask_zero=True)(tokens))))
+    model, note = unrolled(tf, text)
+    assert "1 recurrent layer(s) (LSTM) converted unrolled over up to 16 steps" in note
+    x = np.array([[5, 7, 9, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], np.int32)  # a padded sentence
+    np.testing.assert_allclose(model(x).numpy(), text(x).numpy(), rtol=1e-5, atol=1e-6)
+    seq = tf.keras.Input((12, 3))
+    masked = tf.keras.Model(seq, L.GRU(4, go_backwards=True)(L.Masking(0.0)(seq)))
+    assert unrolled(tf, masked)[1]
+    lam = tf.keras.Model(seq, L.LSTM(4)(L.Lambda(lambda t: t * 0.5)(seq)))
+    assert unrolled(tf, lam) == (lam, "")  # safe mode: the Lambda's code is not rebuilt
+    assert "converted unrolled" in unrolled(tf, lam, trusted=True)[1]
+    wide = tf.keras.Input((2, 600, 3))
+    distributed = tf.keras.Model(wide, L.TimeDistributed(L.LSTM(4))(wide))
+    assert unrolled(tf, distributed) == (distributed, "")  # 600 steps on axis 2: past MAX_STEPS

@@ -308,6 +308,11 @@ def test_budget_table_and_chart_no_per_layer_error(inputs, report):
     ax = fig.axes[0]
     assert [b.get_height() for b in ax.patches] == [s["drop"] for s in steps]
     assert [b.get_facecolor() for b in ax.patches] == [to_rgba("#f58518"), to_rgba("#54a24b")]  # over, within
+    # Under the floor a step can miss on an output of another bound while the charted one is within
+    # the max drop: the bar follows the step's own verdict.
+    missed = {**m, "budget": {**m["budget"], "steps": [steps[0], {**steps[1], "met": False}]}}
+    colours = [b.get_facecolor() for b in budget_figure(Manifest(inputs["paths"]["manifest"], missed)).axes[0].patches]
+    assert colours == [to_rgba("#f58518")] * 2
     assert list(ax.lines[0].get_ydata()) == [m["budget"]["max_drop"]] * 2
     assert [t.get_text() for t in ax.texts] == ["cosine 0.9700", "cosine 0.9991"]
     # A step's `moved` is its whole plan: the tick says how many ops it moves, not "+N".

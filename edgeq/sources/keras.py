@@ -112,7 +112,7 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
     scaling = keras_pixel_scaling(tf, model)  # before any wrapping: the user's own layers
     notes: list[str] = []
     # The batch pinned, recurrent layers unrolled: no change of numbers or contract (edgeq runs batch 1), not warnings.
-    model, described = unrolled(tf, model)
+    model, described = unrolled(tf, model, trusted=trust_model)
     if input_shapes:
         model, notes = _pinned_keras(tf, model, input_shapes, path)
 

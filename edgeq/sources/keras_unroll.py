@@ -21,9 +21,10 @@ RECURRENT = frozenset({"LSTM", "GRU", "SimpleRNN"})
 MAX_STEPS = 512  # time steps: each is a copy of the cell's ops in the converted graph
 
 
-def unrolled(tf, model) -> tuple[object, str]:
+def unrolled(tf, model, trusted: bool = False) -> tuple[object, str]:
     """(the model with its recurrent layers unrolled, a note saying so), or (model, "") where it
-    has none to unroll or cannot be rebuilt exactly."""
+    has none to unroll or cannot be rebuilt exactly. `trusted`: rebuilt the way it was loaded, its
+    Lambda layers' code included (--trust-model)."""
     found = [(layer, outer) for layer, outer in _walk(model) if type(layer).__name__ in RECURRENT
              and not getattr(layer, "unroll", True)]
     if not found or any(getattr(layer, "stateful", False) or not _steps_ok(outer) for layer, outer in found):
@@ -32,10 +33,10 @@ def unrolled(tf, model) -> tuple[object, str]:
     try:
         config = model.get_config()
         n = _set_unroll(config)
-        rebuilt = type(model).from_config(config)
+        with _safe_mode(not trusted):
+            rebuilt = type(model).from_config(config)
         rebuilt.set_weights(model.get_weights())
-        x = [np.random.default_rng(0).normal(size=(1, *tuple(t.shape)[1:])).astype(t.dtype)
-             for t in model.inputs]
+        x = [_probe_input(t) for t in model.inputs]
         same = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in
                    zip(_outputs(rebuilt, x), _outputs(model, x)))
     except Exception:  # noqa: BLE001 - a custom model Keras cannot rebuild: convert it as it is
@@ -43,28 +44,66 @@ def unrolled(tf, model) -> tuple[object, str]:
     if not n or not same:
         return model, ""
     kinds = ", ".join(sorted({type(la).__name__ for la in layers}))
-    return rebuilt, (f"{n} recurrent layer(s) ({kinds}) converted unrolled (unroll=True, the same function): "
-                     "their loop is a WHILE the LiteRT quantizer cannot calibrate")
+    steps = max(_steps(outer) or 0 for _, outer in found)
+    return rebuilt, (f"{n} recurrent layer(s) ({kinds}) converted unrolled over up to {steps} steps (unroll=True, "
+                     "the same function; a copy of the cell's ops a step): their loop is a WHILE the LiteRT "
+                     "quantizer cannot calibrate")
+
+
+def _probe_input(t) -> np.ndarray:
+    """A sample to check the rebuilt model on: random values with the last quarter of the steps
+    zero, so that a Masking layer or a mask_zero Embedding masks part of it (an int input gets
+    token ids 1-2 there)."""
+    shape = (1, *tuple(t.shape)[1:])
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 3, shape) if np.issubdtype(np.dtype(t.dtype), np.integer) else rng.normal(size=shape)
+    if len(shape) >= 2 and shape[1]:
+        x[:, shape[1] - shape[1] // 4:] = 0
+    return x.astype(t.dtype)
+
+
+def _safe_mode(safe: bool):
+    """Keras' deserialization scope as load_model(safe_mode=...) set it, for this rebuild only (the
+    public switch, keras.config.enable_unsafe_deserialization, is process-wide). Keras' private
+    SafeModeScope; where it is gone, the default (safe) scope."""
+    import contextlib
+
+    try:
+        from keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError:
+        return contextlib.nullcontext()
+    return SafeModeScope(safe)
 
 
 def _walk(model):
-    """(layer, the layer whose input it sees): a Bidirectional's own GRUs have no input of their own."""
+    """(layer, (the layer whose input it sees, its time axis there)): a Bidirectional's own GRUs have
+    no input of their own; a TimeDistributed's layer steps over axis 2 of its input."""
     for layer in getattr(model, "layers", []):
-        yield layer, layer
+        yield layer, (layer, 1)
+        axis = 2 if type(layer).__name__ == "TimeDistributed" else 1
         for inner in ("layer", "forward_layer", "backward_layer"):  # Bidirectional, TimeDistributed
             if getattr(layer, inner, None) is not None:
-                yield getattr(layer, inner), layer
+                yield getattr(layer, inner), (layer, axis)
         if hasattr(layer, "layers"):
             yield from _walk(layer)
 
 
-def _steps_ok(layer) -> bool:
-    """A fixed number of time steps, at most MAX_STEPS (axis 1 of the layer's input)."""
+def _steps(outer) -> int | None:
+    """The layer's number of time steps: its input's time axis (the first input where Keras lists
+    the mask with it), None where unknown."""
+    layer, axis = outer
     try:
-        shape = tuple(layer.input.shape)
-    except (AttributeError, ValueError):  # a layer never called on a Keras input
-        return False
-    return len(shape) >= 3 and shape[1] is not None and 0 < shape[1] <= MAX_STEPS
+        x = layer.input
+        shape = tuple((x[0] if isinstance(x, (list, tuple)) else x).shape)
+    except (AttributeError, ValueError, IndexError):  # a layer never called on a Keras input
+        return None
+    return shape[axis] if len(shape) > axis + 1 else None
+
+
+def _steps_ok(outer) -> bool:
+    """A fixed number of time steps, at most MAX_STEPS."""
+    steps = _steps(outer)
+    return steps is not None and 0 < steps <= MAX_STEPS
 
 
 def _set_unroll(config) -> int:

@@ -86,3 +86,21 @@ def test_masked_lambda_and_time_distributed_layers(tf):
     wide = tf.keras.Input((2, 600, 3))
     distributed = tf.keras.Model(wide, L.TimeDistributed(L.LSTM(4))(wide))
     assert unrolled(tf, distributed) == (distributed, "")  # 600 steps on axis 2: past MAX_STEPS
+
+
+def test_steps_fixed_by_input_shape_are_unrolled(tf, tmp_path):
+    """An LSTM declared over None steps stayed a WHILE under --input-shape 1,16,4 (the pin wraps the
+    model; its LSTM still saw None): the model is rebuilt at the given shape and unrolled."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((None, 4))
+    model = tf.keras.Model(inp, L.Dense(2)(L.LSTM(6)(inp)))
+    model.save(tmp_path / "v.keras")
+    src = load_source(str(tmp_path / "v.keras"), input_shapes=((1, 16, 4),))
+    assert "converted unrolled over up to 16 steps" in src.description
+    assert "WHILE" not in {op.name for op in read_model(src.float_tflite).ops}
+    assert [s.shape for s in src.inputs] == [(1, 16, 4)]
+    x = np.random.default_rng(2).normal(size=(1, 16, 4)).astype(np.float32)
+    key = next(iter(signature_runner(src.float_tflite).get_input_details()))
+    got = signature_runner(src.float_tflite)(**{key: x})[src.outputs[0].name]
+    np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -107,13 +107,19 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
     from ..pixel_scale import keras_pixel_scaling
-    from .keras_unroll import unrolled
+    from .keras_unroll import at_shapes, unrolled
 
     scaling = keras_pixel_scaling(tf, model)  # before any wrapping: the user's own layers
     notes: list[str] = []
     # The batch pinned, recurrent layers unrolled: no change of numbers or contract (edgeq runs batch 1), not warnings.
     model, described = unrolled(tf, model, trusted=trust_model)
-    if input_shapes:
+    pinned = False
+    if input_shapes and not described and (static := at_shapes(tf, model, input_shapes, trust_model)) is not None:
+        static, described = unrolled(tf, static, trusted=trust_model)  # the steps --input-shape fixes
+        if described:
+            notes = check_given([(t.name, tuple(t.shape)) for t in _inputs(model)], input_shapes, path)
+            model, pinned = static, True
+    if input_shapes and not pinned:
         model, notes = _pinned_keras(tf, model, input_shapes, path)
 
     def converter_for(m):

@@ -50,6 +50,33 @@ def unrolled(tf, model, trusted: bool = False) -> tuple[object, str]:
                      "quantizer cannot calibrate")
 
 
+def at_shapes(tf, model, shapes, trusted: bool = False):
+    """The model rebuilt with its inputs declared at `shapes` (one per input, in order; same
+    weights), where it has recurrent layers to unroll: an LSTM over None steps cannot be unrolled,
+    and the --input-shape that fixes them pins a wrapper around it (its layers still see None).
+    None where there is nothing to unroll or Keras cannot rebuild it."""
+    if not any(type(layer).__name__ in RECURRENT and not getattr(layer, "unroll", True) for layer, _ in _walk(model)):
+        return None
+    try:
+        config = model.get_config()
+        inputs = [la for la in config["layers"] if la.get("class_name") == "InputLayer"]
+        order = config.get("input_layers")
+        if order and isinstance(order[0], str):
+            order = [order]
+        names = [entry[0] for entry in order] if order else [la["config"]["name"] for la in inputs]
+        by_name = {la["config"]["name"]: la for la in inputs}
+        if len(names) != len(shapes) or any(n not in by_name for n in names):
+            return None
+        for name, shape in zip(names, shapes):
+            by_name[name]["config"]["batch_shape"] = list(shape)
+        with _safe_mode(not trusted):
+            static = type(model).from_config(config)
+        static.set_weights(model.get_weights())
+        return static
+    except Exception:  # noqa: BLE001 - a model Keras cannot rebuild: pinned by a wrapper as before
+        return None
+
+
 def _probe_input(t) -> np.ndarray:
     """A sample to check the rebuilt model on: random values with the last quarter of the steps
     zero, so that a Masking layer or a mask_zero Embedding masks part of it (an int input gets

@@ -170,6 +170,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     adjust = range_hook if scheme.needs_calibration else None
     req = QuantizeRequest(scheme, io, per_op_from_plan(plan), adjust)
     converter = uses_converter(source, req)
+    _refuse_loops(model, source, scheme)
     if not converter:
         check_litert(source, req, "--calibration " + opts.range_method if adjust else
                      "a DIV kept float (its divisor is computed from the input)" if int8_hazard(source, req) else "")
@@ -342,6 +343,20 @@ def samples_npz(model: bytes, samples: list[dict]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{tensor_names.get(k, k): np.stack([s[k] for s in samples]) for k in samples[0]})
     return buf.getvalue()
+
+
+def _refuse_loops(model: Path, source: SourceModel, scheme: Scheme) -> None:
+    """A Keras/SavedModel graph with a WHILE/IF loop under a calibrated scheme, before any slow work:
+    the TFLite converter's calibration segfaulted on a Keras LSTM over None steps (exit 139, no word),
+    and the LiteRT quantizer reads nothing inside a loop. (.tflite sources are refused so at load.)"""
+    from .litert_quant import control_flow_hint
+
+    if not scheme.needs_calibration or source.converter is None or not (hint := control_flow_hint(source.float_tflite)):
+        return
+    steps = ("; a Keras LSTM/GRU over None steps is unrolled at the steps --input-shape gives"
+             if source.format == "keras" else "")
+    raise QuantizationError(f"{model.name}: --scheme {scheme.value} cannot be calibrated{hint}{steps}; or use "
+                            "--scheme dynamic (int8 weights, float activations)")
 
 
 def _why_float(ops) -> str:

@@ -155,6 +155,23 @@ def test_level_best_with_little_data_says_it_runs_again(tiny_conv, tmp_path, cap
     assert r.manifest["optimize"]["level"] == "best"
 
 
+def test_a_loop_under_static_int8_is_refused_before_the_converter_crashes(tf, tmp_path):
+    """A Keras LSTM edgeq does not unroll (over more than MAX_STEPS steps; or over None steps) stays a
+    WHILE loop: under --optimize none the TFLite converter's calibration segfaulted on one (exit 139,
+    no word), and the default path failed in the LiteRT quantizer with "Tensor data is null". One
+    line before the quantizers."""
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input(batch_shape=(1, 600, 2))
+    src = save_keras(tf, tf.keras.Model(inp, L.Dense(2)(L.LSTM(2)(inp))), tmp_path / "v.keras")
+    calib = CalibrationConfig(_npy(tmp_path, (600, 2), n=12))
+    for level in (None, OptimizeLevel.NONE):
+        with pytest.raises(QuantizationError, match="cannot be calibrated; the model has a WHILE/IF loop .*"
+                                                    "--input-shape gives; or use --scheme dynamic"):
+            convert(src, ConvertOptions(tmp_path / "o.tflite", calib=calib, optimize=level))
+        assert not (tmp_path / "o.tflite").exists()
+
+
 def _strip_signature(data: bytes) -> bytes:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s

@@ -484,7 +484,8 @@ class _Loop:
                                                                                   mv.ops in self.measured))
         self.base = {}
         final_plan = self.make_plan(overrides)
-        self.report.update(met=True, final_drop=self._charted(chosen.fid).drop(chosen.fid), chosen_step=chosen.step["step"])
+        self.report.update(met=True, final_drop=self._charted(chosen.fid).drop(chosen.fid),
+                           chosen_step=chosen.step["step"])
         self.report["moves"] = self.base_moves + self._move_lines(kept)
         self.report["moved"] = {"ops": len(overrides), "float": 0, "hybrid": 0,
                                 **Counter(str(p) for p, _ in overrides.values())}

@@ -113,13 +113,13 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
     notes: list[str] = []
     # The batch pinned, recurrent layers unrolled: no change of numbers or contract (edgeq runs batch 1), not warnings.
     model, described = unrolled(tf, model, trusted=trust_model)
-    pinned = False
+    at_given = False  # rebuilt at --input-shape (to unroll the steps it fixes), not wrapped by _pinned_keras
     if input_shapes and not described and (static := at_shapes(tf, model, input_shapes, trust_model)) is not None:
-        static, described = unrolled(tf, static, trusted=trust_model)  # the steps --input-shape fixes
+        static, described = unrolled(tf, static, trusted=trust_model)
         if described:
             notes = check_given([(t.name, tuple(t.shape)) for t in _inputs(model)], input_shapes, path)
-            model, pinned = static, True
-    if input_shapes and not pinned:
+            model, at_given = static, True
+    if input_shapes and not at_given:
         model, notes = _pinned_keras(tf, model, input_shapes, path)
 
     def converter_for(m):
@@ -200,7 +200,8 @@ def _batch_note(dynamic: bytes, pinned: bytes) -> str:
     saved = len(read_model(dynamic).ops) - len(read_model(pinned).ops)
     if saved <= 0:  # other ops changed too (an unrolled LSTM at batch 1): count the SHAPE ops alone
         return f"converted at batch 1: a dynamic batch costs {_batch_ops(dynamic)} run-time SHAPE op(s) {_UNRUN}"
-    return f"converted at batch 1: a dynamic batch costs {saved} run-time shape op(s) (SHAPE, STRIDED_SLICE, PACK) {_UNRUN}"
+    return (f"converted at batch 1: a dynamic batch costs {saved} run-time shape op(s) (SHAPE, STRIDED_SLICE, "
+            f"PACK) {_UNRUN}")
 
 
 _UNRUN = "that XNNPACK and the Edge TPU do not run"

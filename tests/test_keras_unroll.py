@@ -48,21 +48,21 @@ def test_an_lstm_with_a_dynamic_batch_converts_unrolled_and_quantizes(tf, tmp_pa
 def test_what_is_unrolled_and_what_is_left_alone(tf):
     """A Bidirectional GRU is unrolled inside its wrapper; a stateful LSTM, one over an undefined
     number of steps and one already unrolled are left as they are."""
-    model, note = unrolled(tf, _recurrent(tf, wrap=True))
+    model, note = unrolled(_recurrent(tf, wrap=True))
     assert "2 recurrent layer(s) (GRU) converted unrolled" in note
     assert all(layer.unroll for layer in model.layers[2]._flatten_layers(include_self=False) if hasattr(layer, "unroll"))
     for kept in (_recurrent(tf, steps=None), _recurrent(tf, unroll=True)):
-        assert unrolled(tf, kept) == (kept, "")
+        assert unrolled(kept) == (kept, "")
     tf.keras.utils.set_random_seed(0)
     stateful = tf.keras.Sequential([tf.keras.Input(batch_shape=(1, 5, 2)), tf.keras.layers.LSTM(4, stateful=True)])
-    assert unrolled(tf, stateful) == (stateful, "")
+    assert unrolled(stateful) == (stateful, "")
 
 
 @pytest.mark.parametrize("steps", [600])
 def test_too_many_steps_are_not_unrolled(tf, steps):
     """Each step is a copy of the cell's ops: past MAX_STEPS the model is converted as it is."""
     model = _recurrent(tf, steps=steps)
-    assert unrolled(tf, model) == (model, "")
+    assert unrolled(model) == (model, "")
 
 
 def test_masked_lambda_and_time_distributed_layers(tf):
@@ -73,19 +73,19 @@ def test_masked_lambda_and_time_distributed_layers(tf):
     tf.keras.utils.set_random_seed(0)
     tokens = tf.keras.Input((16,), dtype="int32")
     text = tf.keras.Model(tokens, L.Dense(2)(L.LSTM(8)(L.Embedding(50, 8, mask_zero=True)(tokens))))
-    model, note = unrolled(tf, text)
+    model, note = unrolled(text)
     assert "1 recurrent layer(s) (LSTM) converted unrolled over up to 16 steps" in note
     x = np.array([[5, 7, 9, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], np.int32)  # a padded sentence
     np.testing.assert_allclose(model(x).numpy(), text(x).numpy(), rtol=1e-5, atol=1e-6)
     seq = tf.keras.Input((12, 3))
     masked = tf.keras.Model(seq, L.GRU(4, go_backwards=True)(L.Masking(0.0)(seq)))
-    assert unrolled(tf, masked)[1]
+    assert unrolled(masked)[1]
     lam = tf.keras.Model(seq, L.LSTM(4)(L.Lambda(lambda t: t * 0.5)(seq)))
-    assert unrolled(tf, lam) == (lam, "")  # safe mode: the Lambda's code is not rebuilt
-    assert "converted unrolled" in unrolled(tf, lam, trusted=True)[1]
+    assert unrolled(lam) == (lam, "")  # safe mode: the Lambda's code is not rebuilt
+    assert "converted unrolled" in unrolled(lam, trusted=True)[1]
     wide = tf.keras.Input((2, 600, 3))
     distributed = tf.keras.Model(wide, L.TimeDistributed(L.LSTM(4))(wide))
-    assert unrolled(tf, distributed) == (distributed, "")  # 600 steps on axis 2: past MAX_STEPS
+    assert unrolled(distributed) == (distributed, "")  # 600 steps on axis 2: past MAX_STEPS
 
 
 def test_steps_fixed_by_input_shape_are_unrolled(tf, tmp_path):

@@ -112,10 +112,10 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
     scaling = keras_pixel_scaling(tf, model)  # before any wrapping: the user's own layers
     notes: list[str] = []
     # The batch pinned, recurrent layers unrolled: no change of numbers or contract (edgeq runs batch 1), not warnings.
-    model, described = unrolled(tf, model, trusted=trust_model)
+    model, described = unrolled(model, trusted=trust_model)
     at_given = False  # rebuilt at --input-shape (to unroll the steps it fixes), not wrapped by _pinned_keras
-    if input_shapes and not described and (static := at_shapes(tf, model, input_shapes, trust_model)) is not None:
-        static, described = unrolled(tf, static, trusted=trust_model)
+    if input_shapes and not described and (static := at_shapes(model, input_shapes, trust_model)) is not None:
+        static, described = unrolled(static, trusted=trust_model)
         if described:
             notes = check_given([(t.name, tuple(t.shape)) for t in _inputs(model)], input_shapes, path)
             model, at_given = static, True

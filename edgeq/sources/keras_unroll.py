@@ -10,7 +10,7 @@ so, edgeq's int8 kept 89 of 96 decisions (the bare converter, unrolled by hand, 
 Only where it is exact and bounded: a model Keras rebuilds from its config (Sequential or
 functional), every unrolled layer not stateful and over a fixed number of steps (at most
 MAX_STEPS: each step is a copy of the cell's ops), and the rebuilt model's outputs equal to the
-original's on a random input.
+original's on an input with padded steps.
 """
 
 from __future__ import annotations
@@ -21,21 +21,18 @@ RECURRENT = frozenset({"LSTM", "GRU", "SimpleRNN"})
 MAX_STEPS = 512  # time steps: each is a copy of the cell's ops in the converted graph
 
 
-def unrolled(tf, model, trusted: bool = False) -> tuple[object, str]:
+def unrolled(model, trusted: bool = False) -> tuple[object, str]:
     """(the model with its recurrent layers unrolled, a note saying so), or (model, "") where it
     has none to unroll or cannot be rebuilt exactly. `trusted`: rebuilt the way it was loaded, its
     Lambda layers' code included (--trust-model)."""
-    found = [(layer, outer) for layer, outer in _walk(model) if type(layer).__name__ in RECURRENT
-             and not getattr(layer, "unroll", True)]
+    found = _to_unroll(model)
     if not found or any(getattr(layer, "stateful", False) or not _steps_ok(outer) for layer, outer in found):
         return model, ""
     layers = [layer for layer, _ in found]
+    counted = []
     try:
-        config = model.get_config()
-        n = _set_unroll(config)
-        with _safe_mode(not trusted):
-            rebuilt = type(model).from_config(config)
-        rebuilt.set_weights(model.get_weights())
+        rebuilt = _rebuilt(model, lambda config: counted.append(_set_unroll(config)), trusted)
+        n = counted[0]
         x = [_probe_input(t) for t in model.inputs]
         same = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in
                    zip(_outputs(rebuilt, x), _outputs(model, x)))
@@ -50,15 +47,15 @@ def unrolled(tf, model, trusted: bool = False) -> tuple[object, str]:
                      "quantizer cannot calibrate")
 
 
-def at_shapes(tf, model, shapes, trusted: bool = False):
+def at_shapes(model, shapes, trusted: bool = False):
     """The model rebuilt with its inputs declared at `shapes` (one per input, in order; same
     weights), where it has recurrent layers to unroll: an LSTM over None steps cannot be unrolled,
     and the --input-shape that fixes them pins a wrapper around it (its layers still see None).
     None where there is nothing to unroll or Keras cannot rebuild it."""
-    if not any(type(layer).__name__ in RECURRENT and not getattr(layer, "unroll", True) for layer, _ in _walk(model)):
+    if not _to_unroll(model):
         return None
-    try:
-        config = model.get_config()
+
+    def declare(config):
         inputs = [la for la in config["layers"] if la.get("class_name") == "InputLayer"]
         order = config.get("input_layers")
         if order and isinstance(order[0], str):
@@ -66,15 +63,30 @@ def at_shapes(tf, model, shapes, trusted: bool = False):
         names = [entry[0] for entry in order] if order else [la["config"]["name"] for la in inputs]
         by_name = {la["config"]["name"]: la for la in inputs}
         if len(names) != len(shapes) or any(n not in by_name for n in names):
-            return None
+            raise ValueError("the model's inputs and --input-shape differ")
         for name, shape in zip(names, shapes):
             by_name[name]["config"]["batch_shape"] = list(shape)
-        with _safe_mode(not trusted):
-            static = type(model).from_config(config)
-        static.set_weights(model.get_weights())
-        return static
+
+    try:
+        return _rebuilt(model, declare, trusted)
     except Exception:  # noqa: BLE001 - a model Keras cannot rebuild: pinned by a wrapper as before
         return None
+
+
+def _to_unroll(model) -> list:
+    """(layer, where its steps are read) for each recurrent layer not unrolled yet."""
+    return [(layer, outer) for layer, outer in _walk(model)
+            if type(layer).__name__ in RECURRENT and not getattr(layer, "unroll", True)]
+
+
+def _rebuilt(model, edit, trusted: bool):
+    """The model rebuilt from its config after `edit(config)`, with its weights."""
+    config = model.get_config()
+    edit(config)
+    with _safe_mode(not trusted):
+        rebuilt = type(model).from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def _probe_input(t) -> np.ndarray:

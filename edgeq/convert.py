@@ -237,7 +237,10 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     data_written, judged_first = data, qbytes
     refit = refit_data(data, opts.calib) if scheme.needs_calibration else None
     if refit is not None:  # little data: the written model is calibrated on every sample
-        if optimized is not None and superseded is None:  # the level's choices on every sample
+        # The level's choices on every sample, and the loop's plan where it moved ops from the level's
+        # model: recalibrating with the quantizer's own ranges wrote a model made unlike the twin judged
+        # (resemblyzer: its ranges, rounding and bias correction dropped, and 75 s spent calibrating).
+        if optimized is not None:
             optimized_all = _replay(source, refit, req, optimized, progress, len(data.calib_indices))
             if optimized_all is None:  # level best: the level again, measured on every sample
                 progress.note(f"--optimize {level.value}: its refined ranges and learned rounding cannot be "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 
@@ -564,6 +565,41 @@ def test_budget_loop_after_fast_keeps_the_levels_ranges(cnn_source, tmp_path):
     shared = [t for t in kept if t in f]
     assert shared and all(kept[t] == pytest.approx(f[t], rel=1e-6) for t in shared), (kept, f)
     assert any(kept[t] != pytest.approx(n[t], rel=1e-3) for t in kept if t in n)
+
+
+def test_budget_loop_after_fast_with_little_data_replays_the_level(cnn_source, tmp_path):
+    """Little data, the level ran and the budget loop moved ops from its model: the model written
+    (calibrated on every sample) is made like the twin that was judged, with the level's choices
+    replayed on all samples and the loop's plan, not recalibrated with the quantizer's own ranges
+    (a resemblyzer speaker encoder lost its level that way, and spent 75 s calibrating)."""
+    from edgeq.optimize import OptimizeLevel
+
+    model, cal = cnn_source
+    little = dataclasses.replace(cal, samples=200, eval_samples=50)  # 80 samples: a twin judged on 16
+    fast = convert(model, ConvertOptions(tmp_path / "fast.tflite", calib=little, floor=False))
+    convert(model, ConvertOptions(tmp_path / "none.tflite", calib=little, floor=False, optimize=OptimizeLevel.NONE))
+    assert fast.manifest["calibration"]["judged_model_count"] == 64
+    budget = 0.995 * fast.manifest["fidelity"]["outputs"][0]["rel_l2"]
+    tasks = _Tasks()
+    loop = convert(model, ConvertOptions(tmp_path / "loop.tflite", calib=little, budget=BudgetOptions(budget, "rel_l2")),
+                   tasks)
+    o, b = loop.manifest["optimize"], loop.manifest["budget"]
+    assert o["ran"] and b["loop"] and b["moved"] and "level's ranges" in o["superseded"], b
+    assert "Applying the level's choices to all 80 samples" in tasks.tasks
+    assert not [t for t in tasks.tasks if t.startswith("Calibrating")], tasks.tasks  # no quantizer ranges
+
+    def act_scales(path):
+        info = read_model(path.read_bytes())
+        return {t.name: t.scale for op in info.ops for t in op.outputs if t.dtype == "int8" and t.scale}
+
+    kept, f, n = (act_scales(tmp_path / f"{k}.tflite") for k in ("loop", "fast", "none"))
+    shared = [t for t in kept if t in f and t in n]
+    # Not the quantizer's own ranges (what --optimize none writes on these 80 samples)...
+    assert shared and any(kept[t] != pytest.approx(n[t], rel=1e-3) for t in shared), (kept, n)
+    # ...but the level's: replayed on all 80 as fast's file was, or the judged twin's (on 64) where the
+    # model on all 80 missed the budget the twin just met (this tiny CNN: by 1e-4).
+    if not any("kept the model calibrated on 64" in w for w in loop.warnings):
+        assert all(kept[t] == pytest.approx(f[t], rel=1e-6) for t in shared), (kept, f)
 
 
 def test_optimize_runs_alike_on_keras_sources_and_none_is_todays_conversion(tiny_conv, tmp_path):

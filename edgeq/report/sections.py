@@ -74,8 +74,19 @@ def _calibration_fields(d: dict, cal: dict) -> list[str]:
     """kind, source, count, seed and the ranges: where the level measured them, its rule instead of
     --calibration's (range_method), which was not what the written model's ranges came from."""
     chosen = _measured_ranges(d)
-    return [chosen if k == "range_method" and chosen else f"{k}={text(cal.get(k))}"
-            for k in ("kind", "source", "count", "seed", "range_method") if k in cal]
+    fields = [chosen if k == "range_method" and chosen else f"{k}={text(cal.get(k))}"
+              for k in ("kind", "source", "count", "seed", "range_method") if k in cal]
+    pixels = cal.get("pixels")
+    if isinstance(pixels, dict) and pixels.get("preprocess"):  # how photos became inputs (a device app must match)
+        scale = (f" (x - {_listed(pixels.get('mean'))}) / {_listed(pixels.get('std'))}"
+                 if "mean" in pixels and "std" in pixels else "")
+        fields.append(f"pixels={text(pixels['preprocess'])}{scale}")
+    return fields
+
+
+def _listed(v) -> str:
+    vals = [f"{x:g}" for x in as_list(v) if isinstance(x, (int, float))]
+    return vals[0] if len(vals) == 1 else "[" + ", ".join(vals) + "]"
 
 
 def _model_section(m: Manifest) -> Section:

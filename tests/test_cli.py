@@ -346,6 +346,8 @@ def test_convert_floor_refusal_and_class_output(tf, tmp_path):
 
 
 def test_convert_prints_what_each_optimize_step_bought(tiny_conv, tmp_path):
+    from edgeq.level_summary import dropped
+
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((90, 8, 8, 3)).astype(np.float32))
     r = run("convert", tiny_conv, "-o", tmp_path / "o.tflite", "--calib", tmp_path / "x.npy", "--calib-samples", 60,
             "--eval-samples", 30)
@@ -367,7 +369,7 @@ def test_convert_prints_what_each_optimize_step_bought(tiny_conv, tmp_path):
     assert md.count("### Accuracy level") == 3
     assert "--optimize fast: each step judged on 30 calibration samples (kl to float)." in md
     for s in m["optimize"]["steps"]:
-        verdict = "kept" if s["kept"] else "dropped (no gain)"
+        verdict = "kept" if s["kept"] else (s.get("detail") or {}).get("verdict") or dropped(s, "kl")
         assert f"| {s['step']} | " in md and f" | {s['after']['kl']:.4f} | " in md, s["step"]
         assert any(line.startswith(f"| {s['step']} |") and f"| {verdict} |" in line for line in md.splitlines())
     assert "No accuracy level ran (--optimize none)." in md

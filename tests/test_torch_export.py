@@ -116,6 +116,21 @@ def test_tiny_cnn_converts_end_to_end_all_int8_and_faithful_to_torch(cnn_pt2, im
     assert abs(fs["quantized"]["outputs"][0]["cosine"] - int8_vs_torch.cosine) < 1e-6
 
 
+def test_with_little_data_the_source_table_judges_the_twin(cnn_pt2, images, tmp_path):
+    """40 photos where 200 + 50 are asked: the written model is calibrated on all 40, the 8 held-out
+    ones included, and its figures there are in-sample (PESTO: int8 cosine 1.0000 to PyTorch under
+    0.9817 to float). The PyTorch table judges the twin, as the fidelity table does."""
+    out = tmp_path / "o.tflite"
+    r = convert(cnn_pt2, ConvertOptions(out, calib=CalibrationConfig(str(images), preprocess="imagenet")))
+    m = r.manifest
+    assert m["calibration"]["judged_model_count"] == 32 and m["fidelity"]["samples"] == 8
+    fs = m["fidelity_source"]
+    assert fs["quantized_model"] == "the twin calibrated on the other 32 samples (as fidelity)"
+    # The float .tflite matches PyTorch to ~1e-6, so the twin reads the same against either.
+    assert abs(fs["quantized"]["outputs"][0]["cosine"] - m["fidelity"]["outputs"][0]["cosine"]) < 1e-4
+    assert abs(fs["quantized"]["outputs"][0]["rel_l2"] - m["fidelity"]["outputs"][0]["rel_l2"]) < 1e-3
+
+
 def test_nchw_calibration_from_an_image_folder(cnn_pt2, images):
     src = load_source(cnn_pt2)
     assert [(s.name, s.shape, s.dtype) for s in src.inputs] == [("args_0", (1, 3, SIZE, SIZE), "float32")]

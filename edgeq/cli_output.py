@@ -57,8 +57,8 @@ def print_convert(result) -> None:
                   for p in o.get("parts", ())]])
     fs = m.get("fidelity_source")
     if fs:
-        twin = " held-out, int8 judged as the twin" if fs.get("quantized_model") else ""
-        table(f"Fidelity vs the {fs['reference']} model ({fs['quantized']['samples']}{twin} samples)",
+        twin = " held-out samples; int8: the twin judged above" if fs.get("quantized_model") else " samples"
+        table(f"Fidelity vs the {fs['reference']} model ({fs['quantized']['samples']}{twin})",
               ["output", "float .tflite cosine", "int8 cosine", "int8 top-1 agree"],
               [[q["name"], fmt(f["cosine"]), fmt(q["cosine"]), fmt(q["top1_agreement"], 3)]
                for f, q in zip(fs["float"]["outputs"], fs["quantized"]["outputs"])])

@@ -4,9 +4,9 @@ the accuracy target.
 `io_rounding`: the float model fed the held-out samples rounded to the quantized model's input
 levels, its outputs rounded to the output levels, compared with float as convert's fidelity is. No op
 precision wins that loss back, so the budget loop cannot either: resemblyzer's speaker encoder for
-rpi4 (int8 I/O) reads mel energies of 0 to 3.4 whose median is 7e-6; the int8 input alone gave
-cosine 0.68, and the loop moved 7678 ops to float in 23 s (after a 105 s level) to reach 0.84 before
-refusing with advice about --max-drop."""
+rpi4 (int8 I/O) reads mel energies of 0 to 3.4 whose median is 7e-6; its I/O rounding alone reads
+cosine 0.8386, and the loop had moved 7678 ops to float in 23 s (after a 105 s level) to reach 0.8388
+before refusing with advice about --max-drop."""
 
 from __future__ import annotations
 

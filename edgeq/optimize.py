@@ -350,7 +350,16 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     ts = time.monotonic()
     note("measuring activation ranges")
     sess = session(float_model, samples[:STRUCTURE_SAMPLES])
-    stats = range_stats(float_model, range_samples, sess.base)
+    from .equalize import EqualizeMode, channel_tensors, equalize
+    # Channel maxima for equalization from the samples outside `judge` when there are enough of them:
+    # a ReLU6 channel scaled by them is exact only up to a margin, and the judge has to see what
+    # happens past it (EfficientNet-Lite0's late channels fire on few photos) rather than samples on
+    # which it is exact by construction. With fewer (a small calibration set), from the judging ones.
+    maxima = learn if len(learn) >= MIN_LEARN_MAXIMA else stat_samples
+    # Where those are the statistics' samples, one float pass reads both.
+    shared = {id(x) for x in maxima} == {id(x) for x in range_samples}
+    stats = range_stats(float_model, range_samples, sess.base,
+                        channels=channel_tensors(float_model, EqualizeMode.MIXED) if shared else ())
     found = search_ranges(float_model, samples, sess.base, sess.quantize, stats=stats, objective=objective,
                           max_samples=judge_samples, reference=reference, on_step=note)
     floor = found.baseline  # the quantizer's own ranges: no step may end below it on any output
@@ -372,13 +381,7 @@ def optimize(float_model: bytes, samples: Sequence[dict], session: SessionFactor
     #    MobileNetV2 softmax KL fell on 4 of 8 real splits (by up to 45 %) and rose on none; alone,
     #    either did less (docs/accuracy.md).
     ts = time.monotonic()
-    from .equalize import EqualizeMode, equalize
-    # Channel maxima from the samples outside `judge` when there are enough of them: a ReLU6 channel
-    # scaled by them is exact only up to a margin, and the judge has to see what happens past it
-    # (EfficientNet-Lite0's late channels fire on few photos) rather than samples on which it is
-    # exact by construction. With fewer (a small calibration set), from the judging ones as before.
-    maxima = learn if len(learn) >= MIN_LEARN_MAXIMA else stat_samples
-    eq = equalize(float_model, maxima, mode=EqualizeMode.MIXED, on_step=note)
+    eq = equalize(float_model, maxima, mode=EqualizeMode.MIXED, known=stats.channels, on_step=note)
     if eq.changed:
         note(f"measuring ranges after equalizing {len(eq.pairs)} layer pairs and {len(eq.streams)} residual streams")
         eq_sess = session(eq.model, samples[:STRUCTURE_SAMPLES])

@@ -157,6 +157,44 @@ def test_channel_ranges_are_read_only_for_the_pairs_that_use_them(tiny_cnn, cali
     assert only_relu.model == eqm.equalize(tiny_cnn).model
 
 
+def test_channel_ranges_read_in_the_statistics_pass_give_the_same_model(tiny_cnn, calib, monkeypatch):
+    """The levels read equalization's channel ranges in their range-statistics pass over the same
+    samples (one float run over them instead of two): the ranges are those channel_ranges measures,
+    and equalize() given them runs no float pass of its own and writes the same model byte for byte.
+    Only the tensors not given are measured."""
+    import edgeq.equalize as eqm
+    from edgeq.optimize import litert_session, uniform_recipe
+    from edgeq.ranges import range_stats
+
+    base = litert_session(uniform_recipe("int8"))(tiny_cnn, calib[:2]).base
+    names = eqm.channel_tensors(tiny_cnn, eqm.EqualizeMode.MIXED)
+    stats = range_stats(tiny_cnn, calib, base, channels=names)
+    m = te.load(tiny_cnn)
+    index = {te.tensor_name(t): i for i, t in enumerate(m.subgraphs[0].tensors)}
+    measured = eqm.channel_ranges(tiny_cnn, calib, [index[n] for n in names])
+    assert len(names) == 5 and sorted(stats.channels) == sorted(names)
+    for n in names:
+        lo, hi = stats.channels[n]
+        assert lo.shape == hi.shape == (m.subgraphs[0].tensors[index[n]].shape[-1],)
+        np.testing.assert_array_equal(lo, measured[index[n]][0])
+        np.testing.assert_array_equal(hi, measured[index[n]][1])
+    plain = eqm.equalize(tiny_cnn, calib, mode=eqm.EqualizeMode.MIXED)
+
+    asked = []
+    real = eqm.channel_ranges
+
+    def recording(model, samples, tensors):
+        asked.append(sorted(tensors))
+        return real(model, samples, tensors)
+
+    monkeypatch.setattr(eqm, "channel_ranges", recording)
+    given = eqm.equalize(tiny_cnn, calib, mode=eqm.EqualizeMode.MIXED, known=stats.channels)
+    assert asked == [] and given.model == plain.model and len(given.pairs) == len(plain.pairs) > 0
+    some = {n: stats.channels[n] for n in names[:2]}
+    part = eqm.equalize(tiny_cnn, calib, mode=eqm.EqualizeMode.MIXED, known=some)
+    assert asked == [sorted(index[n] for n in names[2:])] and part.model == plain.model
+
+
 def _bias_less_chain(tf) -> bytes:
     """conv3x3 (ReLU) -> conv1x1 (ReLU) -> conv1x1, no biases: the TFLite converter gives all three
     one shared zero bias tensor. The first conv's channels run at scales 0.003..1, undone by the next."""

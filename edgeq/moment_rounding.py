@@ -172,7 +172,6 @@ class _Moments:
         self.layer, self.rng, self.per_sample = layer, rng, rows_per_sample
         self.m: np.ndarray | None = None
         self.rows = 0
-        self.multiplier = 1  # depthwise: output channels per input channel (they share one M)
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
         lay, n = self.layer, self.per_sample
@@ -180,11 +179,9 @@ class _Moments:
             p = x.reshape(-1, lay.float_weight.shape[1])
             return p[self.rng.choice(len(p), n, replace=False)] if len(p) > n else p
         p = _patches(lay, x, n, self.rng)
-        if lay.kind == "DEPTHWISE_CONV_2D":
-            # Output channel c reads input channel c // multiplier: one M per INPUT channel, repeated
-            # for its outputs when read (_per_output). torchcrepe's first layer (1 input, 128 outputs,
-            # 512 taps) took 106 s computing the same 512x512 matrix 128 times a sample.
-            self.multiplier = lay.channels // p.shape[-1]
+        # Depthwise output channel c reads input channel c // multiplier: one M per INPUT channel, for
+        # all its outputs (search() maps them). torchcrepe's first layer (1 input, 128 outputs, 512
+        # taps) took 106 s computing the same 512x512 matrix 128 times a sample.
         # depthwise: [rows, kh*kw, input channels], one k*k matrix per channel; else [rows, kh*kw*cin]
         # in TFLite's [O, KH, KW, I] order
         return p.reshape(len(p), -1, p.shape[-1]) if lay.kind == "DEPTHWISE_CONV_2D" else p.reshape(len(p), -1)
@@ -196,16 +193,16 @@ class _Moments:
         self.m = m.astype(np.float64) if self.m is None else self.m + m
         self.rows += len(p)
 
-    def _per_output(self, m: np.ndarray) -> np.ndarray:
-        return np.repeat(m, self.multiplier, axis=0) if self.multiplier > 1 else m
-
     def matrix(self) -> np.ndarray:
+        """M; for a depthwise layer one per INPUT channel (search() gives output channel c the
+        c // multiplier-th): repeated per output, torchcrepe-full's first layer (1 input channel,
+        1024 outputs, 512 taps) took 2 GB a copy and 11 s of its 19 s fit."""
         m = self.m / max(self.rows, 1)
         n = m.shape[-1]
         if self.rows < 4 * n:  # few rows for this many directions: lean towards nearest rounding
             diag = np.einsum("...kk->...k", m).mean(axis=-1)
             m = m + RIDGE * np.asarray(diag)[..., None, None] * np.eye(n)
-        return self._per_output(m)
+        return m
 
 
 # --- The search ------------------------------------------------------------------------------------------
@@ -224,12 +221,28 @@ class Work:
         return self.done >= self.limit or time.monotonic() > self.deadline
 
 
+def _owners(moments: np.ndarray, channels: int) -> np.ndarray | None:
+    """For per-channel moments shared by groups of output channels ([groups, k, k], a depthwise
+    layer's per input channel): each output channel's group; None when there is one a channel."""
+    if moments.ndim != 3 or len(moments) == channels:
+        return None
+    return np.arange(channels) // (channels // len(moments))
+
+
+def _per_channel_product(moments: np.ndarray, e: np.ndarray, owners: np.ndarray | None) -> np.ndarray:
+    """[k, channels]: M_c e_c for every channel c (moments [channels or groups, k, k], e [k, channels])."""
+    if owners is None:
+        return np.einsum("ckl,lc->kc", moments, e)
+    per = e.shape[1] // len(moments)  # a group's channels are consecutive
+    return np.concatenate([moments[i] @ e[:, i * per:(i + 1) * per] for i in range(len(moments))], axis=1)
+
+
 def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
            sweeps: int = MAX_SWEEPS, work: Work | None = None,
            linear: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """(int levels, error nearest, error searched) for weights w_over_s [fan_in, channels] (W / s),
     scales [channels] and moments [fan_in, fan_in] shared by the channels, or [channels, fan_in,
-    fan_in] one per channel; the error is the sum over channels of e^T M e (+ 2 e^T linear, linear
+    fan_in] one per channel (or [groups, ...], each for channels // groups consecutive channels); the error is the sum over channels of e^T M e (+ 2 e^T linear, linear
     [fan_in, channels], when given: the sequential fit's cross term). Each level is floor or
     ceil of W / s, within [-127, 127]: all 2^fan_in choices up to EXACT_FAN_IN weights a channel,
     else single-weight flips from round-to-nearest until none helps (or `work` is spent: every sweep
@@ -240,13 +253,16 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
         work.add((1 << k) * k * k * channels)
         return _exact(w_over_s, scale, moments, linear)
     per_channel = moments.ndim == 3
+    owners = _owners(moments, channels)
     lo = np.clip(np.floor(w_over_s), -127, 127)
     hi = np.clip(lo + 1, -127, 127)
     q = np.clip(np.round(w_over_s), -127, 127)
     e = (q - w_over_s) * scale  # output-scale rounding error
     lin = np.zeros_like(e) if linear is None else linear
-    g = (np.einsum("ckl,lc->kc", moments, e) if per_channel else moments @ e) + lin  # half the gradient
+    g = (_per_channel_product(moments, e, owners) if per_channel else moments @ e) + lin  # half the gradient
     diag = np.einsum("ckk->kc", moments) if per_channel else np.diag(moments)[:, None]
+    if owners is not None:
+        diag = diag[:, owners]
     before = float((e * (g + lin)).sum())  # e^T M e + 2 e^T lin, with g = M e + lin
 
     def gains(at, g_at):
@@ -276,7 +292,7 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
                 continue
             q[i, cols] += d[cols]
             e[i, cols] += step[cols]
-            g[:, cols] += moments[cols, :, i].T * step[cols]
+            g[:, cols] += moments[cols if owners is None else owners[cols], :, i].T * step[cols]
             work.add(k * len(cols))
     return q, before, float((e * (g + lin)).sum())
 
@@ -318,7 +334,9 @@ def _exact(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
     import itertools
 
     k, channels = w_over_s.shape
-    m = np.broadcast_to(moments, (channels, k, k)) if moments.ndim == 2 else moments
+    owners = _owners(moments, channels)  # k is small here: the groups' moments repeated cost little
+    m = (np.broadcast_to(moments, (channels, k, k)) if moments.ndim == 2
+         else moments if owners is None else moments[owners])
     lin = np.zeros((k, channels)) if linear is None else linear
 
     def cost(e, c):  # e [k, block] -> [block]
@@ -399,8 +417,10 @@ class _PairedMoments(_Moments):
         """The search's linear term E[x_q (x_q - x)^T] w, per channel: with it e^T M e + 2 e^T lin is
         the mean square of W_q x_q - W x less that of W x_q - W x (e = W_q - W), so negative where the
         rounding does better on x_q than the float weights would."""
-        d = self._per_output((self.m - self.c) / max(self.rows, 1))
-        return np.einsum("ckl,lc->kc", d, w) if self.layer.kind == "DEPTHWISE_CONV_2D" else d @ w
+        d = (self.m - self.c) / max(self.rows, 1)
+        if self.layer.kind != "DEPTHWISE_CONV_2D":
+            return d @ w
+        return _per_channel_product(d, w, _owners(d, w.shape[1]))
 
 
 def _macs(layers: Sequence[WeightLayer], m) -> float:

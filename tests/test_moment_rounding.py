@@ -372,8 +372,10 @@ def test_the_cut_models_give_the_same_rounding_as_the_whole_ones(tiny_cnn, calib
 def test_depthwise_multiplier_outputs_share_their_input_channels_moments():
     """A depthwise layer with a channel multiplier (torchcrepe's first layer: 1 input, 128 outputs,
     512 taps) took 106 s computing the same k x k matrix for every output a sample; the moments are
-    now taken per input channel and repeated for its outputs. They equal the per-output computation
-    (output c reads input c // multiplier), for M and for the sequential fit's linear term."""
+    now taken per input channel, and kept so: repeated for its outputs, torchcrepe-full's (1024 outputs)
+    took 2 GB a copy. They equal the per-output computation (output c reads input c // multiplier),
+    for M and for the sequential fit's linear term, and search() reads them per output channel: the
+    same rounding as from the repeated matrices, by exhaustive search (small k) and by sweeps."""
     import edgeq.moment_rounding as mr
     from edgeq.weight_layers import WeightLayer
 
@@ -402,11 +404,23 @@ def test_depthwise_multiplier_outputs_share_their_input_channels_moments():
             want[c] += a.T @ a
             cross[c] += b.T @ (b - pf[:, :, c // mult])
         rows += len(p)
-    assert mo.m.shape == (cin, k, k) and mo.multiplier == mult  # one matrix per input channel
+    owners = np.arange(cin * mult) // mult
+    assert mo.m.shape == (cin, k, k) and mo.matrix().shape == (cin, k, k)  # one matrix per input channel
     ridge = mr.RIDGE * np.einsum("ckk->ck", want / rows).mean(-1)[:, None, None] * np.eye(k)
-    assert np.allclose(mo.matrix(), want / rows + (ridge if rows < 4 * k else 0), rtol=1e-5)
+    assert np.allclose(mo.matrix()[owners], want / rows + (ridge if rows < 4 * k else 0), rtol=1e-5)
     wm = w.reshape(k, cin * mult).astype(np.float64)
     assert np.allclose(pm.linear(wm), np.einsum("ckl,lc->kc", cross / rows, wm), rtol=1e-4, atol=1e-6)
+
+    for fan_in in (k, mr.EXACT_FAN_IN + 8):  # exhaustive, then sweeps
+        a = rng.normal(size=(cin, 200, fan_in))
+        grouped = np.einsum("grk,grl->gkl", a, a) / 200 + 0.1 * np.eye(fan_in)
+        w_over_s = rng.normal(scale=20, size=(fan_in, cin * mult))
+        scale = rng.uniform(0.01, 0.1, cin * mult)
+        lin = rng.normal(scale=0.01, size=(fan_in, cin * mult))
+        got, want_q = mr.search(w_over_s, scale, grouped, linear=lin), mr.search(w_over_s, scale, grouped[owners],
+                                                                                 linear=lin)
+        np.testing.assert_array_equal(got[0], want_q[0])
+        assert np.allclose(got[1:], want_q[1:]) and got[2] < got[1]  # and the search found something
 
 
 def _sweep_row_by_row(w_over_s, scale, m, sweeps=8):

@@ -33,7 +33,7 @@ from .plan import default_scheme, int8_accelerator, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .pixel_scale import photo_scale
 from .progress import SILENT, Progress
-from .quantize import (LITERT_IO, QuantizeRequest, check_litert, check_litert_io, int8_hazard, quantize,
+from .quantize import (LITERT_IO, KeptCalibration, QuantizeRequest, check_litert, check_litert_io, int8_hazard, quantize,
                        uses_converter)
 from .signature import rename_signature
 from .size_plan import SizeRequest, plan_for_size
@@ -192,9 +192,10 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
             level, level_why = OptimizeLevel.NONE, unusable
         else:
             qbytes, converter = optimized.model, False
+    kept = KeptCalibration()  # a little-data refit feeds the converter's calibrator only the rest
     if qbytes is None and (converter or requant is None):
         with progress.task(f"Quantizing ({scheme.value})"):
-            qbytes = quantize(source, req, calibration)
+            qbytes = quantize(source, req, calibration, kept)
     elif qbytes is None:
         if scheme.needs_calibration:
             requant.ranges()  # calibrates (its own progress bar)
@@ -252,7 +253,7 @@ def convert(model: Path | str, opts: ConvertOptions, progress: Progress = SILENT
                 optimized_all, _ = _optimize(source, refit, req, level, class_outputs, profile, progress)
             refit_model = optimized_all.model if optimized_all else judged_first
         else:
-            refit_model = _recalibrate(source, req, refit, data, requant, converter, opts, progress)
+            refit_model = _recalibrate(source, req, refit, data, requant, converter, opts, progress, kept)
         qbytes, data_written, note = keep_refit(refit_model, refit, data, qbytes, target, fid, lambda m: fidelity(
             source.float_tflite, m, eval_samples, reference, class_outputs))
         if note:
@@ -659,16 +660,20 @@ def _analysis_samples(data: CalibrationData):
 
 
 def _recalibrate(source, req, refit: CalibrationData, data: CalibrationData, requant, converter,
-                 opts: ConvertOptions, progress) -> bytes:
-    """The model calibrated on every sample (`refit`), the way the first result was quantized."""
+                 opts: ConvertOptions, progress, kept: KeptCalibration | None = None) -> bytes:
+    """The model calibrated on every sample (`refit`), the way the first result was quantized; where
+    the converter's calibrator was `kept` from it, fed only the samples it has not seen."""
     adjust = _range_hook(source, refit, opts.range_method, opts.percentile, progress) if req.adjust_ranges else None
-    if converter or requant is None:
-        def calibration():
-            return progress.iter(refit.calibration(), "Recalibrating on every sample", len(refit.calib_indices))
-        with progress.task(f"Quantizing ({req.scheme.value}) with every sample"):
-            return quantize(source, dataclasses.replace(req, adjust_ranges=adjust), calibration)
     seen = set(data.calib_indices)
     added = dataclasses.replace(data, calib_indices=[i for i in refit.calib_indices if i not in seen])
+    if converter or requant is None:
+        rest = added if kept is not None and kept.fed else refit
+
+        def calibration():
+            return progress.iter(rest.calibration(), "Recalibrating on every sample" if rest is refit else
+                                 "Calibrating on the held-out samples too", len(rest.calib_indices))
+        with progress.task(f"Quantizing ({req.scheme.value}) with every sample"):
+            return quantize(source, dataclasses.replace(req, adjust_ranges=adjust), calibration, kept)
     requant.recalibrate(added.calibration, len(added.calib_indices), adjust)
     return requant.quantize(req.per_op)
 

@@ -28,12 +28,27 @@ class QuantizeRequest:
     adjust_ranges: Callable[[dict], dict] | None = None
 
 
+class KeptCalibration:
+    """The TFLite converter's calibrator, kept from one conversion of a source to the next with the
+    same request: the next is fed only the samples the first was not (pass only those), and its
+    statistics are a running min/max over everything fed, so the model is the one calibrating on all
+    of them gives. With little data convert quantizes a twin on part of the samples, then the written
+    model on all of them: TensorFlow calibrated the first part twice (HED's VGG: 86.7 s at --optimize
+    none against 27.9 s for the bare converter)."""
+
+    def __init__(self):
+        self.calibrator = None
+        self.fed = False
+
+
 def quantize(source: SourceModel, req: QuantizeRequest,
-             calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None) -> bytes:
-    """`calibration` returns a fresh iterator of samples (the TF converter streams it)."""
+             calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None,
+             kept: KeptCalibration | None = None) -> bytes:
+    """`calibration` returns a fresh iterator of samples (the TF converter streams it). `kept`: the
+    TFLite converter's calibration carried over from an earlier call (see KeptCalibration)."""
     check_io(req.scheme, req.io)
     if uses_converter(source, req):
-        return _with_converter(source, req, calibration)
+        return _with_converter(source, req, calibration, kept)
     check_litert(source, req)
     samples = Reiterable(calibration) if (calibration and req.scheme.needs_calibration) else None
     return quantize_per_op(source.float_tflite, req.scheme.op_precision, req.per_op, samples,
@@ -74,11 +89,46 @@ def check_litert_io(io: IoType, why: str) -> None:
                                 f"use --io {' or '.join(t.value for t in LITERT_IO)}")
 
 
-def _with_converter(source: SourceModel, req: QuantizeRequest, calibration) -> bytes:
+def _keep_calibrator(conv, kept: KeptCalibration) -> None:
+    """Route `conv`'s calibration through `kept`'s calibrator (made on the first call). TFLiteConverter
+    ._quantize (TF 2.21) for the MLIR quantizer, with the calibrator kept; other paths (16-bit
+    activations: the old quantizer calibrates inside) run as TensorFlow's own."""
+    import tensorflow as tf
+    from tensorflow.lite.python import lite as tfl
+    from tensorflow.lite.python.optimize import calibrator as tf_calibrator
+
+    own = conv._quantize
+
+    def _quantize(result, input_type, output_type, activations_type, bias_type, allow_float,
+                  enable_variable_quantization, debug_options):
+        if not conv.experimental_new_quantizer or activations_type == tf.int16 or conv._experimental_calibrate_only:
+            return own(result, input_type, output_type, activations_type, bias_type, allow_float,
+                       enable_variable_quantization, debug_options)
+        if kept.calibrator is None:
+            regs = conv.target_spec._experimental_custom_op_registerers
+            kept.calibrator = tf_calibrator.Calibrator(tf_calibrator.add_intermediate_tensors(result),
+                                                       [x for x in regs if isinstance(x, str)],
+                                                       [x for x in regs if not isinstance(x, str)])
+        data = conv.representative_dataset
+        data = data if isinstance(data, tfl.RepresentativeDataset) else tfl.RepresentativeDataset(data)
+        calibrated = kept.calibrator.calibrate(data.input_gen)
+        kept.fed = True
+        return tfl._mlir_quantize(
+            calibrated, conv._experimental_disable_per_channel, input_data_type=input_type,
+            output_data_type=output_type, enable_variable_quantization=enable_variable_quantization,
+            disable_per_channel_for_dense_layers=conv._experimental_disable_per_channel_quantization_for_dense_layers,
+            debug_options_str=debug_options.SerializeToString())
+
+    conv._quantize = _quantize
+
+
+def _with_converter(source: SourceModel, req: QuantizeRequest, calibration, kept: KeptCalibration | None = None) -> bytes:
     from .quiet import import_tf, quiet_native
     tf = import_tf()
 
     conv = source.converter()
+    if kept is not None and req.scheme.needs_calibration:
+        _keep_calibrator(conv, kept)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     names = [s.name for s in source.inputs]
     if req.scheme.needs_calibration:

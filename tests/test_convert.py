@@ -420,6 +420,44 @@ def test_little_data_calibrates_on_every_sample(tiny_conv, tmp_path, source):
     assert (r.manifest["calibration"]["count"], r.manifest["calibration"]["eval_count"]) == (30, 10)
 
 
+class _Counted(_Tasks):
+    """_Tasks that also counts the items each task advanced over."""
+
+    def __init__(self):
+        super().__init__()
+        self.items: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def task(self, description: str, total=None):
+        self.tasks.append(description)
+        self.items.setdefault(description, 0)
+
+        def advance(n=1):
+            self.items[description] += n
+        yield advance
+
+
+def test_little_data_under_optimize_none_calibrates_each_sample_once(tiny_conv, tmp_path):
+    """--optimize none on a Keras model with little data: the TFLite converter quantizes the twin on
+    32 samples, then the written model on all 40. Its calibrator is kept between the two and fed
+    only the 8 held-out samples the second time (TF calibrated all 40 again: HED's VGG took 79 s,
+    51 s now); its statistics are a running min/max, so the written file is byte for byte the one
+    the converter makes calibrating on all 40 at once."""
+    data = _npy(tmp_path, (8, 8, 3), n=40)
+    tasks = _Counted()
+    r = convert(tiny_conv, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(data),
+                                          optimize=OptimizeLevel.NONE), tasks)
+    assert r.manifest["calibration"]["judged_model_count"] == 32
+    fed = {t: n for t, n in tasks.items.items() if "alibrat" in t}
+    assert fed == {"Calibrating": 32, "Calibrating on the held-out samples too": 8}, tasks.items
+    # The converter on all 40 samples in one go (none held out)
+    once = convert(tiny_conv, ConvertOptions(tmp_path / "p.tflite", calib=CalibrationConfig(data, samples=40,
+                                                                                         eval_samples=0),
+                                             optimize=OptimizeLevel.NONE))
+    assert once.manifest["calibration"]["count"] == 40 and "judged_model_count" not in once.manifest["calibration"]
+    assert (tmp_path / "o.tflite").read_bytes() == (tmp_path / "p.tflite").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def imagenet_sized(tf, tmp_path_factory):
     """A classifier with 1000 logits (no softmax): what ImageNet models without their softmax give."""

@@ -127,10 +127,8 @@ def test_mixed_mode_amplifies_the_tensors_into_depthwise_layers(tiny_cnn, calib,
     assert output_error(tiny_cnn, quantize_plain(mixed.model, calib), held_out) < 0.75 * plain
 
 
-def test_channel_ranges_are_read_only_for_the_pairs_that_use_them(tiny_cnn, calib, monkeypatch):
-    """Weights mode needs a tensor's channel maxima only behind a ReLU6 (the margin); reading the
-    others costs a float run over the samples for nothing (ConvNeXt-T, no ReLU6 pair: 14 s). The
-    real channel_ranges is wrapped to record what it is asked for."""
+def _record_channel_ranges(monkeypatch) -> list:
+    """Wrap the real equalize.channel_ranges to record which tensors each call asks for."""
     import edgeq.equalize as eqm
 
     asked = []
@@ -141,6 +139,16 @@ def test_channel_ranges_are_read_only_for_the_pairs_that_use_them(tiny_cnn, cali
         return real(model, samples, tensors)
 
     monkeypatch.setattr(eqm, "channel_ranges", recording)
+    return asked
+
+
+def test_channel_ranges_are_read_only_for_the_pairs_that_use_them(tiny_cnn, calib, monkeypatch):
+    """Weights mode needs a tensor's channel maxima only behind a ReLU6 (the margin); reading the
+    others costs a float run over the samples for nothing (ConvNeXt-T, no ReLU6 pair: 14 s). The
+    real channel_ranges is wrapped to record what it is asked for."""
+    import edgeq.equalize as eqm
+
+    asked = _record_channel_ranges(monkeypatch)
     pairs = eqm.find_pairs(te.load(tiny_cnn))
     relu6 = sorted(t for first, _, t in pairs if first.activation == "RELU6")
     eq = eqm.equalize(tiny_cnn, calib)
@@ -180,14 +188,7 @@ def test_channel_ranges_read_in_the_statistics_pass_give_the_same_model(tiny_cnn
         np.testing.assert_array_equal(hi, measured[index[n]][1])
     plain = eqm.equalize(tiny_cnn, calib, mode=eqm.EqualizeMode.MIXED)
 
-    asked = []
-    real = eqm.channel_ranges
-
-    def recording(model, samples, tensors):
-        asked.append(sorted(tensors))
-        return real(model, samples, tensors)
-
-    monkeypatch.setattr(eqm, "channel_ranges", recording)
+    asked = _record_channel_ranges(monkeypatch)
     given = eqm.equalize(tiny_cnn, calib, mode=eqm.EqualizeMode.MIXED, known=stats.channels)
     assert asked == [] and given.model == plain.model and len(given.pairs) == len(plain.pairs) > 0
     some = {n: stats.channels[n] for n in names[:2]}

@@ -439,10 +439,11 @@ class _Counted(_Tasks):
 
 def test_little_data_under_optimize_none_calibrates_each_sample_once(tiny_conv, tmp_path):
     """--optimize none on a Keras model with little data: the TFLite converter quantizes the twin on
-    32 samples, then the written model on all 40. Its calibrator is kept between the two and fed
-    only the 8 held-out samples the second time (TF calibrated all 40 again: HED's VGG took 79 s,
-    51 s now); its statistics are a running min/max, so the written file is byte for byte the one
-    the converter makes calibrating on all 40 at once."""
+    32 samples, then the written model on all 40. The converter and its calibrator are kept between
+    the two: the second quantizes the first's float model, fed only the 8 held-out samples (TF
+    converted the graph and calibrated all 40 again: nsfwjs' InceptionV3 122 s, 78 s now); the
+    statistics are a running min/max, so the written file is byte for byte the one the converter
+    makes calibrating on all 40 at once."""
     data = _npy(tmp_path, (8, 8, 3), n=40)
     tasks = _Counted()
     r = convert(tiny_conv, ConvertOptions(tmp_path / "o.tflite", calib=CalibrationConfig(data),

@@ -84,6 +84,10 @@ def level_lines(o: dict) -> list[str]:
                         f"relative error {t['error_nearest']:.4f} -> {t['error_clipped']:.4f}"
                         for t in d.get("tables", []) if t.get("changed")]
     line = f"optimize: {o.get('level')} in {o.get('seconds')} s"
+    # A level that stopped after its ranges says why beside its one-row table (it was on stderr only)
+    stopped = ((o.get("steps") or [{}])[0].get("detail") or {}).get("stopped")
+    if stopped:
+        line += f" ({stopped})"
     if o.get("superseded"):
         line += f"; not in the written model: {o['superseded']}"
     return [line]

@@ -28,6 +28,9 @@ def test_steps_table_and_time_line():
                                                   "after": {"rel_l2": 0.1, "top1_agreement": None}}]}
     assert level_table(o2)[1] == ["step", "what it changed", "before", "after", "verdict", "s"]
     assert level_table(o2)[2][0][2:4] == ["0.3000", "0.1000"]
+    # a level that stopped after the ranges says why (nsfwjs' InceptionV3: one row, and the reason on stderr only)
+    settled = {**o, "steps": [_step("ranges", True, 0.35, 0.0003, chosen="mse", stopped="the error left is small")]}
+    assert level_lines(settled) == ["optimize: fast in 12.5 s (the error left is small)"]
     o3 = {**o, "superseded": "missed the fidelity floor; the budget loop re-quantized"}
     assert level_lines(o3) == ["optimize: fast in 12.5 s; not in the written model: missed the fidelity floor; "
                                "the budget loop re-quantized"]

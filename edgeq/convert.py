@@ -33,8 +33,8 @@ from .plan import default_scheme, int8_accelerator, integer_only, profile_io
 from .precision import IoType, Scheme, check_io
 from .pixel_scale import photo_scale
 from .progress import SILENT, Progress
-from .quantize import (LITERT_IO, KeptCalibration, QuantizeRequest, check_litert, check_litert_io, int8_hazard, quantize,
-                       uses_converter)
+from .quantize import (LITERT_IO, KeptCalibration, QuantizeRequest, check_litert, check_litert_io, int8_hazard,
+                       quantize, uses_converter)
 from .signature import rename_signature
 from .size_plan import SizeRequest, plan_for_size
 from .sources import SourceModel, detect_format, for_int8_activations, for_int16_activations, load_source

@@ -242,7 +242,8 @@ def search(w_over_s: np.ndarray, scale: np.ndarray, moments: np.ndarray,
            linear: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """(int levels, error nearest, error searched) for weights w_over_s [fan_in, channels] (W / s),
     scales [channels] and moments [fan_in, fan_in] shared by the channels, or [channels, fan_in,
-    fan_in] one per channel (or [groups, ...], each for channels // groups consecutive channels); the error is the sum over channels of e^T M e (+ 2 e^T linear, linear
+    fan_in] one per channel (or [groups, fan_in, fan_in], each for channels // groups consecutive
+    channels); the error is the sum over channels of e^T M e (+ 2 e^T linear, linear
     [fan_in, channels], when given: the sequential fit's cross term). Each level is floor or
     ceil of W / s, within [-127, 127]: all 2^fan_in choices up to EXACT_FAN_IN weights a channel,
     else single-weight flips from round-to-nearest until none helps (or `work` is spent: every sweep

@@ -131,7 +131,8 @@ def _keep_calibrator(conv, kept: KeptCalibration) -> None:
     kept.converter = conv
 
 
-def _with_converter(source: SourceModel, req: QuantizeRequest, calibration, kept: KeptCalibration | None = None) -> bytes:
+def _with_converter(source: SourceModel, req: QuantizeRequest, calibration,
+                    kept: KeptCalibration | None = None) -> bytes:
     from .quiet import import_tf, quiet_native
     tf = import_tf()
 
